@@ -1,0 +1,115 @@
+"""ExactIndex: brute-force inner-product search with torch (matmul + topk), chunked.
+
+It is the oracle every approximate backend is tested against, and the default for memories
+that fit in (GPU) memory. Scores are computed in float32 whatever the storage dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import GrowingBuffer
+
+# Upper bound on the elements of one [G, q_chunk, key_chunk] score block (64 MB of float32).
+_BLOCK_ELEMS = 1 << 24
+
+
+class ExactIndex:
+    """Exact top-k over one vector set per group.
+
+    group_shape: leading dims of every call, e.g. (batch, kv_heads).
+    dim: vector size D. dtype/device: storage of the keys.
+    """
+
+    def __init__(self, group_shape, dim: int, dtype=torch.float32, device="cpu", key_chunk: int = 32768):
+        self.group_shape = tuple(group_shape)
+        self.dim = int(dim)
+        self.key_chunk = int(key_chunk)
+        self._keys = GrowingBuffer(self.group_shape, (self.dim,), dtype, device)
+        self._valid = GrowingBuffer(self.group_shape, (), torch.bool, device)
+
+    # -- protocol ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._keys.length
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """The stored keys, [*G, n, D] (a view; exact search can hand these to attention)."""
+        return self._keys.data
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[*G, n] bool: False for padding rows."""
+        return self._valid.data
+
+    def add(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        g = len(self.group_shape)
+        if tuple(keys.shape[:g]) != self.group_shape or keys.shape[-1] != self.dim or keys.dim() != g + 2:
+            raise ValueError(f"ExactIndex.add: keys {tuple(keys.shape)} do not match "
+                             f"[*{self.group_shape}, n, {self.dim}]")
+        n = keys.shape[g]
+        if valid is None:
+            valid = torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device)
+        elif tuple(valid.shape) != tuple(keys.shape[:-1]):
+            raise ValueError(f"ExactIndex.add: valid {tuple(valid.shape)} != {tuple(keys.shape[:-1])}")
+        start = len(self)
+        self._keys.append(keys)
+        self._valid.append(valid)
+        return torch.arange(start, start + n, device=keys.device)
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = len(self.group_shape)
+        if tuple(queries.shape[:g]) != self.group_shape or queries.shape[-1] != self.dim:
+            raise ValueError(f"ExactIndex.search: queries {tuple(queries.shape)} do not match "
+                             f"[*{self.group_shape}, q, {self.dim}]")
+        nq = queries.shape[g]
+        G = 1
+        for s in self.group_shape:
+            G *= s
+        q = queries.reshape(G, nq, self.dim).float()                  # [G, q, D]
+        keys = self.vectors.reshape(G, len(self), self.dim)            # [G, n, D]
+        valid = self.valid.reshape(G, len(self))                       # [G, n]
+        best_s = torch.full((G, nq, k), float("-inf"), device=q.device)
+        best_i = torch.full((G, nq, k), -1, dtype=torch.long, device=q.device)
+        n = len(self)
+        kc = max(1, min(self.key_chunk, n))
+        qc = max(1, min(nq, _BLOCK_ELEMS // max(1, G * kc)))
+        for q0 in range(0, nq, qc):
+            qb = q[:, q0:q0 + qc]                                      # [G, qc, D]
+            run_s, run_i = best_s[:, q0:q0 + qc], best_i[:, q0:q0 + qc]
+            for k0 in range(0, n, kc):
+                kb = keys[:, k0:k0 + kc].float()                       # [G, kc, D]
+                s = torch.bmm(qb, kb.transpose(1, 2))                  # [G, qc, kc]
+                s.masked_fill_(~valid[:, None, k0:k0 + kc], float("-inf"))
+                top = min(k, s.shape[-1])
+                s_top, i_top = s.topk(top, dim=-1)                     # [G, qc, top]
+                cand_s = torch.cat([run_s, s_top], dim=-1)             # [G, qc, k + top]
+                cand_i = torch.cat([run_i, i_top + k0], dim=-1)
+                run_s, pick = cand_s.topk(k, dim=-1)                   # [G, qc, k]
+                run_i = cand_i.gather(-1, pick)
+            best_s[:, q0:q0 + qc], best_i[:, q0:q0 + qc] = run_s, run_i
+        best_i = best_i.masked_fill(torch.isinf(best_s), -1)
+        out_shape = (*self.group_shape, nq, k)
+        return best_s.reshape(out_shape), best_i.reshape(out_shape)
+
+    def remove_oldest(self, n: int) -> None:
+        self._keys.drop_front(n)
+        self._valid.drop_front(n)
+
+    def reset(self) -> None:
+        self._keys.reset()
+        self._valid.reset()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.vectors.contiguous(), "valid": self.valid.contiguous()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        keys, valid = state["keys"], state["valid"]
+        g = len(self.group_shape)
+        if tuple(keys.shape[:g]) != self.group_shape or keys.shape[-1] != self.dim:
+            raise ValueError(f"ExactIndex: saved keys {tuple(keys.shape)} do not fit "
+                             f"[*{self.group_shape}, n, {self.dim}]")
+        if tuple(valid.shape) != tuple(keys.shape[:-1]):
+            raise ValueError("ExactIndex: saved valid mask does not match saved keys")
+        self._keys.load(keys)
+        self._valid.load(valid.bool())

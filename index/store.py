@@ -1,0 +1,142 @@
+"""Value store and per-layer memory: index (keys) + values + token positions, with a capacity.
+
+One `LayerMemory` per memory layer. Everything is shaped [B, Hkv, M, ...]: one isolated memory
+per sequence of the batch and per kv head (GQA: the query heads of a group share it).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import GrowingBuffer
+from .exact import ExactIndex
+
+
+class MemoryCapacityError(RuntimeError):
+    """Raised when memory is full and eviction is "none"; nothing has been written."""
+
+
+class MemoryStore:
+    """Values [B, Hkv, M, D] and document token positions [B, M] (int64)."""
+
+    def __init__(self, batch: int, kv_heads: int, dim: int, dtype=torch.float32, device="cpu"):
+        self.values = GrowingBuffer((batch, kv_heads), (dim,), dtype, device)
+        self.positions = GrowingBuffer((batch,), (), torch.long, device)
+
+    def __len__(self) -> int:
+        return self.values.length
+
+    def add(self, values: torch.Tensor, positions: torch.Tensor) -> None:
+        self.values.append(values)
+        self.positions.append(positions)
+
+    def remove_oldest(self, n: int) -> None:
+        self.values.drop_front(n)
+        self.positions.drop_front(n)
+
+    def reset(self) -> None:
+        self.values.reset()
+        self.positions.reset()
+
+
+def make_index(kind: str, group_shape, dim: int, dtype, device, **params):
+    """Build the KNNIndex backend named by MemoryConfig.index."""
+    if kind == "exact":
+        return ExactIndex(group_shape, dim, dtype=dtype, device=device, **params)
+    raise ValueError(f"unknown index kind {kind!r}; available: ['exact']")
+
+
+class LayerMemory:
+    """Memory of one layer: keys in a KNNIndex, values + positions in a MemoryStore.
+
+    capacity: max tokens per sequence (None = unbounded). eviction: "fifo" | "none".
+    """
+
+    def __init__(self, batch: int, kv_heads: int, dim: int, *, dtype=torch.float32, device="cpu",
+                 index: str = "exact", index_params: dict | None = None,
+                 capacity: int | None = None, eviction: str = "fifo"):
+        self.batch, self.kv_heads, self.dim = batch, kv_heads, dim
+        self.capacity, self.eviction = capacity, eviction
+        self.index = make_index(index, (batch, kv_heads), dim, dtype, device, **(index_params or {}))
+        self.store = MemoryStore(batch, kv_heads, dim, dtype=dtype, device=device)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[B, Hkv, M, D] stored (un-rotated) keys."""
+        return self.index.vectors
+
+    @property
+    def values(self) -> torch.Tensor:
+        """[B, Hkv, M, D]"""
+        return self.store.values.data
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[B, M] document token position of every stored row."""
+        return self.store.positions.data
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[B, M] False for padding rows (same for every kv head)."""
+        return self.index.valid[:, 0]
+
+    def check_room(self, n: int) -> None:
+        """Raise MemoryCapacityError if adding n tokens would overflow with eviction='none'."""
+        if self.capacity is not None and self.eviction == "none" and len(self) + n > self.capacity:
+            raise MemoryCapacityError(
+                f"memory full: {len(self)} + {n} tokens > capacity {self.capacity} with eviction='none'; "
+                f"raise MemoryConfig.capacity, use eviction='fifo', or reset_memory()")
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+            valid: torch.Tensor | None = None) -> None:
+        """keys/values [B, Hkv, n, D] (keys un-rotated), positions [B, n], valid [B, n] bool."""
+        B, H, n, D = keys.shape
+        if (B, H, D) != (self.batch, self.kv_heads, self.dim) or values.shape != keys.shape:
+            raise ValueError(f"LayerMemory.add: keys {tuple(keys.shape)} / values {tuple(values.shape)} "
+                             f"do not match [{self.batch}, {self.kv_heads}, n, {self.dim}]")
+        if positions.shape != (B, n):
+            raise ValueError(f"LayerMemory.add: positions {tuple(positions.shape)} != {(B, n)}")
+        self.check_room(n)
+        if self.capacity is not None and n > self.capacity:  # only the newest rows can fit
+            keys, values = keys[:, :, -self.capacity:], values[:, :, -self.capacity:]
+            positions = positions[:, -self.capacity:]
+            valid = None if valid is None else valid[:, -self.capacity:]
+            n = self.capacity
+        if self.capacity is not None and len(self) + n > self.capacity:
+            self.remove_oldest(len(self) + n - self.capacity)
+        kvalid = None if valid is None else valid[:, None, :].expand(B, H, n)
+        self.index.add(keys, kvalid)
+        self.store.add(values, positions)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, Hkv, q, D] -> (scores, ids) [B, Hkv, q, k]; id -1 = no neighbour."""
+        return self.index.search(queries, k)
+
+    def remove_oldest(self, n: int) -> None:
+        self.index.remove_oldest(n)
+        self.store.remove_oldest(n)
+
+    def reset(self) -> None:
+        self.index.reset()
+        self.store.reset()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"index.{k}": v for k, v in self.index.state_dict().items()}
+        state["values"] = self.values.contiguous()
+        state["positions"] = self.positions.contiguous()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        values, positions = state["values"], state["positions"]
+        if tuple(values.shape[:2]) != (self.batch, self.kv_heads) or values.shape[-1] != self.dim:
+            raise ValueError(f"saved values {tuple(values.shape)} do not fit "
+                             f"[{self.batch}, {self.kv_heads}, M, {self.dim}]")
+        if tuple(positions.shape) != (self.batch, values.shape[2]):
+            raise ValueError("saved positions do not match saved values")
+        self.index.load_state_dict({k[len("index."):]: v for k, v in state.items() if k.startswith("index.")})
+        if len(self.index) != values.shape[2]:
+            raise ValueError("saved index and values hold different numbers of rows")
+        self.store.values.load(values)
+        self.store.positions.load(positions)

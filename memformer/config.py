@@ -1,0 +1,128 @@
+"""MemoryConfig: one dataclass that says where memory lives and how it is read.
+
+Validated on construction so a bad setting fails at once with a message that names it,
+not deep inside a forward pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+INDEX_KINDS = ("exact",)  # FAISS backends join here when memformer.index grows them
+POSITION_MODES = ("first", "fixed")
+EVICTIONS = ("fifo", "none")
+MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class MemoryConfig:
+    """Settings of the memory layers.
+
+    memory_layers: indices of decoder layers that read memory; None = every layer (what a
+        training-free frozen backbone needs, see docs/architecture.md).
+    top_k: keys retrieved per query head and token.
+    window: local context W; long inputs are read in windows of W tokens.
+    sink_tokens: the first `sink_tokens` tokens of a sequence are prepended to every later
+        window so each window keeps the same attention sink (0 = the window's own first
+        token acts as the sink).
+    read_during_ingest: if False (default), `memorize` only *writes* memory and only the final
+        window / generated tokens read it, so ingest costs about a plain windowed forward.
+        If True, every window also reads all earlier windows (quadratic search cost).
+    position_mode: "first" = memory keys enter at relative position 0 ("as if first", FoT) and
+        the query keeps its real local rotation; "fixed" = every memory key looks
+        `fixed_distance` tokens away (InfLLM).
+    fixed_distance: the distance used by position_mode="fixed"; None = `window`.
+    index: kNN backend over memory keys ("exact": torch matmul + top-k, chunked).
+    index_device: device that holds memory and runs search (None = the backbone's device).
+    capacity: max tokens of memory per sequence (None = unbounded); eviction says what happens
+        when it is reached: "fifo" drops the oldest tokens, "none" raises.
+    memory_dtype: dtype of stored keys/values ("auto" = backbone dtype).
+    lora_rank / lora_alpha: LoRA adapters on the memory layers' q/k/v (0 = none). LoRA B is
+        zero-initialised, so an untrained adapter leaves the backbone's outputs unchanged.
+    gate_init: initial per-head memory logit bias (0 = memory competes with local keys in one
+        plain softmax, which is what works training-free).
+    crossbatch_d: documents per crossbatch group in training (1 = no negatives).
+    """
+
+    memory_layers: Optional[list[int]] = None
+    top_k: int = 32
+    window: int = 1024
+    sink_tokens: int = 0
+    read_during_ingest: bool = False
+    position_mode: str = "first"
+    fixed_distance: Optional[int] = None
+    index: str = "exact"
+    index_params: dict = field(default_factory=dict)
+    index_device: Optional[str] = None
+    capacity: Optional[int] = None
+    eviction: str = "fifo"
+    memory_dtype: str = "auto"
+    search_chunk: int = 32768
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    gate_init: float = 0.0
+    crossbatch_d: int = 1
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"MemoryConfig: {msg}")
+
+        if self.memory_layers is not None:
+            self.memory_layers = sorted({int(i) for i in self.memory_layers})
+            need(len(self.memory_layers) > 0, "memory_layers is empty; use None for every layer")
+            need(all(i >= 0 for i in self.memory_layers), f"negative layer in {self.memory_layers}")
+        need(int(self.top_k) >= 1, f"top_k must be >= 1, got {self.top_k}")
+        need(int(self.window) >= 2, f"window must be >= 2, got {self.window}")
+        need(0 <= int(self.sink_tokens) < int(self.window),
+             f"sink_tokens must be in [0, window), got {self.sink_tokens} with window {self.window}")
+        need(self.position_mode in POSITION_MODES,
+             f"position_mode {self.position_mode!r} not in {POSITION_MODES}")
+        need(self.fixed_distance is None or int(self.fixed_distance) >= 0,
+             f"fixed_distance must be >= 0, got {self.fixed_distance}")
+        need(self.index in INDEX_KINDS, f"index {self.index!r} not in {INDEX_KINDS}")
+        need(isinstance(self.index_params, dict), "index_params must be a dict")
+        need(self.capacity is None or int(self.capacity) >= 1,
+             f"capacity must be >= 1 or None, got {self.capacity}")
+        need(self.eviction in EVICTIONS, f"eviction {self.eviction!r} not in {EVICTIONS}")
+        need(self.memory_dtype in MEMORY_DTYPES,
+             f"memory_dtype {self.memory_dtype!r} not in {MEMORY_DTYPES}")
+        need(int(self.search_chunk) >= 1, "search_chunk must be >= 1")
+        need(int(self.lora_rank) >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
+        need(int(self.crossbatch_d) >= 1, f"crossbatch_d must be >= 1, got {self.crossbatch_d}")
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """The memory layer indices for a backbone with `num_layers` decoder layers."""
+        if self.memory_layers is None:
+            return list(range(num_layers))
+        bad = [i for i in self.memory_layers if i >= num_layers]
+        if bad:
+            raise ValueError(f"MemoryConfig: memory_layers {bad} out of range for a backbone "
+                             f"with {num_layers} layers")
+        return list(self.memory_layers)
+
+    @property
+    def memory_distance(self) -> int:
+        """Relative position at which memory keys are seen in position_mode="fixed"."""
+        return self.window if self.fixed_distance is None else int(self.fixed_distance)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"MemoryConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def retrieval_fingerprint(self) -> dict:
+        """The fields that change what is *stored* in memory (a saved memory must match these)."""
+        return {"memory_layers": self.memory_layers, "sink_tokens": self.sink_tokens,
+                "window": self.window, "lora_rank": self.lora_rank}

@@ -1,0 +1,323 @@
+"""MemformerForCausalLM: a frozen pretrained causal LM whose attention layers read a kNN memory.
+
+    model = MemformerForCausalLM.from_pretrained()          # embedded default backbone
+    model.memorize(long_text)                                # windows of W tokens -> memory
+    model.ask("What is the pass key?")                       # reads memory while generating
+
+Data flow per window (see docs/architecture.md): every layer attends causally inside the
+window (+ sink tokens); memory layers also attend to the top-k keys of their memory in the same
+softmax; after the window, its un-rotated keys and values are appended to memory.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from memformer.adapters import get_adapter
+from memformer.config import MemoryConfig
+from memformer.index import LayerMemory
+from memformer.memory_layer import MemoryAttention, MemoryRuntime
+from memformer import persistence
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MemformerForCausalLM(nn.Module):
+    """A backbone (frozen) + memory layers (trainable adapters) + one memory per sequence."""
+
+    def __init__(self, backbone: nn.Module, tokenizer=None, memory_config: MemoryConfig | None = None):
+        super().__init__()
+        self.memory_config = cfg = memory_config or MemoryConfig()
+        self.adapter = get_adapter(backbone.config)          # clear ValueError for unknown types
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        layers = self.adapter.layers(backbone)
+        self.memory_layer_ids = cfg.resolve_layers(len(layers))
+        # Taken before injection so it names the frozen weights only.
+        self.backbone_fingerprint = persistence.fingerprint_backbone(backbone)
+        backbone.requires_grad_(False)
+        backbone.eval()
+        if cfg.lora_rank > 0:
+            self._inject_lora(cfg)
+        self.runtime = MemoryRuntime(top_k=cfg.top_k)
+        rotary, eager = self.adapter.apply_rotary(), self.adapter.eager_attention()
+        for i in self.memory_layer_ids:
+            attn_attr = self.adapter.attn_attr
+            setattr(layers[i], attn_attr, MemoryAttention(getattr(layers[i], attn_attr), i, rotary, eager,
+                                                          self.runtime, cfg.gate_init))
+        for name, p in self.named_parameters():            # trainable = found by structure
+            p.requires_grad_(_is_memory_param(name))
+        if cfg.position_mode == "fixed":
+            self.runtime.q_rotation = self._rotation_at(cfg.memory_distance)
+        self.seen: list[int] = []          # tokens memorized so far, per sequence
+        self.sink_ids: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, model=None, memory_config: MemoryConfig | None = None, *, adapter=None,
+                        tokenizer=None, torch_dtype=None, device_map=None, **kwargs) -> "MemformerForCausalLM":
+        """Load a backbone (local folder, GGUF file, cached hub id, model instance, or None for the
+        embedded default SmolLM2-135M-Instruct), freeze it and add memory layers.
+        adapter: a folder written by `save_pretrained` (memory-layer weights + memory config)."""
+        from memformer.loading import load_backbone
+        if adapter is not None and memory_config is None:
+            memory_config = persistence.read_adapter_config(adapter)
+        backbone, tok = load_backbone(model, torch_dtype=torch_dtype, device_map=device_map,
+                                      tokenizer=tokenizer, **kwargs)
+        self = cls(backbone, tokenizer or tok, memory_config)
+        if adapter is not None:
+            self.load_adapter(adapter)
+        return self
+
+    def _inject_lora(self, cfg: MemoryConfig) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+        prefix = self.adapter.layers_attr
+        targets = [f"{prefix}.{i}.{self.adapter.attn_attr}.{p}" for i in self.memory_layer_ids
+                   for p in (self.adapter.q_proj, self.adapter.k_proj, self.adapter.v_proj)]
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=targets, init_lora_weights=True)  # B = 0: identity at start
+        inject_adapter_in_model(lora, self.backbone)
+
+    def _rotation_at(self, distance: int):
+        rotary = self.adapter.rotary_emb(self.backbone)
+        dev = next(self.backbone.parameters()).device
+        x = torch.zeros(1, 1, 1, dtype=torch.float32, device=dev)
+        return rotary(x, torch.tensor([[distance]], device=dev))   # (cos, sin) [1, 1, D]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    # ---------------------------------------------------------------- memory state
+    @property
+    def memories(self) -> dict[int, LayerMemory]:
+        return self.runtime.memories
+
+    def memory_size(self) -> int:
+        """Tokens currently held per sequence (rows in each layer's memory)."""
+        return len(next(iter(self.memories.values()))) if self.memories else 0
+
+    def reset_memory(self) -> None:
+        """Forget everything memorized (all sequences)."""
+        self.runtime.memories.clear()
+        self.runtime.pending.clear()
+        self.runtime.retrieved.clear()
+        self.seen, self.sink_ids = [], None
+
+    def _memory_dtype(self) -> torch.dtype:
+        name = self.memory_config.memory_dtype
+        return next(self.backbone.parameters()).dtype if name == "auto" else _DTYPES[name]
+
+    def _ensure_memory(self, batch: int) -> None:
+        if self.memories:
+            have = next(iter(self.memories.values())).batch
+            if have != batch:
+                raise ValueError(f"memory holds {have} sequence(s) but the input has {batch}; "
+                                 f"call reset_memory() first or pass a batch of {have}")
+            return
+        cfg, bcfg = self.memory_config, self.backbone.config
+        head_dim = getattr(bcfg, "head_dim", None) or bcfg.hidden_size // bcfg.num_attention_heads
+        device = cfg.index_device or self.device
+        for i in self.memory_layer_ids:
+            self.runtime.memories[i] = LayerMemory(
+                batch, bcfg.num_key_value_heads, head_dim, dtype=self._memory_dtype(), device=device,
+                index=cfg.index, index_params=cfg.index_params, capacity=cfg.capacity, eviction=cfg.eviction)
+        self.seen = [0] * batch
+
+    @contextlib.contextmanager
+    def _mode(self, read: bool, write: bool, record: bool = False):
+        rt = self.runtime
+        old = (rt.read, rt.write, rt.record)
+        rt.read, rt.write, rt.record = read, write, record
+        try:
+            yield rt
+        finally:
+            rt.read, rt.write, rt.record = old
+            rt.pending.clear()
+
+    @contextlib.contextmanager
+    def memory_disabled(self):
+        """Within this block the model is exactly the frozen backbone (memory neither read nor written)."""
+        with self._mode(read=False, write=False):
+            yield
+
+    # ---------------------------------------------------------------- inputs
+    def _as_batch(self, inputs) -> tuple[torch.Tensor, list[int]]:
+        """str | list[str] | ids [T] | ids [B, T] | list[list[int]] -> (ids [B, L] right-padded, lengths)."""
+        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
+            texts = [inputs] if isinstance(inputs, str) else list(inputs)
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; pass token ids instead of text")
+            seqs = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        elif torch.is_tensor(inputs):
+            seqs = [inputs.tolist()] if inputs.dim() == 1 else inputs.tolist()
+        elif isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], int):
+            seqs = [list(inputs)]
+        elif isinstance(inputs, (list, tuple)) and inputs:
+            seqs = [list(s) for s in inputs]
+        else:
+            raise ValueError("memorize: empty input (nothing to read)")
+        lengths = [len(s) for s in seqs]
+        if min(lengths) == 0:
+            raise ValueError(f"memorize: sequence {lengths.index(0)} is empty (no tokens to memorize)")
+        ids = torch.full((len(seqs), max(lengths)), self._pad_id(), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        vocab = self.backbone.config.vocab_size
+        if int(ids.max()) >= vocab or int(ids.min()) < 0:
+            raise ValueError(f"token ids out of range for a vocabulary of {vocab}")
+        return ids, lengths
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        return 0 if pad is None else int(pad)
+
+    # ---------------------------------------------------------------- reading into memory
+    @torch.no_grad()
+    def memorize(self, inputs, *, show_progress: bool = True) -> int:
+        """Stream `inputs` through the model window by window, writing every window to memory.
+
+        inputs: text, list of texts (one memory each), ids [T] / [B, T], or lists of ids.
+        Calls accumulate: a second call continues each sequence's memory. Returns tokens read.
+        Windows only write memory unless MemoryConfig.read_during_ingest is set.
+        """
+        ids, lengths = self._as_batch(inputs)                   # [B, L]
+        B, L = ids.shape
+        self._ensure_memory(B)
+        cfg = self.memory_config
+        S, W = cfg.sink_tokens, cfg.window
+        for mem in self.memories.values():                      # refuse before writing anything
+            mem.check_room(L)
+        base = torch.tensor(self.seen, dtype=torch.long)[:, None]  # [B, 1]
+        bounds, start = [], 0
+        while start < L:
+            step = W if self.sink_ids is None and not bounds and self.seen[0] == 0 else W - S
+            bounds.append((start, min(L, start + step)))
+            start += step
+        lengths_t = torch.tensor(lengths)[:, None]              # [B, 1]
+        for start, end in tqdm(bounds, desc="memorize", unit="window", disable=not show_progress):
+            chunk = ids[:, start:end]                           # [B, n]
+            valid = (torch.arange(start, end)[None, :] < lengths_t)   # [B, n]
+            if S > 0 and self.sink_ids is None:
+                self.sink_ids = chunk[:, :S].clone()
+                prefix = None
+            else:
+                prefix = self.sink_ids if S > 0 else None
+            self._write_window(chunk, valid, base + torch.arange(start, end)[None, :], prefix)
+        self.seen = [s + n for s, n in zip(self.seen, lengths)]
+        return sum(lengths)
+
+    def _write_window(self, chunk, valid, positions, prefix=None) -> None:
+        """One forward over [sink prefix ‖ chunk]; then the chunk's k/v go to memory."""
+        p = 0 if prefix is None else prefix.shape[1]
+        x = chunk if prefix is None else torch.cat([prefix, chunk], dim=1)    # [B, p + n]
+        mask = torch.cat([torch.ones(x.shape[0], p, dtype=torch.bool), valid], dim=1)
+        dev = self.device
+        with self._mode(read=self.memory_config.read_during_ingest, write=True) as rt:
+            rt.write_slice = slice(p, None)
+            # The base model only: memory needs keys/values, not next-token logits.
+            base_model = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone.model
+            base_model(input_ids=x.to(dev), attention_mask=mask.long().to(dev),
+                       position_ids=torch.arange(x.shape[1], device=dev)[None].expand(x.shape[0], -1),
+                       use_cache=False)
+            for i, (k, v) in rt.pending.items():
+                mem = self.memories[i]
+                mem.add(k.to(mem.keys.dtype), v.to(mem.keys.dtype), positions.to(mem.keys.device),
+                        valid.to(mem.keys.device))
+
+    # ---------------------------------------------------------------- reading from memory
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        """The backbone's forward (logits, loss, cache) with memory layers reading memory.
+
+        input_ids [B, T] are one local window (positions 0..T-1); memory is not written."""
+        if self.memories and input_ids is not None:
+            self._ensure_memory(input_ids.shape[0])
+        with self._mode(read=True, write=False):
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask=None, *, show_progress: bool = False,
+                 record: bool = False, **generate_kwargs) -> torch.Tensor:
+        """Hugging Face `generate` with memory read in every memory layer.
+
+        input_ids [B, T]: if T is longer than the local window, the overflow (all but the last
+        window) is memorized first, then generation runs on the last window. Returns [B, T + new].
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        B, T = input_ids.shape
+        S, W = self.memory_config.sink_tokens, self.memory_config.window
+        local = W - S if (S > 0 and (self.sink_ids is not None or T > W)) else W
+        x, mask = input_ids, attention_mask
+        if T > local:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("generate: a padded batch longer than the window cannot be split; "
+                                 "memorize() the long part of each sequence first")
+            self.memorize(input_ids[:, :T - local], show_progress=show_progress)
+            x = input_ids[:, T - local:]
+            mask = None if mask is None else mask[:, T - local:]
+        if self.memories:
+            self._ensure_memory(B)
+        if S > 0 and self.sink_ids is not None:
+            x = torch.cat([self.sink_ids.to(x.device), x], dim=1)
+            if mask is not None:
+                mask = torch.cat([torch.ones(B, S, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        if mask is None:
+            mask = torch.ones_like(x)
+        kw = dict(generate_kwargs)
+        kw.setdefault("pad_token_id", self._pad_id())
+        with self._mode(read=True, write=False, record=record):
+            out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)
+        new = out[:, x.shape[1]:].to(input_ids.device)                       # [B, new]
+        return torch.cat([input_ids, new], dim=1)
+
+    def chat_ids(self, question: str, system: str | None = None) -> torch.Tensor:
+        """Token ids [1, T] of a question, in the tokenizer's chat template when it has one."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        else:
+            text = (system + "\n" if system else "") + question
+        return torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+
+    def ask(self, question: str, *, max_new_tokens: int = 64, system: str | None = None, **kwargs) -> str:
+        """Answer a question from memory (greedy); returns the decoded answer text."""
+        if self.tokenizer is None:
+            raise ValueError("ask() needs a tokenizer")
+        ids = self.chat_ids(question, system)
+        out = self.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    # ---------------------------------------------------------------- persistence
+    def save_memory(self, path) -> Path:
+        """Write memory to `path/` (safetensors + manifest.json), atomically."""
+        return persistence.save_memory(self, path)
+
+    def load_memory(self, path) -> None:
+        """Replace memory by the one saved at `path/`; refuses another model's or a corrupt file."""
+        persistence.load_memory(self, path)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}
+
+    def save_pretrained(self, path) -> Path:
+        """Save the memory-layer weights only (adapter.safetensors) and the MemoryConfig."""
+        return persistence.save_adapter(self, path)
+
+    def load_adapter(self, path) -> None:
+        persistence.load_adapter(self, path)
+
+
+def _is_memory_param(name: str) -> bool:
+    """Memory-layer parameters, found by structure: gates of MemoryAttention and LoRA weights."""
+    return name.endswith("memory_gate") or ".lora_A." in name or ".lora_B." in name

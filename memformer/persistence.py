@@ -1,0 +1,194 @@
+"""Memory files and adapter files: safetensors + a JSON manifest, never pickles.
+
+A memory directory holds `memory.safetensors` (per layer: keys, valid mask, values, positions)
+and `manifest.json` (format version, fingerprints of the backbone / memory config / adapter
+weights, sizes, sha256 of the tensor file). Writes go to a temporary sibling and are renamed
+into place, so an interrupted save never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memformer.config import MemoryConfig
+
+MEMORY_FORMAT = "memformer-memory"
+MEMORY_FORMAT_VERSION = 1
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "memory_config.json"
+
+
+class MemoryFileError(ValueError):
+    """A memory/adapter file that is corrupt, of an unknown format, or from another model."""
+
+
+def fingerprint_backbone(model) -> str:
+    from memformer.loading import fingerprint_backbone as fp
+    return fp(model)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def adapter_hash(model) -> str:
+    """Short hash of the memory-layer weights (they change the keys that get stored)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.trainable_state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def memory_fingerprint(model) -> dict:
+    """What must match for a saved memory to mean the same thing to this model."""
+    cfg = model.memory_config
+    return {"backbone": model.backbone_fingerprint, "memory_layers": list(model.memory_layer_ids),
+            "window": cfg.window, "sink_tokens": cfg.sink_tokens, "adapter": adapter_hash(model)}
+
+
+def _atomic_dir(path: Path, fill) -> Path:
+    """Create `path` by filling a temporary sibling and renaming it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_memory(model, path) -> Path:
+    if not model.memories or model.memory_size() == 0:
+        raise ValueError("save_memory: the memory is empty; memorize() something first")
+    tensors = {}
+    for i, mem in model.memories.items():
+        for key, t in mem.state_dict().items():
+            tensors[f"layers.{i}.{key}"] = t.detach().cpu().contiguous()
+    tensors["seen"] = torch.tensor(model.seen, dtype=torch.long)
+    if model.sink_ids is not None:
+        tensors["sink_ids"] = model.sink_ids.cpu().contiguous()
+    first = next(iter(model.memories.values()))
+
+    def fill(tmp: Path):
+        save_file(tensors, str(tmp / "memory.safetensors"))
+        manifest = {"format": MEMORY_FORMAT, "format_version": MEMORY_FORMAT_VERSION,
+                    "fingerprint": memory_fingerprint(model), "batch": first.batch,
+                    "kv_heads": first.kv_heads, "head_dim": first.dim, "tokens": model.memory_size(),
+                    "seen": list(model.seen), "dtype": str(first.keys.dtype).replace("torch.", ""),
+                    "sha256": _sha256(tmp / "memory.safetensors")}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+    return _atomic_dir(path, fill)
+
+
+def read_manifest(path) -> dict:
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise FileNotFoundError(f"{path} is not a memformer memory directory (no manifest.json)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MemoryFileError(f"{mf} is corrupt: {e}") from None
+    if manifest.get("format") != MEMORY_FORMAT:
+        raise MemoryFileError(f"{mf}: not a memformer memory (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != MEMORY_FORMAT_VERSION:
+        raise MemoryFileError(f"{mf}: format version {manifest.get('format_version')} is not supported "
+                              f"(this memformer reads version {MEMORY_FORMAT_VERSION})")
+    return manifest
+
+
+def load_memory(model, path) -> None:
+    path = Path(path)
+    manifest = read_manifest(path)
+    mine = memory_fingerprint(model)
+    diff = {k: (manifest["fingerprint"].get(k), v) for k, v in mine.items() if manifest["fingerprint"].get(k) != v}
+    if diff:
+        raise MemoryFileError(f"memory at {path} was built with another model or memory config; "
+                              f"mismatched (saved, this model): {diff}")
+    file = path / "memory.safetensors"
+    if not file.is_file():
+        raise MemoryFileError(f"{path}: memory.safetensors is missing")
+    if _sha256(file) != manifest.get("sha256"):
+        raise MemoryFileError(f"{file} is corrupt or truncated (checksum mismatch)")
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises several error types for damaged headers
+        raise MemoryFileError(f"{file} cannot be read: {e}") from None
+
+    old = (dict(model.runtime.memories), list(model.seen), model.sink_ids)
+    model.runtime.memories.clear()
+    try:
+        model._ensure_memory(int(manifest["batch"]))
+        for i, mem in model.memories.items():
+            prefix = f"layers.{i}."
+            mem.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        model.seen = tensors["seen"].tolist()
+        model.sink_ids = tensors.get("sink_ids")
+    except (KeyError, ValueError, RuntimeError) as e:
+        model.runtime.memories.clear()
+        model.runtime.memories.update(old[0])
+        model.seen, model.sink_ids = old[1], old[2]
+        raise MemoryFileError(f"{file} does not fit this model's memory layers: {e}") from None
+
+
+def save_adapter(model, path) -> Path:
+    state = {n: t.cpu().contiguous() for n, t in model.trainable_state_dict().items()}
+
+    def fill(tmp: Path):
+        save_file(state, str(tmp / ADAPTER_FILE), metadata={"backbone": model.backbone_fingerprint})
+        (tmp / ADAPTER_CONFIG).write_text(model.memory_config.to_json())
+
+    return _atomic_dir(path, fill)
+
+
+def read_adapter_config(path) -> MemoryConfig:
+    f = Path(path) / ADAPTER_CONFIG
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_CONFIG})")
+    try:
+        return MemoryConfig.from_dict(json.loads(f.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise MemoryFileError(f"{f} is corrupt: {e}") from None
+
+
+def load_adapter(model, path) -> None:
+    f = Path(path) / ADAPTER_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_FILE})")
+    try:
+        state = load_file(str(f))
+    except Exception as e:
+        raise MemoryFileError(f"{f} cannot be read: {e}") from None
+    params = dict(model.named_parameters())
+    mine = set(model.trainable_state_dict())
+    if set(state) != mine:
+        raise MemoryFileError(f"{f} does not match this model's memory layers "
+                              f"(missing {sorted(mine - set(state))[:3]}, unexpected {sorted(set(state) - mine)[:3]})")
+    for name, t in state.items():  # check everything before changing anything
+        if params[name].shape != t.shape:
+            raise MemoryFileError(f"{f}: {name} has shape {tuple(t.shape)}, model has {tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, t in state.items():
+            params[name].copy_(t)

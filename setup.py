@@ -1,0 +1,37 @@
+"""memformer: long-term kNN memory for frozen pretrained language models.
+
+The repository's top level is the architecture: the `memformer` package lives in `memformer/`,
+its sub-packages in top-level folders mapped here with `package_dir`, so nothing installs
+under a generic name like `index`.
+"""
+from setuptools import setup
+
+setup(
+    name="memformer",
+    version="0.1.0",
+    description="Long-term kNN memory (FoT / InfLLM style) for frozen pretrained causal LMs",
+    python_requires=">=3.10",
+    packages=["memformer", "memformer.index", "memformer.kernels", "memformer.training"],
+    package_dir={
+        "memformer": "memformer",
+        "memformer.index": "index",
+        "memformer.kernels": "kernels",
+        "memformer.training": "training",
+    },
+    install_requires=[
+        # 2.13 is the CPU build on disk; keep ranges that it satisfies so pip installs nothing bigger.
+        "torch>=2.4,<=2.13.0",
+        "transformers>=4.56",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "gguf>=0.10",  # the embedded default backbone ships as a GGUF file
+        "tqdm",
+        "numpy",
+        "matplotlib",
+        "pyyaml",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["memformer=memformer.cli:main"]},
+)

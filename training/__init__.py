@@ -1,0 +1,1 @@
+"""memformer.training: crossbatch training of memory layers (grows with the fine-tuning recipe)."""
