@@ -29,6 +29,7 @@ setup(
         "numpy",
         "matplotlib",
         "pyyaml",
+        "peft>=0.13",  # LoRA adapters on the memory layers
     ],
     extras_require={
         "dev": ["pytest>=8"],

@@ -1,0 +1,35 @@
+# make test : create .venv, install memformer (CPU torch 2.13) and run the test suite
+# make demo : long-document QA on the embedded default backbone and Python's own documentation
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.memformer-installed
+
+.PHONY: setup test test-fast demo passkey bench clean
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch that lies on disk; a bare `torch` could pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not integration" tests
+
+demo: setup
+	$(VENV)/bin/memformer qa --demo
+
+passkey: setup
+	$(VENV)/bin/memformer eval passkey --lengths 4k,16k,32k --trials 10 --out benchmarks/results/passkey
+
+bench: setup
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

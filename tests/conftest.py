@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random backbones built in code (no downloads) and the real default one."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+_FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+
+def tiny_backbone(model_type: str = "llama", seed: int = 0, **overrides):
+    """A 2-layer, hidden-64 random causal LM of the given family, in eval mode."""
+    cfg_cls, model_cls = _FAMILIES[model_type]
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**{**_TINY, **overrides})
+    cfg._attn_implementation = "sdpa"
+    return model_cls(cfg).eval()
+
+
+def clone_backbone(model):
+    """An independent copy with the same weights (the 'frozen backbone' oracle)."""
+    twin = type(model)(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.fixture
+def tiny():
+    return tiny_backbone
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real embedded default backbone with memory in every layer (loaded once per session)."""
+    from memformer import MemformerForCausalLM, MemoryConfig
+    return MemformerForCausalLM.from_pretrained(None, MemoryConfig(window=512, top_k=32))
