@@ -204,58 +204,49 @@ def load_backbone(model=None, *, torch_dtype=None, device_map=None, gguf_file=No
     tokenizer = kwargs.pop("tokenizer", None)
     dtype = _resolve_dtype(torch_dtype)
     if isinstance(model, PreTrainedModel):
-        lm = model
-        if isinstance(dtype, torch.dtype):
-            lm = lm.to(dtype)
+        lm = model.to(dtype) if isinstance(dtype, torch.dtype) else model
     else:
-        load_kw: dict[str, Any] = dict(kwargs)
-        for key, val in (("dtype", dtype), ("device_map", device_map),
-                         ("attn_implementation", attn_implementation)):
-            if val is not None:
-                load_kw[key] = val
-        tok_kw: dict[str, Any] = {}
         src = default_model_dir() if model is None else Path(os.fspath(model)).expanduser()
-        if src.is_file() and src.suffix == ".gguf":
+        if src.is_file():
+            if src.suffix != ".gguf":
+                raise FileNotFoundError(f"{src} is a file but not a .gguf; pass a model folder or a .gguf file")
             src, gguf_file = src.parent, src.name
-        elif src.is_file():
-            raise FileNotFoundError(f"{src} is a file but not a .gguf; pass a model folder or a .gguf file")
+        elif not src.is_dir():
+            src = _cached_hub_snapshot(os.fspath(model), kwargs.get("cache_dir"), kwargs.get("revision"))
+        if gguf_file is None and not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{src} has no config.json (for a GGUF file pass gguf_file=)")
+        opts = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
+        load_kw = {**kwargs, **{k: v for k, v in opts.items() if v is not None}, "local_files_only": True}
+        tok_kw: dict[str, Any] = {"local_files_only": True}
         if gguf_file is not None:
-            if not src.is_dir():
-                raise FileNotFoundError(f"gguf_file={gguf_file!r} given but {src} is not a folder")
-            tok_kw = {"gguf_file": gguf_file}
-            load_kw = {**_gguf_kwargs(), **load_kw, "gguf_file": gguf_file}
-            where = str(src)
-        elif src.is_dir():
-            if not (src / "config.json").is_file():
-                raise FileNotFoundError(f"{src} has no config.json (for a GGUF file pass gguf_file=)")
-            tok_kw = {"local_files_only": True}
-            load_kw["local_files_only"] = True
-            where = str(src)
-        else:
-            where = os.fspath(model)
-            tok_kw = {"local_files_only": True}
-            load_kw["local_files_only"] = True
-        try:
-            lm = AutoModelForCausalLM.from_pretrained(where, **load_kw)
-        except (OSError, ValueError) as e:
-            if src.is_dir():
-                raise
-            hint = "no such file or folder; " if where.startswith(("/", ".", "~")) else ""
-            raise FileNotFoundError(
-                f"{where!r}: {hint}it is neither a local model folder, a .gguf file, nor a hub id in the "
-                f"local Hugging Face cache (hubs are not contacted). Underlying error: {e}") from e
+            tok_kw["gguf_file"] = load_kw["gguf_file"] = gguf_file
+            load_kw = {**_gguf_kwargs(), **load_kw}
+        lm = AutoModelForCausalLM.from_pretrained(str(src), **load_kw)
         _drop_gguf_quantizer(lm)
         if tokenizer is None:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(where, **tok_kw)
-            except Exception as e:  # a weights-only folder: the caller may add a tokenizer later
+                tokenizer = AutoTokenizer.from_pretrained(str(src), **tok_kw)
+            except Exception as e:  # a weights-only folder: the caller may attach a tokenizer later
                 import warnings
-                warnings.warn(f"no tokenizer could be loaded from {where!r} ({e}); returning None")
+                warnings.warn(f"no tokenizer could be loaded from {src} ({e}); returning None")
     if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     lm.eval()
     lm.requires_grad_(False)
     return lm, tokenizer
+
+
+def _cached_hub_snapshot(name: str, cache_dir=None, revision=None) -> Path:
+    """Folder of hub id ``name`` in the local HF cache; never contacts the hub."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir, revision=revision))
+    except (OSError, ValueError) as e:
+        hint = "no such file or folder; " if name.startswith(("/", ".", "~")) else ""
+        raise FileNotFoundError(
+            f"{name!r}: {hint}it is neither a local model folder, a .gguf file, nor a hub id in the "
+            f"local Hugging Face cache (hubs are not contacted). Detail: {e}") from e
 
 
 def fingerprint_backbone(model) -> str:

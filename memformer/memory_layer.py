@@ -21,12 +21,14 @@ from memformer.kernels import knn_attention
 class MemoryRuntime:
     """State shared by the model and all its memory layers for one forward pass.
 
+    enabled: False turns every memory layer into the plain backbone attention (wins over read/write).
     read: memory layers retrieve from memory. write: they hand (k, v) of this pass to `pending`.
     record: keep the attention mass each retrieved row received (for evidence spans).
     memories: layer index -> LayerMemory (None until a memory exists).
     q_rotation: (cos, sin) of the fixed memory distance for position_mode="fixed", else None.
     write_slice: slice of the time axis whose keys/values are written (drops sink prefixes).
     """
+    enabled: bool = True
     read: bool = False
     write: bool = False
     record: bool = False
@@ -68,7 +70,7 @@ class MemoryAttention(nn.Module):
         cos, sin = position_embeddings
         q_rot, k_rot = self.rotary_fn(q, k, cos, sin)
 
-        if rt.write:
+        if rt.write and rt.enabled:
             # Stored un-rotated: memory keys enter attention at one fixed relative position.
             rt.pending[self.layer_idx] = (k[:, :, rt.write_slice].detach(), v[:, :, rt.write_slice].detach())
         if past_key_values is not None:
@@ -76,7 +78,7 @@ class MemoryAttention(nn.Module):
         else:
             k_all, v_all = k_rot, v
 
-        mem = rt.memories.get(self.layer_idx) if rt.read else None
+        mem = rt.memories.get(self.layer_idx) if (rt.read and rt.enabled) else None
         if mem is None or len(mem) == 0:
             # No memory to read: exactly the backbone's own attention path.
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self.eager_fn)

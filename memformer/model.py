@@ -133,10 +133,11 @@ class MemformerForCausalLM(nn.Module):
         self.seen = [0] * batch
 
     @contextlib.contextmanager
-    def _mode(self, read: bool, write: bool, record: bool = False):
+    def _mode(self, read: bool, write: bool, record: bool | None = None):
         rt = self.runtime
         old = (rt.read, rt.write, rt.record)
-        rt.read, rt.write, rt.record = read, write, record
+        rt.read, rt.write = read, write
+        rt.record = rt.record if record is None else record
         try:
             yield rt
         finally:
@@ -146,8 +147,12 @@ class MemformerForCausalLM(nn.Module):
     @contextlib.contextmanager
     def memory_disabled(self):
         """Within this block the model is exactly the frozen backbone (memory neither read nor written)."""
-        with self._mode(read=False, write=False):
+        rt = self.runtime
+        old, rt.enabled = rt.enabled, False
+        try:
             yield
+        finally:
+            rt.enabled = old
 
     # ---------------------------------------------------------------- inputs
     def _as_batch(self, inputs) -> tuple[torch.Tensor, list[int]]:
@@ -275,7 +280,7 @@ class MemformerForCausalLM(nn.Module):
             mask = torch.ones_like(x)
         kw = dict(generate_kwargs)
         kw.setdefault("pad_token_id", self._pad_id())
-        with self._mode(read=True, write=False, record=record):
+        with self._mode(read=True, write=False, record=record or None):
             out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)
         new = out[:, x.shape[1]:].to(input_ids.device)                       # [B, new]
         return torch.cat([input_ids, new], dim=1)

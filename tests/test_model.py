@@ -1,0 +1,251 @@
+"""Invariants of DESIGN.md on tiny random llama / mistral / qwen2 backbones."""
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import clone_backbone, tiny_backbone
+from memformer import MemformerForCausalLM, MemoryCapacityError, MemoryConfig
+
+
+def make(model_type="llama", seed=0, **cfg):
+    """(memory model, an untouched copy of its frozen backbone)."""
+    bb = tiny_backbone(model_type, seed=seed)
+    oracle = clone_backbone(bb)
+    return MemformerForCausalLM(bb, None, MemoryConfig(**{"window": 16, "top_k": 4, **cfg})), oracle
+
+
+def ids(n, b=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (b, n), generator=g)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_empty_memory_logits_equal_frozen_backbone(model_type):
+    bb = tiny_backbone(model_type)
+    oracle = clone_backbone(bb)
+    model = MemformerForCausalLM(bb, None, MemoryConfig(window=16, top_k=4))
+    x = ids(16)
+    with torch.no_grad():
+        want = oracle(x).logits
+        torch.testing.assert_close(model(x).logits, want, atol=1e-6, rtol=0)   # no memory yet
+        model.memorize(ids(40, seed=2), show_progress=False)
+        got = model(x).logits
+        assert (got - want).abs().max() > 1e-4                                 # memory is read ...
+        with model.memory_disabled():
+            torch.testing.assert_close(model(x).logits, want, atol=1e-6, rtol=0)  # ... unless disabled
+
+
+def test_closed_gate_equals_backbone():
+    model, oracle = make()
+    model.memorize(ids(40), show_progress=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "memory_gate"):
+                m.memory_gate.fill_(-float("inf"))
+        x = ids(10, seed=5)
+        torch.testing.assert_close(model(x).logits, oracle(x).logits, atol=1e-5, rtol=0)
+
+
+def test_unknown_model_type_is_a_clear_error():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"no backbone adapter for model_type 'gpt2'.*llama"):
+        MemformerForCausalLM(gpt2, None, MemoryConfig())
+
+
+def test_only_memory_layer_parameters_train():
+    model, _ = make(memory_layers=[1], lora_rank=4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n for n in trainable)
+    assert all("memory_gate" in n or "lora_" in n for n in trainable)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".layers.0." in n)
+
+
+def _record_retrievals(model, x_windows):
+    """Memorize window by window with reading on; return per window the retrieved positions."""
+    seen = []
+    for w in x_windows:
+        before = model.memory_size()
+        with model._mode(read=True, write=True, record=True) as rt:
+            rt.retrieved.clear()
+        model.runtime.record = True
+        model.memorize(w, show_progress=False)
+        model.runtime.record = False
+        seen.append((before, dict(model.runtime.retrieved)))
+        model.runtime.retrieved.clear()
+    return seen
+
+
+def test_no_token_retrieves_itself_or_the_future():
+    model, _ = make(read_during_ingest=True, top_k=64)
+    x = ids(64)
+    for w in range(4):
+        start = model.memory_size()
+        model.runtime.record = True
+        model.memorize(x[:, 16 * w:16 * (w + 1)], show_progress=False)
+        model.runtime.record = False
+        for layer, calls in model.runtime.retrieved.items():
+            for rows, probs in calls:
+                pos = model.memories[layer].positions[0][rows.clamp(min=0)]
+                valid = rows >= 0
+                assert (valid.sum(-1) == min(64, start)).all()          # every earlier key is reachable ...
+                assert (pos[valid] < start).all()                       # ... but nothing of this window or later
+        model.runtime.retrieved.clear()
+        assert model.memory_size() == start + 16                                  # written after the window
+
+
+def test_batch_memories_are_isolated():
+    """Sequence 0 of a batch behaves exactly as when memorized alone, whatever sequence 1 holds."""
+    model, _ = make()
+    docs = torch.cat([ids(48, seed=3), ids(48, seed=4)])
+    model.memorize(docs, show_progress=False)
+    q = torch.cat([ids(8, seed=9), ids(8, seed=9)])
+    with torch.no_grad():
+        batch_logits = model(q).logits
+    model.reset_memory()
+    model.memorize(docs[:1], show_progress=False)
+    with torch.no_grad():
+        alone = model(q[:1]).logits
+    torch.testing.assert_close(batch_logits[:1], alone, atol=1e-5, rtol=1e-5)
+    assert (batch_logits[0] - batch_logits[1]).abs().max() > 1e-4
+
+
+def test_ragged_batch_writes_only_real_tokens():
+    model, _ = make()
+    model.memorize([list(range(1, 30)), list(range(1, 12))], show_progress=False)
+    mem = next(iter(model.memories.values()))
+    assert model.seen == [29, 11]
+    assert mem.valid[0].sum() == 29 and mem.valid[1].sum() == 11
+    assert mem.positions[1][mem.valid[1]].tolist() == list(range(11))
+
+
+@pytest.mark.parametrize("mode", ["first", "fixed"])
+def test_search_score_equals_attention_logit(mode):
+    """Search ranks keys by exactly the logit the attention then uses, for every query head (GQA)."""
+    model, bb = make(position_mode=mode, top_k=5)
+    model.memorize(ids(32), show_progress=False)
+    layer = 1
+    attn = model.backbone.model.layers[layer].self_attn
+    captured = {}
+    hook = attn.register_forward_pre_hook(lambda m, a, kw: captured.update(h=a[0] if a else kw["hidden_states"],
+                                                                       pe=kw["position_embeddings"]), with_kwargs=True)
+    model.runtime.record = True
+    with torch.no_grad():
+        model(ids(6, seed=7))
+    model.runtime.record = False
+    hook.remove()
+    rows, probs = model.runtime.retrieved[layer][0]                     # [1, Hq, T, K]
+    # recompute, independently of the layer: q from the hidden states, RoPE by position mode
+    inner = attn.attn
+    B, T, _ = captured["h"].shape
+    q = inner.q_proj(captured["h"]).view(B, T, 4, 16).transpose(1, 2)   # [1, Hq, T, D]
+    cos, sin = captured["pe"] if mode == "first" else model._rotation_at(model.memory_config.memory_distance)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q_rot, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    keys = model.memories[layer].keys                                   # [1, Hkv, M, D]
+    for h in range(4):
+        logits = q_rot[0, h] @ keys[0, h // 2].float().T * inner.scaling  # [T, M], kv head of the group
+        want = logits.topk(5, dim=-1)
+        got = torch.gather(logits, 1, rows[0, h])
+        torch.testing.assert_close(got, want.values, atol=1e-4, rtol=1e-4)
+        # and the attention used exactly these logits: probability ratios = exp(logit differences)
+        p = probs[0, h]
+        torch.testing.assert_close(torch.log(p[:, 0] / p[:, 1]), got[:, 0] - got[:, 1], atol=1e-4, rtol=1e-4)
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    model, _ = make()
+    model.memorize(ids(40), show_progress=False)
+    x = ids(8, seed=11)
+    with torch.no_grad():
+        want = model(x).logits
+    path = model.save_memory(tmp_path / "mem")
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "memory.safetensors"]
+    model.reset_memory()
+    model.load_memory(path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want)
+    assert model.seen == [40]
+
+    from memformer import MemoryFileError
+    other, _ = make(seed=123)                                           # another backbone
+    with pytest.raises(MemoryFileError, match="another model"):
+        other.load_memory(path)
+    wider, _ = make(window=32)                                          # another memory config
+    with pytest.raises(MemoryFileError, match="window"):
+        wider.load_memory(path)
+    data = (path / "memory.safetensors").read_bytes()
+    (path / "memory.safetensors").write_bytes(data[: len(data) // 2])  # truncated file
+    with pytest.raises(MemoryFileError, match="corrupt or truncated"):
+        model.load_memory(path)
+    with torch.no_grad():                                               # the failed load lost nothing
+        torch.testing.assert_close(model(x).logits, want)
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        model.load_memory(tmp_path)
+
+
+def test_save_empty_memory_is_an_error(tmp_path):
+    model, _ = make()
+    with pytest.raises(ValueError, match="empty"):
+        model.save_memory(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_inputs():
+    model, _ = make(capacity=20, eviction="none")
+    with pytest.raises(ValueError, match="empty"):
+        model.memorize([], show_progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        model.memorize(torch.tensor([[1, 2, 500]]), show_progress=False)
+    model.memorize(ids(16), show_progress=False)
+    with pytest.raises(MemoryCapacityError):
+        model.memorize(ids(16), show_progress=False)
+    assert model.memory_size() == 16
+    with pytest.raises(ValueError, match="holds 1 sequence"):
+        model.memorize(ids(4, b=2), show_progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=0), dict(window=1), dict(position_mode="last"), dict(index="annoy"),
+                                 dict(eviction="lru"), dict(sink_tokens=16), dict(memory_layers=[])])
+def test_config_validation(bad):
+    with pytest.raises(ValueError, match="MemoryConfig"):
+        MemoryConfig(**{"window": 16, **bad})
+
+
+def test_memory_layer_out_of_range():
+    with pytest.raises(ValueError, match="out of range"):
+        make(memory_layers=[5])
+
+
+def test_sink_tokens_prefix_every_window_and_are_stored_once():
+    model, _ = make(sink_tokens=2)
+    model.memorize(ids(50), show_progress=False)
+    mem = next(iter(model.memories.values()))
+    assert model.memory_size() == 50 and mem.positions[0].tolist() == list(range(50))
+    out = model.generate(ids(5, seed=3), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_generate_memorizes_overflow_and_reads_memory():
+    model, oracle = make()
+    x = ids(40)
+    out = model.generate(x, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 44) and torch.equal(out[:, :40], x)
+    assert model.memory_size() == 24                                    # all but the last window
+
+
+def test_adapter_save_load_round_trip(tmp_path):
+    model, _ = make(memory_layers=[0], lora_rank=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "ad")
+    fresh, _ = make(memory_layers=[0], lora_rank=2)
+    fresh.load_adapter(tmp_path / "ad")
+    x = ids(8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, model(x).logits)
+    mismatched, _ = make(memory_layers=[1], lora_rank=2)
+    from memformer import MemoryFileError
+    with pytest.raises(MemoryFileError, match="does not match"):
+        mismatched.load_adapter(tmp_path / "ad")
