@@ -1,10 +1,16 @@
 """Pure-torch kNN attention: one softmax over the local causal window and retrieved memory keys.
 
-This is the reference every fused kernel is checked against, and the path used on CPU.
+This is the reference every fused kernel is checked against, and the path used on CPU. It is
+computed as two partial attentions merged through their log-sum-exp, which is exactly one
+softmax over [local ‖ memory]:  o = (e^(lse_l-m) o_l + e^(lse_m-m) o_m) / (e^(lse_l-m) + e^(lse_m-m)).
 """
 from __future__ import annotations
 
 import torch
+
+# PyTorch's fused CPU attention that also returns the log-sum-exp (natural log); private, so
+# every use has an explicit fallback.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def gather_memory(mem: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -21,19 +27,48 @@ def gather_memory(mem: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return mem[b, h, ids.clamp(min=0)]                                          # [B, Hq, T, K, D]
 
 
-def _local_scores_mask(mask, T: int, S: int, device) -> torch.Tensor:
-    """An additive [.., T, S] float mask from None (causal, queries = last T of S), bool or float."""
+def _additive_mask(mask, T: int, S: int, device, dtype=torch.float32) -> torch.Tensor:
+    """An additive [.., T, S] mask from None (causal, queries = last T of S), bool or float."""
     if mask is None:
         q_pos = torch.arange(S - T, S, device=device)[:, None]                  # [T, 1]
-        k_pos = torch.arange(S, device=device)[None, :]                         # [1, S]
-        mask = k_pos <= q_pos                                                    # [T, S]
+        mask = torch.arange(S, device=device)[None, :] <= q_pos                 # [T, S]
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=device).masked_fill_(~mask, float("-inf"))
-    return mask.float()
+        return torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def local_attention(q, k_local, v_local, scale: float, local_mask=None):
+    """Causal attention over the local window with its log-sum-exp.
+
+    q [B, Hq, T, D]; k_local, v_local [B, Hkv, S, D] -> (out [B, Hq, T, D] fp32, lse [B, Hq, T] fp32)
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k_local.shape[1], k_local.shape[2]
+    G = Hq // Hkv
+    if _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32:
+        k = k_local.float().repeat_interleave(G, dim=1) if G > 1 else k_local.float()   # [B, Hq, S, D]
+        v = v_local.float().repeat_interleave(G, dim=1) if G > 1 else v_local.float()
+        if local_mask is None and T == S:
+            out, lse = _CPU_FLASH(q, k, v, 0.0, True, scale=scale)
+        else:
+            mask = None if (local_mask is None and T == 1) else _additive_mask(local_mask, T, S, q.device)
+            out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+            if mask is not None:  # rows with no visible key: nothing attended (the op leaves junk)
+                dead = torch.isneginf(mask).all(-1).expand(B, Hq, T)                     # [B, Hq, T]
+                if bool(dead.any()):
+                    lse = lse.masked_fill(dead, float("-inf"))
+                    out = out.masked_fill(dead[..., None], 0.0)
+        return out, lse
+    qg = q.float().view(B, Hkv, G, T, D)                                          # query heads grouped
+    s = (qg @ k_local.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, S) * scale   # [B, Hq, T, S]
+    s = s + _additive_mask(local_mask, T, S, q.device)
+    lse = torch.logsumexp(s, dim=-1)                                              # [B, Hq, T]
+    p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0).view(B, Hkv, G, T, S)
+    return (p @ v_local.float()[:, :, None]).view(B, Hq, T, D), lse
 
 
 def knn_attention_reference(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=None, *,
-                            q_mem=None, scale=None, local_mask=None, mem_bias=None,
+                            q_mem=None, mem_scores=None, scale=None, local_mask=None, mem_bias=None,
                             return_mem_probs: bool = False):
     """Attention of q over [local keys ‖ retrieved memory keys] in one softmax (fp32).
 
@@ -44,48 +79,44 @@ def knn_attention_reference(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids
     v_mem:    [B, Hkv, M, D]  memory values or None
     mem_ids:  [B, Hq, T, K] or [B, Hkv, T, K] int64 rows of k_mem/v_mem; -1 = no neighbour
     q_mem:    [B, Hq, T, D]   query used against memory keys (default q); search must use the same
+    mem_scores: [B, Hq, T, K] q_mem . k_mem[ids] when the search already computed them (skips the
+              key gather); None = computed here
     local_mask: None (causal), bool [.., T, S] (True = attend) or additive float [.., T, S]
     mem_bias: [Hq] additive logit bias on memory keys (the memory gate), or None
     returns (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32[, mem_probs [B, Hq, T, K]])
     """
     B, Hq, T, D = q.shape
-    Hkv, S = k_local.shape[1], k_local.shape[2]
+    Hkv = k_local.shape[1]
     if Hq % Hkv:
         raise ValueError(f"query heads {Hq} not a multiple of kv heads {Hkv}")
-    G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
+    out, lse = local_attention(q, k_local, v_local, scale, local_mask)          # [B, Hq, T, D], [B, Hq, T]
 
-    # local scores without materialising repeated kv heads: [B, Hkv, G, T, S]
-    qg = q.float().view(B, Hkv, G, T, D)
-    s_loc = qg @ k_local.float()[:, :, None].transpose(-1, -2)                 # [B, Hkv, G, T, S]
-    s_loc = s_loc.view(B, Hq, T, S) * scale
-    s_loc = s_loc + _local_scores_mask(local_mask, T, S, q.device)
-
-    use_mem = k_mem is not None and mem_ids is not None and k_mem.shape[2] > 0 and mem_ids.shape[-1] > 0
+    use_mem = v_mem is not None and mem_ids is not None and v_mem.shape[2] > 0 and mem_ids.shape[-1] > 0
+    p_mem = None
     if use_mem:
         ids = mem_ids
         if ids.shape[1] != Hq:                                                   # kv-head ids -> query heads
             ids = ids.repeat_interleave(Hq // ids.shape[1], dim=1)               # [B, Hq, T, K]
-        kg = gather_memory(k_mem, ids).float()                                   # [B, Hq, T, K, D]
-        qm = (q if q_mem is None else q_mem).float()
-        s_mem = torch.einsum("bhtd,bhtkd->bhtk", qm, kg) * scale                # [B, Hq, T, K]
+        if mem_scores is None:
+            kg = gather_memory(k_mem, ids).float()                               # [B, Hq, T, K, D]
+            qm = (q if q_mem is None else q_mem).float()
+            mem_scores = torch.einsum("bhtd,bhtkd->bhtk", qm, kg)               # [B, Hq, T, K]
+        s_mem = mem_scores.float() * scale
         if mem_bias is not None:
             s_mem = s_mem + mem_bias.float().view(1, Hq, 1, 1)
         s_mem = s_mem.masked_fill(ids < 0, float("-inf"))
-        scores = torch.cat([s_loc, s_mem], dim=-1)                               # [B, Hq, T, S + K]
-    else:
-        scores = s_loc
-    lse = torch.logsumexp(scores, dim=-1)                                        # [B, Hq, T]
-    probs = torch.exp(scores - lse[..., None])
-    probs = torch.nan_to_num(probs, nan=0.0)                                     # rows with nothing to attend
-    p_loc = probs[..., :S].view(B, Hkv, G, T, S)
-    out = (p_loc @ v_local.float()[:, :, None]).view(B, Hq, T, D)               # [B, Hq, T, D]
-    p_mem = None
-    if use_mem:
-        p_mem = probs[..., S:]                                                   # [B, Hq, T, K]
-        vg = gather_memory(v_mem, ids).float()                                   # [B, Hq, T, K, D]
-        out = out + torch.einsum("bhtk,bhtkd->bhtd", p_mem, vg)
-    out = out.to(q.dtype)
+        lse_mem = torch.logsumexp(s_mem, dim=-1)                                 # [B, Hq, T]
+        p = torch.nan_to_num(torch.exp(s_mem - lse_mem[..., None]), nan=0.0)    # softmax within memory
+        out_mem = torch.einsum("bhtk,bhtkd->bhtd", p, gather_memory(v_mem, ids).float())
+        # merge the two partial softmaxes by their log-sum-exp
+        lse_all = torch.logaddexp(lse, lse_mem)                                  # [B, Hq, T]
+        w_loc = torch.nan_to_num(torch.exp(lse - lse_all), nan=0.0)[..., None]
+        w_mem = torch.nan_to_num(torch.exp(lse_mem - lse_all), nan=0.0)[..., None]
+        out = w_loc * out + w_mem * out_mem
+        p_mem = p * w_mem                                                        # share of the one softmax
+        lse = lse_all
+    out = torch.nan_to_num(out, nan=0.0).to(q.dtype)
     if return_mem_probs:
         if p_mem is None:
             p_mem = q.new_zeros(B, Hq, T, 0, dtype=torch.float32)

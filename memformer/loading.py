@@ -169,6 +169,8 @@ def default_model_dir() -> Path:
                 _convert_gguf(gguf, staging)
             if not _is_complete(staging):
                 raise RuntimeError(f"conversion produced an incomplete folder: {sorted(os.listdir(staging))}")
+            for f in (staging, *staging.iterdir()):  # mkdtemp/atomic writers leave 0700/0600
+                f.chmod(0o755 if f.is_dir() else 0o644)
             if final.exists():  # an incomplete leftover (files deleted by hand)
                 shutil.rmtree(final)
             os.replace(staging, final)

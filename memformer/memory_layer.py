@@ -91,10 +91,11 @@ class MemoryAttention(nn.Module):
         q_mem = q_rot if rt.q_rotation is None else self.rotary_fn(q, q, *rt.q_rotation)[0]
         G = Hq // Hkv
         queries = q_mem.reshape(B, Hkv, G * T, D)                              # query heads of a kv group
-        _, ids = mem.search(queries, rt.top_k)                                                # [B, Hkv, G*T, K]
+        scores, ids = mem.search(queries, rt.top_k)                            # [B, Hkv, G*T, K]
         ids = ids.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)                # [B, Hq, T, K]
+        scores = scores.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)          # = q_mem . k_mem[ids]
         out, _, p_mem = knn_attention(q_rot, k_all, v_all, mem.keys, mem.values, ids,
-                                      q_mem=q_mem, scale=attn.scaling, local_mask=attention_mask,
+                                      q_mem=q_mem, mem_scores=scores, scale=attn.scaling, local_mask=attention_mask,
                                       mem_bias=self.memory_gate, return_mem_probs=True)
         if rt.record:
             rt.retrieved.setdefault(self.layer_idx, []).append((ids, p_mem.detach()))

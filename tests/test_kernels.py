@@ -6,6 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from memformer.kernels import gather_memory, knn_attention, knn_attention_reference
+from memformer.kernels import reference as ref_module
+
+
+@pytest.fixture(params=["fused-local", "explicit-local"], autouse=True)
+def local_path(request, monkeypatch):
+    """Run every test with torch's fused CPU local attention and with the explicit fallback."""
+    if request.param == "explicit-local":
+        monkeypatch.setattr(ref_module, "_CPU_FLASH", None)
+    return request.param
 
 
 def naive(q, k_loc, v_loc, k_mem, v_mem, ids, q_mem, scale, bias):
