@@ -24,9 +24,11 @@ class MemoryConfig:
         training-free frozen backbone needs, see docs/architecture.md).
     top_k: keys retrieved per query head and token.
     window: local context W; long inputs are read in windows of W tokens.
-    sink_tokens: the first `sink_tokens` tokens of a sequence are prepended to every later
-        window so each window keeps the same attention sink (0 = the window's own first
-        token acts as the sink).
+    sink_tokens: the first `sink_tokens` tokens of a sequence are prepended to every window
+        (and to generation) so each window keeps the same attention sink; they stay local and
+        are never written to memory. 0 = each window's own first token acts as the sink; that
+        sink's key then lands in memory once per window and, measured on SmolLM2, drowns the
+        retrieved needle by 8k tokens, hence the default of 4.
     read_during_ingest: if False (default), `memorize` only *writes* memory and only the final
         window / generated tokens read it, so ingest costs about a plain windowed forward.
         If True, every window also reads all earlier windows (quadratic search cost).
@@ -49,7 +51,7 @@ class MemoryConfig:
     memory_layers: Optional[list[int]] = None
     top_k: int = 32
     window: int = 1024
-    sink_tokens: int = 0
+    sink_tokens: int = 4
     read_during_ingest: bool = False
     position_mode: str = "first"
     fixed_distance: Optional[int] = None

@@ -203,21 +203,19 @@ class MemformerForCausalLM(nn.Module):
         for mem in self.memories.values():                      # refuse before writing anything
             mem.check_room(L)
         base = torch.tensor(self.seen, dtype=torch.long)[:, None]  # [B, 1]
-        bounds, start = [], 0
-        while start < L:
-            step = W if self.sink_ids is None and not bounds and self.seen[0] == 0 else W - S
-            bounds.append((start, min(L, start + step)))
-            start += step
+        first = 0
+        if S > 0 and self.sink_ids is None:
+            # The first S tokens become the sink prefix of every window; being always local,
+            # they are never written to memory.
+            if min(lengths) < S:
+                raise ValueError(f"memorize: the first call needs >= sink_tokens={S} tokens per sequence")
+            self.sink_ids, first = ids[:, :S].clone(), S
+        prefix = self.sink_ids if S > 0 else None
         lengths_t = torch.tensor(lengths)[:, None]              # [B, 1]
+        bounds = [(a, min(L, a + W - S)) for a in range(first, L, W - S)]
         for start, end in tqdm(bounds, desc="memorize", unit="window", disable=not show_progress):
-            chunk = ids[:, start:end]                           # [B, n]
             valid = (torch.arange(start, end)[None, :] < lengths_t)   # [B, n]
-            if S > 0 and self.sink_ids is None:
-                self.sink_ids = chunk[:, :S].clone()
-                prefix = None
-            else:
-                prefix = self.sink_ids if S > 0 else None
-            self._write_window(chunk, valid, base + torch.arange(start, end)[None, :], prefix)
+            self._write_window(ids[:, start:end], valid, base + torch.arange(start, end)[None, :], prefix)
         self.seen = [s + n for s, n in zip(self.seen, lengths)]
         return sum(lengths)
 
@@ -261,7 +259,7 @@ class MemformerForCausalLM(nn.Module):
             input_ids = input_ids[None]
         B, T = input_ids.shape
         S, W = self.memory_config.sink_tokens, self.memory_config.window
-        local = W - S if (S > 0 and (self.sink_ids is not None or T > W)) else W
+        local = W - S if S > 0 else W
         x, mask = input_ids, attention_mask
         if T > local:
             if attention_mask is not None and not bool(attention_mask.all()):

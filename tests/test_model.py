@@ -216,11 +216,12 @@ def test_memory_layer_out_of_range():
         make(memory_layers=[5])
 
 
-def test_sink_tokens_prefix_every_window_and_are_stored_once():
+def test_sink_tokens_prefix_every_window_and_never_enter_memory():
     model, _ = make(sink_tokens=2)
     model.memorize(ids(50), show_progress=False)
     mem = next(iter(model.memories.values()))
-    assert model.memory_size() == 50 and mem.positions[0].tolist() == list(range(50))
+    assert model.memory_size() == 48 and mem.positions[0].tolist() == list(range(2, 50))
+    assert torch.equal(model.sink_ids, ids(50)[:, :2])
     out = model.generate(ids(5, seed=3), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
 
