@@ -18,6 +18,8 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q -ra tests
+	# Triton kernels against the torch reference in Triton's CPU interpreter (set before Python starts)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -ra tests/test_triton_kernels.py
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not integration" tests

@@ -32,7 +32,8 @@ setup(
         "peft>=0.13",  # LoRA adapters on the memory layers
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # triton: the fused kernel; on CPU only its interpreter runs (the tests use it)
+        "dev": ["pytest>=8", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["memformer=memformer.cli:main"]},
 )

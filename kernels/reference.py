@@ -45,7 +45,10 @@ def local_attention(q, k_local, v_local, scale: float, local_mask=None):
     B, Hq, T, D = q.shape
     Hkv, S = k_local.shape[1], k_local.shape[2]
     G = Hq // Hkv
-    if _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32:
+    # The fused op does not propagate gradients through its lse output, which the merge with
+    # memory needs: use it only when no gradient is wanted.
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_local, v_local))
+    if _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32 and not needs_grad:
         k = k_local.float().repeat_interleave(G, dim=1) if G > 1 else k_local.float()   # [B, Hq, S, D]
         v = v_local.float().repeat_interleave(G, dim=1) if G > 1 else v_local.float()
         if local_mask is None and T == S:
@@ -69,7 +72,7 @@ def local_attention(q, k_local, v_local, scale: float, local_mask=None):
 
 def knn_attention_reference(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=None, *,
                             q_mem=None, mem_scores=None, scale=None, local_mask=None, mem_bias=None,
-                            return_mem_probs: bool = False):
+                            k_scale=None, v_scale=None, return_mem_probs: bool = False):
     """Attention of q over [local keys ‖ retrieved memory keys] in one softmax (fp32).
 
     q:        [B, Hq, T, D]   queries, RoPE applied at their local positions
@@ -83,6 +86,7 @@ def knn_attention_reference(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids
               key gather); None = computed here
     local_mask: None (causal), bool [.., T, S] (True = attend) or additive float [.., T, S]
     mem_bias: [Hq] additive logit bias on memory keys (the memory gate), or None
+    k_scale, v_scale: [B, Hkv, M] per-row scales when k_mem / v_mem are int8 (row = int8 * scale)
     returns (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32[, mem_probs [B, Hq, T, K]])
     """
     B, Hq, T, D = q.shape
@@ -100,6 +104,8 @@ def knn_attention_reference(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids
             ids = ids.repeat_interleave(Hq // ids.shape[1], dim=1)               # [B, Hq, T, K]
         if mem_scores is None:
             kg = gather_memory(k_mem, ids).float()                               # [B, Hq, T, K, D]
+            if k_scale is not None:
+                kg = kg * gather_memory(k_scale[..., None], ids).float()          # dequantise int8
             qm = (q if q_mem is None else q_mem).float()
             mem_scores = torch.einsum("bhtd,bhtkd->bhtk", qm, kg)               # [B, Hq, T, K]
         s_mem = mem_scores.float() * scale
@@ -108,7 +114,10 @@ def knn_attention_reference(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids
         s_mem = s_mem.masked_fill(ids < 0, float("-inf"))
         lse_mem = torch.logsumexp(s_mem, dim=-1)                                 # [B, Hq, T]
         p = torch.nan_to_num(torch.exp(s_mem - lse_mem[..., None]), nan=0.0)    # softmax within memory
-        out_mem = torch.einsum("bhtk,bhtkd->bhtd", p, gather_memory(v_mem, ids).float())
+        vg = gather_memory(v_mem, ids).float()                                   # [B, Hq, T, K, D]
+        if v_scale is not None:
+            vg = vg * gather_memory(v_scale[..., None], ids).float()
+        out_mem = torch.einsum("bhtk,bhtkd->bhtd", p, vg)
         # merge the two partial softmaxes by their log-sum-exp
         lse_all = torch.logaddexp(lse, lse_mem)                                  # [B, Hq, T]
         w_loc = torch.nan_to_num(torch.exp(lse - lse_all), nan=0.0)[..., None]

@@ -50,7 +50,9 @@ def cmd_qa(args) -> int:
             return 2
         questions = [(q, None) for q in args.question]
     t0 = time.perf_counter()
-    cached = qa.memorize_documents(model, docs, cache_dir=None if args.no_cache else args.cache_dir)
+    # the demo document is rebuilt in seconds; caching its memory would only fill the disk
+    use_cache = not (args.no_cache or args.demo)
+    cached = qa.memorize_documents(model, docs, cache_dir=args.cache_dir if use_cache else None)
     n = model.memory_size()
     print(f"memory: {n} tokens x {len(model.memory_layer_ids)} layers "
           f"({'loaded from cache' if cached else 'built'} in {time.perf_counter() - t0:.1f}s)")

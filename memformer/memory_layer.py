@@ -94,10 +94,11 @@ class MemoryAttention(nn.Module):
         scores, ids = mem.search(queries, rt.top_k)                            # [B, Hkv, G*T, K]
         ids = ids.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)                # [B, Hq, T, K]
         scores = scores.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)          # = q_mem . k_mem[ids]
-        out, _, p_mem = knn_attention(q_rot, k_all, v_all, mem.keys, mem.values, ids,
-                                      q_mem=q_mem, mem_scores=scores, scale=attn.scaling, local_mask=attention_mask,
-                                      mem_bias=self.memory_gate, return_mem_probs=True)
-        if rt.record:
-            rt.retrieved.setdefault(self.layer_idx, []).append((ids, p_mem.detach()))
+        res = knn_attention(q_rot, k_all, v_all, mem.keys, mem.values, ids, q_mem=q_mem, mem_scores=scores,
+                            scale=attn.scaling, local_mask=attention_mask, mem_bias=self.memory_gate,
+                            return_mem_probs=rt.record)
+        out = res[0]                                                           # [B, Hq, T, D]
+        if rt.record:  # attention mass of each retrieved row (evidence; tests)
+            rt.retrieved.setdefault(self.layer_idx, []).append((ids, res[2].detach()))
         out = out.transpose(1, 2).reshape(B, T, Hq * D)                        # [B, T, Hq*D]
         return attn.o_proj(out), None
