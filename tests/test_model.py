@@ -60,37 +60,24 @@ def test_only_memory_layer_parameters_train():
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".layers.0." in n)
 
 
-def _record_retrievals(model, x_windows):
-    """Memorize window by window with reading on; return per window the retrieved positions."""
-    seen = []
-    for w in x_windows:
-        before = model.memory_size()
-        with model._mode(read=True, write=True, record=True) as rt:
-            rt.retrieved.clear()
-        model.runtime.record = True
-        model.memorize(w, show_progress=False)
-        model.runtime.record = False
-        seen.append((before, dict(model.runtime.retrieved)))
-        model.runtime.retrieved.clear()
-    return seen
-
-
-def test_no_token_retrieves_itself_or_the_future():
-    model, _ = make(read_during_ingest=True, top_k=64)
-    x = ids(64)
-    for w in range(4):
-        start = model.memory_size()
-        model.runtime.record = True
-        model.memorize(x[:, 16 * w:16 * (w + 1)], show_progress=False)
-        model.runtime.record = False
-        for layer, calls in model.runtime.retrieved.items():
-            for rows, probs in calls:
-                pos = model.memories[layer].positions[0][rows.clamp(min=0)]
-                valid = rows >= 0
-                assert (valid.sum(-1) == min(64, start)).all()          # every earlier key is reachable ...
-                assert (pos[valid] < start).all()                       # ... but nothing of this window or later
-        model.runtime.retrieved.clear()
-        assert model.memory_size() == start + 16                                  # written after the window
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_no_token_retrieves_itself_or_the_future(sinks):
+    model, _ = make(read_during_ingest=True, top_k=64, sink_tokens=sinks)
+    model.runtime.record = True
+    model.memorize(ids(64), show_progress=False)                  # windows read while being written
+    model.runtime.record = False
+    step = 16 - sinks
+    starts = list(range(sinks, 64, step))                          # first token of each window
+    for layer, calls in model.runtime.retrieved.items():
+        assert len(calls) == len(starts) - 1                       # the first window finds memory empty
+        for w, (rows, probs) in enumerate(calls, start=1):
+            held = w * step                                        # memory size when window w ran
+            pos = model.memories[layer].positions[0][rows.clamp(min=0)]
+            valid = rows >= 0
+            assert (valid.sum(-1) == min(64, held)).all()          # every earlier key is reachable ...
+            assert (pos[valid] < starts[w]).all()                  # ... nothing of this window or later
+            assert (pos[valid] >= sinks).all()                     # sink tokens never enter memory
+    assert model.memory_size() == 64 - sinks                       # everything written after reading
 
 
 def test_batch_memories_are_isolated():
@@ -114,8 +101,9 @@ def test_ragged_batch_writes_only_real_tokens():
     model.memorize([list(range(1, 30)), list(range(1, 12))], show_progress=False)
     mem = next(iter(model.memories.values()))
     assert model.seen == [29, 11]
-    assert mem.valid[0].sum() == 29 and mem.valid[1].sum() == 11
-    assert mem.positions[1][mem.valid[1]].tolist() == list(range(11))
+    S = model.memory_config.sink_tokens                         # the first S stay local as the sink
+    assert mem.valid[0].sum() == 29 - S and mem.valid[1].sum() == 11 - S
+    assert mem.positions[1][mem.valid[1]].tolist() == list(range(S, 11))
 
 
 @pytest.mark.parametrize("mode", ["first", "fixed"])
@@ -199,7 +187,7 @@ def test_bad_inputs():
     model.memorize(ids(16), show_progress=False)
     with pytest.raises(MemoryCapacityError):
         model.memorize(ids(16), show_progress=False)
-    assert model.memory_size() == 16
+    assert model.memory_size() == 16 - model.memory_config.sink_tokens   # the failed call wrote nothing
     with pytest.raises(ValueError, match="holds 1 sequence"):
         model.memorize(ids(4, b=2), show_progress=False)
 
