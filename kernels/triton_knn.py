@@ -26,7 +26,7 @@ def _knn_attention_fwd_kernel(
     ssc_b, ssc_h, sid_b, sid_h, sid_t,
     so_sp, so_b, so_h, so_t, sl_sp, sl_b, sl_h,
     T, S, K, G, HKV, scale, S_PER_SPLIT, K_PER_SPLIT,
-    HAS_BIAS: tl.constexpr, MEM_INT8: tl.constexpr, D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MEM_INT8: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_r, pid_bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -40,7 +40,7 @@ def _knn_attention_fwd_kernel(
     d = tl.arange(0, D)
 
     q = tl.load(Q + b * sq_b + hq[:, None] * sq_h + t[:, None] * sq_t + d[None, :],
-                mask=row_ok[:, None], other=0.0).to(tl.float32)    # [R, D]
+                mask=row_ok[:, None], other=0.0)                   # [R, D] native dtype for tl.dot
     qm = tl.load(QM + b * sqm_b + hq[:, None] * sqm_h + t[:, None] * sqm_t + d[None, :],
                  mask=row_ok[:, None], other=0.0).to(tl.float32)   # [R, D]
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -55,10 +55,10 @@ def _knn_attention_fwd_kernel(
         ks = s0 + tl.arange(0, BLOCK_S)
         k_ok = ks < s_hi
         k = tl.load(KL + b * skl_b + hk * skl_h + ks[:, None] * skl_s + d[None, :],
-                    mask=k_ok[:, None], other=0.0).to(tl.float32)  # [BS, D]
+                    mask=k_ok[:, None], other=0.0)                 # [BS, D]
         v = tl.load(VL + b * svl_b + hk * svl_h + ks[:, None] * svl_s + d[None, :],
-                    mask=k_ok[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale                          # [R, BS]
+                    mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale   # [R, BS] fp32 accumulate
         vis = (ks[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -66,7 +66,7 @@ def _knn_attention_fwd_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     # ---- retrieved memory rows of this split: gathered by id, one softmax with the local keys
@@ -109,6 +109,11 @@ def _knn_attention_fwd_kernel(
     tl.store(O + split * so_sp + b * so_b + hq[:, None] * so_h + t[:, None] * so_t + d[None, :], out,
              mask=row_ok[:, None])
     tl.store(LSE + split * sl_sp + b * sl_b + hq * sl_h + t, lse, mask=row_ok)
+
+
+def _precision(x: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 dots (no TF32 on GPUs); fp16/bf16 use the tensor cores as is."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _pow2(n: int, lo: int = 16, hi: int = 128) -> int:
@@ -167,7 +172,7 @@ def knn_attention_triton(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=No
         mem_ids.stride(0), mem_ids.stride(1), mem_ids.stride(2),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         T, S, K, G, Hkv, scale, s_per, k_per,
-        HAS_BIAS=mem_bias is not None, MEM_INT8=int8, D=D,
+        HAS_BIAS=mem_bias is not None, MEM_INT8=int8, D=D, PRECISION=_precision(q),
         BLOCK_R=BLOCK_R, BLOCK_S=_pow2(S, 16, 64), BLOCK_K=_pow2(K, 16, 32),
     )
     if splits == 1:
@@ -183,7 +188,7 @@ def _knn_attention_bwd_kernel(
     DQ, DQM, DKL, DVL, DKM, DVM, DBIAS,
     sq_b, sq_h, sq_t, skl_b, skl_h, skl_s, skm_b, skm_h, skm_m, sid_b, sid_h, sid_t, sl_b, sl_h,
     T, S, K, G, HKV, scale,
-    HAS_BIAS: tl.constexpr, MEM_GRAD: tl.constexpr, D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MEM_GRAD: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Rows as in the forward. dQ is owned by the program; dK/dV (local and, with MEM_GRAD,
@@ -216,11 +221,12 @@ def _knn_attention_bwd_kernel(
         k = tl.load(KL + koff, mask=k_ok[:, None], other=0.0).to(tl.float32)
         v = tl.load(VL + koff, mask=k_ok[:, None], other=0.0).to(tl.float32)
         vis = (ks[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
-        p = tl.where(vis, tl.exp(tl.dot(q, tl.trans(k)) * scale - lse[:, None]), 0.0)   # [R, BS]
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        dq += tl.dot(ds, k) * scale
-        tl.atomic_add(DKL + koff, tl.dot(tl.trans(ds), q) * scale, mask=k_ok[:, None])
-        tl.atomic_add(DVL + koff, tl.dot(tl.trans(p), do), mask=k_ok[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)                                 # [R, BS]
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds, k, input_precision=PRECISION) * scale
+        tl.atomic_add(DKL + koff, tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale, mask=k_ok[:, None])
+        tl.atomic_add(DVL + koff, tl.dot(tl.trans(p), do, input_precision=PRECISION), mask=k_ok[:, None])
 
     if HAS_BIAS:
         bias = tl.load(BIAS + hq, mask=row_ok, other=0.0).to(tl.float32)
@@ -297,7 +303,7 @@ class KNNAttentionFunction(torch.autograd.Function):
             km.stride(0), km.stride(1), km.stride(2), mem_ids.stride(0), mem_ids.stride(1), mem_ids.stride(2),
             lse.stride(0), lse.stride(1),
             T, S, K, G, Hkv, scale,
-            HAS_BIAS=mem_bias is not None, MEM_GRAD=bool(ctx.mem_grad) and K > 0, D=D,
+            HAS_BIAS=mem_bias is not None, MEM_GRAD=bool(ctx.mem_grad) and K > 0, D=D, PRECISION="ieee",
             BLOCK_R=BLOCK_R, BLOCK_S=_pow2(S, 16, 64), BLOCK_K=_pow2(K, 16, 32),
         )
         if q_mem is None:
