@@ -29,6 +29,9 @@ class MemoryConfig:
         are never written to memory. 0 = each window's own first token acts as the sink; that
         sink's key then lands in memory once per window and, measured on SmolLM2, drowns the
         retrieved needle by 8k tokens, hence the default of 4.
+    overlap: each window re-reads the last `overlap` tokens before its new tokens as context
+        (not written again), so no token enters memory with less than `overlap` tokens of
+        context; a needle cut by a window boundary is otherwise stored without its sentence.
     read_during_ingest: if False (default), `memorize` only *writes* memory and only the final
         window / generated tokens read it, so ingest costs about a plain windowed forward.
         If True, every window also reads all earlier windows (quadratic search cost).
@@ -52,6 +55,7 @@ class MemoryConfig:
     top_k: int = 32
     window: int = 1024
     sink_tokens: int = 4
+    overlap: int = 128
     read_during_ingest: bool = False
     position_mode: str = "first"
     fixed_distance: Optional[int] = None
@@ -80,6 +84,9 @@ class MemoryConfig:
         need(int(self.window) >= 2, f"window must be >= 2, got {self.window}")
         need(0 <= int(self.sink_tokens) < int(self.window),
              f"sink_tokens must be in [0, window), got {self.sink_tokens} with window {self.window}")
+        need(0 <= int(self.overlap) and int(self.window) - int(self.sink_tokens) - int(self.overlap) >= 1,
+             f"overlap must be >= 0 and leave room for new tokens: window {self.window} - sink_tokens "
+             f"{self.sink_tokens} - overlap {self.overlap} < 1")
         need(self.position_mode in POSITION_MODES,
              f"position_mode {self.position_mode!r} not in {POSITION_MODES}")
         need(self.fixed_distance is None or int(self.fixed_distance) >= 0,
@@ -127,4 +134,4 @@ class MemoryConfig:
     def retrieval_fingerprint(self) -> dict:
         """The fields that change what is *stored* in memory (a saved memory must match these)."""
         return {"memory_layers": self.memory_layers, "sink_tokens": self.sink_tokens,
-                "window": self.window, "lora_rank": self.lora_rank}
+                "window": self.window, "overlap": self.overlap, "lora_rank": self.lora_rank}

@@ -55,6 +55,7 @@ class MemformerForCausalLM(nn.Module):
             self.runtime.q_rotation = self._rotation_at(cfg.memory_distance)
         self.seen: list[int] = []          # tokens memorized so far, per sequence
         self.sink_ids: torch.Tensor | None = None
+        self.tail_ids: torch.Tensor | None = None    # last `overlap` tokens of the previous call
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -110,7 +111,7 @@ class MemformerForCausalLM(nn.Module):
         self.runtime.memories.clear()
         self.runtime.pending.clear()
         self.runtime.retrieved.clear()
-        self.seen, self.sink_ids = [], None
+        self.seen, self.sink_ids, self.tail_ids = [], None, None
 
     def _memory_dtype(self) -> torch.dtype:
         name = self.memory_config.memory_dtype
@@ -210,20 +211,34 @@ class MemformerForCausalLM(nn.Module):
             if min(lengths) < S:
                 raise ValueError(f"memorize: the first call needs >= sink_tokens={S} tokens per sequence")
             self.sink_ids, first = ids[:, :S].clone(), S
-        prefix = self.sink_ids if S > 0 else None
+        ov = cfg.overlap
         lengths_t = torch.tensor(lengths)[:, None]              # [B, 1]
-        bounds = [(a, min(L, a + W - S)) for a in range(first, L, W - S)]
+        bounds = [(a, min(L, a + W - S - ov)) for a in range(first, L, W - S - ov)]
         for start, end in tqdm(bounds, desc="memorize", unit="window", disable=not show_progress):
+            # [sink ‖ up to `overlap` earlier tokens as context, not written again ‖ new tokens]
+            ctx = ids[:, max(first, start - ov):start]
+            ctx_valid = torch.arange(start - ctx.shape[1], start)[None, :] < lengths_t
+            if ctx.shape[1] == 0 and self.tail_ids is not None:   # continue the previous call
+                ctx, ctx_valid = self.tail_ids, torch.ones_like(self.tail_ids, dtype=torch.bool)
+            prefix = ctx if S == 0 else torch.cat([self.sink_ids, ctx], dim=1)
+            prefix_valid = torch.cat([torch.ones(B, prefix.shape[1] - ctx.shape[1], dtype=torch.bool), ctx_valid], 1)
             valid = (torch.arange(start, end)[None, :] < lengths_t)   # [B, n]
-            self._write_window(ids[:, start:end], valid, base + torch.arange(start, end)[None, :], prefix)
+            self._write_window(ids[:, start:end], valid, base + torch.arange(start, end)[None, :],
+                               prefix, prefix_valid)
+        # context for the next call (only when every sequence ends at the same place)
+        if ov > 0 and len(set(lengths)) == 1:
+            recent = ids if self.tail_ids is None or L >= ov else torch.cat([self.tail_ids, ids], dim=1)
+            self.tail_ids = recent[:, -ov:].clone()
+        else:
+            self.tail_ids = None
         self.seen = [s + n for s, n in zip(self.seen, lengths)]
         return sum(lengths)
 
-    def _write_window(self, chunk, valid, positions, prefix=None) -> None:
-        """One forward over [sink prefix ‖ chunk]; then the chunk's k/v go to memory."""
-        p = 0 if prefix is None else prefix.shape[1]
-        x = chunk if prefix is None else torch.cat([prefix, chunk], dim=1)    # [B, p + n]
-        mask = torch.cat([torch.ones(x.shape[0], p, dtype=torch.bool), valid], dim=1)
+    def _write_window(self, chunk, valid, positions, prefix, prefix_valid) -> None:
+        """One forward over [prefix ‖ chunk] (prefix = sink + context); then the chunk's k/v go to memory."""
+        p = prefix.shape[1]
+        x = torch.cat([prefix, chunk], dim=1)                                   # [B, p + n]
+        mask = torch.cat([prefix_valid, valid], dim=1)
         dev = self.device
         with self._mode(read=self.memory_config.read_during_ingest, write=True) as rt:
             rt.write_slice = slice(p, None)

@@ -54,7 +54,8 @@ def memory_fingerprint(model) -> dict:
     """What must match for a saved memory to mean the same thing to this model."""
     cfg = model.memory_config
     return {"backbone": model.backbone_fingerprint, "memory_layers": list(model.memory_layer_ids),
-            "window": cfg.window, "sink_tokens": cfg.sink_tokens, "adapter": adapter_hash(model)}
+            "window": cfg.window, "sink_tokens": cfg.sink_tokens, "overlap": cfg.overlap,
+            "adapter": adapter_hash(model)}
 
 
 def _atomic_dir(path: Path, fill) -> Path:
@@ -86,8 +87,9 @@ def save_memory(model, path) -> Path:
         for key, t in mem.state_dict().items():
             tensors[f"layers.{i}.{key}"] = t.detach().cpu().contiguous()
     tensors["seen"] = torch.tensor(model.seen, dtype=torch.long)
-    if model.sink_ids is not None:
-        tensors["sink_ids"] = model.sink_ids.cpu().contiguous()
+    for name in ("sink_ids", "tail_ids"):
+        if getattr(model, name) is not None:
+            tensors[name] = getattr(model, name).cpu().contiguous()
     first = next(iter(model.memories.values()))
 
     def fill(tmp: Path):
@@ -137,7 +139,7 @@ def load_memory(model, path) -> None:
     except Exception as e:  # safetensors raises several error types for damaged headers
         raise MemoryFileError(f"{file} cannot be read: {e}") from None
 
-    old = (dict(model.runtime.memories), list(model.seen), model.sink_ids)
+    old = (dict(model.runtime.memories), list(model.seen), model.sink_ids, model.tail_ids)
     model.runtime.memories.clear()
     try:
         model._ensure_memory(int(manifest["batch"]))
@@ -145,11 +147,11 @@ def load_memory(model, path) -> None:
             prefix = f"layers.{i}."
             mem.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         model.seen = tensors["seen"].tolist()
-        model.sink_ids = tensors.get("sink_ids")
+        model.sink_ids, model.tail_ids = tensors.get("sink_ids"), tensors.get("tail_ids")
     except (KeyError, ValueError, RuntimeError) as e:
         model.runtime.memories.clear()
         model.runtime.memories.update(old[0])
-        model.seen, model.sink_ids = old[1], old[2]
+        model.seen, model.sink_ids, model.tail_ids = old[1], old[2], old[3]
         raise MemoryFileError(f"{file} does not fit this model's memory layers: {e}") from None
 
 

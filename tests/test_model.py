@@ -11,7 +11,7 @@ def make(model_type="llama", seed=0, **cfg):
     """(memory model, an untouched copy of its frozen backbone)."""
     bb = tiny_backbone(model_type, seed=seed)
     oracle = clone_backbone(bb)
-    return MemformerForCausalLM(bb, None, MemoryConfig(**{"window": 16, "top_k": 4, **cfg})), oracle
+    return MemformerForCausalLM(bb, None, MemoryConfig(**{"window": 16, "top_k": 4, "overlap": 3, **cfg})), oracle
 
 
 def ids(n, b=1, seed=1):
@@ -23,7 +23,7 @@ def ids(n, b=1, seed=1):
 def test_empty_memory_logits_equal_frozen_backbone(model_type):
     bb = tiny_backbone(model_type)
     oracle = clone_backbone(bb)
-    model = MemformerForCausalLM(bb, None, MemoryConfig(window=16, top_k=4))
+    model = MemformerForCausalLM(bb, None, MemoryConfig(window=16, top_k=4, overlap=3))
     x = ids(16)
     with torch.no_grad():
         want = oracle(x).logits
@@ -66,7 +66,7 @@ def test_no_token_retrieves_itself_or_the_future(sinks):
     model.runtime.record = True
     model.memorize(ids(64), show_progress=False)                  # windows read while being written
     model.runtime.record = False
-    step = 16 - sinks
+    step = 16 - sinks - model.memory_config.overlap
     starts = list(range(sinks, 64, step))                          # first token of each window
     for layer, calls in model.runtime.retrieved.items():
         assert len(calls) == len(starts) - 1                       # the first window finds memory empty
@@ -193,7 +193,8 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("bad", [dict(top_k=0), dict(window=1), dict(position_mode="last"), dict(index="annoy"),
-                                 dict(eviction="lru"), dict(sink_tokens=16), dict(memory_layers=[])])
+                                 dict(eviction="lru"), dict(sink_tokens=16), dict(memory_layers=[]),
+                                 dict(overlap=12), dict(overlap=-1)])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="MemoryConfig"):
         MemoryConfig(**{"window": 16, **bad})
@@ -212,6 +213,22 @@ def test_sink_tokens_prefix_every_window_and_never_enter_memory():
     assert torch.equal(model.sink_ids, ids(50)[:, :2])
     out = model.generate(ids(5, seed=3), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
+
+
+@pytest.mark.parametrize("overlap", [0, 5])
+def test_overlap_gives_context_without_writing_twice(overlap):
+    """Every token is written once, in order, whether read in one call or streamed in pieces."""
+    x = ids(70)
+    whole, _ = make(overlap=overlap)
+    whole.memorize(x, show_progress=False)
+    pieces, _ = make(overlap=overlap)
+    for a in range(0, 70, 23):
+        pieces.memorize(x[:, a:a + 23], show_progress=False)
+    for m in (whole, pieces):
+        mem = m.memories[0]
+        assert mem.positions[0].tolist() == list(range(4, 70))          # sinks stay local
+    if overlap:                                       # the next call starts with the carried context
+        assert torch.equal(pieces.tail_ids, x[:, -overlap:])
 
 
 def test_generate_memorizes_overflow_and_reads_memory():
