@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 INDEX_KINDS = ("exact",)  # FAISS backends join here when memformer.index grows them
-POSITION_MODES = ("first", "fixed")
+POSITION_MODES = ("first", "fixed", "window")
 EVICTIONS = ("fifo", "none")
 MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,10 +35,13 @@ class MemoryConfig:
     read_during_ingest: if False (default), `memorize` only *writes* memory and only the final
         window / generated tokens read it, so ingest costs about a plain windowed forward.
         If True, every window also reads all earlier windows (quadratic search cost).
-    position_mode: "first" = memory keys enter at relative position 0 ("as if first", FoT) and
-        the query keeps its real local rotation; "fixed" = every memory key looks
-        `fixed_distance` tokens away (InfLLM).
-    fixed_distance: the distance used by position_mode="fixed"; None = `window`.
+    position_mode: "first" = memory keys stored un-rotated enter at relative position 0 ("as if
+        first", FoT) and the query keeps its real local rotation; "fixed" = every memory key
+        looks `fixed_distance` tokens away (InfLLM); "window" = keys are stored rotated at their
+        position in their own window and the query is moved `fixed_distance` further, so every
+        memory window looks like the window just before the current one: memory keys keep
+        their order, which copying a multi-token needle (digit by digit) relies on.
+    fixed_distance: the distance used by position_mode "fixed" and "window"; None = `window`.
     index: kNN backend over memory keys ("exact": torch matmul + top-k, chunked).
     index_device: device that holds memory and runs search (None = the backbone's device).
     capacity: max tokens of memory per sequence (None = unbounded); eviction says what happens
@@ -114,7 +117,7 @@ class MemoryConfig:
 
     @property
     def memory_distance(self) -> int:
-        """Relative position at which memory keys are seen in position_mode="fixed"."""
+        """Extra query rotation for memory in position_mode "fixed" / "window"."""
         return self.window if self.fixed_distance is None else int(self.fixed_distance)
 
     def to_dict(self) -> dict:

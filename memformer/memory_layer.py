@@ -25,7 +25,8 @@ class MemoryRuntime:
     read: memory layers retrieve from memory. write: they hand (k, v) of this pass to `pending`.
     record: keep the attention mass each retrieved row received (for evidence spans).
     memories: layer index -> LayerMemory (None until a memory exists).
-    q_rotation: (cos, sin) of the fixed memory distance for position_mode="fixed", else None.
+    q_rotation: (cos, sin) of the fixed memory distance for position_mode "fixed"/"window", else None.
+    store_rotated: position_mode "window" stores keys rotated at their window position.
     write_slice: slice of the time axis whose keys/values are written (drops sink prefixes).
     """
     enabled: bool = True
@@ -37,6 +38,7 @@ class MemoryRuntime:
     pending: dict = field(default_factory=dict)
     retrieved: dict = field(default_factory=dict)
     q_rotation: tuple | None = None
+    store_rotated: bool = False
     write_slice: slice = field(default_factory=lambda: slice(None))
 
 
@@ -71,8 +73,10 @@ class MemoryAttention(nn.Module):
         q_rot, k_rot = self.rotary_fn(q, k, cos, sin)
 
         if rt.write and rt.enabled:
-            # Stored un-rotated: memory keys enter attention at one fixed relative position.
-            rt.pending[self.layer_idx] = (k[:, :, rt.write_slice].detach(), v[:, :, rt.write_slice].detach())
+            # Un-rotated ("first"/"fixed": memory keys enter at one fixed relative position) or
+            # rotated at their window position ("window": memory keeps its order).
+            k_store = k_rot if rt.store_rotated else k
+            rt.pending[self.layer_idx] = (k_store[:, :, rt.write_slice].detach(), v[:, :, rt.write_slice].detach())
         if past_key_values is not None:
             k_all, v_all = past_key_values.update(k_rot, v, self.layer_idx)
         else:
@@ -87,8 +91,13 @@ class MemoryAttention(nn.Module):
             return attn.o_proj(out.reshape(B, T, Hq * D)), None
 
         # "first": q at its real local position against un-rotated keys (keys "as if first");
-        # "fixed": every memory key looks a fixed distance away (InfLLM).
-        q_mem = q_rot if rt.q_rotation is None else self.rotary_fn(q, q, *rt.q_rotation)[0]
+        # "fixed": every memory key looks a fixed distance away (InfLLM);
+        # "window": q moved a window further against keys rotated at their window position.
+        if rt.q_rotation is None:
+            q_mem = q_rot
+        else:
+            base = q_rot if rt.store_rotated else q
+            q_mem = self.rotary_fn(base, base, *rt.q_rotation)[0]
         G = Hq // Hkv
         queries = q_mem.reshape(B, Hkv, G * T, D)                              # query heads of a kv group
         scores, ids = mem.search(queries, rt.top_k)                            # [B, Hkv, G*T, K]

@@ -51,8 +51,9 @@ class MemformerForCausalLM(nn.Module):
                                                           self.runtime, cfg.gate_init))
         for name, p in self.named_parameters():            # trainable = found by structure
             p.requires_grad_(_is_memory_param(name))
-        if cfg.position_mode == "fixed":
+        if cfg.position_mode in ("fixed", "window"):
             self.runtime.q_rotation = self._rotation_at(cfg.memory_distance)
+        self.runtime.store_rotated = cfg.position_mode == "window"
         self.seen: list[int] = []          # tokens memorized so far, per sequence
         self.sink_ids: torch.Tensor | None = None
         self.tail_ids: torch.Tensor | None = None    # last `overlap` tokens of the previous call

@@ -55,7 +55,7 @@ def memory_fingerprint(model) -> dict:
     cfg = model.memory_config
     return {"backbone": model.backbone_fingerprint, "memory_layers": list(model.memory_layer_ids),
             "window": cfg.window, "sink_tokens": cfg.sink_tokens, "overlap": cfg.overlap,
-            "adapter": adapter_hash(model)}
+            "rotated_keys": cfg.position_mode == "window", "adapter": adapter_hash(model)}
 
 
 def _atomic_dir(path: Path, fill) -> Path:

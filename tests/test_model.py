@@ -106,7 +106,7 @@ def test_ragged_batch_writes_only_real_tokens():
     assert mem.positions[1][mem.valid[1]].tolist() == list(range(S, 11))
 
 
-@pytest.mark.parametrize("mode", ["first", "fixed"])
+@pytest.mark.parametrize("mode", ["first", "fixed", "window"])
 def test_search_score_equals_attention_logit(mode):
     """Search ranks keys by exactly the logit the attention then uses, for every query head (GQA)."""
     model, bb = make(position_mode=mode, top_k=5)
@@ -126,9 +126,14 @@ def test_search_score_equals_attention_logit(mode):
     inner = attn.attn
     B, T, _ = captured["h"].shape
     q = inner.q_proj(captured["h"]).view(B, T, 4, 16).transpose(1, 2)   # [1, Hq, T, D]
-    cos, sin = captured["pe"] if mode == "first" else model._rotation_at(model.memory_config.memory_distance)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    q_rot, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    shift = model._rotation_at(model.memory_config.memory_distance)
+    if mode == "first":        # real local position
+        q_rot, _ = apply_rotary_pos_emb(q, q, *captured["pe"])
+    elif mode == "fixed":      # a fixed distance from un-rotated keys
+        q_rot, _ = apply_rotary_pos_emb(q, q, *shift)
+    else:                      # real position + one window, against keys rotated in their window
+        q_rot, _ = apply_rotary_pos_emb(apply_rotary_pos_emb(q, q, *captured["pe"])[0], q, *shift)
     keys = model.memories[layer].keys                                   # [1, Hkv, M, D]
     for h in range(4):
         logits = q_rot[0, h] @ keys[0, h // 2].float().T * inner.scaling  # [T, M], kv head of the group
