@@ -30,10 +30,14 @@ setup(
         "matplotlib",
         "pyyaml",
         "peft>=0.13",  # LoRA adapters on the memory layers
+        "faiss-cpu>=1.8",  # MemoryConfig.index = "faiss-*" (imported lazily)
     ],
     extras_require={
         # triton: the fused kernel; on CPU only its interpreter runs (the tests use it)
         "dev": ["pytest>=8", "triton>=3.0"],
+        # FAISS on CUDA 12 GPUs; it ships the same `faiss` module as faiss-cpu, so
+        # `pip uninstall faiss-cpu` after installing it or the two overwrite each other
+        "gpu": ["faiss-gpu-cu12"],
     },
     entry_points={"console_scripts": ["memformer=memformer.cli:main"]},
 )

@@ -9,6 +9,10 @@ import torch
 
 from .base import GrowingBuffer
 from .exact import ExactIndex
+from .faiss_index import FaissIndex
+
+# MemoryConfig.index name -> FaissIndex kind
+FAISS_KINDS = {"faiss-flat": "flat", "faiss-ivf": "ivf", "faiss-hnsw": "hnsw", "faiss-ivfpq": "ivfpq"}
 
 
 class MemoryCapacityError(RuntimeError):
@@ -42,7 +46,9 @@ def make_index(kind: str, group_shape, dim: int, dtype, device, **params):
     """Build the KNNIndex backend named by MemoryConfig.index."""
     if kind == "exact":
         return ExactIndex(group_shape, dim, dtype=dtype, device=device, **params)
-    raise ValueError(f"unknown index kind {kind!r}; available: ['exact']")
+    if kind in FAISS_KINDS:  # faiss itself is imported only when such an index is built
+        return FaissIndex(group_shape, dim, kind=FAISS_KINDS[kind], dtype=dtype, device=device, **params)
+    raise ValueError(f"unknown index kind {kind!r}; available: {['exact', *FAISS_KINDS]}")
 
 
 class LayerMemory:

@@ -14,7 +14,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=1024, help="local window W in tokens")
     p.add_argument("--top-k", type=int, default=32, help="memory keys retrieved per query head")
     p.add_argument("--memory-layers", default=None, help="comma-separated layer indices (default: all)")
-    p.add_argument("--position-mode", default="first", choices=["first", "fixed", "window"])
+    p.add_argument("--position-mode", default="window", choices=["first", "fixed", "window"])
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--memory-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-INDEX_KINDS = ("exact",)  # FAISS backends join here when memformer.index grows them
+INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "faiss-ivfpq")
 POSITION_MODES = ("first", "fixed", "window")
 EVICTIONS = ("fifo", "none")
 MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -42,7 +42,10 @@ class MemoryConfig:
         memory window looks like the window just before the current one: memory keys keep
         their order, which copying a multi-token needle (digit by digit) relies on.
     fixed_distance: the distance used by position_mode "fixed" and "window"; None = `window`.
-    index: kNN backend over memory keys ("exact": torch matmul + top-k, chunked).
+    index: kNN backend over memory keys: "exact" (torch matmul + top-k, chunked), or a FAISS one
+        (needs faiss-cpu / faiss-gpu): "faiss-flat" (exact), "faiss-ivf", "faiss-hnsw", "faiss-ivfpq"
+        (approximate; IVF ones search exactly until trained). `index_params` go to the backend
+        (ExactIndex / FaissIndex keyword arguments, e.g. {"nprobe": 32}).
     index_device: device that holds memory and runs search (None = the backbone's device).
     capacity: max tokens of memory per sequence (None = unbounded); eviction says what happens
         when it is reached: "fifo" drops the oldest tokens, "none" raises.
@@ -60,7 +63,7 @@ class MemoryConfig:
     sink_tokens: int = 4
     overlap: int = 128
     read_during_ingest: bool = False
-    position_mode: str = "first"
+    position_mode: str = "window"
     fixed_distance: Optional[int] = None
     index: str = "exact"
     index_params: dict = field(default_factory=dict)
