@@ -201,7 +201,7 @@ class MemformerForCausalLM(nn.Module):
         B, L = ids.shape
         self._ensure_memory(B)
         cfg = self.memory_config
-        S, W = cfg.sink_tokens, cfg.window
+        S = cfg.sink_tokens
         for mem in self.memories.values():                      # refuse before writing anything
             mem.check_room(L)
         base = torch.tensor(self.seen, dtype=torch.long)[:, None]  # [B, 1]
@@ -212,20 +212,10 @@ class MemformerForCausalLM(nn.Module):
             if min(lengths) < S:
                 raise ValueError(f"memorize: the first call needs >= sink_tokens={S} tokens per sequence")
             self.sink_ids, first = ids[:, :S].clone(), S
+        windows = list(self.plan_windows(ids, lengths, first, self.sink_ids, self.tail_ids))
+        for x, mask, p, start, end in tqdm(windows, desc="memorize", unit="window", disable=not show_progress):
+            self._write_window(x, mask, p, base + torch.arange(start, end)[None, :])
         ov = cfg.overlap
-        lengths_t = torch.tensor(lengths)[:, None]              # [B, 1]
-        bounds = [(a, min(L, a + W - S - ov)) for a in range(first, L, W - S - ov)]
-        for start, end in tqdm(bounds, desc="memorize", unit="window", disable=not show_progress):
-            # [sink ‖ up to `overlap` earlier tokens as context, not written again ‖ new tokens]
-            ctx = ids[:, max(first, start - ov):start]
-            ctx_valid = torch.arange(start - ctx.shape[1], start)[None, :] < lengths_t
-            if ctx.shape[1] == 0 and self.tail_ids is not None:   # continue the previous call
-                ctx, ctx_valid = self.tail_ids, torch.ones_like(self.tail_ids, dtype=torch.bool)
-            prefix = ctx if S == 0 else torch.cat([self.sink_ids, ctx], dim=1)
-            prefix_valid = torch.cat([torch.ones(B, prefix.shape[1] - ctx.shape[1], dtype=torch.bool), ctx_valid], 1)
-            valid = (torch.arange(start, end)[None, :] < lengths_t)   # [B, n]
-            self._write_window(ids[:, start:end], valid, base + torch.arange(start, end)[None, :],
-                               prefix, prefix_valid)
         # context for the next call (only when every sequence ends at the same place)
         if ov > 0 and len(set(lengths)) == 1:
             recent = ids if self.tail_ids is None or L >= ov else torch.cat([self.tail_ids, ids], dim=1)
@@ -235,11 +225,28 @@ class MemformerForCausalLM(nn.Module):
         self.seen = [s + n for s, n in zip(self.seen, lengths)]
         return sum(lengths)
 
-    def _write_window(self, chunk, valid, positions, prefix, prefix_valid) -> None:
-        """One forward over [prefix ‖ chunk] (prefix = sink + context); then the chunk's k/v go to memory."""
-        p = prefix.shape[1]
-        x = torch.cat([prefix, chunk], dim=1)                                   # [B, p + n]
-        mask = torch.cat([prefix_valid, valid], dim=1)
+    def plan_windows(self, ids, lengths, first, sink_ids, tail_ids):
+        """The windows a memorize call reads, in order: yields (x [B, p + n], mask [B, p + n] bool,
+        p, start, end) where x = [sink ‖ up to `overlap` earlier tokens (context, not written
+        again) ‖ ids[:, start:end] (new, written)] and p is the length of the prefix."""
+        cfg = self.memory_config
+        S, W, ov = cfg.sink_tokens, cfg.window, cfg.overlap
+        B, L = ids.shape
+        lengths_t = torch.tensor(lengths)[:, None]                               # [B, 1]
+        for start in range(first, L, W - S - ov):
+            end = min(L, start + W - S - ov)
+            ctx = ids[:, max(first, start - ov):start]
+            ctx_valid = torch.arange(start - ctx.shape[1], start)[None, :] < lengths_t
+            if ctx.shape[1] == 0 and tail_ids is not None:                     # continue the previous call
+                ctx, ctx_valid = tail_ids, torch.ones_like(tail_ids, dtype=torch.bool)
+            prefix = ctx if S == 0 else torch.cat([sink_ids, ctx], dim=1)
+            valid = torch.cat([torch.ones(B, prefix.shape[1] - ctx.shape[1], dtype=torch.bool), ctx_valid,
+                               torch.arange(start, end)[None, :] < lengths_t], dim=1)
+            yield torch.cat([prefix, ids[:, start:end]], dim=1), valid, prefix.shape[1], start, end
+
+    def _write_window(self, x, mask, p, positions) -> None:
+        """One forward over x = [prefix ‖ new tokens]; then the new tokens' k/v go to memory."""
+        valid = mask[:, p:]
         dev = self.device
         with self._mode(read=self.memory_config.read_during_ingest, write=True) as rt:
             rt.write_slice = slice(p, None)
