@@ -36,9 +36,11 @@ def cmd_qa(args) -> int:
     model = _load_model(args)
     if args.demo:
         text = qa.demo_document(model.tokenizer, args.demo_tokens)
-        docs, questions = [text], [(f.question, f.answer) for f in qa.DEMO_FACTS]
+        docs = [text]
+        questions = [(f.question, f.cue, f.answer) for f in qa.DEMO_FACTS]
         print(f"demo document: Python's documentation topics, {args.demo_tokens} tokens, "
-              f"{len(qa.DEMO_FACTS)} facts planted at depths {[f.depth for f in qa.DEMO_FACTS]}")
+              f"{len(qa.DEMO_FACTS)} facts planted at depths {[f.depth for f in qa.DEMO_FACTS]}; each "
+              f"question is asked as a sentence to complete after the document's last window")
     else:
         if not args.doc:
             print("memformer qa: give --doc FILE (or --demo)", file=sys.stderr)
@@ -48,31 +50,33 @@ def cmd_qa(args) -> int:
         except qa.DocumentError as e:
             print(f"memformer qa: {e}", file=sys.stderr)
             return 2
-        questions = [(q, None) for q in args.question]
+        questions = [(q, None, None) for q in args.question]
     t0 = time.perf_counter()
     # the demo document is rebuilt in seconds; caching its memory would only fill the disk
     use_cache = not (args.no_cache or args.demo)
-    cached = qa.memorize_documents(model, docs, cache_dir=args.cache_dir if use_cache else None)
+    tail, cached = qa.memorize_documents(model, docs, cache_dir=args.cache_dir if use_cache else None)
     n = model.memory_size()
     print(f"memory: {n} tokens x {len(model.memory_layer_ids)} layers "
-          f"({'loaded from cache' if cached else 'built'} in {time.perf_counter() - t0:.1f}s)")
+          f"({'loaded from cache' if cached else 'built'} in {time.perf_counter() - t0:.1f}s); "
+          f"local window: the last {len(tail)} tokens + the question")
     results = []
-    for q, expected in questions:
-        mem = model.ask(q, max_new_tokens=args.max_new_tokens)
-        row = {"question": q, "memory": mem}
+    for q, cue, expected in questions:
+        row = {"question": q, "memory": qa.answer(model, tail, q, cue, max_new_tokens=args.max_new_tokens)}
+        if cue:
+            row["asked_as"] = cue
         if args.compare:
-            row["truncate"] = qa.answer_truncated(model, "\n\n".join(docs), q, args.max_new_tokens)
+            row["truncate"] = qa.answer(model, tail, q, cue, use_memory=False, max_new_tokens=args.max_new_tokens)
         if expected is not None:
             row["expected"] = expected
         results.append(row)
         if not args.json:
-            print(f"\nQ: {q}")
+            print(f"\nQ: {q}" + (f"\n   asked as:  {cue} ..." if cue else ""))
             if expected is not None:
                 print(f"   expected:  {expected}")
-            print(f"   memory:    {mem}" + (f"   [{'ok' if expected in mem else 'miss'}]" if expected else ""))
-            if args.compare:
-                t = row["truncate"]
-                print(f"   truncate:  {t}" + (f"   [{'ok' if expected in t else 'miss'}]" if expected else ""))
+            for mode in ("memory", "truncate") if args.compare else ("memory",):
+                a = " ".join(row[mode].split())
+                mark = f"   [{'ok' if expected in row[mode] else 'miss'}]" if expected else ""
+                print(f"   {mode + ':':10} {a[:160]}{mark}")
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-tokens", type=int, default=16384)
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also answer from the truncated document (last window only)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "memformer" / "memories"))
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--json", action="store_true")

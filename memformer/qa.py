@@ -45,15 +45,18 @@ class PlantedFact:
     sentence: str         # what is planted
     question: str
     answer: str           # expected substring of a correct answer
+    cue: str              # the same question as a sentence to complete (what the demo asks)
 
 
 DEMO_FACTS = [
     PlantedFact(0.15, "The secret code of the blue vault is 73914.",
-                "What is the secret code of the blue vault?", "73914"),
+                "What is the secret code of the blue vault?", "73914", "The secret code of the blue vault is"),
     PlantedFact(0.5, "The name of the lighthouse keeper's cat is Marmalade.",
-                "What is the name of the lighthouse keeper's cat?", "Marmalade"),
+                "What is the name of the lighthouse keeper's cat?", "Marmalade",
+                "The name of the lighthouse keeper's cat is"),
     PlantedFact(0.85, "The meeting with the archivist is scheduled for Thursday at 4 pm in room 21.",
-                "In which room is the meeting with the archivist?", "21"),
+                "In which room is the meeting with the archivist?", "21",
+                "The meeting with the archivist is scheduled for Thursday at 4 pm in room"),
 ]
 
 
@@ -89,37 +92,55 @@ def document_key(texts: list[str], model) -> str:
     return h.hexdigest()[:20]
 
 
-def answer_truncated(model, document: str, question: str, max_new_tokens: int = 48) -> str:
-    """Baseline: the last window of the document + the question, no memory."""
+def tail_room(model, reserve: int = 96) -> int:
+    """Tokens of the document kept in the local window beside the question (the rest is memory)."""
+    cfg = model.memory_config
+    return max(16, cfg.window - cfg.sink_tokens - reserve)
+
+
+def memorize_documents(model, texts: list[str], cache_dir: str | Path | None = None,
+                       show_progress=True) -> tuple[list[int], bool]:
+    """Memorize the documents (one stream) except their last `tail_room` tokens, which the
+    question's local window will hold, as in the truncation baseline. Reuses a saved memory
+    when the key matches. Returns (tail token ids, whether the memory came from the cache)."""
     tok = model.tokenizer
-    q_ids = model.chat_ids(question)
-    room = model.memory_config.window - q_ids.shape[1] - 32
-    doc_ids = tok(document, add_special_tokens=False)["input_ids"][-max(room, 0):]
-    tail = tok.decode(doc_ids)
-    ids = model.chat_ids(f"{tail}\n\n{question}")
-    with model.memory_disabled():
-        out = model.generate(ids[:, -model.memory_config.window:], max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, min(ids.shape[1], model.memory_config.window):], skip_special_tokens=True).strip()
-
-
-def memorize_documents(model, texts: list[str], cache_dir: str | Path | None = None, show_progress=True) -> bool:
-    """Fill memory with the documents (one stream); reuse a saved memory when the key matches.
-
-    Returns True when the memory came from the cache."""
-    model.reset_memory()
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / document_key(texts, model)
-        if (path / "manifest.json").is_file():
-            try:
-                model.load_memory(path)
-                return True
-            except (ValueError, FileNotFoundError):
-                model.reset_memory()
     ids: list[int] = []
     for t in texts:
-        ids += model.tokenizer(t, add_special_tokens=False)["input_ids"] + [model.tokenizer.eos_token_id or 0]
-    model.memorize(torch.tensor([ids]), show_progress=show_progress)
+        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id or 0]
+    room = tail_room(model)
+    prefix, tail = ids[:-room], ids[-room:]
+    model.reset_memory()
+    if not prefix:                                       # everything fits in the local window
+        return tail, False
+    path = None if cache_dir is None else Path(cache_dir) / document_key(texts, model)
+    if path is not None and (path / "manifest.json").is_file():
+        try:
+            model.load_memory(path)
+            return tail, True
+        except (ValueError, FileNotFoundError):
+            model.reset_memory()
+    model.memorize(torch.tensor([prefix]), show_progress=show_progress)
     if path is not None:
         model.save_memory(path)
-    return False
+    return tail, False
+
+
+def answer(model, tail: list[int], question: str | None = None, cue: str | None = None, *,
+           use_memory: bool = True, max_new_tokens: int = 48) -> str:
+    """Answer from [document tail ‖ question] in the local window, with or without memory.
+
+    question: asked in the chat template (when the tokenizer has one); cue: a sentence for the
+    model to complete instead (plain text after the tail), e.g. "The secret code is"."""
+    tok = model.tokenizer
+    if cue is not None:
+        x = torch.tensor([tail + tok("\n\n" + cue, add_special_tokens=False)["input_ids"]])
+    else:
+        x = model.chat_ids(f"{tok.decode(tail)}\n\n{question}")
+    local = model.memory_config.window - model.memory_config.sink_tokens
+    x = x[:, -local:]                                    # never spill the prompt into memory
+    if use_memory:
+        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
+    else:
+        with model.memory_disabled():
+            out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
