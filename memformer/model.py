@@ -82,7 +82,11 @@ class MemformerForCausalLM(nn.Module):
                    for p in (self.adapter.q_proj, self.adapter.k_proj, self.adapter.v_proj)]
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=targets, init_lora_weights=True)  # B = 0: identity at start
-        inject_adapter_in_model(lora, self.backbone)
+        # A is random (B = 0): seed it so an untrained adapter, and the fingerprint of memories
+        # built with it, are the same in every process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            inject_adapter_in_model(lora, self.backbone)
 
     def _rotation_at(self, distance: int):
         rotary = self.adapter.rotary_emb(self.backbone)

@@ -34,4 +34,4 @@ def tiny():
 def default_model():
     """The real embedded default backbone with memory in every layer (loaded once per session)."""
     from memformer import MemformerForCausalLM, MemoryConfig
-    return MemformerForCausalLM.from_pretrained(None, MemoryConfig(window=512, top_k=32))
+    return MemformerForCausalLM.from_pretrained(None, MemoryConfig())

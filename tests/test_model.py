@@ -260,3 +260,11 @@ def test_adapter_save_load_round_trip(tmp_path):
     from memformer import MemoryFileError
     with pytest.raises(MemoryFileError, match="does not match"):
         mismatched.load_adapter(tmp_path / "ad")
+
+
+def test_memory_fingerprint_is_stable_across_fresh_models():
+    """An untrained adapter is seeded, so a memory saved by one process loads in the next."""
+    from memformer.persistence import memory_fingerprint
+    a, _ = make()
+    b, _ = make()
+    assert memory_fingerprint(a) == memory_fingerprint(b)
