@@ -7,6 +7,8 @@ keys that are padding are added with valid=False and are never returned.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -84,3 +86,12 @@ class GrowingBuffer:
     def load(self, x: torch.Tensor) -> None:
         self._buf = x.to(dtype=self._buf.dtype, device=self._buf.device).contiguous().clone()
         self.length = x.shape[self.dim]
+
+
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 1 MB blocks (manifests of saved indexes and memories)."""
+    h = hashlib.sha256()
+    with open(Path(path), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import GrowingBuffer
+from .base import GrowingBuffer, sha256_file as _sha256
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT, VERSION = "memformer-faiss-index", 1
@@ -38,14 +38,6 @@ def _faiss():
         raise ImportError("FaissIndex needs faiss: pip install faiss-cpu "
                           "(or pip install 'memformer[gpu]' for faiss-gpu)") from e
     return faiss
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _f32(x: torch.Tensor) -> np.ndarray:

@@ -18,6 +18,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax_step(s, m_i, l_i):
+    """Fold a block of logits s [R, N] (-inf = masked) into the running max m_i and sum l_i [R].
+    Returns (p [R, N] = exp(s - new max), alpha [R] = rescale for the old accumulator, m, l);
+    a row that has seen only -inf keeps max -inf and sum 0 without producing NaNs."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _knn_attention_fwd_kernel(
     Q, QM, KL, VL, KM, VM, KSC, VSC, IDS, BIAS, O, LSE,
     sq_b, sq_h, sq_t, sqm_b, sqm_h, sqm_t,
@@ -60,14 +72,8 @@ def _knn_attention_fwd_kernel(
                     mask=k_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale   # [R, BS] fp32 accumulate
         vis = (ks[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online_softmax_step(tl.where(vis, s, float("-inf")), m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
 
     # ---- retrieved memory rows of this split: gathered by id, one softmax with the local keys
     k_lo = split * K_PER_SPLIT
@@ -93,14 +99,8 @@ def _knn_attention_fwd_kernel(
             km = km * ksc[:, :, None]
             vm = vm * vsc[:, :, None]
         s = tl.sum(qm[:, None, :] * km, axis=2) * scale + bias[:, None]    # [R, BK]
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _online_softmax_step(tl.where(ok, s, float("-inf")), m_i, l_i)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vm, axis=1)
-        m_i = m_new
 
     # ---- this split's normalised output and log-sum-exp (merged across splits outside)
     empty = l_i == 0.0

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memformer.config import MemoryConfig
+from memformer.index.base import sha256_file as _sha256
 
 MEMORY_FORMAT = "memformer-memory"
 MEMORY_FORMAT_VERSION = 1
@@ -31,14 +32,6 @@ class MemoryFileError(ValueError):
 def fingerprint_backbone(model) -> str:
     from memformer.loading import fingerprint_backbone as fp
     return fp(model)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def adapter_hash(model) -> str:
