@@ -12,7 +12,6 @@ and a cuda device, flat / IVF / IVF-PQ indexes live on the GPU (faiss has no GPU
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
