@@ -54,7 +54,6 @@ class MemoryConfig:
         zero-initialised, so an untrained adapter leaves the backbone's outputs unchanged.
     gate_init: initial per-head memory logit bias (0 = memory competes with local keys in one
         plain softmax, which is what works training-free).
-    crossbatch_d: documents per crossbatch group in training (1 = no negatives).
     """
 
     memory_layers: Optional[list[int]] = None
@@ -71,11 +70,9 @@ class MemoryConfig:
     capacity: Optional[int] = None
     eviction: str = "fifo"
     memory_dtype: str = "auto"
-    search_chunk: int = 32768
     lora_rank: int = 8
     lora_alpha: float = 16.0
     gate_init: float = 0.0
-    crossbatch_d: int = 1
 
     def __post_init__(self):
         def need(cond, msg):
@@ -104,9 +101,7 @@ class MemoryConfig:
         need(self.eviction in EVICTIONS, f"eviction {self.eviction!r} not in {EVICTIONS}")
         need(self.memory_dtype in MEMORY_DTYPES,
              f"memory_dtype {self.memory_dtype!r} not in {MEMORY_DTYPES}")
-        need(int(self.search_chunk) >= 1, "search_chunk must be >= 1")
         need(int(self.lora_rank) >= 0, f"lora_rank must be >= 0, got {self.lora_rank}")
-        need(int(self.crossbatch_d) >= 1, f"crossbatch_d must be >= 1, got {self.crossbatch_d}")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         """The memory layer indices for a backbone with `num_layers` decoder layers."""
