@@ -268,3 +268,32 @@ def test_memory_fingerprint_is_stable_across_fresh_models():
     a, _ = make()
     b, _ = make()
     assert memory_fingerprint(a) == memory_fingerprint(b)
+
+
+def test_faiss_flat_memory_layers_match_exact():
+    """The memory layers use whichever index MemoryConfig names; exact FAISS == torch exact."""
+    pytest.importorskip("faiss")
+    x, q = ids(60), ids(9, seed=8)
+    logits = []
+    for index in ("exact", "faiss-flat"):
+        model, _ = make(index=index)
+        model.memorize(x, show_progress=False)
+        with torch.no_grad():
+            logits.append(model(q).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_window_mode_stores_keys_rotated_at_their_window_position():
+    model, _ = make(position_mode="window")
+    first, _ = make(position_mode="first")
+    x = ids(30)
+    model.memorize(x, show_progress=False)
+    first.memorize(x, show_progress=False)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    rotary = model.backbone.model.rotary_emb
+    k_plain = first.memories[0].keys                                   # [1, Hkv, M, D] un-rotated
+    # the first window is [sink (4) | 9 new tokens]: new tokens sit at positions 4..12
+    n = 16 - 4 - model.memory_config.overlap
+    cos, sin = rotary(k_plain, torch.arange(4, 4 + n)[None])
+    want, _ = apply_rotary_pos_emb(k_plain[:, :, :n], k_plain[:, :, :n], cos, sin)
+    torch.testing.assert_close(model.memories[0].keys[:, :, :n], want, atol=1e-5, rtol=1e-5)
