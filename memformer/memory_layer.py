@@ -3,8 +3,9 @@
 The wrapper reuses the backbone's own projections, RoPE function, KV cache and attention
 implementation; it adds (1) a kNN search of this layer's memory with the rotated query,
 (2) one softmax over local keys + retrieved keys (`memformer.kernels.knn_attention`), and
-(3) hands the window's *un-rotated* keys and values to the model, which writes them to memory
-after the window (so a token never retrieves itself or anything after it).
+(3) hands the window's keys (rotated at their window position in position_mode "window",
+un-rotated in "first"/"fixed") and values to the model, which writes them to memory after the
+window (so a token never retrieves itself or anything after it).
 """
 from __future__ import annotations
 

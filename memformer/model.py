@@ -5,8 +5,9 @@
     model.ask("What is the pass key?")                       # reads memory while generating
 
 Data flow per window (see docs/architecture.md): every layer attends causally inside the
-window (+ sink tokens); memory layers also attend to the top-k keys of their memory in the same
-softmax; after the window, its un-rotated keys and values are appended to memory.
+window [sink ‖ overlap context ‖ new tokens]; memory layers also attend to the top-k keys of
+their memory in the same softmax; after the window, the new tokens' keys and values are
+appended to memory.
 """
 from __future__ import annotations
 
