@@ -107,3 +107,17 @@ def test_memory_probs_sum_with_local_to_one():
     _, _, p = knn_attention(q, k, v, k_mem, v_mem, ids, return_mem_probs=True)
     assert p.shape == (1, 2, 3, 4)
     assert torch.all(p[..., 3] == 0) and torch.all(p.sum(-1) < 1)
+
+
+def test_kernel_benchmark_baselines_compute_the_same_attention():
+    """benchmarks/kernels.py's SDPA-over-pregathered-keys baseline is the same attention (CPU, tiny)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = bench.make_case(1, 4, 2, 5, 7, 30, 3, 16, torch.float32, "cpu")
+    want, _ = knn_attention_reference(**x)
+    got = bench.sdpa_pregathered(x)().view(1, 4, 5, 16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert bench.bytes_moved(1, 4, 2, 5, 7, 3, 16, 2) > 0
