@@ -95,3 +95,27 @@ def sha256_file(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class RawKeys:
+    """Mixin: the raw keys and padding flags an index keeps beside its search structure.
+
+    Attention gathers the retrieved rows from `vectors`, so every backend stores them; a row id
+    is the row's place here, shared by all groups."""
+
+    def _init_raw_keys(self, group_shape, dim: int, dtype, device) -> None:
+        self._keys = GrowingBuffer(group_shape, (dim,), dtype, device)
+        self._valid = GrowingBuffer(group_shape, (), torch.bool, device)
+
+    def __len__(self) -> int:
+        return self._keys.length
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """The stored keys, [*G, n, D] (a view)."""
+        return self._keys.data
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """[*G, n] bool: False for padding rows."""
+        return self._valid.data

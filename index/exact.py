@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import GrowingBuffer
+from .base import RawKeys
 
 # Upper bound on the elements of one [G, q_chunk, key_chunk] score block (64 MB of float32).
 _BLOCK_ELEMS = 1 << 24
 
 
-class ExactIndex:
+class ExactIndex(RawKeys):
     """Exact top-k over one vector set per group.
 
     group_shape: leading dims of every call, e.g. (batch, kv_heads).
@@ -24,23 +24,9 @@ class ExactIndex:
         self.group_shape = tuple(group_shape)
         self.dim = int(dim)
         self.key_chunk = int(key_chunk)
-        self._keys = GrowingBuffer(self.group_shape, (self.dim,), dtype, device)
-        self._valid = GrowingBuffer(self.group_shape, (), torch.bool, device)
+        self._init_raw_keys(self.group_shape, self.dim, dtype, device)
 
     # -- protocol ---------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self._keys.length
-
-    @property
-    def vectors(self) -> torch.Tensor:
-        """The stored keys, [*G, n, D] (a view; exact search can hand these to attention)."""
-        return self._keys.data
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """[*G, n] bool: False for padding rows."""
-        return self._valid.data
-
     def add(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         g = len(self.group_shape)
         if tuple(keys.shape[:g]) != self.group_shape or keys.shape[-1] != self.dim or keys.dim() != g + 2:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import GrowingBuffer, sha256_file as _sha256
+from .base import RawKeys, sha256_file as _sha256
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT, VERSION = "memformer-faiss-index", 1
@@ -43,7 +43,7 @@ def _f32(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().contiguous().numpy()
 
 
-class FaissIndex:
+class FaissIndex(RawKeys):
     """Approximate (or, kind="flat", exact) inner-product top-k over one faiss index per group.
 
     group_shape: leading dims of every call, e.g. (batch, kv_heads). dim: vector size D.
@@ -81,24 +81,10 @@ class FaissIndex:
         self._gpu_id = dev.index if dev.index is not None else 0
         if self._gpu and dev.index is None:
             self._gpu_id = torch.cuda.current_device()
-        self._keys = GrowingBuffer(self.group_shape, (self.dim,), dtype, device)
-        self._valid = GrowingBuffer(self.group_shape, (), torch.bool, device)
+        self._init_raw_keys(self.group_shape, self.dim, dtype, device)
         self.reset()
 
     # -- protocol ---------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self._keys.length
-
-    @property
-    def vectors(self) -> torch.Tensor:
-        """The stored keys, [*G, n, D] (a view; attention gathers the retrieved rows from it)."""
-        return self._keys.data
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """[*G, n] bool: False for padding rows."""
-        return self._valid.data
-
     @property
     def trained(self) -> bool:
         """True once an ivf / ivfpq index has switched from exact to approximate search."""
