@@ -82,7 +82,7 @@ def cmd_qa(args) -> int:
     return 0
 
 
-def cmd_eval_passkey(args, argv_text: str | None = None) -> int:
+def cmd_eval_passkey(args) -> int:
     from memformer import passkey
     model = _load_model(args)
     lengths = [passkey.parse_length(s) for s in args.lengths.split(",")]
@@ -96,7 +96,7 @@ def cmd_eval_passkey(args, argv_text: str | None = None) -> int:
               f"{'all ' + str(len(model.memory_layer_ids)) if cfg.memory_layers is None else cfg.memory_layers}, "
               f"sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}, position mode {cfg.position_mode}, "
               f"{args.trials} trials per length, seed {args.seed}, {time.perf_counter() - t0:.0f}s in all\n\n"
-              f"Command: `memformer {' '.join(sys.argv[1:]) if argv_text is None else argv_text}`\n\n")
+              f"Command: `memformer {' '.join(sys.argv[1:])}`\n\n")
     (out / "passkey.md").write_text(header + table + "\n")
     passkey.plot_heatmap(results, out / "passkey_heatmap.png")
     print(header + table)

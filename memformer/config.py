@@ -131,8 +131,3 @@ class MemoryConfig:
         if unknown:
             raise ValueError(f"MemoryConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
-
-    def retrieval_fingerprint(self) -> dict:
-        """The fields that change what is *stored* in memory (a saved memory must match these)."""
-        return {"memory_layers": self.memory_layers, "sink_tokens": self.sink_tokens,
-                "window": self.window, "overlap": self.overlap, "lora_rank": self.lora_rank}
