@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Long-term kNN memory (FoT / InfLLM style) for frozen pretrained causal LMs",
     python_requires=">=3.10",
-    packages=["memformer", "memformer.index", "memformer.kernels", "memformer.training"],
+    packages=["memformer", "memformer.commands", "memformer.index", "memformer.kernels", "memformer.training"],
     package_dir={
         "memformer": "memformer",
         "memformer.index": "index",
