@@ -50,7 +50,7 @@ class MemoryConfig:
     capacity: max tokens of memory per sequence (None = unbounded); eviction says what happens
         when it is reached: "fifo" drops the oldest tokens, "none" raises.
     memory_dtype: dtype of stored keys/values ("auto" = backbone dtype).
-    lora_rank / lora_alpha: LoRA adapters on the memory layers' q/k/v (0 = none). LoRA B is
+    lora_rank / lora_alpha: LoRA adapters on the memory layers' q/k/v/o (0 = none). LoRA B is
         zero-initialised, so an untrained adapter leaves the backbone's outputs unchanged.
     gate_init: initial per-head memory logit bias (0 = memory competes with local keys in one
         plain softmax, which is what works training-free).

@@ -80,7 +80,7 @@ class MemformerForCausalLM(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
         prefix = self.adapter.layers_attr
         targets = [f"{prefix}.{i}.{self.adapter.attn_attr}.{p}" for i in self.memory_layer_ids
-                   for p in (self.adapter.q_proj, self.adapter.k_proj, self.adapter.v_proj)]
+                   for p in (self.adapter.q_proj, self.adapter.k_proj, self.adapter.v_proj, self.adapter.o_proj)]
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=targets, init_lora_weights=True)  # B = 0: identity at start
         # A is random (B = 0): seed it so an untrained adapter, and the fingerprint of memories
