@@ -31,6 +31,10 @@ class KNNIndex(Protocol):
     def remove_oldest(self, n: int) -> None:
         """Drop the n oldest rows of every group (FIFO eviction); later ids shift down by n."""
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only rows [*G, m] (ascending row ids per group) and drop the rest (score
+        eviction); kept rows are renumbered 0..m-1 in order."""
+
     def reset(self) -> None: ...
 
     def __len__(self) -> int: ...
@@ -83,9 +87,117 @@ class GrowingBuffer:
     def reset(self) -> None:
         self.length = 0
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` [*G, m] (int64, ascending, per group) of every group, in that order.
+
+        Groups may keep different rows but keep the same number (score eviction)."""
+        idx = rows.to(self._buf.device)
+        idx = idx.view(*idx.shape, *([1] * len(self.tail_shape))).expand(*idx.shape, *self.tail_shape)
+        kept = self.data.gather(self.dim, idx)                                  # [*G, m, *tail]
+        self._buf.narrow(self.dim, 0, kept.shape[self.dim]).copy_(kept)
+        self.length = kept.shape[self.dim]
+
     def load(self, x: torch.Tensor) -> None:
         self._buf = x.to(dtype=self._buf.dtype, device=self._buf.device).contiguous().clone()
         self.length = x.shape[self.dim]
+
+
+class QuantizedBuffer:
+    """A GrowingBuffer of int8 rows with one float32 scale per row: row ~= int8 * scale.
+
+    Symmetric per-row absmax quantisation (scale = max|x| / 127), so the error of every element
+    is at most scale / 2 and a row costs D + 4 bytes instead of 4 D (fp32) — 3.76x less at D = 64.
+    `data` is the int8 tensor and `scales` the [*G, n] scales, the layout the kNN kernels read.
+    """
+
+    def __init__(self, group_shape, dim: int, device, initial: int = 1024):
+        self.rows = GrowingBuffer(group_shape, (dim,), torch.int8, device, initial)
+        self._scales = GrowingBuffer(group_shape, (), torch.float32, device, initial)
+
+    @staticmethod
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D] float -> (int8 [..., D], scales [...] float32)."""
+        x = x.float()
+        scales = x.abs().amax(-1).clamp_min(1e-12) / 127.0                      # [...]
+        q = torch.round(x / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+        return q, scales
+
+    @property
+    def length(self) -> int:
+        return self.rows.length
+
+    @property
+    def data(self) -> torch.Tensor:
+        """int8 rows [*G, n, D] (a view)."""
+        return self.rows.data
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """[*G, n] float32."""
+        return self._scales.data
+
+    def dequantize(self, start: int = 0, n: int | None = None) -> torch.Tensor:
+        """float32 rows [*G, n, D] from row `start`."""
+        d = self.rows.dim
+        n = self.length - start if n is None else n
+        return self.data.narrow(d, start, n).float() * self.scales.narrow(d, start, n)[..., None]
+
+    def append(self, x: torch.Tensor) -> None:
+        q, s = self.quantize(x)
+        self.rows.append(q)
+        self._scales.append(s)
+
+    def drop_front(self, n: int) -> None:
+        self.rows.drop_front(n)
+        self._scales.drop_front(n)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.rows.keep(rows)
+        self._scales.keep(rows)
+
+    def reset(self) -> None:
+        self.rows.reset()
+        self._scales.reset()
+
+    def load(self, x: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        """Saved int8 rows + their scales, or float rows (quantised here)."""
+        if x.dtype != torch.int8:
+            x, scales = self.quantize(x)
+        elif scales is None or tuple(scales.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"int8 rows {tuple(x.shape)} need scales of shape {tuple(x.shape[:-1])}")
+        self.rows.load(x)
+        self._scales.load(scales.float())
+
+
+def row_buffer(group_shape, dim: int, dtype, device):
+    """Storage for [*G, n, D] rows: a QuantizedBuffer for torch.int8, else a GrowingBuffer."""
+    if dtype == torch.int8:
+        return QuantizedBuffer(group_shape, dim, device)
+    return GrowingBuffer(group_shape, (dim,), dtype, device)
+
+
+def rows_state(buf, name: str) -> dict[str, torch.Tensor]:
+    """Tensors saving a row buffer: {name: rows} (+ {name_scales: scales} when int8)."""
+    state = {name: buf.data.contiguous()}
+    if isinstance(buf, QuantizedBuffer):
+        state[f"{name}_scales"] = buf.scales.contiguous()
+    return state
+
+
+def load_rows(buf, state: dict, name: str) -> None:
+    """Inverse of rows_state; converts between int8 and float storage when they differ."""
+    x, scales = state[name], state.get(f"{name}_scales")
+    if isinstance(buf, QuantizedBuffer):
+        if x.dtype == torch.int8:
+            buf.load(x, scales)
+        else:
+            buf.load(x)
+    elif x.dtype == torch.int8:
+        if scales is None or tuple(scales.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"saved int8 {name} {tuple(x.shape)} lack matching {name}_scales")
+        buf.load(x.float() * scales.float()[..., None])
+    else:
+        buf.load(x)
 
 
 def sha256_file(path) -> str:
@@ -104,7 +216,7 @@ class RawKeys:
     is the row's place here, shared by all groups."""
 
     def _init_raw_keys(self, group_shape, dim: int, dtype, device) -> None:
-        self._keys = GrowingBuffer(group_shape, (dim,), dtype, device)
+        self._keys = row_buffer(group_shape, dim, dtype, device)
         self._valid = GrowingBuffer(group_shape, (), torch.bool, device)
 
     def __len__(self) -> int:
@@ -112,8 +224,21 @@ class RawKeys:
 
     @property
     def vectors(self) -> torch.Tensor:
-        """The stored keys, [*G, n, D] (a view)."""
+        """The stored keys, [*G, n, D] (a view; int8 when quantised, see `key_scales`)."""
         return self._keys.data
+
+    @property
+    def key_scales(self) -> torch.Tensor | None:
+        """[*G, n] float32 per-row scales of int8 keys, else None."""
+        return self._keys.scales if isinstance(self._keys, QuantizedBuffer) else None
+
+    def float_vectors(self, start: int = 0, n: int | None = None) -> torch.Tensor:
+        """Keys [*G, n, D] as float32 (dequantised when int8)."""
+        if isinstance(self._keys, QuantizedBuffer):
+            return self._keys.dequantize(start, n)
+        d = len(self.group_shape)
+        n = len(self) - start if n is None else n
+        return self.vectors.narrow(d, start, n).float()
 
     @property
     def valid(self) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import RawKeys
+from .base import RawKeys, load_rows, rows_state
 
 # Upper bound on the elements of one [G, q_chunk, key_chunk] score block (64 MB of float32).
 _BLOCK_ELEMS = 1 << 24
@@ -54,6 +54,7 @@ class ExactIndex(RawKeys):
             G *= s
         q = queries.reshape(G, nq, self.dim).float()                  # [G, q, D]
         keys = self.vectors.reshape(G, len(self), self.dim)            # [G, n, D]
+        scales = None if self.key_scales is None else self.key_scales.reshape(G, len(self))  # int8 keys
         valid = self.valid.reshape(G, len(self))                       # [G, n]
         best_s = torch.full((G, nq, k), float("-inf"), device=q.device)
         best_i = torch.full((G, nq, k), -1, dtype=torch.long, device=q.device)
@@ -65,6 +66,8 @@ class ExactIndex(RawKeys):
             run_s, run_i = best_s[:, q0:q0 + qc], best_i[:, q0:q0 + qc]
             for k0 in range(0, n, kc):
                 kb = keys[:, k0:k0 + kc].float()                       # [G, kc, D]
+                if scales is not None:                                 # dequantise this chunk only
+                    kb = kb * scales[:, k0:k0 + kc, None]
                 s = torch.bmm(qb, kb.transpose(1, 2))                  # [G, qc, kc]
                 s.masked_fill_(~valid[:, None, k0:k0 + kc], float("-inf"))
                 top = min(k, s.shape[-1])
@@ -82,12 +85,17 @@ class ExactIndex(RawKeys):
         self._keys.drop_front(n)
         self._valid.drop_front(n)
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep rows [*G, m] (ascending) of each group; the others are evicted, ids renumber."""
+        self._keys.keep(rows)
+        self._valid.keep(rows)
+
     def reset(self) -> None:
         self._keys.reset()
         self._valid.reset()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"keys": self.vectors.contiguous(), "valid": self.valid.contiguous()}
+        return {**rows_state(self._keys, "keys"), "valid": self.valid.contiguous()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         keys, valid = state["keys"], state["valid"]
@@ -97,5 +105,5 @@ class ExactIndex(RawKeys):
                              f"[*{self.group_shape}, n, {self.dim}]")
         if tuple(valid.shape) != tuple(keys.shape[:-1]):
             raise ValueError("ExactIndex: saved valid mask does not match saved keys")
-        self._keys.load(keys)
+        load_rows(self._keys, state, "keys")
         self._valid.load(valid.bool())

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import RawKeys, sha256_file as _sha256
+from .base import RawKeys, load_rows, rows_state, sha256_file as _sha256
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT, VERSION = "memformer-faiss-index", 1
@@ -117,7 +117,7 @@ class FaissIndex(RawKeys):
         self._nvalid += v.sum(1)
         if not self._maybe_train():  # training re-adds every row itself
             # faiss gets the rows as stored (e.g. rounded to bf16), so its scores equal q . vectors[id]
-            x = _f32(self.vectors.narrow(g, start, n).reshape(self.G, n, self.dim))
+            x = _f32(self.float_vectors(start, n).reshape(self.G, n, self.dim))
             for gi, index in enumerate(self._indexes):
                 rows = np.flatnonzero(v[gi])
                 if rows.size:
@@ -187,6 +187,18 @@ class FaissIndex(RawKeys):
             except RuntimeError:        # GPU indexes do not implement remove_ids
                 self._rebuild(gi)
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep rows [*G, m] (ascending) of each group, evict the rest (score eviction); ids
+        renumber 0..m-1. faiss ids are positions, so every group's index is rebuilt from the kept
+        keys (IVF keeps its training): O(n) for flat / ivf / ivfpq, O(n log n) for hnsw — callers
+        evict in batches."""
+        self._keys.keep(rows)
+        self._valid.keep(rows)
+        self._base = 0
+        self._nvalid = self.valid.reshape(self.G, len(self)).sum(1).cpu().numpy().astype(np.int64)
+        for g in range(self.G):
+            self._rebuild(g)
+
     # -- building ---------------------------------------------------------------------------
     def _empty(self, g: int):
         """An empty faiss index of the current stage for group g (on the GPU where it applies)."""
@@ -215,7 +227,7 @@ class FaissIndex(RawKeys):
         """(keys [m, D] float32, row ids [m]) of the valid rows of group g."""
         n = len(self)
         rows = np.flatnonzero(self.valid.reshape(self.G, n)[g].cpu().numpy())
-        return np.ascontiguousarray(_f32(self.vectors.reshape(self.G, n, self.dim)[g])[rows]), rows
+        return np.ascontiguousarray(_f32(self.float_vectors().reshape(self.G, n, self.dim)[g])[rows]), rows
 
     def _rebuild(self, g: int) -> None:
         """Re-create group g's faiss index from the kept keys (keeps IVF training)."""
@@ -252,12 +264,15 @@ class FaissIndex(RawKeys):
 
         q [G, nq, D], ids [G, nq, k] -> (scores, ids) [G, nq, k]."""
         keys = self.vectors.reshape(self.G, len(self), self.dim)
+        ks = None if self.key_scales is None else self.key_scales.reshape(self.G, len(self))
         ids = ids.to(keys.device)
         scores = torch.empty(ids.shape, dtype=torch.float32, device=keys.device)
         for g in range(self.G):
             for a in range(0, ids.shape[1], chunk):
                 i = ids[g, a:a + chunk]                                      # [c, k]
                 kg = keys[g][i.clamp(min=0)].float()                         # [c, k, D]
+                if ks is not None:                                           # int8 keys
+                    kg = kg * ks[g][i.clamp(min=0)][..., None]
                 s = torch.einsum("cd,ckd->ck", q[g, a:a + chunk].to(keys.device).float(), kg)
                 scores[g, a:a + chunk] = s.masked_fill(i < 0, float("-inf"))
         scores, order = scores.sort(dim=-1, descending=True)
@@ -268,7 +283,7 @@ class FaissIndex(RawKeys):
         """keys, valid, meta (int64: version, kind, trained, nlist, pq_m, pq_bits, base), trained.<g>."""
         meta = [VERSION, KINDS.index(self.kind), int(self.trained), self.nlist_trained,
                 self.pq_m, self.pq_bits, self._base]
-        state = {"keys": self.vectors.contiguous(), "valid": self.valid.contiguous(),
+        state = {**rows_state(self._keys, "keys"), "valid": self.valid.contiguous(),
                  "meta": torch.tensor(meta, dtype=torch.int64)}
         for g, blob in enumerate(self._trained):
             if blob is not None:
@@ -304,9 +319,13 @@ class FaissIndex(RawKeys):
                 trained = [state[f"trained.{g}"].cpu().numpy().astype(np.uint8) for g in range(self.G)]
             except KeyError as e:
                 raise ValueError(f"FaissIndex: saved state lacks {e}") from None
-        return keys, valid.bool(), (meta if same else None), trained
+        rows = {"keys": keys, "keys_scales": state.get("keys_scales")}
+        if keys.dtype == torch.int8 and (rows["keys_scales"] is None
+                                         or tuple(rows["keys_scales"].shape) != tuple(keys.shape[:-1])):
+            raise ValueError("FaissIndex: saved int8 keys lack matching keys_scales")
+        return rows, valid.bool(), (meta if same else None), trained
 
-    def _commit(self, keys, valid, meta, trained, indexes=None) -> None:
+    def _commit(self, rows, valid, meta, trained, indexes=None) -> None:
         """Install a parsed state; indexes = saved CPU faiss indexes, else rebuild from the keys."""
         nvalid = valid.reshape(self.G, -1).sum(1).cpu().numpy().astype(np.int64)
         for g, index in enumerate(indexes or []):   # check everything before changing anything
@@ -314,7 +333,7 @@ class FaissIndex(RawKeys):
                     self.kind != "hnsw" and index.ntotal != nvalid[g]):
                 raise ValueError(f"FaissIndex: saved faiss index {g} (d={index.d}, ntotal={index.ntotal}) "
                                  f"does not match {nvalid[g]} valid keys of dim {self.dim}")
-        self._keys.load(keys)
+        load_rows(self._keys, rows, "keys")
         self._valid.load(valid)
         self._nvalid, self._trained = nvalid, trained
         self.nlist_trained = int(meta[3]) if meta is not None and trained[0] is not None else 0
@@ -335,7 +354,7 @@ class FaissIndex(RawKeys):
             self._indexes[g] = self._to_gpu(index)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        keys, valid, meta, trained = self._parse(state)
+        rows, valid, meta, trained = self._parse(state)
         indexes = None
         if meta is not None and self.kind == "hnsw" and "graph.0" in state:
             try:
@@ -343,7 +362,7 @@ class FaissIndex(RawKeys):
                 indexes = [self.faiss.deserialize_index(b) for b in blobs]
             except (KeyError, RuntimeError) as e:
                 raise ValueError(f"FaissIndex: saved HNSW graph unreadable: {e}") from None
-        self._commit(keys, valid, meta, trained, indexes)
+        self._commit(rows, valid, meta, trained, indexes)
 
     def save(self, path) -> None:
         """Write <path>/ {manifest.json, memory.safetensors, group_<g>.faiss} atomically: into a temp
@@ -403,6 +422,6 @@ class FaissIndex(RawKeys):
             indexes = [self.faiss.read_index(str(path / f"group_{g}.faiss")) for g in range(self.G)]
         except Exception as e:          # checksums matched, so this is a writer / version problem
             raise ValueError(f"FaissIndex.load: cannot read {path}: {e}") from None
-        keys, valid, meta, trained = self._parse(state)
+        rows, valid, meta, trained = self._parse(state)
         need(meta is not None, f"{_DATA} has no meta for kind {self.kind!r}")
-        self._commit(keys, valid, meta, trained, indexes)
+        self._commit(rows, valid, meta, trained, indexes)

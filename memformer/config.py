@@ -12,8 +12,8 @@ from typing import Optional
 
 INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "faiss-ivfpq")
 POSITION_MODES = ("first", "fixed", "window")
-EVICTIONS = ("fifo", "none")
-MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16")
+EVICTIONS = ("fifo", "score", "none")
+MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
 @dataclass
@@ -48,8 +48,10 @@ class MemoryConfig:
         (ExactIndex / FaissIndex keyword arguments, e.g. {"nprobe": 32}).
     index_device: device that holds memory and runs search (None = the backbone's device).
     capacity: max tokens of memory per sequence (None = unbounded); eviction says what happens
-        when it is reached: "fifo" drops the oldest tokens, "none" raises.
-    memory_dtype: dtype of stored keys/values ("auto" = backbone dtype).
+        when it is reached: "fifo" drops the oldest tokens, "score" (H2O) drops the tokens that
+        received the least attention mass so far (oldest first among equals), "none" raises.
+    memory_dtype: dtype of stored keys/values ("auto" = backbone dtype; "int8" = int8 rows with a
+        float32 scale per row, 3.76x smaller than float32 at head_dim 64).
     lora_rank / lora_alpha: LoRA adapters on the memory layers' q/k/v/o (0 = none). LoRA B is
         zero-initialised, so an untrained adapter leaves the backbone's outputs unchanged.
     gate_init: initial per-head memory logit bias (0 = memory competes with local keys in one

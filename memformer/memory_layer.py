@@ -104,11 +104,15 @@ class MemoryAttention(nn.Module):
         scores, ids = mem.search(queries, rt.top_k)                            # [B, Hkv, G*T, K]
         ids = ids.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)                # [B, Hq, T, K]
         scores = scores.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)          # = q_mem . k_mem[ids]
+        track = getattr(mem, "tracks_attention", False)                        # score (H2O) eviction
         res = knn_attention(q_rot, k_all, v_all, mem.keys, mem.values, ids, q_mem=q_mem, mem_scores=scores,
                             scale=attn.scaling, local_mask=attention_mask, mem_bias=self.memory_gate,
-                            return_mem_probs=rt.record)
+                            k_scale=getattr(mem, "key_scales", None), v_scale=getattr(mem, "value_scales", None),
+                            return_mem_probs=rt.record or track)
         out = res[0]                                                           # [B, Hq, T, D]
         if rt.record:  # attention mass of each retrieved row (evidence; tests)
             rt.retrieved.setdefault(self.layer_idx, []).append((ids, res[2].detach()))
+        if track:
+            mem.record_attention(ids, res[2].detach())
         out = out.transpose(1, 2).reshape(B, T, Hq * D)                        # [B, T, Hq*D]
         return attn.o_proj(out), None

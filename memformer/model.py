@@ -24,7 +24,7 @@ from memformer.index import LayerMemory
 from memformer.memory_layer import MemoryAttention, MemoryRuntime
 from memformer import persistence
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 
 
 class MemformerForCausalLM(nn.Module):
@@ -262,8 +262,8 @@ class MemformerForCausalLM(nn.Module):
                        use_cache=False)
             for i, (k, v) in rt.pending.items():
                 mem = self.memories[i]
-                mem.add(k.to(mem.keys.dtype), v.to(mem.keys.dtype), positions.to(mem.keys.device),
-                        valid.to(mem.keys.device))
+                dt = torch.float32 if mem.keys.dtype == torch.int8 else mem.keys.dtype  # int8: quantised in add
+                mem.add(k.to(dt), v.to(dt), positions.to(mem.keys.device), valid.to(mem.keys.device))
 
     # ---------------------------------------------------------------- reading from memory
     def forward(self, input_ids=None, attention_mask=None, **kwargs):

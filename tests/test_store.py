@@ -1,0 +1,165 @@
+"""Compressed memory (int8 / bf16 / fp16 rows) and score (H2O) eviction, index and store together."""
+import pytest
+import torch
+
+from memformer import MemformerForCausalLM, MemoryConfig
+from memformer.index import ExactIndex, LayerMemory
+from memformer.index.base import QuantizedBuffer
+from tests.conftest import tiny_backbone
+
+pytest.importorskip("faiss")
+
+
+def _rows(B=2, H=3, n=50, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, n, D, generator=g) * torch.rand(B, H, n, 1, generator=g) * 4
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+    x = _rows()
+    buf = QuantizedBuffer((2, 3), 16, "cpu", initial=4)          # grows past its first capacity
+    buf.append(x[:, :, :7])
+    buf.append(x[:, :, 7:])
+    err = (buf.dequantize() - x).abs()                            # [B, H, n, D]
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert bool((err <= step / 2 + 1e-6).all())
+    assert buf.data.dtype == torch.int8 and buf.scales.shape == (2, 3, 50)
+    buf.keep(torch.tensor([3, 10, 49]).expand(2, 3, 3))
+    assert torch.allclose(buf.dequantize(), buf.dequantize(0, 3))
+    assert (buf.dequantize() - x[:, :, [3, 10, 49]]).abs().max() <= step.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)])
+def test_half_precision_memory_round_trip(dtype, rel):
+    mem = LayerMemory(2, 3, 16, dtype=dtype)
+    k, v = _rows(seed=1), _rows(seed=2)
+    mem.add(k, v, torch.arange(50).expand(2, 50))
+    assert mem.keys.dtype == dtype and mem.key_scales is None
+    assert bool(((mem.values.float() - v).abs() <= v.abs() * rel + 1e-6).all())
+    assert bool(((mem.keys.float() - k).abs() <= k.abs() * rel + 1e-6).all())
+
+
+def test_int8_memory_bytes_and_search_against_float():
+    k, v = _rows(B=1, H=2, n=4000, D=64, seed=3), _rows(B=1, H=2, n=4000, D=64, seed=4)
+    pos = torch.arange(4000)[None]
+    f32, i8 = LayerMemory(1, 2, 64), LayerMemory(1, 2, 64, dtype=torch.int8)
+    for m in (f32, i8):
+        m.add(k, v, pos)
+    nbytes = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    assert nbytes(i8) * 3.5 <= nbytes(f32)
+    q = _rows(B=1, H=2, n=64, D=64, seed=5)
+    s8, i8ids = i8.search(q, 32)
+    # scores are exact inner products with the dequantised keys ...
+    deq = i8.index.float_vectors()                                              # [1, 2, n, D]
+    want = torch.einsum("bhqd,bhqkd->bhqk", q, deq[0][torch.arange(2)[:, None, None], i8ids[0]][None])
+    assert torch.allclose(s8, want, atol=1e-4)
+    # ... and the neighbours are nearly those of the float memory
+    _, fids = f32.search(q, 32)
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fids.reshape(-1, 32), i8ids.reshape(-1, 32)))
+    assert overlap / fids.numel() > 0.95
+
+
+@pytest.mark.parametrize("src,dst", [(torch.int8, torch.float32), (torch.float32, torch.int8), (torch.int8, torch.int8)])
+def test_state_dict_converts_between_storage_dtypes(src, dst):
+    a = LayerMemory(2, 3, 16, dtype=src)
+    a.add(_rows(seed=6), _rows(seed=7), torch.arange(50).expand(2, 50))
+    b = LayerMemory(2, 3, 16, dtype=dst)
+    b.load_state_dict(a.state_dict())
+    assert b.keys.dtype == dst and len(b) == 50
+    deq = lambda m, t, s: t.float() if s is None else t.float() * s[..., None]
+    step = _rows(seed=7).abs().amax(-1, keepdim=True) / 127
+    assert ((deq(b, b.values, b.value_scales) - deq(a, a.values, a.value_scales)).abs() <= step + 1e-5).all()
+
+
+def test_int8_state_without_scales_is_refused():
+    a = LayerMemory(1, 3, 16, dtype=torch.int8)
+    a.add(_rows(B=1), _rows(B=1, seed=1), torch.arange(50)[None])
+    state = a.state_dict()
+    del state["values_scales"]
+    with pytest.raises(ValueError, match="scales"):
+        LayerMemory(1, 3, 16).load_state_dict(state)
+
+
+def _consistent(mem, keys, values):
+    """Every stored row still holds the key/value of the position it claims (index == store)."""
+    B, H = mem.batch, mem.kv_heads
+    pos = mem.positions                                                          # [B, M]
+    b, h = torch.arange(B)[:, None, None], torch.arange(H)[None, :, None]
+    want_k = keys[b, h, pos[:, None, :]]                                         # [B, H, M, D]
+    want_v = values[b, h, pos[:, None, :]]
+    got_k = mem.index.float_vectors()
+    return torch.allclose(got_k, want_k, atol=1e-5) and torch.allclose(mem.values.float(), want_v, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf"])
+def test_score_eviction_keeps_heavy_hitters_and_index_store_consistent(index):
+    B, H, D, cap = 2, 2, 16, 64
+    params = {"train_threshold": 40, "nlist": 2} if index == "faiss-ivf" else {}
+    mem = LayerMemory(B, H, D, capacity=cap, eviction="score", index=index, index_params=params)
+    keys, values = _rows(B, H, 200, D, seed=8), _rows(B, H, 200, D, seed=9)
+    mem.add(keys[:, :, :64], values[:, :, :64], torch.arange(64).expand(B, 64))
+    # sequence 0 attends to rows 5 and 9, sequence 1 to row 60
+    ids = torch.tensor([[5, 9], [60, -1]]).view(B, 1, 1, 2).expand(B, 4, 3, 2)   # [B, Hq, T, K]
+    mem.record_attention(ids, torch.full(ids.shape, 0.5))
+    assert mem.mass[0, 5] == mem.mass[0, 9] == 6.0 and mem.mass[1, 60] == 6.0 and mem.mass[1, 61] == 0
+    mem.add(keys[:, :, 64:80], values[:, :, 64:80], torch.arange(64, 80).expand(B, 16))
+    assert len(mem) <= cap
+    pos = mem.positions
+    assert {5, 9} <= set(pos[0].tolist()) and 60 in pos[1].tolist()              # heavy hitters kept
+    assert 0 not in pos[0].tolist() and 6 not in pos[0].tolist()                 # oldest light rows gone
+    assert set(range(64, 80)) <= set(pos[0].tolist())                            # new rows in
+    assert _consistent(mem, keys, values)
+    # what the index returns is what the store holds: search a stored key, get its own row back
+    r = int((pos[0] == 9).nonzero())
+    _, got = mem.search(mem.index.float_vectors()[:, :, r:r + 1] * 100, 1)
+    assert int(got[0, 0, 0, 0]) == r
+
+
+def test_score_eviction_without_reads_is_fifo():
+    B, H, D = 1, 2, 8
+    a = LayerMemory(B, H, D, capacity=32, eviction="score")
+    f = LayerMemory(B, H, D, capacity=32, eviction="fifo")
+    keys, values = _rows(B, H, 100, D), _rows(B, H, 100, D, seed=1)
+    for s in range(0, 100, 10):
+        for m in (a, f):
+            m.add(keys[:, :, s:s + 10], values[:, :, s:s + 10], torch.arange(s, s + 10)[None])
+    # score eviction drops in batches of capacity/16 (amortised rebuilds): a suffix of FIFO's rows
+    assert a.positions[0].tolist() == f.positions[0].tolist()[-len(a):]
+    assert a.positions[0].tolist() == list(range(100 - len(a), 100))
+
+
+def test_int8_model_generates_close_to_float_and_score_eviction_tracks_reads():
+    cfgs = {name: MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, memory_dtype=dt, capacity=cap,
+                               eviction=ev, lora_rank=0)
+            for name, dt, cap, ev in [("f32", "float32", None, "fifo"), ("i8", "int8", None, "fifo"),
+                                      ("h2o", "float32", 200, "score")]}
+    backbone = tiny_backbone()
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name, cfg in cfgs.items():
+        model = MemformerForCausalLM(backbone, None, cfg)
+        model.memorize(ids[:, :260], show_progress=False)
+        logits[name] = model(ids[:, 260:]).logits
+        if name == "h2o":
+            mass = model.memories[0].mass
+            assert float(mass.sum()) > 0                                         # reads recorded
+            model.memorize(ids[:, 260:], show_progress=False)                    # forces an eviction
+            assert model.memory_size() <= 200
+        for layer in list(backbone.model.layers):                                # unwrap for the next config
+            if hasattr(layer.self_attn, "attn"):
+                layer.self_attn = layer.self_attn.attn
+    assert (logits["i8"] - logits["f32"]).abs().max() < 0.05 * logits["f32"].abs().max()
+    assert not torch.equal(logits["i8"], logits["f32"])
+
+
+def test_int8_memory_save_load_identical(tmp_path):
+    cfg = MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, memory_dtype="int8", lora_rank=0)
+    model = MemformerForCausalLM(tiny_backbone(), None, cfg)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(1))
+    model.memorize(ids, show_progress=False)
+    before = model(ids[:, -20:]).logits
+    model.save_memory(tmp_path / "m")
+    model.reset_memory()
+    model.load_memory(tmp_path / "m")
+    assert model.memories[0].keys.dtype == torch.int8
+    assert torch.equal(model(ids[:, -20:]).logits, before)
