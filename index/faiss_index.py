@@ -2,7 +2,13 @@
 
 The raw keys stay in a GrowingBuffer as in ExactIndex (`.vectors` / `.valid`): attention reads the keys
 of the retrieved ids, and rebuilds and training need them. A row id is the position in that buffer,
-shared by all groups. Inside faiss a row carries the id `row + base` (base = rows evicted so far), so
+shared by all groups. Approximate indexes (ivf / ivfpq once trained, hnsw) hold the keys minus a
+per-group center c (the training keys' mean; for hnsw the first keys added): q.(k - c) ranks keys
+exactly as q.k does (q.c is the same for every key), but attention keys share a large common
+component (SmolLM2: norms 17-25, 10-16 once centered), and inner-product IVF / HNSW find
+neighbours much better around the origin (measured on real keys, HNSW recall@32 0.59 -> 0.80,
+IVF 0.87 -> 0.94). Search adds q.c back, so scores stay exact inner products.
+Inside faiss a row carries the id `row + base` (base = rows evicted so far), so
 FIFO eviction removes one contiguous id range and never renumbers what stays; callers still see ids
 that shift down by n, as with ExactIndex. Padding rows (valid=False) are never added to faiss, so they
 can never be returned.
@@ -98,6 +104,7 @@ class FaissIndex(RawKeys):
         self._nvalid = np.zeros(self.G, np.int64)   # valid rows per group (training trigger)
         self._dead = np.zeros(self.G, np.int64)     # evicted rows still inside an HNSW graph
         self._trained: list = [None] * self.G        # serialized trained-but-empty IVF per group
+        self._center: np.ndarray | None = None       # [G, D] subtracted inside approximate indexes
         self._indexes = [self._empty(g) for g in range(self.G)]
 
     def add(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -118,6 +125,10 @@ class FaissIndex(RawKeys):
         if not self._maybe_train():  # training re-adds every row itself
             # faiss gets the rows as stored (e.g. rounded to bf16), so its scores equal q . vectors[id]
             x = _f32(self.float_vectors(start, n).reshape(self.G, n, self.dim))
+            if self.kind == "hnsw" and self._center is None and v.any(1).all():
+                self._center = np.stack([x[gi, v[gi]].mean(0) for gi in range(self.G)]).astype(np.float32)
+            if self._center is not None:
+                x = x - self._center[:, None, :]
             for gi, index in enumerate(self._indexes):
                 rows = np.flatnonzero(v[gi])
                 if rows.size:
@@ -150,6 +161,8 @@ class FaissIndex(RawKeys):
             s, i = index.search(q[gi], kk, params=params)
             out_s[gi, :, :kk], out_i[gi, :, :kk] = s, i
         missing = out_i < 0
+        if self._center is not None:    # faiss scored q.(k - c): add q.c back
+            out_s += np.einsum("gqd,gd->gq", q, self._center)[:, :, None]
         out_i = np.where(missing, -1, out_i - self._base)
         out_s[missing] = -np.inf        # faiss pads with -FLT_MAX, the protocol says -inf
         scores, ids = torch.from_numpy(out_s).to(queries.device), torch.from_numpy(out_i).to(queries.device)
@@ -230,10 +243,16 @@ class FaissIndex(RawKeys):
         return np.ascontiguousarray(_f32(self.float_vectors().reshape(self.G, n, self.dim)[g])[rows]), rows
 
     def _rebuild(self, g: int) -> None:
-        """Re-create group g's faiss index from the kept keys (keeps IVF training)."""
+        """Re-create group g's faiss index from the kept keys (keeps IVF training and the center)."""
         self._indexes[g] = self._empty(g)
         self._dead[g] = 0
         x, rows = self._group_rows(g)
+        if self.kind == "hnsw" and self._center is None and rows.size:
+            self._center = np.zeros((self.G, self.dim), np.float32)
+        if self._center is not None and (self.kind == "hnsw" or self._trained[g] is not None):
+            if self.kind == "hnsw" and not self._center.any(1)[g] and rows.size:
+                self._center[g] = x.mean(0)
+            x = np.ascontiguousarray(x - self._center[g])
         if rows.size:
             self._indexes[g].add_with_ids(x, rows + self._base)
 
@@ -245,8 +264,11 @@ class FaissIndex(RawKeys):
         f, ip = self.faiss, self.faiss.METRIC_INNER_PRODUCT
         # faiss k-means wants >= 39 points per centroid; clamp the default rather than warn.
         nlist = int(self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39)))
+        self._center = np.zeros((self.G, self.dim), np.float32)
         for g in range(self.G):
             x, _ = self._group_rows(g)
+            self._center[g] = x.mean(0)
+            x = np.ascontiguousarray(x - self._center[g])
             quantizer = f.IndexFlatIP(self.dim)
             if self.kind == "ivf":
                 ivf = f.IndexIVFFlat(quantizer, self.dim, nlist, ip)
@@ -285,6 +307,8 @@ class FaissIndex(RawKeys):
                 self.pq_m, self.pq_bits, self._base]
         state = {**rows_state(self._keys, "keys"), "valid": self.valid.contiguous(),
                  "meta": torch.tensor(meta, dtype=torch.int64)}
+        if self._center is not None:
+            state["center"] = torch.from_numpy(self._center.copy())
         for g, blob in enumerate(self._trained):
             if blob is not None:
                 state[f"trained.{g}"] = torch.from_numpy(np.array(blob, dtype=np.uint8))
@@ -319,7 +343,10 @@ class FaissIndex(RawKeys):
                 trained = [state[f"trained.{g}"].cpu().numpy().astype(np.uint8) for g in range(self.G)]
             except KeyError as e:
                 raise ValueError(f"FaissIndex: saved state lacks {e}") from None
-        rows = {"keys": keys, "keys_scales": state.get("keys_scales")}
+        rows = {"keys": keys, "keys_scales": state.get("keys_scales"),
+                "center": state.get("center") if same else None}
+        if rows["center"] is not None and tuple(rows["center"].shape) != (self.G, self.dim):
+            raise ValueError(f"FaissIndex: saved center {tuple(rows['center'].shape)} != {(self.G, self.dim)}")
         if keys.dtype == torch.int8 and (rows["keys_scales"] is None
                                          or tuple(rows["keys_scales"].shape) != tuple(keys.shape[:-1])):
             raise ValueError("FaissIndex: saved int8 keys lack matching keys_scales")
@@ -335,6 +362,8 @@ class FaissIndex(RawKeys):
                                  f"does not match {nvalid[g]} valid keys of dim {self.dim}")
         load_rows(self._keys, rows, "keys")
         self._valid.load(valid)
+        c = rows.get("center")
+        self._center = None if c is None else c.float().numpy().copy()
         self._nvalid, self._trained = nvalid, trained
         self.nlist_trained = int(meta[3]) if meta is not None and trained[0] is not None else 0
         self._dead = np.zeros(self.G, np.int64)
