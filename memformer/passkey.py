@@ -1,20 +1,22 @@
-"""Passkey retrieval (LongLLaMA / landmark-attention prompt): memory vs truncation, side by side.
+"""Passkey retrieval (LongLLaMA / landmark-attention prompt), the modes side by side.
 
 The prompt: a task line, the filler "The grass is green. ..." repeated, the needle "The pass
 key is K. Remember it. K is the pass key." at a chosen depth, and "What is the pass key? The
 pass key is". Greedy decoding; a trial is correct when the first number generated equals K.
+
+`evaluate` runs the prompt as a document + cue through `memformer.qa` in any of its modes
+(memory, truncate, rag, full), with the needle evaluation's runner (`memformer.needle`);
+`run_trial` is the direct token-level path (memory / truncate only) the integration tests use.
 """
 from __future__ import annotations
 
-import json
-import random
 import re
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+
+from memformer.evalplots import TrialLog, accuracy_table, plot_depth_heatmaps
+from memformer.needle import Query, Sample, check_modes, encode, run_settings, run_trials, trial_rng
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.")
@@ -51,18 +53,6 @@ def first_number(text: str) -> int | None:
     return int(m.group()) if m else None
 
 
-@dataclass
-class Trial:
-    length: int
-    tokens: int
-    depth: float
-    key: int
-    mode: str
-    answer: str
-    correct: bool
-    seconds: float
-
-
 def run_trial(model, ids: list[int], key: int, mode: str, max_new_tokens: int = 8) -> tuple[str, bool]:
     """mode "memory": everything but the last window goes to memory; "truncate": last window only."""
     x = torch.tensor([ids])
@@ -80,76 +70,49 @@ def run_trial(model, ids: list[int], key: int, mode: str, max_new_tokens: int = 
     return answer.strip(), first_number(answer) == key
 
 
+def make_sample(tokenizer, length: int, depth: float, key: int, index: int = 0) -> Sample:
+    """The passkey prompt as a document of about `length` tokens (with the question) and its
+    question as a cue, for the mode-agnostic runner (`memformer.needle.run_trials`)."""
+    enc = lambda t: encode(tokenizer, t)
+    fixed = len(enc(TASK)) + len(enc(" " + NEEDLE.format(key=key))) + len(enc("\n\n" + QUESTION))
+    n = max(1, (length - fixed) // len(enc(" " + FILLER)))
+    before = int(round(depth * n))
+    head = TASK + (" " + FILLER) * before
+    text = head + " " + NEEDLE.format(key=key) + (" " + FILLER) * (n - before)
+    tokens = len(enc(text))
+    return Sample("passkey", length, index, depth, text, [Query(QUESTION, [str(key)], "number")], tokens,
+                  [round(len(enc(head)) / tokens, 4)], max_new_tokens=8)
+
+
 def evaluate(model, lengths: list[int], trials: int, modes=("memory", "truncate"), seed: int = 0,
-             out_dir: str | Path | None = None) -> list[Trial]:
-    """Run every (length, depth) trial in every mode; depths are spread evenly over [0, 1]."""
-    rng = random.Random(seed)
-    results: list[Trial] = []
-    jobs = [(L, (i + 0.5) / trials, rng.randint(10000, 99999)) for L in lengths for i in range(trials)]
-    log = None
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(out_dir / "trials.jsonl", "w")
-    for L, depth, key in tqdm(jobs, desc="passkey", unit="trial"):
-        ids, _ = make_prompt(model.tokenizer, L, depth, key)
-        for mode in modes:
-            t0 = time.perf_counter()
-            answer, ok = run_trial(model, ids, key, mode)
-            tr = Trial(L, len(ids), round(depth, 4), key, mode, answer, ok, round(time.perf_counter() - t0, 2))
-            results.append(tr)
-            if log:
-                log.write(json.dumps(asdict(tr)) + "\n")
-                log.flush()
-    if log:
-        log.close()
-    return results
+             out_dir: str | Path | None = None, resume: bool = False, show_progress: bool = True) -> list[dict]:
+    """Every (length, trial) in every mode (`memformer.qa`); trial i of n puts the needle at depth
+    (i + 0.5) / n, its key drawn from the trial's own seeded generator. Records (see
+    `memformer.evalplots`) stream to out_dir/trials.jsonl; resume=True skips finished ones."""
+    if model.tokenizer is None:
+        raise ValueError("the passkey evaluation needs a model with a tokenizer")
+    modes = check_modes(modes)
+    if trials < 1 or not lengths or min(lengths) < 1:
+        raise ValueError(f"need trials >= 1 and positive lengths, got trials={trials}, lengths={list(lengths)}")
+    jobs = [("passkey", L, i, (i + 0.5) / trials) for L in lengths for i in range(trials)]
+
+    def build(job):
+        _, L, i, depth = job
+        return make_sample(model.tokenizer, L, depth, trial_rng(seed, "passkey", L, i).randint(10000, 99999), i)
+
+    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, "passkey", seed, trials), resume)
+    try:
+        return run_trials(model, jobs, build, modes, log, "passkey", show_progress)
+    finally:
+        if log is not None:
+            log.close()
 
 
-def summary_table(results: list[Trial]) -> str:
+def summary_table(results: list[dict]) -> str:
     """Markdown: one row per length, accuracy (correct/total) per mode."""
-    modes = sorted({r.mode for r in results}, key=lambda m: (m != "memory", m))
-    lengths = sorted({r.length for r in results})
-    lines = ["| length | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
-    for L in lengths:
-        cells = []
-        for m in modes:
-            rs = [r for r in results if r.length == L and r.mode == m]
-            ok = sum(r.correct for r in rs)
-            cells.append(f"{100 * ok / len(rs):.0f}% ({ok}/{len(rs)})")
-        lines.append(f"| {L // 1024}k | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return accuracy_table(results)
 
 
-def plot_heatmap(results: list[Trial], path: str | Path, bins: int = 5) -> Path:
+def plot_heatmap(results: list[dict], path: str | Path, bins: int = 5) -> Path:
     """Depth (rows, binned) x length (columns) accuracy heatmap, one panel per mode."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    modes = sorted({r.mode for r in results}, key=lambda m: (m != "memory", m))
-    lengths = sorted({r.length for r in results})
-    fig, axes = plt.subplots(1, len(modes), figsize=(3 + 1.6 * len(lengths) * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        acc = np.full((bins, len(lengths)), np.nan)
-        for j, L in enumerate(lengths):
-            for b in range(bins):
-                rs = [r for r in results if r.mode == mode and r.length == L
-                      and min(int(r.depth * bins), bins - 1) == b]
-                if rs:
-                    acc[b, j] = sum(r.correct for r in rs) / len(rs)
-        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for (b, j), v in np.ndenumerate(acc):
-            if not np.isnan(v):
-                ax.text(j, b, f"{v:.0%}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [f"{L // 1024}k" for L in lengths])
-        ax.set_yticks(range(bins), [f"{b / bins:.1f}-{(b + 1) / bins:.1f}" for b in range(bins)])
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("needle depth")
-        ax.set_title(f"passkey accuracy: {mode}")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return plot_depth_heatmaps(results, path, bins=bins, title="passkey accuracy")

@@ -34,10 +34,11 @@ def test_scoring_and_lengths():
 
 
 def test_summary_table_and_heatmap(tmp_path):
-    rs = [passkey.Trial(4096, 4000, d, 1, m, "1", ok, 0.1)
-          for d, ok in [(0.1, True), (0.9, False)] for m in ("memory", "truncate")]
+    rs = [dict(id=f"passkey/4096/{d}/{m}", task="passkey", length=4096, depth=d, mode=m, status="ok",
+               score=float(ok)) for d, ok in [(0.1, True), (0.9, False)] for m in ("truncate", "memory")]
     table = passkey.summary_table(rs)
-    assert "| 4k | 50% (1/2) | 50% (1/2) |" in table
+    assert "| passkey | 4k | 50% (1/2) | 50% (1/2) |" in table
+    assert table.splitlines()[0] == "| task | length | memory | truncate |"
     assert passkey.plot_heatmap(rs, tmp_path / "h.png").stat().st_size > 1000
 
 

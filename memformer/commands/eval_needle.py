@@ -1,0 +1,62 @@
+"""`memformer eval needle`: RULER-style needles in Python's documentation, the modes side by side."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from memformer.commands.common import add_model_args, load_model as _load_model
+from memformer.commands.eval_passkey import add_trial_args, parse_trial_args, report_header
+
+
+def register(ev) -> None:
+    from memformer.needle import VARIANTS
+    p = ev.add_parser("needle", help="RULER-style needle variants on a real-text haystack")
+    add_model_args(p)
+    add_trial_args(p, "benchmarks/results/needle", "4k,8k,16k", 5)
+    p.add_argument("--variants", default="all", help=f"comma-separated, from {','.join(VARIANTS)} (or all)")
+    p.set_defaults(func=cmd_eval_needle)
+
+
+def cmd_eval_needle(args) -> int:
+    from memformer import evalplots, needle
+    prog = "memformer eval needle"
+    parsed = parse_trial_args(args, prog)
+    variants = list(needle.VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
+    bad = [v for v in variants if v not in needle.VARIANTS]
+    if parsed is None or bad or not variants:
+        if bad or not variants:
+            print(f"{prog}: unknown variant(s) {bad or variants}; choose from {', '.join(needle.VARIANTS)} or all",
+                  file=sys.stderr)
+        return 2
+    lengths, modes = parsed
+    model = _load_model(args)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    try:
+        results = needle.evaluate(model, variants, lengths, args.trials, modes=modes, seed=args.seed,
+                                  out_dir=out, resume=args.resume)
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    what = ("Haystack: Python's documentation topics (standard-library source appended for long lengths) "
+            "from a seeded offset; needles on their own lines; each question is a sentence to complete; "
+            "score = the first value(s) of the right kind in the answer are the expected ones "
+            "(multivalue / multiquery: the fraction found). Cells: mean score (sum/trials).")
+    header = report_header("Needle in a haystack (RULER-style)", model, args, time.perf_counter() - t0, what)
+    table = evalplots.accuracy_table(results, tasks=variants) + "\n\n" + _mean_table(results)
+    (out / "needle.md").write_text(header + table + "\n")
+    evalplots.plot_depth_heatmaps(results, out / "needle_heatmap.png", bins=args.depth_bins,
+                                  title="needle accuracy by depth and length")
+    evalplots.plot_accuracy_vs_length(results, out / "needle_accuracy.png", title="needle accuracy vs length")
+    print(header + table)
+    print(f"\nwritten: {out / 'needle.md'}, {out / 'needle_heatmap.png'}, {out / 'needle_accuracy.png'}, "
+          f"{out / 'trials.jsonl'}")
+    return 0
+
+
+def _mean_table(results) -> str:
+    """All variants pooled: a row per length."""
+    from memformer import evalplots
+    pooled = [dict(r, task="all variants") for r in results]
+    return evalplots.accuracy_table(pooled)

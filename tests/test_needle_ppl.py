@@ -1,0 +1,301 @@
+"""Needle / passkey / perplexity evaluations: generators, scoring, the resumable trial log,
+tables and plots, perplexity on a tiny model, and the CLI end to end on a tiny model + tokenizer."""
+import json
+import math
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from memformer import MemformerForCausalLM, MemoryConfig, evalplots, needle, passkey, ppl
+
+
+# ---------------------------------------------------------------------- a tiny byte-level tokenizer
+def byte_tokenizer():
+    """One token per UTF-8 byte (256) + <eos>: any text round-trips, no files needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def btok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny random llama (vocab 257) with the byte tokenizer: what --model loads."""
+    from conftest import tiny_backbone
+    d = tmp_path_factory.mktemp("tiny_model")
+    tiny_backbone("llama", vocab_size=257, max_position_embeddings=512).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+# ---------------------------------------------------------------------- generators
+def test_plant_puts_each_needle_on_its_own_line_at_its_depth():
+    text = "".join(f"line {i:03d} of the haystack\n" for i in range(200))
+    out, offs = needle.plant(text, [(0.5, "NEEDLE A."), (0.0, "NEEDLE B."), (1.0, "NEEDLE C."), (0.25, "NEEDLE D.")])
+    for (depth, s), o in zip([(0.5, "NEEDLE A."), (0.0, "NEEDLE B."), (1.0, "NEEDLE C."), (0.25, "NEEDLE D.")], offs):
+        assert out[o:].startswith(s + "\n") and (o == 0 or out[o - 1] == "\n")
+        assert abs(o / len(out) - depth) < 0.03
+    assert out.replace("NEEDLE A.\n", "").replace("NEEDLE B.\n", "").replace("NEEDLE C.\n", "") \
+        .replace("NEEDLE D.\n", "") == text                                           # haystack intact
+    with pytest.raises(ValueError, match="depth"):
+        needle.plant(text, [(1.5, "x")])
+
+
+@pytest.mark.parametrize("variant", needle.VARIANTS)
+@pytest.mark.parametrize("depth", [0.1, 0.8])
+def test_samples_hold_their_needles_where_they_say(btok, variant, depth):
+    s = needle.make_sample(btok, variant, 3000, depth, random.Random(7))
+    assert s.task == variant and s.depth == depth
+    assert abs(s.needle_depths[0] - depth) < 0.03                                       # the target needle
+    cue_tokens = max(len(needle.encode(btok, "\n\n" + q.cue)) for q in s.queries)
+    assert 2800 < s.tokens + cue_tokens <= 3000
+    lines = s.text.split("\n")
+    for q in s.queries:
+        key = q.cue.split(" for ")[1].split(" ")[0]
+        for v in q.expected:                                  # each expected value planted with its key
+            assert any(key in ln and v in ln and "special magic" in ln for ln in lines)
+    n = {"multikey": 4, "multivalue": 4, "multiquery": 4}.get(variant, 1)
+    assert sum("special magic" in ln for ln in lines) == n
+    assert len(s.queries) == (4 if variant == "multiquery" else 1)
+    again = needle.make_sample(btok, variant, 3000, depth, random.Random(7))
+    assert again.text == s.text and again.queries == s.queries                          # seeded
+    assert needle.make_sample(btok, variant, 3000, depth, random.Random(8)).text != s.text
+
+
+def test_sample_errors(btok):
+    with pytest.raises(ValueError, match="unknown needle variant"):
+        needle.make_sample(btok, "haystack", 3000, 0.5, random.Random(0))
+    with pytest.raises(ValueError, match="too short"):
+        needle.make_sample(btok, "multiquery", 100, 0.5, random.Random(0))
+
+
+def test_passkey_sample_as_document_and_cue(btok):
+    s = passkey.make_sample(btok, 2000, 0.3, 12345)
+    assert s.text.startswith(passkey.TASK) and passkey.NEEDLE.format(key=12345) in s.text
+    assert s.queries == [needle.Query(passkey.QUESTION, ["12345"], "number")]
+    # depth counts filler sentences (as in make_prompt), so the task line shifts it a little
+    assert abs(s.needle_depths[0] - 0.3) < 0.1 and 1800 < s.tokens <= 2000
+
+
+# ---------------------------------------------------------------------- scoring
+def test_scoring_takes_the_first_values_of_the_right_kind():
+    num = needle.Query("cue", ["1234567"], "number")
+    assert needle.score_query(" 1234567. The special magic number for x is 7", num) == 1
+    assert needle.score_query(" 7654321, or maybe 1234567", num) == 0                   # a distractor first
+    assert needle.score_query(" 12345678", num) == 0
+    word = needle.Query("cue", ["teapot"], "word")
+    assert needle.score_query(" the word Teapot.", word) == 1
+    assert needle.score_query(" kettle, not teapot", word) == 0
+    u = "1f0e8c1a-2b3c-4d5e-8f70-0123456789ab"
+    assert needle.score_query(f" {u.upper()}.", needle.Query("cue", [u], "uuid")) == 1
+    assert needle.score_query(" 1f0e8c1a", needle.Query("cue", [u], "uuid")) == 0
+    multi = needle.Query("cue", ["111", "222", "333", "444"], "number")
+    assert needle.score_query(" 222, 111, 999 and 555, 333", multi) == 0.5             # first four values only
+
+
+# ---------------------------------------------------------------------- runner, trial log, resume
+def _fake_model(btok):
+    return SimpleNamespace(tokenizer=btok, backbone_fingerprint="fake", memory_config=MemoryConfig())
+
+
+def _fake_answers(calls):
+    """memory answers right, truncate answers a wrong number; counts the trials run."""
+    def answer_cues(model, text, cues, mode, max_new_tokens):
+        calls.append(mode)
+        out = []
+        for cue in cues:
+            key = cue.split(" for ")[1].split(" ")[0]
+            line = next(ln for ln in text.split("\n") if f" for {key} is " in ln)
+            out.append(line.split(" is ")[1] if mode == "memory" else "0000000")
+        return out
+    return answer_cues
+
+
+def test_runner_streams_trials_and_resume_skips_finished_ones(btok, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(needle, "answer_cues", _fake_answers(calls))
+    model = _fake_model(btok)
+    kw = dict(variants=["single-number", "multiquery"], lengths=[1500, 2000], trials=2, modes=["memory", "truncate"],
+              out_dir=tmp_path, show_progress=False)
+    rs = needle.evaluate(model, **kw)
+    assert len(calls) == len(rs) == 16
+    assert all(r["score"] == (1.0 if r["mode"] == "memory" else 0.0) for r in rs)
+    lines = (tmp_path / "trials.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == [r["id"] for r in rs]
+    # an interrupted run: the last record cut in half
+    (tmp_path / "trials.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    calls.clear()
+    again = needle.evaluate(model, **kw, resume=True)
+    assert len(calls) == 1 and [r["id"] for r in again] == [r["id"] for r in rs]
+    assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == 16
+    calls.clear()
+    needle.evaluate(model, **dict(kw, lengths=[1500, 2000, 2500]), resume=True)           # only the new length
+    assert len(calls) == 8
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        needle.evaluate(model, **kw, seed=1, resume=True)
+    calls.clear()
+    needle.evaluate(model, **kw)                                                          # no --resume: fresh
+    assert len(calls) == 16
+
+
+def test_evaluate_rejects_bad_arguments(btok):
+    model = _fake_model(btok)
+    with pytest.raises(ValueError, match="unknown needle variant"):
+        needle.evaluate(model, variants=["nope"], show_progress=False)
+    with pytest.raises(ValueError, match="unknown mode"):
+        needle.evaluate(model, modes=["memory", "psychic"], show_progress=False)
+    with pytest.raises(ValueError, match="trials"):
+        needle.evaluate(model, trials=0, show_progress=False)
+    with pytest.raises(ValueError, match="too short"):
+        needle.evaluate(model, lengths=[50], show_progress=False)
+
+
+# ---------------------------------------------------------------------- tables and plots
+def _records():
+    rs = []
+    for L in (4096, 16384):
+        for d, ok in ((0.1, 1.0), (0.5, 0.5), (0.9, 0.0)):
+            rs.append(dict(id=f"a/{L}/{d}/memory", task="multivalue", length=L, depth=d, mode="memory",
+                           status="ok", score=ok))
+            rs.append(dict(id=f"a/{L}/{d}/full", task="multivalue", length=L, depth=d, mode="full",
+                           status="ok" if L < 8192 else "n/a", score=1.0 if L < 8192 else None))
+    return rs
+
+
+def test_accuracy_table_marks_modes_that_do_not_fit(tmp_path):
+    table = evalplots.accuracy_table(_records())
+    assert table.splitlines()[0] == "| task | length | memory | full |"
+    assert "| multivalue | 4k | 50% (1.5/3) | 100% (3/3) |" in table
+    assert f"| multivalue | 16k | 50% (1.5/3) | {evalplots.NA} |" in table
+
+
+def test_plots_are_written(tmp_path):
+    rs = _records()
+    for f in (evalplots.plot_depth_heatmaps(rs, tmp_path / "h.png", bins=3),
+              evalplots.plot_accuracy_vs_length(rs, tmp_path / "a.png"),
+              evalplots.plot_ppl_vs_position({"doc": {"memory": ([0, 10], [5.0, 4.0]),
+                                                      "truncate": ([0, 10], [5.0, 6.0])}}, tmp_path / "p.png")):
+        assert f.stat().st_size > 5000 and f.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------- perplexity
+def test_bin_ppl_pools_segments_by_position():
+    nll = [1.0, 1.0, 1.0, 3.0, 3.0]                     # tokens 1..5
+    starts, vals = ppl.bin_ppl([nll, nll], 3)
+    assert starts == [0, 3] and vals[0] == pytest.approx(math.e) and vals[1] == pytest.approx(math.exp(7 / 3))
+    assert ppl.pooled_ppl([nll], 4) == pytest.approx(math.exp(3))
+
+
+def _tiny_mem(tiny, vocab=128, tokenizer=None):
+    return MemformerForCausalLM(tiny("llama", vocab_size=vocab), tokenizer,
+                                MemoryConfig(window=24, sink_tokens=2, overlap=4, top_k=4, lora_rank=0))
+
+
+def test_window_nll_without_memory_is_the_backbone_on_each_window(tiny):
+    model = _tiny_mem(tiny)
+    ids = torch.randint(0, 128, (80,), generator=torch.Generator().manual_seed(0)).tolist()
+    nll = torch.tensor(ppl.window_nll(model, ids, "truncate"))
+    assert nll.shape == (79,) and not nll.isnan().any()
+    # windows of 24 = [sink 0..1 ‖ 4 tokens of context ‖ 18 new]; window 1 = [0, 1 ‖ 16..19 ‖ 20..37]
+    x = torch.tensor([ids[:2] + ids[16:38]])
+    with torch.no_grad():
+        logp = model.backbone(input_ids=x).logits[0, :-1].log_softmax(-1)
+    ref = -logp.gather(-1, x[0, 1:, None])[:, 0]                    # ref[j - 1] scores x[j]
+    torch.testing.assert_close(nll[19:37], ref[5:], rtol=1e-5, atol=1e-5)   # tokens 20..37
+
+
+def test_window_nll_with_memory_changes_only_windows_after_the_first(tiny):
+    model = _tiny_mem(tiny)
+    ids = torch.randint(0, 128, (80,), generator=torch.Generator().manual_seed(1)).tolist()
+    trunc = torch.tensor(ppl.window_nll(model, ids, "truncate"))
+    mem = torch.tensor(ppl.window_nll(model, ids, "memory"))
+    torch.testing.assert_close(mem[:19], trunc[:19])                 # first window (tokens 1..19): memory empty
+    assert ((mem[19:] - trunc[19:]).abs() > 1e-4).float().mean() > 0.5   # later windows read memory
+    assert model.memory_size() == 0                                  # nothing left behind
+    with pytest.raises(ValueError, match="unknown ppl mode"):
+        ppl.window_nll(model, ids, "full")
+
+
+def test_ppl_evaluate_writes_resumable_records_and_report(tiny, tmp_path):
+    model = _tiny_mem(tiny, vocab=257, tokenizer=byte_tokenizer())
+    rs = ppl.evaluate(model, ["pydocs"], 100, 2, out_dir=tmp_path, show_progress=False)
+    assert [r["id"] for r in rs] == ["pydocs/100/0/memory", "pydocs/100/0/truncate",
+                                     "pydocs/100/1/memory", "pydocs/100/1/truncate"]
+    assert all(len(r["nll"]) == 99 and r["ppl"] > 1 for r in rs)
+    again = ppl.evaluate(model, ["pydocs"], 100, 2, out_dir=tmp_path, resume=True, show_progress=False)
+    assert again == rs
+    md, png = ppl.write_report(rs, tmp_path, 25, 24)
+    text = md.read_text()
+    assert "### pydocs" in text and "| 75-99 |" in text and "| >= 24 |" in text and png.stat().st_size > 5000
+    with pytest.raises(ValueError, match="tokens > window"):
+        ppl.evaluate(model, ["pydocs"], 20, show_progress=False)
+    with pytest.raises(ValueError, match="unknown document"):
+        ppl.evaluate(model, ["novel"], 100, show_progress=False)
+
+
+# ---------------------------------------------------------------------- the CLI, end to end
+def _main(*argv):
+    from memformer.cli import main
+    return main(list(argv))
+
+
+def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
+    common = ["--model", str(tiny_dir), "--window", "256", "--top-k", "4"]
+    out = tmp_path / "needle"
+    argv = ["eval", "needle", *common, "--lengths", "400,1k", "--trials", "2", "--variants",
+            "single-number,multiquery", "--modes", "memory,truncate,full", "--out", str(out)]
+    assert _main(*argv) == 0
+    records = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 2 * 2 * 3
+    full = {r["length"]: r["status"] for r in records if r["mode"] == "full"}
+    assert full == {400: "ok", 1024: "n/a"}                        # the tiny model's context is 512
+    table = (out / "needle.md").read_text()
+    assert "| single-number | 1k |" in table and evalplots.NA in table and "| all variants | 400 |" in table
+    assert all((out / f).stat().st_size > 5000 for f in ("needle_heatmap.png", "needle_accuracy.png"))
+    assert _main(*argv, "--resume") == 0                            # nothing left to run
+    assert (out / "trials.jsonl").read_text().splitlines() == [json.dumps(r) for r in records]
+
+    pk = tmp_path / "passkey"
+    assert _main("eval", "passkey", *common, "--lengths", "600", "--trials", "2", "--modes", "memory,truncate",
+                 "--out", str(pk)) == 0
+    assert "| passkey | 600 |" in (pk / "passkey.md").read_text() and (pk / "passkey_heatmap.png").is_file()
+
+    pp = tmp_path / "ppl"
+    assert _main("eval", "ppl", *common, "--docs", "pydocs,stdlib", "--tokens", "600", "--bin", "128",
+                 "--out", str(pp)) == 0
+    assert "### stdlib" in (pp / "ppl.md").read_text() and (pp / "ppl_position.png").is_file()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["needle", "--variants", "single-number,haystack"], "unknown variant"),
+    (["needle", "--modes", "memory,psychic"], "unknown mode"),
+    (["needle", "--lengths", "4k,lots"], "not a length"),
+    (["passkey", "--trials", "0"], "must be >= 1"),
+    (["ppl", "--docs", "novel"], "unknown document"),
+    (["ppl", "--modes", "rag"], "unknown document\\(s\\)/mode"),
+    (["ppl", "--tokens", "many"], "not a length"),
+])
+def test_cli_rejects_bad_arguments_before_loading_a_model(argv, msg, capsys):
+    assert _main("eval", *argv, "--model", "/nonexistent/model") == 2
+    assert re.search(msg, capsys.readouterr().err)
+
+
+def test_cli_resume_refuses_other_settings(tiny_dir, tmp_path, capsys):
+    argv = ["eval", "passkey", "--model", str(tiny_dir), "--window", "256", "--lengths", "300", "--trials", "1",
+            "--modes", "truncate", "--out", str(tmp_path)]
+    assert _main(*argv) == 0
+    assert _main(*argv, "--seed", "3", "--resume") == 2
+    assert "other settings" in capsys.readouterr().err
