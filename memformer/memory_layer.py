@@ -26,6 +26,10 @@ class MemoryRuntime:
     read: memory layers retrieve from memory. write: they hand (k, v) of this pass to `pending`.
     record: keep the attention mass each retrieved row received (for evidence spans).
     memories: layer index -> LayerMemory (None until a memory exists).
+    corpus: layer index -> LayerMemory of an attached read-only corpus memory (batch 1, shared by
+        every sequence); retrieval takes the top-k of both memories together.
+    retrieved / retrieved_corpus: with `record`, per layer a list of (ids, probs) [B, Hq, T, K]
+        for the own memory / the corpus (slots from the other source are -1).
     q_rotation: (cos, sin) of the fixed memory distance for position_mode "fixed"/"window", else None.
     store_rotated: position_mode "window" stores keys rotated at their window position.
     write_slice: slice of the time axis whose keys/values are written (drops sink prefixes).
@@ -36,8 +40,10 @@ class MemoryRuntime:
     record: bool = False
     top_k: int = 32
     memories: dict = field(default_factory=dict)
+    corpus: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
     retrieved: dict = field(default_factory=dict)
+    retrieved_corpus: dict = field(default_factory=dict)
     q_rotation: tuple | None = None
     store_rotated: bool = False
     write_slice: slice = field(default_factory=lambda: slice(None))
@@ -83,8 +89,12 @@ class MemoryAttention(nn.Module):
         else:
             k_all, v_all = k_rot, v
 
-        mem = rt.memories.get(self.layer_idx) if (rt.read and rt.enabled) else None
-        if mem is None or len(mem) == 0:
+        reading = rt.read and rt.enabled
+        mem = rt.memories.get(self.layer_idx) if reading else None
+        corpus = rt.corpus.get(self.layer_idx) if reading else None
+        mem = mem if mem is not None and len(mem) > 0 else None
+        corpus = corpus if corpus is not None and len(corpus) > 0 else None
+        if mem is None and corpus is None:
             # No memory to read: exactly the backbone's own attention path.
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self.eager_fn)
             out, _ = interface(attn, q_rot, k_all, v_all, attention_mask,
@@ -101,18 +111,80 @@ class MemoryAttention(nn.Module):
             q_mem = self.rotary_fn(base, base, *rt.q_rotation)[0]
         G = Hq // Hkv
         queries = q_mem.reshape(B, Hkv, G * T, D)                              # query heads of a kv group
-        scores, ids = mem.search(queries, rt.top_k)                            # [B, Hkv, G*T, K]
-        ids = ids.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)                # [B, Hq, T, K]
-        scores = scores.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)          # = q_mem . k_mem[ids]
-        track = getattr(mem, "tracks_attention", False)                        # score (H2O) eviction
-        res = knn_attention(q_rot, k_all, v_all, mem.keys, mem.values, ids, q_mem=q_mem, mem_scores=scores,
+        to_heads = lambda x: x.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)   # [B, Hkv, G*T, K] -> [B, Hq, T, K]
+        track = mem is not None and getattr(mem, "tracks_attention", False)    # score (H2O) eviction
+        if corpus is None:
+            scores, ids = mem.search(queries, rt.top_k)                        # [B, Hkv, G*T, K]
+            ids, scores = to_heads(ids), to_heads(scores)                      # scores = q_mem . k_mem[ids]
+            k_mem, v_mem, own_ids, corpus_ids = mem.keys, mem.values, ids, None
+            k_scale, v_scale = getattr(mem, "key_scales", None), getattr(mem, "value_scales", None)
+        else:
+            k_mem, v_mem, ids, scores, own_ids, corpus_ids = merged_retrieval(mem, corpus, queries, rt.top_k, G, T)
+            k_scale = v_scale = None
+        res = knn_attention(q_rot, k_all, v_all, k_mem, v_mem, ids, q_mem=q_mem, mem_scores=scores,
                             scale=attn.scaling, local_mask=attention_mask, mem_bias=self.memory_gate,
-                            k_scale=getattr(mem, "key_scales", None), v_scale=getattr(mem, "value_scales", None),
-                            return_mem_probs=rt.record or track)
+                            k_scale=k_scale, v_scale=v_scale, return_mem_probs=rt.record or track)
         out = res[0]                                                           # [B, Hq, T, D]
         if rt.record:  # attention mass of each retrieved row (evidence; tests)
-            rt.retrieved.setdefault(self.layer_idx, []).append((ids, res[2].detach()))
+            probs = res[2].detach()
+            if own_ids is not None:
+                rt.retrieved.setdefault(self.layer_idx, []).append((own_ids, probs))
+            if corpus_ids is not None:
+                rt.retrieved_corpus.setdefault(self.layer_idx, []).append((corpus_ids, probs))
         if track:
-            mem.record_attention(ids, res[2].detach())
+            mem.record_attention(own_ids, res[2].detach())
         out = out.transpose(1, 2).reshape(B, T, Hq * D)                        # [B, T, Hq*D]
         return attn.o_proj(out), None
+
+
+def _rows(memory, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float keys and values of memory rows. memory: [b, Hkv, M, D] (b = B or 1), ids [B, Hkv, Q, K]
+    -> [B, Hkv, Q, K, D] each (id -1 reads row 0; callers mask it)."""
+    B, Hkv, Q, K = ids.shape
+    b = torch.arange(B, device=ids.device)[:, None, None, None] if memory.batch > 1 else 0
+    h = torch.arange(Hkv, device=ids.device)[None, :, None, None]
+    i = ids.clamp(min=0).to(memory.keys.device)
+    out = []
+    for rows, scales in ((memory.keys, memory.key_scales), (memory.values, memory.value_scales)):
+        x = rows[b, h, i].float()                                              # [B, Hkv, Q, K, D]
+        out.append(x if scales is None else x * scales[b, h, i][..., None])
+    return out[0], out[1]
+
+
+def merged_retrieval(mem, corpus, queries: torch.Tensor, k: int, G: int, T: int):
+    """Top-k over the sequence's own memory and a read-only corpus memory together.
+
+    queries [B, Hkv, G*T, D]. The winners are gathered (dequantised) into per-query blocks, so the
+    one-softmax attention reads them like any memory: returns k_mem, v_mem [B, Hkv, G*T*k, D],
+    ids / scores [B, Hq, T, k] (ids index those blocks, -1 = none), and the winners' row ids in
+    the own memory and in the corpus ([B, Hq, T, k], -1 where the slot came from the other one).
+    """
+    B, Hkv, Q, D = queries.shape
+    Hq = Hkv * G
+    # the corpus is one memory shared by every sequence: all B*Q queries search it in one call
+    cq = queries.transpose(0, 1).reshape(1, Hkv, B * Q, D)                     # [1, Hkv, B*Q, D]
+    cs, ci = corpus.search(cq, k)                                              # [1, Hkv, B*Q, k]
+    cs = cs.view(Hkv, B, Q, k).transpose(0, 1).to(queries.device)              # [B, Hkv, Q, k]
+    ci = ci.view(Hkv, B, Q, k).transpose(0, 1).to(queries.device)
+    ck, cv = _rows(corpus, ci)
+    if mem is not None:
+        ms, mi = mem.search(queries, k)                                        # [B, Hkv, Q, k]
+        mk, mv = _rows(mem, mi)
+        scores, pick = torch.cat([ms.to(cs.device), cs], dim=-1).topk(k, dim=-1)  # [B, Hkv, Q, k]
+        from_corpus = pick >= k
+        slot = (pick % k)[..., None].expand(B, Hkv, Q, k, D)
+        keys = torch.where(from_corpus[..., None], ck.gather(3, slot), mk.gather(3, slot))
+        values = torch.where(from_corpus[..., None], cv.gather(3, slot), mv.gather(3, slot))
+        own = torch.where(from_corpus, -1, mi.to(cs.device).gather(3, pick % k))
+        cor = torch.where(from_corpus, ci.gather(3, pick % k), -1)
+    else:
+        scores, keys, values, cor = cs, ck, cv, ci
+        own = None
+    none = torch.isinf(scores)                                                 # fewer than k rows exist
+    blocks = torch.arange(Q * k, device=queries.device).view(1, 1, Q, k).expand(B, Hkv, Q, k)
+    ids = blocks.masked_fill(none, -1)                                         # row of each slot's block
+    to_heads = lambda x: x.reshape(B, Hkv, G, T, k).reshape(B, Hq, T, k)      # [B, Hkv, G*T, k] -> [B, Hq, T, k]
+    own = None if own is None else to_heads(own.masked_fill(none, -1))
+    cor = to_heads(cor.masked_fill(none, -1))
+    return (keys.reshape(B, Hkv, Q * k, D), values.reshape(B, Hkv, Q * k, D), to_heads(ids),
+            to_heads(scores), own, cor)

@@ -58,6 +58,8 @@ class MemformerForCausalLM(nn.Module):
         self.seen: list[int] = []          # tokens memorized so far, per sequence
         self.sink_ids: torch.Tensor | None = None
         self.tail_ids: torch.Tensor | None = None    # last `overlap` tokens of the previous call
+        self.corpus_documents: list = []             # table of an attached corpus memory
+        self.corpus_sink_ids: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -117,7 +119,24 @@ class MemformerForCausalLM(nn.Module):
         self.runtime.memories.clear()
         self.runtime.pending.clear()
         self.runtime.retrieved.clear()
+        self.runtime.retrieved_corpus.clear()
         self.seen, self.sink_ids, self.tail_ids = [], None, None
+
+    def attach_corpus(self, path) -> list:
+        """Attach a corpus memory (built by `memformer memory build`) read-only: every memory layer
+        then retrieves its top-k from the sequence's own memory and the corpus together. Returns
+        the corpus's document table. See memformer/corpus.py."""
+        from memformer.corpus import attach_corpus
+        return attach_corpus(self, path)
+
+    def detach_corpus(self) -> None:
+        from memformer.corpus import detach_corpus
+        detach_corpus(self)
+
+    def corpus_evidence(self, top: int = 3) -> list[dict]:
+        """Corpus documents the last `generate(..., record=True)` drew on, most attention first."""
+        from memformer.corpus import corpus_evidence
+        return corpus_evidence(self, top)
 
     def _memory_dtype(self) -> torch.dtype:
         name = self.memory_config.memory_dtype
@@ -298,14 +317,19 @@ class MemformerForCausalLM(nn.Module):
             mask = None if mask is None else mask[:, T - local:]
         if self.memories:
             self._ensure_memory(B)
-        if S > 0 and self.sink_ids is not None:
-            x = torch.cat([self.sink_ids.to(x.device), x], dim=1)
+        # the sink prefix every memory window was read with (the corpus's when only it is there)
+        sink = self.sink_ids if self.sink_ids is not None else self.corpus_sink_ids
+        if S > 0 and sink is not None and sink.shape[0] in (1, B):
+            x = torch.cat([sink.expand(B, -1).to(x.device), x], dim=1)
             if mask is not None:
                 mask = torch.cat([torch.ones(B, S, dtype=mask.dtype, device=mask.device), mask], dim=1)
         if mask is None:
             mask = torch.ones_like(x)
         kw = dict(generate_kwargs)
         kw.setdefault("pad_token_id", self._pad_id())
+        if record:  # evidence is about this generation only
+            self.runtime.retrieved.clear()
+            self.runtime.retrieved_corpus.clear()
         with self._mode(read=True, write=False, record=record or None):
             out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)
         new = out[:, x.shape[1]:].to(input_ids.device)                       # [B, new]

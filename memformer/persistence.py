@@ -72,7 +72,9 @@ def _atomic_dir(path: Path, fill) -> Path:
     return path
 
 
-def save_memory(model, path) -> Path:
+def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
+    """Write the model's memory to `path/` atomically; `extra_files` (name -> text) are written
+    into the same directory in the same rename (e.g. a corpus's document table)."""
     if not model.memories or model.memory_size() == 0:
         raise ValueError("save_memory: the memory is empty; memorize() something first")
     tensors = {}
@@ -92,6 +94,9 @@ def save_memory(model, path) -> Path:
                     "kv_heads": first.kv_heads, "head_dim": first.dim, "tokens": model.memory_size(),
                     "seen": list(model.seen), "dtype": str(first.keys.dtype).replace("torch.", ""),
                     "sha256": _sha256(tmp / "memory.safetensors")}
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+            manifest.setdefault("extra_files", {})[name] = _sha256(tmp / name)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
     return _atomic_dir(path, fill)
@@ -114,7 +119,10 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def load_memory(model, path) -> None:
+def read_memory(model, path) -> tuple[dict, dict]:
+    """Check and read a saved memory for this model without touching its own memory.
+
+    Returns (manifest, tensors); MemoryFileError if it is from another model / config or corrupt."""
     path = Path(path)
     manifest = read_manifest(path)
     mine = memory_fingerprint(model)
@@ -127,24 +135,44 @@ def load_memory(model, path) -> None:
         raise MemoryFileError(f"{path}: memory.safetensors is missing")
     if _sha256(file) != manifest.get("sha256"):
         raise MemoryFileError(f"{file} is corrupt or truncated (checksum mismatch)")
+    for name, digest in manifest.get("extra_files", {}).items():
+        if not (path / name).is_file() or _sha256(path / name) != digest:
+            raise MemoryFileError(f"{path / name} is missing, corrupt or truncated (checksum mismatch)")
     try:
         tensors = load_file(str(file))
     except Exception as e:  # safetensors raises several error types for damaged headers
         raise MemoryFileError(f"{file} cannot be read: {e}") from None
+    return manifest, tensors
 
+
+def fill_layer_memories(memories: dict, tensors: dict, file) -> None:
+    """Load `layers.<i>.*` tensors into each LayerMemory; MemoryFileError if they do not fit."""
+    try:
+        for i, mem in memories.items():
+            prefix = f"layers.{i}."
+            mem.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise MemoryFileError(f"{file} does not fit this model's memory layers: {e}") from None
+
+
+def load_memory(model, path) -> None:
+    """Replace the model's memory by the one at `path`; on any error the old memory is kept."""
+    path = Path(path)
+    manifest, tensors = read_memory(model, path)
+    file = path / "memory.safetensors"
     old = (dict(model.runtime.memories), list(model.seen), model.sink_ids, model.tail_ids)
     model.runtime.memories.clear()
     try:
         model._ensure_memory(int(manifest["batch"]))
-        for i, mem in model.memories.items():
-            prefix = f"layers.{i}."
-            mem.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        fill_layer_memories(model.memories, tensors, file)
         model.seen = tensors["seen"].tolist()
         model.sink_ids, model.tail_ids = tensors.get("sink_ids"), tensors.get("tail_ids")
     except (KeyError, ValueError, RuntimeError) as e:
         model.runtime.memories.clear()
         model.runtime.memories.update(old[0])
         model.seen, model.sink_ids, model.tail_ids = old[1], old[2], old[3]
+        if isinstance(e, MemoryFileError):
+            raise
         raise MemoryFileError(f"{file} does not fit this model's memory layers: {e}") from None
 
 

@@ -1,0 +1,204 @@
+"""Corpus memories: the key/value states of a whole document collection, computed once, kept on
+disk, and attached read-only beside any sequence's own memory.
+
+    memformer memory build --docs DIR --out MEM      # once (resumable)
+    model.attach_corpus("MEM")                        # every memory layer now also searches MEM
+    model.ask("...");  model.corpus_evidence()        # which documents the answer drew on
+
+A corpus memory is a memory directory (`memory.safetensors` + `manifest.json`, see
+persistence.py) with one more file in the same atomic write, `corpus.json`: the documents in
+reading order with their token range in the memory stream, sha256 and text (for evidence
+snippets). Documents are read one after another as one stream; no window crosses a document
+boundary (the overlap context is reset per document) and an EOS token ends each document.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from memformer import persistence
+
+CORPUS_FILE = "corpus.json"
+CORPUS_FORMAT = "memformer-corpus"
+DOC_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown", ".html", ".htm", ".pdf"}
+
+
+@dataclass
+class CorpusDocument:
+    name: str            # path relative to the corpus directory
+    sha256: str          # of the text read
+    start: int           # first token position in the memory stream
+    end: int             # one past the last (EOS included)
+    text: str
+
+
+def _read(path: Path) -> str:
+    try:  # the QA application's reader handles HTML / PDF when present
+        from memformer.documents import read_document
+    except ImportError:
+        from memformer.qa import read_document
+    return read_document(path)
+
+
+def find_documents(docs_dir) -> list[Path]:
+    """Documents under `docs_dir` (recursively, sorted), by suffix."""
+    root = Path(docs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory of documents")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{root}: no documents ({', '.join(sorted(DOC_SUFFIXES))}) found")
+    return paths
+
+
+def read_corpus_table(path) -> list[CorpusDocument]:
+    f = Path(path) / CORPUS_FILE
+    if not f.is_file():
+        raise persistence.MemoryFileError(f"{path} is a memory but not a corpus memory (no {CORPUS_FILE})")
+    try:
+        data = json.loads(f.read_text())
+        if data.get("format") != CORPUS_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}")
+        return [CorpusDocument(**d) for d in data["documents"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise persistence.MemoryFileError(f"{f} is corrupt: {e}") from None
+
+
+def _table_json(docs: list[CorpusDocument]) -> str:
+    return json.dumps({"format": CORPUS_FORMAT, "documents": [asdict(d) for d in docs]})
+
+
+def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: bool = True) -> list[CorpusDocument]:
+    """Read every document under `docs_dir` into one memory saved at `out`.
+
+    Resumable: the memory and the table of finished documents are saved together (atomically)
+    every `save_every` documents, on Ctrl-C and at the end; running again with the same `out`
+    loads them and continues with the next document. Returns the document table.
+    """
+    root, out = Path(docs_dir), Path(out)
+    paths = find_documents(root)
+    done: list[CorpusDocument] = []
+    model.reset_memory()
+    if (out / "manifest.json").is_file():
+        done = read_corpus_table(out)
+        model.load_memory(out)                  # refuses another model's / config's memory
+        names = [p.relative_to(root).as_posix() for p in paths]
+        if [d.name for d in done] != names[:len(done)]:
+            raise ValueError(f"{out} was built from other documents than {root}; use another --out")
+    tok = model.tokenizer
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    todo = paths[len(done):]
+
+    def save():
+        if done:
+            persistence.save_memory(model, out, extra_files={CORPUS_FILE: _table_json(done)})
+
+    try:
+        for i, path in enumerate(tqdm(todo, desc="corpus", unit="doc", disable=not show_progress)):
+            text = _read(path)
+            ids = tok(text, add_special_tokens=False)["input_ids"] + [eos]
+            model.tail_ids = None               # no overlap context from the previous document
+            start = model.seen[0] if model.seen else 0
+            model.memorize(torch.tensor([ids]), show_progress=False)
+            done.append(CorpusDocument(path.relative_to(root).as_posix(),
+                                       hashlib.sha256(text.encode()).hexdigest(), start, start + len(ids), text))
+            if (i + 1) % save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        save()
+        raise
+    save()
+    return done
+
+
+def corpus_info(path) -> dict:
+    """What a corpus memory holds (from its manifest and table; tensors are not loaded)."""
+    path = Path(path)
+    manifest = persistence.read_manifest(path)
+    docs = read_corpus_table(path)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return {"path": str(path), "documents": len(docs), "tokens_read": int(sum(manifest["seen"])),
+            "tokens_in_memory": manifest["tokens"], "memory_layers": manifest["fingerprint"]["memory_layers"],
+            "window": manifest["fingerprint"]["window"], "dtype": manifest["dtype"],
+            "kv_heads": manifest["kv_heads"], "head_dim": manifest["head_dim"], "bytes_on_disk": size,
+            "backbone": manifest["fingerprint"]["backbone"],
+            "first_documents": [d.name for d in docs[:5]]}
+
+
+def attach_corpus(model, path) -> list[CorpusDocument]:
+    """Attach the corpus memory at `path` read-only to every memory layer of `model` (replacing an
+    attached one). It must come from the same backbone and memory config; the model's own memory
+    is untouched."""
+    from memformer.index import LayerMemory
+    path = Path(path)
+    docs = read_corpus_table(path)
+    manifest, tensors = persistence.read_memory(model, path)
+    if int(manifest["batch"]) != 1:
+        raise persistence.MemoryFileError(f"{path}: a corpus memory holds one stream, this one {manifest['batch']}")
+    cfg = model.memory_config
+    device = cfg.index_device or model.device
+    layers = {i: LayerMemory(1, int(manifest["kv_heads"]), int(manifest["head_dim"]), dtype=model._memory_dtype(),
+                             device=device, index=cfg.index, index_params=cfg.index_params)
+              for i in model.memory_layer_ids}
+    persistence.fill_layer_memories(layers, tensors, path / "memory.safetensors")
+    model.runtime.corpus.clear()
+    model.runtime.corpus.update(layers)
+    model.corpus_documents = docs
+    model.corpus_sink_ids = tensors.get("sink_ids")
+    return docs
+
+
+def detach_corpus(model) -> None:
+    model.runtime.corpus.clear()
+    model.runtime.retrieved_corpus.clear()
+    model.corpus_documents, model.corpus_sink_ids = [], None
+
+
+def corpus_mass(model) -> dict[int, float]:
+    """Attention mass per corpus token position, summed over layers, heads and generated steps of
+    the last generation run with record=True."""
+    mass: dict[int, float] = {}
+    for layer, records in model.runtime.retrieved_corpus.items():
+        positions = model.runtime.corpus[layer].positions[0]                       # [M]
+        for ids, probs in records:
+            ok = ids >= 0
+            pos = positions.to(ids.device)[ids.clamp(min=0)][ok]
+            w = probs.float()[ok]
+            for p, m in zip(pos.tolist(), w.tolist()):
+                mass[p] = mass.get(p, 0.0) + m
+    return mass
+
+
+def corpus_evidence(model, top: int = 3, context_tokens: int = 24) -> list[dict]:
+    """The corpus documents the last recorded generation drew on, most attention mass first:
+    [{"doc", "mass", "share", "position", "snippet"}] (`position` = the token, within the
+    document, that received the most mass; `snippet` = the text around it)."""
+    docs = getattr(model, "corpus_documents", [])
+    if not docs:
+        raise ValueError("no corpus memory attached (attach_corpus first)")
+    starts = [d.start for d in docs]
+    per_doc: dict[int, dict[int, float]] = {}
+    for pos, m in corpus_mass(model).items():
+        i = bisect.bisect_right(starts, pos) - 1
+        if 0 <= i and pos < docs[i].end:
+            per_doc.setdefault(i, {})[pos] = per_doc.get(i, {}).get(pos, 0.0) + m
+    total = sum(sum(v.values()) for v in per_doc.values()) or 1.0
+    ranked = sorted(per_doc.items(), key=lambda kv: -sum(kv[1].values()))[:top]
+    out = []
+    tok = model.tokenizer
+    for i, positions in ranked:
+        d = docs[i]
+        peak = max(positions, key=positions.get)
+        ids = tok(d.text, add_special_tokens=False)["input_ids"]
+        at = peak - d.start
+        snippet = tok.decode(ids[max(0, at - context_tokens):at + context_tokens])
+        out.append({"doc": d.name, "mass": round(sum(positions.values()), 4),
+                    "share": round(sum(positions.values()) / total, 4), "position": at,
+                    "snippet": " ".join(snippet.split())})
+    return out

@@ -1,0 +1,148 @@
+"""Corpus memories: merged retrieval, build / resume / attach / refuse, evidence, the CLI."""
+import json
+
+import pytest
+import torch
+
+from memformer import MemformerForCausalLM, MemoryConfig, MemoryFileError, corpus
+from memformer.cli import main
+from memformer.index import LayerMemory
+from memformer.kernels import knn_attention_reference
+from memformer.memory_layer import merged_retrieval
+from tests.conftest import tiny_backbone
+
+
+class CharTokenizer:
+    """One token per character (vocab 128), enough for a tiny random model."""
+    eos_token_id = 0
+    pad_token_id = 0
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + ord(c) % 127 for c in text]}
+
+    def decode(self, ids, **kw):
+        return "".join(chr(i - 1) for i in ids if i > 0)
+
+
+def _cfg(**kw):
+    return MemoryConfig(**{**dict(window=48, sink_tokens=2, overlap=8, top_k=4, lora_rank=0), **kw})
+
+
+def _model(**kw):
+    return MemformerForCausalLM(tiny_backbone(), CharTokenizer(), _cfg(**kw))
+
+
+def _docs(tmp_path, n=5):
+    d = tmp_path / "docs"
+    (d / "sub").mkdir(parents=True)
+    for i in range(n):
+        folder = d / "sub" if i % 2 else d
+        (folder / f"doc{i}.txt").write_text(f"Document {i}. " + "lorem ipsum dolor " * (8 + 3 * i))
+    return d
+
+
+@pytest.mark.parametrize("with_own", [True, False])
+def test_merged_retrieval_equals_one_concatenated_memory(with_own):
+    B, Hkv, G, T, D, k = 2, 2, 2, 5, 16, 4
+    g = torch.Generator().manual_seed(0)
+    own_k, own_v = torch.randn(B, Hkv, 30, D, generator=g), torch.randn(B, Hkv, 30, D, generator=g)
+    cor_k, cor_v = torch.randn(1, Hkv, 40, D, generator=g), torch.randn(1, Hkv, 40, D, generator=g)
+    own = LayerMemory(B, Hkv, D)
+    own.add(own_k, own_v, torch.arange(30).expand(B, 30))
+    cor = LayerMemory(1, Hkv, D)
+    cor.add(cor_k, cor_v, torch.arange(40)[None])
+    both = LayerMemory(B, Hkv, D)                                # the oracle: each sequence holds both
+    if with_own:
+        both.add(torch.cat([own_k, cor_k.expand(B, -1, -1, -1)], 2), torch.cat([own_v, cor_v.expand(B, -1, -1, -1)], 2),
+                 torch.arange(70).expand(B, 70))
+    else:
+        both.add(cor_k.expand(B, -1, -1, -1), cor_v.expand(B, -1, -1, -1), torch.arange(40).expand(B, 40))
+    q = torch.randn(B, Hkv * G, T, D, generator=g)
+    kl, vl = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    queries = q.reshape(B, Hkv, G * T, D)
+    k_mem, v_mem, ids, scores, own_ids, cor_ids = merged_retrieval(own if with_own else None, cor, queries, k, G, T)
+    got = knn_attention_reference(q, kl, vl, k_mem, v_mem, ids, mem_scores=scores, return_mem_probs=True)
+    s2, i2 = both.search(queries, k)
+    i2 = i2.view(B, Hkv, G, T, k).reshape(B, Hkv * G, T, k)
+    want = knn_attention_reference(q, kl, vl, both.keys, both.values, i2, return_mem_probs=True)
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+    # every winner is named in exactly one source, and the row ids point at the right rows
+    offset = 30 if with_own else 0
+    from_cor = cor_ids >= 0
+    assert torch.equal(torch.where(from_cor, cor_ids + offset, own_ids if with_own else -1), i2)
+
+
+def test_build_resume_attach_and_evidence(tmp_path, monkeypatch):
+    docs = _docs(tmp_path)
+    model = _model()
+    table = corpus.build_corpus(model, docs, tmp_path / "full", show_progress=False)
+    assert [d.name for d in table] == ["doc0.txt", "doc2.txt", "doc4.txt", "sub/doc1.txt", "sub/doc3.txt"]
+    assert all(a.end == b.start for a, b in zip(table, table[1:]))
+    full = dict(model.memories[0].state_dict())
+
+    # interrupted after two documents (Ctrl-C while reading the third), then resumed
+    calls = {"n": 0}
+    real_read = corpus._read
+
+    def flaky(path):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_read(path)
+    monkeypatch.setattr(corpus, "_read", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.build_corpus(_model(), docs, tmp_path / "resumed", save_every=100, show_progress=False)
+    assert len(corpus.read_corpus_table(tmp_path / "resumed")) == 2
+    monkeypatch.setattr(corpus, "_read", real_read)
+    resumed = _model()
+    corpus.build_corpus(resumed, docs, tmp_path / "resumed", show_progress=False)
+    for key, t in resumed.memories[0].state_dict().items():
+        assert torch.equal(t, full[key]), key
+
+    # attach read-only: own memory untouched, retrieval now sees the corpus
+    reader = _model()
+    x = torch.tensor([CharTokenizer()("lorem ipsum dolor lorem")["input_ids"]])
+    with reader.memory_disabled():
+        plain = reader(x).logits
+    reader.attach_corpus(tmp_path / "full")
+    assert reader.memory_size() == 0 and len(reader.runtime.corpus) == 2
+    out = reader.generate(x, max_new_tokens=3, do_sample=False, record=True)
+    assert out.shape[1] == x.shape[1] + 3
+    ev = reader.corpus_evidence(top=5)
+    assert ev and abs(sum(e["share"] for e in ev) - 1) < 1e-3
+    assert {e["doc"] for e in ev} <= {d.name for d in table}
+    assert not torch.equal(reader(x).logits, plain)
+    reader.detach_corpus()
+    assert torch.allclose(reader(x).logits, plain, atol=1e-5)
+
+
+def test_corpus_from_another_config_or_corrupt_is_refused(tmp_path):
+    docs = _docs(tmp_path, n=2)
+    corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
+    other = _model(window=64)
+    with pytest.raises(MemoryFileError, match="window"):
+        other.attach_corpus(tmp_path / "mem")
+    assert not other.runtime.corpus
+    table = tmp_path / "mem" / corpus.CORPUS_FILE
+    table.write_text(table.read_text()[:-20])                    # truncated table
+    with pytest.raises(MemoryFileError):
+        _model().attach_corpus(tmp_path / "mem")
+    with pytest.raises(ValueError, match="other documents"):     # resuming with another folder
+        (tmp_path / "docs2").mkdir()
+        (tmp_path / "docs2" / "x.txt").write_text("something else entirely")
+        corpus.build_corpus(_model(), tmp_path / "docs2", tmp_path / "mem2", show_progress=False)
+        corpus.build_corpus(_model(), docs, tmp_path / "mem2", show_progress=False)
+    with pytest.raises(ValueError, match="no documents"):
+        corpus.find_documents(tmp_path / "mem")
+
+
+def test_memory_info_and_cli_errors(tmp_path, capsys):
+    docs = _docs(tmp_path, n=3)
+    corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
+    assert main(["memory", "info", str(tmp_path / "mem"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["documents"] == 3 and info["tokens_in_memory"] > 0 and info["memory_layers"] == [0, 1]
+    assert main(["memory", "info", str(tmp_path / "nothing")]) == 2
+    assert main(["memory", "build", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
+    assert "not a directory" in capsys.readouterr().err
