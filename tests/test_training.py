@@ -1,0 +1,348 @@
+"""Crossbatch fine-tuning (memformer.training) on tiny random backbones and a byte tokenizer."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_backbone
+from memformer import MemformerForCausalLM, MemoryConfig
+from memformer.cli import build_parser
+from memformer.training import CrossbatchRecipe, DenseMemory, TrainConfig, negative_groups, run_episode
+from memformer.training.config import ConfigError, Schedule, apply_overrides
+from memformer.training.crossbatch import scored_counts
+from memformer.training.data import (BatchStream, Sample, SampleStream, collate, held_out, kv_sample,
+                                     pack_document, passkey_sample)
+from memformer.training.metrics import read_metrics
+
+CONFIGS = sorted((Path(__file__).parent.parent / "training" / "configs").glob("*.yaml"))
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by one; 0 is end-of-text and padding."""
+    eos_token_id = pad_token_id = 0
+    eos_token = pad_token = "<eos>"
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [b + 1 for b in text.encode()]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        return bytes(i - 1 for i in ids if i > 0).decode(errors="replace")
+
+
+def tiny_model(**cfg):
+    mc = MemoryConfig(**{"window": 32, "top_k": 8, "overlap": 4, "sink_tokens": 2, "lora_rank": 4, **cfg})
+    return MemformerForCausalLM(tiny_backbone(vocab_size=260), ByteTokenizer(), mc)
+
+
+def random_batch(B=3, L=100, doc_ids=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = doc_ids if doc_ids is not None else list(range(B))
+    return collate([Sample(torch.randint(1, 257, (L,), generator=g).tolist(), [True] * L, ids[b], "text")
+                    for b in range(B)], L, 0)
+
+
+def write_corpus(folder: Path, n_docs=24, chars=700) -> Path:
+    """A JSONL of documents that repeat a per-document phrase (memory helps predict it)."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "docs.jsonl"
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            phrase = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega", "sigma"]) for _ in range(6))
+            text = f"doc {i}: " + " ".join(f"{phrase} {rng.randint(0, 9)}." for _ in range(chars // 40))
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def tiny_config(tmp_path, **over) -> TrainConfig:
+    raw = {"output_dir": str(tmp_path / "run"), "seed": 0,
+           "memory": {"window": 32, "top_k": 8, "overlap": 4, "sink_tokens": 2, "lora_rank": 4},
+           "data": {"sources": [{"type": "jsonl", "path": str(write_corpus(tmp_path))}], "seq_len": 128,
+                    "min_doc_tokens": 64, "eval_fraction": 0.25, "shuffle_buffer": 4, "synthetic_rate": 0.2,
+                    "synthetic_tasks": ["kv"]},
+           "crossbatch": {"batch_size": 3, "d": 2, "w": 2, "top_k": 8},
+           "optim": {"lr": 1e-2, "warmup_steps": 2},
+           "train": {"max_steps": 6, "gradient_checkpointing": True},
+           "eval": {"every": 0, "batch_size": 2, "batches": 1, "passkey_trials": 0},
+           "checkpoint": {"every": 2, "keep": 3}}
+    return TrainConfig.from_dict(apply_overrides(raw, [f"{k}={v}" for k, v in over.items()]))
+
+
+def recipe_for(cfg):
+    r = CrossbatchRecipe(cfg, backbone=tiny_backbone(vocab_size=260), tokenizer=ByteTokenizer())
+    r.setup()
+    return r
+
+
+# ---------------------------------------------------------------- crossbatch masks
+def test_dense_memory_search_is_dense_or_exact_top_k():
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 10, 8, generator=g)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, 6:] = False                                          # lane 1 has 6 rows
+    q = torch.randn(2, 3, 5, 8, generator=g, requires_grad=True)
+    scores, ids = DenseMemory(keys, values, valid).search(q, 99)
+    assert ids.shape == (2, 3, 5, 10) and (ids[1, ..., 6:] == -1).all() and (ids[0] >= 0).all()
+    torch.testing.assert_close(scores, q @ keys.transpose(-1, -2))
+    s4, i4 = DenseMemory(keys, values, valid, top_k=4).search(q)
+    brute = (q @ keys.transpose(-1, -2)).masked_fill(~valid[:, None, None], float("-inf")).topk(4, dim=-1)
+    torch.testing.assert_close(s4, brute.values)
+    assert torch.equal(i4, brute.indices)
+    s4.sum().backward()                                            # the search score is a logit: it trains q
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="top_k"):
+        DenseMemory(keys, values, valid, top_k=0)
+    with pytest.raises(ValueError, match=r"\[B, Hkv, M, D\]"):
+        DenseMemory(keys, values[:, :2], valid)
+
+
+def test_negative_groups_come_only_from_other_documents():
+    docs = torch.tensor([7, 7, 8, 9, 10])                         # lanes 0 and 1: chunks of one document
+    assert torch.equal(negative_groups(docs, 1, random.Random(0)), torch.eye(5, dtype=torch.bool))
+    for seed in range(5):
+        g = negative_groups(docs, 3, random.Random(seed))
+        assert g.diagonal().all() and (g.sum(1) == 3).all()
+        assert not g[0, 1] and not g[1, 0]                        # never the same document
+    assert negative_groups(docs, 5, random.Random(0))[0].sum() == 4   # fewer others than d - 1
+    with pytest.raises(ValueError, match="d must be >= 1"):
+        negative_groups(docs, 0, random.Random(0))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_memory_rows_are_earlier_windows_of_the_lanes_group(d):
+    model = tiny_model()
+    batch = random_batch(B=3, L=100)
+    with torch.no_grad():
+        res = run_episode(model, batch, d=d, w=2, top_k=None, generator=random.Random(0), keep_rows=True)
+    group = negative_groups(batch.doc_ids, d, random.Random(0))   # the same draw as the episode's
+    step = 32 - 2 - 4
+    for t, rows in enumerate(res.rows, start=1):                  # window t reads rows from windows < t
+        valid = rows[..., 0] >= 0
+        lane, window, pos = rows[..., 0], rows[..., 1], rows[..., 2]
+        assert (window[valid] < t).all() and (window[valid] >= t - 2).all()    # the last w windows only
+        assert (pos[valid] < 2 + t * step).all()                  # never the window itself or the future
+        for b in range(3):
+            assert set(lane[b][valid[b]].tolist()) == set(group[b].nonzero().flatten().tolist())
+        if d == 1:
+            assert (lane[valid] == torch.arange(3)[:, None].expand_as(lane)[valid]).all()   # no negatives
+
+
+def _window_losses(model, batch, d, doc_ids=None):
+    with torch.no_grad():
+        res = run_episode(model, batch, d=d, w=None, top_k=None, generator=random.Random(0))
+    return torch.stack(res.loss)                                 # [windows, B]
+
+
+def test_no_window_sees_its_future_and_negatives_follow_documents():
+    model = tiny_model()
+    base = random_batch(B=2, L=100)
+    changed = random_batch(B=2, L=100, seed=1)
+    changed.ids[:, :60] = base.ids[:, :60]                        # both lanes differ from token 60 on
+    a, b = _window_losses(model, base, d=2), _window_losses(model, changed, d=2)
+    # windows start at 2, 28, 54, 80 (sink 2, 26 new tokens); scored: 1, 2, 3; only window 1 ends before 60
+    assert torch.equal(a[0], b[0]) and (a[1:] != b[1:]).all()
+    # lane 1's text reaches lane 0 only as a negative (d = 2, other documents), never with d = 1
+    other = random_batch(B=2, L=100, seed=1)
+    other.ids[0] = base.ids[0]
+    assert not torch.equal(_window_losses(model, base, 2)[:, 0], _window_losses(model, other, 2)[:, 0])
+    assert torch.equal(_window_losses(model, base, 1)[:, 0], _window_losses(model, other, 1)[:, 0])
+    # two chunks of one document are never each other's negatives
+    same_doc, other_same = random_batch(B=2, L=100, doc_ids=[5, 5]), random_batch(B=2, L=100, doc_ids=[5, 5], seed=1)
+    other_same.ids[0] = same_doc.ids[0]
+    assert torch.equal(_window_losses(model, same_doc, 2)[:, 0], _window_losses(model, other_same, 2)[:, 0])
+
+
+def test_scored_counts_match_the_episode_and_gradients_reach_only_memory_layers():
+    model = tiny_model(memory_layers=[1])
+    model.train()
+    batch = random_batch(B=2, L=90)
+    batch.valid[1, 70:] = False                                   # a shorter document
+    batch.targets[1, 70:] = False
+    res = run_episode(model, batch, d=2, w=1, top_k=4, generator=random.Random(0),
+                      backward=lambda loss, count, t, last: loss.sum().backward())
+    assert torch.equal(sum(res.count), scored_counts(model, batch))
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".layers.1." in n and ("lora_" in n or "memory_gate" in n) for n in grads)
+    assert any("memory_gate" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+# ---------------------------------------------------------------- data
+def test_data_split_packing_and_synthetic_samples(tmp_path):
+    tok = ByteTokenizer()
+    assert [len(c) for c in pack_document(list(range(250)), 100, 40)] == [100, 100, 50]   # 50 >= 40 kept
+    assert [len(c) for c in pack_document(list(range(230)), 100, 40)] == [100, 100]   # 30 < 40 dropped
+    cfg = dict(sources=[{"type": "jsonl", "path": str(write_corpus(tmp_path))}], tokenizer=tok,
+               seq_len=128, min_tokens=64, eval_fraction=0.3)
+    train = SampleStream(**cfg, split="train", shuffle_buffer=3)
+    held = list(SampleStream(**cfg, split="eval"))
+    it = iter(train)
+    seen = {next(it).doc_id for _ in range(60)}
+    assert held and not seen & {s.doc_id for s in held}           # held out by document
+    assert all(len(s.ids) <= 128 for s in held)
+    rng = random.Random(0)
+    pk = passkey_sample(tok, rng, 400, local=100, answer_only=True)
+    answer = tok.decode([i for i, t in zip(pk.ids, pk.targets) if t])
+    assert len(pk.ids) <= 400 and answer.strip().rstrip(".").isdigit()
+    assert tok.decode(pk.ids[:300]).count(answer.strip().rstrip(".")) >= 1   # the needle lies before the last 100
+    with pytest.raises(ValueError, match="raise data.seq_len"):
+        passkey_sample(tok, rng, 100, local=50, answer_only=True)
+    kv = kv_sample(tok, rng, 400, local=100, answer_only=True)
+    values = tok.decode([i for i, t in zip(kv.ids, kv.targets) if t]).split()
+    assert values and all(tok.decode(kv.ids[:300]).count(v) for v in values)
+    # the stream is a function of its seed: skipping replays it
+    a, b = BatchStream(train, 2, 0), BatchStream(SampleStream(**cfg, split="train", shuffle_buffer=3), 2, 0)
+    [next(a) for _ in range(3)]
+    b.skip(3)
+    assert torch.equal(next(a).ids, next(b).ids)
+
+
+def test_text_and_hf_disk_sources_and_bad_specs(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    tok = ByteTokenizer()
+    (tmp_path / "t").mkdir()
+    for i in range(6):
+        (tmp_path / "t" / f"{i}.txt").write_text(f"text file {i} " * 20)
+    datasets.Dataset.from_dict({"body": [f"row {i} " * 30 for i in range(6)]}).save_to_disk(str(tmp_path / "hf"))
+    for spec in ({"type": "text", "paths": [str(tmp_path / "t")]},
+                 {"type": "hf_disk", "path": str(tmp_path / "hf"), "text_field": "body"}):
+        s = SampleStream([spec], tok, seq_len=64, min_tokens=32, eval_fraction=0.5, split="eval")
+        train = SampleStream([spec], tok, seq_len=64, min_tokens=32, eval_fraction=0.5, shuffle_buffer=1)
+        assert {x.doc_id for x in s}.isdisjoint({next(iter(train)).doc_id})
+    with pytest.raises(ValueError, match="type 'csv' not in"):
+        SampleStream([{"type": "csv"}], tok, seq_len=64, min_tokens=32, eval_fraction=0.5)
+    with pytest.raises(ValueError, match="missing"):
+        SampleStream([{"type": "jsonl"}], tok, seq_len=64, min_tokens=32, eval_fraction=0.5)
+    with pytest.raises(ValueError, match="no column"):
+        list(SampleStream([{"type": "hf_disk", "path": str(tmp_path / "hf")}], tok, seq_len=64, min_tokens=32,
+                          eval_fraction=0.5, split="eval"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        list(SampleStream([{"type": "jsonl", "path": str(bad)}], tok, seq_len=64, min_tokens=1,
+                          eval_fraction=0.999, split="eval"))
+
+
+def test_default_corpus_is_real_long_documents_offline():
+    from memformer.training.data import python_docs_documents, stdlib_documents
+    docs = list(stdlib_documents(random.Random(0)))
+    names = {d.name for d in docs}
+    assert {"stdlib/email", "stdlib/json", "stdlib/typing.py"} <= names and "stdlib/test" not in names
+    email = next(d for d in docs if d.name == "stdlib/email").load()
+    assert "# file: email/parser.py" in email and len(email) > 100_000
+    parts = list(python_docs_documents(random.Random(0), parts=4))
+    assert len(parts) == 4 and all(len(p.load()) > 50_000 for p in parts)
+    assert 0 < sum(held_out(n, 0.1) for n in names) < len(names) / 4
+
+
+# ---------------------------------------------------------------- config
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_yaml_config_validates_and_shows_its_command(path):
+    cfg = TrainConfig.load(path)
+    assert f"memformer train --config training/configs/{path.name}" in path.read_text().split("\n\n")[0]
+    assert max(cfg.d_schedule().values()) <= cfg.crossbatch.batch_size
+
+
+def test_configs_include_cpu_smoke_and_gpu_d_schedule_to_64():
+    names = {p.name for p in CONFIGS}
+    assert {"smollm2_cpu.yaml", "smollm2_gpu.yaml"} <= names
+    cpu = TrainConfig.load(CONFIGS[0].parent / "smollm2_cpu.yaml")
+    gpu = TrainConfig.load(CONFIGS[0].parent / "smollm2_gpu.yaml")
+    assert cpu.memory.window <= 512 and gpu.memory.window == 2048
+    assert max(gpu.d_schedule().values()) >= 64 and min(gpu.d_schedule().values()) <= 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=3", "unknown keys"), ("crossbatch.d=64", "batch holds only"),
+    ("crossbatch.d=[[5, 2]]", "starting at 0"), ("crossbatch.w={choices: []}", "choices"),
+    ("memory.window=0", "memory: MemoryConfig"), ("data.min_doc_tokens=20", "second window"),
+    ("optim.scheduler=step", "not in"), ("data.sources=[{type: csv}]", "type 'csv'"),
+    ("eval.passkey_lengths=[4q]", "not a length"), ("bogus=1", "unknown top-level"),
+    ("optim.lr=fast", "optim.lr must be float"), ("train.gradient_checkpointing=3", "must be bool"),
+])
+def test_bad_configs_are_clear_errors(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, **dict([override.split("=", 1)]))
+
+
+def test_overrides_and_schedules():
+    raw = apply_overrides({"crossbatch": {"d": 2}}, ["crossbatch.d=[[0, 2], [10, 8]]", "optim.lr=3e-4"])
+    assert raw == {"crossbatch": {"d": [[0, 2], [10, 8]]}, "optim": {"lr": 3e-4}}
+    s = Schedule(raw["crossbatch"]["d"], "d")
+    assert [s.at(i, None) for i in (0, 9, 10, 99)] == [2, 2, 8, 8]
+    c = Schedule({"choices": [2, 4]}, "d")
+    assert {c.at(0, random.Random(i)) for i in range(20)} == {2, 4}
+    assert Schedule(None, "w", allow_none=True).at(5, None) is None
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides({}, ["train.max_steps"])
+
+
+def test_cli_train_parses_and_prints_config(capsys):
+    args = build_parser().parse_args(["train", "--config", str(CONFIGS[0].parent / "smollm2_cpu.yaml"),
+                                      "train.max_steps=7", "--print-config"])
+    assert args.func(args) == 0
+    assert "max_steps: 7" in capsys.readouterr().out
+    bad = build_parser().parse_args(["train", "--config", "nope.yaml"])
+    assert bad.func(bad) == 2
+
+
+# ---------------------------------------------------------------- the recipe
+def test_training_lowers_loss_and_keeps_the_backbone_bit_identical(tmp_path):
+    cfg = tiny_config(tmp_path, **{"train.max_steps": 25, "checkpoint.every": 0, "eval.at_start": False,
+                                   "eval.at_end": False, "optim.lr": 2e-2, "data.synthetic_rate": 0.0})
+    r = recipe_for(cfg)
+    frozen = {n: p.detach().clone() for n, p in r.model.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad}
+    r.train()
+    r.cleanup()
+    assert all(torch.equal(p, frozen[n]) for n, p in r.model.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, before[n]) for n, p in r.model.named_parameters() if n in before)
+    losses = [v for _, v in read_metrics(tmp_path / "run" / "metrics.csv")["train/loss"]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    # the saved adapter is what from_pretrained(backbone, memory_config, adapter=) loads
+    fresh = MemformerForCausalLM.from_pretrained(tiny_backbone(vocab_size=260), cfg.memory,
+                                                 adapter=tmp_path / "run" / "adapter", tokenizer=ByteTokenizer())
+    want = r.model.trainable_state_dict()
+    assert all(torch.equal(t, want[n]) for n, t in fresh.trainable_state_dict().items())
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_continues_the_same_run(tmp_path):
+    full = recipe_for(tiny_config(tmp_path / "a"))
+    full.train()
+    full.cleanup()
+    killed = recipe_for(tiny_config(tmp_path / "b"))
+    step = killed._train_step
+
+    def dies_at_step_5():
+        if killed.step == 4:                                      # after the step-4 checkpoint, mid-run
+            raise Killed
+        return step()
+    killed._train_step = dies_at_step_5
+    with pytest.raises(Killed):
+        killed.train()
+    resumed = recipe_for(tiny_config(tmp_path / "b"))
+    assert resumed.step == 4
+    resumed.train()
+    resumed.cleanup()
+    a, b = (read_metrics(tmp_path / x / "run" / "metrics.csv") for x in "ab")
+    assert a.keys() == b.keys() and a["train/loss"] == b["train/loss"] and len(a["train/loss"]) == 6
+    assert a["eval/loss_memory"] == b["eval/loss_memory"]
+    sa, sb = full.model.trainable_state_dict(), resumed.model.trainable_state_dict()
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
+def test_evaluation_hook_reports_memory_and_passkey(tmp_path):
+    cfg = tiny_config(tmp_path, **{"eval.passkey_trials": 1, "eval.passkey_lengths": "[300]"})
+    r = recipe_for(cfg)
+    out = r.evaluate()
+    assert {"loss_memory", "loss_no_memory", "memory_gain", "ppl_memory", "passkey_300"} <= set(out)
+    assert out["loss_memory"] != out["loss_no_memory"] and out["passkey_300"] in (0.0, 1.0)
+    assert not r.model.memories                                  # evaluation leaves no memory behind
+    r.cleanup()

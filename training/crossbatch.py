@@ -1,0 +1,316 @@
+"""Crossbatch training (Focused Transformer): B documents read window by window, in lockstep.
+
+In every memory layer a window of document i attends, in one softmax, to
+  * its local causal context (the backbone's own attention over [sink ‖ overlap ‖ new tokens]);
+  * memory = the keys/values of the last `w` windows of its own document (positives) and of
+    `d - 1` other documents of the batch (negatives, FoT's distractors).
+The memory is a `DenseMemory`, duck-typed as the `LayerMemory` that `MemoryAttention` reads at
+inference, so training runs the exact inference code path: same window layout
+(`MemformerForCausalLM.plan_windows`), memory keys rotated at their own in-window position and
+queries moved to the fixed memory position, the memory gate, `knn_attention`.
+
+Memory keys and values carry no gradient (Memorizing Transformer practice): they are the keys the
+write pass stores, detached, exactly what `memorize` stores at inference. Gradients reach the
+memory layers through the queries (LoRA q), the attention output (LoRA o, memory gate) and the
+local keys/values (LoRA k/v). Making memory differentiable would keep the graphs of the last `w`
+windows alive and back-propagate through them: w times the activation memory for a term FoT's own
+ablations do not need for fine-tuning. Memory is rebuilt from the current adapter every episode,
+so it is never stale by more than the windows of one episode.
+
+Write pass: with `MemoryConfig.read_during_ingest = False` (the default) inference stores the keys
+of a forward that does not read memory, so training runs a separate no-grad write-only forward per
+window; with `read_during_ingest = True` the keys come from the reading forward itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Score blocks of the top-k selection are kept under this many elements (fp32: 256 MB).
+_SCORE_BLOCK = 64 * 1024 * 1024
+
+
+class DenseMemory:
+    """One memory layer's crossbatch memory, read by `MemoryAttention` like a `LayerMemory`.
+
+    keys, values: [B, Hkv, M, D] the rows lane b may read (its own earlier windows and those of
+        its negatives), detached; or, with `lanes = (lane [B, M], row [B, M])`, a pool
+        [C, Hkv, R, D] of every lane's rows, lane b reading pool row (lane[b, m], row[b, m]).
+        The pool form gathers a layer's rows only while that layer runs, so the B x M copies
+        of all memory layers never exist at once (with d = 64 they would not fit on a GPU).
+    valid: [B, M] bool, False = padding row (never attended).
+    top_k: None = dense (every valid row is returned by `search`, FoT); an int = the top_k rows by
+        score (what inference retrieves; the reference kernel gathers [B, Hq, T, K, D] values, so
+        dense attention over thousands of rows does not fit in memory outside tiny models).
+    """
+
+    key_scales = None        # full-precision rows: no int8 scales
+    value_scales = None
+    tracks_attention = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, top_k: int | None = None,
+                 lanes: tuple | None = None):
+        B, M = valid.shape
+        fits = (keys.shape[0], keys.shape[2]) == (B, M) if lanes is None else (
+            lanes[0].shape == lanes[1].shape == valid.shape)
+        if keys.dim() != 4 or keys.shape != values.shape or not fits:
+            raise ValueError(f"DenseMemory: keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid "
+                             f"{tuple(valid.shape)} are not [B, Hkv, M, D], [B, Hkv, M, D], [B, M]"
+                             f"{'' if lanes is None else ' (or a pool with lanes of shape [B, M])'}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"DenseMemory: top_k must be >= 1 or None (dense), got {top_k}")
+        self._keys, self._values, self.valid, self.top_k, self.lanes = keys, values, valid, top_k, lanes
+
+    def _rows(self, pool: torch.Tensor) -> torch.Tensor:
+        if self.lanes is None:
+            return pool
+        lane, row = self.lanes
+        return pool.permute(0, 2, 1, 3)[lane, row].permute(0, 2, 1, 3)    # [B, M, Hkv, D] -> [B, Hkv, M, D]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[B, Hkv, M, D]"""
+        return self._rows(self._keys)
+
+    @property
+    def values(self) -> torch.Tensor:
+        """[B, Hkv, M, D]"""
+        return self._rows(self._values)
+
+    def __len__(self) -> int:
+        return self.valid.shape[1]
+
+    def search(self, queries: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [B, Hkv, Q, D] -> (scores, ids) [B, Hkv, Q, K]; id -1 = padding row.
+
+        `k` (the runtime's inference top-k) is ignored: `self.top_k` decides. Scores are
+        q . k, differentiable with respect to the queries (the kernel reuses them as logits)."""
+        B, H, Q, D = queries.shape
+        keys = self.keys.to(queries.dtype)                                        # [B, H, M, D]
+        M = keys.shape[2]
+        dead = ~self.valid[:, None, None, :]                                       # [B, 1, 1, M]
+        if self.top_k is None or self.top_k >= M:
+            scores = queries @ keys.transpose(-1, -2)                              # [B, H, Q, M]
+            ids = torch.arange(M, device=queries.device).expand(B, H, Q, M).masked_fill(dead, -1)
+            return scores, ids
+        K = self.top_k
+        local = torch.empty(B, H, Q, K, dtype=torch.long, device=queries.device)
+        found = torch.empty(B, H, Q, K, dtype=torch.bool, device=queries.device)
+        step = max(1, _SCORE_BLOCK // max(1, B * H * M))
+        with torch.no_grad():                       # which rows: no gradient through the selection
+            for q0 in range(0, Q, step):
+                s = (queries[:, :, q0:q0 + step] @ keys.transpose(-1, -2)).float()   # [B, H, q, M]
+                s.masked_fill_(dead, float("-inf"))
+                top = s.topk(K, dim=-1)
+                local[:, :, q0:q0 + step], found[:, :, q0:q0 + step] = top.indices, top.values > float("-inf")
+        picked = keys.gather(2, local.view(B, H, Q * K, 1).expand(B, H, Q * K, D)).view(B, H, Q, K, D)
+        scores = (queries.unsqueeze(-2) * picked).sum(-1)                          # [B, H, Q, K]
+        return scores, local.masked_fill(~found, -1)
+
+
+def negative_groups(doc_ids: torch.Tensor, d: int, generator: random.Random) -> torch.Tensor:
+    """Which lanes each lane reads: itself plus up to d - 1 lanes holding *other* documents.
+
+    doc_ids: [B] source-document id of each lane (chunks of one document share it).
+    Returns group [B, B] bool, group[b, c] = lane b reads lane c's earlier windows."""
+    if d < 1:
+        raise ValueError(f"crossbatch d must be >= 1, got {d}")
+    B = doc_ids.shape[0]
+    group = torch.eye(B, dtype=torch.bool)
+    ids = doc_ids.tolist()
+    for b in range(B):
+        others = [c for c in range(B) if ids[c] != ids[b]]       # never another chunk of the same document
+        for c in generator.sample(others, min(d - 1, len(others))):
+            group[b, c] = True
+    return group
+
+
+@dataclass
+class WrittenWindow:
+    """Keys/values one window wrote, per memory layer: k, v [B, Hkv, n, D]; valid [B, n]; the
+    window's index; and start (the document position of its first new token)."""
+    kv: dict
+    valid: torch.Tensor
+    index: int
+    start: int
+
+
+def lane_memory(written: list[WrittenWindow], group: torch.Tensor, top_k: int | None):
+    """Per-lane memories from the windows written so far.
+
+    Returns ({layer: DenseMemory}, rows) where rows [B, M, 3] long = (lane, window index, document
+    position) of every memory row (-1 for padding), the map the tests check masks against."""
+    B = group.shape[0]
+    valid = torch.cat([w.valid for w in written], dim=1)                          # [B, R]
+    R = valid.shape[1]
+    # row r of lane c in the pool is c * R + r; lane b may read it if b's group holds c
+    allowed = (group[:, :, None] & valid[None, :, :]).reshape(B, B * R)           # [B, B*R]
+    count = allowed.sum(1)
+    M = max(1, int(count.max()))
+    order = torch.sort((~allowed).to(torch.int8), dim=1, stable=True).indices[:, :M]   # allowed rows first
+    row_ok = torch.arange(M)[None, :] < count[:, None]                            # [B, M]
+    pool_rows = order.masked_fill(~row_ok, 0)
+    lane_of, r_of = pool_rows // R, pool_rows % R                                  # [B, M]
+    window = torch.cat([torch.full((w.valid.shape[1],), w.index) for w in written])          # [R]
+    pos = torch.cat([torch.arange(w.start, w.start + w.valid.shape[1]) for w in written])    # [R]
+    rows = torch.stack([lane_of, window[r_of], pos[r_of]], dim=-1).masked_fill(~row_ok[..., None], -1)
+    memories, lanes = {}, None
+    for layer in written[0].kv:
+        k = torch.cat([w.kv[layer][0] for w in written], dim=2)                   # [B, Hkv, R, D]
+        v = torch.cat([w.kv[layer][1] for w in written], dim=2)
+        if lanes is None:
+            lanes = (lane_of.to(k.device), r_of.to(k.device))
+        memories[layer] = DenseMemory(k, v, row_ok.to(k.device), top_k, lanes=lanes)
+    return memories, rows
+
+
+class WindowLM(nn.Module):
+    """The read forward of one window, as a module (so DDP/FSDP can wrap it): the memory model's
+    decoder over x, then the language-modelling loss of the window's new tokens only.
+
+    forward(x [B, T], mask [B, T] bool, p, targets [B, T] bool) -> (loss_sum [B], count [B]):
+    summed cross-entropy of the tokens x[:, p:] where `targets`, each predicted from the position
+    before it (tokens before p are context already scored by an earlier window). score=False runs
+    the decoder only (the write pass) and returns None."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def decoder(self):
+        bb = self.model.backbone
+        return bb.get_decoder() if hasattr(bb, "get_decoder") else bb.model
+
+    def forward(self, x, mask, p: int, targets, score: bool = True):
+        B, T = x.shape
+        dev = self.model.device
+        x, mask, targets = x.to(dev), mask.to(dev), targets.to(dev)
+        hidden = self.decoder()(input_ids=x, attention_mask=mask.long(),
+                                position_ids=torch.arange(T, device=dev)[None].expand(B, -1),
+                                use_cache=False).last_hidden_state                # [B, T, H]
+        if not score:                                        # write pass: the memory layers' k/v only
+            return None
+        first = max(p, 1)                                    # token 0 of a window has no predictor
+        logits = self.model.backbone.get_output_embeddings()(hidden[:, first - 1:T - 1]).float()  # [B, T-first, V]
+        labels = x[:, first:]
+        tmask = (targets & mask)[:, first:]
+        ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")    # [B, T-first]
+        ce = ce * tmask
+        return ce.sum(1), tmask.sum(1)
+
+
+@contextlib.contextmanager
+def runtime_state(model, *, read: bool, write: bool, memories: dict | None = None, write_slice=slice(None)):
+    """Set the memory runtime for one pass (and its backward, which recomputes layers under
+    gradient checkpointing); restores the model's own memories afterwards."""
+    rt = model.runtime
+    saved = (rt.read, rt.write, rt.enabled, dict(rt.memories), rt.write_slice)
+    rt.read, rt.write, rt.enabled, rt.write_slice = read, write, True, write_slice
+    rt.memories.clear()
+    rt.memories.update(memories or {})
+    try:
+        yield rt
+    finally:
+        rt.read, rt.write, rt.enabled, rt.write_slice = saved[0], saved[1], saved[2], saved[4]
+        rt.memories.clear()
+        rt.memories.update(saved[3])
+        rt.pending.clear()
+
+
+@dataclass
+class EpisodeResult:
+    """Per-window, per-lane loss sums and target counts of one episode (windows x lanes)."""
+    loss: list = field(default_factory=list)             # [B] float tensors, with memory
+    count: list = field(default_factory=list)            # [B] long tensors
+    loss_no_memory: list = field(default_factory=list)   # [B] (only when measured)
+    rows: list = field(default_factory=list)             # [B, M, 3] memory rows read by each window
+
+    def total(self, no_memory: bool = False) -> tuple[float, int]:
+        """(summed loss, tokens) over the scored windows."""
+        losses = self.loss_no_memory if no_memory else self.loss
+        return float(sum(x.sum() for x in losses)), int(sum(c.sum() for c in self.count))
+
+
+def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, generator: random.Random,
+                first_loss_window: int = 1, lm: nn.Module | None = None, backward=None,
+                window_context=None, measure_no_memory: bool = False, keep_rows: bool = False) -> EpisodeResult:
+    """Read one batch of documents window by window with crossbatch memory.
+
+    model: MemformerForCausalLM. batch: `memformer.training.data.Batch` (ids, valid, targets
+        [B, L]; doc_ids [B]). d: lanes read per lane (1 = no negatives); w: last windows kept
+        (None = all earlier windows, as at inference). lm: the (possibly DDP-wrapped) WindowLM.
+    backward(loss_sum [B], count [B], window, is_last): called after each scored window's read
+        forward while the runtime still holds its memory (gradient checkpointing recomputes
+        layers inside it); None = no gradient (evaluation, run under torch.no_grad()).
+    window_context(window, is_last): a context manager entered around each scored window's read
+        forward and backward (autocast, DDP's no_sync on all but the last backward).
+    measure_no_memory: also score each window without memory (free when the write pass does
+        not read memory, since it is exactly that forward).
+    """
+    lm = lm if lm is not None else WindowLM(model)
+    reads_on_write = model.memory_config.read_during_ingest
+    S = model.memory_config.sink_tokens
+    lengths = batch.valid.sum(1).tolist()
+    group = negative_groups(batch.doc_ids, d, generator)
+    windows = list(model.plan_windows(batch.ids, lengths, S, batch.ids[:, :S] if S > 0 else None, None))
+    written: list[WrittenWindow] = []
+    res = EpisodeResult()
+    for t, (x, mask, p, start, end) in enumerate(windows):
+        targets = torch.zeros_like(mask)
+        targets[:, p:] = batch.targets[:, start:end]
+        scored = t >= first_loss_window
+        memories, rows = {}, None
+        if written and (scored or reads_on_write):
+            memories, rows = lane_memory(written, group, top_k)
+        kv, nomem = None, None
+        if scored:
+            last = t == len(windows) - 1
+            outer = window_context(t, last) if window_context is not None else contextlib.nullcontext()
+            with outer, runtime_state(model, read=True, write=reads_on_write, memories=memories,
+                                      write_slice=slice(p, None)) as rt:
+                loss, count = lm(x, mask, p, targets)
+                kv = dict(rt.pending) if reads_on_write else None
+                if backward is not None:
+                    backward(loss, count, t, last)
+            res.loss.append(loss.detach().float().cpu())
+            res.count.append(count.detach().cpu())
+            if keep_rows:
+                res.rows.append(rows)
+        if kv is None:
+            # The write pass: the keys and values memory stores, from a forward that reads memory
+            # only when inference does (read_during_ingest); without it, it is the no-memory pass.
+            score = scored and measure_no_memory and not reads_on_write
+            with torch.no_grad(), runtime_state(model, read=reads_on_write, write=True, memories=memories,
+                                                write_slice=slice(p, None)) as rt:
+                out = lm(x, mask, p, targets, score=score)
+                kv = dict(rt.pending)
+            nomem = out[0] if score else None
+        if scored and measure_no_memory:
+            if nomem is None:
+                with torch.no_grad(), runtime_state(model, read=False, write=False):
+                    nomem = lm(x, mask, p, targets)[0]
+            res.loss_no_memory.append(nomem.float().cpu())
+        if t < len(windows) - 1:
+            written.append(WrittenWindow(kv, mask[:, p:].clone(), t, start))
+            if w:
+                written = written[-w:]
+    return res
+
+
+def scored_counts(model, batch, first_loss_window: int = 1) -> torch.Tensor:
+    """[B] target tokens `run_episode` will score per lane (the loss normaliser, known before the
+    first backward): targets of the windows from `first_loss_window` on, less a window's first
+    token when nothing precedes it."""
+    S = model.memory_config.sink_tokens
+    lengths = batch.valid.sum(1).tolist()
+    total = torch.zeros(batch.ids.shape[0], dtype=torch.long)
+    for t, (x, mask, p, start, end) in enumerate(model.plan_windows(batch.ids, lengths, S, batch.ids[:, :S], None)):
+        if t >= first_loss_window:
+            first = start + (1 if p == 0 else 0)
+            total += (batch.targets[:, first:end] & mask[:, p + first - start:]).sum(1)
+    return total

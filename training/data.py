@@ -1,0 +1,362 @@
+"""Long documents for crossbatch training: sources, held-out split, packing, synthetic retrieval.
+
+A *source* yields documents (name + lazily read text): plain-text files, JSONL lines, a Hugging
+Face `datasets` dataset saved with `save_to_disk`, or the default corpus that exists offline on
+every machine — Python's standard library, each package's source files concatenated into one
+document (like the GitHub set of Memorizing Transformers), and Python's documentation topics
+(`pydoc_data.topics`) cut into parts. Documents are split into train / held-out *by document*
+(a hash of the name), tokenised when first read, packed into samples of `seq_len` tokens that
+never mix documents, and mixed through a seeded shuffle buffer; synthetic retrieval samples
+(passkey, key-value lookup), whose answer sits beyond the local window, are mixed in at a rate.
+Everything is a function of the seed, so a resumed run replays the same stream.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import string
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+
+SOURCE_TYPES = ("stdlib", "python_docs", "text", "jsonl", "hf_disk")
+SYNTHETIC_TASKS = ("passkey", "kv")
+STDLIB_EXCLUDE = ("test", "encodings", "pydoc_data", "__phello__", "site-packages", "idlelib", "turtledemo")
+
+
+class LazyDoc(NamedTuple):
+    """A document's name and a function that reads its text (called only for kept documents)."""
+    name: str
+    load: Callable[[], str]
+
+
+# ---------------------------------------------------------------- sources
+def stdlib_documents(rng: random.Random, exclude=STDLIB_EXCLUDE, root: str | None = None) -> Iterator[LazyDoc]:
+    """One document per standard-library package (its .py files concatenated, each under a
+    `# file: path` header) and one per top-level module, in a seeded order."""
+    base = Path(root or sysconfig.get_paths()["stdlib"])
+    items = [p for p in base.iterdir() if p.name not in exclude and not p.name.startswith(".")
+             and ((p.is_dir() and (p / "__init__.py").is_file()) or (p.is_file() and p.suffix == ".py"))]
+    items.sort()
+    rng.shuffle(items)
+
+    def read(p: Path) -> str:
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        return "\n\n".join(f"# file: {f.relative_to(base)}\n{f.read_text(encoding='utf-8', errors='replace')}"
+                           for f in files)
+    for p in items:
+        yield LazyDoc(f"stdlib/{p.name}", lambda p=p: read(p))
+
+
+def python_docs_documents(rng: random.Random, parts: int = 8) -> Iterator[LazyDoc]:
+    """Python's documentation topics (memformer.qa.python_docs_text) cut into `parts` documents
+    of consecutive topics, so the held-out split can take some of them."""
+    from pydoc_data.topics import topics
+    keys = sorted(topics)
+    n = max(1, min(parts, len(keys)))
+    groups = [keys[i * len(keys) // n:(i + 1) * len(keys) // n] for i in range(n)]
+    order = list(range(n))
+    rng.shuffle(order)
+    for i in order:
+        yield LazyDoc(f"python_docs/part{i}", lambda g=groups[i]: "\n\n".join(topics[k].strip() for k in g))
+
+
+def text_documents(rng: random.Random, paths) -> Iterator[LazyDoc]:
+    """Each file a document; a folder means its *.txt / *.md / *.rst / *.py files, recursively."""
+    from memformer.qa import read_document
+    files = []
+    for p in map(Path, [paths] if isinstance(paths, str) else paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".rst", ".py") and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"text source: {p} does not exist")
+    if not files:
+        raise ValueError(f"text source: no documents under {paths}")
+    rng.shuffle(files)
+    for f in files:
+        yield LazyDoc(str(f), lambda f=f: read_document(f))
+
+
+def jsonl_documents(rng: random.Random, path, text_field: str = "text", name_field: str | None = None) -> Iterator[LazyDoc]:
+    """Each line of a JSONL file a document (`text_field`), in file order (the shuffle buffer mixes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"jsonl source: {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise ValueError(f"{path}:{n}: no string field {text_field!r}")
+            name = str(row[name_field]) if name_field and name_field in row else f"{path.name}:{n}"
+            yield LazyDoc(name, lambda t=row[text_field]: t)
+
+
+def hf_disk_documents(rng: random.Random, path, text_field: str = "text", split: str = "train") -> Iterator[LazyDoc]:
+    """Rows of a `datasets` dataset saved with `save_to_disk` (a DatasetDict: its `split`), in a
+    seeded order."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("the hf_disk source needs the `datasets` package: pip install datasets") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"hf_disk source {path}: no split {split!r} (has {sorted(ds)})")
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise ValueError(f"hf_disk source {path}: no column {text_field!r} (has {ds.column_names})")
+    order = list(range(len(ds)))
+    rng.shuffle(order)
+    for i in order:
+        yield LazyDoc(f"{Path(path).name}[{i}]", lambda i=i: ds[i][text_field])
+
+
+_SOURCE_FUNCS = {"stdlib": stdlib_documents, "python_docs": python_docs_documents, "text": text_documents,
+                 "jsonl": jsonl_documents, "hf_disk": hf_disk_documents}
+_SOURCE_ARGS = {"stdlib": {"exclude", "root"}, "python_docs": {"parts"}, "text": {"paths"},
+                "jsonl": {"path", "text_field", "name_field"}, "hf_disk": {"path", "text_field", "split"}}
+_REQUIRED = {"text": {"paths"}, "jsonl": {"path"}, "hf_disk": {"path"}}
+
+
+def check_source(spec: dict) -> None:
+    """Raise ValueError for a source spec of an unknown type or with unknown / missing keys."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"data source {spec!r}: a mapping with a `type` ({', '.join(SOURCE_TYPES)})")
+    kind = spec["type"]
+    if kind not in SOURCE_TYPES:
+        raise ValueError(f"data source type {kind!r} not in {SOURCE_TYPES}")
+    args = set(spec) - {"type"}
+    if args - _SOURCE_ARGS[kind]:
+        raise ValueError(f"data source {kind!r}: unknown keys {sorted(args - _SOURCE_ARGS[kind])} "
+                         f"(allowed: {sorted(_SOURCE_ARGS[kind])})")
+    if _REQUIRED.get(kind, set()) - args:
+        raise ValueError(f"data source {kind!r}: missing {sorted(_REQUIRED[kind] - args)}")
+
+
+def iter_sources(specs: list[dict], rng: random.Random) -> Iterator[LazyDoc]:
+    for spec in specs:
+        check_source(spec)
+        yield from _SOURCE_FUNCS[spec["type"]](rng, **{k: v for k, v in spec.items() if k != "type"})
+
+
+def held_out(name: str, fraction: float) -> bool:
+    """The held-out split, by document: a stable hash of the name below `fraction`."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64
+    return h < fraction
+
+
+def doc_id(name: str) -> int:
+    """A stable int64 id of a document name (chunks of one document share it)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "big")
+
+
+# ---------------------------------------------------------------- samples and batches
+@dataclass
+class Sample:
+    """One training sequence: ids and loss targets (same length, <= seq_len), its document id."""
+    ids: list
+    targets: list
+    doc_id: int
+    kind: str
+
+
+@dataclass
+class Batch:
+    """B samples right-padded to seq_len: ids [B, L] long, valid [B, L] bool (False = padding),
+    targets [B, L] bool (tokens the loss scores), doc_ids [B] long, kinds (one per lane)."""
+    ids: torch.Tensor
+    valid: torch.Tensor
+    targets: torch.Tensor
+    doc_ids: torch.Tensor
+    kinds: list
+
+
+def collate(samples: list[Sample], seq_len: int, pad_id: int) -> Batch:
+    B = len(samples)
+    ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, seq_len, dtype=torch.bool)
+    targets = torch.zeros(B, seq_len, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        n = len(s.ids)
+        ids[b, :n] = torch.tensor(s.ids, dtype=torch.long)
+        valid[b, :n] = True
+        targets[b, :n] = torch.tensor(s.targets, dtype=torch.bool)
+    return Batch(ids, valid, targets, torch.tensor([s.doc_id for s in samples], dtype=torch.long),
+                 [s.kind for s in samples])
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pack_document(ids: list[int], seq_len: int, min_tokens: int) -> list[list[int]]:
+    """Consecutive chunks of seq_len tokens of one document; a last chunk shorter than min_tokens
+    is dropped (too short for memory to matter)."""
+    chunks = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    return [c for c in chunks if len(c) >= min_tokens]
+
+
+def passkey_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool) -> Sample:
+    """A passkey prompt (memformer.passkey) followed by its answer; the needle lies before the
+    last `local` tokens, so only memory can supply it."""
+    from memformer.passkey import make_prompt
+    key = rng.randint(10000, 99999)
+    answer = _encode(tokenizer, f" {key}.")
+    max_depth = max(0.0, (seq_len - local) / seq_len - 0.05)
+    ids, _ = make_prompt(tokenizer, seq_len - len(answer), rng.uniform(0.0, max_depth), key)
+    if len(ids) + len(answer) > seq_len:
+        raise ValueError(f"a passkey sample needs {len(ids) + len(answer)} tokens, more than seq_len {seq_len}; "
+                         f"raise data.seq_len or drop passkey from data.synthetic_tasks")
+    targets = [not answer_only] * len(ids) + [True] * len(answer)
+    return Sample(ids + answer, targets, -1, "passkey")
+
+
+def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool, queries: int = 3) -> Sample:
+    """Key-value lookup: lines `key: value`, then `queries` lookups of keys written before the
+    last `local` tokens; the answers (the values) are the targets."""
+    head = _encode(tokenizer, "A key-value store. Each line maps a key to its value.\n")
+    lookup = _encode(tokenizer, "Lookup.\n")
+    ids, targets, records = list(head), [not answer_only] * len(head), []
+    while True:
+        key = _encode(tokenizer, "".join(rng.choice(string.ascii_lowercase) for _ in range(5)) + ":")
+        value = _encode(tokenizer, f" {rng.randint(10000, 99999)}\n")
+        # room for this line, the lookup header and `queries` lookups as long as this line
+        if len(ids) + len(lookup) + (queries + 1) * (len(key) + len(value) + 2) > seq_len:
+            break
+        records.append((key, value, len(ids)))
+        ids += key + value
+        targets += [not answer_only] * (len(key) + len(value))
+    if not records:
+        raise ValueError(f"kv sample: seq_len {seq_len} leaves no room for a key-value line")
+    far = [r for r in records if r[2] + len(r[0]) + len(r[1]) <= seq_len - local] or records[:1]
+    ids, targets = ids + lookup, targets + [not answer_only] * len(lookup)
+    for key, value, _ in rng.sample(far, min(queries, len(far))):
+        if len(ids) + len(key) + len(value) > seq_len:
+            break
+        ids += key + value
+        targets += [not answer_only] * len(key) + [True] * len(value)
+    return Sample(ids, targets, -1, "kv")
+
+
+class SampleStream:
+    """Samples from documents of one split, forever (epoch after epoch), deterministic in `seed`.
+
+    split "train": documents not held out, chunks mixed through a shuffle buffer of
+    `shuffle_buffer` samples (the buffer carries over epochs); each sample drawn is synthetic with
+    probability `synthetic_rate`.
+    split "eval": held-out documents in a fixed order, at most `per_doc` chunks each, one pass.
+    """
+
+    def __init__(self, sources: list[dict], tokenizer, *, seq_len: int, min_tokens: int, eval_fraction: float,
+                 split: str = "train", seed: int = 0, shuffle_buffer: int = 64, synthetic_rate: float = 0.0,
+                 synthetic_tasks=SYNTHETIC_TASKS, synthetic_answer_only: bool = True, local: int = 0,
+                 per_doc: int | None = None):
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        for spec in sources:
+            check_source(spec)
+        self.sources, self.tokenizer, self.split = sources, tokenizer, split
+        self.seq_len, self.min_tokens, self.eval_fraction = seq_len, min_tokens, eval_fraction
+        self.seed, self.shuffle_buffer, self.per_doc = seed, shuffle_buffer, per_doc
+        self.synthetic_rate, self.synthetic_tasks = synthetic_rate, list(synthetic_tasks)
+        self.answer_only, self.local = synthetic_answer_only, local
+        self.eos = getattr(tokenizer, "eos_token_id", None)
+
+    def _chunks(self, rng: random.Random) -> Iterator[Sample]:
+        """One pass over the split's documents, packed."""
+        for doc in iter_sources(self.sources, rng):
+            if held_out(doc.name, self.eval_fraction) != (self.split == "eval"):
+                continue
+            ids = _encode(self.tokenizer, doc.load()) + ([self.eos] if self.eos is not None else [])
+            chunks = pack_document(ids, self.seq_len, self.min_tokens)
+            for c in chunks[:self.per_doc] if self.per_doc else chunks:
+                yield Sample(c, [True] * len(c), doc_id(doc.name), "text")
+
+    def __iter__(self) -> Iterator[Sample]:
+        rng = random.Random(self.seed)
+        if self.split == "eval":
+            yield from self._chunks(rng)
+            return
+        buffer: list[Sample] = []
+        synthetic = 0
+        epoch_empty = True
+        while True:
+            for s in self._chunks(rng):
+                epoch_empty = False
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(s)
+                    continue
+                i = rng.randrange(len(buffer))
+                out, buffer[i] = buffer[i], s
+                while self.synthetic_rate > 0 and rng.random() < self.synthetic_rate:
+                    synthetic += 1
+                    yield self._synthetic(rng, synthetic)
+                yield out
+            if epoch_empty:
+                raise ValueError("no training documents: every document is held out or shorter than "
+                                 f"{self.min_tokens} tokens (lower data.min_doc_tokens or data.eval_fraction)")
+
+    def _synthetic(self, rng: random.Random, n: int) -> Sample:
+        task = rng.choice(self.synthetic_tasks)
+        make = passkey_sample if task == "passkey" else kv_sample
+        s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only)
+        s.doc_id = -n                    # each synthetic sample its own document
+        return s
+
+
+class BatchStream:
+    """Batches of `batch_size` samples from a SampleStream; `position` counts global batches.
+
+    With several processes (DDP/FSDP) process r takes global batches r, r + world, ...; `skip(n)`
+    replays the stream to a saved position (tokenising again, no model work)."""
+
+    def __init__(self, stream: SampleStream, batch_size: int, pad_id: int, rank: int = 0, world: int = 1):
+        self.stream, self.batch_size, self.pad_id = stream, batch_size, pad_id
+        self.rank, self.world = rank, world
+        self._it = iter(stream)
+        self.position = 0
+
+    def _take(self) -> list[Sample]:
+        return [next(self._it) for _ in range(self.batch_size)]
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            self._take()
+            self.position += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        while self.position % self.world != self.rank:
+            self._take()
+            self.position += 1
+        samples = self._take()
+        self.position += 1
+        return collate(samples, self.stream.seq_len, self.pad_id)
+
+
+def eval_batches(stream: SampleStream, batch_size: int, max_batches: int, pad_id: int) -> list[Batch]:
+    """Up to `max_batches` full batches of held-out samples (a fixed set, the same at every
+    evaluation); ValueError when there is not even one."""
+    samples = []
+    for s in stream:
+        samples.append(s)
+        if len(samples) == batch_size * max_batches:
+            break
+    n = len(samples) // batch_size
+    if n == 0:
+        raise ValueError(f"held-out split has {len(samples)} sample(s), fewer than one batch of {batch_size}; "
+                         f"raise data.eval_fraction or lower eval.batch_size")
+    return [collate(samples[i * batch_size:(i + 1) * batch_size], stream.seq_len, pad_id) for i in range(n)]

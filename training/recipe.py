@@ -1,0 +1,301 @@
+"""The crossbatch fine-tuning recipe (torchtune style): setup -> train -> cleanup.
+
+    recipe = CrossbatchRecipe(TrainConfig.load("training/configs/smollm2_cpu.yaml"))
+    recipe.setup()          # accelerator, model (frozen backbone + memory-layer adapters), data, resume
+    recipe.train()          # optimizer steps; evaluation and checkpoints at intervals and at the end
+    recipe.cleanup()
+
+One optimizer step = `gradient_accumulation_steps` episodes; an episode = one batch of B documents
+read window by window (`crossbatch.run_episode`), one backward per window (memory is detached, so
+windows' graphs are independent). The loss is the mean over lanes of each lane's mean token
+cross-entropy, so a synthetic sample whose only targets are its answer weighs as much as a text.
+
+Devices: `accelerate` (single device, DDP, FSDP via `accelerate launch` / `torchrun`), bf16/fp16
+autocast, gradient checkpointing. A checkpoint (`output_dir/checkpoints/step_N/`) holds the adapter
+(safetensors, what `from_pretrained(..., adapter=)` loads), optimizer, scheduler, RNG states and the
+data position; resuming replays the data stream to it, so the run continues as if never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from memformer.training.config import TrainConfig
+from memformer.training.crossbatch import WindowLM, run_episode, scored_counts
+from memformer.training.data import BatchStream, SampleStream, eval_batches
+from memformer.training.evaluation import evaluate
+from memformer.training.metrics import MetricsLogger
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lr_lambda(step: int, warmup: int, total: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at optimizer step `step`: linear warmup, then
+    constant / linear / cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+class CrossbatchRecipe:
+    """Fine-tune the memory layers of a frozen backbone with crossbatch (FoT) negatives.
+
+    backbone / tokenizer: optional instances that replace `cfg.model.backbone` (tests build tiny
+    models in code)."""
+
+    def __init__(self, cfg: TrainConfig, *, backbone=None, tokenizer=None):
+        self.cfg = cfg
+        self._backbone, self._tokenizer = backbone, tokenizer
+        self.step = 0
+        self.out = Path(cfg.output_dir)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        # find_unused_parameters: a window whose lanes have no memory leaves the gates unused
+        self.accelerator = acc = Accelerator(
+            mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)            # negatives and choice schedules
+        self.model = self._build_model(acc.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable memory-layer parameters")
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.lm, self.optimizer = acc.prepare(WindowLM(self.model), optimizer)
+        # stepped once per optimizer step by the recipe itself (accelerate's wrapper would step it
+        # once per process)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
+            lambda s: lr_lambda(s, o.warmup_steps, cfg.train.max_steps, o.scheduler, o.min_lr_ratio))
+        self.d_schedule, self.w_schedule = cfg.d_schedule(), cfg.w_schedule()
+        self._setup_data()
+        self.metrics = MetricsLogger(self.out, enabled=acc.is_main_process)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        ckpt = self._resume_path()
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+
+    def _build_model(self, device):
+        from memformer import MemformerForCausalLM
+        from memformer.loading import load_backbone
+        dtype = _DTYPES[self.cfg.model.dtype]
+        src = self._backbone if self._backbone is not None else self.cfg.model.backbone
+        backbone, tok = load_backbone(src, torch_dtype=dtype, tokenizer=self._tokenizer)
+        # on its device before the memory layers are built: they cache RoPE tables there
+        model = MemformerForCausalLM(backbone.to(device), tok, self.cfg.memory)
+        if tok is None:
+            raise ValueError("training needs a tokenizer (pass tokenizer= with a backbone instance)")
+        if self.cfg.train.gradient_checkpointing:
+            enable = getattr(backbone, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()        # HF layers checkpoint only in train mode; the memory layers have no dropout
+        return model
+
+    def _setup_data(self) -> None:
+        cfg, d, m = self.cfg, self.cfg.data, self.cfg.memory
+        tok = self.model.tokenizer
+        common = dict(seq_len=d.seq_len, min_tokens=d.min_doc_tokens, eval_fraction=d.eval_fraction, seed=cfg.seed)
+        train = SampleStream(d.sources, tok, split="train", shuffle_buffer=d.shuffle_buffer,
+                             synthetic_rate=d.synthetic_rate, synthetic_tasks=d.synthetic_tasks,
+                             synthetic_answer_only=d.synthetic_loss == "answer", local=m.window, **common)
+        pad = self.model._pad_id()
+        acc = self.accelerator
+        self.batches = BatchStream(train, cfg.crossbatch.batch_size, pad, acc.process_index, acc.num_processes)
+        held = SampleStream(d.sources, tok, split="eval", per_doc=cfg.eval.per_doc, **common)
+        self.eval_set = eval_batches(held, cfg.eval.batch_size, cfg.eval.batches, pad)
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict:
+        """Run to `train.max_steps`; returns the last evaluation's metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        last_eval = {}
+        if self.step == 0 and cfg.eval.at_start:
+            last_eval = self.evaluate()
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not acc.is_local_main_process)
+        while self.step < cfg.train.max_steps:
+            stats = self._train_step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", d=stats["d"])
+            if self.step % cfg.train.log_every == 0:
+                self.metrics.log(self.step, stats, "train")
+            done = self.step == cfg.train.max_steps
+            if (cfg.eval.every and self.step % cfg.eval.every == 0) or (done and cfg.eval.at_end):
+                last_eval = self.evaluate()
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or done:
+                self.save_checkpoint()
+        bar.close()
+        if acc.is_main_process:
+            self.model.save_pretrained(self.out / "adapter")
+        acc.wait_for_everyone()
+        return last_eval
+
+    def _train_step(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        d = self.d_schedule.at(self.step, self.rng)
+        w = self.w_schedule.at(self.step, self.rng)
+        accum = cfg.train.gradient_accumulation_steps
+        lane_losses, token_loss, tokens = [], 0.0, 0
+        for a in range(accum):
+            batch = next(self.batches)
+            norm = scored_counts(self.model, batch, cfg.crossbatch.first_loss_window).to(acc.device)
+            lanes = max(1, int((norm > 0).sum()))
+
+            def backward(loss, count, t, last):
+                # mean over lanes of each lane's mean token loss, averaged over accumulated episodes
+                obj = (loss / norm.clamp(min=1)).sum() / lanes / accum
+                acc.backward(obj)
+
+            def window_context(t, last, final=a == accum - 1):
+                sync = contextlib.nullcontext() if (last and final) else acc.no_sync(self.lm)
+                return _both(sync, acc.autocast())
+
+            res = run_episode(self.model, batch, d=d, w=w, top_k=cfg.crossbatch.top_k, generator=self.rng,
+                              first_loss_window=cfg.crossbatch.first_loss_window, lm=self.lm,
+                              backward=backward, window_context=window_context)
+            per_lane = torch.stack(res.loss).sum(0) / norm.cpu().clamp(min=1)
+            lane_losses.append(float(per_lane[norm.cpu() > 0].mean()))
+            s, n = res.total()
+            token_loss, tokens = token_loss + s, tokens + n
+        grad_norm = None
+        if cfg.optim.max_grad_norm:
+            grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                            cfg.optim.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = acc.reduce(torch.tensor(sum(lane_losses) / accum, device=acc.device), "mean")
+        stats = {"loss": float(loss), "token_loss": token_loss / max(1, tokens), "tokens": tokens, "lr": lr,
+                 "d": d, "w": 0 if w is None else w, "seconds": time.perf_counter() - t0,
+                 "gate_mean": float(torch.stack([m.memory_gate.detach().float().mean() for m in self._gates()]).mean())}
+        if grad_norm is not None:
+            stats["grad_norm"] = float(grad_norm)
+        return stats
+
+    def _gates(self):
+        return [m for m in self.model.modules() if hasattr(m, "memory_gate")]
+
+    def evaluate(self) -> dict:
+        """The evaluation hook: held-out loss with/without memory, passkey accuracy; logged."""
+        e = self.cfg.eval
+        t0 = time.perf_counter()
+        with self.accelerator.autocast():
+            out = evaluate(self.model, self.eval_set, e.passkey_lengths, e.passkey_trials, e.passkey_seed, lm=self.lm)
+        out["seconds"] = time.perf_counter() - t0
+        self.metrics.log(self.step, out, "eval")
+        if self.accelerator.is_main_process:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+            tqdm.write(f"[eval step {self.step}] {shown}")
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _resume_path(self) -> Path | None:
+        r = self.cfg.checkpoint.resume
+        if r is False:
+            return None
+        if isinstance(r, str) and r != "auto":
+            if not (Path(r) / "trainer_state.json").is_file():
+                raise FileNotFoundError(f"checkpoint.resume: {r} is not a checkpoint (no trainer_state.json)")
+            return Path(r)
+        found = sorted(self._ckpt_root().glob("step_*")) if self._ckpt_root().is_dir() else []
+        found = [p for p in found if (p / "trainer_state.json").is_file()]
+        if not found and r is True:
+            raise FileNotFoundError(f"checkpoint.resume=true but no checkpoint under {self._ckpt_root()}")
+        return found[-1] if found else None
+
+    def save_checkpoint(self) -> Path:
+        """Adapter + optimizer + scheduler + RNG + data position, written atomically."""
+        acc = self.accelerator
+        path = self._ckpt_root() / f"step_{self.step:07d}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.model.save_pretrained(tmp / "adapter")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                       tmp / "training_state.pt")
+            state = {"step": self.step, "data_position": self.batches.position,
+                     "rng": _rng_to_json(self.rng.getstate()), "world_size": acc.num_processes,
+                     "config": self.cfg.to_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            for old in sorted(self._ckpt_root().glob("step_*"))[:-self.cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, path) -> None:
+        """Continue the run saved at `path` (same config and number of processes)."""
+        path = Path(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["world_size"] != self.accelerator.num_processes:
+            raise ValueError(f"{path} was saved with {state['world_size']} process(es), this run has "
+                             f"{self.accelerator.num_processes}: the data stream would not continue")
+        self.model.load_adapter(path / "adapter")
+        ts = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.scheduler.load_state_dict(ts["scheduler"])
+        torch.set_rng_state(ts["torch_rng"])
+        if ts["cuda_rng"]:
+            torch.cuda.set_rng_state_all(ts["cuda_rng"])
+        self.rng.setstate(_rng_from_json(state["rng"]))
+        self.step = int(state["step"])
+        self.batches.skip(int(state["data_position"]) - self.batches.position)
+        self.metrics.truncate_after(self.step)
+        if self.accelerator.is_main_process:
+            tqdm.write(f"resumed from {path} at step {self.step}")
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+        self.accelerator.end_training()
+
+
+@contextlib.contextmanager
+def _both(a, b):
+    with a, b:
+        yield
+
+
+def _rng_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(data) -> tuple:
+    return (data[0], tuple(data[1]), data[2])
