@@ -37,6 +37,9 @@ class MemformerForCausalLM(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         layers = self.adapter.layers(backbone)
+        if any(isinstance(getattr(layer, self.adapter.attn_attr), MemoryAttention) for layer in layers):
+            raise ValueError("this backbone already has memory layers (it belongs to another "
+                             "MemformerForCausalLM); load a fresh backbone")
         self.memory_layer_ids = cfg.resolve_layers(len(layers))
         # Taken before injection so it names the frozen weights only.
         self.backbone_fingerprint = persistence.fingerprint_backbone(backbone)
