@@ -146,8 +146,8 @@ def plot_depth_heatmaps(records, path, bins: int = 5, title: str = "accuracy") -
     tasks = list(dict.fromkeys(r["task"] for r in records))
     modes = ordered_modes(records)
     lengths = sorted({r["length"] for r in records})
-    fig, axes = plt.subplots(len(tasks), len(modes), squeeze=False,
-                             figsize=(1.5 + (1 + 0.9 * len(lengths)) * len(modes), 0.6 + 2.6 * len(tasks)))
+    fig, axes = plt.subplots(len(tasks), len(modes), squeeze=False, layout="constrained",
+                             figsize=(2 + (1.2 + 0.8 * len(lengths)) * len(modes), 1 + 2.2 * len(tasks)))
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="lightgrey")
     im = None
     for row, task in enumerate(tasks):
@@ -168,14 +168,15 @@ def plot_depth_heatmaps(records, path, bins: int = 5, title: str = "accuracy") -
             for (b, j), text in np.ndenumerate(label):
                 ax.text(j, b, text, ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths])
-            ax.set_yticks(range(bins), [f"{b / bins:.1f}-{(b + 1) / bins:.1f}" for b in range(bins)])
+            ax.set_yticks(range(bins), [f"{b / bins:.1f}-{(b + 1) / bins:.1f}" for b in range(bins)] if col == 0
+                          else [])
             ax.set_title(f"{task}: {mode}", fontsize=9)
             if row == len(tasks) - 1:
                 ax.set_xlabel("length (tokens)")
             if col == 0:
                 ax.set_ylabel("needle depth")
     fig.suptitle(title)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(1.0, 0.3 + 0.15 * len(tasks)))
     return _save(fig, plt, path)
 
 
@@ -186,7 +187,7 @@ def plot_accuracy_vs_length(records, path, title: str = "accuracy vs length") ->
     modes = ordered_modes(records)
     cols = min(3, len(tasks))
     rows = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(4.2 * cols, 3.2 * rows))
+    fig, axes = plt.subplots(rows, cols, squeeze=False, figsize=(4.2 * cols, 3.2 * rows), layout="constrained")
     for ax, task in zip(axes.ravel(), tasks):
         lengths = sorted({r["length"] for r in records if r["task"] == task})
         for mode in modes:
@@ -218,7 +219,7 @@ def plot_ppl_vs_position(curves: dict, path, title: str = "perplexity vs positio
     """curves: {document: {mode: (bin start positions, perplexities)}}; a panel per document."""
     plt = _pyplot()
     docs = list(curves)
-    fig, axes = plt.subplots(1, len(docs), squeeze=False, figsize=(5 * len(docs), 3.6))
+    fig, axes = plt.subplots(1, len(docs), squeeze=False, figsize=(5 * len(docs), 3.6), layout="constrained")
     for ax, doc in zip(axes[0], docs):
         for mode in [m for m in MODE_ORDER if m in curves[doc]] + sorted(set(curves[doc]) - set(MODE_ORDER)):
             xs, ys = curves[doc][mode]
