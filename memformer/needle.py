@@ -235,11 +235,12 @@ def answer_cues(model, text: str, cues: list[str], mode: str, max_new_tokens: in
     """Answers to `cues` after `text` in `mode` (memformer.qa), or None when the mode cannot
     hold the text (mode "full" beyond the native context)."""
     from memformer import qa
-    try:
+    try:       # "full" checks the documents in prepare and the documents + cue in answer
         ctx = qa.prepare(model, [text], mode, show_progress=False)
+        # evidence=0: no retrieval recording, which only costs time and memory here
+        return [qa.answer(model, ctx, cue=c, max_new_tokens=max_new_tokens, evidence=0).text for c in cues]
     except qa.DoesNotFit:
         return None
-    return [qa.answer(model, ctx, cue=c, max_new_tokens=max_new_tokens).text for c in cues]
 
 
 def run_sample(model, sample: Sample, mode: str) -> dict:
