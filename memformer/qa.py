@@ -44,7 +44,7 @@ class DoesNotFit(ValueError):
 @dataclass
 class Answer:
     """One answer. evidence: memory — passages the memory layers attended to while answering;
-    rag — the passages put in the prompt; truncate — none. memory_share (memory mode): mean
+    rag — the passages put in the prompt; truncate, full — none. memory_share (memory mode): mean
     fraction of attention, over layers, heads and answer tokens, that went to memory."""
     mode: str
     text: str
@@ -64,13 +64,15 @@ def tail_room(model, reserve: int = 96) -> int:
 
 
 def memory_key(corpus: Corpus, model) -> str:
-    """Cache key of a memory: the document texts, the backbone fingerprint and the memory config."""
+    """Cache key of a memory: the document texts, the backbone, the memory-layer weights and the
+    memory config (which also fixes the tail kept local)."""
+    from memformer.persistence import adapter_hash
     h = hashlib.sha256()
     for doc in corpus.documents:
         h.update(bytes.fromhex(doc.sha256))
     h.update(model.backbone_fingerprint.encode())
+    h.update(adapter_hash(model).encode())
     h.update(model.memory_config.to_json().encode())
-    h.update(str(tail_room(model)).encode())
     return h.hexdigest()[:20]
 
 
@@ -108,17 +110,15 @@ class LongDocQA:
         self.from_cache = self.memorized = False
         if self.mode == "full":
             self._full_prompt_room()                        # DoesNotFit now, not at the first question
-        if self.mode != "memory":
-            return self
-        self.memorized = True
-        if self.split == 0:                                 # everything fits in the local window
+        if self.mode != "memory" or self.split == 0:        # split 0: all fits in the local window
+            self.memorized = self.mode == "memory"
             return self
         path = None if cache_dir is None else Path(cache_dir).expanduser() / memory_key(self.corpus, model)
-        if path is not None and self._try_load(path):
-            self.from_cache = True
-            return self
-        model.memorize(torch.tensor([self.corpus.ids[:self.split]]), show_progress=show_progress)
-        if path is not None:
+        self.from_cache = path is not None and self._try_load(path)
+        if not self.from_cache:
+            model.memorize(torch.tensor([self.corpus.ids[:self.split]]), show_progress=show_progress)
+        self.memorized = True
+        if path is not None and not self.from_cache:
             self.save(path)
         return self
 
