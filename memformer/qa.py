@@ -80,8 +80,8 @@ class LongDocQA:
     """Documents read for QA, answerable in every mode of `MODES` (see the module docstring).
 
     mode: the default mode of `answer`. With mode "memory" `read` memorizes the documents (the
-    other modes need no memory, so reading for them skips that cost); "full" checks at once that
-    the documents fit the native context. It owns the model's memory: `read` resets it, and a
+    other modes need no memory, so reading for them skips that cost); "rag" embeds the passages;
+    "full" checks at once that the documents fit the native context. It owns the model's memory: `read` resets it, and a
     memory answer refuses a memory changed since.
     embedder: a sentence-transformers model for mode "rag" (None = all-MiniLM-L6-v2, loaded on
     first use). rag_chunk_tokens / rag_overlap: passage size and overlap in backbone tokens.
@@ -110,6 +110,8 @@ class LongDocQA:
         self.from_cache = self.memorized = False
         if self.mode == "full":
             self._full_prompt_room()                        # DoesNotFit now, not at the first question
+        if self.mode == "rag":
+            self.rag()                                      # embed the passages now, not in the first answer
         if self.mode != "memory" or self.split == 0:        # split 0: all fits in the local window
             self.memorized = self.mode == "memory"
             return self
@@ -205,7 +207,7 @@ class LongDocQA:
         t0 = time.perf_counter()
         passages = []
         if mode == "rag":
-            passages = self.rag.retrieve(question or cue, tail_room(self.model))
+            passages = self.rag().retrieve(question or cue, tail_room(self.model))
             context = self._join(passages)
         else:
             context = self.corpus.ids if mode == "full" else self.tail
@@ -229,9 +231,8 @@ class LongDocQA:
         """`answer` in each of `modes`: {mode: Answer}."""
         return {m: self.answer(question, cue=cue, mode=m, **kwargs) for m in modes}
 
-    @property
     def rag(self):
-        """The RAG baseline over this corpus (passages embedded on first use)."""
+        """The RAG baseline over this corpus (`memformer.rag.RAGBaseline`, embedded on first use)."""
         from memformer.rag import RAGBaseline, default_embedder
         self._need_corpus()
         if self._rag is None:

@@ -346,25 +346,30 @@ def test_cli_answers_with_evidence_and_reuses_saved_memory(tmp_path, capsys, tin
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC_A * 2 + DOC_B)
     base = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3", "--no-rag"]
-    code, out, err = _cli(capsys, *base, "--doc", str(doc), "-q", "cat?", "--json",
+    code, out, err = _cli(capsys, *base, "--doc", str(doc), "-q", "cat?", "--json", "--full",
                           "--cache-dir", str(tmp_path / "cache"), "--save-memory", str(tmp_path / "mem"))
     assert code == 0, err
     rows = json.loads(out[out.index("["):])
     assert {"question", "memory", "truncate", "evidence", "memory_share"} <= set(rows[0])
     assert rows[0]["evidence"]["memory"][0]["document"] == str(doc)
+    assert rows[0]["full"] is None and "native context of 512" in rows[0]["not_run"]["full"]   # doc > 512 tokens
     code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?")
     assert code == 0, err
-    assert "loaded" in out and "evidence (memory" in out and "truncate:" in out
+    assert "loaded from cache" in out and "evidence (memory" in out and "truncate:" in out
+    code, out, err = _cli(capsys, *base, "--doc", str(doc), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0 and "loaded from cache" in out                     # no question: builds/loads only
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_model_dir):
     model = ["--model", str(tiny_model_dir), "--window", "256"]
-    doc = tmp_path / "d.txt"
+    doc, short = tmp_path / "d.txt", tmp_path / "short.txt"
     doc.write_text(DOC_A)
+    short.write_text("A short note.")
     cases = [([], "give --doc FILE"), (["--doc", str(doc), "--memory", str(tmp_path)], "only one of"),
              (["--doc", str(tmp_path / "nope.txt")], "no such file"),
              (["--memory", str(tmp_path), "--no-rag"], "holds no QA documents"),
-             (["--doc", str(doc), "--evidence", "-1"], "--evidence must be >= 0")]
+             (["--doc", str(doc), "--evidence", "-1"], "--evidence must be >= 0"),
+             (["--doc", str(short), "--save-memory", str(tmp_path / "m")], "nothing to save")]
     for args, msg in cases:
         code, _, err = _cli(capsys, *model, *args)
         assert code == 2 and msg in err, (args, err)

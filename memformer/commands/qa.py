@@ -69,8 +69,7 @@ def _modes(args) -> list[str] | str:
 
 def cmd_qa(args) -> int:
     from memformer import qa as qa_mod
-    from memformer.documents import DocumentError, read_document
-    from memformer.persistence import MemoryFileError
+    from memformer.documents import read_document
     error = _check_args(args)
     modes = _modes(args) if error is None else error
     if isinstance(modes, str):
@@ -100,10 +99,10 @@ def cmd_qa(args) -> int:
             qa = qa_mod.LongDocQA(model, **opts).read(docs, cache_dir=cache)
         if args.save_memory:
             qa.save(args.save_memory)
-    except (DocumentError, MemoryFileError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:   # bad/missing documents, a memory of another model, ...
         return _fail(str(e))
     print(f"memory: {model.memory_size()} tokens x {len(model.memory_layer_ids)} layers "
-          f"({'loaded' if qa.from_cache else 'built'} in {time.perf_counter() - t0:.1f}s) from "
+          f"({'loaded from cache' if qa.from_cache else 'built'} in {time.perf_counter() - t0:.1f}s) from "
           f"{len(qa.corpus.documents)} document(s); local window: the last {len(qa.tail)} tokens + the question"
           + (f"; modes: {', '.join(modes)}" if questions else ""))
     rows = [_answer_row(qa, q, cue, expected, modes, args) for q, cue, expected in questions]
