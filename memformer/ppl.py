@@ -5,11 +5,10 @@ The document is cut into the model's own ingest windows (`MemformerForCausalLM.p
 predicted exactly once, in its window:
 
 * memory   — the window also reads the memory of all earlier windows; then it is written to
-             memory. One forward per window does both: the memory layers read memory and hand
-             the window's keys/values over, the LM head scores the tokens, and the keys/values
-             are appended after the forward (so no token sees itself or the future). The keys
-             stored are thus those of a memory-reading pass, as with
-             `MemoryConfig.read_during_ingest=True` (the Memorizing Transformer's setting).
+             memory. One forward per window does both: `memorize` with `read_during_ingest`
+             on (the Memorizing Transformer's setting: the keys stored are those of a
+             memory-reading pass), its decoder output scored by the LM head; the window's
+             keys/values are appended after the forward, so no token sees itself or the future.
 * truncate — the same windows with memory disabled: the frozen backbone on each window alone.
 
 Both modes see identical windows, so the first window scores the same and any difference
@@ -17,6 +16,8 @@ after it is memory's. Token NLLs are stored per trial (JSONL) and binned by posi
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -66,65 +67,68 @@ def segment_ids(tokenizer, name: str, tokens: int, segment: int = 0, segments: i
 def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) -> list[float]:
     """NLL (nats) of tokens 1..N-1 of `ids` (index t-1 = token t) read window by window in `mode`.
 
-    Leaves the model's memory empty."""
+    Each window is one `model.memorize` call (so the windows, sink and overlap are exactly the
+    model's), with reading switched on (`read_during_ingest`) in mode memory and memory disabled
+    in mode truncate; a forward hook on the decoder catches the window's hidden states, which
+    the LM head turns into the targets' log-probabilities. Leaves the model's memory empty."""
     if mode not in MODES:
         raise ValueError(f"unknown ppl mode {mode!r}; choose from {', '.join(MODES)}")
     cfg = model.memory_config
-    S = cfg.sink_tokens
-    x_all = torch.tensor([ids])
+    S, new = cfg.sink_tokens, cfg.window - cfg.sink_tokens - cfg.overlap
     if len(ids) <= S + 1:
         raise ValueError(f"need more than sink_tokens + 1 = {S + 1} tokens, got {len(ids)}")
-    nll = torch.full((len(ids) - 1,), float("nan"))
-    model.reset_memory()
-    windows = list(model.plan_windows(x_all, [len(ids)], S, x_all[:, :S] if S else None, None))
-    try:
-        for k, (x, mask, p, start, end) in enumerate(tqdm(windows, desc=f"ppl {mode}", unit="window",
-                                                          disable=not show_progress)):
-            # targets: the window's new tokens, and in the first window also the sink tokens 1..S-1
-            first = 1 if k == 0 else p
-            if mode == "memory":
-                logp = _read_write_window(model, x, mask, p, start, end, first)
-            else:
-                with model.memory_disabled():
-                    logp = _target_logprobs(model, x, mask, first)
-            doc_pos = torch.cat([torch.arange(S), torch.arange(start - (p - S), end)])   # x index -> token
-            nll[doc_pos[first:] - 1] = -logp
-    finally:
-        model.reset_memory()
-    return nll.tolist()
-
-
-def _target_logprobs(model, x, mask, first: int) -> torch.Tensor:
-    """log p(x[t] | x[:t]) for t = first..T-1, from one decoder pass and the LM head in chunks."""
-    dev = model.device
+    # one window per call: the first also holds the sink tokens, later ones get the overlap from
+    # the model's carried tail
+    bounds = [0] + list(range(S + new, len(ids), new)) + [len(ids)]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     decoder = model.backbone.get_decoder()
-    h = decoder(input_ids=x.to(dev), attention_mask=mask.long().to(dev),
-                position_ids=torch.arange(x.shape[1], device=dev)[None], use_cache=False).last_hidden_state
+    hook = decoder.register_forward_hook(
+        lambda mod, args, kwargs, out: seen.append((kwargs["input_ids"], out.last_hidden_state)), with_kwargs=True)
+    nll: list[float] = []
+    model.reset_memory()
+    try:
+        with _memory_for(model, mode):
+            for a, b in tqdm(list(zip(bounds, bounds[1:])), desc=f"ppl {mode}", unit="window",
+                             disable=not show_progress):
+                seen.clear()
+                model.memorize(torch.tensor([ids[a:b]]), show_progress=False)
+                (x, h), = seen
+                # the new tokens are the last b - a of the window (in the first, all but token 0)
+                first = x.shape[1] - (b - a) if a else 1
+                nll += (-_target_logprobs(model, x, h, first)).tolist()
+    finally:
+        hook.remove()
+        model.reset_memory()
+    return nll
+
+
+@contextlib.contextmanager
+def _memory_for(model, mode: str):
+    """memory: windows read the memory of earlier windows while they are written;
+    truncate: memory disabled (the frozen backbone on each window)."""
+    if mode == "truncate":
+        with model.memory_disabled():
+            yield
+        return
+    cfg = model.memory_config
+    model.memory_config = dataclasses.replace(cfg, read_during_ingest=True)
+    try:
+        yield
+    finally:
+        model.memory_config = cfg
+
+
+def _target_logprobs(model, x: torch.Tensor, h: torch.Tensor, first: int) -> torch.Tensor:
+    """log p(x[t] | x[:t]) for t = first..T-1 from the decoder's hidden states h [1, T, H], the
+    LM head applied in chunks ([256, vocab] logits at a time, not [T, vocab])."""
     head = model.backbone.get_output_embeddings()
-    targets = x[0, first:].to(dev)
+    targets = x[0, first:].to(h.device)
     out = []
-    for i in range(0, len(targets), 256):      # [256, vocab] logits at a time, not [T, vocab]
+    for i in range(0, len(targets), 256):
         j = min(i + 256, len(targets))
         logits = head(h[0, first - 1 + i:first - 1 + j]).float()
         out.append(torch.log_softmax(logits, -1).gather(-1, targets[i:j, None])[:, 0])
     return torch.cat(out).cpu()
-
-
-def _read_write_window(model, x, mask, p, start, end, first) -> torch.Tensor:
-    """One forward that reads memory, scores the targets and writes the new tokens to memory.
-
-    Uses the model's runtime the way `MemformerForCausalLM._write_window` does, with reading
-    on; a public model method for it would let this go (see the module docstring)."""
-    model._ensure_memory(1)
-    with model._mode(read=True, write=True) as rt:
-        rt.write_slice = slice(p, None)
-        logp = _target_logprobs(model, x, mask, first)
-        positions = torch.arange(start, end)[None]
-        for i, (k, v) in rt.pending.items():
-            mem = model.memories[i]
-            mem.add(k.to(mem.keys.dtype), v.to(mem.keys.dtype), positions.to(mem.keys.device),
-                    mask[:, p:].to(mem.keys.device))
-    return logp
 
 
 def bin_ppl(segments: list[list[float]], bin_size: int) -> tuple[list[int], list[float]]:
