@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from memformer.evalplots import TrialLog
 
 VARIANTS = ("single-number", "single-word", "single-uuid", "multikey", "multivalue", "multiquery")
+TASKS = VARIANTS + ("passkey",)          # passkey (memformer.passkey) can run in the same evaluation
 DISTRACTORS, VALUES, QUERIES = 3, 4, 4
 NUMBER_DIGITS = 7
 
@@ -305,29 +306,36 @@ def run_settings(model, name: str, seed: int, trials: int) -> dict:
             "memory_config": model.memory_config.to_dict(), "python": sys.version.split()[0]}
 
 
-def evaluate(model, variants=VARIANTS, lengths=(4096,), trials: int = 5, modes=("memory", "truncate"),
-             seed: int = 0, out_dir=None, resume: bool = False, show_progress: bool = True) -> list[dict]:
-    """Every variant x length x trial in every mode; trial i of n puts its target needle at
-    depth (i + 0.5) / n. Records stream to out_dir/trials.jsonl (resumable) when out_dir is set."""
+def build_sample(tokenizer, task: str, length: int, index: int, depth: float, seed: int) -> Sample:
+    """Trial `index` of `task` (a variant, or "passkey") at `length`, from its own seeded generator."""
+    rng = trial_rng(seed, task, length, index)
+    if task == "passkey":
+        from memformer import passkey
+        return passkey.make_sample(tokenizer, length, depth, rng.randint(10000, 99999), index)
+    return make_sample(tokenizer, task, length, depth, rng, index=index)
+
+
+def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("memory", "truncate"),
+             seed: int = 0, out_dir=None, resume: bool = False, show_progress: bool = True,
+             name: str = "needle") -> list[dict]:
+    """Every task (needle variants, and "passkey") x length x trial in every mode; trial i of n
+    puts its target needle at depth (i + 0.5) / n. Records stream to out_dir/trials.jsonl
+    (resumable) when out_dir is set; `name` labels the run in out_dir/run.json."""
     if model.tokenizer is None:
-        raise ValueError("the needle evaluation needs a model with a tokenizer")
+        raise ValueError(f"the {name} evaluation needs a model with a tokenizer")
     variants, modes = list(variants), check_modes(modes)
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in TASKS]
     if bad or not variants:
-        raise ValueError(f"unknown needle variant(s) {bad or variants}; choose from {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown needle variant(s) {bad or variants}; choose from {', '.join(TASKS)}")
     if trials < 1 or not lengths or min(lengths) < 1:
         raise ValueError(f"need trials >= 1 and positive lengths, got trials={trials}, lengths={list(lengths)}")
     for v in variants:                    # a length too short fails now, not hours into the run
-        make_sample(model.tokenizer, v, min(lengths), 0.5, random.Random(seed))
+        build_sample(model.tokenizer, v, min(lengths), 0, 0.5, seed)
     jobs = [(v, L, i, (i + 0.5) / trials) for L in lengths for v in variants for i in range(trials)]
-
-    def build(job):
-        task, L, i, depth = job
-        return make_sample(model.tokenizer, task, L, depth, trial_rng(seed, task, L, i), index=i)
-
-    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, "needle", seed, trials), resume)
+    build = lambda job: build_sample(model.tokenizer, job[0], job[1], job[2], job[3], seed)
+    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, name, seed, trials), resume)
     try:
-        return run_trials(model, jobs, build, modes, log, "needle", show_progress)
+        return run_trials(model, jobs, build, modes, log, name, show_progress)
     finally:
         if log is not None:
             log.close()

@@ -5,7 +5,7 @@ key is K. Remember it. K is the pass key." at a chosen depth, and "What is the p
 pass key is". Greedy decoding; a trial is correct when the first number generated equals K.
 
 `evaluate` runs the prompt as a document + cue through `memformer.qa` in any of its modes
-(memory, truncate, rag, full), with the needle evaluation's runner (`memformer.needle`);
+(memory, truncate, rag, full), as task "passkey" of the needle evaluation (`memformer.needle`);
 `run_trial` is the direct token-level path (memory / truncate only) the integration tests use.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from memformer.evalplots import TrialLog, accuracy_table, plot_depth_heatmaps
-from memformer.needle import Query, Sample, check_modes, encode, run_settings, run_trials, trial_rng
+from memformer.evalplots import accuracy_table, plot_depth_heatmaps
+from memformer.needle import Query, Sample, encode
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.")
@@ -89,23 +89,9 @@ def evaluate(model, lengths: list[int], trials: int, modes=("memory", "truncate"
     """Every (length, trial) in every mode (`memformer.qa`); trial i of n puts the needle at depth
     (i + 0.5) / n, its key drawn from the trial's own seeded generator. Records (see
     `memformer.evalplots`) stream to out_dir/trials.jsonl; resume=True skips finished ones."""
-    if model.tokenizer is None:
-        raise ValueError("the passkey evaluation needs a model with a tokenizer")
-    modes = check_modes(modes)
-    if trials < 1 or not lengths or min(lengths) < 1:
-        raise ValueError(f"need trials >= 1 and positive lengths, got trials={trials}, lengths={list(lengths)}")
-    jobs = [("passkey", L, i, (i + 0.5) / trials) for L in lengths for i in range(trials)]
-
-    def build(job):
-        _, L, i, depth = job
-        return make_sample(model.tokenizer, L, depth, trial_rng(seed, "passkey", L, i).randint(10000, 99999), i)
-
-    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, "passkey", seed, trials), resume)
-    try:
-        return run_trials(model, jobs, build, modes, log, "passkey", show_progress)
-    finally:
-        if log is not None:
-            log.close()
+    from memformer import needle
+    return needle.evaluate(model, ["passkey"], lengths, trials, modes, seed, out_dir, resume, show_progress,
+                           name="passkey")
 
 
 def summary_table(results: list[dict]) -> str:

@@ -150,6 +150,16 @@ def test_runner_streams_trials_and_resume_skips_finished_ones(btok, tmp_path, mo
     assert len(calls) == 16
 
 
+def test_passkey_is_a_task_of_the_needle_run(btok, monkeypatch):
+    """`eval needle --variants passkey` and `eval passkey` run the same trials."""
+    monkeypatch.setattr(needle, "answer_cues", lambda model, text, cues, mode, n: [text.split("pass key is ")[1][:5]])
+    model = _fake_model(btok)
+    a = needle.evaluate(model, ["passkey"], [1200], 3, show_progress=False)
+    b = passkey.evaluate(model, [1200], 3, show_progress=False)
+    assert [(r["id"], r["expected"], r["score"]) for r in a] == [(r["id"], r["expected"], r["score"]) for r in b]
+    assert [r["score"] for r in a] == [1.0] * 6 and len({r["expected"][0][0] for r in a}) == 3
+
+
 def test_evaluate_rejects_bad_arguments(btok):
     model = _fake_model(btok)
     with pytest.raises(ValueError, match="unknown needle variant"):
@@ -255,14 +265,15 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     common = ["--model", str(tiny_dir), "--window", "256", "--top-k", "4"]
     out = tmp_path / "needle"
     argv = ["eval", "needle", *common, "--lengths", "400,1k", "--trials", "2", "--variants",
-            "single-number,multiquery", "--modes", "memory,truncate,full", "--out", str(out)]
+            "single-number,multiquery,passkey", "--modes", "memory,truncate,full", "--out", str(out)]
     assert _main(*argv) == 0
     records = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
-    assert len(records) == 2 * 2 * 2 * 3
+    assert len(records) == 3 * 2 * 2 * 3
     full = {r["length"]: r["status"] for r in records if r["mode"] == "full"}
     assert full == {400: "ok", 1024: "n/a"}                        # the tiny model's context is 512
     table = (out / "needle.md").read_text()
-    assert "| single-number | 1k |" in table and evalplots.NA in table and "| all variants | 400 |" in table
+    assert "| single-number | 1k |" in table and evalplots.NA in table and "| all tasks | 400 |" in table
+    assert "| passkey | 1k |" in table
     assert all((out / f).stat().st_size > 5000 for f in ("needle_heatmap.png", "needle_accuracy.png"))
     assert _main(*argv, "--resume") == 0                            # nothing left to run
     assert (out / "trials.jsonl").read_text().splitlines() == [json.dumps(r) for r in records]

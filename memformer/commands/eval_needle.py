@@ -10,11 +10,12 @@ from memformer.commands.eval_passkey import add_trial_args, parse_trial_args, re
 
 
 def register(ev) -> None:
-    from memformer.needle import VARIANTS
-    p = ev.add_parser("needle", help="RULER-style needle variants on a real-text haystack")
+    from memformer.needle import TASKS
+    p = ev.add_parser("needle", help="RULER-style needle variants on a real-text haystack (and passkey)")
     add_model_args(p)
     add_trial_args(p, "benchmarks/results/needle", "4k,8k,16k", 5)
-    p.add_argument("--variants", default="all", help=f"comma-separated, from {','.join(VARIANTS)} (or all)")
+    p.add_argument("--variants", default="all,passkey",
+                   help=f"comma-separated, from {','.join(TASKS)}; all = every needle variant")
     p.set_defaults(func=cmd_eval_needle)
 
 
@@ -22,11 +23,12 @@ def cmd_eval_needle(args) -> int:
     from memformer import evalplots, needle
     prog = "memformer eval needle"
     parsed = parse_trial_args(args, prog)
-    variants = list(needle.VARIANTS) if args.variants == "all" else [v.strip() for v in args.variants.split(",")]
-    bad = [v for v in variants if v not in needle.VARIANTS]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = list(dict.fromkeys(w for v in names for w in (needle.VARIANTS if v == "all" else [v])))
+    bad = [v for v in variants if v not in needle.TASKS]
     if parsed is None or bad or not variants:
         if bad or not variants:
-            print(f"{prog}: unknown variant(s) {bad or variants}; choose from {', '.join(needle.VARIANTS)} or all",
+            print(f"{prog}: unknown variant(s) {bad or variants}; choose from {', '.join(needle.TASKS)} or all",
                   file=sys.stderr)
         return 2
     lengths, modes = parsed
@@ -40,7 +42,8 @@ def cmd_eval_needle(args) -> int:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     what = ("Haystack: Python's documentation topics (standard-library source appended for long lengths) "
-            "from a seeded offset; needles on their own lines; each question is a sentence to complete; "
+            "from a seeded offset (passkey: its own grass/sky filler); needles on their own lines; each "
+            "question is a sentence to complete; "
             "score = the first value(s) of the right kind in the answer are the expected ones "
             "(multivalue / multiquery: the fraction found). Cells: mean score (sum/trials).")
     header = report_header("Needle in a haystack (RULER-style)", model, args, time.perf_counter() - t0, what)
@@ -56,7 +59,7 @@ def cmd_eval_needle(args) -> int:
 
 
 def _mean_table(results) -> str:
-    """All variants pooled: a row per length."""
+    """All tasks pooled: a row per length."""
     from memformer import evalplots
-    pooled = [dict(r, task="all variants") for r in results]
+    pooled = [dict(r, task="all tasks") for r in results]
     return evalplots.accuracy_table(pooled)
