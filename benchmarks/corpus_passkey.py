@@ -2,11 +2,11 @@
 
     .venv/bin/python benchmarks/corpus_passkey.py --docs 50 --trials 3 --out benchmarks/results/corpus
 
-Per trial: N documents cut from Python's documentation (about --doc-tokens tokens each) are
-written to a folder, the passkey sentence is planted at a random depth of one random document,
+Per trial: N documents of about --doc-tokens tokens (--haystack filler: the passkey
+test's filler text; pydocs: slices of Python's documentation) are written to a folder, the passkey sentence is planted at a random depth of one random document,
 `build_corpus` reads the folder into a corpus memory (as `memformer memory build` does), a
 fresh model attaches it read-only, and the passkey question is answered from the corpus alone
-(the local window holds only the question). A trial is correct when the first number generated
+(the local window holds only the task line and the question). A trial is correct when the first number generated
 is the key; the evidence is correct when the document with the most attention mass is the one
 holding the passkey. Writes corpus_passkey.md and trials.jsonl under --out.
 """
@@ -27,13 +27,21 @@ from memformer import MemformerForCausalLM, MemoryConfig, corpus, passkey  # noq
 from memformer.qa import python_docs_text  # noqa: E402
 
 
-def write_documents(folder: Path, tokenizer, n: int, doc_tokens: int, planted: int, key: int, rng) -> None:
-    """n documents of ~doc_tokens tokens of Python docs; document `planted` holds the needle."""
-    ids = tokenizer(python_docs_text(), add_special_tokens=False)["input_ids"]
-    if len(ids) < n * doc_tokens:
-        raise ValueError(f"Python's docs hold {len(ids)} tokens, fewer than {n} x {doc_tokens}")
-    for i in range(n):
-        text = tokenizer.decode(ids[i * doc_tokens:(i + 1) * doc_tokens])
+def write_documents(folder: Path, tokenizer, n: int, doc_tokens: int, planted: int, key: int, rng,
+                    haystack: str = "filler") -> None:
+    """n documents of ~doc_tokens tokens; document `planted` holds the passkey sentence.
+
+    haystack "filler": the passkey test's own filler ("The grass is green. ..."), so only the
+    needle differs between documents; "pydocs": consecutive slices of Python's documentation."""
+    if haystack == "pydocs":
+        ids = tokenizer(python_docs_text(), add_special_tokens=False)["input_ids"]
+        if len(ids) < n * doc_tokens:
+            raise ValueError(f"Python's docs hold {len(ids)} tokens, fewer than {n} x {doc_tokens}")
+        texts = [tokenizer.decode(ids[i * doc_tokens:(i + 1) * doc_tokens]) for i in range(n)]
+    else:
+        per = len(tokenizer(" " + passkey.FILLER, add_special_tokens=False)["input_ids"])
+        texts = [" ".join([passkey.FILLER] * max(1, doc_tokens // per)) for _ in range(n)]
+    for i, text in enumerate(texts):
         if i == planted:
             cut = text.find(". ", int(rng.uniform(0.2, 0.8) * len(text)))
             cut = len(text) // 2 if cut < 0 else cut + 2
@@ -46,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=50)
     ap.add_argument("--doc-tokens", type=int, default=400)
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--haystack", choices=["filler", "pydocs"], default="filler")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memory-dtype", default="auto")
     ap.add_argument("--out", default="benchmarks/results/corpus")
@@ -63,14 +72,14 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 docs, mem = Path(tmp) / "docs", Path(tmp) / "mem"
                 docs.mkdir()
-                write_documents(docs, tok, args.docs, args.doc_tokens, planted, key, rng)
+                write_documents(docs, tok, args.docs, args.doc_tokens, planted, key, rng, args.haystack)
                 t0 = time.perf_counter()
                 table = corpus.build_corpus(model, docs, mem, show_progress=False)
                 build_s = time.perf_counter() - t0
                 reader = model                       # the corpus alone: no memory of its own
                 reader.reset_memory()
                 reader.attach_corpus(mem)
-                x = torch.tensor([tok(passkey.QUESTION, add_special_tokens=False)["input_ids"]])
+                x = torch.tensor([tok(passkey.TASK + " " + passkey.QUESTION, add_special_tokens=False)["input_ids"]])
                 y = reader.generate(x, max_new_tokens=8, do_sample=False, record=True)
                 answer = tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip()
                 evidence = reader.corpus_evidence(top=3)
@@ -85,11 +94,13 @@ def main(argv=None) -> int:
             log.write(json.dumps(row) + "\n")
             log.flush()
             print(row, flush=True)
+    haystack_note = {"filler": "the passkey test's filler text", "pydocs": "slices of Python's documentation"}
     ok, ev = sum(r["correct"] for r in rows), sum(r["evidence_correct"] for r in rows)
     md = [f"# Corpus memory: passkey planted in one of {args.docs} documents\n",
           f"Command: `python benchmarks/corpus_passkey.py {' '.join(sys.argv[1:])}`\n",
           f"Default backbone (SmolLM2-135M-Instruct), MemoryConfig defaults (memory dtype {args.memory_dtype}); "
-          f"documents of ~{args.doc_tokens} tokens of Python's docs; the question is answered from the "
+          f"documents of ~{args.doc_tokens} tokens ({haystack_note[args.haystack]}); the passkey task line and "
+          f"question are answered from the "
           f"attached corpus alone. Answer correct: {ok}/{len(rows)}; top evidence document = planted "
           f"document: {ev}/{len(rows)}.\n",
           "| trial | tokens | planted in | key | answer | top evidence (share) | build (s) |",

@@ -148,19 +148,19 @@ def bytes_per_token(dim: int, kv_heads: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def configs(n: int, args) -> list[tuple[str, str, dict]]:
-    """(label, backend, params) rows to measure at memory size n."""
+def configs(n: int, args) -> list[tuple[str, dict, list[tuple[str, dict]]]]:
+    """(backend, build params, [(label, search params)]) to measure at memory size n: each index is
+    built once and searched at every setting of its search effort."""
     nlist = args.nlist or int(4 * math.sqrt(n))
-    rows = [("exact (torch)", "exact", {}), ("faiss-flat", "faiss-flat", {})]
-    for p in args.nprobe:
-        rows.append((f"faiss-ivf nlist={nlist} nprobe={p}", "faiss-ivf",
-                     {"nlist": nlist, "nprobe": p, "train_threshold": n}))
+    ivf = {"nlist": nlist, "train_threshold": n}
+    rows = [("exact", {}, [("exact (torch)", {})]), ("faiss-flat", {}, [("faiss-flat", {})]),
+            ("faiss-ivf", ivf, [(f"faiss-ivf nlist={nlist} nprobe={p}", {"nprobe": p}) for p in args.nprobe])]
     if n <= args.hnsw_max:
-        for ef in args.ef_search:
-            rows.append((f"faiss-hnsw M=32 ef={ef}", "faiss-hnsw", {"m_hnsw": 32, "ef_search": ef}))
-    for p in args.nprobe[-1:]:
-        rows.append((f"faiss-ivfpq nlist={nlist} nprobe={p} m={args.dim // 4} rerank=4", "faiss-ivfpq",
-                     {"nlist": nlist, "nprobe": p, "train_threshold": n, "rerank": 4}))
+        rows.append(("faiss-hnsw", {"m_hnsw": 32},
+                     [(f"faiss-hnsw M=32 ef={ef}", {"ef_search": ef}) for ef in args.ef_search]))
+    rows.append(("faiss-ivfpq", {**ivf, "rerank": 4},
+                 [(f"faiss-ivfpq nlist={nlist} nprobe={p} m={args.dim // 4} rerank=4", {"nprobe": p})
+                  for p in args.nprobe[-2:]]))
     return rows
 
 
@@ -200,8 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real-layer", type=int, default=2, help="decoder layer whose keys are used (--data real)")
     ap.add_argument("--clusters", type=int, default=4096, help="clusters of --data synthetic")
     ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(N))")
-    ap.add_argument("--nprobe", default="16,64", help="IVF lists visited per query (comma list)")
-    ap.add_argument("--ef-search", default="64,128", help="HNSW search beams (comma list)")
+    ap.add_argument("--nprobe", default="16,64,128,256", help="IVF lists visited per query (comma list)")
+    ap.add_argument("--ef-search", default="64,128,256", help="HNSW search beams (comma list)")
     ap.add_argument("--hnsw-max", default="1M", help="skip HNSW above this size (its build is the slowest)")
     ap.add_argument("--chunk", type=int, default=65536, help="keys per add call")
     ap.add_argument("--repeats", type=int, default=3)
@@ -229,17 +229,21 @@ def main(argv=None) -> int:
                 keys = make_keys(n, args.dim, args.clusters, args.seed)
                 queries = make_queries(keys, args.queries, args.seed)
             truth, exact_ms = None, None
-            for label, backend, params in configs(keys.shape[0], args):
+            for backend, params, searches in configs(keys.shape[0], args):
                 index, add_s = build(backend, keys, params, args.chunk)
-                sec, ids = timed_search(index, queries, args.k, args.repeats)
-                if truth is None:
-                    truth, exact_ms = ids, sec * 1000
-                row = {"keys": keys.shape[0], "config": label, "add_s": round(add_s, 2), "search_ms": round(sec * 1000, 2),
-                       "recall": round(recall(ids, truth), 4), "speedup_vs_exact": round(exact_ms / (sec * 1000), 2)}
-                rows.append(row)
-                writer.writerow(row)
-                fh.flush()
-                print(row, flush=True)
+                for label, search_params in searches:
+                    if search_params:
+                        index.set_search_params(**search_params)
+                    sec, ids = timed_search(index, queries, args.k, args.repeats)
+                    if truth is None:
+                        truth, exact_ms = ids, sec * 1000
+                    row = {"keys": keys.shape[0], "config": label, "add_s": round(add_s, 2),
+                           "search_ms": round(sec * 1000, 2), "recall": round(recall(ids, truth), 4),
+                           "speedup_vs_exact": round(exact_ms / (sec * 1000), 2)}
+                    rows.append(row)
+                    writer.writerow(row)
+                    fh.flush()
+                    print(row, flush=True)
                 del index
             del keys
     bpt = bytes_per_token(args.dim, args.kv_heads)

@@ -212,6 +212,22 @@ class FaissIndex(RawKeys):
         for g in range(self.G):
             self._rebuild(g)
 
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the search effort of a built index without rebuilding it: IVF lists visited
+        (ivf / ivfpq) or HNSW beam width."""
+        if nprobe is not None:
+            self.nprobe = int(nprobe)
+        if ef_search is not None:
+            self.ef_search = int(ef_search)
+        for g, index in enumerate(self._indexes):
+            if self.kind == "hnsw":
+                self.faiss.downcast_index(index.index).hnsw.efSearch = self.ef_search
+            elif self._trained[g] is not None:
+                if self._gpu:
+                    self.faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", self.nprobe)
+                else:
+                    index.nprobe = self.nprobe
+
     # -- building ---------------------------------------------------------------------------
     def _empty(self, g: int):
         """An empty faiss index of the current stage for group g (on the GPU where it applies)."""

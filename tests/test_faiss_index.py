@@ -106,6 +106,34 @@ def test_approximate_recall(data, built, kind):
     assert (s[..., :-1] >= s[..., 1:]).all()          # sorted, ivfpq too (exact re-scoring)
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_more_search_effort_raises_recall_without_rebuild(data, built, kind):
+    keys, queries, (ws, wi) = data
+    idx = built(kind)
+    low = {"nprobe": 1} if kind == "ivf" else {"ef_search": 32}
+    high = {"nprobe": idx.nlist_trained} if kind == "ivf" else {"ef_search": 512}
+    idx.set_search_params(**low)
+    r_low = recall(idx.search(queries, K)[1], wi)
+    idx.set_search_params(**high)
+    s, i = idx.search(queries, K)
+    assert recall(i, wi) > r_low
+    if kind == "ivf":                                  # every list visited: exact again
+        assert recall(i, wi) == 1.0
+    check_consistent(idx, queries, s, i)
+
+
+def test_centered_index_scores_are_exact_inner_products():
+    # keys with a large shared component, as attention keys have: scores stay q.k exactly
+    idx, keys, valid = small("hnsw", padding=False)
+    shifted = FaissIndex((2,), 16, kind="hnsw")
+    offset = torch.full((16,), 20.0)
+    shifted.add(keys + offset, valid)
+    q = torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(3))
+    s, i = shifted.search(q, 5)
+    assert shifted._center is not None
+    check_consistent(shifted, q, s, i)
+
+
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_exact_until_trained(kind):
     keys = clustered(2, 4000, 16, 32)
