@@ -8,6 +8,8 @@ keys that are padding are added with valid=False and are never returned.
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -44,16 +46,42 @@ class KNNIndex(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
+def _mapped_empty(directory, shape, dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor backed by a memory-mapped file in `directory`.
+
+    The file is unlinked at once: the mapping keeps it alive, the OS pages it to and from disk
+    as needed (so it can exceed RAM), and its space is freed with the tensor — nothing to clean
+    up after a crash."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    f = Path(directory) / f"memformer-{uuid.uuid4().hex}.bin"
+    numel = 1
+    for s in shape:
+        numel *= s
+    t = torch.from_file(str(f), shared=True, size=max(1, numel), dtype=dtype)
+    os.unlink(f)
+    return t[:numel].view(*shape)
+
+
 class GrowingBuffer:
     """A [*G, n, *tail] tensor that grows along dim len(G) with amortised doubling.
 
-    torch.cat on every window would copy the whole memory each time (quadratic in length)."""
+    torch.cat on every window would copy the whole memory each time (quadratic in length).
+    mmap_dir: keep the rows in memory-mapped files there instead of RAM (CPU only)."""
 
-    def __init__(self, group_shape, tail_shape, dtype, device, initial: int = 1024):
+    def __init__(self, group_shape, tail_shape, dtype, device, initial: int = 1024, mmap_dir=None):
         self.group_shape = tuple(group_shape)
         self.tail_shape = tuple(tail_shape)
-        self._buf = torch.empty(*self.group_shape, initial, *self.tail_shape, dtype=dtype, device=device)
+        self.mmap_dir = mmap_dir
+        if mmap_dir is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"memory-mapped storage holds CPU tensors, not {device}")
+        self._buf = self._empty(initial, dtype, device)
         self.length = 0
+
+    def _empty(self, rows: int, dtype, device) -> torch.Tensor:
+        shape = (*self.group_shape, rows, *self.tail_shape)
+        if self.mmap_dir is not None:
+            return _mapped_empty(self.mmap_dir, shape, dtype)
+        return torch.empty(*shape, dtype=dtype, device=device)
 
     @property
     def dim(self) -> int:
@@ -70,8 +98,7 @@ class GrowingBuffer:
         cap = self._buf.shape[self.dim]
         if need > cap:
             new_cap = max(need, 2 * cap)
-            new = torch.empty(*self.group_shape, new_cap, *self.tail_shape,
-                              dtype=self._buf.dtype, device=self._buf.device)
+            new = self._empty(new_cap, self._buf.dtype, self._buf.device)
             new.narrow(self.dim, 0, self.length).copy_(self.data)
             self._buf = new
         self._buf.narrow(self.dim, self.length, n).copy_(x)
@@ -98,8 +125,10 @@ class GrowingBuffer:
         self.length = kept.shape[self.dim]
 
     def load(self, x: torch.Tensor) -> None:
-        self._buf = x.to(dtype=self._buf.dtype, device=self._buf.device).contiguous().clone()
-        self.length = x.shape[self.dim]
+        n = x.shape[self.dim]
+        self._buf = self._empty(max(n, 1), self._buf.dtype, self._buf.device)
+        self._buf.narrow(self.dim, 0, n).copy_(x)
+        self.length = n
 
 
 class QuantizedBuffer:
@@ -110,9 +139,9 @@ class QuantizedBuffer:
     `data` is the int8 tensor and `scales` the [*G, n] scales, the layout the kNN kernels read.
     """
 
-    def __init__(self, group_shape, dim: int, device, initial: int = 1024):
-        self.rows = GrowingBuffer(group_shape, (dim,), torch.int8, device, initial)
-        self._scales = GrowingBuffer(group_shape, (), torch.float32, device, initial)
+    def __init__(self, group_shape, dim: int, device, initial: int = 1024, mmap_dir=None):
+        self.rows = GrowingBuffer(group_shape, (dim,), torch.int8, device, initial, mmap_dir)
+        self._scales = GrowingBuffer(group_shape, (), torch.float32, device, initial, mmap_dir)
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,11 +198,12 @@ class QuantizedBuffer:
         self._scales.load(scales.float())
 
 
-def row_buffer(group_shape, dim: int, dtype, device):
-    """Storage for [*G, n, D] rows: a QuantizedBuffer for torch.int8, else a GrowingBuffer."""
+def row_buffer(group_shape, dim: int, dtype, device, mmap_dir=None):
+    """Storage for [*G, n, D] rows: a QuantizedBuffer for torch.int8, else a GrowingBuffer;
+    in memory-mapped files under `mmap_dir` when given."""
     if dtype == torch.int8:
-        return QuantizedBuffer(group_shape, dim, device)
-    return GrowingBuffer(group_shape, (dim,), dtype, device)
+        return QuantizedBuffer(group_shape, dim, device, mmap_dir=mmap_dir)
+    return GrowingBuffer(group_shape, (dim,), dtype, device, mmap_dir=mmap_dir)
 
 
 def rows_state(buf, name: str) -> dict[str, torch.Tensor]:
@@ -215,8 +245,8 @@ class RawKeys:
     Attention gathers the retrieved rows from `vectors`, so every backend stores them; a row id
     is the row's place here, shared by all groups."""
 
-    def _init_raw_keys(self, group_shape, dim: int, dtype, device) -> None:
-        self._keys = row_buffer(group_shape, dim, dtype, device)
+    def _init_raw_keys(self, group_shape, dim: int, dtype, device, mmap_dir=None) -> None:
+        self._keys = row_buffer(group_shape, dim, dtype, device, mmap_dir)
         self._valid = GrowingBuffer(group_shape, (), torch.bool, device)
 
     def __len__(self) -> int:

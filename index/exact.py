@@ -17,14 +17,17 @@ class ExactIndex(RawKeys):
     """Exact top-k over one vector set per group.
 
     group_shape: leading dims of every call, e.g. (batch, kv_heads).
-    dim: vector size D. dtype/device: storage of the keys.
+    dim: vector size D. dtype/device: storage of the keys (torch.int8 = int8 rows + scales).
+    mmap_dir: keep the keys in memory-mapped files there (memories larger than RAM; search reads
+        them chunk by chunk).
     """
 
-    def __init__(self, group_shape, dim: int, dtype=torch.float32, device="cpu", key_chunk: int = 32768):
+    def __init__(self, group_shape, dim: int, dtype=torch.float32, device="cpu", key_chunk: int = 32768,
+                 mmap_dir=None):
         self.group_shape = tuple(group_shape)
         self.dim = int(dim)
         self.key_chunk = int(key_chunk)
-        self._init_raw_keys(self.group_shape, self.dim, dtype, device)
+        self._init_raw_keys(self.group_shape, self.dim, dtype, device, mmap_dir)
 
     # -- protocol ---------------------------------------------------------------------------
     def add(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

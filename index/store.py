@@ -28,8 +28,8 @@ class MemoryStore:
     positions [B, M] (int64) and the attention mass each row has received so far [B, M] (float32,
     what score eviction ranks by)."""
 
-    def __init__(self, batch: int, kv_heads: int, dim: int, dtype=torch.float32, device="cpu"):
-        self.values = row_buffer((batch, kv_heads), dim, dtype, device)
+    def __init__(self, batch: int, kv_heads: int, dim: int, dtype=torch.float32, device="cpu", mmap_dir=None):
+        self.values = row_buffer((batch, kv_heads), dim, dtype, device, mmap_dir)
         self.positions = GrowingBuffer((batch,), (), torch.long, device)
         self.mass = GrowingBuffer((batch,), (), torch.float32, device)
 
@@ -76,15 +76,23 @@ class LayerMemory:
     "score" (H2O: drop the rows that received the least attention mass so far, oldest first among
     equals — so it is FIFO until memory is read; it evicts at least capacity/16 rows at a time so
     index rebuilds are amortised), or "none" (MemoryCapacityError when full).
+    mmap_dir: keep keys and values in memory-mapped files there instead of RAM (exact index only:
+        FAISS indexes hold their own copy of the keys).
     """
 
     def __init__(self, batch: int, kv_heads: int, dim: int, *, dtype=torch.float32, device="cpu",
                  index: str = "exact", index_params: dict | None = None,
-                 capacity: int | None = None, eviction: str = "fifo"):
+                 capacity: int | None = None, eviction: str = "fifo", mmap_dir=None):
         self.batch, self.kv_heads, self.dim = batch, kv_heads, dim
         self.capacity, self.eviction = capacity, eviction
-        self.index = make_index(index, (batch, kv_heads), dim, dtype, device, **(index_params or {}))
-        self.store = MemoryStore(batch, kv_heads, dim, dtype=dtype, device=device)
+        params = dict(index_params or {})
+        if mmap_dir is not None:
+            if index != "exact":
+                raise ValueError(f"memory-mapped storage works with index='exact', not {index!r} "
+                                 f"(FAISS keeps its own in-RAM copy of the keys)")
+            params["mmap_dir"] = mmap_dir
+        self.index = make_index(index, (batch, kv_heads), dim, dtype, device, **params)
+        self.store = MemoryStore(batch, kv_heads, dim, dtype=dtype, device=device, mmap_dir=mmap_dir)
 
     def __len__(self) -> int:
         return len(self.store)

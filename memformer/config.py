@@ -47,6 +47,9 @@ class MemoryConfig:
         (approximate; IVF ones search exactly until trained). `index_params` go to the backend
         (ExactIndex / FaissIndex keyword arguments, e.g. {"nprobe": 32}).
     index_device: device that holds memory and runs search (None = the backbone's device).
+    storage_dir: keep memory rows (keys, values) in memory-mapped files under this directory
+        instead of RAM, for memories larger than RAM (CPU, index "exact"; the files are unlinked
+        at once, so nothing is left behind). None = RAM.
     capacity: max tokens of memory per sequence (None = unbounded); eviction says what happens
         when it is reached: "fifo" drops the oldest tokens, "score" (H2O) drops the tokens that
         received the least attention mass so far (oldest first among equals), "none" raises.
@@ -69,6 +72,7 @@ class MemoryConfig:
     index: str = "exact"
     index_params: dict = field(default_factory=dict)
     index_device: Optional[str] = None
+    storage_dir: Optional[str] = None
     capacity: Optional[int] = None
     eviction: str = "fifo"
     memory_dtype: str = "auto"
@@ -97,6 +101,8 @@ class MemoryConfig:
         need(self.fixed_distance is None or int(self.fixed_distance) >= 0,
              f"fixed_distance must be >= 0, got {self.fixed_distance}")
         need(self.index in INDEX_KINDS, f"index {self.index!r} not in {INDEX_KINDS}")
+        need(self.storage_dir is None or self.index == "exact",
+             f"storage_dir (memory-mapped rows) needs index='exact', got {self.index!r}")
         need(isinstance(self.index_params, dict), "index_params must be a dict")
         need(self.capacity is None or int(self.capacity) >= 1,
              f"capacity must be >= 1 or None, got {self.capacity}")

@@ -158,7 +158,8 @@ class MemformerForCausalLM(nn.Module):
         for i in self.memory_layer_ids:
             self.runtime.memories[i] = LayerMemory(
                 batch, bcfg.num_key_value_heads, head_dim, dtype=self._memory_dtype(), device=device,
-                index=cfg.index, index_params=cfg.index_params, capacity=cfg.capacity, eviction=cfg.eviction)
+                index=cfg.index, index_params=cfg.index_params, capacity=cfg.capacity, eviction=cfg.eviction,
+                mmap_dir=cfg.storage_dir)
         self.seen = [0] * batch
 
     @contextlib.contextmanager

@@ -163,3 +163,37 @@ def test_int8_memory_save_load_identical(tmp_path):
     model.load_memory(tmp_path / "m")
     assert model.memories[0].keys.dtype == torch.int8
     assert torch.equal(model(ids[:, -20:]).logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_memory_mapped_rows_match_ram_and_leave_nothing_behind(tmp_path, dtype):
+    ram = LayerMemory(2, 3, 16, dtype=dtype)
+    disk = LayerMemory(2, 3, 16, dtype=dtype, mmap_dir=tmp_path)
+    keys, values = _rows(n=3000, seed=11), _rows(n=3000, seed=12)
+    for a in range(0, 3000, 700):                                  # grows past the first allocation
+        for m in (ram, disk):
+            m.add(keys[:, :, a:a + 700], values[:, :, a:a + 700], torch.arange(a, min(3000, a + 700)).expand(2, -1))
+    assert list(tmp_path.iterdir()) == []                         # mapped files are unlinked at once
+    q = _rows(n=20, seed=13)
+    assert all(torch.equal(a, b) for a, b in zip(ram.search(q, 8), disk.search(q, 8)))
+    assert all(torch.equal(ram.state_dict()[k], disk.state_dict()[k]) for k in ram.state_dict())
+    disk.load_state_dict(ram.state_dict())
+    assert torch.equal(disk.values, ram.values)
+    with pytest.raises(ValueError, match="exact"):
+        LayerMemory(1, 1, 16, index="faiss-flat", mmap_dir=tmp_path)
+
+
+def test_model_with_memory_mapped_storage_equals_ram(tmp_path):
+    backbone = tiny_backbone()
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for storage in (None, str(tmp_path)):
+        cfg = MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, lora_rank=0, storage_dir=storage)
+        model = MemformerForCausalLM(backbone, None, cfg)
+        model.memorize(ids[:, :180], show_progress=False)
+        logits.append(model(ids[:, 180:]).logits)
+        for layer in backbone.model.layers:
+            layer.self_attn = layer.self_attn.attn
+    assert torch.equal(logits[0], logits[1])
+    with pytest.raises(ValueError, match="storage_dir"):
+        MemoryConfig(storage_dir=str(tmp_path), index="faiss-ivf")

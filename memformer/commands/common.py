@@ -14,6 +14,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--memory-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--index", default="exact", help="exact | faiss-flat | faiss-ivf | faiss-hnsw | faiss-ivfpq")
+    p.add_argument("--storage-dir", default=None, help="keep memory rows in memory-mapped files here (index exact)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -21,7 +22,8 @@ def memory_config_from_args(args):
     from memformer import MemoryConfig
     layers = None if not args.memory_layers else [int(x) for x in args.memory_layers.split(",")]
     return MemoryConfig(window=args.window, top_k=args.top_k, memory_layers=layers, position_mode=args.position_mode,
-                        sink_tokens=args.sink_tokens, memory_dtype=args.memory_dtype, index=args.index)
+                        sink_tokens=args.sink_tokens, memory_dtype=args.memory_dtype, index=args.index,
+                        storage_dir=args.storage_dir)
 
 
 def load_model(args):
