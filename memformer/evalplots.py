@@ -43,10 +43,11 @@ class TrialLog:
         if not run.is_file():
             raise ValueError(f"--resume: {run} is missing, so the finished trials in {self.path} cannot be "
                              "checked against this run's settings; use another --out or drop --resume")
-        old = json.loads(run.read_text())
-        changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+        old, new = _flatten(json.loads(run.read_text())), _flatten(self.settings)
+        # a setting one side lacks counts as None: a field added to MemoryConfig later, say
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
-            diff = "; ".join(f"{k}: {old.get(k)!r} -> {self.settings.get(k)!r}" for k in changed)
+            diff = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
             raise ValueError(f"--resume: {self.dir} holds trials of a run with other settings ({diff}); "
                              "use another --out or drop --resume")
 
@@ -70,6 +71,17 @@ class TrialLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, so a changed setting is named exactly."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _read_records(path: Path) -> dict[str, dict]:

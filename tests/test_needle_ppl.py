@@ -106,8 +106,8 @@ def test_scoring_takes_the_first_values_of_the_right_kind():
 
 
 # ---------------------------------------------------------------------- runner, trial log, resume
-def _fake_model(btok):
-    return SimpleNamespace(tokenizer=btok, backbone_fingerprint="fake", memory_config=MemoryConfig())
+def _fake_model(btok, **cfg):
+    return SimpleNamespace(tokenizer=btok, backbone_fingerprint="fake", memory_config=MemoryConfig(**cfg))
 
 
 def _fake_answers(calls):
@@ -143,8 +143,16 @@ def test_runner_streams_trials_and_resume_skips_finished_ones(btok, tmp_path, mo
     calls.clear()
     needle.evaluate(model, **dict(kw, lengths=[1500, 2000, 2500]), resume=True)           # only the new length
     assert len(calls) == 8
-    with pytest.raises(ValueError, match="other settings.*seed"):
+    with pytest.raises(ValueError, match=r"other settings \(seed: 0 -> 1\)"):
         needle.evaluate(model, **kw, seed=1, resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(memory_config.top_k: 32 -> 8\)"):
+        needle.evaluate(_fake_model(btok, top_k=8), **kw, resume=True)
+    run = json.loads((tmp_path / "run.json").read_text())          # a run from before a new config field
+    run["memory_config"].pop("capacity")
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    calls.clear()
+    needle.evaluate(model, **kw, resume=True)
+    assert calls == []
     calls.clear()
     needle.evaluate(model, **kw)                                                          # no --resume: fresh
     assert len(calls) == 16
