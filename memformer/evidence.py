@@ -63,18 +63,24 @@ class RetrievalMass:
         return (self.answer - self.prompt).clamp(min=0)
 
 
-def retrieval_mass(model, n_tokens: int, *, batch_index: int = 0) -> RetrievalMass:
+def retrieval_mass(model, n_tokens: int, *, batch_index: int = 0, retrieved: dict | None = None,
+                   memories: dict | None = None) -> RetrievalMass:
     """Attention mass per memorized stream token from the retrievals recorded in `model.runtime`
     (by `generate(..., record=True)`; the first recorded call is the prefill).
 
     n_tokens: length of the stream whose positions memory holds (memory positions must be < it).
     The probability of every retrieved row is added at the row's stream position, summed over
     memory layers and query heads, and divided by the number of softmaxes that contributed.
+    retrieved / memories: the recording and the memories it indexes (default: the sequence's own,
+    `model.runtime.retrieved` / `model.memories`; an attached corpus: `runtime.retrieved_corpus` /
+    `runtime.corpus`, for a batch of one).
     """
+    retrieved = model.runtime.retrieved if retrieved is None else retrieved
+    memories = model.memories if memories is None else memories
     answer, prompt = torch.zeros(n_tokens), torch.zeros(n_tokens)
     n_answer = n_prompt = 0
-    for layer, calls in model.runtime.retrieved.items():
-        positions = model.memories[layer].positions[batch_index].cpu()     # [M] stream position of each row
+    for layer, calls in retrieved.items():
+        positions = memories[layer].positions[batch_index].cpu()           # [M] stream position of each row
         if len(positions) and int(positions.max()) >= n_tokens:
             raise ValueError(f"memory holds stream position {int(positions.max())}, beyond the "
                              f"{n_tokens} tokens given: the memory was built from another stream")

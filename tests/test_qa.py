@@ -241,6 +241,9 @@ def test_retrieval_mass_sums_answer_and_prompt_queries():
     assert torch.allclose(m.lift, (answer / 4 - prompt / 4).clamp(min=0))
     with pytest.raises(ValueError, match="another stream"):
         retrieval_mass(model, 12)
+    empty = SimpleNamespace(runtime=SimpleNamespace(retrieved={}), memories={})
+    given = retrieval_mass(empty, 16, retrieved=model.runtime.retrieved, memories=model.memories)
+    assert torch.equal(given.answer, m.answer) and torch.equal(given.prompt, m.prompt)
 
 
 def test_spans_from_mass_picks_the_heavy_sentence_in_its_document(tok):
