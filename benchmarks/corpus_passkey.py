@@ -6,7 +6,9 @@ Per trial: N documents of about --doc-tokens tokens (--haystack filler: the pass
 test's filler text; pydocs: slices of Python's documentation) are written to a folder, the passkey sentence is planted at a random depth of one random document,
 `build_corpus` reads the folder into a corpus memory (as `memformer memory build` does), a
 fresh model attaches it read-only, and the passkey question is answered from the corpus alone
-(the local window holds only the task line and the question). A trial is correct when the first number generated
+with two prompts in the local window: "task+question" (the passkey task line, then the question) and
+"filler+question" (20 filler sentences, then the question: the tail of the passkey test's own
+prompt, i.e. what its final window holds).. A trial is correct when the first number generated
 is the key; the evidence is correct when the document with the most attention mass is the one
 holding the passkey. Writes corpus_passkey.md and trials.jsonl under --out.
 """
@@ -25,6 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memformer import MemformerForCausalLM, MemoryConfig, corpus, passkey  # noqa: E402
 from memformer.qa import python_docs_text  # noqa: E402
+
+
+PROMPTS = {"task+question": passkey.TASK + " " + passkey.QUESTION,
+           "filler+question": " ".join([passkey.FILLER] * 20) + " " + passkey.QUESTION}
 
 
 def write_documents(folder: Path, tokenizer, n: int, doc_tokens: int, planted: int, key: int, rng,
@@ -79,34 +85,39 @@ def main(argv=None) -> int:
                 reader = model                       # the corpus alone: no memory of its own
                 reader.reset_memory()
                 reader.attach_corpus(mem)
-                x = torch.tensor([tok(passkey.TASK + " " + passkey.QUESTION, add_special_tokens=False)["input_ids"]])
-                y = reader.generate(x, max_new_tokens=8, do_sample=False, record=True)
-                answer = tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip()
-                evidence = reader.corpus_evidence(top=3)
+                for prompt_name, prompt in PROMPTS.items():
+                    x = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+                    y = reader.generate(x, max_new_tokens=8, do_sample=False, record=True)
+                    answer = tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip()
+                    evidence = reader.corpus_evidence(top=3)
+                    row = {"trial": trial, "prompt": prompt_name, "documents": len(table), "tokens": table[-1].end,
+                           "planted": f"doc_{planted:03d}.txt", "key": key, "answer": answer,
+                           "correct": passkey.first_number(answer) == key,
+                           "evidence_top": evidence[0]["doc"] if evidence else None,
+                           "evidence_share": evidence[0]["share"] if evidence else 0.0,
+                           "evidence_correct": bool(evidence) and evidence[0]["doc"] == f"doc_{planted:03d}.txt",
+                           "evidence_snippet": evidence[0]["snippet"] if evidence else "", "build_s": round(build_s, 1)}
+                    rows.append(row)
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    print(row, flush=True)
                 reader.detach_corpus()
-            row = {"trial": trial, "documents": len(table), "tokens": table[-1].end, "planted": f"doc_{planted:03d}.txt",
-                   "key": key, "answer": answer, "correct": passkey.first_number(answer) == key,
-                   "evidence_top": evidence[0]["doc"] if evidence else None,
-                   "evidence_share": evidence[0]["share"] if evidence else 0.0,
-                   "evidence_correct": bool(evidence) and evidence[0]["doc"] == f"doc_{planted:03d}.txt",
-                   "evidence_snippet": evidence[0]["snippet"] if evidence else "", "build_s": round(build_s, 1)}
-            rows.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            print(row, flush=True)
     haystack_note = {"filler": "the passkey test's filler text", "pydocs": "slices of Python's documentation"}
-    ok, ev = sum(r["correct"] for r in rows), sum(r["evidence_correct"] for r in rows)
+    score = {p: (sum(r["correct"] for r in rows if r["prompt"] == p), sum(r["evidence_correct"] for r in rows
+                 if r["prompt"] == p), sum(r["prompt"] == p for r in rows)) for p in PROMPTS}
     md = [f"# Corpus memory: passkey planted in one of {args.docs} documents\n",
           f"Command: `python benchmarks/corpus_passkey.py {' '.join(sys.argv[1:])}`\n",
           f"Default backbone (SmolLM2-135M-Instruct), MemoryConfig defaults (memory dtype {args.memory_dtype}); "
           f"documents of ~{args.doc_tokens} tokens ({haystack_note[args.haystack]}); the passkey task line and "
           f"question are answered from the "
-          f"attached corpus alone. Answer correct: {ok}/{len(rows)}; top evidence document = planted "
-          f"document: {ev}/{len(rows)}.\n",
-          "| trial | tokens | planted in | key | answer | top evidence (share) | build (s) |",
-          "|---:|---:|---|---:|---|---|---:|"]
+          f"attached corpus alone.\n",
+          "| prompt in the local window | answer correct | top evidence document = planted document |",
+          "|---|---:|---:|",
+          *[f"| {p} | {c}/{n} | {e}/{n} |" for p, (c, e, n) in score.items()], "",
+          "| trial | prompt | tokens | planted in | key | answer | top evidence (share) | build (s) |",
+          "|---:|---|---:|---|---:|---|---|---:|"]
     for r in rows:
-        md.append(f"| {r['trial']} | {r['tokens']} | {r['planted']} | {r['key']} | {r['answer'][:20]!r} "
+        md.append(f"| {r['trial']} | {r['prompt']} | {r['tokens']} | {r['planted']} | {r['key']} | {r['answer'][:20]!r} "
                   f"{'ok' if r['correct'] else 'miss'} | {r['evidence_top']} ({r['evidence_share']:.2f}) "
                   f"{'ok' if r['evidence_correct'] else 'miss'} | {r['build_s']} |")
     (out / "corpus_passkey.md").write_text("\n".join(md) + "\n")
