@@ -346,3 +346,20 @@ def test_evaluation_hook_reports_memory_and_passkey(tmp_path):
     assert out["loss_memory"] != out["loss_no_memory"] and out["passkey_300"] in (0.0, 1.0)
     assert not r.model.memories                                  # evaluation leaves no memory behind
     r.cleanup()
+
+
+@pytest.mark.parametrize("read_during_ingest", [False, True])
+def test_evaluation_episode_equals_the_inference_path(read_during_ingest):
+    """d = 1, w = all, inference top-k: each window's loss is what memorize + forward give."""
+    model = tiny_model(top_k=4, read_during_ingest=read_during_ingest)
+    batch = random_batch(B=1, L=100)
+    with torch.no_grad():
+        res = run_episode(model, batch, d=1, w=None, top_k=4, generator=random.Random(0))
+        windows = list(model.plan_windows(batch.ids, [100], 2, batch.ids[:, :2], None))
+        for t, (x, mask, p, start, end) in enumerate(windows[1:], start=1):
+            model.reset_memory()
+            model.memorize(batch.ids[:, :start], show_progress=False)
+            logits = model(x).logits[0, p - 1:-1]
+            want = torch.nn.functional.cross_entropy(logits, x[0, p:], reduction="sum")
+            torch.testing.assert_close(res.loss[t - 1][0], want, rtol=1e-4, atol=1e-4)
+    model.reset_memory()

@@ -31,8 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Score blocks of the top-k selection are kept under this many elements (fp32: 256 MB).
-_SCORE_BLOCK = 64 * 1024 * 1024
+# Score blocks of the top-k selection are kept under this many elements (fp32: 16 MB): on CPU,
+# glibc serves blocks over 32 MB by a fresh mmap each time, whose page faults cost more than the
+# matmul that fills them (measured: a 75 MB block took 5x longer to fill than the search itself).
+_SCORE_BLOCK = 4 * 1024 * 1024
 
 
 class DenseMemory:
@@ -70,7 +72,9 @@ class DenseMemory:
         if self.lanes is None:
             return pool
         lane, row = self.lanes
-        return pool.permute(0, 2, 1, 3)[lane, row].permute(0, 2, 1, 3)    # [B, M, Hkv, D] -> [B, Hkv, M, D]
+        # [C, R, Hkv, D] indexed -> [B, M, Hkv, D] -> [B, Hkv, M, D], contiguous: the search matmul
+        # and the kernel's row gather are several times slower on the strided view
+        return pool.permute(0, 2, 1, 3)[lane, row].permute(0, 2, 1, 3).contiguous()
 
     @property
     def keys(self) -> torch.Tensor:
@@ -99,18 +103,17 @@ class DenseMemory:
             ids = torch.arange(M, device=queries.device).expand(B, H, Q, M).masked_fill(dead, -1)
             return scores, ids
         K = self.top_k
-        local = torch.empty(B, H, Q, K, dtype=torch.long, device=queries.device)
-        found = torch.empty(B, H, Q, K, dtype=torch.bool, device=queries.device)
+        scores, local = [], []
         step = max(1, _SCORE_BLOCK // max(1, B * H * M))
-        with torch.no_grad():                       # which rows: no gradient through the selection
-            for q0 in range(0, Q, step):
-                s = (queries[:, :, q0:q0 + step] @ keys.transpose(-1, -2)).float()   # [B, H, q, M]
-                s.masked_fill_(dead, float("-inf"))
-                top = s.topk(K, dim=-1)
-                local[:, :, q0:q0 + step], found[:, :, q0:q0 + step] = top.indices, top.values > float("-inf")
-        picked = keys.gather(2, local.view(B, H, Q * K, 1).expand(B, H, Q * K, D)).view(B, H, Q, K, D)
-        scores = (queries.unsqueeze(-2) * picked).sum(-1)                          # [B, H, Q, K]
-        return scores, local.masked_fill(~found, -1)
+        for q0 in range(0, Q, step):
+            # one matmul gives both the selection (no gradient) and the chosen logits (gradient
+            # to the queries through the gather), so picked keys are never materialised
+            s = queries[:, :, q0:q0 + step] @ keys.transpose(-1, -2)                # [B, H, q, M]
+            with torch.no_grad():
+                top = s.detach().float().masked_fill(dead, float("-inf")).topk(K, dim=-1)
+            scores.append(s.gather(-1, top.indices))
+            local.append(top.indices.masked_fill(top.values == float("-inf"), -1))
+        return torch.cat(scores, dim=2), torch.cat(local, dim=2)
 
 
 def negative_groups(doc_ids: torch.Tensor, d: int, generator: random.Random) -> torch.Tensor:
@@ -196,12 +199,13 @@ class WindowLM(nn.Module):
         if not score:                                        # write pass: the memory layers' k/v only
             return None
         first = max(p, 1)                                    # token 0 of a window has no predictor
-        logits = self.model.backbone.get_output_embeddings()(hidden[:, first - 1:T - 1]).float()  # [B, T-first, V]
-        labels = x[:, first:]
-        tmask = (targets & mask)[:, first:]
-        ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")    # [B, T-first]
-        ce = ce * tmask
-        return ce.sum(1), tmask.sum(1)
+        tmask = (targets & mask)[:, first:]                                        # [B, T-first]
+        # the vocabulary projection only at scored positions (answer-only samples score a few)
+        h = hidden[:, first - 1:T - 1][tmask]                                      # [N, H]
+        logits = self.model.backbone.get_output_embeddings()(h).float()            # [N, V]
+        ce = F.cross_entropy(logits, x[:, first:][tmask], reduction="none")        # [N]
+        lane = torch.arange(B, device=dev)[:, None].expand_as(tmask)[tmask]        # [N]
+        return torch.zeros(B, device=dev, dtype=ce.dtype).index_add(0, lane, ce), tmask.sum(1)
 
 
 @contextlib.contextmanager

@@ -69,9 +69,11 @@ class CrossbatchRecipe:
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        # accelerate runs several CPU processes as DDP (gloo) only when told to use the CPU
+        cpu = cfg.train.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
         # find_unused_parameters: a window whose lanes have no memory leaves the gates unused
         self.accelerator = acc = Accelerator(
-            mixed_precision=cfg.train.mixed_precision, cpu=cfg.train.cpu,
+            mixed_precision=cfg.train.mixed_precision, cpu=cpu,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)            # negatives and choice schedules
@@ -171,7 +173,8 @@ class CrossbatchRecipe:
             def backward(loss, count, t, last):
                 # mean over lanes of each lane's mean token loss, averaged over accumulated episodes
                 obj = (loss / norm.clamp(min=1)).sum() / lanes / accum
-                acc.backward(obj)
+                if obj.requires_grad:          # False only when no lane has a target in this window
+                    acc.backward(obj)
 
             def window_context(t, last, final=a == accum - 1):
                 sync = contextlib.nullcontext() if (last and final) else acc.no_sync(self.lm)
