@@ -300,7 +300,7 @@ def check_modes(modes) -> list[str]:
     return modes
 
 
-def run_settings(model, name: str, seed: int, trials: int) -> dict:
+def run_settings(model, name: str, seed: int | None, trials: int) -> dict:
     """What decides a trial's outcome; a --resume run must match it."""
     return {"eval": name, "seed": seed, "trials": trials, "backbone": model.backbone_fingerprint,
             "memory_config": model.memory_config.to_dict(), "python": sys.version.split()[0]}

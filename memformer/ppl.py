@@ -150,12 +150,12 @@ def pooled_ppl(segments: list[list[float]], lo: int = 1, hi: int | None = None) 
     return math.exp(sum(vals) / len(vals)) if vals else float("nan")
 
 
-def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1, modes=MODES, seed: int = 0,
+def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1, modes=MODES,
              out_dir=None, resume: bool = False, show_progress: bool = True) -> list[dict]:
     """Token NLLs of every document segment in every mode. A record per (document, segment,
     mode): id, task (document), length, index (segment), mode, status, nll (per token,
     rounded), ppl, seconds. Streams to out_dir/trials.jsonl (resumable) when out_dir is set.
-    seed is recorded only: nothing here is random."""
+    Nothing here is random: the same documents and model give the same numbers."""
     documents, modes = list(documents), list(modes)
     bad = [d for d in documents if d not in DOCUMENTS] + [m for m in modes if m not in MODES]
     if bad or not documents or not modes:
@@ -164,7 +164,7 @@ def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1,
     if tokens <= model.memory_config.window or segments < 1:
         raise ValueError(f"need tokens > window ({model.memory_config.window}) to measure memory, "
                          f"and segments >= 1; got tokens={tokens}, segments={segments}")
-    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, "ppl", seed, segments), resume)
+    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, "ppl", None, segments), resume)
     results = []
     try:
         for doc in documents:

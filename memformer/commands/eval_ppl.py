@@ -17,7 +17,6 @@ def register(ev) -> None:
     p.add_argument("--segments", type=int, default=1, help="segments per document, spread evenly through it")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     p.add_argument("--bin", type=int, default=1024, help="tokens per position bin of the table and plot")
-    p.add_argument("--seed", type=int, default=0, help="recorded only: the evaluation is deterministic")
     p.add_argument("--out", default="benchmarks/results/ppl")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished segments in OUT/trials.jsonl and run only the missing ones")
@@ -44,7 +43,7 @@ def cmd_eval_ppl(args) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     try:
-        results = ppl.evaluate(model, docs, tokens, args.segments, modes, seed=args.seed, out_dir=out,
+        results = ppl.evaluate(model, docs, tokens, args.segments, modes, out_dir=out,
                                resume=args.resume)
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
