@@ -292,8 +292,10 @@ def test_cli_train_parses_and_prints_config(capsys):
 # ---------------------------------------------------------------- the recipe
 def test_training_lowers_loss_and_keeps_the_backbone_bit_identical(tmp_path):
     cfg = tiny_config(tmp_path, **{"train.max_steps": 25, "checkpoint.every": 0, "eval.at_start": False,
-                                   "eval.at_end": False, "optim.lr": 2e-2, "data.synthetic_rate": 0.0})
+                                   "eval.at_end": False, "optim.lr": 2e-2, "optim.gate_lr": 5e-2,
+                                   "data.synthetic_rate": 0.0})
     r = recipe_for(cfg)
+    assert [g["initial_lr"] for g in r.optimizer.param_groups] == [2e-2, 5e-2]
     frozen = {n: p.detach().clone() for n, p in r.model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in r.model.named_parameters() if p.requires_grad}
     r.train()

@@ -151,6 +151,8 @@ class CrossbatchSection:
 @dataclass
 class OptimSection:
     lr: float = 1e-3
+    gate_lr: Optional[float] = None     # memory gates (logit biases); None = lr. Adam moves a
+                                        # parameter ~lr per step: a gate needs ~1/lr steps per nat
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -275,7 +277,7 @@ class TrainConfig:
         need(cb.top_k is None or (isinstance(cb.top_k, int) and cb.top_k >= 1),
              f"crossbatch.top_k must be an int >= 1 or null (dense), got {cb.top_k!r}")
         need(cb.first_loss_window >= 0, f"crossbatch.first_loss_window must be >= 0")
-        need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+        need(o.lr > 0 and (o.gate_lr is None or o.gate_lr > 0), f"optim.lr and gate_lr must be > 0")
         need(o.scheduler in SCHEDULERS, f"optim.scheduler {o.scheduler!r} not in {SCHEDULERS}")
         need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1)")
         need(o.warmup_steps >= 0 and 0 <= o.min_lr_ratio <= 1, "optim.warmup_steps >= 0, min_lr_ratio in [0, 1]")

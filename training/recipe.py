@@ -78,11 +78,9 @@ class CrossbatchRecipe:
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)            # negatives and choice schedules
         self.model = self._build_model(acc.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable memory-layer parameters")
         o = cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay)
         self.lm, self.optimizer = acc.prepare(WindowLM(self.model), optimizer)
         # stepped once per optimizer step by the recipe itself (accelerate's wrapper would step it
         # once per process)
@@ -98,6 +96,17 @@ class CrossbatchRecipe:
         ckpt = self._resume_path()
         if ckpt is not None:
             self.load_checkpoint(ckpt)
+
+    def _param_groups(self) -> list[dict]:
+        """LoRA weights at optim.lr; memory gates at optim.gate_lr without weight decay (a bias)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable memory-layer parameters")
+        o = self.cfg.optim
+        gates = [p for n, p in named if n.endswith("memory_gate")]
+        groups = [{"params": [p for n, p in named if not n.endswith("memory_gate")]},
+                  {"params": gates, "lr": o.gate_lr or o.lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
 
     def _build_model(self, device):
         from memformer import MemformerForCausalLM
@@ -191,7 +200,7 @@ class CrossbatchRecipe:
         if cfg.optim.max_grad_norm:
             grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                             cfg.optim.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.scheduler.get_last_lr()[0]          # the LoRA group's (the gates' scales alike)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
