@@ -162,8 +162,7 @@ class CrossbatchRecipe:
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or done:
                 self.save_checkpoint()
         bar.close()
-        if acc.is_main_process:
-            self.model.save_pretrained(self.out / "adapter")
+        self._write_adapter(self.out / "adapter")
         acc.wait_for_everyone()
         return last_eval
 
@@ -246,18 +245,45 @@ class CrossbatchRecipe:
             raise FileNotFoundError(f"checkpoint.resume=true but no checkpoint under {self._ckpt_root()}")
         return found[-1] if found else None
 
+    @property
+    def _fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _write_adapter(self, path: Path) -> None:
+        """The adapter as `save_pretrained` writes it (every process calls this). Under FSDP the
+        parameters are sharded, so the full state is gathered first (not run here: no GPUs)."""
+        if not self._fsdp:
+            if self.accelerator.is_main_process:
+                self.model.save_pretrained(path)
+            return
+        from safetensors.torch import save_file
+        from memformer.persistence import ADAPTER_CONFIG, ADAPTER_FILE
+        mine = set(self.model.trainable_state_dict())
+        full = self.accelerator.get_state_dict(self.lm)       # gathered on the main process
+        if self.accelerator.is_main_process:
+            state = {n[len("model."):]: t.cpu().contiguous() for n, t in full.items() if n[len("model."):] in mine}
+            path.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(path / ADAPTER_FILE), metadata={"backbone": self.model.backbone_fingerprint})
+            (path / ADAPTER_CONFIG).write_text(self.model.memory_config.to_json())
+
     def save_checkpoint(self) -> Path:
-        """Adapter + optimizer + scheduler + RNG + data position, written atomically."""
+        """Adapter + optimizer + scheduler + RNG + data position, written atomically (a temporary
+        folder renamed into place); the newest `checkpoint.keep` are kept."""
         acc = self.accelerator
         path = self._ckpt_root() / f"step_{self.step:07d}"
+        tmp = path.parent / f".{path.name}.tmp"
         acc.wait_for_everyone()
         if acc.is_main_process:
-            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.model.save_pretrained(tmp / "adapter")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
+        acc.wait_for_everyone()
+        self._write_adapter(tmp / "adapter")
+        if self._fsdp:      # sharded optimizer state: accelerate's own format
+            acc.save_state(str(tmp / "fsdp"))
+        if acc.is_main_process:
+            opt = {} if self._fsdp else {"optimizer": self.optimizer.state_dict()}
+            torch.save({**opt, "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        tmp / "training_state.pt")
             state = {"step": self.step, "data_position": self.batches.position,
@@ -279,9 +305,12 @@ class CrossbatchRecipe:
         if state["world_size"] != self.accelerator.num_processes:
             raise ValueError(f"{path} was saved with {state['world_size']} process(es), this run has "
                              f"{self.accelerator.num_processes}: the data stream would not continue")
-        self.model.load_adapter(path / "adapter")
         ts = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(ts["optimizer"])
+        if self._fsdp:
+            self.accelerator.load_state(str(path / "fsdp"))
+        else:
+            self.model.load_adapter(path / "adapter")
+            self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
         torch.set_rng_state(ts["torch_rng"])
         if ts["cuda_rng"]:
