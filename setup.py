@@ -34,7 +34,9 @@ setup(
     ],
     extras_require={
         # triton: the fused kernel; on CPU only its interpreter runs (the tests use it)
-        "dev": ["pytest>=8", "triton>=3.0"],
+        "dev": ["pytest>=8", "triton>=3.0", "datasets>=2.14"],
+        # the training recipe's Hugging Face `datasets` source and TensorBoard metrics
+        "train": ["datasets>=2.14", "tensorboard"],
         # FAISS on CUDA 12 GPUs; it ships the same `faiss` module as faiss-cpu, so
         # `pip uninstall faiss-cpu` after installing it or the two overwrite each other
         "gpu": ["faiss-gpu-cu12"],
