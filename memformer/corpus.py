@@ -163,16 +163,18 @@ def detach_corpus(model) -> None:
 def corpus_mass(model) -> dict[int, float]:
     """Attention mass per corpus token position, summed over layers, heads and generated steps of
     the last generation run with record=True."""
-    mass: dict[int, float] = {}
+    pos_all, w_all = [], []
     for layer, records in model.runtime.retrieved_corpus.items():
         positions = model.runtime.corpus[layer].positions[0]                       # [M]
         for ids, probs in records:
             ok = ids >= 0
-            pos = positions.to(ids.device)[ids.clamp(min=0)][ok]
-            w = probs.float()[ok]
-            for p, m in zip(pos.tolist(), w.tolist()):
-                mass[p] = mass.get(p, 0.0) + m
-    return mass
+            pos_all.append(positions.to(ids.device)[ids.clamp(min=0)][ok].cpu())
+            w_all.append(probs.float()[ok].cpu())
+    if not pos_all:
+        return {}
+    pos, inverse = torch.cat(pos_all).unique(return_inverse=True)                 # summed per position
+    mass = torch.zeros(len(pos)).index_add_(0, inverse, torch.cat(w_all))
+    return dict(zip(pos.tolist(), mass.tolist()))
 
 
 def corpus_evidence(model, top: int = 3, context_tokens: int = 24) -> list[dict]:
