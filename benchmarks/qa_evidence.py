@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -99,7 +100,8 @@ def write(rows, out: Path, args, build_s: float, tokens: int) -> None:
              f"`benchmarks/qa_evidence.py --tokens {args.tokens} --window {args.window}` — SmolLM2-135M-Instruct, "
              f"training-free, memory in all layers; {tokens} tokens of Python's docs, {n} facts at depths "
              f"0.05–0.75 (all in memory), memory built in {build_s:.0f}s on {platform.machine()} "
-             f"({torch.get_num_threads()} threads).\n",
+             f"({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end: "
+             f"a wall-clock time, not a speed measurement).\n",
              "| ranking | answers right | top-1 span = fact | top-3 has fact | top-1, right answers only |",
              "|---|---|---|---|---|"]
     for name in ("lift", "answer"):
