@@ -43,9 +43,12 @@ class DoesNotFit(ValueError):
 
 @dataclass
 class Answer:
-    """One answer. evidence: memory — passages the memory layers attended to while answering;
-    rag — the passages put in the prompt; truncate, full — none. memory_share (memory mode): mean
-    fraction of attention, over layers, heads and answer tokens, that went to memory."""
+    """One answer.
+
+    evidence: memory — passages the memory layers attended to while answering; rag — the
+    best-scoring passages (the first ones put in the prompt); truncate, full — none.
+    memory_share (memory mode): mean fraction of attention, over layers, heads and answer
+    tokens, that went to memory."""
     mode: str
     text: str
     evidence: list[EvidenceSpan] = field(default_factory=list)
@@ -205,10 +208,10 @@ class LongDocQA:
         if mode == "memory":
             self._check_memory()
         t0 = time.perf_counter()
-        passages = []
+        ranked = []
         if mode == "rag":
-            passages = self.rag().retrieve(question or cue, tail_room(self.model))
-            context = self._join(passages)
+            ranked = self.rag().search(question or cue)
+            context = self._join(self.rag().fill(ranked, tail_room(self.model)))
         else:
             context = self.corpus.ids if mode == "full" else self.tail
         x = self._prompt(context, question, cue, full=mode == "full")
@@ -220,9 +223,8 @@ class LongDocQA:
             self.model.runtime.retrieved.clear()            # recordings are large; drop them now
             ans.memory_share = mass.memory_share
             ans.evidence = spans_from_mass(self.corpus, mass.lift, top=evidence)
-        elif mode == "rag" and evidence > 0:
-            best = sorted(passages, key=lambda p: -p.score)[:evidence]
-            ans.evidence = [self._span(p.start, p.end, p.score) for p in best]
+        elif mode == "rag" and evidence > 0:                # the best passages, as embedded (unmerged)
+            ans.evidence = [self._span(p.start, p.end, p.score) for p in ranked[:evidence]]
         ans.seconds = time.perf_counter() - t0
         return ans
 

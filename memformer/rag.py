@@ -96,22 +96,29 @@ class RAGBaseline:
         d, c0, c1 = self.corpus.locate(start, end)
         return self.corpus.documents[d].text[c0:c1]
 
-    def retrieve(self, query: str, budget_tokens: int) -> list[Passage]:
-        """The most similar passages whose union fits in `budget_tokens`, merged, in stream order."""
+    def search(self, query: str) -> list[Passage]:
+        """Every passage (chunk), most similar to `query` first."""
         if not query or not query.strip():
             raise ValueError("RAG retrieval needs a non-empty query")
+        scores = self.embeddings @ self._encode([query])[0]              # [C] cosine (both normalised)
+        return [Passage(*self.chunks[c], float(scores[c])) for c in scores.argsort(descending=True).tolist()]
+
+    @staticmethod
+    def fill(ranked: list[Passage], budget_tokens: int) -> list[Passage]:
+        """The best of `ranked` whose union fits in `budget_tokens`, merged, in stream order."""
         if budget_tokens < 1:
             raise ValueError(f"budget_tokens must be >= 1, got {budget_tokens}")
-        q = self._encode([query])[0]                                     # [E]
-        scores = self.embeddings @ q                                     # [C] cosine (both normalised)
         chosen: list[Passage] = []
         used = 0
-        for c in scores.argsort(descending=True).tolist():
-            a, b = self.chunks[c]
-            grown = sum(p.end - p.start for p in _merge(chosen + [Passage(a, b, 0.0)]))
+        for p in ranked:
+            grown = sum(q.end - q.start for q in _merge(chosen + [p]))
             if grown <= budget_tokens:
-                chosen.append(Passage(a, b, float(scores[c])))
+                chosen.append(p)
                 used = grown
             if used >= budget_tokens:
                 break
         return _merge(chosen)
+
+    def retrieve(self, query: str, budget_tokens: int) -> list[Passage]:
+        """The most similar passages whose union fits in `budget_tokens`, merged, in stream order."""
+        return self.fill(self.search(query), budget_tokens)
