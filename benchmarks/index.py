@@ -185,7 +185,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("keys in memory (one kv head)")
         ax.grid(alpha=0.3)
     ax1.set_yscale("log")
-    ax1.set_ylabel(f"search time of one window (ms)")
+    ax1.set_ylabel("search time of one window (ms)")
     ax2.set_ylabel("recall@k vs exact")
     ax2.axhline(0.95, color="grey", ls="--", lw=1)
     ax1.legend(fontsize=7, loc="upper left")

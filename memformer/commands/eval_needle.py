@@ -5,8 +5,8 @@ import sys
 import time
 from pathlib import Path
 
-from memformer.commands.common import add_model_args, load_model as _load_model
-from memformer.commands.eval_passkey import add_trial_args, parse_trial_args, report_header
+from memformer.commands.common import (add_model_args, add_trial_args, load_model as _load_model,
+                                       parse_trial_args, report_header)
 
 
 def register(ev) -> None:
