@@ -161,7 +161,7 @@ def configs(n: int, args) -> list[tuple[str, dict, list[tuple[str, dict]]]]:
     rows.append(("faiss-ivfpq", {**ivf, "rerank": 4},
                  [(f"faiss-ivfpq nlist={nlist} nprobe={p} m={args.dim // 4} rerank=4", {"nprobe": p})
                   for p in args.nprobe[-2:]]))
-    return rows
+    return [r for r in rows if r[0] in args.backends]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -212,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ef-search", default="64,128,256", help="HNSW search beams (comma list)")
     ap.add_argument("--hnsw-max", default="1M", help="skip HNSW above this size (its build is the slowest)")
     ap.add_argument("--chunk", type=int, default=65536, help="keys per add call")
+    ap.add_argument("--backends", default="exact,faiss-flat,faiss-ivf,faiss-hnsw,faiss-ivfpq",
+                    help="comma list; exact is always measured first (it is the reference)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
     args.nprobe = [int(x) for x in args.nprobe.split(",")]
     args.ef_search = [int(x) for x in args.ef_search.split(",")]
     args.hnsw_max = parse_length(args.hnsw_max)
+    args.backends = {"exact", *args.backends.split(",")}
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
