@@ -405,3 +405,35 @@ def test_rag_with_minilm_finds_the_fact(default_model):
     assert default_model.memory_size() == 0                                  # RAG builds no memory
     ans = ctx.answer(cue="The name of the lighthouse keeper's cat is", max_new_tokens=6)
     assert fact in ans.evidence[0].text and "Marmalade" in ans.text
+
+
+def test_cli_questions_from_jsonl_and_interactive(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    doc, qfile = tmp_path / "doc.txt", tmp_path / "q.jsonl"
+    doc.write_text(DOC_A * 2 + DOC_B)
+    qfile.write_text('{"question": "cat?", "answer": "Marmalade"}\n\n{"question": "vault?", "cue": "The code is"}\n')
+    base = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3", "--no-rag",
+            "--doc", str(doc), "--no-cache"]
+    code, out, err = _cli(capsys, *base, "--questions", str(qfile), "-q", "first?", "--json")
+    assert code == 0, err
+    rows = json.loads(out[out.index("["):])
+    assert [r["question"] for r in rows] == ["first?", "cat?", "vault?"]
+    assert "correct" in rows[1] and rows[2]["asked_as"] == "The code is"
+    # bad files: refused before any model is loaded, naming the line
+    for text, msg in [('{"question": "ok"}\nnot json\n', "q.jsonl:2: not JSON"), ('{"answer": "x"}\n', "q.jsonl:1"),
+                      ("\n", "no questions")]:
+        qfile.write_text(text)
+        code, _, err = _cli(capsys, *base, "--questions", str(qfile))
+        assert code == 2 and msg in err, err
+    # no questions and a terminal: read them one by one until EOF
+    asked = iter(["cat?", "vault?"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(asked)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr("sys.stdin", type("Tty", (), {"isatty": staticmethod(lambda: True)})())
+    code, out, err = _cli(capsys, *base)
+    assert code == 0, err
+    assert out.count("Q: ") == 2 and "Q: cat?" in out and "Q: vault?" in out

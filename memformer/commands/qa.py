@@ -25,6 +25,9 @@ def register(sub) -> None:
     src.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "memformer" / "memories"))
     src.add_argument("--no-cache", action="store_true")
     p.add_argument("--question", "-q", action="append", default=[], help="question (repeatable)")
+    p.add_argument("--questions", default=None,
+                   help='JSONL file, one {"question": ..., "answer": optional expected, "cue": optional} per line; '
+                        "with no questions at all and a terminal on stdin, questions are read interactively")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="also answer from the truncated document (last window only)")
     p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
@@ -55,6 +58,49 @@ def _check_args(args) -> str | None:
     return None
 
 
+def read_questions(path) -> list[tuple[str, str | None, str | None]]:
+    """(question, cue, expected answer) from a JSONL file; ValueError naming the bad line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read questions from {path}: {e}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ValueError(f'{path}:{n}: each line needs a non-empty "question" string')
+        cue, expected = row.get("cue"), row.get("answer")
+        out.append((row["question"], None if cue is None else str(cue), None if expected is None else str(expected)))
+    if not out:
+        raise ValueError(f"{path}: no questions")
+    return out
+
+
+def interactive(qa, modes, args, read=None) -> int:
+    """Ask questions one by one against the memory built once; an empty line or EOF ends."""
+    read = read or input
+    asked = 0
+    while True:
+        try:
+            question = read("question> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not question or question in ("exit", "quit"):
+            break
+        row = _answer_row(qa, question, None, None, modes, args)
+        if args.json:
+            print(json.dumps(row))
+        else:
+            _print_row(row, modes)
+        asked += 1
+    return asked
+
+
 def _modes(args) -> list[str] | str:
     """The answer modes, or an error message."""
     rag = args.rag
@@ -74,13 +120,18 @@ def cmd_qa(args) -> int:
     modes = _modes(args) if error is None else error
     if isinstance(modes, str):
         return _fail(modes)
+    questions = [(q, None, None) for q in args.question]
+    if args.questions:
+        try:
+            questions += read_questions(args.questions)
+        except ValueError as e:
+            return _fail(str(e))
     model = _load_model(args)
     embedder = None
     if "rag" in modes and args.embedder:
         from memformer.rag import load_embedder
         embedder = load_embedder(args.embedder)
     opts = dict(embedder=embedder, rag_chunk_tokens=args.rag_chunk_tokens, rag_overlap=min(32, args.rag_chunk_tokens // 4))
-    questions = [(q, None, None) for q in args.question]
     t0 = time.perf_counter()
     try:
         if args.memory is not None:
@@ -105,6 +156,9 @@ def cmd_qa(args) -> int:
           f"({'loaded from cache' if qa.from_cache else 'built'} in {time.perf_counter() - t0:.1f}s) from "
           f"{len(qa.corpus.documents)} document(s); local window: the last {len(qa.tail)} tokens + the question"
           + (f"; modes: {', '.join(modes)}" if questions else ""))
+    if not questions and sys.stdin.isatty():
+        interactive(qa, modes, args)
+        return 0
     rows = [_answer_row(qa, q, cue, expected, modes, args) for q, cue, expected in questions]
     if args.json:
         print(json.dumps(rows, indent=2))
