@@ -256,7 +256,10 @@ class FaissIndex(RawKeys):
         """(keys [m, D] float32, row ids [m]) of the valid rows of group g."""
         n = len(self)
         rows = np.flatnonzero(self.valid.reshape(self.G, n)[g].cpu().numpy())
-        return np.ascontiguousarray(_f32(self.float_vectors().reshape(self.G, n, self.dim)[g])[rows]), rows
+        keys = self.vectors.reshape(self.G, n, self.dim)[g].float()          # this group only
+        if self.key_scales is not None:                                      # int8 rows
+            keys = keys * self.key_scales.reshape(self.G, n)[g][:, None]
+        return np.ascontiguousarray(_f32(keys)[rows]), rows
 
     def _rebuild(self, g: int) -> None:
         """Re-create group g's faiss index from the kept keys (keeps IVF training and the center)."""
