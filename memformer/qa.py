@@ -48,10 +48,12 @@ class Answer:
     evidence: memory — passages the memory layers attended to while answering; rag — the
     best-scoring passages (the first ones put in the prompt); truncate, full — none.
     memory_share (memory mode): mean fraction of attention, over layers, heads and answer
-    tokens, that went to memory."""
+    tokens, that went to memory. corpus_evidence (memory mode with a corpus memory attached):
+    the corpus documents drawn on, `memformer.corpus.corpus_evidence` dicts."""
     mode: str
     text: str
     evidence: list[EvidenceSpan] = field(default_factory=list)
+    corpus_evidence: list[dict] = field(default_factory=list)
     memory_share: float | None = None
     prompt_tokens: int = 0
     seconds: float = 0.0
@@ -215,9 +217,13 @@ class LongDocQA:
         else:
             context = self.corpus.ids if mode == "full" else self.tail
         x = self._prompt(context, question, cue, full=mode == "full")
+        corpus = mode == "memory" and evidence > 0 and bool(self.model.runtime.corpus)
         record = mode == "memory" and evidence > 0 and self.split > 0
-        text = self._generate(x, mode, record=record, max_new_tokens=max_new_tokens)
+        text = self._generate(x, mode, record=record or corpus, max_new_tokens=max_new_tokens)
         ans = Answer(mode, text, prompt_tokens=x.shape[1])
+        if corpus:
+            ans.corpus_evidence = self.model.corpus_evidence(top=evidence)
+            self.model.runtime.retrieved_corpus.clear()
         if record:
             mass = retrieval_mass(self.model, len(self.corpus))
             self.model.runtime.retrieved.clear()            # recordings are large; drop them now
@@ -311,6 +317,39 @@ class LongDocQA:
                 out = model.backbone.generate(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev),
                                               pad_token_id=model._pad_id(), **kw).cpu()
         return model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+
+
+class CorpusQA:
+    """Questions answered from an attached corpus memory alone (`model.attach_corpus`), no
+    document of their own: the local window holds only the question; mode "memory" only.
+    `answer` returns an `Answer` whose `corpus_evidence` names the documents drawn on."""
+
+    def __init__(self, model):
+        if not getattr(model, "corpus_documents", None):
+            raise ValueError("CorpusQA needs a corpus memory attached (model.attach_corpus(path))")
+        if model.tokenizer is None:
+            raise ValueError("CorpusQA needs a model with a tokenizer")
+        self.model = model
+
+    def answer(self, question: str | None = None, *, cue: str | None = None, mode: str = "memory",
+               max_new_tokens: int = 48, evidence: int = 3) -> Answer:
+        if mode != "memory":
+            raise ValueError(f"a corpus memory alone answers in mode 'memory' only, not {mode!r} "
+                             f"(the baselines need the documents: give them with --doc)")
+        if not (question and question.strip()) and not (cue and cue.strip()):
+            raise ValueError("give a question or a cue")
+        model, t0 = self.model, time.perf_counter()
+        x = (torch.tensor([model.tokenizer(cue, add_special_tokens=False)["input_ids"]]) if cue
+             else model.chat_ids(question))                                  # [1, T]
+        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=evidence > 0)
+        ans = Answer("memory", model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip(),
+                     prompt_tokens=x.shape[1])
+        if evidence > 0:
+            ans.corpus_evidence = model.corpus_evidence(top=evidence)
+            model.runtime.retrieved.clear()
+            model.runtime.retrieved_corpus.clear()
+        ans.seconds = time.perf_counter() - t0
+        return ans
 
 
 def _check_mode(mode: str) -> str:

