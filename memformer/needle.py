@@ -244,10 +244,33 @@ def answer_cues(model, text: str, cues: list[str], mode: str, max_new_tokens: in
         return None
 
 
-def run_sample(model, sample: Sample, mode: str) -> dict:
-    """Run one sample in one mode: its trial record (see `memformer.evalplots`)."""
+def memory_answers(model, text: str, cues: list[str], max_new_tokens: int, evidence: int = 3) -> list:
+    """`memformer.qa.Answer`s to `cues` after `text` in mode memory, each with `evidence` spans."""
+    from memformer import qa
+    ctx = qa.prepare(model, [text], "memory", show_progress=False)
+    return [qa.answer(model, ctx, cue=c, max_new_tokens=max_new_tokens, evidence=evidence) for c in cues]
+
+
+def evidence_record(sample: Sample, answer) -> dict:
+    """Where the first answer's evidence points: does its top span (top 3 spans) hold the target
+    needle's value, i.e. lie on the planted sentence?"""
+    value = sample.queries[0].expected[0]
+    spans = answer.evidence
+    return dict(evidence_top1=bool(spans) and value in spans[0].text,
+                evidence_top3=any(value in s.text for s in spans),
+                evidence=[dict(start=s.start, end=s.end, score=round(s.score, 4), text=s.text[:160]) for s in spans])
+
+
+def run_sample(model, sample: Sample, mode: str, evidence: bool = False) -> dict:
+    """Run one sample in one mode: its trial record (see `memformer.evalplots`). evidence: in
+    mode memory, also record where the evidence spans point (`evidence_record`)."""
     t0 = time.perf_counter()
-    answers = answer_cues(model, sample.text, [q.cue for q in sample.queries], mode, sample.max_new_tokens)
+    cues, found = [q.cue for q in sample.queries], {}
+    if evidence and mode == "memory":
+        full = memory_answers(model, sample.text, cues, sample.max_new_tokens)
+        answers, found = [a.text for a in full], evidence_record(sample, full[0])
+    else:
+        answers = answer_cues(model, sample.text, cues, mode, sample.max_new_tokens)
     rec = dict(id=record_id(sample.task, sample.length, sample.index, mode), task=sample.task,
                length=sample.length, index=sample.index, depth=round(sample.depth, 4), mode=mode,
                tokens=sample.tokens, needle_depths=sample.needle_depths,
@@ -257,7 +280,7 @@ def run_sample(model, sample: Sample, mode: str) -> dict:
     scores = [score_query(a, q) for a, q in zip(answers, sample.queries)]
     score = sum(scores) / len(scores)
     return dict(rec, status="ok", score=score, correct=score == 1.0, answers=answers,
-                seconds=round(time.perf_counter() - t0, 2))
+                seconds=round(time.perf_counter() - t0, 2), **found)
 
 
 def record_id(task: str, length: int, index: int, mode: str) -> str:
@@ -269,7 +292,8 @@ def trial_rng(seed: int, task: str, length: int, index: int) -> random.Random:
     return random.Random(f"{seed}/{task}/{length}/{index}")
 
 
-def run_trials(model, jobs, build, modes, log: TrialLog | None, desc: str, show_progress: bool = True) -> list[dict]:
+def run_trials(model, jobs, build, modes, log: TrialLog | None, desc: str, show_progress: bool = True,
+               evidence: bool = False) -> list[dict]:
     """jobs: (task, length, index, depth) tuples; build(job) -> Sample, called only when a mode
     of the job is not in `log` yet. Records stream to `log`; returns every job's records."""
     results = []
@@ -282,7 +306,7 @@ def run_trials(model, jobs, build, modes, log: TrialLog | None, desc: str, show_
                 results.append(log.get(rid))
             else:
                 sample = sample or build(job)
-                rec = run_sample(model, sample, mode)
+                rec = run_sample(model, sample, mode, evidence)
                 if log is not None:
                     log.append(rec)
                 results.append(rec)
@@ -317,10 +341,11 @@ def build_sample(tokenizer, task: str, length: int, index: int, depth: float, se
 
 def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("memory", "truncate"),
              seed: int = 0, out_dir=None, resume: bool = False, show_progress: bool = True,
-             name: str = "needle") -> list[dict]:
+             name: str = "needle", evidence: bool = False) -> list[dict]:
     """Every task (needle variants, and "passkey") x length x trial in every mode; trial i of n
     puts its target needle at depth (i + 0.5) / n. Records stream to out_dir/trials.jsonl
-    (resumable) when out_dir is set; `name` labels the run in out_dir/run.json."""
+    (resumable) when out_dir is set; `name` labels the run in out_dir/run.json. evidence: memory
+    trials also record whether their evidence spans point at the needle (`evidence_table`)."""
     if model.tokenizer is None:
         raise ValueError(f"the {name} evaluation needs a model with a tokenizer")
     variants, modes = list(variants), check_modes(modes)
@@ -335,7 +360,25 @@ def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("me
     build = lambda job: build_sample(model.tokenizer, job[0], job[1], job[2], job[3], seed)
     log = None if out_dir is None else TrialLog(out_dir, run_settings(model, name, seed, trials), resume)
     try:
-        return run_trials(model, jobs, build, modes, log, name, show_progress)
+        return run_trials(model, jobs, build, modes, log, name, show_progress, evidence)
     finally:
         if log is not None:
             log.close()
+
+
+def evidence_table(records) -> str:
+    """Markdown: per task and length, memory trials whose top evidence span (top 3 spans) holds
+    the target needle's value; "" when no trial recorded evidence."""
+    from memformer.evalplots import length_label
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for r in records:
+        if r.get("mode") == "memory" and "evidence_top1" in r:
+            rows.setdefault((r["task"], r["length"]), []).append(r)
+    if not rows:
+        return ""
+    out = ["| task | length | evidence top-1 span on the needle | in the top 3 |", "|---|---:|---:|---:|"]
+    for (task, length), rs in sorted(rows.items()):
+        n = len(rs)
+        top1, top3 = sum(r["evidence_top1"] for r in rs), sum(r["evidence_top3"] for r in rs)
+        out.append(f"| {task} | {length_label(length)} | {top1}/{n} ({top1 / n:.0%}) | {top3}/{n} |")
+    return "\n".join(out)

@@ -168,6 +168,33 @@ def test_passkey_is_a_task_of_the_needle_run(btok, monkeypatch):
     assert [r["score"] for r in a] == [1.0] * 6 and len({r["expected"][0][0] for r in a}) == 3
 
 
+def test_evidence_records_whether_the_top_span_holds_the_needle(btok, monkeypatch):
+    from memformer.evidence import EvidenceSpan
+    from memformer.qa import Answer
+    seen = []
+
+    def memory_answers(model, text, cues, max_new_tokens, evidence=3):
+        """trial 0: the needle's line is the top span; trial 1: second; trial 2: absent."""
+        seen.append(cues)
+        key = text.split("pass key is ")[1][:5]
+        at = text.index("pass key is ")
+        needle_span = EvidenceSpan("text 1", 0, at, at + 17, text[at:at + 17], 0.5, 0, 1)
+        other = EvidenceSpan("text 1", 0, 0, 10, text[:10], 0.3, 0, 1)
+        order = [[needle_span, other], [other, needle_span], [other]][len(seen) - 1]
+        return [Answer("memory", key, evidence=order)]
+    monkeypatch.setattr(needle, "memory_answers", memory_answers)
+    monkeypatch.setattr(needle, "answer_cues", lambda model, text, cues, mode, n: ["00000"])
+    rs = passkey.evaluate(_fake_model(btok), [1200], 3, modes=["memory", "truncate"], show_progress=False,
+                          evidence=True)
+    mem = [r for r in rs if r["mode"] == "memory"]
+    assert [(r["evidence_top1"], r["evidence_top3"]) for r in mem] == [(True, True), (False, True), (False, False)]
+    assert all(r["correct"] for r in mem) and "evidence_top1" not in rs[1]     # truncate records none
+    assert mem[0]["evidence"][0]["text"].startswith("pass key is")
+    table = needle.evidence_table(rs)
+    assert table.splitlines()[-1] == "| passkey | 1200 | 1/3 (33%) | 2/3 |"
+    assert needle.evidence_table([r for r in rs if r["mode"] == "truncate"]) == ""
+
+
 def test_evaluate_rejects_bad_arguments(btok):
     model = _fake_model(btok)
     with pytest.raises(ValueError, match="unknown needle variant"):

@@ -51,6 +51,8 @@ def add_trial_args(p: argparse.ArgumentParser, out: str, lengths: str, trials: i
     p.add_argument("--resume", action="store_true",
                    help="keep the finished trials in OUT/trials.jsonl and run only the missing ones")
     p.add_argument("--depth-bins", type=int, default=5, help="depth rows of the heatmaps")
+    p.add_argument("--evidence", action="store_true",
+                   help="memory trials also record their evidence spans and whether the top one holds the needle")
 
 
 def parse_trial_args(args, prog: str) -> tuple[list[int], list[str]] | None:

@@ -37,7 +37,7 @@ def cmd_eval_needle(args) -> int:
     t0 = time.perf_counter()
     try:
         results = needle.evaluate(model, variants, lengths, args.trials, modes=modes, seed=args.seed,
-                                  out_dir=out, resume=args.resume)
+                                  out_dir=out, resume=args.resume, evidence=args.evidence)
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -48,6 +48,8 @@ def cmd_eval_needle(args) -> int:
             "(multivalue / multiquery: the fraction found). Cells: mean score (sum/trials).")
     header = report_header("Needle in a haystack (RULER-style)", model, args, time.perf_counter() - t0, what)
     table = evalplots.accuracy_table(results, tasks=variants) + "\n\n" + _mean_table(results)
+    if needle.evidence_table(results):
+        table += "\n\nEvidence (memory trials):\n\n" + needle.evidence_table(results)
     (out / "needle.md").write_text(header + table + "\n")
     evalplots.plot_depth_heatmaps(results, out / "needle_heatmap.png", bins=args.depth_bins,
                                   title="needle accuracy by depth and length")

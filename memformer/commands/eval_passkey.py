@@ -30,14 +30,17 @@ def cmd_eval_passkey(args) -> int:
     t0 = time.perf_counter()
     try:
         results = passkey.evaluate(model, lengths, args.trials, modes=modes, seed=args.seed, out_dir=out,
-                                   resume=args.resume)
+                                   resume=args.resume, evidence=args.evidence)
     except ValueError as e:
         print(f"memformer eval passkey: {e}", file=sys.stderr)
         return 2
     header = report_header("Passkey retrieval", model, args, time.perf_counter() - t0,
                            "LongLLaMA passkey prompt; the question is a sentence to complete; correct = the "
                            "first number generated is the key.")
+    from memformer.needle import evidence_table
     table = passkey.summary_table(results)
+    if evidence_table(results):
+        table += "\n\nEvidence (memory trials):\n\n" + evidence_table(results)
     (out / "passkey.md").write_text(header + table + "\n")
     passkey.plot_heatmap(results, out / "passkey_heatmap.png", bins=args.depth_bins)
     evalplots.plot_accuracy_vs_length(results, out / "passkey_accuracy.png", title="passkey accuracy vs length")
