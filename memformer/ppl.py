@@ -31,18 +31,37 @@ from memformer.needle import encode, run_settings, stdlib_source_text
 MODES = ("memory", "truncate")
 
 
+HELDOUT_FRACTION = 0.05     # data.eval_fraction of the shipped training configs
+
+
 def document_text(name: str) -> str:
-    """A long real document: "pydocs" (Python's documentation topics) or "stdlib" (standard-library
-    source code)."""
+    """A long real document: "pydocs" (Python's documentation topics), "pydocs-heldout" (the parts
+    of them the training recipe holds out at eval_fraction 0.05, as in the shipped configs: text
+    an adapter trained by them never saw), "stdlib" (standard-library source code), or the path
+    of a document file (`memformer.documents.read_document`)."""
     if name == "pydocs":
         from memformer.qa import python_docs_text
         return python_docs_text()
+    if name == "pydocs-heldout":
+        import random
+        from memformer.training.data import held_out, python_docs_documents
+        parts = sorted((d for d in python_docs_documents(random.Random(0))
+                        if held_out(d.name, HELDOUT_FRACTION)), key=lambda d: d.name)
+        return "\n\n".join(d.load() for d in parts)
     if name == "stdlib":
         return stdlib_source_text()
-    raise ValueError(f"unknown document {name!r}; choose from {', '.join(DOCUMENTS)}")
+    if Path(name).is_file():
+        from memformer.documents import read_document
+        return read_document(name)
+    raise ValueError(f"unknown document {name!r}; choose from {', '.join(DOCUMENTS)} or give a file path")
 
 
-DOCUMENTS = ("pydocs", "stdlib")
+DOCUMENTS = ("pydocs", "pydocs-heldout", "stdlib")
+
+
+def check_documents(names) -> list[str]:
+    """The names that are neither a known document nor an existing file."""
+    return [d for d in names if d not in DOCUMENTS and not Path(d).is_file()]
 
 
 def segment_ids(tokenizer, name: str, tokens: int, segment: int = 0, segments: int = 1) -> list[int]:
@@ -157,9 +176,9 @@ def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1,
     rounded), ppl, seconds. Streams to out_dir/trials.jsonl (resumable) when out_dir is set.
     Nothing here is random: the same documents and model give the same numbers."""
     documents, modes = list(documents), list(modes)
-    bad = [d for d in documents if d not in DOCUMENTS] + [m for m in modes if m not in MODES]
+    bad = check_documents(documents) + [m for m in modes if m not in MODES]
     if bad or not documents or not modes:
-        raise ValueError(f"unknown document(s)/mode(s) {bad}; documents: {', '.join(DOCUMENTS)}; "
+        raise ValueError(f"unknown document(s)/mode(s) {bad}; documents: {', '.join(DOCUMENTS)} or a file; "
                          f"modes: {', '.join(MODES)}")
     if tokens <= model.memory_config.window or segments < 1:
         raise ValueError(f"need tokens > window ({model.memory_config.window}) to measure memory, "

@@ -290,6 +290,21 @@ def test_ppl_evaluate_writes_resumable_records_and_report(tiny, tmp_path):
         ppl.evaluate(model, ["novel"], 100, show_progress=False)
 
 
+def test_ppl_documents_heldout_parts_and_files(tmp_path):
+    import random
+    from memformer.training.data import held_out, python_docs_documents
+    parts = {d.name: d.load() for d in python_docs_documents(random.Random(0))}
+    text = ppl.document_text("pydocs-heldout")
+    held = [n for n in sorted(parts) if held_out(n, ppl.HELDOUT_FRACTION)]
+    assert held and len(held) < len(parts)
+    assert text == "\n\n".join(parts[n] for n in held)
+    for name in set(parts) - set(held):                      # no training part's text is in it
+        assert parts[name][:2000] not in text
+    f = tmp_path / "book.md"
+    f.write_text("A long book. " * 50)
+    assert ppl.document_text(str(f)) == f.read_text() and ppl.check_documents([str(f), "pydocs", "novel"]) == ["novel"]
+
+
 # ---------------------------------------------------------------------- the CLI, end to end
 def _main(*argv):
     from memformer.cli import main
@@ -315,8 +330,12 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
 
     pk = tmp_path / "passkey"
     assert _main("eval", "passkey", *common, "--lengths", "600", "--trials", "2", "--modes", "memory,truncate",
-                 "--out", str(pk)) == 0
-    assert "| passkey | 600 |" in (pk / "passkey.md").read_text() and (pk / "passkey_heatmap.png").is_file()
+                 "--out", str(pk), "--evidence") == 0
+    report = (pk / "passkey.md").read_text()
+    assert "| passkey | 600 |" in report and (pk / "passkey_heatmap.png").is_file()
+    assert "Evidence (memory trials)" in report and "| passkey | 600 |" in report.split("Evidence")[1]
+    mem = [json.loads(x) for x in (pk / "trials.jsonl").read_text().splitlines() if '"memory"' in x]
+    assert len(mem) == 2 and all(r["evidence"] and "evidence_top1" in r for r in mem)
 
     pp = tmp_path / "ppl"
     assert _main("eval", "ppl", *common, "--docs", "pydocs,stdlib", "--tokens", "600", "--bin", "128",

@@ -12,7 +12,7 @@ def register(ev) -> None:
     from memformer.ppl import DOCUMENTS, MODES
     p = ev.add_parser("ppl", help="perplexity by position in long documents, memory vs truncation")
     add_model_args(p)
-    p.add_argument("--docs", default=",".join(DOCUMENTS), help=f"comma-separated, from {','.join(DOCUMENTS)}")
+    p.add_argument("--docs", default=",".join(DOCUMENTS), help=f"comma-separated, from {','.join(DOCUMENTS)} or document files")
     p.add_argument("--tokens", default="16k", help="tokens read from each document segment, e.g. 16k")
     p.add_argument("--segments", type=int, default=1, help="segments per document, spread evenly through it")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
@@ -30,10 +30,10 @@ def cmd_eval_ppl(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     try:
         tokens = passkey.parse_length(args.tokens)
-        bad = [d for d in docs if d not in ppl.DOCUMENTS] + [m for m in modes if m not in ppl.MODES]
+        bad = ppl.check_documents(docs) + [m for m in modes if m not in ppl.MODES]
         if bad or not docs or not modes:
             raise ValueError(f"unknown document(s)/mode(s) {bad or docs + modes}; documents: "
-                             f"{', '.join(ppl.DOCUMENTS)}; modes: {', '.join(ppl.MODES)}")
+                             f"{', '.join(ppl.DOCUMENTS)} or a file; modes: {', '.join(ppl.MODES)}")
         if args.bin < 1 or args.segments < 1:
             raise ValueError(f"--bin and --segments must be >= 1, got {args.bin} and {args.segments}")
     except ValueError as e:
