@@ -365,3 +365,33 @@ def test_evaluation_episode_equals_the_inference_path(read_during_ingest):
             want = torch.nn.functional.cross_entropy(logits, x[0, p:], reduction="sum")
             torch.testing.assert_close(res.loss[t - 1][0], want, rtol=1e-4, atol=1e-4)
     model.reset_memory()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_ddp_on_two_cpu_processes_keeps_the_adapters_in_sync(tmp_path):
+    """torchrun, 2 CPU processes (DDP over gloo, as `accelerate launch --cpu` gives): every process ends
+    with the same adapter weights, changed by training, and the backbone untouched."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    with socket.socket() as s:                                    # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).parent / "ddp_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), str(worker), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [i["index"] for i in info] == [0, 1] and all(i["world"] == 2 for i in info)
+    assert all("MULTI_CPU" in i["type"] and i["frozen_unchanged"] for i in info)
+    a, b = (load_file(tmp_path / f"rank{i}.safetensors") for i in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    init = recipe_for(tiny_config(tmp_path / "init")).model.trainable_state_dict()
+    assert any(not torch.equal(a[n], init[n]) for n in a)
+    saved = load_file(next((tmp_path / "run" / "adapter").glob("*.safetensors")))
+    assert all(torch.equal(saved[n], a[n]) for n in saved) and saved
