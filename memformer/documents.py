@@ -69,7 +69,8 @@ def _decode(p: Path, data: bytes, encoding: str = "utf-8") -> str:
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
-        raise DocumentError(f"{p}: not valid {encoding} text ({e.reason} at byte {e.start})") from None
+        label = "UTF-8" if encoding.replace("_", "-").lower() in ("utf-8", "utf8") else encoding
+        raise DocumentError(f"{p}: not valid {label} text ({e.reason} at byte {e.start})") from None
 
 
 def _html_charset(data: bytes) -> str:

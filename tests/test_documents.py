@@ -68,7 +68,7 @@ def test_html_visible_text(tmp_path):
     assert read_document(latin) == "Café crème"
     bad = tmp_path / "bad.html"
     bad.write_bytes("<p>caf\xe9</p>".encode("latin-1"))     # no charset declared, not UTF-8
-    with pytest.raises(DocumentError, match="not valid utf-8"):
+    with pytest.raises(DocumentError, match="not valid UTF-8"):
         read_document(bad)
     empty = tmp_path / "empty.html"
     empty.write_text("<html><head><script>x()</script></head><body>  </body></html>")
@@ -80,7 +80,7 @@ def test_plain_text_errors(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"abc\x00\x01def")
     (tmp_path / "empty.md").write_text("  \n")
     (tmp_path / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
-    for name, msg in [("bin.txt", "binary"), ("empty.md", "empty"), ("latin.txt", "not valid utf-8"),
+    for name, msg in [("bin.txt", "binary"), ("empty.md", "empty"), ("latin.txt", "not valid UTF-8"),
                       ("missing.txt", "no such file")]:
         with pytest.raises(DocumentError, match=msg):
             read_document(tmp_path / name)
