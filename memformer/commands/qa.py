@@ -140,7 +140,7 @@ def cmd_qa(args) -> int:
         print(f"corpus: {len(docs)} document(s), {docs[-1].end if docs else 0} tokens, attached read-only "
               f"from {args.corpus}")
         if not (args.doc or args.memory or args.demo):
-            return _corpus_only(qa_mod.CorpusQA(model), questions, args)
+            return _answer_all(qa_mod.CorpusQA(model), questions, ["memory"], args)
     embedder = None
     if "rag" in modes and args.embedder:
         from memformer.rag import load_embedder
@@ -170,6 +170,12 @@ def cmd_qa(args) -> int:
           f"({'loaded from cache' if qa.from_cache else 'built'} in {time.perf_counter() - t0:.1f}s) from "
           f"{len(qa.corpus.documents)} document(s); local window: the last {len(qa.tail)} tokens + the question"
           + (f"; modes: {', '.join(modes)}" if questions else ""))
+    return _answer_all(qa, questions, modes, args)
+
+
+def _answer_all(qa, questions, modes, args) -> int:
+    """Answer `questions` in `modes` and print them (interactively when there are none and stdin
+    is a terminal). qa: a LongDocQA, or a CorpusQA (corpus memory alone, mode memory)."""
     if not questions and sys.stdin.isatty():
         interactive(qa, modes, args)
         return 0
@@ -179,20 +185,6 @@ def cmd_qa(args) -> int:
     else:
         for row in rows:
             _print_row(row, modes)
-    return 0
-
-
-def _corpus_only(qa, questions, args) -> int:
-    """Answer from the attached corpus memory alone (mode memory; baselines need --doc)."""
-    if not questions and sys.stdin.isatty():
-        interactive(qa, ["memory"], args)
-        return 0
-    rows = [_answer_row(qa, q, cue, expected, ["memory"], args) for q, cue, expected in questions]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        for row in rows:
-            _print_row(row, ["memory"])
     return 0
 
 
