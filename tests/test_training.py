@@ -304,6 +304,7 @@ def test_training_lowers_loss_and_keeps_the_backbone_bit_identical(tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in r.model.named_parameters() if n in before)
     losses = [v for _, v in read_metrics(tmp_path / "run" / "metrics.csv")["train/loss"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 5000         # the run's curves
     # the saved adapter is what from_pretrained(backbone, memory_config, adapter=) loads
     fresh = MemformerForCausalLM.from_pretrained(tiny_backbone(vocab_size=260), cfg.memory,
                                                  adapter=tmp_path / "run" / "adapter", tokenizer=ByteTokenizer())

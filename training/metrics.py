@@ -69,3 +69,39 @@ def read_metrics(path) -> dict[str, list[tuple[int, float]]]:
         for r in csv.DictReader(f):
             out.setdefault(r["name"], []).append((int(r["step"]), float(r["value"])))
     return out
+
+
+def plot_metrics(csv_path, png_path, smooth: int = 20):
+    """A PNG of a run: training loss (raw and a `smooth`-step moving mean) and the held-out loss
+    with / without memory at every evaluation, plus passkey accuracy when it was measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    m = read_metrics(csv_path)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if "train/loss" in m:
+        steps, loss = zip(*m["train/loss"])
+        ax.plot(steps, loss, color="0.8", lw=0.8, label="train loss")
+        k = max(1, min(smooth, len(loss)))
+        mean = [sum(loss[max(0, i - k + 1):i + 1]) / len(loss[max(0, i - k + 1):i + 1]) for i in range(len(loss))]
+        ax.plot(steps, mean, color="C0", label=f"train loss ({k}-step mean)")
+    for name, style in (("eval/loss_memory", "o-C1"), ("eval/loss_no_memory", "s--C2")):
+        if name in m:
+            s, v = zip(*m[name])
+            ax.plot(s, v, style[:-2], color=style[-2:], label=f"held-out {name.split('_', 1)[1].replace('_', ' ')}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize=8)
+    passkey = sorted(n for n in m if n.startswith("eval/passkey_"))
+    for n in passkey:
+        s, v = zip(*m[n])
+        ax2.plot(s, v, "o-", label=n.split("/", 1)[1])
+    ax2.set_ylim(-0.05, 1.05)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("passkey accuracy")
+    if passkey:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)

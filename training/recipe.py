@@ -33,7 +33,7 @@ from memformer.training.config import TrainConfig
 from memformer.training.crossbatch import WindowLM, run_episode, scored_counts
 from memformer.training.data import BatchStream, SampleStream, eval_batches
 from memformer.training.evaluation import evaluate
-from memformer.training.metrics import MetricsLogger
+from memformer.training.metrics import MetricsLogger, plot_metrics
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -163,6 +163,8 @@ class CrossbatchRecipe:
                 self.save_checkpoint()
         bar.close()
         self._write_adapter(self.out / "adapter")
+        if acc.is_main_process and self.metrics.path.exists():
+            plot_metrics(self.metrics.path, self.out / "metrics.png")
         acc.wait_for_everyone()
         return last_eval
 
