@@ -176,8 +176,9 @@ def load_memory(model, path) -> None:
         raise MemoryFileError(f"{file} does not fit this model's memory layers: {e}") from None
 
 
-def save_adapter(model, path) -> Path:
-    state = {n: t.cpu().contiguous() for n, t in model.trainable_state_dict().items()}
+def save_adapter(model, path, state: dict | None = None) -> Path:
+    """state: the adapter tensors when they are not the model's own (gathered from FSDP shards)."""
+    state = {n: t.cpu().contiguous() for n, t in (state or model.trainable_state_dict()).items()}
 
     def fill(tmp: Path):
         save_file(state, str(tmp / ADAPTER_FILE), metadata={"backbone": model.backbone_fingerprint})

@@ -11,6 +11,7 @@ from memformer import MemformerForCausalLM, MemoryConfig
 from memformer.cli import build_parser
 from memformer.training import CrossbatchRecipe, DenseMemory, TrainConfig, negative_groups, run_episode
 from memformer.training.config import ConfigError, Schedule, apply_overrides
+from memformer.training import sharding
 from memformer.training.crossbatch import scored_counts
 from memformer.training.data import (BatchStream, Sample, SampleStream, collate, held_out, kv_sample,
                                      pack_document, passkey_sample)
@@ -341,6 +342,41 @@ def test_kill_and_resume_continues_the_same_run(tmp_path):
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
 
 
+def test_fsdp_with_one_process_trains_unsharded_and_checkpoint_layouts_must_match(tmp_path):
+    """train.fsdp=true with a single process has nothing to shard: it trains as usual. A checkpoint
+    written by a sharded run is refused by an unsharded one (and back): optimizer layouts differ."""
+    r = recipe_for(tiny_config(tmp_path, **{"train.fsdp": True, "train.max_steps": 2, "eval.at_end": False}))
+    assert not r.fsdp and not any(sharding.is_sharded(p) for p in r.model.parameters())
+    r.train()
+    r.cleanup()
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["fsdp"] is False and state["data_position"] == 2
+    state["fsdp"] = True
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="saved with FSDP"):
+        recipe_for(tiny_config(tmp_path, **{"train.max_steps": 3}))
+
+
+def test_batch_stream_resume_position_is_the_same_on_every_process(monkeypatch):
+    """Process 0 lags the others by up to world - 1 batches; all resume at the next untaken one."""
+    import memformer.training.data as data
+    monkeypatch.setattr(data, "collate", lambda samples, *a: samples)     # samples are plain numbers here
+
+    class Numbers:
+        seq_len = 4
+
+        def __iter__(self):
+            return iter(range(10 ** 6))
+    streams = [BatchStream(Numbers(), 1, 0, rank, 3) for rank in range(3)]
+    taken = [[next(s) for _ in range(2)] for s in streams]
+    assert taken == [[[0], [3]], [[1], [4]], [[2], [5]]]
+    assert [s.position for s in streams] == [4, 5, 6] and {s.next_global for s in streams} == {6}
+    again = BatchStream(Numbers(), 1, 0, 1, 3)
+    again.skip(6)
+    assert next(again) == [7]
+
+
 def test_evaluation_hook_reports_memory_and_passkey(tmp_path):
     cfg = tiny_config(tmp_path, **{"eval.passkey_trials": 1, "eval.passkey_lengths": "[300]"})
     r = recipe_for(cfg)
@@ -368,31 +404,76 @@ def test_evaluation_episode_equals_the_inference_path(read_during_ingest):
     model.reset_memory()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="needs torch.distributed with gloo")
-def test_ddp_on_two_cpu_processes_keeps_the_adapters_in_sync(tmp_path):
-    """torchrun, 2 CPU processes (DDP over gloo, as `accelerate launch --cpu` gives): every process ends
-    with the same adapter weights, changed by training, and the backbone untouched."""
+def _torchrun_worker(out: Path, mode: str) -> list[dict]:
+    """Run tests/ddp_worker.py as 2 CPU processes (gloo) in `mode`; the per-rank facts."""
     import os
     import socket
     import subprocess
     import sys
-    from safetensors.torch import load_file
     with socket.socket() as s:                                    # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     worker = Path(__file__).parent / "ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(port), str(worker), str(tmp_path)],
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), str(worker), str(out), mode],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    info = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    info = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert [i["index"] for i in info] == [0, 1] and all(i["world"] == 2 for i in info)
     assert all("MULTI_CPU" in i["type"] and i["frozen_unchanged"] for i in info)
-    a, b = (load_file(tmp_path / f"rank{i}.safetensors") for i in (0, 1))
+    return info
+
+
+_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                           reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _torchrun_worker(out, "ddp")
+
+
+@_gloo
+def test_ddp_on_two_cpu_processes_keeps_the_adapters_in_sync(ddp_run, tmp_path):
+    """torchrun, 2 CPU processes (DDP over gloo, as `accelerate launch --cpu` gives): every process ends
+    with the same adapter weights, changed by training, and the backbone untouched."""
+    from safetensors.torch import load_file
+    out, info = ddp_run
+    assert not any(i["sharded"] for i in info)
+    a, b = (load_file(out / f"rank{i}.safetensors") for i in (0, 1))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     init = recipe_for(tiny_config(tmp_path / "init")).model.trainable_state_dict()
     assert any(not torch.equal(a[n], init[n]) for n in a)
-    saved = load_file(next((tmp_path / "run" / "adapter").glob("*.safetensors")))
+    saved = load_file(next((out / "run" / "adapter").glob("*.safetensors")))
     assert all(torch.equal(saved[n], a[n]) for n in saved) and saved
+    # resumed from step 2 of 3: each process must continue with its own next batch
+    assert all(i["resumed_from"] == 2 for i in info)
+    resumed = load_file(out / "resumed0.safetensors")
+    assert all(torch.equal(resumed[n], a[n]) for n in a)
+
+
+@_gloo
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes(ddp_run, tmp_path):
+    """train.fsdp=true, 2 CPU processes: the adapters are sharded, training (with gradient
+    checkpointing and the passkey evaluation hook) ends at the DDP run's adapter, the saved adapter
+    is the gathered one, and a run resumed from the step-2 checkpoint ends exactly where the
+    uninterrupted run did."""
+    from safetensors.torch import load_file
+    info = _torchrun_worker(tmp_path, "fsdp")
+    assert all(i["sharded"] for i in info)
+    assert all(i["eval"]["passkey_300"] in (0.0, 1.0) and "loss_memory" in i["eval"] for i in info)
+    same = [{k: v for k, v in i["eval"].items() if k != "seconds"} for i in info]
+    assert same[0] == same[1]                                     # every rank evaluated the same model
+    a, b = (load_file(tmp_path / f"rank{i}.safetensors") for i in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    ddp = load_file(ddp_run[0] / "rank0.safetensors")
+    assert ddp.keys() == a.keys()
+    for n in a:                       # same data, same averaged gradients: only summation order differs
+        torch.testing.assert_close(a[n], ddp[n], rtol=1e-4, atol=1e-5)
+    saved = load_file(next((tmp_path / "run" / "adapter").glob("*.safetensors")))
+    assert saved.keys() == a.keys() and all(torch.equal(saved[n], a[n]) for n in saved)
+    assert all(i["resumed_from"] == 2 for i in info)
+    resumed = load_file(tmp_path / "resumed0.safetensors")
+    assert all(torch.equal(resumed[n], a[n]) for n in a)

@@ -171,6 +171,7 @@ class TrainSection:
     log_every: int = 1
     cpu: bool = False                   # force CPU even when an accelerator is present
     threads: Optional[int] = None       # torch CPU threads
+    fsdp: bool = False                  # shard with FSDP2 across processes (training/sharding.py)
 
 
 @dataclass

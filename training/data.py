@@ -330,6 +330,13 @@ class BatchStream:
     def _take(self) -> list[Sample]:
         return [next(self._it) for _ in range(self.batch_size)]
 
+    @property
+    def next_global(self) -> int:
+        """The first global batch that no process has taken yet (when all processes have taken
+        the same number): where every process resumes. Process 0's own `position` lags behind
+        the others' by up to world - 1 batches."""
+        return -(-self.position // self.world) * self.world
+
     def skip(self, n: int) -> None:
         for _ in range(n):
             self._take()

@@ -9,6 +9,7 @@ evaluation of a run sees the same keys and depths.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -72,9 +73,13 @@ def passkey_accuracy(model, lengths: list, trials: int, seed: int = 0) -> dict:
     return out
 
 
-def evaluate(model, batches, passkey_lengths, passkey_trials: int, passkey_seed: int = 0, lm=None) -> dict:
-    """The evaluation hook: held-out losses (+ perplexity with memory) and passkey accuracies."""
+def evaluate(model, batches, passkey_lengths, passkey_trials: int, passkey_seed: int = 0, lm=None,
+             direct_calls=contextlib.nullcontext) -> dict:
+    """The evaluation hook: held-out losses (+ perplexity with memory) and passkey accuracies.
+    direct_calls: a context manager factory entered while passkey generation calls `model` itself
+    rather than `lm` (FSDP gathers the root unit's weights there)."""
     out = heldout_loss(model, batches, lm=lm)
     out["ppl_memory"] = math.exp(min(out["loss_memory"], 50.0))
-    out.update(passkey_accuracy(model, passkey_lengths, passkey_trials, passkey_seed))
+    with direct_calls():
+        out.update(passkey_accuracy(model, passkey_lengths, passkey_trials, passkey_seed))
     return out

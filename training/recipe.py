@@ -10,8 +10,9 @@ read window by window (`crossbatch.run_episode`), one backward per window (memor
 windows' graphs are independent). The loss is the mean over lanes of each lane's mean token
 cross-entropy, so a synthetic sample whose only targets are its answer weighs as much as a text.
 
-Devices: `accelerate` (single device, DDP, FSDP via `accelerate launch` / `torchrun`), bf16/fp16
-autocast, gradient checkpointing. A checkpoint (`output_dir/checkpoints/step_N/`) holds the adapter
+Devices: `accelerate` (single device; DDP via `accelerate launch` / `torchrun`), FSDP2 with
+`train.fsdp=true` under the same launchers (`training/sharding.py`), bf16/fp16 autocast, gradient
+checkpointing. A checkpoint (`output_dir/checkpoints/step_N/`) holds the adapter
 (safetensors, what `from_pretrained(..., adapter=)` loads), optimizer, scheduler, RNG states and the
 data position; resuming replays the data stream to it, so the run continues as if never stopped.
 """
@@ -29,7 +30,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from memformer.training.config import TrainConfig
+from memformer.training import sharding
+from memformer.training.config import ConfigError, TrainConfig
 from memformer.training.crossbatch import WindowLM, run_episode, scored_counts
 from memformer.training.data import BatchStream, SampleStream, eval_batches
 from memformer.training.evaluation import evaluate
@@ -65,7 +67,7 @@ class CrossbatchRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -75,13 +77,25 @@ class CrossbatchRecipe:
         self.accelerator = acc = Accelerator(
             mixed_precision=cfg.train.mixed_precision, cpu=cpu,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        if acc.distributed_type == DistributedType.FSDP:
+            raise ConfigError("this recipe does not use accelerate's FSDP plugin: launch with plain "
+                              "`accelerate launch` / `torchrun` and set train.fsdp=true")
+        self.fsdp = cfg.train.fsdp and acc.num_processes > 1
+        if cfg.train.fsdp and not self.fsdp:
+            tqdm.write("train.fsdp=true with one process: nothing to shard, training unsharded")
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)            # negatives and choice schedules
         self.model = self._build_model(acc.device)
+        lm = WindowLM(self.model)
+        if self.fsdp:         # before the optimizer: sharding replaces the parameters by DTensors
+            sharding.shard(lm, self.model)
         o = cfg.optim
         optimizer = torch.optim.AdamW(self._param_groups(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay)
-        self.lm, self.optimizer = acc.prepare(WindowLM(self.model), optimizer)
+        if self.fsdp:
+            self.lm, self.optimizer = lm, acc.prepare(optimizer)
+        else:
+            self.lm, self.optimizer = acc.prepare(lm, optimizer)
         # stepped once per optimizer step by the recipe itself (accelerate's wrapper would step it
         # once per process)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -187,7 +201,10 @@ class CrossbatchRecipe:
                     acc.backward(obj)
 
             def window_context(t, last, final=a == accum - 1):
-                sync = contextlib.nullcontext() if (last and final) else acc.no_sync(self.lm)
+                if self.fsdp:
+                    sync = sharding.gradient_sync(self.lm, last and final)
+                else:
+                    sync = contextlib.nullcontext() if (last and final) else acc.no_sync(self.lm)
                 return _both(sync, acc.autocast())
 
             res = run_episode(self.model, batch, d=d, w=w, top_k=cfg.crossbatch.top_k, generator=self.rng,
@@ -208,9 +225,10 @@ class CrossbatchRecipe:
         loss = acc.reduce(torch.tensor(sum(lane_losses) / accum, device=acc.device), "mean")
         stats = {"loss": float(loss), "token_loss": token_loss / max(1, tokens), "tokens": tokens, "lr": lr,
                  "d": d, "w": 0 if w is None else w, "seconds": time.perf_counter() - t0,
-                 "gate_mean": float(torch.stack([m.memory_gate.detach().float().mean() for m in self._gates()]).mean())}
+                 "gate_mean": float(torch.stack([sharding.full(m.memory_gate.detach()).float().mean()
+                                                 for m in self._gates()]).mean())}
         if grad_norm is not None:
-            stats["grad_norm"] = float(grad_norm)
+            stats["grad_norm"] = float(sharding.full(grad_norm))
         return stats
 
     def _gates(self):
@@ -220,8 +238,11 @@ class CrossbatchRecipe:
         """The evaluation hook: held-out loss with/without memory, passkey accuracy; logged."""
         e = self.cfg.eval
         t0 = time.perf_counter()
+        # under FSDP passkey generation calls the model directly: keep the root unit gathered there
+        direct = (lambda: sharding.unsharded_root(self.lm)) if self.fsdp else contextlib.nullcontext
         with self.accelerator.autocast():
-            out = evaluate(self.model, self.eval_set, e.passkey_lengths, e.passkey_trials, e.passkey_seed, lm=self.lm)
+            out = evaluate(self.model, self.eval_set, e.passkey_lengths, e.passkey_trials, e.passkey_seed,
+                           lm=self.lm, direct_calls=direct)
         out["seconds"] = time.perf_counter() - t0
         self.metrics.log(self.step, out, "eval")
         if self.accelerator.is_main_process:
@@ -247,27 +268,13 @@ class CrossbatchRecipe:
             raise FileNotFoundError(f"checkpoint.resume=true but no checkpoint under {self._ckpt_root()}")
         return found[-1] if found else None
 
-    @property
-    def _fsdp(self) -> bool:
-        from accelerate.utils import DistributedType
-        return self.accelerator.distributed_type == DistributedType.FSDP
-
     def _write_adapter(self, path: Path) -> None:
-        """The adapter as `save_pretrained` writes it (every process calls this). Under FSDP the
-        parameters are sharded, so the full state is gathered first (not run here: no GPUs)."""
-        if not self._fsdp:
-            if self.accelerator.is_main_process:
-                self.model.save_pretrained(path)
-            return
-        from safetensors.torch import save_file
-        from memformer.persistence import ADAPTER_CONFIG, ADAPTER_FILE
-        mine = set(self.model.trainable_state_dict())
-        full = self.accelerator.get_state_dict(self.lm)       # gathered on the main process
+        """The adapter as `save_pretrained` writes it (every process calls this: under FSDP the
+        shards are gathered first)."""
+        from memformer.persistence import save_adapter
+        state = sharding.gather_trainable(self.model) if self.fsdp else None
         if self.accelerator.is_main_process:
-            state = {n[len("model."):]: t.cpu().contiguous() for n, t in full.items() if n[len("model."):] in mine}
-            path.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(path / ADAPTER_FILE), metadata={"backbone": self.model.backbone_fingerprint})
-            (path / ADAPTER_CONFIG).write_text(self.model.memory_config.to_json())
+            save_adapter(self.model, path, state=state)
 
     def save_checkpoint(self) -> Path:
         """Adapter + optimizer + scheduler + RNG + data position, written atomically (a temporary
@@ -281,15 +288,16 @@ class CrossbatchRecipe:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         self._write_adapter(tmp / "adapter")
-        if self._fsdp:      # sharded optimizer state: accelerate's own format
-            acc.save_state(str(tmp / "fsdp"))
+        # FSDP: the full state, keyed by parameter name, gathered on the main process
+        opt = sharding.optimizer_state(self.lm, self.optimizer.optimizer) if self.fsdp else None
         if acc.is_main_process:
-            opt = {} if self._fsdp else {"optimizer": self.optimizer.state_dict()}
-            torch.save({**opt, "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            opt = opt if self.fsdp else self.optimizer.state_dict()
+            torch.save({"optimizer": opt, "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        tmp / "training_state.pt")
-            state = {"step": self.step, "data_position": self.batches.position,
+            state = {"step": self.step, "data_position": self.batches.next_global,
                      "rng": _rng_to_json(self.rng.getstate()), "world_size": acc.num_processes,
+                     "fsdp": self.fsdp,
                      "config": self.cfg.to_dict()}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
             if path.exists():
@@ -307,9 +315,15 @@ class CrossbatchRecipe:
         if state["world_size"] != self.accelerator.num_processes:
             raise ValueError(f"{path} was saved with {state['world_size']} process(es), this run has "
                              f"{self.accelerator.num_processes}: the data stream would not continue")
+        if bool(state.get("fsdp", False)) != self.fsdp:
+            raise ValueError(f"{path} was saved {'with' if state.get('fsdp') else 'without'} FSDP, this run is "
+                             f"{'sharded' if self.fsdp else 'unsharded'}: the optimizer states differ in layout")
         ts = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-        if self._fsdp:
-            self.accelerator.load_state(str(path / "fsdp"))
+        if self.fsdp:
+            from safetensors.torch import load_file
+            from memformer.persistence import ADAPTER_FILE
+            sharding.load_trainable(self.lm, load_file(str(path / "adapter" / ADAPTER_FILE)))
+            sharding.load_optimizer_state(self.lm, self.optimizer.optimizer, ts["optimizer"])
         else:
             self.model.load_adapter(path / "adapter")
             self.optimizer.load_state_dict(ts["optimizer"])

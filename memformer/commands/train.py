@@ -1,7 +1,8 @@
 """`memformer train`: crossbatch fine-tuning of the memory layers (memformer.training).
 
     memformer train --config training/configs/smollm2_cpu.yaml [key=value ...]
-    accelerate launch -m memformer.cli train --config training/configs/smollm2_gpu.yaml   # DDP / FSDP
+    accelerate launch -m memformer.cli train --config training/configs/smollm2_gpu.yaml   # DDP
+    torchrun --nproc_per_node 8 -m memformer.cli train --config training/configs/smollm2_gpu.yaml train.fsdp=true
 """
 from __future__ import annotations
 
