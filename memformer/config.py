@@ -23,6 +23,9 @@ class MemoryConfig:
     memory_layers: indices of decoder layers that read memory; None = every layer (what a
         training-free frozen backbone needs, see docs/architecture.md).
     top_k: keys retrieved per query head and token.
+    neighbors: also read the r rows on each side of every retrieved row (same document, contiguous
+        positions; each row once), as InfLLM reads whole blocks: a multi-token value (a UUID, a
+        number split into pieces) arrives whole next to the key that matched. 0 = top-k rows only.
     window: local context W; long inputs are read in windows of W tokens.
     sink_tokens: the first `sink_tokens` tokens of a sequence are prepended to every window
         (and to generation) so each window keeps the same attention sink; they stay local and
@@ -63,6 +66,7 @@ class MemoryConfig:
 
     memory_layers: Optional[list[int]] = None
     top_k: int = 32
+    neighbors: int = 0
     window: int = 1024
     sink_tokens: int = 4
     overlap: int = 128
@@ -90,6 +94,7 @@ class MemoryConfig:
             need(len(self.memory_layers) > 0, "memory_layers is empty; use None for every layer")
             need(all(i >= 0 for i in self.memory_layers), f"negative layer in {self.memory_layers}")
         need(int(self.top_k) >= 1, f"top_k must be >= 1, got {self.top_k}")
+        need(int(self.neighbors) >= 0, f"neighbors must be >= 0, got {self.neighbors}")
         need(int(self.window) >= 2, f"window must be >= 2, got {self.window}")
         need(0 <= int(self.sink_tokens) < int(self.window),
              f"sink_tokens must be in [0, window), got {self.sink_tokens} with window {self.window}")

@@ -39,6 +39,7 @@ class MemoryRuntime:
     write: bool = False
     record: bool = False
     top_k: int = 32
+    neighbors: int = 0
     memories: dict = field(default_factory=dict)
     corpus: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
@@ -115,6 +116,8 @@ class MemoryAttention(nn.Module):
         track = mem is not None and getattr(mem, "tracks_attention", False)    # score (H2O) eviction
         if corpus is None:
             scores, ids = mem.search(queries, rt.top_k)                        # [B, Hkv, G*T, K]
+            if rt.neighbors:
+                scores, ids = expand_neighbors(mem, queries, ids, rt.neighbors)  # [B, Hkv, G*T, K*(2r+1)]
             ids, scores = to_heads(ids), to_heads(scores)                      # scores = q_mem . k_mem[ids]
             k_mem, v_mem, own_ids, corpus_ids = mem.keys, mem.values, ids, None
             k_scale, v_scale = getattr(mem, "key_scales", None), getattr(mem, "value_scales", None)
@@ -135,6 +138,32 @@ class MemoryAttention(nn.Module):
             mem.record_attention(own_ids, res[2].detach())
         out = out.transpose(1, 2).reshape(B, T, Hq * D)                        # [B, T, Hq*D]
         return attn.o_proj(out), None
+
+
+def expand_neighbors(mem, queries: torch.Tensor, ids: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the r rows on each side of every retrieved row; (scores, ids) [B, Hkv, Q, K*(2r+1)].
+
+    mem: LayerMemory; queries [B, Hkv, Q, D] (as searched); ids [B, Hkv, Q, K] (-1 = none).
+    A neighbour counts only if it holds the token exactly that many positions away in the same
+    sequence (evicted gaps are not bridged); each row appears once per query (duplicates -> -1);
+    scores are recomputed exactly, q . k, for every slot."""
+    B, Hkv, Q, K = ids.shape
+    M = len(mem)
+    offsets = torch.arange(-r, r + 1, device=ids.device)                                  # [2r+1]
+    cand = ids[..., None] + offsets                                                       # [B, Hkv, Q, K, 2r+1]
+    ok = (ids[..., None] >= 0) & (cand >= 0) & (cand < M)
+    pos = mem.positions.to(ids.device).expand(B, -1)                                      # [B, M]
+    flat = lambda x: x.clamp(0, M - 1).reshape(B, -1)                                     # [B, Hkv*Q*K*(2r+1)]
+    gap = (pos.gather(1, flat(cand)) - pos.gather(1, flat(ids[..., None].expand_as(cand)))).view_as(cand)
+    ok &= gap == offsets
+    cand = cand.masked_fill(~ok, -1).reshape(B, Hkv, Q, -1)                              # [B, Hkv, Q, K']
+    cand = cand.sort(dim=-1).values
+    dup = torch.zeros_like(cand, dtype=torch.bool)
+    dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
+    cand = cand.masked_fill(dup, -1)
+    keys, _ = _rows(mem, cand)                                                            # [B, Hkv, Q, K', D]
+    scores = torch.einsum("bhqd,bhqkd->bhqk", queries.float(), keys)
+    return scores.masked_fill(cand < 0, float("-inf")).to(queries.dtype), cand
 
 
 def _rows(memory, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

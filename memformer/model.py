@@ -12,6 +12,7 @@ appended to memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ class MemformerForCausalLM(nn.Module):
         backbone.eval()
         if cfg.lora_rank > 0:
             self._inject_lora(cfg)
-        self.runtime = MemoryRuntime(top_k=cfg.top_k)
+        self.runtime = MemoryRuntime(top_k=cfg.top_k, neighbors=cfg.neighbors)
         rotary, eager = self.adapter.apply_rotary(), self.adapter.eager_attention()
         for i in self.memory_layer_ids:
             attn_attr = self.adapter.attn_attr
@@ -365,6 +366,12 @@ class MemformerForCausalLM(nn.Module):
     def load_memory(self, path) -> None:
         """Replace memory by the one saved at `path/`; refuses another model's or a corrupt file."""
         persistence.load_memory(self, path)
+
+    def set_neighbors(self, r: int) -> None:
+        """Read the r rows on each side of every retrieved row from now on (MemoryConfig.neighbors);
+        stored memory is unaffected, so it may change between questions."""
+        self.memory_config = dataclasses.replace(self.memory_config, neighbors=r)   # validates r
+        self.runtime.neighbors = r
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}

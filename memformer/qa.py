@@ -20,6 +20,7 @@ every Python install) with a few facts planted at chosen depths.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -77,7 +78,8 @@ def memory_key(corpus: Corpus, model) -> str:
         h.update(bytes.fromhex(doc.sha256))
     h.update(model.backbone_fingerprint.encode())
     h.update(adapter_hash(model).encode())
-    h.update(model.memory_config.to_json().encode())
+    # neighbours only change how memory is read, not what is stored
+    h.update(dataclasses.replace(model.memory_config, neighbors=0).to_json().encode())
     return h.hexdigest()[:20]
 
 

@@ -199,7 +199,7 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("bad", [dict(top_k=0), dict(window=1), dict(position_mode="last"), dict(index="annoy"),
                                  dict(eviction="lru"), dict(sink_tokens=16), dict(memory_layers=[]),
-                                 dict(overlap=12), dict(overlap=-1)])
+                                 dict(overlap=12), dict(overlap=-1), dict(neighbors=-1)])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="MemoryConfig"):
         MemoryConfig(**{"window": 16, **bad})
@@ -297,3 +297,60 @@ def test_window_mode_stores_keys_rotated_at_their_window_position():
     cos, sin = rotary(k_plain, torch.arange(4, 4 + n)[None])
     want, _ = apply_rotary_pos_emb(k_plain[:, :, :n], k_plain[:, :, :n], cos, sin)
     torch.testing.assert_close(model.memories[0].keys[:, :, :n], want, atol=1e-5, rtol=1e-5)
+
+
+def test_neighbor_expansion_reads_contiguous_rows_once_with_exact_scores():
+    """expand_neighbors against a brute-force reading of the same definition: for every retrieved
+    row, the rows holding the tokens up to r positions away (same sequence, no evicted gap), each
+    once, scored q . k."""
+    from index.store import LayerMemory
+    from memformer.memory_layer import expand_neighbors
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, D, r = 2, 2, 8, 2
+    mem = LayerMemory(B, Hkv, D)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]])  # a gap after 5
+    mem.add(torch.randn(B, Hkv, 10, D, generator=g), torch.randn(B, Hkv, 10, D, generator=g), pos)
+    q = torch.randn(B, Hkv, 3, D, generator=g)
+    _, ids = mem.search(q, 2)
+    ids[0, 0, 0] = torch.tensor([5, 6])                   # either side of the gap
+    ids[1, 1, 2] = torch.tensor([0, -1])                  # a missing neighbour and the first row
+    scores, out = expand_neighbors(mem, q, ids, r)
+    assert out.shape == (B, Hkv, 3, 2 * (2 * r + 1))
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(3):
+                want = set()
+                for i in ids[b, h, t].tolist():
+                    if i < 0:
+                        continue
+                    want |= {j for j in range(i - r, i + r + 1)
+                             if 0 <= j < 10 and pos[b, j] - pos[b, i] == j - i}
+                got = [j for j in out[b, h, t].tolist() if j >= 0]
+                assert sorted(got) == sorted(want) and len(got) == len(set(got))
+                for k, j in enumerate(out[b, h, t].tolist()):
+                    if j >= 0:
+                        torch.testing.assert_close(scores[b, h, t, k], q[b, h, t] @ mem.keys[b, h, j])
+                    else:
+                        assert scores[b, h, t, k] == float("-inf")
+    assert set(out[0, 0, 0].tolist()) - {-1} == {3, 4, 5, 6, 7, 8}
+
+
+def test_neighbors_read_more_rows_and_zero_changes_nothing():
+    """neighbors=0 is the plain top-k path; neighbors=1 reads each retrieved row's neighbours too
+    (more distinct rows per query) and changes the output."""
+    outs, counts = {}, {}
+    for r in (0, 1):
+        model, _ = make(top_k=2, neighbors=r, read_during_ingest=True)
+        model.runtime.record = True
+        model.memorize(ids(64), show_progress=False)
+        model.runtime.record = False
+        rows, _ = model.runtime.retrieved[0][-1]
+        counts[r] = int((rows >= 0).sum(-1).float().mean())
+        with torch.no_grad():
+            outs[r] = model(ids(8, seed=9)).logits
+    base, _ = make(top_k=2, read_during_ingest=True)
+    base.memorize(ids(64), show_progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids(8, seed=9)).logits, outs[0])
+    assert counts[1] > counts[0] == 2
+    assert (outs[1] - outs[0]).abs().max() > 1e-5

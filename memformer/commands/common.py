@@ -10,6 +10,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="memory-layer weights saved by save_pretrained")
     p.add_argument("--window", type=int, default=1024, help="local window W in tokens")
     p.add_argument("--top-k", type=int, default=32, help="memory keys retrieved per query head")
+    p.add_argument("--neighbors", type=int, default=None,
+                   help="also read the N rows on each side of every retrieved row (default 0, or the adapter's)")
     p.add_argument("--memory-layers", default=None, help="comma-separated layer indices (default: all)")
     p.add_argument("--position-mode", default="window", choices=["first", "fixed", "window"])
     p.add_argument("--sink-tokens", type=int, default=4)
@@ -22,7 +24,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def memory_config_from_args(args):
     from memformer import MemoryConfig
     layers = None if not args.memory_layers else [int(x) for x in args.memory_layers.split(",")]
-    return MemoryConfig(window=args.window, top_k=args.top_k, memory_layers=layers, position_mode=args.position_mode,
+    return MemoryConfig(window=args.window, top_k=args.top_k, neighbors=args.neighbors or 0,
+                        memory_layers=layers, position_mode=args.position_mode,
                         sink_tokens=args.sink_tokens, memory_dtype=args.memory_dtype, index=args.index,
                         storage_dir=args.storage_dir)
 
@@ -34,7 +37,10 @@ def load_model(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = None if args.adapter else memory_config_from_args(args)
-    return MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
+    model = MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
+    if args.adapter and args.neighbors is not None:       # a read-time setting: no retraining needed
+        model.set_neighbors(args.neighbors)
+    return model
 
 
 # ---- evaluations (eval passkey / needle): trial arguments and report header
@@ -81,7 +87,7 @@ def report_header(title: str, model, args, seconds: float, what: str) -> str:
     cfg = model.memory_config
     layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else cfg.memory_layers
     return (f"# {title}\n\n{what}\n\nbackbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, "
-            f"window {cfg.window}, top-k {cfg.top_k}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
+            f"window {cfg.window}, top-k {cfg.top_k}, neighbours {cfg.neighbors}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
             f"overlap {cfg.overlap}, position mode {cfg.position_mode}; {args.trials} trials per length, "
             f"seed {args.seed}; {seconds:.0f}s in this run{' (resumed)' if args.resume else ''}\n\n"
             f"Command: `memformer {' '.join(sys.argv[1:])}`\n\n")
