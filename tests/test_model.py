@@ -354,3 +354,20 @@ def test_neighbors_read_more_rows_and_zero_changes_nothing():
         torch.testing.assert_close(base(ids(8, seed=9)).logits, outs[0])
     assert counts[1] > counts[0] == 2
     assert (outs[1] - outs[0]).abs().max() > 1e-5
+
+
+def test_set_neighbors_is_a_read_time_setting():
+    """set_neighbors changes how memory is read (validated), not what is stored: the QA memory cache
+    key stays the same."""
+    from types import SimpleNamespace
+    from memformer.documents import Document
+    from memformer.qa import memory_key
+    model, _ = make()
+    corpus = SimpleNamespace(documents=[Document("notes", "a fact worth keeping")])   # all memory_key reads
+    key = memory_key(corpus, model)
+    model.set_neighbors(2)
+    assert model.runtime.neighbors == 2 and model.memory_config.neighbors == 2
+    assert memory_key(corpus, model) == key
+    with pytest.raises(ValueError, match="neighbors"):
+        model.set_neighbors(-1)
+    assert model.runtime.neighbors == 2
