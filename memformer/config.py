@@ -26,6 +26,12 @@ class MemoryConfig:
     neighbors: also read the r rows on each side of every retrieved row (same document, contiguous
         positions; each row once), as InfLLM reads whole blocks: a multi-token value (a UUID, a
         number split into pieces) arrives whole next to the key that matched. 0 = top-k rows only.
+    read_blocks: > 0 = block reads (`memformer.blocks`, as InfLLM's memory units): the top-k hits
+        of every head vote, weighted by the attention they would draw, for blocks of `block_size`
+        consecutive document positions; each chunk of `block_size` queries then attends to all
+        rows of its `read_blocks` best blocks, the same contiguous text for every head. 0 = token
+        reads (top-k rows per head and query). Read-time only: stored memory is the same.
+    block_size: tokens per memory block and queries per selection chunk in block reads.
     window: local context W; long inputs are read in windows of W tokens.
     sink_tokens: the first `sink_tokens` tokens of a sequence are prepended to every window
         (and to generation) so each window keeps the same attention sink; they stay local and
@@ -67,6 +73,8 @@ class MemoryConfig:
     memory_layers: Optional[list[int]] = None
     top_k: int = 32
     neighbors: int = 0
+    read_blocks: int = 0
+    block_size: int = 64
     window: int = 1024
     sink_tokens: int = 4
     overlap: int = 128
@@ -95,6 +103,10 @@ class MemoryConfig:
             need(all(i >= 0 for i in self.memory_layers), f"negative layer in {self.memory_layers}")
         need(int(self.top_k) >= 1, f"top_k must be >= 1, got {self.top_k}")
         need(int(self.neighbors) >= 0, f"neighbors must be >= 0, got {self.neighbors}")
+        need(int(self.read_blocks) >= 0, f"read_blocks must be >= 0, got {self.read_blocks}")
+        need(int(self.block_size) >= 1, f"block_size must be >= 1, got {self.block_size}")
+        need(not (self.read_blocks and self.neighbors),
+             "neighbors and read_blocks are two ways of reading context around a hit; set one")
         need(int(self.window) >= 2, f"window must be >= 2, got {self.window}")
         need(0 <= int(self.sink_tokens) < int(self.window),
              f"sink_tokens must be in [0, window), got {self.sink_tokens} with window {self.window}")

@@ -128,6 +128,9 @@ def attach_corpus(model, path) -> list[CorpusDocument]:
     attached one). It must come from the same backbone and memory config; the model's own memory
     is untouched."""
     from memformer.index import LayerMemory
+    if model.memory_config.read_blocks:
+        raise ValueError("a corpus memory is read with token reads; this model uses block reads "
+                         "(set_read_blocks(0) first)")
     path = Path(path)
     docs = read_corpus_table(path)
     manifest, tensors = persistence.read_memory(model, path)

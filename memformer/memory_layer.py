@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from memformer.blocks import block_attention
 from memformer.kernels import knn_attention
 
 
@@ -30,6 +31,8 @@ class MemoryRuntime:
         every sequence); retrieval takes the top-k of both memories together.
     retrieved / retrieved_corpus: with `record`, per layer a list of (ids, probs) [B, Hq, T, K]
         for the own memory / the corpus (slots from the other source are -1).
+    read_blocks / block_size: > 0 = block reads (`memformer.blocks`): attend to all rows of the
+        read_blocks best blocks of block_size positions instead of the top-k rows.
     q_rotation: (cos, sin) of the fixed memory distance for position_mode "fixed"/"window", else None.
     store_rotated: position_mode "window" stores keys rotated at their window position.
     write_slice: slice of the time axis whose keys/values are written (drops sink prefixes).
@@ -40,6 +43,8 @@ class MemoryRuntime:
     record: bool = False
     top_k: int = 32
     neighbors: int = 0
+    read_blocks: int = 0
+    block_size: int = 64
     memories: dict = field(default_factory=dict)
     corpus: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
@@ -114,6 +119,16 @@ class MemoryAttention(nn.Module):
         queries = q_mem.reshape(B, Hkv, G * T, D)                              # query heads of a kv group
         to_heads = lambda x: x.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)   # [B, Hkv, G*T, K] -> [B, Hq, T, K]
         track = mem is not None and getattr(mem, "tracks_attention", False)    # score (H2O) eviction
+        if rt.read_blocks and corpus is None:
+            out, rows, probs = block_attention(mem, q_rot, q_mem, k_all, v_all, top_k=rt.top_k,
+                                               n_blocks=rt.read_blocks, block_size=rt.block_size,
+                                               scale=attn.scaling, local_mask=attention_mask,
+                                               mem_bias=self.memory_gate)   # [B, Hq, T, D]; [B, 1, T, R]
+            if rt.record:
+                rt.retrieved.setdefault(self.layer_idx, []).append((rows, probs))
+            if track:
+                mem.record_attention(rows, probs)
+            return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D)), None
         if corpus is None:
             scores, ids = mem.search(queries, rt.top_k)                        # [B, Hkv, G*T, K]
             if rt.neighbors:

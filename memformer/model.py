@@ -48,7 +48,8 @@ class MemformerForCausalLM(nn.Module):
         backbone.eval()
         if cfg.lora_rank > 0:
             self._inject_lora(cfg)
-        self.runtime = MemoryRuntime(top_k=cfg.top_k, neighbors=cfg.neighbors)
+        self.runtime = MemoryRuntime(top_k=cfg.top_k, neighbors=cfg.neighbors, read_blocks=cfg.read_blocks,
+                                     block_size=cfg.block_size)
         rotary, eager = self.adapter.apply_rotary(), self.adapter.eager_attention()
         for i in self.memory_layer_ids:
             attn_attr = self.adapter.attn_attr
@@ -372,6 +373,16 @@ class MemformerForCausalLM(nn.Module):
         stored memory is unaffected, so it may change between questions."""
         self.memory_config = dataclasses.replace(self.memory_config, neighbors=r)   # validates r
         self.runtime.neighbors = r
+
+    def set_read_blocks(self, n: int, block_size: int | None = None) -> None:
+        """Read the n best memory blocks of `block_size` tokens from now on (MemoryConfig.read_blocks;
+        0 = token reads); stored memory is unaffected, so it may change between questions."""
+        if n and self.runtime.corpus:
+            raise ValueError("block reads need the sequence's own memory; a corpus memory is attached "
+                             "(detach_corpus() first, or keep token reads)")
+        bs = self.memory_config.block_size if block_size is None else block_size
+        self.memory_config = dataclasses.replace(self.memory_config, read_blocks=n, block_size=bs)  # validates
+        self.runtime.read_blocks, self.runtime.block_size = n, bs
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}

@@ -146,3 +146,19 @@ def test_memory_info_and_cli_errors(tmp_path, capsys):
     assert main(["memory", "info", str(tmp_path / "nothing")]) == 2
     assert main(["memory", "build", "--docs", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_block_reads_and_a_corpus_memory_exclude_each_other(tmp_path):
+    """A corpus memory is read with token reads: attaching one to a block-reading model, or
+    turning block reads on with one attached, is refused and changes nothing."""
+    docs = _docs(tmp_path)
+    corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
+    blocky = _model(read_blocks=2, block_size=8)
+    with pytest.raises(ValueError, match="token reads"):
+        blocky.attach_corpus(tmp_path / "mem")
+    assert not blocky.runtime.corpus
+    reader = _model()
+    reader.attach_corpus(tmp_path / "mem")
+    with pytest.raises(ValueError, match="corpus memory is attached"):
+        reader.set_read_blocks(2)
+    assert reader.memory_config.read_blocks == 0 and reader.runtime.read_blocks == 0

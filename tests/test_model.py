@@ -371,3 +371,20 @@ def test_set_neighbors_is_a_read_time_setting():
     with pytest.raises(ValueError, match="neighbors"):
         model.set_neighbors(-1)
     assert model.runtime.neighbors == 2
+    model.set_neighbors(0)
+    model.set_read_blocks(3, block_size=16)                  # block reads: also read-time only
+    assert (model.runtime.read_blocks, model.runtime.block_size) == (3, 16)
+    assert memory_key(corpus, model) == key
+    with pytest.raises(ValueError, match="set one"):
+        model.set_neighbors(1)
+
+
+def test_cli_memory_arguments_reach_the_memory_config():
+    import argparse
+    from memformer.commands.common import add_model_args, memory_config_from_args
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    cfg = memory_config_from_args(p.parse_args(["--blocks", "4", "--block-size", "32", "--top-k", "8"]))
+    assert (cfg.read_blocks, cfg.block_size, cfg.top_k, cfg.neighbors) == (4, 32, 8, 0)
+    cfg = memory_config_from_args(p.parse_args(["--neighbors", "2"]))
+    assert (cfg.read_blocks, cfg.block_size, cfg.neighbors) == (0, 64, 2)

@@ -12,6 +12,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=32, help="memory keys retrieved per query head")
     p.add_argument("--neighbors", type=int, default=None,
                    help="also read the N rows on each side of every retrieved row (default 0, or the adapter's)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="block reads: attend to the N best memory blocks, contiguous text (default 0 = "
+                        "top-k rows, or the adapter's)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
     p.add_argument("--memory-layers", default=None, help="comma-separated layer indices (default: all)")
     p.add_argument("--position-mode", default="window", choices=["first", "fixed", "window"])
     p.add_argument("--sink-tokens", type=int, default=4)
@@ -25,6 +29,7 @@ def memory_config_from_args(args):
     from memformer import MemoryConfig
     layers = None if not args.memory_layers else [int(x) for x in args.memory_layers.split(",")]
     return MemoryConfig(window=args.window, top_k=args.top_k, neighbors=args.neighbors or 0,
+                        read_blocks=args.blocks or 0, block_size=args.block_size or 64,
                         memory_layers=layers, position_mode=args.position_mode,
                         sink_tokens=args.sink_tokens, memory_dtype=args.memory_dtype, index=args.index,
                         storage_dir=args.storage_dir)
@@ -40,6 +45,9 @@ def load_model(args):
     model = MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
     if args.adapter and args.neighbors is not None:       # a read-time setting: no retraining needed
         model.set_neighbors(args.neighbors)
+    if args.adapter and (args.blocks is not None or args.block_size is not None):
+        model.set_read_blocks(model.memory_config.read_blocks if args.blocks is None else args.blocks,
+                              args.block_size)
     return model
 
 
@@ -82,12 +90,17 @@ def _fail(prog: str, msg: str) -> None:
     return None
 
 
+def _reads(cfg) -> str:
+    return (f"block reads {cfg.read_blocks} x {cfg.block_size} tokens" if cfg.read_blocks
+            else "token reads")
+
+
 def report_header(title: str, model, args, seconds: float, what: str) -> str:
     """Markdown title, settings and the exact command, above an evaluation's table."""
     cfg = model.memory_config
     layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else cfg.memory_layers
     return (f"# {title}\n\n{what}\n\nbackbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, "
-            f"window {cfg.window}, top-k {cfg.top_k}, neighbours {cfg.neighbors}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
+            f"window {cfg.window}, top-k {cfg.top_k}, neighbours {cfg.neighbors}, {_reads(cfg)}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
             f"overlap {cfg.overlap}, position mode {cfg.position_mode}; {args.trials} trials per length, "
             f"seed {args.seed}; {seconds:.0f}s in this run{' (resumed)' if args.resume else ''}\n\n"
             f"Command: `memformer {' '.join(sys.argv[1:])}`\n\n")

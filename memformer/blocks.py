@@ -1,0 +1,118 @@
+"""Block reads: attend to whole blocks of contiguous memory instead of scattered top-k rows.
+
+Token-level reads (Memorizing Transformers) give every query head its own top-k rows. A frozen
+small backbone then sees scattered fragments: a UUID arrives in pieces, and each head may pick a
+different look-alike needle. Block reads (as InfLLM's memory units) keep the kNN index as the
+retriever but attend to *contiguous text*:
+
+1. every query token searches its top-k rows per head, as in token reads;
+2. each hit gets the share of attention it would draw in the token-read softmax
+   (exp(logit - logsumexp over local keys and hits)); heads that do not look at memory vote little;
+3. the hits' shares are summed per memory block (`block_size` consecutive document positions) over
+   all heads of the layer and all query tokens of a query chunk (`block_size` tokens, aligned to
+   the end, so the last chunk is the question and each generated token is its own chunk);
+4. every query of the chunk attends, in one softmax with its local keys, to all rows of the
+   chunk's `n_blocks` best blocks (the same rows for every head, in document order).
+
+Positions are those of the memory mode in use ("window": rows keep their in-window rotation and
+the query is moved one window further), so the text inside a block keeps its order.
+"""
+from __future__ import annotations
+
+import torch
+
+from memformer.kernels.reference import local_attention
+
+
+def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks: int, block_size: int,
+                    scale: float, local_mask=None, mem_bias=None):
+    """Attention over [local keys ‖ rows of the best memory blocks], one softmax per query.
+
+    mem: LayerMemory [B, Hkv, M, D] (keys, values, positions [B, M], valid [B, M], search).
+    q_rot [B, Hq, T, D]: queries rotated at their local positions (for local keys);
+    q_mem [B, Hq, T, D]: the same queries as memory sees them (search and memory logits);
+    k_local, v_local [B, Hkv, S, D]: local keys/values (queries are the last T of S unless
+        local_mask says otherwise); mem_bias [Hq]: the memory gate, added to memory logits.
+    returns (out [B, Hq, T, D] in q_rot's dtype,
+             rows [B, 1, T, n_blocks*block_size] memory rows read (-1 = none; same for all heads),
+             probs [B, 1, T, n_blocks*block_size] their attention probability, mean over heads).
+    """
+    B, Hq, T, D = q_rot.shape
+    Hkv = k_local.shape[1]
+    G = Hq // Hkv
+    out_loc, lse_loc = local_attention(q_rot, k_local, v_local, scale, local_mask)   # [B, Hq, T, D], [B, Hq, T]
+    bias = torch.zeros(Hq, device=q_rot.device) if mem_bias is None else mem_bias.float()
+
+    # 1-2. each top-k hit's share of the token-read softmax
+    scores, ids = mem.search(q_mem.reshape(B, Hkv, G * T, D), top_k)                 # [B, Hkv, G*T, K]
+    K = ids.shape[-1]
+    scores = scores.reshape(B, Hq, T, K).to(q_rot.device).float()                     # query heads
+    ids = ids.reshape(B, Hq, T, K).to(q_rot.device)
+    logits = (scores * scale + bias.view(1, Hq, 1, 1)).masked_fill(ids < 0, float("-inf"))
+    lse_all = torch.logaddexp(lse_loc.detach(), torch.logsumexp(logits, dim=-1))     # [B, Hq, T]
+    share = torch.nan_to_num(torch.exp(logits - lse_all[..., None]), nan=0.0)        # [B, Hq, T, K]
+
+    # 3. votes per (query chunk, block)
+    positions = mem.positions.to(q_rot.device)                                        # [B, M]
+    valid = mem.valid.to(q_rot.device)                                                # [B, M]
+    block_of_row = torch.where(valid, positions // block_size, -1)                    # [B, M]
+    n_all = int(block_of_row.max()) + 1 if block_of_row.numel() else 0
+    chunk_of_query = (torch.arange(T, device=q_rot.device) - T) // block_size         # ..., -2, -1 (end-aligned)
+    chunk_of_query = chunk_of_query - int(chunk_of_query[0])                         # 0 .. C-1
+    C = int(chunk_of_query[-1]) + 1
+    hit_block = block_of_row.gather(1, ids.clamp(min=0).reshape(B, -1)).view(B, Hq, T, K)
+    hit_ok = (ids >= 0) & (hit_block >= 0)
+    slot = chunk_of_query.view(1, 1, T, 1) * max(n_all, 1) + hit_block.clamp(min=0)   # [B, Hq, T, K]
+    votes = torch.zeros(B, C * max(n_all, 1), device=q_rot.device)
+    votes.scatter_add_(1, slot.reshape(B, -1), (share * hit_ok).reshape(B, -1))
+    votes = votes.view(B, C, max(n_all, 1))                                           # [B, C, blocks]
+    n = min(n_blocks, votes.shape[-1])
+    top_votes, top_blocks = votes.topk(n, dim=-1)                                     # [B, C, n]
+    top_blocks = top_blocks.sort(dim=-1).values                                       # document order
+    top_votes = votes.gather(-1, top_blocks)
+
+    # 4. rows of the chosen blocks: [B, C, n*block_size], -1 where a block is short or unchosen
+    first_pos = (top_blocks * block_size).reshape(B, -1)                              # [B, C*n]
+    start = torch.searchsorted(positions.contiguous(), first_pos.contiguous())        # first row of each block
+    rows = start[..., None] + torch.arange(block_size, device=q_rot.device)           # [B, C*n, bs]
+    M = positions.shape[1]
+    inside = rows < M
+    rc = rows.clamp(max=max(M - 1, 0)).reshape(B, -1)
+    same = block_of_row.gather(1, rc).view_as(rows) == top_blocks.reshape(B, -1, 1)
+    rows = torch.where(inside & same & (top_votes.reshape(B, -1, 1) > 0), rows, -1)
+    rows = rows.view(B, C, n * block_size)                                            # [B, C, R]
+    R = rows.shape[-1]
+
+    keys, values = _block_rows(mem, rows)                                             # [B, C, Hkv, R, D]
+    out = torch.empty(B, Hq, T, D, device=q_rot.device, dtype=torch.float32)
+    probs = torch.zeros(B, 1, T, R, device=q_rot.device)
+    for c in range(C):
+        tq = (chunk_of_query == c).nonzero().flatten()                                # this chunk's queries
+        t0, t1 = int(tq[0]), int(tq[-1]) + 1
+        qc = q_mem[:, :, t0:t1].float().view(B, Hkv, G, t1 - t0, D)                   # [B, Hkv, G, Tc, D]
+        s = (qc @ keys[:, c, :, None].transpose(-1, -2)).view(B, Hq, t1 - t0, R)      # [B, Hq, Tc, R]
+        s = s * scale + bias.view(1, Hq, 1, 1)
+        s = s.masked_fill((rows[:, c] < 0).view(B, 1, 1, R), float("-inf"))
+        lse_mem = torch.logsumexp(s, dim=-1)                                          # [B, Hq, Tc]
+        lse = torch.logaddexp(lse_loc[:, :, t0:t1], lse_mem)
+        p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)                  # share of the one softmax
+        o_mem = (p.view(B, Hkv, G, t1 - t0, R) @ values[:, c, :, None]).view(B, Hq, t1 - t0, D)
+        w_loc = torch.nan_to_num(torch.exp(lse_loc[:, :, t0:t1] - lse), nan=0.0)[..., None]
+        out[:, :, t0:t1] = w_loc * out_loc[:, :, t0:t1].float() + o_mem
+        probs[:, 0, t0:t1] = p.mean(dim=1).detach()
+    read = rows[:, chunk_of_query][:, None]                                           # [B, 1, T, R]
+    return torch.nan_to_num(out, nan=0.0).to(q_rot.dtype), read, probs
+
+
+def _block_rows(mem, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float keys and values of memory rows shared by all heads.
+    rows [B, C, R] (-1 reads row 0; callers mask it) -> [B, C, Hkv, R, D] each."""
+    B, C, R = rows.shape
+    b = torch.arange(B, device=rows.device)[:, None, None, None] if mem.batch > 1 else 0
+    h = torch.arange(mem.keys.shape[1], device=rows.device)[None, None, :, None]
+    i = rows.clamp(min=0)[:, :, None, :].to(mem.keys.device)                          # [B, C, 1, R]
+    out = []
+    for data, scales in ((mem.keys, mem.key_scales), (mem.values, mem.value_scales)):
+        x = data[b, h, i].float()                                                    # [B, C, Hkv, R, D]
+        out.append(x if scales is None else x * scales[b, h, i][..., None])
+    return out[0].to(rows.device), out[1].to(rows.device)

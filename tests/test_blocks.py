@@ -1,0 +1,137 @@
+"""Block reads (memformer.blocks): which rows are read, and the attention over them."""
+import pytest
+import torch
+
+from index.store import LayerMemory
+from memformer.blocks import block_attention
+
+
+def _memory(B, Hkv, D, positions, g, valid=None):
+    mem = LayerMemory(B, Hkv, D)
+    M = positions.shape[1]
+    mem.add(torch.randn(B, Hkv, M, D, generator=g) * 0.5, torch.randn(B, Hkv, M, D, generator=g), positions, valid)
+    return mem
+
+
+def _dense(q, q_mem, k_loc, v_loc, k_mem, v_mem, ok, scale, bias):
+    """One softmax over [causal local keys ‖ memory rows where ok [B, T, M]]: [B, Hq, T, D]."""
+    B, Hq, T, D = q.shape
+    G = Hq // k_loc.shape[1]
+    kl, vl = k_loc.repeat_interleave(G, 1), v_loc.repeat_interleave(G, 1)
+    km, vm = k_mem.repeat_interleave(G, 1), v_mem.repeat_interleave(G, 1)
+    s_loc = (q @ kl.transpose(-1, -2)) * scale
+    S = kl.shape[2]
+    causal = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
+    s_loc = s_loc.masked_fill(~causal, float("-inf"))
+    s_mem = (q_mem @ km.transpose(-1, -2)) * scale + bias.view(1, Hq, 1, 1)
+    s_mem = s_mem.masked_fill(~ok[:, None], float("-inf"))
+    p = torch.softmax(torch.cat([s_loc, s_mem], -1), -1)
+    return p @ torch.cat([vl, vm], 2)
+
+
+@pytest.mark.parametrize("T,block_size", [(1, 4), (7, 4), (10, 3)])
+def test_reading_every_block_is_full_attention_over_local_and_memory(T, block_size):
+    """With as many blocks as memory holds and top_k >= M, every row is read: the result is one
+    dense softmax over local keys and all of memory, with the gate added to memory logits."""
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, D, M = 2, 2, 2, 8, 13
+    Hq = Hkv * G
+    mem = _memory(B, Hkv, D, torch.arange(M).repeat(B, 1), g)
+    q, q_mem = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hq, T, D, generator=g)
+    k_loc, v_loc = torch.randn(B, Hkv, T + 2, D, generator=g), torch.randn(B, Hkv, T + 2, D, generator=g)
+    bias = torch.randn(Hq, generator=g)
+    out, rows, probs = block_attention(mem, q, q_mem, k_loc, v_loc, top_k=M, n_blocks=99, block_size=block_size,
+                                       scale=D ** -0.5, mem_bias=bias)
+    want = _dense(q, q_mem, k_loc, v_loc, mem.keys, mem.values, torch.ones(B, T, M, dtype=torch.bool), D ** -0.5, bias)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for b in range(B):
+        for t in range(T):
+            assert sorted(i for i in rows[b, 0, t].tolist() if i >= 0) == list(range(M))
+    assert rows.shape[:3] == (B, 1, T) and probs.shape == rows.shape
+    assert bool((probs[rows < 0] == 0).all()) and float(probs.sum(-1).max()) < 1
+
+
+def test_the_chunk_reads_the_block_holding_its_matching_key_in_document_order():
+    """A key planted at one position wins its whole block for the query chunk that asks for it;
+    chunks are end-aligned (the last `block_size` queries are one chunk), heads share the rows."""
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, G, D, bs = 1, 2, 3, 16, 8
+    Hq, M, T = Hkv * G, 64, 10                                     # chunks: queries 0-1, 2-9
+    mem = LayerMemory(B, Hkv, D)
+    keys = torch.randn(B, Hkv, M, D, generator=g) * 0.1
+    a, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    keys[:, :, 43] = a * 3                                          # block 5 (positions 40-47)
+    keys[:, :, 12] = b * 3                                          # block 1 (positions 8-15)
+    mem.add(keys, torch.randn(B, Hkv, M, D, generator=g), torch.arange(M)[None])
+    q_mem = torch.zeros(B, Hq, T, D)
+    q_mem[:, :, :2] = b                                             # first chunk asks for b
+    q_mem[:, :, 2:] = a                                             # last chunk asks for a
+    k_loc = torch.randn(B, Hkv, T, D, generator=g) * 0.1
+    _, rows, probs = block_attention(mem, q_mem, q_mem, k_loc, k_loc, top_k=4, n_blocks=1, block_size=bs,
+                                     scale=1.0)
+    assert rows[0, 0, 0].tolist() == list(range(8, 16)) == rows[0, 0, 1].tolist()
+    for t in range(2, T):
+        assert rows[0, 0, t].tolist() == list(range(40, 48))
+    assert int(probs[0, 0, 5].argmax()) == 3                         # row 43 draws the attention
+    _, rows2, _ = block_attention(mem, q_mem, q_mem, k_loc, k_loc, top_k=4, n_blocks=2, block_size=bs, scale=1.0)
+    got = [i for i in rows2[0, 0, 9].tolist() if i >= 0]             # two whole blocks, document order
+    assert len(got) == 2 * bs and got == sorted(got) and set(range(40, 48)) <= set(got)
+
+
+def test_short_evicted_and_padding_blocks_read_only_their_own_rows():
+    """A block cut by eviction (a gap in positions), the last, short block and padding rows:
+    only rows whose position lies in the chosen block and that are valid are read."""
+    g = torch.Generator().manual_seed(2)
+    B, Hkv, D, bs = 2, 1, 8, 4
+    pos = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 4, 5, 6, 7, 8]])   # seq 0 lost 0-1
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 7:] = False                                            # seq 1 is shorter: padding rows
+    mem = _memory(B, Hkv, D, pos, g, valid)
+    q = torch.randn(B, Hkv, 1, D, generator=g)
+    out, rows, _ = block_attention(mem, q, q, q, q, top_k=9, n_blocks=9, block_size=bs, scale=1.0)
+    assert sorted(i for i in rows[0, 0, 0].tolist() if i >= 0) == list(range(9))
+    assert sorted(i for i in rows[1, 0, 0].tolist() if i >= 0) == list(range(7))
+    ok = torch.stack([torch.ones(9, dtype=torch.bool), valid[1]])[:, None]                 # [B, T, M]
+    want = _dense(q, q, q, q, mem.keys, mem.values, ok, 1.0, torch.zeros(Hkv))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    _, one, _ = block_attention(mem, q, q, q, q, top_k=9, n_blocks=1, block_size=bs, scale=1.0)
+    for b in range(B):                                              # one block: rows of one position block
+        got = [i for i in one[b, 0, 0].tolist() if i >= 0]
+        assert got and len({int(pos[b, i]) // bs for i in got}) == 1 and bool(valid[b, got].all())
+        assert got == list(range(got[0], got[-1] + 1))
+
+
+def test_block_reads_in_the_model_generate_record_and_are_a_read_time_setting():
+    """read_blocks through MemformerForCausalLM: generation reads blocks (other logits than token
+    reads), evidence recording works, and set_read_blocks(0) gives token reads back exactly."""
+    from conftest import tiny_backbone
+    from memformer import MemformerForCausalLM, MemoryConfig
+    from memformer.evidence import retrieval_mass
+    torch.manual_seed(0)
+    cfg = MemoryConfig(window=16, sink_tokens=2, overlap=4, top_k=4, lora_rank=0)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
+    ids = torch.randint(3, 100, (1, 120))
+    model.memorize(ids[:, :100], show_progress=False)
+    tail = torch.cat([model.sink_ids, ids[:, 100:]], 1)
+    token_logits = model(tail).logits
+    model.set_read_blocks(2, block_size=8)
+    block_logits = model(tail).logits
+    assert not torch.allclose(token_logits, block_logits)
+    model.set_read_blocks(0)
+    torch.testing.assert_close(model(tail).logits, token_logits)
+    model.set_read_blocks(2)
+    torch.testing.assert_close(model(tail).logits, block_logits)
+    out = model.generate(ids[:, 100:], max_new_tokens=3, do_sample=False, record=True)
+    assert out.shape == (1, 23)
+    mass = retrieval_mass(model, model.seen[0])
+    assert float(mass.answer.sum()) > 0
+    with pytest.raises(ValueError, match="block_size"):
+        model.set_read_blocks(2, block_size=0)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(read_blocks=-1), "read_blocks"), (dict(block_size=0), "block_size"),
+                                    (dict(read_blocks=2, neighbors=1), "set one")])
+def test_block_read_settings_are_validated(kw, msg):
+    from memformer import MemoryConfig
+    with pytest.raises(ValueError, match=msg):
+        MemoryConfig(**kw)
