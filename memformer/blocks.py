@@ -14,8 +14,12 @@ retriever but attend to *contiguous text*:
 4. every query of the chunk attends, in one softmax with its local keys, to all rows of the
    chunk's `n_blocks` best blocks (the same rows for every head, in document order).
 
-Positions are those of the memory mode in use ("window": rows keep their in-window rotation and
-the query is moved one window further), so the text inside a block keeps its order.
+Positions: with keys stored rotated ("window" mode) rows keep their in-window rotation and the
+query is moved one window further, so the text inside a block keeps its order, but a block that
+straddles a window boundary jumps back by up to a window. With keys stored un-rotated ("first",
+"fixed") a read can put them anywhere: `row_rotation` lays the chunk's blocks out contiguously, in
+document order, just before the local window (slot j of R at position j - R), as retrieved passages
+sit before the question in a RAG prompt, and memory logits use the query at its local position.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from memformer.kernels.reference import local_attention
 
 
 def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks: int, block_size: int,
-                    scale: float, local_mask=None, mem_bias=None):
+                    scale: float, local_mask=None, mem_bias=None, rotary_fn=None, row_rotation=None):
     """Attention over [local keys ‖ rows of the best memory blocks], one softmax per query.
 
     mem: LayerMemory [B, Hkv, M, D] (keys, values, positions [B, M], valid [B, M], search).
@@ -33,6 +37,9 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
     q_mem [B, Hq, T, D]: the same queries as memory sees them (search and memory logits);
     k_local, v_local [B, Hkv, S, D]: local keys/values (queries are the last T of S unless
         local_mask says otherwise); mem_bias [Hq]: the memory gate, added to memory logits.
+    row_rotation: None (rows are read as stored, against q_mem), or (cos, sin) [1, R, D] of
+        positions -R .. -1 with R >= n_blocks*block_size (the last slots are used): un-rotated rows are rotated by their slot
+        with `rotary_fn` (the backbone's apply_rotary_pos_emb) and read against q_rot.
     returns (out [B, Hq, T, D] in q_rot's dtype,
              rows [B, 1, T, n_blocks*block_size] memory rows read (-1 = none; same for all heads),
              probs [B, 1, T, n_blocks*block_size] their attention probability, mean over heads).
@@ -84,12 +91,21 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
     R = rows.shape[-1]
 
     keys, values = _block_rows(mem, rows)                                             # [B, C, Hkv, R, D]
+    q_read = q_mem
+    if row_rotation is not None:                                                      # contiguous layout
+        cos, sin = (x.to(keys.device, keys.dtype) for x in row_rotation)             # [1, R, D]
+        if cos.shape[1] < R:
+            raise ValueError(f"row_rotation covers {cos.shape[1]} slots, the blocks read {R}")
+        cos, sin = cos[:, -R:], sin[:, -R:]                                           # fewer blocks exist: -R .. -1
+        flat = keys.reshape(B * C, Hkv, R, D)
+        keys = rotary_fn(flat, flat, cos, sin)[1].view(B, C, Hkv, R, D)
+        q_read = q_rot
     out = torch.empty(B, Hq, T, D, device=q_rot.device, dtype=torch.float32)
     probs = torch.zeros(B, 1, T, R, device=q_rot.device)
     for c in range(C):
         tq = (chunk_of_query == c).nonzero().flatten()                                # this chunk's queries
         t0, t1 = int(tq[0]), int(tq[-1]) + 1
-        qc = q_mem[:, :, t0:t1].float().view(B, Hkv, G, t1 - t0, D)                   # [B, Hkv, G, Tc, D]
+        qc = q_read[:, :, t0:t1].float().view(B, Hkv, G, t1 - t0, D)                   # [B, Hkv, G, Tc, D]
         s = (qc @ keys[:, c, :, None].transpose(-1, -2)).view(B, Hq, t1 - t0, R)      # [B, Hq, Tc, R]
         s = s * scale + bias.view(1, Hq, 1, 1)
         s = s.masked_fill((rows[:, c] < 0).view(B, 1, 1, R), float("-inf"))

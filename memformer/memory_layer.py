@@ -34,6 +34,9 @@ class MemoryRuntime:
     read_blocks / block_size: > 0 = block reads (`memformer.blocks`): attend to all rows of the
         read_blocks best blocks of block_size positions instead of the top-k rows.
     q_rotation: (cos, sin) of the fixed memory distance for position_mode "fixed"/"window", else None.
+    block_rotation: block reads over un-rotated keys ("first"/"fixed"): (cos, sin) [1, R, D] of
+        positions -R .. -1 (R = read_blocks * block_size), the contiguous layout of the blocks
+        read; None otherwise (the model keeps it in step with read_blocks and block_size).
     store_rotated: position_mode "window" stores keys rotated at their window position.
     write_slice: slice of the time axis whose keys/values are written (drops sink prefixes).
     """
@@ -51,6 +54,7 @@ class MemoryRuntime:
     retrieved: dict = field(default_factory=dict)
     retrieved_corpus: dict = field(default_factory=dict)
     q_rotation: tuple | None = None
+    block_rotation: tuple | None = None
     store_rotated: bool = False
     write_slice: slice = field(default_factory=lambda: slice(None))
 
@@ -75,7 +79,9 @@ class MemoryAttention(nn.Module):
         self.memory_gate = nn.Parameter(torch.full((self.num_heads,), float(gate_init)))
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, cache=None, **kwargs):
+        # transformers >= 5.24 passes the KV cache as `cache` (earlier: `past_key_values`)
+        past_key_values = cache if cache is not None else past_key_values
         attn, rt = self.attn, self.runtime
         B, T, _ = hidden_states.shape
         D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
@@ -123,7 +129,8 @@ class MemoryAttention(nn.Module):
             out, rows, probs = block_attention(mem, q_rot, q_mem, k_all, v_all, top_k=rt.top_k,
                                                n_blocks=rt.read_blocks, block_size=rt.block_size,
                                                scale=attn.scaling, local_mask=attention_mask,
-                                               mem_bias=self.memory_gate)   # [B, Hq, T, D]; [B, 1, T, R]
+                                               mem_bias=self.memory_gate, rotary_fn=self.rotary_fn,
+                                               row_rotation=rt.block_rotation)  # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
                 rt.retrieved.setdefault(self.layer_idx, []).append((rows, probs))
             if track:

@@ -60,6 +60,7 @@ class MemformerForCausalLM(nn.Module):
         if cfg.position_mode in ("fixed", "window"):
             self.runtime.q_rotation = self._rotation_at(cfg.memory_distance)
         self.runtime.store_rotated = cfg.position_mode == "window"
+        self._set_block_rotation()
         self.seen: list[int] = []          # tokens memorized so far, per sequence
         self.sink_ids: torch.Tensor | None = None
         self.tail_ids: torch.Tensor | None = None    # last `overlap` tokens of the previous call
@@ -96,11 +97,18 @@ class MemformerForCausalLM(nn.Module):
             torch.manual_seed(0)
             inject_adapter_in_model(lora, self.backbone)
 
-    def _rotation_at(self, distance: int):
+    def _rotation_at(self, *positions: int):
         rotary = self.adapter.rotary_emb(self.backbone)
         dev = next(self.backbone.parameters()).device
         x = torch.zeros(1, 1, 1, dtype=torch.float32, device=dev)
-        return rotary(x, torch.tensor([[distance]], device=dev))   # (cos, sin) [1, 1, D]
+        return rotary(x, torch.tensor([list(positions)], device=dev))   # (cos, sin) [1, len(positions), D]
+
+    def _set_block_rotation(self) -> None:
+        """Block reads over un-rotated keys lay the blocks read out at positions -R .. -1, just
+        before the local window (memformer.blocks); keys stored rotated ("window") keep theirs."""
+        rt = self.runtime
+        R = rt.read_blocks * rt.block_size
+        rt.block_rotation = self._rotation_at(*range(-R, 0)) if R and not rt.store_rotated else None
 
     @property
     def device(self) -> torch.device:
@@ -383,6 +391,7 @@ class MemformerForCausalLM(nn.Module):
         bs = self.memory_config.block_size if block_size is None else block_size
         self.memory_config = dataclasses.replace(self.memory_config, read_blocks=n, block_size=bs)  # validates
         self.runtime.read_blocks, self.runtime.block_size = n, bs
+        self._set_block_rotation()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}

@@ -135,3 +135,54 @@ def test_block_read_settings_are_validated(kw, msg):
     from memformer import MemoryConfig
     with pytest.raises(ValueError, match=msg):
         MemoryConfig(**kw)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "first"])
+def test_contiguous_block_reads_of_all_memory_equal_the_backbone_over_the_whole_text(mode):
+    """Keys stored un-rotated are laid out in document order just before the local window. With
+    no sink, no overlap, memory in every layer and every block read, reading window 2 against the
+    memory of window 1 is exactly the frozen backbone's causal forward over both windows: the
+    memory rows are the backbone's own keys/values of window 1 at the positions they had."""
+    from conftest import tiny_backbone
+    from memformer import MemformerForCausalLM, MemoryConfig
+    torch.manual_seed(0)
+    W, bs = 24, 8                                                   # 3 blocks fill window 1
+    backbone = tiny_backbone("llama")
+    cfg = MemoryConfig(window=W, sink_tokens=0, overlap=0, top_k=W, lora_rank=0, position_mode=mode,
+                       read_blocks=W // bs, block_size=bs)
+    model = MemformerForCausalLM(backbone, None, cfg)
+    ids = torch.randint(3, 100, (1, 2 * W))
+    model.memorize(ids[:, :W], show_progress=False)
+    got = model(ids[:, W:]).logits                                  # [1, W, V]
+    model.runtime.enabled = False
+    want = model.backbone(ids).logits[:, W:]                        # plain causal forward, positions 0..2W-1
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    model.runtime.enabled = True
+    model.set_read_blocks(1)                                        # one block: a different (partial) read
+    assert not torch.allclose(model(ids[:, W:]).logits, want, atol=1e-3)
+
+
+def test_contiguous_layout_puts_the_blocks_read_at_minus_R_and_refuses_a_short_rotation():
+    """block_attention with row_rotation: rows rotated by slot (short last block included), read
+    against q_rot, equal a dense softmax over keys rotated at positions slot - R."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, D, M, bs, T = 1, 2, 2, 8, 13, 4, 3
+    Hq = Hkv * G
+    mem = _memory(B, Hkv, D, torch.arange(M)[None], g)
+    rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=Hq * D, num_attention_heads=Hq, head_dim=D))
+    R = 4 * bs                                                      # 4 blocks, the last holds 1 row
+    cos, sin = rope(torch.zeros(1), torch.arange(-R, 0)[None])      # [1, R, D]
+    q, k_loc = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    out, rows, _ = block_attention(mem, q, torch.randn(B, Hq, T, D, generator=g), k_loc, k_loc, top_k=M,
+                                   n_blocks=4, block_size=bs, scale=1.0, rotary_fn=apply_rotary_pos_emb,
+                                   row_rotation=(cos, sin))
+    assert rows[0, 0, 0].tolist()[:M] == list(range(M))
+    k_rot = apply_rotary_pos_emb(mem.keys, mem.keys, cos[:, :M], sin[:, :M])[1]     # row m at slot m
+    want = _dense(q, q, k_loc, k_loc, k_rot, mem.values, torch.ones(B, T, M, dtype=torch.bool), 1.0,
+                  torch.zeros(Hq))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="row_rotation covers"):
+        block_attention(mem, q, q, k_loc, k_loc, top_k=M, n_blocks=4, block_size=bs, scale=1.0,
+                        rotary_fn=apply_rotary_pos_emb, row_rotation=(cos[:, :8], sin[:, :8]))

@@ -244,6 +244,23 @@ def test_generate_memorizes_overflow_and_reads_memory():
     assert model.memory_size() == 24                                    # all but the last window
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("blocks", [0, 4])
+def test_cached_generation_equals_an_uncached_greedy_loop(model_type, blocks):
+    """HF generate with its KV cache (the attention wrapper must take the cache under the name the
+    installed transformers passes it) picks the same tokens as re-reading the whole local window
+    [sink ‖ tail ‖ generated] at every step, with token reads and with block reads (block_size 1,
+    so a query's blocks do not depend on which queries share its chunk)."""
+    model, _ = make(model_type, read_blocks=blocks, block_size=1)
+    x = ids(40)
+    out = model.generate(x, max_new_tokens=6, do_sample=False)
+    local = torch.cat([model.sink_ids, x[:, 40 - (16 - 4):]], 1)      # [sink ‖ last W - S tokens]
+    for _ in range(6):
+        nxt = model(local).logits[:, -1].argmax(-1, keepdim=True)
+        local = torch.cat([local, nxt], 1)
+    assert torch.equal(out[:, 40:], local[:, -6:])
+
+
 def test_adapter_save_load_round_trip(tmp_path):
     model, _ = make(memory_layers=[0], lora_rank=2)
     with torch.no_grad():
