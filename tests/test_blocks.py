@@ -160,6 +160,8 @@ def test_contiguous_block_reads_of_all_memory_equal_the_backbone_over_the_whole_
     model.runtime.enabled = True
     model.set_read_blocks(1)                                        # one block: a different (partial) read
     assert not torch.allclose(model(ids[:, W:]).logits, want, atol=1e-3)
+    model.set_read_blocks(W // 4, block_size=4)                     # the layout follows the new setting
+    torch.testing.assert_close(model(ids[:, W:]).logits, want, atol=1e-4, rtol=1e-4)
 
 
 def test_contiguous_layout_puts_the_blocks_read_at_minus_R_and_refuses_a_short_rotation():
