@@ -37,9 +37,10 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
     q_mem [B, Hq, T, D]: the same queries as memory sees them (search and memory logits);
     k_local, v_local [B, Hkv, S, D]: local keys/values (queries are the last T of S unless
         local_mask says otherwise); mem_bias [Hq]: the memory gate, added to memory logits.
-    row_rotation: None (rows are read as stored, against q_mem), or (cos, sin) [1, R, D] of
-        positions -R .. -1 with R >= n_blocks*block_size (the last slots are used): un-rotated rows are rotated by their slot
-        with `rotary_fn` (the backbone's apply_rotary_pos_emb) and read against q_rot.
+    row_rotation: None (rows are read as stored, against q_mem), or (cos, sin) [1, R', D] of
+        positions -R' .. -1, R' >= n_blocks*block_size: un-rotated rows are rotated by their slot
+        (the last R slots when fewer blocks exist) with `rotary_fn` (the backbone's
+        apply_rotary_pos_emb) and read against q_rot.
     returns (out [B, Hq, T, D] in q_rot's dtype,
              rows [B, 1, T, n_blocks*block_size] memory rows read (-1 = none; same for all heads),
              probs [B, 1, T, n_blocks*block_size] their attention probability, mean over heads).
