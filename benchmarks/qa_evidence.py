@@ -96,7 +96,7 @@ def write(rows, out: Path, args, build_s: float, tokens: int) -> None:
     n = len(rows)
     count = lambda key, subset=rows: f"{sum(r[key] for r in subset)}/{len(subset)}"
     right = [r for r in rows if r["correct"]]
-    lines = [f"# Evidence spans: do they point at the planted fact?\n",
+    lines = ["# Evidence spans: do they point at the planted fact?\n",
              f"`benchmarks/qa_evidence.py --tokens {args.tokens} --window {args.window}` — SmolLM2-135M-Instruct, "
              f"training-free, memory in all layers; {tokens} tokens of Python's docs, {n} facts at depths "
              f"0.05–0.75 (all in memory), memory built in {build_s:.0f}s on {platform.machine()} "

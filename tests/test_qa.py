@@ -7,7 +7,6 @@ import json
 import re
 import sys
 import zlib
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

@@ -268,7 +268,7 @@ class TrainConfig:
         need(0.0 <= d.synthetic_rate < 1.0, f"data.synthetic_rate must be in [0, 1), got {d.synthetic_rate}")
         need(bool(d.synthetic_tasks) and set(d.synthetic_tasks) <= set(SYNTHETIC_TASKS),
              f"data.synthetic_tasks must be a non-empty subset of {SYNTHETIC_TASKS}, got {d.synthetic_tasks}")
-        need(d.synthetic_loss in ("answer", "all"), f"data.synthetic_loss must be 'answer' or 'all'")
+        need(d.synthetic_loss in ("answer", "all"), "data.synthetic_loss must be 'answer' or 'all'")
         need(cb.batch_size >= 1, f"crossbatch.batch_size must be >= 1, got {cb.batch_size}")
         dsched = self.d_schedule()
         need(max(dsched.values()) <= cb.batch_size,
@@ -277,10 +277,10 @@ class TrainConfig:
         self.w_schedule()
         need(cb.top_k is None or (isinstance(cb.top_k, int) and cb.top_k >= 1),
              f"crossbatch.top_k must be an int >= 1 or null (dense), got {cb.top_k!r}")
-        need(cb.first_loss_window >= 0, f"crossbatch.first_loss_window must be >= 0")
-        need(o.lr > 0 and (o.gate_lr is None or o.gate_lr > 0), f"optim.lr and gate_lr must be > 0")
+        need(cb.first_loss_window >= 0, "crossbatch.first_loss_window must be >= 0")
+        need(o.lr > 0 and (o.gate_lr is None or o.gate_lr > 0), "optim.lr and gate_lr must be > 0")
         need(o.scheduler in SCHEDULERS, f"optim.scheduler {o.scheduler!r} not in {SCHEDULERS}")
-        need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1)")
+        need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
         need(o.warmup_steps >= 0 and 0 <= o.min_lr_ratio <= 1, "optim.warmup_steps >= 0, min_lr_ratio in [0, 1]")
         need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be > 0 or null")
         need(t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
