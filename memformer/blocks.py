@@ -29,7 +29,8 @@ from memformer.kernels.reference import local_attention
 
 
 def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks: int, block_size: int,
-                    scale: float, local_mask=None, mem_bias=None, rotary_fn=None, row_rotation=None):
+                    scale: float, local_mask=None, mem_bias=None, rotary_fn=None, row_rotation=None,
+                    pinned=None):
     """Attention over [local keys ‖ rows of the best memory blocks], one softmax per query.
 
     mem: LayerMemory [B, Hkv, M, D] (keys, values, positions [B, M], valid [B, M], search).
@@ -41,45 +42,32 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
         positions -R' .. -1, R' >= n_blocks*block_size: un-rotated rows are rotated by their slot
         (the last R slots when fewer blocks exist) with `rotary_fn` (the backbone's
         apply_rotary_pos_emb) and read against q_rot.
+    pinned: None (each query chunk votes for its blocks), or block ids [B, n] chosen outside
+        (`MemformerForCausalLM.reading_blocks`): every query reads those n blocks, no search.
     returns (out [B, Hq, T, D] in q_rot's dtype,
-             rows [B, 1, T, n_blocks*block_size] memory rows read (-1 = none; same for all heads),
-             probs [B, 1, T, n_blocks*block_size] their attention probability, mean over heads).
+             rows [B, 1, T, n*block_size] memory rows read (-1 = none; same for all heads),
+             probs [B, 1, T, n*block_size] their attention probability, mean over heads).
     """
     B, Hq, T, D = q_rot.shape
     Hkv = k_local.shape[1]
     G = Hq // Hkv
     out_loc, lse_loc = local_attention(q_rot, k_local, v_local, scale, local_mask)   # [B, Hq, T, D], [B, Hq, T]
     bias = torch.zeros(Hq, device=q_rot.device) if mem_bias is None else mem_bias.float()
-
-    # 1-2. each top-k hit's share of the token-read softmax
-    scores, ids = mem.search(q_mem.reshape(B, Hkv, G * T, D), top_k)                 # [B, Hkv, G*T, K]
-    K = ids.shape[-1]
-    scores = scores.reshape(B, Hq, T, K).to(q_rot.device).float()                     # query heads
-    ids = ids.reshape(B, Hq, T, K).to(q_rot.device)
-    logits = (scores * scale + bias.view(1, Hq, 1, 1)).masked_fill(ids < 0, float("-inf"))
-    lse_all = torch.logaddexp(lse_loc.detach(), torch.logsumexp(logits, dim=-1))     # [B, Hq, T]
-    share = torch.nan_to_num(torch.exp(logits - lse_all[..., None]), nan=0.0)        # [B, Hq, T, K]
-
-    # 3. votes per (query chunk, block)
     positions = mem.positions.to(q_rot.device)                                        # [B, M]
     valid = mem.valid.to(q_rot.device)                                                # [B, M]
     block_of_row = torch.where(valid, positions // block_size, -1)                    # [B, M]
-    n_all = int(block_of_row.max()) + 1 if block_of_row.numel() else 0
-    chunk_of_query = (torch.arange(T, device=q_rot.device) - T) // block_size         # ..., -2, -1 (end-aligned)
-    chunk_of_query = chunk_of_query - int(chunk_of_query[0])                         # 0 .. C-1
-    C = int(chunk_of_query[-1]) + 1
-    hit_block = block_of_row.gather(1, ids.clamp(min=0).reshape(B, -1)).view(B, Hq, T, K)
-    hit_ok = (ids >= 0) & (hit_block >= 0)
-    slot = chunk_of_query.view(1, 1, T, 1) * max(n_all, 1) + hit_block.clamp(min=0)   # [B, Hq, T, K]
-    votes = torch.zeros(B, C * max(n_all, 1), device=q_rot.device)
-    votes.scatter_add_(1, slot.reshape(B, -1), (share * hit_ok).reshape(B, -1))
-    votes = votes.view(B, C, max(n_all, 1))                                           # [B, C, blocks]
-    n = min(n_blocks, votes.shape[-1])
-    top_votes, top_blocks = votes.topk(n, dim=-1)                                     # [B, C, n]
-    top_blocks = top_blocks.sort(dim=-1).values                                       # document order
-    top_votes = votes.gather(-1, top_blocks)
+    if pinned is None:
+        chunk_of_query = (torch.arange(T, device=q_rot.device) - T) // block_size     # ..., -2, -1 (end-aligned)
+        chunk_of_query = chunk_of_query - int(chunk_of_query[0])                     # 0 .. C-1
+        top_blocks, top_votes = _vote_blocks(mem, q_mem, lse_loc, bias, block_of_row, chunk_of_query,
+                                             top_k=top_k, n_blocks=n_blocks, scale=scale, G=G)
+    else:                                                                             # one chunk: every query
+        chunk_of_query = torch.zeros(T, dtype=torch.long, device=q_rot.device)
+        top_blocks = pinned.to(q_rot.device).view(B, 1, -1).sort(dim=-1).values      # [B, 1, n] document order
+        top_votes = torch.ones(top_blocks.shape, device=q_rot.device)
+    C, n = top_blocks.shape[1], top_blocks.shape[2]
 
-    # 4. rows of the chosen blocks: [B, C, n*block_size], -1 where a block is short or unchosen
+    # rows of the chosen blocks: [B, C, n*block_size], -1 where a block is short or unchosen
     first_pos = (top_blocks * block_size).reshape(B, -1)                              # [B, C*n]
     start = torch.searchsorted(positions.contiguous(), first_pos.contiguous())        # first row of each block
     rows = start[..., None] + torch.arange(block_size, device=q_rot.device)           # [B, C*n, bs]
@@ -119,6 +107,35 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
         probs[:, 0, t0:t1] = p.mean(dim=1).detach()
     read = rows[:, chunk_of_query][:, None]                                           # [B, 1, T, R]
     return torch.nan_to_num(out, nan=0.0).to(q_rot.dtype), read, probs
+
+
+def _vote_blocks(mem, q_mem, lse_loc, bias, block_of_row, chunk_of_query, *, top_k: int, n_blocks: int,
+                 scale: float, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3: every query's top-k hits vote, by their share of the token-read softmax, for
+    their blocks; returns each chunk's n best blocks (document order) and their votes, [B, C, n]."""
+    B, Hq, T, D = q_mem.shape
+    Hkv = Hq // G
+    # 1-2. each top-k hit's share of the token-read softmax
+    scores, ids = mem.search(q_mem.reshape(B, Hkv, G * T, D), top_k)                 # [B, Hkv, G*T, K]
+    K = ids.shape[-1]
+    scores = scores.reshape(B, Hq, T, K).to(q_mem.device).float()                     # query heads
+    ids = ids.reshape(B, Hq, T, K).to(q_mem.device)
+    logits = (scores * scale + bias.view(1, Hq, 1, 1)).masked_fill(ids < 0, float("-inf"))
+    lse_all = torch.logaddexp(lse_loc.detach(), torch.logsumexp(logits, dim=-1))     # [B, Hq, T]
+    share = torch.nan_to_num(torch.exp(logits - lse_all[..., None]), nan=0.0)        # [B, Hq, T, K]
+
+    # 3. votes per (query chunk, block)
+    n_all = int(block_of_row.max()) + 1 if block_of_row.numel() else 0
+    C = int(chunk_of_query[-1]) + 1
+    hit_block = block_of_row.gather(1, ids.clamp(min=0).reshape(B, -1)).view(B, Hq, T, K)
+    hit_ok = (ids >= 0) & (hit_block >= 0)
+    slot = chunk_of_query.view(1, 1, T, 1) * max(n_all, 1) + hit_block.clamp(min=0)   # [B, Hq, T, K]
+    votes = torch.zeros(B, C * max(n_all, 1), device=q_mem.device)
+    votes.scatter_add_(1, slot.reshape(B, -1), (share * hit_ok).reshape(B, -1))
+    votes = votes.view(B, C, max(n_all, 1))                                           # [B, C, blocks]
+    n = min(n_blocks, votes.shape[-1])
+    top_blocks = votes.topk(n, dim=-1).indices.sort(dim=-1).values                   # [B, C, n] document order
+    return top_blocks, votes.gather(-1, top_blocks)
 
 
 def _block_rows(mem, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,8 @@ class MemoryRuntime:
         for the own memory / the corpus (slots from the other source are -1).
     read_blocks / block_size: > 0 = block reads (`memformer.blocks`): attend to all rows of the
         read_blocks best blocks of block_size positions instead of the top-k rows.
+    pinned_blocks: None, or block ids [B, n] that every query reads instead of voting for its own
+        (`MemformerForCausalLM.reading_blocks`: blocks chosen outside the model, e.g. by a question).
     q_rotation: (cos, sin) of the fixed memory distance for position_mode "fixed"/"window", else None.
     block_rotation: block reads over un-rotated keys ("first"/"fixed"): (cos, sin) [1, R, D] of
         positions -R .. -1 (R = read_blocks * block_size), the contiguous layout of the blocks
@@ -48,6 +50,7 @@ class MemoryRuntime:
     neighbors: int = 0
     read_blocks: int = 0
     block_size: int = 64
+    pinned_blocks: torch.Tensor | None = None
     memories: dict = field(default_factory=dict)
     corpus: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
@@ -130,7 +133,8 @@ class MemoryAttention(nn.Module):
                                                n_blocks=rt.read_blocks, block_size=rt.block_size,
                                                scale=attn.scaling, local_mask=attention_mask,
                                                mem_bias=self.memory_gate, rotary_fn=self.rotary_fn,
-                                               row_rotation=rt.block_rotation)  # [B, Hq, T, D]; [B, 1, T, R]
+                                               row_rotation=rt.block_rotation,
+                                               pinned=rt.pinned_blocks)  # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
                 rt.retrieved.setdefault(self.layer_idx, []).append((rows, probs))
             if track:

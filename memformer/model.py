@@ -393,6 +393,50 @@ class MemformerForCausalLM(nn.Module):
         self.runtime.read_blocks, self.runtime.block_size = n, bs
         self._set_block_rotation()
 
+    def memory_blocks(self, block_size: int | None = None) -> int:
+        """Number of memory blocks of `block_size` positions (block id = stream position // size)."""
+        bs = self.memory_config.block_size if block_size is None else int(block_size)
+        if not self.memories:
+            return 0
+        mem = next(iter(self.memories.values()))
+        pos = mem.positions[mem.valid] if mem.valid.numel() else mem.positions.new_zeros(0)
+        return int(pos.max()) // bs + 1 if pos.numel() else 0
+
+    @contextlib.contextmanager
+    def reading_blocks(self, blocks, block_size: int | None = None):
+        """Within this block every memory layer reads exactly `blocks`, whole, in document order,
+        at every query (prompt and generated tokens alike): block reads whose choice is made
+        outside the model, e.g. from the question (`memformer.qa`, memory_reads="question").
+
+        blocks: [n] block ids for every sequence, or [B, n]; block b holds stream positions
+        [b*block_size, (b+1)*block_size). Rows evicted or never memorized are simply not read.
+        """
+        if self.runtime.corpus:
+            raise ValueError("block reads need the sequence's own memory; a corpus memory is attached")
+        bs = self.memory_config.block_size if block_size is None else int(block_size)
+        ids = torch.as_tensor(blocks, dtype=torch.long)
+        ids = ids[None] if ids.dim() == 1 else ids                              # [B, n]
+        batch = next(iter(self.memories.values())).batch if self.memories else 0
+        if not batch:
+            raise ValueError("reading_blocks: nothing is memorized")
+        if ids.dim() != 2 or ids.shape[1] < 1 or ids.shape[0] not in (1, batch):
+            raise ValueError(f"reading_blocks: blocks must be [n] or [{batch}, n] with n >= 1, got {tuple(ids.shape)}")
+        have = self.memory_blocks(bs)
+        if int(ids.min()) < 0 or int(ids.max()) >= have:
+            raise ValueError(f"reading_blocks: block ids must be in [0, {have}) (memory of {have} blocks of "
+                             f"{bs}), got {ids.min().item()}..{ids.max().item()}")
+        if any(len(set(row)) < len(row) for row in ids.tolist()):
+            raise ValueError("reading_blocks: a block id repeats (each block is read once)")
+        rt, old = self.runtime, (self.memory_config, self.runtime.read_blocks, self.runtime.block_size)
+        self.set_read_blocks(ids.shape[1], bs)
+        rt.pinned_blocks = ids.expand(batch, -1).contiguous()
+        try:
+            yield
+        finally:
+            rt.pinned_blocks = None
+            self.memory_config, (rt.read_blocks, rt.block_size) = old[0], old[1:]
+            self._set_block_rotation()
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}
 

@@ -232,22 +232,23 @@ def make_sample(tokenizer, variant: str, length: int, depth: float, rng: random.
 
 
 # ---------------------------------------------------------------------- running
-def answer_cues(model, text: str, cues: list[str], mode: str, max_new_tokens: int) -> list[str] | None:
-    """Answers to `cues` after `text` in `mode` (memformer.qa), or None when the mode cannot
-    hold the text (mode "full" beyond the native context)."""
+def answer_cues(model, text: str, cues: list[str], mode: str, max_new_tokens: int, **qa_options) -> list[str] | None:
+    """Answers to `cues` after `text` in `mode` (memformer.qa; qa_options go to `LongDocQA`,
+    e.g. memory_reads), or None when the mode cannot hold the text (mode "full" beyond the
+    native context)."""
     from memformer import qa
     try:       # "full" checks the documents in prepare and the documents + cue in answer
-        ctx = qa.prepare(model, [text], mode, show_progress=False)
+        ctx = qa.prepare(model, [text], mode, show_progress=False, **qa_options)
         # evidence=0: no retrieval recording, which only costs time and memory here
         return [qa.answer(model, ctx, cue=c, max_new_tokens=max_new_tokens, evidence=0).text for c in cues]
     except qa.DoesNotFit:
         return None
 
 
-def memory_answers(model, text: str, cues: list[str], max_new_tokens: int, evidence: int = 3) -> list:
+def memory_answers(model, text: str, cues: list[str], max_new_tokens: int, evidence: int = 3, **qa_options) -> list:
     """`memformer.qa.Answer`s to `cues` after `text` in mode memory, each with `evidence` spans."""
     from memformer import qa
-    ctx = qa.prepare(model, [text], "memory", show_progress=False)
+    ctx = qa.prepare(model, [text], "memory", show_progress=False, **qa_options)
     return [qa.answer(model, ctx, cue=c, max_new_tokens=max_new_tokens, evidence=evidence) for c in cues]
 
 
@@ -261,16 +262,17 @@ def evidence_record(sample: Sample, answer) -> dict:
                 evidence=[dict(start=s.start, end=s.end, score=round(s.score, 4), text=s.text[:160]) for s in spans])
 
 
-def run_sample(model, sample: Sample, mode: str, evidence: bool = False) -> dict:
+def run_sample(model, sample: Sample, mode: str, evidence: bool = False, qa_options: dict | None = None) -> dict:
     """Run one sample in one mode: its trial record (see `memformer.evalplots`). evidence: in
-    mode memory, also record where the evidence spans point (`evidence_record`)."""
+    mode memory, also record where the evidence spans point (`evidence_record`). qa_options:
+    keyword arguments of `memformer.qa.LongDocQA` (memory_reads, question_blocks, ...)."""
     t0 = time.perf_counter()
-    cues, found = [q.cue for q in sample.queries], {}
+    cues, found, opts = [q.cue for q in sample.queries], {}, qa_options or {}
     if evidence and mode == "memory":
-        full = memory_answers(model, sample.text, cues, sample.max_new_tokens)
+        full = memory_answers(model, sample.text, cues, sample.max_new_tokens, **opts)
         answers, found = [a.text for a in full], evidence_record(sample, full[0])
     else:
-        answers = answer_cues(model, sample.text, cues, mode, sample.max_new_tokens)
+        answers = answer_cues(model, sample.text, cues, mode, sample.max_new_tokens, **opts)
     rec = dict(id=record_id(sample.task, sample.length, sample.index, mode), task=sample.task,
                length=sample.length, index=sample.index, depth=round(sample.depth, 4), mode=mode,
                tokens=sample.tokens, needle_depths=sample.needle_depths,
@@ -293,7 +295,7 @@ def trial_rng(seed: int, task: str, length: int, index: int) -> random.Random:
 
 
 def run_trials(model, jobs, build, modes, log: TrialLog | None, desc: str, show_progress: bool = True,
-               evidence: bool = False) -> list[dict]:
+               evidence: bool = False, qa_options: dict | None = None) -> list[dict]:
     """jobs: (task, length, index, depth) tuples; build(job) -> Sample, called only when a mode
     of the job is not in `log` yet. Records stream to `log`; returns every job's records."""
     results = []
@@ -306,7 +308,7 @@ def run_trials(model, jobs, build, modes, log: TrialLog | None, desc: str, show_
                 results.append(log.get(rid))
             else:
                 sample = sample or build(job)
-                rec = run_sample(model, sample, mode, evidence)
+                rec = run_sample(model, sample, mode, evidence, qa_options)
                 if log is not None:
                     log.append(rec)
                 results.append(rec)
@@ -324,10 +326,12 @@ def check_modes(modes) -> list[str]:
     return modes
 
 
-def run_settings(model, name: str, seed: int | None, trials: int) -> dict:
+def run_settings(model, name: str, seed: int | None, trials: int, qa_options: dict | None = None) -> dict:
     """What decides a trial's outcome; a --resume run must match it."""
+    from memformer.qa import qa_settings
     return {"eval": name, "seed": seed, "trials": trials, "backbone": model.backbone_fingerprint,
-            "memory_config": model.memory_config.to_dict(), "python": sys.version.split()[0]}
+            "memory_config": model.memory_config.to_dict(), "qa": qa_settings(qa_options),
+            "python": sys.version.split()[0]}
 
 
 def build_sample(tokenizer, task: str, length: int, index: int, depth: float, seed: int) -> Sample:
@@ -341,11 +345,13 @@ def build_sample(tokenizer, task: str, length: int, index: int, depth: float, se
 
 def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("memory", "truncate"),
              seed: int = 0, out_dir=None, resume: bool = False, show_progress: bool = True,
-             name: str = "needle", evidence: bool = False) -> list[dict]:
+             name: str = "needle", evidence: bool = False, qa_options: dict | None = None) -> list[dict]:
     """Every task (needle variants, and "passkey") x length x trial in every mode; trial i of n
     puts its target needle at depth (i + 0.5) / n. Records stream to out_dir/trials.jsonl
     (resumable) when out_dir is set; `name` labels the run in out_dir/run.json. evidence: memory
-    trials also record whether their evidence spans point at the needle (`evidence_table`)."""
+    trials also record whether their evidence spans point at the needle (`evidence_table`).
+    qa_options: keyword arguments of `memformer.qa.LongDocQA` for every trial (memory_reads,
+    question_blocks, rag_chunk_tokens, ...)."""
     if model.tokenizer is None:
         raise ValueError(f"the {name} evaluation needs a model with a tokenizer")
     variants, modes = list(variants), check_modes(modes)
@@ -358,9 +364,9 @@ def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("me
         build_sample(model.tokenizer, v, min(lengths), 0, 0.5, seed)
     jobs = [(v, L, i, (i + 0.5) / trials) for L in lengths for v in variants for i in range(trials)]
     build = lambda job: build_sample(model.tokenizer, job[0], job[1], job[2], job[3], seed)
-    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, name, seed, trials), resume)
+    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, name, seed, trials, qa_options), resume)
     try:
-        return run_trials(model, jobs, build, modes, log, name, show_progress, evidence)
+        return run_trials(model, jobs, build, modes, log, name, show_progress, evidence, qa_options)
     finally:
         if log is not None:
             log.close()

@@ -86,14 +86,15 @@ def make_sample(tokenizer, length: int, depth: float, key: int, index: int = 0) 
 
 def evaluate(model, lengths: list[int], trials: int, modes=("memory", "truncate"), seed: int = 0,
              out_dir: str | Path | None = None, resume: bool = False, show_progress: bool = True,
-             evidence: bool = False) -> list[dict]:
+             evidence: bool = False, qa_options: dict | None = None) -> list[dict]:
     """Every (length, trial) in every mode (`memformer.qa`); trial i of n puts the needle at depth
     (i + 0.5) / n, its key drawn from the trial's own seeded generator. Records (see
     `memformer.evalplots`) stream to out_dir/trials.jsonl; resume=True skips finished ones.
-    evidence: memory trials record whether their evidence spans point at the passkey sentence."""
+    evidence: memory trials record whether their evidence spans point at the passkey sentence.
+    qa_options: keyword arguments of `memformer.qa.LongDocQA` (memory_reads, ...)."""
     from memformer import needle
     return needle.evaluate(model, ["passkey"], lengths, trials, modes, seed, out_dir, resume, show_progress,
-                           name="passkey", evidence=evidence)
+                           name="passkey", evidence=evidence, qa_options=qa_options)
 
 
 def summary_table(results: list[dict]) -> str:

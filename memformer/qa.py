@@ -9,7 +9,9 @@ The documents form one token stream (`Corpus`). All of it except the last `tail_
 memorized; the tail stays in the local window beside the question. The modes differ only in the
 document context put before the question; memory, truncate and rag get the same token budget:
 
-* memory   — the tail; the memory layers read the rest of the stream from memory;
+* memory   — the tail; the memory layers read the rest of the stream from memory: by default the
+             memory blocks nearest to the question (`memory_reads="question"`), else each
+             layer's own kNN reads (`"knn"`, as `model.generate`);
 * truncate — the tail, memory off: the frozen backbone with the last window only;
 * rag      — the passages most similar to the question (sentence-transformers), memory off;
 * full     — the whole stream in the context, memory off (the long-context reference; only
@@ -20,6 +22,7 @@ every Python install) with a few facts planted at chosen depths.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,6 +37,7 @@ from memformer.documents import Corpus, Document, DocumentError, as_documents, r
 from memformer.evidence import EvidenceSpan, retrieval_mass, spans_from_mass
 
 MODES = ("memory", "truncate", "rag", "full")
+MEMORY_READS = ("question", "knn")       # how mode "memory" chooses what it reads (LongDocQA)
 QA_FILE = "qa_documents.json"            # beside a saved memory: the documents it was built from
 QA_FORMAT, QA_FORMAT_VERSION = "memformer-qa-documents", 1
 
@@ -90,16 +94,28 @@ class LongDocQA:
     other modes need no memory, so reading for them skips that cost); "rag" embeds the passages;
     "full" checks at once that the documents fit the native context. It owns the model's memory: `read` resets it, and a
     memory answer refuses a memory changed since.
-    embedder: a sentence-transformers model for mode "rag" (None = all-MiniLM-L6-v2, loaded on
-    first use). rag_chunk_tokens / rag_overlap: passage size and overlap in backbone tokens.
+    embedder: a sentence-transformers model for mode "rag" and question reads (None =
+    all-MiniLM-L6-v2, loaded on first use). rag_chunk_tokens / rag_overlap: passage size and
+    overlap in backbone tokens.
+    memory_reads: how mode "memory" reads memory. "question": the passages most similar to the
+    question (the RAG retriever, over the memorized part only) pick `question_blocks` memory
+    blocks (`model.memory_config.block_size` tokens each), and every memory layer reads those
+    blocks' cached keys/values, whole, while the answer is generated (`model.reading_blocks`):
+    retrieval by the question's meaning, reading by attention over the stored states. "knn":
+    every layer retrieves its own top-k keys per query (or blocks, per the MemoryConfig).
     """
 
     def __init__(self, model, mode: str = "memory", *, embedder=None, rag_chunk_tokens: int = 128,
-                 rag_overlap: int = 32):
+                 rag_overlap: int = 32, memory_reads: str = "question", question_blocks: int = 8):
         if model.tokenizer is None:
             raise ValueError("LongDocQA needs a model with a tokenizer")
+        if memory_reads not in MEMORY_READS:
+            raise ValueError(f"unknown memory_reads {memory_reads!r}; choose from {', '.join(MEMORY_READS)}")
+        if question_blocks < 1:
+            raise ValueError(f"question_blocks must be >= 1, got {question_blocks}")
         self.model, self.mode, self.embedder = model, _check_mode(mode), embedder
         self.rag_chunk_tokens, self.rag_overlap = rag_chunk_tokens, rag_overlap
+        self.memory_reads, self.question_blocks = memory_reads, question_blocks
         self.corpus: Corpus | None = None
         self.split = 0                    # stream tokens [0, split) are in memory, [split, N) local
         self.memorized = False            # the memory holds [0, split) (or split = 0: nothing to hold)
@@ -117,7 +133,7 @@ class LongDocQA:
         self.from_cache = self.memorized = False
         if self.mode == "full":
             self._full_prompt_room()                        # DoesNotFit now, not at the first question
-        if self.mode == "rag":
+        if self.mode == "rag" or (self.mode == "memory" and self.memory_reads == "question"):
             self.rag()                                      # embed the passages now, not in the first answer
         if self.mode != "memory" or self.split == 0:        # split 0: all fits in the local window
             self.memorized = self.mode == "memory"
@@ -221,7 +237,12 @@ class LongDocQA:
         x = self._prompt(context, question, cue, full=mode == "full")
         corpus = mode == "memory" and evidence > 0 and bool(self.model.runtime.corpus)
         record = mode == "memory" and evidence > 0 and self.split > 0
-        text = self._generate(x, mode, record=record or corpus, max_new_tokens=max_new_tokens)
+        # block reads need the sequence's own memory alone: beside a corpus memory, kNN reads
+        by_question = (mode == "memory" and self.memory_reads == "question" and self.split > 0
+                       and not self.model.runtime.corpus)
+        with self.model.reading_blocks(self.memory_blocks_for(question or cue)) if by_question \
+                else contextlib.nullcontext():
+            text = self._generate(x, mode, record=record or corpus, max_new_tokens=max_new_tokens)
         ans = Answer(mode, text, prompt_tokens=x.shape[1])
         if corpus:
             ans.corpus_evidence = self.model.corpus_evidence(top=evidence)
@@ -230,7 +251,10 @@ class LongDocQA:
             mass = retrieval_mass(self.model, len(self.corpus))
             self.model.runtime.retrieved.clear()            # recordings are large; drop them now
             ans.memory_share = mass.memory_share
-            ans.evidence = spans_from_mass(self.corpus, mass.lift, top=evidence)
+            # lift (what the answer read beyond the prompt) discounts rows every query reads; when
+            # no row drew more (question reads: all queries read the same few blocks), the answer's mass
+            lift = mass.lift
+            ans.evidence = spans_from_mass(self.corpus, lift if float(lift.sum()) > 0 else mass.answer, top=evidence)
         elif mode == "rag" and evidence > 0:                # the best passages, as embedded (unmerged)
             ans.evidence = [self._span(p.start, p.end, p.score) for p in ranked[:evidence]]
         ans.seconds = time.perf_counter() - t0
@@ -240,6 +264,25 @@ class LongDocQA:
             modes=("memory", "truncate"), **kwargs) -> dict[str, Answer]:
         """`answer` in each of `modes`: {mode: Answer}."""
         return {m: self.answer(question, cue=cue, mode=m, **kwargs) for m in modes}
+
+    def memory_blocks_for(self, query: str) -> list[int]:
+        """The `question_blocks` memory blocks that question reads read for `query`: the blocks
+        under the RAG passages most similar to it, best passage first, each passage clipped to
+        the memorized part and taken whole or not at all (the best one cut to fit when it alone
+        is too long); in document order."""
+        bs, split = self.model.memory_config.block_size, self.split
+        chosen: list[int] = []
+        for p in self.rag().search(query):
+            if p.start >= split:                            # in the local tail already
+                continue
+            new = [b for b in range(p.start // bs, (min(p.end, split) - 1) // bs + 1) if b not in chosen]
+            if not chosen and len(new) > self.question_blocks:
+                new = new[:self.question_blocks]
+            if len(chosen) + len(new) <= self.question_blocks:
+                chosen += new
+            if len(chosen) == self.question_blocks:
+                break
+        return sorted(chosen)
 
     def rag(self):
         """The RAG baseline over this corpus (`memformer.rag.RAGBaseline`, embedded on first use)."""
@@ -376,6 +419,18 @@ def answer(model, ctx: LongDocQA, question: str | None = None, *, cue: str | Non
     if ctx.model is not model:
         raise ValueError("this context was prepared with another model")
     return ctx.answer(question, cue=cue, mode=mode, max_new_tokens=max_new_tokens, evidence=evidence)
+
+
+def qa_settings(options: dict | None = None) -> dict:
+    """The LongDocQA settings that `options` (its keyword arguments) amount to, defaults filled in,
+    for run records (an embedder object is named by its class)."""
+    import inspect
+    params = inspect.signature(LongDocQA.__init__).parameters
+    out = {k: p.default for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    out.update(options or {})
+    if out.get("embedder") is not None:
+        out["embedder"] = type(out["embedder"]).__name__
+    return out
 
 
 def _read_qa_file(path: Path) -> dict:

@@ -188,3 +188,63 @@ def test_contiguous_layout_puts_the_blocks_read_at_minus_R_and_refuses_a_short_r
     with pytest.raises(ValueError, match="row_rotation covers"):
         block_attention(mem, q, q, k_loc, k_loc, top_k=M, n_blocks=4, block_size=bs, scale=1.0,
                         rotary_fn=apply_rotary_pos_emb, row_rotation=(cos[:, :8], sin[:, :8]))
+
+
+@pytest.mark.parametrize("T", [1, 6])
+def test_pinned_blocks_are_read_by_every_query_without_a_search(T):
+    """pinned block ids [B, n]: every query reads exactly those blocks' rows (document order,
+    per sequence) in one dense softmax with its local keys; memory is never searched."""
+    g = torch.Generator().manual_seed(4)
+    B, Hkv, G, D, M, bs = 2, 2, 2, 8, 21, 4
+    Hq = Hkv * G
+    mem = _memory(B, Hkv, D, torch.arange(M).repeat(B, 1), g)
+    mem.search = None                                               # a search would fail
+    q, q_mem = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hq, T, D, generator=g)
+    k_loc, v_loc = torch.randn(B, Hkv, T + 1, D, generator=g), torch.randn(B, Hkv, T + 1, D, generator=g)
+    pinned = torch.tensor([[5, 1], [2, 3]])                         # block 5 holds one row (20)
+    out, rows, probs = block_attention(mem, q, q_mem, k_loc, v_loc, top_k=3, n_blocks=1, block_size=bs,
+                                       scale=D ** -0.5, pinned=pinned)
+    want_rows = [list(range(4, 8)) + [20], list(range(8, 16))]
+    ok = torch.zeros(B, T, M, dtype=torch.bool)
+    for b in range(B):
+        ok[b, :, want_rows[b]] = True
+        for t in range(T):
+            assert [i for i in rows[b, 0, t].tolist() if i >= 0] == want_rows[b]
+    want = _dense(q, q_mem, k_loc, v_loc, mem.keys, mem.values, ok, D ** -0.5, torch.zeros(Hq))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert bool((probs[rows < 0] == 0).all())
+
+
+def test_reading_blocks_in_the_model_is_scoped_and_validated():
+    """model.reading_blocks(ids): inside, the contiguous layout of every block equals the frozen
+    backbone over the whole text (fixed mode, no sink/overlap); outside, the configured token
+    reads come back exactly. Bad ids are refused before anything changes."""
+    from conftest import tiny_backbone
+    from memformer import MemformerForCausalLM, MemoryConfig
+    torch.manual_seed(0)
+    W, bs = 24, 8
+    cfg = MemoryConfig(window=W, sink_tokens=0, overlap=0, top_k=4, lora_rank=0, position_mode="fixed",
+                       block_size=bs)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
+    ids = torch.randint(3, 100, (1, 2 * W))
+    with pytest.raises(ValueError, match="nothing is memorized"):
+        with model.reading_blocks([0]):
+            pass
+    model.memorize(ids[:, :W], show_progress=False)
+    token_logits = model(ids[:, W:]).logits
+    model.runtime.enabled = False
+    want = model.backbone(ids).logits[:, W:]
+    model.runtime.enabled = True
+    assert model.memory_blocks() == W // bs
+    with model.reading_blocks([2, 0, 1]):                           # any order: read in document order
+        torch.testing.assert_close(model(ids[:, W:]).logits, want, atol=1e-4, rtol=1e-4)
+    with model.reading_blocks([1]):
+        assert not torch.allclose(model(ids[:, W:]).logits, want, atol=1e-3)
+    torch.testing.assert_close(model(ids[:, W:]).logits, token_logits)
+    assert model.runtime.read_blocks == 0 and model.runtime.pinned_blocks is None
+    for bad, msg in (([3], r"in \[0, 3\)"), ([-1], r"in \[0, 3\)"), ([1, 1], "repeats"), ([[0], [1]], "must be"),
+                     ([], "must be")):
+        with pytest.raises(ValueError, match=msg):
+            with model.reading_blocks(bad):
+                pass
+    torch.testing.assert_close(model(ids[:, W:]).logits, token_logits)

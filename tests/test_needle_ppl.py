@@ -147,6 +147,8 @@ def test_runner_streams_trials_and_resume_skips_finished_ones(btok, tmp_path, mo
         needle.evaluate(model, **kw, seed=1, resume=True)
     with pytest.raises(ValueError, match=r"other settings \(memory_config.top_k: 32 -> 8\)"):
         needle.evaluate(_fake_model(btok, top_k=8), **kw, resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(qa.memory_reads: 'question' -> 'knn'\)"):
+        needle.evaluate(model, **kw, resume=True, qa_options={"memory_reads": "knn"})
     run = json.loads((tmp_path / "run.json").read_text())          # a run from before a new config field
     run["memory_config"].pop("capacity")
     (tmp_path / "run.json").write_text(json.dumps(run))
@@ -349,6 +351,7 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     (["needle", "--modes", "memory,psychic"], "unknown mode"),
     (["needle", "--lengths", "4k,lots"], "not a length"),
     (["passkey", "--trials", "0"], "must be >= 1"),
+    (["needle", "--question-blocks", "0"], "--question-blocks must be >= 1"),
     (["ppl", "--docs", "novel"], "unknown document"),
     (["ppl", "--modes", "rag"], "unknown document\\(s\\)/mode"),
     (["ppl", "--tokens", "many"], "not a length"),

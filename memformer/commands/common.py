@@ -25,6 +25,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def add_read_args(p: argparse.ArgumentParser) -> None:
+    """How answers in mode memory read memory (memformer.qa.LongDocQA memory_reads / question_blocks)."""
+    p.add_argument("--memory-reads", default="question", choices=["question", "knn"],
+                   help="question: every layer reads the memory blocks under the passages nearest the "
+                        "question (MiniLM); knn: each layer's own top-k reads (default question)")
+    p.add_argument("--question-blocks", type=int, default=8,
+                   help="memory blocks (of --block-size tokens) that question reads read (default 8)")
+
+
+def qa_options_from_args(args) -> dict:
+    """LongDocQA keyword arguments from add_read_args' flags."""
+    return dict(memory_reads=args.memory_reads, question_blocks=args.question_blocks)
+
+
 def memory_config_from_args(args):
     from memformer import MemoryConfig
     layers = None if not args.memory_layers else [int(x) for x in args.memory_layers.split(",")]
@@ -67,6 +81,7 @@ def add_trial_args(p: argparse.ArgumentParser, out: str, lengths: str, trials: i
     p.add_argument("--depth-bins", type=int, default=5, help="depth rows of the heatmaps")
     p.add_argument("--evidence", action="store_true",
                    help="memory trials also record their evidence spans and whether the top one holds the needle")
+    add_read_args(p)
 
 
 def parse_trial_args(args, prog: str) -> tuple[list[int], list[str]] | None:
@@ -82,6 +97,8 @@ def parse_trial_args(args, prog: str) -> tuple[list[int], list[str]] | None:
         return _fail(prog, f"unknown mode(s) {bad or modes}; choose from {', '.join(qa.MODES)}")
     if args.trials < 1 or args.depth_bins < 1:
         return _fail(prog, f"--trials and --depth-bins must be >= 1, got {args.trials} and {args.depth_bins}")
+    if args.question_blocks < 1:
+        return _fail(prog, f"--question-blocks must be >= 1, got {args.question_blocks}")
     return lengths, modes
 
 
@@ -90,7 +107,10 @@ def _fail(prog: str, msg: str) -> None:
     return None
 
 
-def _reads(cfg) -> str:
+def _reads(cfg, args=None) -> str:
+    if getattr(args, "memory_reads", None) == "question":
+        return (f"question reads ({args.question_blocks} memory blocks x {cfg.block_size} tokens under the "
+                f"passages MiniLM finds nearest the question)")
     return (f"block reads {cfg.read_blocks} x {cfg.block_size} tokens" if cfg.read_blocks
             else "token reads")
 
@@ -100,7 +120,7 @@ def report_header(title: str, model, args, seconds: float, what: str) -> str:
     cfg = model.memory_config
     layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else cfg.memory_layers
     return (f"# {title}\n\n{what}\n\nbackbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, "
-            f"window {cfg.window}, top-k {cfg.top_k}, neighbours {cfg.neighbors}, {_reads(cfg)}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
+            f"window {cfg.window}, top-k {cfg.top_k}, neighbours {cfg.neighbors}, {_reads(cfg, args)}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
             f"overlap {cfg.overlap}, position mode {cfg.position_mode}; {args.trials} trials per length, "
             f"seed {args.seed}; {seconds:.0f}s in this run{' (resumed)' if args.resume else ''}\n\n"
             f"Command: `memformer {' '.join(sys.argv[1:])}`\n\n")

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from memformer.commands.common import (add_model_args, add_trial_args, load_model as _load_model,
-                                       parse_trial_args, report_header)
+                                       parse_trial_args, qa_options_from_args, report_header)
 
 
 def register(ev) -> None:
@@ -37,7 +37,8 @@ def cmd_eval_needle(args) -> int:
     t0 = time.perf_counter()
     try:
         results = needle.evaluate(model, variants, lengths, args.trials, modes=modes, seed=args.seed,
-                                  out_dir=out, resume=args.resume, evidence=args.evidence)
+                                  out_dir=out, resume=args.resume, evidence=args.evidence,
+                                  qa_options=qa_options_from_args(args))
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from memformer.commands.common import (add_model_args, add_trial_args, load_model as _load_model,
-                                       parse_trial_args, report_header)
+                                       parse_trial_args, qa_options_from_args, report_header)
 
 def register(ev) -> None:
     p = ev.add_parser("passkey", help="passkey retrieval, the modes side by side")
@@ -30,7 +30,8 @@ def cmd_eval_passkey(args) -> int:
     t0 = time.perf_counter()
     try:
         results = passkey.evaluate(model, lengths, args.trials, modes=modes, seed=args.seed, out_dir=out,
-                                   resume=args.resume, evidence=args.evidence)
+                                   resume=args.resume, evidence=args.evidence,
+                                   qa_options=qa_options_from_args(args))
     except ValueError as e:
         print(f"memformer eval passkey: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from memformer.commands.common import add_model_args, load_model as _load_model
+from memformer.commands.common import add_model_args, add_read_args, load_model as _load_model, qa_options_from_args
 
 
 def register(sub) -> None:
@@ -42,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--evidence", type=int, default=3, help="evidence spans shown per answer (0 = none)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
+    add_read_args(p)
     p.set_defaults(func=cmd_qa)
 
 
@@ -60,6 +61,8 @@ def _check_args(args) -> str | None:
         return "give only one of --doc, --memory and --demo"
     if args.evidence < 0 or args.max_new_tokens < 1 or args.demo_tokens < 1 or args.rag_chunk_tokens < 1:
         return "--evidence must be >= 0; --max-new-tokens, --demo-tokens and --rag-chunk-tokens >= 1"
+    if args.question_blocks < 1:
+        return f"--question-blocks must be >= 1, got {args.question_blocks}"
     return None
 
 
@@ -142,10 +145,11 @@ def cmd_qa(args) -> int:
         if not (args.doc or args.memory or args.demo):
             return _answer_all(qa_mod.CorpusQA(model), questions, ["memory"], args)
     embedder = None
-    if "rag" in modes and args.embedder:
+    if args.embedder and ("rag" in modes or ("memory" in modes and args.memory_reads == "question")):
         from memformer.rag import load_embedder
         embedder = load_embedder(args.embedder)
-    opts = dict(embedder=embedder, rag_chunk_tokens=args.rag_chunk_tokens, rag_overlap=min(32, args.rag_chunk_tokens // 4))
+    opts = dict(embedder=embedder, rag_chunk_tokens=args.rag_chunk_tokens, rag_overlap=min(32, args.rag_chunk_tokens // 4),
+                **qa_options_from_args(args))
     t0 = time.perf_counter()
     try:
         if args.memory is not None:
