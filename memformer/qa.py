@@ -106,7 +106,7 @@ class LongDocQA:
     """
 
     def __init__(self, model, mode: str = "memory", *, embedder=None, rag_chunk_tokens: int = 128,
-                 rag_overlap: int = 32, memory_reads: str = "question", question_blocks: int = 8):
+                 rag_overlap: int = 32, memory_reads: str = "question", question_blocks: int = 4):
         if model.tokenizer is None:
             raise ValueError("LongDocQA needs a model with a tokenizer")
         if memory_reads not in MEMORY_READS:

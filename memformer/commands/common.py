@@ -30,8 +30,8 @@ def add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-reads", default="question", choices=["question", "knn"],
                    help="question: every layer reads the memory blocks under the passages nearest the "
                         "question (MiniLM); knn: each layer's own top-k reads (default question)")
-    p.add_argument("--question-blocks", type=int, default=8,
-                   help="memory blocks (of --block-size tokens) that question reads read (default 8)")
+    p.add_argument("--question-blocks", type=int, default=4,
+                   help="memory blocks (of --block-size tokens) that question reads read (default 4)")
 
 
 def qa_options_from_args(args) -> dict:
