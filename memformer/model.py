@@ -414,6 +414,8 @@ class MemformerForCausalLM(nn.Module):
         if self.runtime.corpus:
             raise ValueError("block reads need the sequence's own memory; a corpus memory is attached")
         bs = self.memory_config.block_size if block_size is None else int(block_size)
+        if bs < 1:
+            raise ValueError(f"reading_blocks: block_size must be >= 1, got {bs}")
         ids = torch.as_tensor(blocks, dtype=torch.long)
         ids = ids[None] if ids.dim() == 1 else ids                              # [B, n]
         batch = next(iter(self.memories.values())).batch if self.memories else 0
@@ -427,14 +429,16 @@ class MemformerForCausalLM(nn.Module):
                              f"{bs}), got {ids.min().item()}..{ids.max().item()}")
         if any(len(set(row)) < len(row) for row in ids.tolist()):
             raise ValueError("reading_blocks: a block id repeats (each block is read once)")
-        rt, old = self.runtime, (self.memory_config, self.runtime.read_blocks, self.runtime.block_size)
-        self.set_read_blocks(ids.shape[1], bs)
+        # runtime only: the MemoryConfig (and its neighbours setting, which pinned reads skip) stays
+        rt, old = self.runtime, (self.runtime.read_blocks, self.runtime.block_size)
+        rt.read_blocks, rt.block_size = ids.shape[1], bs
         rt.pinned_blocks = ids.expand(batch, -1).contiguous()
+        self._set_block_rotation()
         try:
             yield
         finally:
             rt.pinned_blocks = None
-            self.memory_config, (rt.read_blocks, rt.block_size) = old[0], old[1:]
+            rt.read_blocks, rt.block_size = old
             self._set_block_rotation()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

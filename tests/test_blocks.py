@@ -242,6 +242,14 @@ def test_reading_blocks_in_the_model_is_scoped_and_validated():
         assert not torch.allclose(model(ids[:, W:]).logits, want, atol=1e-3)
     torch.testing.assert_close(model(ids[:, W:]).logits, token_logits)
     assert model.runtime.read_blocks == 0 and model.runtime.pinned_blocks is None
+    model.set_neighbors(1)                                          # pinned reads skip neighbours, keep the setting
+    with model.reading_blocks([0, 1, 2], block_size=8):
+        torch.testing.assert_close(model(ids[:, W:]).logits, want, atol=1e-4, rtol=1e-4)
+    assert model.memory_config.neighbors == 1 and model.runtime.neighbors == 1
+    model.set_neighbors(0)
+    with pytest.raises(ValueError, match="block_size must be"):
+        with model.reading_blocks([0], block_size=0):
+            pass
     for bad, msg in (([3], r"in \[0, 3\)"), ([-1], r"in \[0, 3\)"), ([1, 1], "repeats"), ([[0], [1]], "must be"),
                      ([], "must be")):
         with pytest.raises(ValueError, match=msg):
