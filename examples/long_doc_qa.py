@@ -5,6 +5,9 @@
 
 Each answer is shown beside the truncation baseline (last window only) and, when
 sentence-transformers is installed, a RAG baseline (retrieved passages instead of memory).
+Memory answers read the memory blocks under the passages nearest the question (LongDocQA's
+default memory_reads="question"); LongDocQA(model, memory_reads="knn") uses each layer's own
+kNN reads instead.
 """
 import argparse
 import importlib.util

@@ -14,6 +14,9 @@ retriever but attend to *contiguous text*:
 4. every query of the chunk attends, in one softmax with its local keys, to all rows of the
    chunk's `n_blocks` best blocks (the same rows for every head, in document order).
 
+Pinned blocks skip steps 1-3: the blocks are chosen outside the model (`model.reading_blocks`;
+`memformer.qa` picks them from the question with a sentence embedder) and every query reads them.
+
 Positions: with keys stored rotated ("window" mode) rows keep their in-window rotation and the
 query is moved one window further, so the text inside a block keeps its order, but a block that
 straddles a window boundary jumps back by up to a window. With keys stored un-rotated ("first",
