@@ -11,6 +11,13 @@ predicted exactly once, in its window:
              keys/values are appended after the forward, so no token sees itself or the future.
 * truncate — the same windows with memory disabled: the frozen backbone on each window alone.
 
+context_blocks = n > 0 (`--context-blocks`) reads memory as RETRO retrieves: before each window,
+a sentence embedder (all-MiniLM-L6-v2) ranks the memory blocks (`block_size` tokens) that lie
+wholly before the window's local context by similarity to the `CONTEXT_QUERY_TOKENS` tokens just
+before the window's new tokens, and the window reads the n best, pinned (`model.reading_blocks`),
+instead of every layer's own kNN reads. The choice uses only text before the tokens it helps
+predict.
+
 Both modes see identical windows, so the first window scores the same and any difference
 after it is memory's. Token NLLs are stored per trial (JSONL) and binned by position.
 """
@@ -32,6 +39,7 @@ MODES = ("memory", "truncate")
 
 
 HELDOUT_FRACTION = 0.05     # data.eval_fraction of the shipped training configs
+CONTEXT_QUERY_TOKENS = 128  # text before a window that picks its memory blocks (context_blocks)
 
 
 def document_text(name: str) -> str:
@@ -83,13 +91,16 @@ def segment_ids(tokenizer, name: str, tokens: int, segment: int = 0, segments: i
 
 
 @torch.no_grad()
-def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) -> list[float]:
+def window_nll(model, ids: list[int], mode: str, show_progress: bool = False, context_blocks: int = 0,
+               embedder=None) -> list[float]:
     """NLL (nats) of tokens 1..N-1 of `ids` (index t-1 = token t) read window by window in `mode`.
 
     Each window is one `model.memorize` call (so the windows, sink and overlap are exactly the
     model's), with reading switched on (`read_during_ingest`) in mode memory and memory disabled
     in mode truncate; a forward hook on the decoder catches the window's hidden states, which
-    the LM head turns into the targets' log-probabilities. Leaves the model's memory empty."""
+    the LM head turns into the targets' log-probabilities. Leaves the model's memory empty.
+    context_blocks > 0: mode memory reads the blocks `ContextBlocks` picks (module docstring);
+    embedder: its sentence-transformers model (None = all-MiniLM-L6-v2)."""
     if mode not in MODES:
         raise ValueError(f"unknown ppl mode {mode!r}; choose from {', '.join(MODES)}")
     cfg = model.memory_config
@@ -105,12 +116,15 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) ->
         lambda mod, args, kwargs, out: seen.append((kwargs["input_ids"], out.last_hidden_state)), with_kwargs=True)
     nll: list[float] = []
     model.reset_memory()
+    picker = ContextBlocks(model, ids, context_blocks, embedder) if context_blocks and mode == "memory" else None
     try:
         with _memory_for(model, mode):
             for a, b in tqdm(list(zip(bounds, bounds[1:])), desc=f"ppl {mode}", unit="window",
                              disable=not show_progress):
                 seen.clear()
-                model.memorize(torch.tensor([ids[a:b]]), show_progress=False)
+                blocks = picker.blocks_before(a) if picker is not None else []
+                with model.reading_blocks(blocks) if blocks else contextlib.nullcontext():
+                    model.memorize(torch.tensor([ids[a:b]]), show_progress=False)
                 (x, h), = seen
                 # the new tokens are the last b - a of the window (in the first, all but token 0)
                 first = x.shape[1] - (b - a) if a else 1
@@ -119,6 +133,39 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) ->
         hook.remove()
         model.reset_memory()
     return nll
+
+
+class ContextBlocks:
+    """RETRO-style memory blocks for reading `ids` window by window: `blocks_before(a)` = the n
+    memory blocks (of `block_size` tokens, wholly before the local context of a window whose new
+    tokens start at stream position a) most similar to the CONTEXT_QUERY_TOKENS tokens before a,
+    by a sentence embedder; block embeddings are computed once, as blocks become eligible."""
+
+    def __init__(self, model, ids: list[int], n: int, embedder=None):
+        from memformer.rag import default_embedder
+        self.model, self.ids, self.n = model, ids, n
+        self.bs = model.memory_config.block_size
+        self.embedder = embedder if embedder is not None else default_embedder()
+        self.vectors = torch.zeros(0, 0)                                   # [blocks embedded, E]
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        out = self.embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+        return torch.as_tensor(out).float().cpu()
+
+    def blocks_before(self, a: int) -> list[int]:
+        if a == 0:
+            return []
+        eligible = max(0, a - self.model.memory_config.overlap) // self.bs   # blocks not in the local context
+        have = self.vectors.shape[0]
+        if eligible > have:
+            tok = self.model.tokenizer
+            new = self._embed([tok.decode(self.ids[i * self.bs:(i + 1) * self.bs]) for i in range(have, eligible)])
+            self.vectors = new if have == 0 else torch.cat([self.vectors, new])
+        if eligible == 0:
+            return []
+        query = self._embed([self.model.tokenizer.decode(self.ids[max(0, a - CONTEXT_QUERY_TOKENS):a])])[0]
+        scores = self.vectors[:eligible] @ query                           # [eligible] cosine
+        return sorted(scores.topk(min(self.n, eligible)).indices.tolist())
 
 
 @contextlib.contextmanager
@@ -170,11 +217,12 @@ def pooled_ppl(segments: list[list[float]], lo: int = 1, hi: int | None = None) 
 
 
 def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1, modes=MODES,
-             out_dir=None, resume: bool = False, show_progress: bool = True) -> list[dict]:
+             out_dir=None, resume: bool = False, show_progress: bool = True, context_blocks: int = 0) -> list[dict]:
     """Token NLLs of every document segment in every mode. A record per (document, segment,
     mode): id, task (document), length, index (segment), mode, status, nll (per token,
     rounded), ppl, seconds. Streams to out_dir/trials.jsonl (resumable) when out_dir is set.
-    Nothing here is random: the same documents and model give the same numbers."""
+    Nothing here is random: the same documents and model give the same numbers. context_blocks:
+    see `window_nll`."""
     documents, modes = list(documents), list(modes)
     bad = check_documents(documents) + [m for m in modes if m not in MODES]
     if bad or not documents or not modes:
@@ -183,7 +231,11 @@ def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1,
     if tokens <= model.memory_config.window or segments < 1:
         raise ValueError(f"need tokens > window ({model.memory_config.window}) to measure memory, "
                          f"and segments >= 1; got tokens={tokens}, segments={segments}")
-    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, "ppl", None, segments), resume)
+    if context_blocks < 0:
+        raise ValueError(f"context_blocks must be >= 0, got {context_blocks}")
+    settings = dict(run_settings(model, "ppl", None, segments), context_blocks=context_blocks)
+    settings.pop("qa")                                                     # no questions here
+    log = None if out_dir is None else TrialLog(out_dir, settings, resume)
     results = []
     try:
         for doc in documents:
@@ -196,7 +248,7 @@ def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1,
                         continue
                     ids = ids or segment_ids(model.tokenizer, doc, tokens, s, segments)
                     t0 = time.perf_counter()
-                    nll = window_nll(model, ids, mode, show_progress)
+                    nll = window_nll(model, ids, mode, show_progress, context_blocks)
                     rec = dict(id=rid, task=doc, length=tokens, index=s, mode=mode, status="ok",
                                ppl=pooled_ppl([nll]), nll=[round(v, 4) for v in nll],
                                seconds=round(time.perf_counter() - t0, 2))

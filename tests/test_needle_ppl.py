@@ -275,6 +275,41 @@ def test_window_nll_with_memory_changes_only_windows_after_the_first(tiny):
         ppl.window_nll(model, ids, "full")
 
 
+class _FirstByteEmbedder:
+    """Embeds a text by its first byte (one-hot): a block is 'nearest' the query that starts like it."""
+    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
+        out = torch.zeros(len(texts), 256)
+        for i, t in enumerate(texts):
+            out[i, t.encode()[0] if t else 0] = 1
+        return out
+
+
+def test_context_blocks_pick_the_nearest_blocks_before_the_local_context(tiny):
+    """ContextBlocks: only blocks wholly before the window's local context (a - overlap), the n most
+    similar to the text just before a; window_nll with them reads memory (but not in window 1)."""
+    tok = byte_tokenizer()
+    model = MemformerForCausalLM(tiny("llama", vocab_size=257), tok,
+                                 MemoryConfig(window=24, sink_tokens=2, overlap=4, top_k=4, lora_rank=0, block_size=4))
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(80))            # no byte repeats within 26
+    ids = needle.encode(tok, text)
+    pick = ppl.ContextBlocks(model, ids, 2, _FirstByteEmbedder())
+    assert pick.blocks_before(0) == []
+    before = max(0, 20 - ppl.CONTEXT_QUERY_TOKENS)                       # query = ids[before:20]
+    got = pick.blocks_before(20)                                         # eligible: blocks 0..3 (< 20 - 4)
+    assert len(got) == 2 and got == sorted(got) and max(got) <= 3
+    assert ids[before] in [ids[b * 4] for b in got]                      # the block that starts like the query
+    assert max(pick.blocks_before(38)) <= 8 and pick.vectors.shape[0] == 8
+    trunc = torch.tensor(ppl.window_nll(model, ids, "truncate"))
+    knn = torch.tensor(ppl.window_nll(model, ids, "memory"))
+    ctx = torch.tensor(ppl.window_nll(model, ids, "memory", context_blocks=2, embedder=_FirstByteEmbedder()))
+    torch.testing.assert_close(ctx[:19], trunc[:19])                    # window 1: no memory yet
+    assert ((ctx[19:] - trunc[19:]).abs() > 1e-4).float().mean() > 0.5
+    assert not torch.allclose(ctx, knn)
+    assert model.memory_size() == 0 and model.runtime.pinned_blocks is None
+    with pytest.raises(ValueError, match="context_blocks"):
+        ppl.evaluate(model, ["pydocs"], 100, context_blocks=-1, show_progress=False)
+
+
 def test_ppl_evaluate_writes_resumable_records_and_report(tiny, tmp_path):
     model = _tiny_mem(tiny, vocab=257, tokenizer=byte_tokenizer())
     rs = ppl.evaluate(model, ["pydocs"], 100, 2, out_dir=tmp_path, show_progress=False)
@@ -355,6 +390,7 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     (["ppl", "--docs", "novel"], "unknown document"),
     (["ppl", "--modes", "rag"], "unknown document\\(s\\)/mode"),
     (["ppl", "--tokens", "many"], "not a length"),
+    (["ppl", "--context-blocks", "-1"], "--context-blocks >= 0"),
 ])
 def test_cli_rejects_bad_arguments_before_loading_a_model(argv, msg, capsys):
     assert _main("eval", *argv, "--model", "/nonexistent/model") == 2

@@ -17,6 +17,9 @@ def register(ev) -> None:
     p.add_argument("--segments", type=int, default=1, help="segments per document, spread evenly through it")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     p.add_argument("--bin", type=int, default=1024, help="tokens per position bin of the table and plot")
+    p.add_argument("--context-blocks", type=int, default=0,
+                   help="memory mode: each window reads the N memory blocks MiniLM finds nearest the text just "
+                        "before it (RETRO-style), instead of kNN reads (default 0 = kNN reads)")
     p.add_argument("--out", default="benchmarks/results/ppl")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished segments in OUT/trials.jsonl and run only the missing ones")
@@ -34,8 +37,9 @@ def cmd_eval_ppl(args) -> int:
         if bad or not docs or not modes:
             raise ValueError(f"unknown document(s)/mode(s) {bad or docs + modes}; documents: "
                              f"{', '.join(ppl.DOCUMENTS)} or a file; modes: {', '.join(ppl.MODES)}")
-        if args.bin < 1 or args.segments < 1:
-            raise ValueError(f"--bin and --segments must be >= 1, got {args.bin} and {args.segments}")
+        if args.bin < 1 or args.segments < 1 or args.context_blocks < 0:
+            raise ValueError(f"--bin and --segments must be >= 1 and --context-blocks >= 0, got {args.bin}, "
+                             f"{args.segments} and {args.context_blocks}")
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -44,16 +48,18 @@ def cmd_eval_ppl(args) -> int:
     t0 = time.perf_counter()
     try:
         results = ppl.evaluate(model, docs, tokens, args.segments, modes, out_dir=out,
-                               resume=args.resume)
+                               resume=args.resume, context_blocks=args.context_blocks)
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     cfg = model.memory_config
+    reads = (f"context reads ({args.context_blocks} memory blocks x {cfg.block_size} tokens nearest the "
+             f"{ppl.CONTEXT_QUERY_TOKENS} tokens before each window, by MiniLM)" if args.context_blocks else _reads(cfg))
     header = (f"# Perplexity by position\n\nEach document segment ({tokens} tokens) is read in the model's ingest "
               f"windows; memory: each window reads the memory of all earlier ones, then is written; truncate: "
               f"the same windows, memory off. Perplexity per {args.bin}-token bin of position.\n\n"
               f"backbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, window {cfg.window}, top-k "
-              f"{cfg.top_k}, {_reads(cfg)}, sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}, position mode "
+              f"{cfg.top_k}, {reads}, sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}, position mode "
               f"{cfg.position_mode}; {args.segments} segment(s) per document; {time.perf_counter() - t0:.0f}s "
               f"in this run{' (resumed)' if args.resume else ''}\n\nCommand: `memformer {' '.join(sys.argv[1:])}`\n\n")
     md, png = ppl.write_report(results, out, args.bin, cfg.window, header)
