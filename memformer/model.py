@@ -399,7 +399,7 @@ class MemformerForCausalLM(nn.Module):
         if not self.memories:
             return 0
         mem = next(iter(self.memories.values()))
-        pos = mem.positions[mem.valid] if mem.valid.numel() else mem.positions.new_zeros(0)
+        pos = mem.positions[mem.valid]                                      # [rows held]
         return int(pos.max()) // bs + 1 if pos.numel() else 0
 
     @contextlib.contextmanager

@@ -326,12 +326,10 @@ def check_modes(modes) -> list[str]:
     return modes
 
 
-def run_settings(model, name: str, seed: int | None, trials: int, qa_options: dict | None = None) -> dict:
+def run_settings(model, name: str, seed: int | None, trials: int) -> dict:
     """What decides a trial's outcome; a --resume run must match it."""
-    from memformer.qa import qa_settings
     return {"eval": name, "seed": seed, "trials": trials, "backbone": model.backbone_fingerprint,
-            "memory_config": model.memory_config.to_dict(), "qa": qa_settings(qa_options),
-            "python": sys.version.split()[0]}
+            "memory_config": model.memory_config.to_dict(), "python": sys.version.split()[0]}
 
 
 def build_sample(tokenizer, task: str, length: int, index: int, depth: float, seed: int) -> Sample:
@@ -364,7 +362,9 @@ def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("me
         build_sample(model.tokenizer, v, min(lengths), 0, 0.5, seed)
     jobs = [(v, L, i, (i + 0.5) / trials) for L in lengths for v in variants for i in range(trials)]
     build = lambda job: build_sample(model.tokenizer, job[0], job[1], job[2], job[3], seed)
-    log = None if out_dir is None else TrialLog(out_dir, run_settings(model, name, seed, trials, qa_options), resume)
+    from memformer.qa import qa_settings
+    settings = dict(run_settings(model, name, seed, trials), qa=qa_settings(qa_options))
+    log = None if out_dir is None else TrialLog(out_dir, settings, resume)
     try:
         return run_trials(model, jobs, build, modes, log, name, show_progress, evidence, qa_options)
     finally:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from memformer.evalplots import TrialLog
 from memformer.needle import encode, run_settings, stdlib_source_text
+from memformer.rag import default_embedder, encode_texts
 
 MODES = ("memory", "truncate")
 
@@ -142,15 +143,10 @@ class ContextBlocks:
     by a sentence embedder; block embeddings are computed once, as blocks become eligible."""
 
     def __init__(self, model, ids: list[int], n: int, embedder=None):
-        from memformer.rag import default_embedder
         self.model, self.ids, self.n = model, ids, n
         self.bs = model.memory_config.block_size
         self.embedder = embedder if embedder is not None else default_embedder()
         self.vectors = torch.zeros(0, 0)                                   # [blocks embedded, E]
-
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        out = self.embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
-        return torch.as_tensor(out).float().cpu()
 
     def blocks_before(self, a: int) -> list[int]:
         if a == 0:
@@ -159,11 +155,13 @@ class ContextBlocks:
         have = self.vectors.shape[0]
         if eligible > have:
             tok = self.model.tokenizer
-            new = self._embed([tok.decode(self.ids[i * self.bs:(i + 1) * self.bs]) for i in range(have, eligible)])
+            texts = [tok.decode(self.ids[i * self.bs:(i + 1) * self.bs]) for i in range(have, eligible)]
+            new = encode_texts(self.embedder, texts)                          # [eligible - have, E]
             self.vectors = new if have == 0 else torch.cat([self.vectors, new])
         if eligible == 0:
             return []
-        query = self._embed([self.model.tokenizer.decode(self.ids[max(0, a - CONTEXT_QUERY_TOKENS):a])])[0]
+        before = self.model.tokenizer.decode(self.ids[max(0, a - CONTEXT_QUERY_TOKENS):a])
+        query = encode_texts(self.embedder, [before])[0]                   # [E]
         scores = self.vectors[:eligible] @ query                           # [eligible] cosine
         return sorted(scores.topk(min(self.n, eligible)).indices.tolist())
 
@@ -234,7 +232,6 @@ def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1,
     if context_blocks < 0:
         raise ValueError(f"context_blocks must be >= 0, got {context_blocks}")
     settings = dict(run_settings(model, "ppl", None, segments), context_blocks=context_blocks)
-    settings.pop("qa")                                                     # no questions here
     log = None if out_dir is None else TrialLog(out_dir, settings, resume)
     results = []
     try:

@@ -39,6 +39,12 @@ def default_embedder():
     return load_embedder()
 
 
+def encode_texts(embedder, texts: list[str], **kw) -> torch.Tensor:
+    """[n, E] float32 CPU embeddings of `texts`, L2-normalised (inner product = cosine)."""
+    emb = embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True, **kw)
+    return torch.as_tensor(emb).float().cpu()
+
+
 @dataclass
 class Passage:
     """Stream tokens [start, end) of one document and their similarity to the query."""
@@ -95,12 +101,8 @@ class RAGBaseline:
         self.embedder = embedder if embedder is not None else default_embedder()
         self.chunks = chunk_ranges(corpus, chunk_tokens, overlap)
         texts = [self.passage_text(a, b) for a, b in self.chunks]
-        self.embeddings = self._encode(texts, batch_size=batch_size, show_progress_bar=show_progress)  # [C, E]
+        self.embeddings = encode_texts(self.embedder, texts, batch_size=batch_size, show_progress_bar=show_progress)  # [C, E]
         self.index = _flat_ip_index(self.embeddings)
-
-    def _encode(self, texts: list[str], **kw) -> torch.Tensor:
-        emb = self.embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True, **kw)
-        return torch.as_tensor(emb).float().cpu()
 
     def passage_text(self, start: int, end: int) -> str:
         d, c0, c1 = self.corpus.locate(start, end)
@@ -110,7 +112,7 @@ class RAGBaseline:
         """Every passage (chunk), most similar to `query` first."""
         if not query or not query.strip():
             raise ValueError("RAG retrieval needs a non-empty query")
-        q = self._encode([query]).numpy()                                # [1, E], normalised
+        q = encode_texts(self.embedder, [query]).numpy()                                # [1, E], normalised
         # every passage, best first: fill() walks down the ranking until the budget is full
         scores, ids = self.index.search(q, len(self.chunks))             # [1, C] cosine, [1, C]
         return [Passage(*self.chunks[c], float(sc)) for sc, c in zip(scores[0].tolist(), ids[0].tolist()) if c >= 0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memformer.documents import DocumentError, html_to_text, read_document
-from memformer.rag import RAGBaseline
+from memformer.rag import RAGBaseline, encode_texts
 
 
 def make_pdf(pages: list[str]) -> bytes:
@@ -103,7 +103,7 @@ def test_rag_faiss_ranking_equals_exact_cosine_ranking():
     rag = RAGBaseline(corpus, RandomEmbedder(), chunk_tokens=40, overlap=8)
     query = "which passage?"
     got = rag.search(query)
-    exact = rag.embeddings @ rag._encode([query])[0]                      # [C]
+    exact = rag.embeddings @ encode_texts(rag.embedder, [query])[0]            # [C]
     assert len(got) == len(rag.chunks) == rag.index.ntotal
     assert [(p.start, p.end) for p in got] == [rag.chunks[c] for c in exact.argsort(descending=True).tolist()]
     assert torch.allclose(torch.tensor([p.score for p in got]), exact.sort(descending=True).values, atol=1e-5)
