@@ -25,24 +25,27 @@ class MemoryCapacityError(RuntimeError):
 
 class MemoryStore:
     """Values [B, Hkv, M, D] (int8 + scales [B, Hkv, M] when dtype is torch.int8), document token
-    positions [B, M] (int64) and the attention mass each row has received so far [B, M] (float32,
-    what score eviction ranks by)."""
+    positions [B, M] (int64), the window slot each row's key was computed at [B, M] (int64, -1 =
+    unknown: memory files from before slots were kept) and the attention mass each row has
+    received so far [B, M] (float32, what score eviction ranks by)."""
 
     def __init__(self, batch: int, kv_heads: int, dim: int, dtype=torch.float32, device="cpu", mmap_dir=None):
         self.values = row_buffer((batch, kv_heads), dim, dtype, device, mmap_dir)
         self.positions = GrowingBuffer((batch,), (), torch.long, device)
+        self.slots = GrowingBuffer((batch,), (), torch.long, device)
         self.mass = GrowingBuffer((batch,), (), torch.float32, device)
 
     def __len__(self) -> int:
         return self.values.length
 
-    def add(self, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def add(self, values: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None = None) -> None:
         self.values.append(values)
         self.positions.append(positions)
+        self.slots.append(torch.full_like(positions, -1) if slots is None else slots.to(positions))
         self.mass.append(torch.zeros(positions.shape, dtype=torch.float32, device=positions.device))
 
     def _buffers(self):
-        return self.values, self.positions, self.mass
+        return self.values, self.positions, self.slots, self.mass
 
     def remove_oldest(self, n: int) -> None:
         for buf in self._buffers():
@@ -53,6 +56,7 @@ class MemoryStore:
         B, m = rows.shape
         self.values.keep(rows[:, None, :].expand(B, self.values.data.shape[1], m))
         self.positions.keep(rows)
+        self.slots.keep(rows)
         self.mass.keep(rows)
 
     def reset(self) -> None:
@@ -141,6 +145,11 @@ class LayerMemory:
         return self.store.positions.data
 
     @property
+    def slots(self) -> torch.Tensor:
+        """[B, M] window slot (position inside its window) of every stored row's key; -1 = unknown."""
+        return self.store.slots.data
+
+    @property
     def valid(self) -> torch.Tensor:
         """[B, M] False for padding rows (same for every kv head)."""
         return self.index.valid[:, 0]
@@ -153,18 +162,22 @@ class LayerMemory:
                 f"raise MemoryConfig.capacity, use eviction='fifo', or reset_memory()")
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-            valid: torch.Tensor | None = None) -> None:
-        """keys/values [B, Hkv, n, D] (keys un-rotated), positions [B, n], valid [B, n] bool."""
+            valid: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> None:
+        """keys/values [B, Hkv, n, D], positions [B, n] (document token positions), valid [B, n]
+        bool, slots [B, n]: the position inside its window each key was computed (and, in
+        position_mode "window", rotated) at; None = unknown (-1)."""
         B, H, n, D = keys.shape
         if (B, H, D) != (self.batch, self.kv_heads, self.dim) or values.shape != keys.shape:
             raise ValueError(f"LayerMemory.add: keys {tuple(keys.shape)} / values {tuple(values.shape)} "
                              f"do not match [{self.batch}, {self.kv_heads}, n, {self.dim}]")
-        if positions.shape != (B, n):
-            raise ValueError(f"LayerMemory.add: positions {tuple(positions.shape)} != {(B, n)}")
+        if positions.shape != (B, n) or (slots is not None and slots.shape != (B, n)):
+            raise ValueError(f"LayerMemory.add: positions {tuple(positions.shape)} / slots "
+                             f"{None if slots is None else tuple(slots.shape)} != {(B, n)}")
         self.check_room(n)
         if self.capacity is not None and n > self.capacity:  # only the newest rows can fit
             keys, values = keys[:, :, -self.capacity:], values[:, :, -self.capacity:]
             positions = positions[:, -self.capacity:]
+            slots = None if slots is None else slots[:, -self.capacity:]
             valid = None if valid is None else valid[:, -self.capacity:]
             n = self.capacity
         if self.capacity is not None and len(self) + n > self.capacity:
@@ -175,7 +188,7 @@ class LayerMemory:
                 self.remove_oldest(over)
         kvalid = None if valid is None else valid[:, None, :].expand(B, H, n)
         self.index.add(keys, kvalid)
-        self.store.add(values, positions)
+        self.store.add(values, positions, slots)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, Hkv, q, D] -> (scores, ids) [B, Hkv, q, k]; id -1 = no neighbour."""
@@ -207,6 +220,7 @@ class LayerMemory:
         state = {f"index.{k}": v for k, v in self.index.state_dict().items()}
         state.update(rows_state(self.store.values, "values"))
         state["positions"] = self.positions.contiguous()
+        state["slots"] = self.slots.contiguous()
         state["mass"] = self.mass.contiguous()
         return state
 
@@ -218,11 +232,13 @@ class LayerMemory:
         if tuple(positions.shape) != (self.batch, values.shape[2]):
             raise ValueError("saved positions do not match saved values")
         mass = state.get("mass", torch.zeros(positions.shape))
-        if tuple(mass.shape) != tuple(positions.shape):
-            raise ValueError("saved attention mass does not match saved positions")
+        slots = state.get("slots", torch.full(positions.shape, -1, dtype=torch.long))  # older files: unknown
+        if tuple(mass.shape) != tuple(positions.shape) or tuple(slots.shape) != tuple(positions.shape):
+            raise ValueError("saved attention mass or slots do not match saved positions")
         self.index.load_state_dict({k[len("index."):]: v for k, v in state.items() if k.startswith("index.")})
         if len(self.index) != values.shape[2]:
             raise ValueError("saved index and values hold different numbers of rows")
         load_rows(self.store.values, state, "values")
         self.store.positions.load(positions)
+        self.store.slots.load(slots.long())
         self.store.mass.load(mass)

@@ -17,12 +17,15 @@ retriever but attend to *contiguous text*:
 Pinned blocks skip steps 1-3: the blocks are chosen outside the model (`model.reading_blocks`;
 `memformer.qa` picks them from the question with a sentence embedder) and every query reads them.
 
-Positions: with keys stored rotated ("window" mode) rows keep their in-window rotation and the
-query is moved one window further, so the text inside a block keeps its order, but a block that
-straddles a window boundary jumps back by up to a window. With keys stored un-rotated ("first",
-"fixed") a read can put them anywhere: `row_rotation` lays the chunk's blocks out contiguously, in
-document order, just before the local window (slot j of R at position j - R), as retrieved passages
-sit before the question in a RAG prompt, and memory logits use the query at its local position.
+Positions: with keys stored rotated ("window" mode) voted rows keep their in-window rotation and
+the query is moved one window further, so the text inside a block keeps its order, but a block
+that straddles a window boundary jumps back by up to a window, and blocks from different windows
+can overlap in position. With keys stored un-rotated ("first", "fixed") a read can put them
+anywhere: `row_rotation` lays the chunk's blocks out contiguously, in document order, just before
+the local window (slot j of R at position j - R), as retrieved passages sit before the question
+in a RAG prompt, and memory logits use the query at its local position. Pinned blocks over
+rotated keys get the same layout: `slot_rotation` first undoes each row's rotation at its
+recorded window slot (RoPE rotations compose, so R(j - R) R(slot)^-1 R(slot) k = R(j - R) k).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from memformer.kernels.reference import local_attention
 
 def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks: int, block_size: int,
                     scale: float, local_mask=None, mem_bias=None, rotary_fn=None, row_rotation=None,
-                    pinned=None):
+                    slot_rotation=None, pinned=None):
     """Attention over [local keys ‖ rows of the best memory blocks], one softmax per query.
 
     mem: LayerMemory [B, Hkv, M, D] (keys, values, positions [B, M], valid [B, M], search).
@@ -45,6 +48,9 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
         positions -R' .. -1, R' >= n_blocks*block_size: un-rotated rows are rotated by their slot
         (the last R slots when fewer blocks exist) with `rotary_fn` (the backbone's
         apply_rotary_pos_emb) and read against q_rot.
+    slot_rotation: None, or (cos, sin) [1, P, D] of positions 0 .. P-1 with unit scale: the rows
+        are stored rotated at their window slot (`mem.slots`, "window" mode); that rotation is
+        undone first, so `row_rotation` can lay them out contiguously as well.
     pinned: None (each query chunk votes for its blocks), or block ids [B, n] chosen outside
         (`MemformerForCausalLM.reading_blocks`): every query reads those n blocks, no search.
     returns (out [B, Hq, T, D] in q_rot's dtype,
@@ -84,6 +90,15 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
 
     keys, values = _block_rows(mem, rows)                                             # [B, C, Hkv, R, D]
     q_read = q_mem
+    if slot_rotation is not None:                                                     # undo the window rotation
+        slots = mem.slots.to(rows.device).gather(1, rows.clamp(min=0).view(B, -1)).view(B, C, R)
+        if bool(((slots < 0) & (rows >= 0)).any()):
+            raise ValueError("these memory rows have no recorded window slot (a memory saved before slots "
+                             "were kept); memorize the documents again to lay rotated keys out contiguously")
+        cos, sin = (x[0].to(keys.device, keys.dtype) for x in slot_rotation)          # [P, D]
+        cos, sin = cos[slots.clamp(min=0)], sin[slots.clamp(min=0)]                  # [B, C, R, D]
+        flat = keys.reshape(B * C, Hkv, R, D)
+        keys = rotary_fn(flat, flat, cos.reshape(B * C, R, D), -sin.reshape(B * C, R, D))[1].view(B, C, Hkv, R, D)
     if row_rotation is not None:                                                      # contiguous layout
         cos, sin = (x.to(keys.device, keys.dtype) for x in row_rotation)             # [1, R, D]
         if cos.shape[1] < R:

@@ -40,6 +40,8 @@ class MemoryRuntime:
         positions -R .. -1 (R = read_blocks * block_size), the contiguous layout of the blocks
         read; None otherwise (the model keeps it in step with read_blocks and block_size).
     store_rotated: position_mode "window" stores keys rotated at their window position.
+    slot_rotation: pinned blocks laid out contiguously over rotated keys: (cos, sin) [1, W, D] of
+        positions 0 .. W-1 (unit scale), to undo each row's rotation at its window slot; else None.
     write_slice: slice of the time axis whose keys/values are written (drops sink prefixes).
     """
     enabled: bool = True
@@ -59,6 +61,7 @@ class MemoryRuntime:
     q_rotation: tuple | None = None
     block_rotation: tuple | None = None
     store_rotated: bool = False
+    slot_rotation: tuple | None = None
     write_slice: slice = field(default_factory=lambda: slice(None))
 
 
@@ -134,6 +137,7 @@ class MemoryAttention(nn.Module):
                                                scale=attn.scaling, local_mask=attention_mask,
                                                mem_bias=self.memory_gate, rotary_fn=self.rotary_fn,
                                                row_rotation=rt.block_rotation,
+                                               slot_rotation=rt.slot_rotation,
                                                pinned=rt.pinned_blocks)  # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
                 rt.retrieved.setdefault(self.layer_idx, []).append((rows, probs))

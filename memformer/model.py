@@ -103,12 +103,20 @@ class MemformerForCausalLM(nn.Module):
         x = torch.zeros(1, 1, 1, dtype=torch.float32, device=dev)
         return rotary(x, torch.tensor([list(positions)], device=dev))   # (cos, sin) [1, len(positions), D]
 
-    def _set_block_rotation(self) -> None:
+    def _set_block_rotation(self, contiguous: bool = False) -> None:
         """Block reads over un-rotated keys lay the blocks read out at positions -R .. -1, just
-        before the local window (memformer.blocks); keys stored rotated ("window") keep theirs."""
+        before the local window (memformer.blocks); voted blocks over keys stored rotated
+        ("window") keep their window positions. contiguous: pinned blocks, laid out at -R .. -1
+        whatever the position mode (rotated keys are first un-rotated from their window slot)."""
         rt = self.runtime
         R = rt.read_blocks * rt.block_size
-        rt.block_rotation = self._rotation_at(*range(-R, 0)) if R and not rt.store_rotated else None
+        layout = bool(R) and (contiguous or not rt.store_rotated)
+        rt.block_rotation = self._rotation_at(*range(-R, 0)) if layout else None
+        rt.slot_rotation = None
+        if layout and rt.store_rotated:
+            cos, sin = self._rotation_at(*range(self.memory_config.window))          # [1, W, D]
+            unit = cos[0, 0, 0]                  # position 0: cos = the rotary's attention scaling
+            rt.slot_rotation = (cos / unit, sin / unit)
 
     @property
     def device(self) -> torch.device:
@@ -296,7 +304,9 @@ class MemformerForCausalLM(nn.Module):
             for i, (k, v) in rt.pending.items():
                 mem = self.memories[i]
                 dt = torch.float32 if mem.keys.dtype == torch.int8 else mem.keys.dtype  # int8: quantised in add
-                mem.add(k.to(dt), v.to(dt), positions.to(mem.keys.device), valid.to(mem.keys.device))
+                slots = torch.arange(p, x.shape[1]).expand(x.shape[0], -1)     # [B, n] place in the window
+                mem.add(k.to(dt), v.to(dt), positions.to(mem.keys.device), valid.to(mem.keys.device),
+                        slots.to(mem.keys.device))
 
     # ---------------------------------------------------------------- reading from memory
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
@@ -403,14 +413,21 @@ class MemformerForCausalLM(nn.Module):
         return int(pos.max()) // bs + 1 if pos.numel() else 0
 
     @contextlib.contextmanager
-    def reading_blocks(self, blocks, block_size: int | None = None):
+    def reading_blocks(self, blocks, block_size: int | None = None, layout: str = "contiguous"):
         """Within this block every memory layer reads exactly `blocks`, whole, in document order,
         at every query (prompt and generated tokens alike): block reads whose choice is made
         outside the model, e.g. from the question (`memformer.qa`, memory_reads="question").
 
         blocks: [n] block ids for every sequence, or [B, n]; block b holds stream positions
         [b*block_size, (b+1)*block_size). Rows evicted or never memorized are simply not read.
+        layout: "contiguous" (default) puts the R = n*block_size rows at positions -R .. -1, just
+        before the local window, in document order, as a RAG prompt's passages; "stored" reads
+        rows where they were stored ("window" keys: at their window position, so blocks of
+        different windows can overlap and a block across a window boundary jumps back;
+        "first"/"fixed" keys are always laid out contiguously).
         """
+        if layout not in ("contiguous", "stored"):
+            raise ValueError(f"reading_blocks: unknown layout {layout!r}; choose 'contiguous' or 'stored'")
         if self.runtime.corpus:
             raise ValueError("block reads need the sequence's own memory; a corpus memory is attached")
         bs = self.memory_config.block_size if block_size is None else int(block_size)
@@ -432,8 +449,15 @@ class MemformerForCausalLM(nn.Module):
         # runtime only: the MemoryConfig (and its neighbours setting, which pinned reads skip) stays
         rt, old = self.runtime, (self.runtime.read_blocks, self.runtime.block_size)
         rt.read_blocks, rt.block_size = ids.shape[1], bs
+        contiguous = layout == "contiguous"
+        if contiguous and rt.store_rotated:
+            mem = next(iter(self.memories.values()))
+            held = (mem.positions // bs)[:, None, :] == ids.expand(batch, -1)[:, :, None]   # [B, n, M]
+            if bool((held.any(1) & mem.valid & (mem.slots < 0)).any()):
+                raise ValueError("reading_blocks: this memory has no recorded window slots (saved before "
+                                 "they were kept); memorize the documents again, or use layout='stored'")
         rt.pinned_blocks = ids.expand(batch, -1).contiguous()
-        self._set_block_rotation()
+        self._set_block_rotation(contiguous)
         try:
             yield
         finally:

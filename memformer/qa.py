@@ -98,24 +98,29 @@ class LongDocQA:
     all-MiniLM-L6-v2, loaded on first use). rag_chunk_tokens / rag_overlap: passage size and
     overlap in backbone tokens.
     memory_reads: how mode "memory" reads memory. "question": the passages most similar to the
-    question (the RAG retriever, over the memorized part only) pick `question_blocks` memory
-    blocks (`model.memory_config.block_size` tokens each), and every memory layer reads those
-    blocks' cached keys/values, whole, while the answer is generated (`model.reading_blocks`):
-    retrieval by the question's meaning, reading by attention over the stored states. "knn":
-    every layer retrieves its own top-k keys per query (or blocks, per the MemoryConfig).
+    question (the RAG retriever, over the memorized part only), each widened by
+    `question_margin` tokens on both sides, pick `question_blocks` memory blocks
+    (`model.memory_config.block_size` tokens each), and every memory layer reads those blocks'
+    cached keys/values, whole and laid out contiguously just before the local window, while the
+    answer is generated (`model.reading_blocks`): retrieval by the question's meaning, reading by
+    attention over the stored states. "knn": every layer retrieves its own top-k keys per query
+    (or blocks, per the MemoryConfig).
     """
 
     def __init__(self, model, mode: str = "memory", *, embedder=None, rag_chunk_tokens: int = 128,
-                 rag_overlap: int = 32, memory_reads: str = "question", question_blocks: int = 4):
+                 rag_overlap: int = 32, memory_reads: str = "question", question_blocks: int = 4,
+                 question_margin: int = 32):
         if model.tokenizer is None:
             raise ValueError("LongDocQA needs a model with a tokenizer")
         if memory_reads not in MEMORY_READS:
             raise ValueError(f"unknown memory_reads {memory_reads!r}; choose from {', '.join(MEMORY_READS)}")
-        if question_blocks < 1:
-            raise ValueError(f"question_blocks must be >= 1, got {question_blocks}")
+        if question_blocks < 1 or question_margin < 0:
+            raise ValueError(f"need question_blocks >= 1 and question_margin >= 0, got {question_blocks}, "
+                             f"{question_margin}")
         self.model, self.mode, self.embedder = model, _check_mode(mode), embedder
         self.rag_chunk_tokens, self.rag_overlap = rag_chunk_tokens, rag_overlap
         self.memory_reads, self.question_blocks = memory_reads, question_blocks
+        self.question_margin = question_margin
         self.corpus: Corpus | None = None
         self.split = 0                    # stream tokens [0, split) are in memory, [split, N) local
         self.memorized = False            # the memory holds [0, split) (or split = 0: nothing to hold)
@@ -166,6 +171,12 @@ class LongDocQA:
         try:
             self.model.load_memory(path)
         except (ValueError, FileNotFoundError):             # another model / config, or corrupt
+            self.model.reset_memory()
+            return False
+        mem = next(iter(self.model.memories.values()))
+        if self.memory_reads == "question" and self.model.runtime.store_rotated \
+                and bool((mem.slots[mem.valid] < 0).any()):
+            # saved before window slots were kept: its rotated keys cannot be laid out contiguously
             self.model.reset_memory()
             return False
         return True
@@ -267,17 +278,19 @@ class LongDocQA:
 
     def memory_blocks_for(self, query: str) -> list[int]:
         """The `question_blocks` memory blocks that question reads read for `query`: the blocks
-        under the RAG passages most similar to it, best passage first, each passage clipped to
-        the memorized part and taken whole or not at all (the best one cut to fit when it alone
-        is too long); in document order."""
-        bs, split = self.model.memory_config.block_size, self.split
+        under the RAG passages most similar to it, best passage first, each passage widened by
+        `question_margin` tokens on both sides (a fact cut by a passage boundary is read whole),
+        clipped to the memorized part and taken whole or not at all (the best one narrowed to
+        the passage, then cut, when it is too long); in document order."""
+        bs, split, m = self.model.memory_config.block_size, self.split, self.question_margin
+        blocks_of = lambda a, b: list(range(max(0, a) // bs, (min(b, split) - 1) // bs + 1))
         chosen: list[int] = []
         for p in self.rag().search(query):
             if p.start >= split:                            # in the local tail already
                 continue
-            new = [b for b in range(p.start // bs, (min(p.end, split) - 1) // bs + 1) if b not in chosen]
+            new = [b for b in blocks_of(p.start - m, p.end + m) if b not in chosen]
             if not chosen and len(new) > self.question_blocks:
-                new = new[:self.question_blocks]
+                new = blocks_of(p.start, p.end)[:self.question_blocks]
             if len(chosen) + len(new) <= self.question_blocks:
                 chosen += new
             if len(chosen) == self.question_blocks:

@@ -1,4 +1,6 @@
 """Block reads (memformer.blocks): which rows are read, and the attention over them."""
+import copy
+
 import pytest
 import torch
 
@@ -256,3 +258,69 @@ def test_reading_blocks_in_the_model_is_scoped_and_validated():
             with model.reading_blocks(bad):
                 pass
     torch.testing.assert_close(model(ids[:, W:]).logits, token_logits)
+
+
+def test_pinned_blocks_over_rotated_keys_are_laid_out_like_unrotated_ones():
+    """"window" keys are stored rotated at their window slot; the contiguous layout of pinned
+    blocks undoes that rotation, so reading them equals reading the same blocks of a "fixed"
+    memory (keys stored un-rotated) — also for blocks that straddle a window boundary and blocks
+    of different windows that share slots. The "stored" layout reads them where they were."""
+    from conftest import tiny_backbone
+    from memformer import MemformerForCausalLM, MemoryConfig
+    torch.manual_seed(0)
+    backbone = tiny_backbone("llama")
+    kw = dict(window=24, sink_tokens=2, overlap=4, top_k=4, lora_rank=0, block_size=8)
+    twin = copy.deepcopy(backbone)
+    window = MemformerForCausalLM(backbone, None, MemoryConfig(position_mode="window", **kw))
+    ids = torch.randint(3, 100, (1, 90))
+    window.memorize(ids[:, :70], show_progress=False)         # windows of 18 new tokens: blocks straddle them
+    mem = next(iter(window.memories.values()))
+    assert mem.slots[0, :3].tolist() == [2, 3, 4] and int(mem.slots.max()) == 23  # sink (0, 1) never stored
+    state = {i: m.state_dict() for i, m in window.memories.items()}
+    fixed = MemformerForCausalLM(twin, None, MemoryConfig(position_mode="fixed", **kw))
+    fixed.memorize(ids[:, :70], show_progress=False)
+    q = ids[:, 70:]
+    blocks = [0, 2, 5, 7]                                       # block 2 (16..23) straddles windows 1 and 2
+    with fixed.reading_blocks(blocks):
+        want = fixed(q).logits
+    with window.reading_blocks(blocks):
+        torch.testing.assert_close(window(q).logits, want, atol=1e-4, rtol=1e-4)
+    with window.reading_blocks(blocks, layout="stored"):
+        assert not torch.allclose(window(q).logits, want, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown layout"):
+        with window.reading_blocks(blocks, layout="packed"):
+            pass
+    for i, m in window.memories.items():                       # a memory saved before slots were kept
+        old = {k: v for k, v in state[i].items() if k != "slots"}
+        m.load_state_dict(old)
+        assert bool((m.slots == -1).all())
+    with pytest.raises(ValueError, match="no recorded window slots"):
+        with window.reading_blocks(blocks):
+            pass
+    assert window.runtime.pinned_blocks is None and window.runtime.slot_rotation is None
+    with window.reading_blocks(blocks, layout="stored"):       # still readable where they were stored
+        window(q)
+
+
+def test_window_slots_survive_save_load_and_eviction(tmp_path):
+    from conftest import tiny_backbone
+    from memformer import MemformerForCausalLM, MemoryConfig
+    torch.manual_seed(0)
+    kw = dict(window=24, sink_tokens=2, overlap=4, lora_rank=0)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(**kw))
+    ids = torch.randint(3, 100, (1, 70))
+    model.memorize(ids, show_progress=False)
+    slots = {i: m.slots.clone() for i, m in model.memories.items()}
+    model.save_memory(tmp_path / "m")
+    model.reset_memory()
+    model.load_memory(tmp_path / "m")
+    for i, m in model.memories.items():
+        assert torch.equal(m.slots, slots[i])
+    small = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(capacity=30, eviction="fifo", **kw))
+    small.memorize(ids, show_progress=False)
+    mem = next(iter(small.memories.values()))
+    full = next(iter(slots.values()))
+    assert mem.slots.shape == mem.positions.shape == (1, 30)
+    assert torch.equal(mem.slots, full[:, -30:])                # slots stay with their rows
+    small.memories[next(iter(small.memories))].evict_lowest_mass(5)
+    assert torch.equal(mem.slots, full[:, -25:])

@@ -146,6 +146,19 @@ def test_cache_reuses_memory_and_answers_identically(tmp_path):
     assert not changed.from_cache
     other = tiny_model(seed=1)                            # another backbone: its own key, no reuse
     assert not LongDocQA(other).read(docs, cache_dir=tmp_path, show_progress=False).from_cache
+    # a memory cached before window slots were kept: question reads rebuild it, kNN reads reuse it
+    import hashlib
+    import json
+    from safetensors.torch import load_file, save_file
+    mem_dir = tmp_path / memory_key(qa.corpus, model)
+    tensors = {k: v for k, v in load_file(str(mem_dir / "memory.safetensors")).items() if not k.endswith(".slots")}
+    save_file(tensors, str(mem_dir / "memory.safetensors"))
+    manifest = json.loads((mem_dir / "manifest.json").read_text())
+    manifest["sha256"] = hashlib.sha256((mem_dir / "memory.safetensors").read_bytes()).hexdigest()
+    (mem_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert LongDocQA(model, memory_reads="knn").read(docs, cache_dir=tmp_path, show_progress=False).from_cache
+    rebuilt = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
+    assert not rebuilt.from_cache and rebuilt.answer("What is the cat's name?", max_new_tokens=6).text == want.text
 
 
 def test_save_load_round_trip_and_refusals(tmp_path):
@@ -346,13 +359,23 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     one = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=1)
     one._set_corpus(qa.corpus)
     assert len(one.memory_blocks_for(query)) == 1                           # a passage cut to the budget
+    wide = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=8,
+                     question_margin=8)
+    wide._set_corpus(qa.corpus)
+    lo, hi = max(0, best.start - 8), min(best.end + 8, qa.split)            # the passage and 8 tokens each side
+    assert set(range(lo // 8, (hi - 1) // 8 + 1)) <= set(wide.memory_blocks_for(query))
+    bare = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=4,
+                     question_margin=0)
+    bare._set_corpus(qa.corpus)
+    assert set(bare.memory_blocks_for(query)) >= set(range(best.start // 8, (min(best.end, qa.split) - 1) // 8 + 1))
     knn = LongDocQA(model, embedder=BagOfWords(), memory_reads="knn")
     knn._set_corpus(qa.corpus)
     knn.memorized = True
     seen.clear()
     knn.answer(query, max_new_tokens=2, evidence=0)
     assert seen == []                                                       # kNN reads pin nothing
-    for kw, msg in ((dict(memory_reads="bogus"), "memory_reads"), (dict(question_blocks=0), "question_blocks")):
+    for kw, msg in ((dict(memory_reads="bogus"), "memory_reads"), (dict(question_blocks=0), "question_blocks"),
+                    (dict(question_margin=-1), "question_margin")):
         with pytest.raises(ValueError, match=msg):
             LongDocQA(model, **kw)
 

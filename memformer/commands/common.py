@@ -26,17 +26,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_read_args(p: argparse.ArgumentParser) -> None:
-    """How answers in mode memory read memory (memformer.qa.LongDocQA memory_reads / question_blocks)."""
+    """How answers in mode memory read memory (memformer.qa.LongDocQA memory_reads, question_blocks,
+    question_margin)."""
     p.add_argument("--memory-reads", default="question", choices=["question", "knn"],
                    help="question: every layer reads the memory blocks under the passages nearest the "
                         "question (MiniLM); knn: each layer's own top-k reads (default question)")
     p.add_argument("--question-blocks", type=int, default=4,
                    help="memory blocks (of --block-size tokens) that question reads read (default 4)")
+    p.add_argument("--question-margin", type=int, default=32,
+                   help="tokens added on each side of a retrieved passage before its blocks are "
+                        "chosen, so a fact cut by a passage boundary is read whole (default 32)")
 
 
 def qa_options_from_args(args) -> dict:
     """LongDocQA keyword arguments from add_read_args' flags."""
-    return dict(memory_reads=args.memory_reads, question_blocks=args.question_blocks)
+    return dict(memory_reads=args.memory_reads, question_blocks=args.question_blocks,
+                question_margin=args.question_margin)
 
 
 def memory_config_from_args(args):
@@ -97,8 +102,9 @@ def parse_trial_args(args, prog: str) -> tuple[list[int], list[str]] | None:
         return _fail(prog, f"unknown mode(s) {bad or modes}; choose from {', '.join(qa.MODES)}")
     if args.trials < 1 or args.depth_bins < 1:
         return _fail(prog, f"--trials and --depth-bins must be >= 1, got {args.trials} and {args.depth_bins}")
-    if args.question_blocks < 1:
-        return _fail(prog, f"--question-blocks must be >= 1, got {args.question_blocks}")
+    if args.question_blocks < 1 or args.question_margin < 0:
+        return _fail(prog, f"--question-blocks must be >= 1 and --question-margin >= 0, got "
+                           f"{args.question_blocks} and {args.question_margin}")
     return lengths, modes
 
 
@@ -110,7 +116,8 @@ def _fail(prog: str, msg: str) -> None:
 def _reads(cfg, args=None) -> str:
     if getattr(args, "memory_reads", None) == "question":
         return (f"question reads ({args.question_blocks} memory blocks x {cfg.block_size} tokens under the "
-                f"passages MiniLM finds nearest the question)")
+                f"passages MiniLM finds nearest the question, +-{args.question_margin} tokens, laid out "
+                f"contiguously)")
     return (f"block reads {cfg.read_blocks} x {cfg.block_size} tokens" if cfg.read_blocks
             else "token reads")
 

@@ -61,8 +61,9 @@ def _check_args(args) -> str | None:
         return "give only one of --doc, --memory and --demo"
     if args.evidence < 0 or args.max_new_tokens < 1 or args.demo_tokens < 1 or args.rag_chunk_tokens < 1:
         return "--evidence must be >= 0; --max-new-tokens, --demo-tokens and --rag-chunk-tokens >= 1"
-    if args.question_blocks < 1:
-        return f"--question-blocks must be >= 1, got {args.question_blocks}"
+    if args.question_blocks < 1 or args.question_margin < 0:
+        return (f"--question-blocks must be >= 1 and --question-margin >= 0, got {args.question_blocks} "
+                f"and {args.question_margin}")
     return None
 
 
