@@ -50,7 +50,8 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
         apply_rotary_pos_emb) and read against q_rot.
     slot_rotation: None, or (cos, sin) [1, P, D] of positions 0 .. P-1 with unit scale: the rows
         are stored rotated at their window slot (`mem.slots`, "window" mode); that rotation is
-        undone first, so `row_rotation` can lay them out contiguously as well.
+        undone first, so `row_rotation` can lay them out contiguously as well. The rows read must
+        have known slots (checked once by `reading_blocks`, not here on every step).
     pinned: None (each query chunk votes for its blocks), or block ids [B, n] chosen outside
         (`MemformerForCausalLM.reading_blocks`): every query reads those n blocks, no search.
     returns (out [B, Hq, T, D] in q_rot's dtype,
@@ -92,9 +93,6 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
     q_read = q_mem
     if slot_rotation is not None:                                                     # undo the window rotation
         slots = mem.slots.to(rows.device).gather(1, rows.clamp(min=0).view(B, -1)).view(B, C, R)
-        if bool(((slots < 0) & (rows >= 0)).any()):
-            raise ValueError("these memory rows have no recorded window slot (a memory saved before slots "
-                             "were kept); memorize the documents again to lay rotated keys out contiguously")
         cos, sin = (x[0].to(keys.device, keys.dtype) for x in slot_rotation)          # [P, D]
         cos, sin = cos[slots.clamp(min=0)], sin[slots.clamp(min=0)]                  # [B, C, R, D]
         flat = keys.reshape(B * C, Hkv, R, D)

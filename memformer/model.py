@@ -301,10 +301,10 @@ class MemformerForCausalLM(nn.Module):
             base_model(input_ids=x.to(dev), attention_mask=mask.long().to(dev),
                        position_ids=torch.arange(x.shape[1], device=dev)[None].expand(x.shape[0], -1),
                        use_cache=False)
+            slots = torch.arange(p, x.shape[1]).expand(x.shape[0], -1)         # [B, n] place in the window
             for i, (k, v) in rt.pending.items():
                 mem = self.memories[i]
                 dt = torch.float32 if mem.keys.dtype == torch.int8 else mem.keys.dtype  # int8: quantised in add
-                slots = torch.arange(p, x.shape[1]).expand(x.shape[0], -1)     # [B, n] place in the window
                 mem.add(k.to(dt), v.to(dt), positions.to(mem.keys.device), valid.to(mem.keys.device),
                         slots.to(mem.keys.device))
 
@@ -412,6 +412,19 @@ class MemformerForCausalLM(nn.Module):
         pos = mem.positions[mem.valid]                                      # [rows held]
         return int(pos.max()) // bs + 1 if pos.numel() else 0
 
+    def unknown_window_slots(self, blocks=None, block_size: int | None = None) -> bool:
+        """True when keys stored rotated ("window") lack the window slot they were rotated at (a
+        memory saved before slots were kept), so they cannot be laid out contiguously; only the
+        rows of `blocks` [B, n] (of `block_size` positions) when given."""
+        if not self.runtime.store_rotated or not self.memories:
+            return False
+        mem = next(iter(self.memories.values()))
+        rows = mem.valid & (mem.slots < 0)                                  # [B, M]
+        if blocks is not None:
+            bs = self.memory_config.block_size if block_size is None else int(block_size)
+            rows &= ((mem.positions // bs)[:, None, :] == blocks[:, :, None]).any(1)   # [B, n, M] -> [B, M]
+        return bool(rows.any())
+
     @contextlib.contextmanager
     def reading_blocks(self, blocks, block_size: int | None = None, layout: str = "contiguous"):
         """Within this block every memory layer reads exactly `blocks`, whole, in document order,
@@ -446,16 +459,13 @@ class MemformerForCausalLM(nn.Module):
                              f"{bs}), got {ids.min().item()}..{ids.max().item()}")
         if any(len(set(row)) < len(row) for row in ids.tolist()):
             raise ValueError("reading_blocks: a block id repeats (each block is read once)")
+        contiguous = layout == "contiguous"
+        if contiguous and self.unknown_window_slots(ids.expand(batch, -1), bs):
+            raise ValueError("reading_blocks: this memory has no recorded window slots (saved before "
+                             "they were kept); memorize the documents again, or use layout='stored'")
         # runtime only: the MemoryConfig (and its neighbours setting, which pinned reads skip) stays
         rt, old = self.runtime, (self.runtime.read_blocks, self.runtime.block_size)
         rt.read_blocks, rt.block_size = ids.shape[1], bs
-        contiguous = layout == "contiguous"
-        if contiguous and rt.store_rotated:
-            mem = next(iter(self.memories.values()))
-            held = (mem.positions // bs)[:, None, :] == ids.expand(batch, -1)[:, :, None]   # [B, n, M]
-            if bool((held.any(1) & mem.valid & (mem.slots < 0)).any()):
-                raise ValueError("reading_blocks: this memory has no recorded window slots (saved before "
-                                 "they were kept); memorize the documents again, or use layout='stored'")
         rt.pinned_blocks = ids.expand(batch, -1).contiguous()
         self._set_block_rotation(contiguous)
         try:

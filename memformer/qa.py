@@ -173,9 +173,7 @@ class LongDocQA:
         except (ValueError, FileNotFoundError):             # another model / config, or corrupt
             self.model.reset_memory()
             return False
-        mem = next(iter(self.model.memories.values()))
-        if self.memory_reads == "question" and self.model.runtime.store_rotated \
-                and bool((mem.slots[mem.valid] < 0).any()):
+        if self.memory_reads == "question" and self.model.unknown_window_slots():
             # saved before window slots were kept: its rotated keys cannot be laid out contiguously
             self.model.reset_memory()
             return False

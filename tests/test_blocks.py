@@ -298,6 +298,7 @@ def test_pinned_blocks_over_rotated_keys_are_laid_out_like_unrotated_ones():
         with window.reading_blocks(blocks):
             pass
     assert window.runtime.pinned_blocks is None and window.runtime.slot_rotation is None
+    assert window.runtime.read_blocks == 0 and window.unknown_window_slots()
     with window.reading_blocks(blocks, layout="stored"):       # still readable where they were stored
         window(q)
 
