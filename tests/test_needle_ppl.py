@@ -387,6 +387,7 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     (["needle", "--lengths", "4k,lots"], "not a length"),
     (["passkey", "--trials", "0"], "must be >= 1"),
     (["needle", "--question-blocks", "0"], "--question-blocks must be >= 1"),
+    (["passkey", "--question-margin", "-1"], "--question-margin >= 0"),
     (["ppl", "--docs", "novel"], "unknown document"),
     (["ppl", "--modes", "rag"], "unknown document\\(s\\)/mode"),
     (["ppl", "--tokens", "many"], "not a length"),

@@ -430,6 +430,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_model_dir):
              (["--memory", str(tmp_path), "--no-rag"], "holds no QA documents"),
              (["--doc", str(doc), "--evidence", "-1"], "--evidence must be >= 0"),
              (["--doc", str(doc), "--question-blocks", "0"], "--question-blocks must be >= 1"),
+             (["--doc", str(doc), "--question-margin", "-3"], "--question-margin >= 0"),
              (["--doc", str(short), "--save-memory", str(tmp_path / "m")], "nothing to save")]
     for args, msg in cases:
         code, _, err = _cli(capsys, *model, *args)
