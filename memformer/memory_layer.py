@@ -33,6 +33,8 @@ class MemoryRuntime:
         for the own memory / the corpus (slots from the other source are -1).
     read_blocks / block_size: > 0 = block reads (`memformer.blocks`): attend to all rows of the
         read_blocks best blocks of block_size positions instead of the top-k rows.
+    knn_layers: None, or the layer indices that search memory themselves (kNN / voted block
+        reads); the other memory layers read memory only when blocks are pinned.
     pinned_blocks: None, or block ids [B, n] that every query reads instead of voting for its own
         (`MemformerForCausalLM.reading_blocks`: blocks chosen outside the model, e.g. by a question).
     q_rotation: (cos, sin) of the fixed memory distance for position_mode "fixed"/"window", else None.
@@ -52,6 +54,7 @@ class MemoryRuntime:
     neighbors: int = 0
     read_blocks: int = 0
     block_size: int = 64
+    knn_layers: frozenset | None = None
     pinned_blocks: torch.Tensor | None = None
     memories: dict = field(default_factory=dict)
     corpus: dict = field(default_factory=dict)
@@ -107,7 +110,8 @@ class MemoryAttention(nn.Module):
         else:
             k_all, v_all = k_rot, v
 
-        reading = rt.read and rt.enabled
+        reading = rt.read and rt.enabled and (rt.pinned_blocks is not None or rt.knn_layers is None
+                                              or self.layer_idx in rt.knn_layers)
         mem = rt.memories.get(self.layer_idx) if reading else None
         corpus = rt.corpus.get(self.layer_idx) if reading else None
         mem = mem if mem is not None and len(mem) > 0 else None

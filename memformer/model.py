@@ -50,6 +50,7 @@ class MemformerForCausalLM(nn.Module):
             self._inject_lora(cfg)
         self.runtime = MemoryRuntime(top_k=cfg.top_k, neighbors=cfg.neighbors, read_blocks=cfg.read_blocks,
                                      block_size=cfg.block_size)
+        self._set_knn_layers(cfg)                            # clear ValueError when out of range
         rotary, eager = self.adapter.apply_rotary(), self.adapter.eager_attention()
         for i in self.memory_layer_ids:
             attn_attr = self.adapter.attn_attr
@@ -391,6 +392,17 @@ class MemformerForCausalLM(nn.Module):
         stored memory is unaffected, so it may change between questions."""
         self.memory_config = dataclasses.replace(self.memory_config, neighbors=r)   # validates r
         self.runtime.neighbors = r
+
+    def set_knn_layers(self, layers) -> None:
+        """Run kNN reads only in these memory layers from now on (MemoryConfig.knn_layers; None =
+        every memory layer); read-time only, stored memory is unaffected."""
+        cfg = dataclasses.replace(self.memory_config, knn_layers=layers)   # validates
+        self._set_knn_layers(cfg)
+        self.memory_config = cfg
+
+    def _set_knn_layers(self, cfg: MemoryConfig) -> None:
+        knn = cfg.resolve_knn_layers(len(self.adapter.layers(self.backbone)))
+        self.runtime.knn_layers = None if knn == self.memory_layer_ids else frozenset(knn)
 
     def set_read_blocks(self, n: int, block_size: int | None = None) -> None:
         """Read the n best memory blocks of `block_size` tokens from now on (MemoryConfig.read_blocks;

@@ -82,8 +82,9 @@ def memory_key(corpus: Corpus, model) -> str:
         h.update(bytes.fromhex(doc.sha256))
     h.update(model.backbone_fingerprint.encode())
     h.update(adapter_hash(model).encode())
-    # neighbours and block reads only change how memory is read, not what is stored
-    h.update(dataclasses.replace(model.memory_config, neighbors=0, read_blocks=0, block_size=64).to_json().encode())
+    # neighbours, block reads and kNN layers only change how memory is read, not what is stored
+    h.update(dataclasses.replace(model.memory_config, neighbors=0, read_blocks=0, block_size=64,
+                                 knn_layers=None).to_json().encode())
     return h.hexdigest()[:20]
 
 

@@ -16,7 +16,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="block reads: attend to the N best memory blocks, contiguous text (default 0 = "
                         "top-k rows, or the adapter's)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
-    p.add_argument("--memory-layers", default=None, help="comma-separated layer indices (default: all)")
+    p.add_argument("--memory-layers", default=None,
+                   help="layer indices, comma-separated, ranges as A..B (default: all)")
+    p.add_argument("--knn-layers", default=None,
+                   help="the memory layers that run kNN reads, e.g. 10..29; the others read memory only "
+                        "through question reads (default: every memory layer)")
     p.add_argument("--position-mode", default="window", choices=["first", "fixed", "window"])
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--memory-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
@@ -44,12 +48,29 @@ def qa_options_from_args(args) -> dict:
                 question_margin=args.question_margin)
 
 
+def parse_layers(text: str | None, flag: str) -> list[int] | None:
+    """"0,2,5..7" -> [0, 2, 5, 6, 7]; None or "" -> None. ValueError naming `flag` when malformed."""
+    if not text:
+        return None
+    out: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            a, _, b = part.partition("..")
+            out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise ValueError(f"{flag}: expected layer indices like 0,3,10..29, got {text!r}") from None
+    if not out:
+        raise ValueError(f"{flag}: {text!r} names no layer")
+    return out
+
+
 def memory_config_from_args(args):
     from memformer import MemoryConfig
-    layers = None if not args.memory_layers else [int(x) for x in args.memory_layers.split(",")]
     return MemoryConfig(window=args.window, top_k=args.top_k, neighbors=args.neighbors or 0,
                         read_blocks=args.blocks or 0, block_size=args.block_size or 64,
-                        memory_layers=layers, position_mode=args.position_mode,
+                        memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
+                        knn_layers=parse_layers(args.knn_layers, "--knn-layers"),
+                        position_mode=args.position_mode,
                         sink_tokens=args.sink_tokens, memory_dtype=args.memory_dtype, index=args.index,
                         storage_dir=args.storage_dir)
 
@@ -60,8 +81,18 @@ def load_model(args):
     from memformer import MemformerForCausalLM
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = None if args.adapter else memory_config_from_args(args)
-    model = MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
+    try:    # bad memory settings (and a model type the adapters don't know): a message, not a trace
+        cfg = None if args.adapter else memory_config_from_args(args)
+        model = MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
+    except ValueError as e:
+        print(f"memformer: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.adapter and args.knn_layers:                   # read-time too
+        try:
+            model.set_knn_layers(parse_layers(args.knn_layers, "--knn-layers"))
+        except ValueError as e:
+            print(f"memformer: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     if args.adapter and args.neighbors is not None:       # a read-time setting: no retraining needed
         model.set_neighbors(args.neighbors)
     if args.adapter and (args.blocks is not None or args.block_size is not None):
@@ -126,6 +157,10 @@ def report_header(title: str, model, args, seconds: float, what: str) -> str:
     """Markdown title, settings and the exact command, above an evaluation's table."""
     cfg = model.memory_config
     layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else cfg.memory_layers
+    if cfg.knn_layers is not None:
+        layers = f"{layers} (kNN reads in {cfg.knn_layers[0]}..{cfg.knn_layers[-1]})" if \
+            cfg.knn_layers == list(range(cfg.knn_layers[0], cfg.knn_layers[-1] + 1)) else \
+            f"{layers} (kNN reads in {cfg.knn_layers})"
     return (f"# {title}\n\n{what}\n\nbackbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, "
             f"window {cfg.window}, top-k {cfg.top_k}, neighbours {cfg.neighbors}, {_reads(cfg, args)}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
             f"overlap {cfg.overlap}, position mode {cfg.position_mode}; {args.trials} trials per length, "

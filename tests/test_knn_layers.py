@@ -1,0 +1,100 @@
+"""MemoryConfig.knn_layers: which memory layers search memory themselves (kNN reads); every memory
+layer still stores memory and reads pinned blocks (question reads)."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_backbone
+from memformer import MemformerForCausalLM, MemoryConfig
+
+
+def make(seed=0, layers=4, **cfg):
+    bb = tiny_backbone(seed=seed, num_hidden_layers=layers)
+    return MemformerForCausalLM(bb, None, MemoryConfig(**{"window": 16, "top_k": 4, "overlap": 3, **cfg}))
+
+
+def ids(n, seed=1):
+    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_knn_layers_read_like_memory_in_those_layers_only():
+    """All layers storing memory but kNN reads in layers 2-3 gives the same logits as memory in
+    layers 2-3 alone (same weights, untrained LoRA is the identity); all layers store memory."""
+    x, q = ids(60), ids(6, seed=2)
+    split = make(knn_layers=[2, 3])
+    only = make(memory_layers=[2, 3])
+    full = make()
+    for m in (split, only, full):
+        m.memorize(x, show_progress=False)
+    assert sorted(split.memories) == [0, 1, 2, 3] and sorted(only.memories) == [2, 3]
+    with torch.no_grad():
+        a, b, c = (m(q).logits for m in (split, only, full))
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 1e-4                    # reads in layers 0-1 do change the output
+
+
+def test_only_knn_layers_record_kNN_reads_but_every_layer_reads_pinned_blocks():
+    model = make(knn_layers=[1, 3], block_size=8)
+    model.memorize(ids(60), show_progress=False)
+    rt = model.runtime
+    rt.record = True
+    with torch.no_grad():
+        model(ids(5, seed=2))
+    assert sorted(rt.retrieved) == [1, 3]
+    rt.retrieved.clear()
+    with torch.no_grad(), model.reading_blocks([1, 2]):
+        model(ids(5, seed=2))
+    assert sorted(rt.retrieved) == [0, 1, 2, 3]
+    rt.record = False
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(knn_layers=[]), "knn_layers is empty"),
+                                     (dict(memory_layers=[1, 2], knn_layers=[3]), r"knn_layers \[3\] are not")])
+def test_knn_layers_are_validated(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MemoryConfig(**kw)
+
+
+def test_knn_layers_beyond_the_backbone_and_set_knn_layers():
+    with pytest.raises(ValueError, match=r"knn_layers \[7\] are not memory layers"):
+        make(knn_layers=[7])
+    model = make()
+    model.set_knn_layers([2, 3])
+    assert model.runtime.knn_layers == {2, 3} and model.memory_config.knn_layers == [2, 3]
+    with pytest.raises(ValueError, match="not memory layers"):
+        model.set_knn_layers([9])
+    assert model.runtime.knn_layers == {2, 3} and model.memory_config.knn_layers == [2, 3]   # kept
+    model.set_knn_layers(None)
+    assert model.runtime.knn_layers is None
+
+
+def test_knn_layers_do_not_change_the_qa_cache_key():
+    from types import SimpleNamespace
+    from memformer.documents import Document
+    from memformer.qa import memory_key
+    corpus = SimpleNamespace(documents=[Document("notes", "a fact worth keeping")])
+    model = make()
+    key = memory_key(corpus, model)
+    model.set_knn_layers([3])
+    assert memory_key(corpus, model) == key
+
+
+def test_cli_layer_lists():
+    from memformer.commands.common import add_model_args, memory_config_from_args, parse_layers
+    assert parse_layers("0,2,5..7", "--x") == [0, 2, 5, 6, 7] and parse_layers(None, "--x") is None
+    with pytest.raises(ValueError, match="--knn-layers: expected layer indices"):
+        parse_layers("10-29", "--knn-layers")
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    cfg = memory_config_from_args(p.parse_args(["--knn-layers", "10..29"]))
+    assert cfg.knn_layers == list(range(10, 30)) and cfg.memory_layers is None
+
+
+def test_cli_bad_knn_layers_exit_2_with_the_reason(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "memformer.cli", "eval", "ppl", "--knn-layers", "a..b",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert out.returncode == 2 and "--knn-layers: expected layer indices" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "o").exists()
