@@ -62,7 +62,7 @@ def main() -> None:
     planted = [PlantedFact(d, s, "", a, c) for d, (s, a, c) in zip(depths, FACTS)]
     text = demo_document(tok, args.tokens, planted)
     t0 = time.perf_counter()
-    ctx = prepare(model, [Document("python-docs", text)], "memory")
+    ctx = prepare(model, [Document("python-docs", text)], "memory", memory_reads="knn")   # token reads
     build_s = time.perf_counter() - t0
     local_from = int(ctx.corpus.char_spans[ctx.split, 0])
     rag = ctx.rag() if importlib.util.find_spec("sentence_transformers") else None
@@ -71,7 +71,7 @@ def main() -> None:
         start = text.index(f.sentence)
         end = start + len(f.sentence)
         assert end <= local_from, "a fact landed in the local window; use more --tokens"
-        x = torch.tensor([ctx.tail + tok("\n\n" + f.cue, add_special_tokens=False)["input_ids"]])
+        x = torch.tensor([ctx.local + tok("\n\n" + f.cue, add_special_tokens=False)["input_ids"]])
         out = model.generate(x, max_new_tokens=8, do_sample=False, record=True)
         ans = tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
         mass = retrieval_mass(model, len(ctx.corpus))

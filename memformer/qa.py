@@ -5,13 +5,14 @@
     ans.text, ans.evidence                                    # [EvidenceSpan(document, start, end, text, score)]
     ctx.ask("Who wrote the preface?", modes=("memory", "truncate", "rag"))   # {mode: Answer}
 
-The documents form one token stream (`Corpus`). All of it except the last `tail_room` tokens is
-memorized; the tail stays in the local window beside the question. The modes differ only in the
-document context put before the question; memory, truncate and rag get the same token budget:
+The documents form one token stream (`Corpus`). The modes differ only in the document context
+put before the question; truncate and rag get the same token budget (`tail_room`):
 
-* memory   — the tail; the memory layers read the rest of the stream from memory: by default the
-             memory blocks nearest to the question (`memory_reads="question"`), else each
-             layer's own kNN reads (`"knn"`, as `model.generate`);
+* memory   — by default (`memory_reads="question"`) the whole stream is memorized and only the
+             question is local: every memory layer reads the memory blocks under the passages
+             nearest the question, laid out just before it; with `"knn"` all but the last
+             `tail_room` tokens are memorized, that tail stays local, and each layer makes its
+             own kNN reads (as `model.generate`);
 * truncate — the tail, memory off: the frozen backbone with the last window only;
 * rag      — the passages most similar to the question (sentence-transformers), memory off;
 * full     — the whole stream in the context, memory off (the long-context reference; only
@@ -73,9 +74,10 @@ def tail_room(model, reserve: int = 96) -> int:
     return max(16, cfg.window - cfg.sink_tokens - reserve)
 
 
-def memory_key(corpus: Corpus, model) -> str:
-    """Cache key of a memory: the document texts, the backbone, the memory-layer weights and the
-    memory config (which also fixes the tail kept local)."""
+def memory_key(corpus: Corpus, model, split: int | None = None) -> str:
+    """Cache key of a memory: the document texts, the backbone, the memory-layer weights, the
+    memory config and `split`, the stream tokens memorized (question reads memorize all of it,
+    kNN reads all but the tail)."""
     from memformer.persistence import adapter_hash
     h = hashlib.sha256()
     for doc in corpus.documents:
@@ -85,6 +87,8 @@ def memory_key(corpus: Corpus, model) -> str:
     # neighbours, block reads and kNN layers only change how memory is read, not what is stored
     h.update(dataclasses.replace(model.memory_config, neighbors=0, read_blocks=0, block_size=64,
                                  knn_layers=None).to_json().encode())
+    if split is not None:
+        h.update(f"split={split}".encode())
     return h.hexdigest()[:20]
 
 
@@ -98,14 +102,17 @@ class LongDocQA:
     embedder: a sentence-transformers model for mode "rag" and question reads (None =
     all-MiniLM-L6-v2, loaded on first use). rag_chunk_tokens / rag_overlap: passage size and
     overlap in backbone tokens.
-    memory_reads: how mode "memory" reads memory. "question": the passages most similar to the
-    question (the RAG retriever, over the memorized part only), each widened by
+    memory_reads: how mode "memory" reads memory. "question": the whole stream is memorized and
+    the question alone is local; the passages most similar to the question (the RAG
+    retriever), each widened by
     `question_margin` tokens on both sides, pick `question_blocks` memory blocks
     (`model.memory_config.block_size` tokens each), and every memory layer reads those blocks'
     cached keys/values, whole and laid out contiguously just before the local window, while the
     answer is generated (`model.reading_blocks`): retrieval by the question's meaning, reading by
-    attention over the stored states. "knn": every layer retrieves its own top-k keys per query
-    (or blocks, per the MemoryConfig).
+    attention over the stored states. "knn": all but the last `tail_room` tokens are memorized,
+    that tail is local, and every layer retrieves its own top-k keys per query (or blocks, per
+    the MemoryConfig). Question reads fall back to kNN reads (question still alone in the window)
+    beside an attached corpus memory.
     """
 
     def __init__(self, model, mode: str = "memory", *, embedder=None, rag_chunk_tokens: int = 128,
@@ -123,15 +130,15 @@ class LongDocQA:
         self.memory_reads, self.question_blocks = memory_reads, question_blocks
         self.question_margin = question_margin
         self.corpus: Corpus | None = None
-        self.split = 0                    # stream tokens [0, split) are in memory, [split, N) local
+        self.split = 0                    # stream tokens [0, split) are memorized, [split, N) local in mode memory
         self.memorized = False            # the memory holds [0, split) (or split = 0: nothing to hold)
         self.from_cache = False
         self._rag = None
 
     # ------------------------------------------------------------------ reading
     def read(self, documents, *, cache_dir=None, show_progress: bool = True) -> "LongDocQA":
-        """Tokenize `documents` (texts, `Path`s or `Document`s); in mode "memory" memorize all
-        but the tail. cache_dir: reuse the memory saved there under `memory_key` when it exists
+        """Tokenize `documents` (texts, `Path`s or `Document`s); in mode "memory" memorize them
+        (all, or all but the tail: `memory_reads`). cache_dir: reuse the memory saved there under `memory_key` when it exists
         and fits this model (else build it and save it there). Sets `from_cache`."""
         model = self.model
         self._set_corpus(Corpus.from_documents(documents, model.tokenizer))
@@ -144,7 +151,7 @@ class LongDocQA:
         if self.mode != "memory" or self.split == 0:        # split 0: all fits in the local window
             self.memorized = self.mode == "memory"
             return self
-        path = None if cache_dir is None else Path(cache_dir).expanduser() / memory_key(self.corpus, model)
+        path = None if cache_dir is None else Path(cache_dir).expanduser() / memory_key(self.corpus, model, self.split)
         self.from_cache = path is not None and self._try_load(path)
         if not self.from_cache:
             model.memorize(torch.tensor([self.corpus.ids[:self.split]]), show_progress=show_progress)
@@ -155,10 +162,17 @@ class LongDocQA:
 
     def _set_corpus(self, corpus: Corpus) -> None:
         self.corpus, self._rag = corpus, None
-        self.split = max(0, len(corpus) - tail_room(self.model))
-        if self.split <= self.model.memory_config.sink_tokens:
+        self.split = self._extent(self.memory_reads)
+
+    def _extent(self, memory_reads: str) -> int:
+        """Stream tokens memory mode memorizes with `memory_reads`: 0 when the stream fits in the
+        local window beside the question (then nothing is memorized), else all of it (question
+        reads) or all but the last `tail_room` tokens (kNN reads)."""
+        n = len(self.corpus)
+        if n - tail_room(self.model) <= self.model.memory_config.sink_tokens:
             # memorize() keeps the first sink_tokens local; a prefix that short holds nothing
-            self.split = 0
+            return 0
+        return n if memory_reads == "question" else n - tail_room(self.model)
 
     def _try_load(self, path: Path) -> bool:
         """Load the memory at `path` if it was built from exactly this corpus by this model."""
@@ -182,7 +196,14 @@ class LongDocQA:
 
     @property
     def tail(self) -> list[int]:
-        """Stream tokens kept in the local window beside the question."""
+        """The last `tail_room` stream tokens: mode truncate's context."""
+        self._need_corpus()
+        return self.corpus.ids[-tail_room(self.model):]
+
+    @property
+    def local(self) -> list[int]:
+        """Stream tokens mode memory keeps in the local window beside the question (those not
+        memorized: none with question reads, the tail with kNN reads)."""
         self._need_corpus()
         return self.corpus.ids[self.split:]
 
@@ -215,6 +236,11 @@ class LongDocQA:
                                              model.tokenizer))
         if [d.sha256 for d in qa.corpus.documents] != [d["sha256"] for d in saved["documents"]]:
             raise DocumentError(f"{path / QA_FILE}: document texts do not match their checksums")
+        if len(qa.corpus) == saved["tokens"] and saved["split"] != qa.split:
+            other = next((r for r in MEMORY_READS if saved["split"] == qa._extent(r)), None)
+            if other is not None:
+                raise ValueError(f"{path}: this memory was saved for memory_reads={other!r} (it holds "
+                                 f"{saved['split']} of {saved['tokens']} tokens); load it with that")
         if qa.split != saved["split"] or len(qa.corpus) != saved["tokens"]:
             raise DocumentError(f"{path / QA_FILE}: the documents tokenize to {len(qa.corpus)} tokens here, "
                                 f"{saved['tokens']} when saved (another tokenizer or window)")
@@ -243,7 +269,7 @@ class LongDocQA:
             ranked = self.rag().search(question or cue)
             context = self._join(self.rag().fill(ranked, tail_room(self.model)))
         else:
-            context = self.corpus.ids if mode == "full" else self.tail
+            context = {"full": self.corpus.ids, "memory": self.local}.get(mode, self.tail)
         x = self._prompt(context, question, cue, full=mode == "full")
         corpus = mode == "memory" and evidence > 0 and bool(self.model.runtime.corpus)
         record = mode == "memory" and evidence > 0 and self.split > 0

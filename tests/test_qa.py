@@ -110,21 +110,30 @@ def test_char_spans_without_offsets_are_found_by_decoding():
 
 
 # ---------------------------------------------------------------- memory build, cache, save/load
-def test_read_memorizes_all_but_the_tail_at_stream_positions():
+@pytest.mark.parametrize("reads", ["question", "knn"])
+def test_read_memorizes_the_stream_at_stream_positions(reads):
+    """Question reads memorize the whole stream (the question alone is local); kNN reads all but
+    the tail, which stays local. Truncate's context is the tail either way."""
     model = tiny_model()
-    qa = LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
-    room = 16                                               # max(16, 64 - 2 - 96)
-    assert qa.split == len(qa.corpus) - room and qa.tail == qa.corpus.ids[-room:]
+    qa = LongDocQA(model, memory_reads=reads, embedder=BagOfWords()).read(
+        [Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    room, n = 16, len(qa.corpus)                            # max(16, 64 - 2 - 96)
+    assert qa.split == (n if reads == "question" else n - room) and qa.tail == qa.corpus.ids[-room:]
+    assert qa.local == ([] if reads == "question" else qa.tail)
     mem = next(iter(model.memories.values()))
     # every memorized stream token but the 2 sink tokens, each at its own stream position
     assert mem.positions[0].tolist() == list(range(2, qa.split))
     assert model.seen == [qa.split]
+    cue = "The cat is"                                      # one token per character, after "\n\n"
+    assert qa.answer(cue=cue, max_new_tokens=2, evidence=0).prompt_tokens == \
+        len(cue) + 2 + (0 if reads == "question" else room)
+    assert qa.answer(cue=cue, mode="truncate", max_new_tokens=2).prompt_tokens == len(cue) + 2 + room
 
 
 def test_short_documents_stay_local_and_need_no_memory():
     model = tiny_model()
     qa = LongDocQA(model).read(["short note"], show_progress=False)
-    assert qa.split == 0 and model.memory_size() == 0 and qa.tail == qa.corpus.ids
+    assert qa.split == 0 and model.memory_size() == 0 and qa.tail == qa.local == qa.corpus.ids
     ans = qa.answer("what?", max_new_tokens=3)
     assert ans.evidence == [] and ans.memory_share is None
     with pytest.raises(ValueError, match="nothing to save"):
@@ -135,7 +144,7 @@ def test_cache_reuses_memory_and_answers_identically(tmp_path):
     model = tiny_model()
     docs = [Document("a", DOC_A), Document("b", DOC_B)]
     qa = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
-    assert not qa.from_cache and (tmp_path / memory_key(qa.corpus, model) / QA_FILE).is_file()
+    assert not qa.from_cache and (tmp_path / memory_key(qa.corpus, model, qa.split) / QA_FILE).is_file()
     want = qa.answer("What is the cat's name?", max_new_tokens=6)
     again = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
     assert again.from_cache
@@ -146,16 +155,22 @@ def test_cache_reuses_memory_and_answers_identically(tmp_path):
     assert not changed.from_cache
     other = tiny_model(seed=1)                            # another backbone: its own key, no reuse
     assert not LongDocQA(other).read(docs, cache_dir=tmp_path, show_progress=False).from_cache
+    # kNN reads memorize all but the tail: their own cache entry, beside the question reads' one
+    knn = LongDocQA(model, memory_reads="knn").read(docs, cache_dir=tmp_path, show_progress=False)
+    assert not knn.from_cache and knn.split == len(knn.corpus) - 16 and qa.split == len(qa.corpus)
+    assert LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False).from_cache
     # a memory cached before window slots were kept: question reads rebuild it, kNN reads reuse it
     import hashlib
     import json
     from safetensors.torch import load_file, save_file
-    mem_dir = tmp_path / memory_key(qa.corpus, model)
-    tensors = {k: v for k, v in load_file(str(mem_dir / "memory.safetensors")).items() if not k.endswith(".slots")}
-    save_file(tensors, str(mem_dir / "memory.safetensors"))
-    manifest = json.loads((mem_dir / "manifest.json").read_text())
-    manifest["sha256"] = hashlib.sha256((mem_dir / "memory.safetensors").read_bytes()).hexdigest()
-    (mem_dir / "manifest.json").write_text(json.dumps(manifest))
+    for split in (qa.split, knn.split):
+        mem_dir = tmp_path / memory_key(qa.corpus, model, split)
+        tensors = {k: v for k, v in load_file(str(mem_dir / "memory.safetensors")).items()
+                   if not k.endswith(".slots")}
+        save_file(tensors, str(mem_dir / "memory.safetensors"))
+        manifest = json.loads((mem_dir / "manifest.json").read_text())
+        manifest["sha256"] = hashlib.sha256((mem_dir / "memory.safetensors").read_bytes()).hexdigest()
+        (mem_dir / "manifest.json").write_text(json.dumps(manifest))
     assert LongDocQA(model, memory_reads="knn").read(docs, cache_dir=tmp_path, show_progress=False).from_cache
     rebuilt = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
     assert not rebuilt.from_cache and rebuilt.answer("What is the cat's name?", max_new_tokens=6).text == want.text
@@ -173,6 +188,8 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     assert got.text == want.text and got.evidence == want.evidence
     with pytest.raises(MemoryFileError, match="another model"):
         LongDocQA.load(tiny_model(seed=1), tmp_path / "mem")
+    with pytest.raises(ValueError, match="saved for memory_reads='question'"):
+        LongDocQA.load(model, tmp_path / "mem", memory_reads="knn")      # holds the tail too
     with pytest.raises(FileNotFoundError, match="holds no QA documents"):
         LongDocQA.load(model, tmp_path)
     (tmp_path / "mem" / QA_FILE).write_text("{not json")
@@ -369,8 +386,7 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     bare._set_corpus(qa.corpus)
     assert set(bare.memory_blocks_for(query)) >= set(range(best.start // 8, (min(best.end, qa.split) - 1) // 8 + 1))
     knn = LongDocQA(model, embedder=BagOfWords(), memory_reads="knn")
-    knn._set_corpus(qa.corpus)
-    knn.memorized = True
+    knn.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     seen.clear()
     knn.answer(query, max_new_tokens=2, evidence=0)
     assert seen == []                                                       # kNN reads pin nothing
@@ -449,7 +465,8 @@ def test_evidence_points_at_the_planted_fact(default_model, reads):
     text = FILLER * 20 + fact + " " + FILLER * 45
     ctx = qa_api.prepare(default_model, [Document("story.txt", text)], "memory", show_progress=False,
                          memory_reads=reads)
-    assert text.index(fact) + len(fact) < int(ctx.corpus.char_spans[ctx.split, 0])   # in memory, not local
+    local_from = int(ctx.corpus.char_spans[ctx.split, 0]) if ctx.local else len(text)
+    assert text.index(fact) + len(fact) < local_from                          # in memory, not local
     ans = qa_api.answer(default_model, ctx, cue="The secret code of the blue vault is", max_new_tokens=6)
     default_model.reset_memory()
     assert "73914" in ans.text

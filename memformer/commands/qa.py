@@ -173,7 +173,8 @@ def cmd_qa(args) -> int:
         return _fail(str(e))
     print(f"memory: {model.memory_size()} tokens x {len(model.memory_layer_ids)} layers "
           f"({'loaded from cache' if qa.from_cache else 'built'} in {time.perf_counter() - t0:.1f}s) from "
-          f"{len(qa.corpus.documents)} document(s); local window: the last {len(qa.tail)} tokens + the question"
+          f"{len(qa.corpus.documents)} document(s); local window: "
+          f"{f'the last {len(qa.local)} tokens + ' if qa.local else ''}the question"
           + (f"; modes: {', '.join(modes)}" if questions else ""))
     return _answer_all(qa, questions, modes, args)
 
