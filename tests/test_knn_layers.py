@@ -98,3 +98,10 @@ def test_cli_bad_knn_layers_exit_2_with_the_reason(tmp_path):
                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert out.returncode == 2 and "--knn-layers: expected layer indices" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "o").exists()
+
+
+def test_report_headers_name_the_kNN_layers():
+    from memformer.commands.common import describe_layers
+    assert describe_layers(make()) == "all 4"
+    assert describe_layers(make(knn_layers=[1, 2, 3])) == "all 4 (kNN reads in 1..3)"
+    assert describe_layers(make(memory_layers=[0, 2, 3], knn_layers=[0, 3])) == "[0, 2, 3] (kNN reads in [0, 3])"

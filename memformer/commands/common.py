@@ -153,14 +153,21 @@ def _reads(cfg, args=None) -> str:
             else "token reads")
 
 
+def describe_layers(model) -> str:
+    """The memory layers for a report header: "all 30", "[10, 11]", "all 30 (kNN reads in 10..29)"."""
+    cfg = model.memory_config
+    layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else str(cfg.memory_layers)
+    knn = cfg.knn_layers
+    if knn is None:
+        return layers
+    span = f"{knn[0]}..{knn[-1]}" if knn == list(range(knn[0], knn[-1] + 1)) else str(knn)
+    return f"{layers} (kNN reads in {span})"
+
+
 def report_header(title: str, model, args, seconds: float, what: str) -> str:
     """Markdown title, settings and the exact command, above an evaluation's table."""
     cfg = model.memory_config
-    layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else cfg.memory_layers
-    if cfg.knn_layers is not None:
-        layers = f"{layers} (kNN reads in {cfg.knn_layers[0]}..{cfg.knn_layers[-1]})" if \
-            cfg.knn_layers == list(range(cfg.knn_layers[0], cfg.knn_layers[-1] + 1)) else \
-            f"{layers} (kNN reads in {cfg.knn_layers})"
+    layers = describe_layers(model)
     return (f"# {title}\n\n{what}\n\nbackbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, "
             f"window {cfg.window}, top-k {cfg.top_k}, neighbours {cfg.neighbors}, {_reads(cfg, args)}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
             f"overlap {cfg.overlap}, position mode {cfg.position_mode}; {args.trials} trials per length, "

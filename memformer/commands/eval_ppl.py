@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from memformer.commands.common import _reads, add_model_args, load_model as _load_model
+from memformer.commands.common import _reads, add_model_args, describe_layers, load_model as _load_model
 
 
 def register(ev) -> None:
@@ -59,7 +59,7 @@ def cmd_eval_ppl(args) -> int:
               f"windows; memory: each window reads the memory of all earlier ones, then is written; truncate: "
               f"the same windows, memory off. Perplexity per {args.bin}-token bin of position.\n\n"
               f"backbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, window {cfg.window}, top-k "
-              f"{cfg.top_k}, {reads}, sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}, position mode "
+              f"{cfg.top_k}, {reads}, memory layers: {describe_layers(model)}, sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}, position mode "
               f"{cfg.position_mode}; {args.segments} segment(s) per document; {time.perf_counter() - t0:.0f}s "
               f"in this run{' (resumed)' if args.resume else ''}\n\nCommand: `memformer {' '.join(sys.argv[1:])}`\n\n")
     md, png = ppl.write_report(results, out, args.bin, cfg.window, header)
