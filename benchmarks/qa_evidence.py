@@ -30,7 +30,8 @@ import torch
 
 from memformer import MemformerForCausalLM, MemoryConfig
 from memformer.evidence import retrieval_mass, spans_from_mass
-from memformer.qa import Document, PlantedFact, demo_document, prepare
+from memformer.demo import PlantedFact, demo_document
+from memformer.qa import Document, prepare
 
 FACTS = [
     ("The secret code of the blue vault is 73914.", "73914", "The secret code of the blue vault is"),

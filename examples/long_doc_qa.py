@@ -14,7 +14,8 @@ import importlib.util
 from pathlib import Path
 
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.qa import DEMO_FACTS, Document, LongDocQA, demo_document
+from memformer.demo import DEMO_FACTS, demo_document
+from memformer.qa import Document, LongDocQA
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("docs", nargs="*", type=Path, help="text/Markdown files (default: the demo document)")

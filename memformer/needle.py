@@ -1,6 +1,6 @@
 """Needle-in-a-haystack evaluation, RULER style, on a real-text haystack.
 
-The haystack is Python's documentation topics (`qa.python_docs_text`), with standard-library
+The haystack is Python's documentation topics (`demo.python_docs_text`), with standard-library
 source appended for long lengths; each trial starts it at a seeded offset. Needles are
 sentences planted at line starts; every question is asked as a sentence to complete (a cue),
 which small instruction models answer far better than a chat question. Variants:
@@ -99,7 +99,7 @@ def stdlib_source_text() -> str:
 @functools.lru_cache(maxsize=4)
 def _corpus_ids(tokenizer, long: bool) -> list[int]:
     """Haystack corpus tokens: the Python docs, plus standard-library source when `long`."""
-    from memformer.qa import python_docs_text
+    from memformer.demo import python_docs_text
     text = python_docs_text()
     if long:
         text += "\n\n" + stdlib_source_text()[:_STDLIB_CHARS]

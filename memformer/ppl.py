@@ -49,7 +49,7 @@ def document_text(name: str) -> str:
     an adapter trained by them never saw), "stdlib" (standard-library source code), or the path
     of a document file (`memformer.documents.read_document`)."""
     if name == "pydocs":
-        from memformer.qa import python_docs_text
+        from memformer.demo import python_docs_text
         return python_docs_text()
     if name == "pydocs-heldout":
         import random

@@ -18,8 +18,7 @@ put before the question; truncate and rag get the same token budget (`tail_room`
 * full     — the whole stream in the context, memory off (the long-context reference; only
              when it fits the backbone's native context, else `DoesNotFit`).
 
-Also the bundled demo document: Python's own documentation (`pydoc_data.topics`, present on
-every Python install) with a few facts planted at chosen depths.
+The bundled demo document lives in `memformer.demo`.
 """
 from __future__ import annotations
 
@@ -240,7 +239,8 @@ class LongDocQA:
             other = next((r for r in MEMORY_READS if saved["split"] == qa._extent(r)), None)
             if other is not None:
                 raise ValueError(f"{path}: this memory was saved for memory_reads={other!r} (it holds "
-                                 f"{saved['split']} of {saved['tokens']} tokens); load it with that")
+                                 f"{saved['split']} of {saved['tokens']} tokens); load it with that, or "
+                                 f"read the documents again for memory_reads={qa.memory_reads!r}")
         if qa.split != saved["split"] or len(qa.corpus) != saved["tokens"]:
             raise DocumentError(f"{path / QA_FILE}: the documents tokenize to {len(qa.corpus)} tokens here, "
                                 f"{saved['tokens']} when saved (another tokenizer or window)")
@@ -482,47 +482,3 @@ def _read_qa_file(path: Path) -> dict:
     if saved.get("format") != QA_FORMAT or saved.get("format_version") != QA_FORMAT_VERSION:
         raise DocumentError(f"{f}: not a {QA_FORMAT} v{QA_FORMAT_VERSION} file")
     return saved
-
-
-# ---------------------------------------------------------------------- the demo document
-@dataclass
-class PlantedFact:
-    depth: float          # where in the document, 0..1
-    sentence: str         # what is planted
-    question: str
-    answer: str           # expected substring of a correct answer
-    cue: str              # the same question as a sentence to complete (what the demo asks)
-
-
-DEMO_FACTS = [
-    PlantedFact(0.15, "The secret code of the blue vault is 73914.",
-                "What is the secret code of the blue vault?", "73914", "The secret code of the blue vault is"),
-    PlantedFact(0.5, "The name of the lighthouse keeper's cat is Marmalade.",
-                "What is the name of the lighthouse keeper's cat?", "Marmalade",
-                "The name of the lighthouse keeper's cat is"),
-    PlantedFact(0.85, "The meeting with the archivist is scheduled for Thursday at 4 pm in room 21.",
-                "In which room is the meeting with the archivist?", "21",
-                "The meeting with the archivist is scheduled for Thursday at 4 pm in room"),
-]
-
-
-def python_docs_text() -> str:
-    """Python's documentation topics (pydoc_data.topics) as one long real document."""
-    from pydoc_data.topics import topics
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
-
-
-def demo_document(tokenizer, max_tokens: int, facts=DEMO_FACTS) -> str:
-    """The first `max_tokens` tokens of Python's docs with `facts` planted at their depths."""
-    text = python_docs_text()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    # cut at token boundaries, planting each fact between paragraphs near its depth
-    text = tokenizer.decode(ids)
-    out, last = [], 0
-    for f in sorted(facts, key=lambda f: f.depth):
-        at = text.find("\n\n", int(f.depth * len(text)))
-        at = len(text) if at < 0 else at
-        out += [text[last:at], "\n\n" + f.sentence]
-        last = at
-    out.append(text[last:])
-    return "".join(out)

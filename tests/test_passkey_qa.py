@@ -2,7 +2,8 @@
 import pytest
 
 from memformer import passkey
-from memformer.qa import DEMO_FACTS, DocumentError, read_document
+from memformer.demo import DEMO_FACTS
+from memformer.qa import DocumentError, read_document
 
 
 class CharTokenizer:

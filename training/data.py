@@ -53,7 +53,7 @@ def stdlib_documents(rng: random.Random, exclude=STDLIB_EXCLUDE, root: str | Non
 
 
 def python_docs_documents(rng: random.Random, parts: int = 8) -> Iterator[LazyDoc]:
-    """Python's documentation topics (memformer.qa.python_docs_text) cut into `parts` documents
+    """Python's documentation topics (memformer.demo.python_docs_text) cut into `parts` documents
     of consecutive topics, so the held-out split can take some of them."""
     from pydoc_data.topics import topics
     keys = sorted(topics)

@@ -123,7 +123,7 @@ def _modes(args) -> list[str] | str:
 
 
 def cmd_qa(args) -> int:
-    from memformer import qa as qa_mod
+    from memformer import demo, qa as qa_mod
     from memformer.documents import read_document
     error = _check_args(args)
     modes = _modes(args) if error is None else error
@@ -157,10 +157,10 @@ def cmd_qa(args) -> int:
             qa = qa_mod.LongDocQA.load(model, args.memory, **opts)
         else:
             if args.demo:
-                docs = [qa_mod.Document("python-docs (demo)", qa_mod.demo_document(model.tokenizer, args.demo_tokens))]
-                questions = [(f.question, f.cue, f.answer) for f in qa_mod.DEMO_FACTS]
+                docs = [qa_mod.Document("python-docs (demo)", demo.demo_document(model.tokenizer, args.demo_tokens))]
+                questions = [(f.question, f.cue, f.answer) for f in demo.DEMO_FACTS]
                 print(f"demo document: Python's documentation topics, {args.demo_tokens} tokens, "
-                      f"{len(qa_mod.DEMO_FACTS)} facts planted at depths {[f.depth for f in qa_mod.DEMO_FACTS]}; "
+                      f"{len(demo.DEMO_FACTS)} facts planted at depths {[f.depth for f in demo.DEMO_FACTS]}; "
                       f"each question is asked as a sentence to complete after the document's last window")
             else:
                 docs = [qa_mod.Document(d, read_document(d)) for d in args.doc]
