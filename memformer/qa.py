@@ -137,8 +137,9 @@ class LongDocQA:
     # ------------------------------------------------------------------ reading
     def read(self, documents, *, cache_dir=None, show_progress: bool = True) -> "LongDocQA":
         """Tokenize `documents` (texts, `Path`s or `Document`s); in mode "memory" memorize them
-        (all, or all but the tail: `memory_reads`). cache_dir: reuse the memory saved there under `memory_key` when it exists
-        and fits this model (else build it and save it there). Sets `from_cache`."""
+        (all, or all but the tail: `memory_reads`). cache_dir: reuse the memory saved there under
+        `memory_key` when it exists and fits this model (else build it and save it there). Sets
+        `from_cache`."""
         model = self.model
         self._set_corpus(Corpus.from_documents(documents, model.tokenizer))
         model.reset_memory()
@@ -269,7 +270,7 @@ class LongDocQA:
             ranked = self.rag().search(question or cue)
             context = self._join(self.rag().fill(ranked, tail_room(self.model)))
         else:
-            context = {"full": self.corpus.ids, "memory": self.local}.get(mode, self.tail)
+            context = self.corpus.ids if mode == "full" else self.local if mode == "memory" else self.tail
         x = self._prompt(context, question, cue, full=mode == "full")
         corpus = mode == "memory" and evidence > 0 and bool(self.model.runtime.corpus)
         record = mode == "memory" and evidence > 0 and self.split > 0

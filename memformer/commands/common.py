@@ -84,15 +84,11 @@ def load_model(args):
     try:    # bad memory settings (and a model type the adapters don't know): a message, not a trace
         cfg = None if args.adapter else memory_config_from_args(args)
         model = MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
+        if args.adapter and args.knn_layers:               # read-time: applies over an adapter's config too
+            model.set_knn_layers(parse_layers(args.knn_layers, "--knn-layers"))
     except ValueError as e:
         print(f"memformer: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.adapter and args.knn_layers:                   # read-time too
-        try:
-            model.set_knn_layers(parse_layers(args.knn_layers, "--knn-layers"))
-        except ValueError as e:
-            print(f"memformer: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
     if args.adapter and args.neighbors is not None:       # a read-time setting: no retraining needed
         model.set_neighbors(args.neighbors)
     if args.adapter and (args.blocks is not None or args.block_size is not None):
