@@ -105,3 +105,15 @@ def test_report_headers_name_the_kNN_layers():
     assert describe_layers(make()) == "all 4"
     assert describe_layers(make(knn_layers=[1, 2, 3])) == "all 4 (kNN reads in 1..3)"
     assert describe_layers(make(memory_layers=[0, 2, 3], knn_layers=[0, 3])) == "[0, 2, 3] (kNN reads in [0, 3])"
+
+
+def test_load_model_applies_knn_layers_over_an_adapter_and_exits_2_when_bad(monkeypatch, capsys):
+    from memformer.commands import common
+    p = argparse.ArgumentParser()
+    common.add_model_args(p)
+    monkeypatch.setattr(MemformerForCausalLM, "from_pretrained", classmethod(lambda cls, *a, **kw: make()))
+    model = common.load_model(p.parse_args(["--adapter", "saved", "--knn-layers", "2..3"]))
+    assert model.runtime.knn_layers == {2, 3}
+    with pytest.raises(SystemExit) as e:
+        common.load_model(p.parse_args(["--adapter", "saved", "--knn-layers", "9"]))
+    assert e.value.code == 2 and "knn_layers [9] are not memory layers" in capsys.readouterr().err
