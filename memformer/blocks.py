@@ -36,7 +36,7 @@ from memformer.kernels.reference import local_attention
 
 def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks: int, block_size: int,
                     scale: float, local_mask=None, mem_bias=None, rotary_fn=None, row_rotation=None,
-                    slot_rotation=None, pinned=None):
+                    slot_rotation=None, pinned=None, prefix=None):
     """Attention over [local keys ‖ rows of the best memory blocks], one softmax per query.
 
     mem: LayerMemory [B, Hkv, M, D] (keys, values, positions [B, M], valid [B, M], search).
@@ -54,6 +54,9 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
         have known slots (checked once by `reading_blocks`, not here on every step).
     pinned: None (each query chunk votes for its blocks), or block ids [B, n] chosen outside
         (`MemformerForCausalLM.reading_blocks`): every query reads those n blocks, no search.
+    prefix: None, or (keys, values) [B, Hkv, P, D] read before the pinned blocks in the same
+        softmax (keys already rotated where they sit, -R-P .. -R-1): the attention sink the
+        blocks' states were computed after (`reading_blocks(sink_prefix=True)`); pinned only.
     returns (out [B, Hq, T, D] in q_rot's dtype,
              rows [B, 1, T, n*block_size] memory rows read (-1 = none; same for all heads),
              probs [B, 1, T, n*block_size] their attention probability, mean over heads).
@@ -76,6 +79,8 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
         top_blocks = pinned.to(q_rot.device).view(B, 1, -1).sort(dim=-1).values      # [B, 1, n] document order
         top_votes = torch.ones(top_blocks.shape, device=q_rot.device)
     C, n = top_blocks.shape[1], top_blocks.shape[2]
+    if prefix is not None and pinned is None:
+        raise ValueError("block_attention: a prefix is read only before pinned blocks")
 
     # rows of the chosen blocks: [B, C, n*block_size], -1 where a block is short or unchosen
     first_pos = (top_blocks * block_size).reshape(B, -1)                              # [B, C*n]
@@ -115,9 +120,16 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
         s = s * scale + bias.view(1, Hq, 1, 1)
         s = s.masked_fill((rows[:, c] < 0).view(B, 1, 1, R), float("-inf"))
         lse_mem = torch.logsumexp(s, dim=-1)                                          # [B, Hq, Tc]
+        if prefix is not None:                                                        # the sink before the blocks
+            kp, vp = (x.to(q_rot.device).float()[:, :, None] for x in prefix)         # [B, Hkv, 1, P, D]
+            s_pre = (qc @ kp.transpose(-1, -2)).view(B, Hq, t1 - t0, -1) * scale + bias.view(1, Hq, 1, 1)
+            lse_mem = torch.logaddexp(lse_mem, torch.logsumexp(s_pre, dim=-1))
         lse = torch.logaddexp(lse_loc[:, :, t0:t1], lse_mem)
         p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)                  # share of the one softmax
         o_mem = (p.view(B, Hkv, G, t1 - t0, R) @ values[:, c, :, None]).view(B, Hq, t1 - t0, D)
+        if prefix is not None:
+            p_pre = torch.exp(s_pre - lse[..., None]).view(B, Hkv, G, t1 - t0, -1)    # [B, Hkv, G, Tc, P]
+            o_mem = o_mem + (p_pre @ vp).view(B, Hq, t1 - t0, D)
         w_loc = torch.nan_to_num(torch.exp(lse_loc[:, :, t0:t1] - lse), nan=0.0)[..., None]
         out[:, :, t0:t1] = w_loc * out_loc[:, :, t0:t1].float() + o_mem
         probs[:, 0, t0:t1] = p.mean(dim=1).detach()

@@ -37,6 +37,8 @@ class MemoryRuntime:
         reads); the other memory layers read memory only when blocks are pinned.
     pinned_blocks: None, or block ids [B, n] that every query reads instead of voting for its own
         (`MemformerForCausalLM.reading_blocks`: blocks chosen outside the model, e.g. by a question).
+    pinned_prefix: layer index -> (keys, values) [B, Hkv, S, D] read just before the pinned blocks:
+        the sink prefix as every memory window saw it, laid out at -R-S .. -R-1.
     q_rotation: (cos, sin) of the fixed memory distance for position_mode "fixed"/"window", else None.
     block_rotation: block reads over un-rotated keys ("first"/"fixed"): (cos, sin) [1, R, D] of
         positions -R .. -1 (R = read_blocks * block_size), the contiguous layout of the blocks
@@ -56,6 +58,7 @@ class MemoryRuntime:
     block_size: int = 64
     knn_layers: frozenset | None = None
     pinned_blocks: torch.Tensor | None = None
+    pinned_prefix: dict = field(default_factory=dict)
     memories: dict = field(default_factory=dict)
     corpus: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
@@ -142,7 +145,8 @@ class MemoryAttention(nn.Module):
                                                mem_bias=self.memory_gate, rotary_fn=self.rotary_fn,
                                                row_rotation=rt.block_rotation,
                                                slot_rotation=rt.slot_rotation,
-                                               pinned=rt.pinned_blocks)  # [B, Hq, T, D]; [B, 1, T, R]
+                                               pinned=rt.pinned_blocks,
+                                               prefix=rt.pinned_prefix.get(self.layer_idx))  # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
                 rt.retrieved.setdefault(self.layer_idx, []).append((rows, probs))
             if track:

@@ -325,3 +325,61 @@ def test_window_slots_survive_save_load_and_eviction(tmp_path):
     assert torch.equal(mem.slots, full[:, -30:])                # slots stay with their rows
     small.memories[next(iter(small.memories))].evict_lowest_mass(5)
     assert torch.equal(mem.slots, full[:, -25:])
+
+
+def test_a_prefix_before_pinned_blocks_is_read_in_the_same_softmax():
+    """prefix (keys, values) [B, Hkv, P, D]: read by every query in one softmax with the pinned
+    rows and the local keys (the same dense attention with P more memory keys); probs still
+    cover the block rows only; a prefix without pinned blocks is refused."""
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, G, D, M, bs, P, T = 2, 2, 2, 8, 16, 4, 3, 5
+    Hq = Hkv * G
+    mem = _memory(B, Hkv, D, torch.arange(M).repeat(B, 1), g)
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k_loc, v_loc = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    kp, vp = torch.randn(B, Hkv, P, D, generator=g), torch.randn(B, Hkv, P, D, generator=g)
+    pinned = torch.tensor([[1, 3], [0, 2]])
+    bias = torch.randn(Hq, generator=g)
+    out, rows, probs = block_attention(mem, q, q, k_loc, v_loc, top_k=3, n_blocks=2, block_size=bs,
+                                       scale=D ** -0.5, mem_bias=bias, pinned=pinned, prefix=(kp, vp))
+    ok = torch.zeros(B, T, M + P, dtype=torch.bool)
+    ok[..., M:] = True
+    for b, blocks in enumerate(pinned.tolist()):
+        for blk in blocks:
+            ok[b, :, blk * bs:(blk + 1) * bs] = True
+    want = _dense(q, q, k_loc, v_loc, torch.cat([mem.keys, kp], 2), torch.cat([mem.values, vp], 2), ok,
+                  D ** -0.5, bias)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert probs.shape[-1] == rows.shape[-1] == 2 * bs and float(probs.sum(-1).max()) < 1.0
+    with pytest.raises(ValueError, match="only before pinned"):
+        block_attention(mem, q, q, k_loc, v_loc, top_k=3, n_blocks=2, block_size=bs, scale=D ** -0.5,
+                        prefix=(kp, vp))
+
+
+@pytest.mark.parametrize("mode", ["window", "fixed"])
+def test_pinned_blocks_after_their_sink_are_the_backbone_over_sink_text_sink_question(mode):
+    """With the sink prefix (default), pinned blocks are read after the sink their states were
+    computed after: with block_size = sink_tokens (block 0 is the sink, never stored), one
+    window memorized and all its blocks read, [sink | question] against memory equals the frozen
+    backbone's causal forward over [sink | text | sink | question]. Without the prefix it does not."""
+    from conftest import tiny_backbone
+    from memformer import MemformerForCausalLM, MemoryConfig
+    torch.manual_seed(0)
+    S, L = 4, 24
+    cfg = MemoryConfig(window=S + L, sink_tokens=S, overlap=0, top_k=4, lora_rank=0, position_mode=mode,
+                       block_size=S)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
+    ids = torch.randint(3, 100, (1, S + L))
+    question = torch.randint(3, 100, (1, 5))
+    model.memorize(ids, show_progress=False)
+    local = torch.cat([ids[:, :S], question], 1)                    # [sink | question], positions 0..
+    model.runtime.enabled = False
+    want = model.backbone(torch.cat([ids, local], 1)).logits[:, S + L:]
+    model.runtime.enabled = True
+    blocks = list(range(1, (S + L) // S))                           # every stored block, after the sink's
+    with model.reading_blocks(blocks):
+        assert set(model.runtime.pinned_prefix) == set(model.memories)
+        torch.testing.assert_close(model(local).logits, want, atol=1e-4, rtol=1e-4)
+    assert model.runtime.pinned_prefix == {}
+    with model.reading_blocks(blocks, sink_prefix=False):
+        assert not torch.allclose(model(local).logits, want, atol=1e-3)
