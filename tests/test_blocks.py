@@ -357,7 +357,7 @@ def test_a_prefix_before_pinned_blocks_is_read_in_the_same_softmax():
 
 
 @pytest.mark.parametrize("mode", ["window", "fixed"])
-def test_pinned_blocks_after_their_sink_are_the_backbone_over_sink_text_sink_question(mode):
+def test_pinned_blocks_after_their_sink_are_the_backbone_over_sink_text_sink_question(mode, tmp_path):
     """With the sink prefix (default), pinned blocks are read after the sink their states were
     computed after: with block_size = sink_tokens (block 0 is the sink, never stored), one
     window memorized and all its blocks read, [sink | question] against memory equals the frozen
@@ -383,3 +383,8 @@ def test_pinned_blocks_after_their_sink_are_the_backbone_over_sink_text_sink_que
     assert model.runtime.pinned_prefix == {}
     with model.reading_blocks(blocks, sink_prefix=False):
         assert not torch.allclose(model(local).logits, want, atol=1e-3)
+    model.save_memory(tmp_path / "mem")                             # the sink travels with the memory
+    model.reset_memory()
+    model.load_memory(tmp_path / "mem")
+    with model.reading_blocks(blocks):
+        torch.testing.assert_close(model(local).logits, want, atol=1e-4, rtol=1e-4)
