@@ -439,7 +439,7 @@ class MemformerForCausalLM(nn.Module):
 
     @contextlib.contextmanager
     def reading_blocks(self, blocks, block_size: int | None = None, layout: str = "contiguous",
-                       sink_prefix: bool = True):
+                       sink_prefix: bool = False):
         """Within this block every memory layer reads exactly `blocks`, whole, in document order,
         at every query (prompt and generated tokens alike): block reads whose choice is made
         outside the model, e.g. from the question (`memformer.qa`, memory_reads="question").
@@ -451,7 +451,7 @@ class MemformerForCausalLM(nn.Module):
         rows where they were stored ("window" keys: at their window position, so blocks of
         different windows can overlap and a block across a window boundary jumps back;
         "first"/"fixed" keys are always laid out contiguously).
-        sink_prefix: with the contiguous layout, also read the sink tokens' keys/values as every
+        sink_prefix: (default False) with the contiguous layout, also read the sink tokens' keys/values as every
         memory window computed them (the sink alone), at -R-S .. -R-1 just before the blocks: the
         blocks' states were computed after that sink, and the local window's own sink sits after
         them (see `_sink_prefix`).

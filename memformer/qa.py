@@ -106,8 +106,9 @@ class LongDocQA:
     retriever), each widened by
     `question_margin` tokens on both sides, pick `question_blocks` memory blocks
     (`model.memory_config.block_size` tokens each), and every memory layer reads those blocks'
-    cached keys/values, whole and laid out contiguously just before the local window, while the
-    answer is generated (`model.reading_blocks`): retrieval by the question's meaning, reading by
+    cached keys/values, whole and laid out contiguously just before the local window (after the
+    sink their windows began with, when `sink_prefix`), while the answer is generated
+    (`model.reading_blocks`): retrieval by the question's meaning, reading by
     attention over the stored states. "knn": all but the last `tail_room` tokens are memorized,
     that tail is local, and every layer retrieves its own top-k keys per query (or blocks, per
     the MemoryConfig). Question reads fall back to kNN reads (question still alone in the window)
@@ -116,7 +117,7 @@ class LongDocQA:
 
     def __init__(self, model, mode: str = "memory", *, embedder=None, rag_chunk_tokens: int = 128,
                  rag_overlap: int = 32, memory_reads: str = "question", question_blocks: int = 4,
-                 question_margin: int = 32):
+                 question_margin: int = 32, sink_prefix: bool = False):
         if model.tokenizer is None:
             raise ValueError("LongDocQA needs a model with a tokenizer")
         if memory_reads not in MEMORY_READS:
@@ -127,7 +128,7 @@ class LongDocQA:
         self.model, self.mode, self.embedder = model, _check_mode(mode), embedder
         self.rag_chunk_tokens, self.rag_overlap = rag_chunk_tokens, rag_overlap
         self.memory_reads, self.question_blocks = memory_reads, question_blocks
-        self.question_margin = question_margin
+        self.question_margin, self.sink_prefix = question_margin, bool(sink_prefix)
         self.corpus: Corpus | None = None
         self.split = 0                    # stream tokens [0, split) are memorized, [split, N) local in mode memory
         self.memorized = False            # the memory holds [0, split) (or split = 0: nothing to hold)
@@ -277,7 +278,8 @@ class LongDocQA:
         # block reads need the sequence's own memory alone: beside a corpus memory, kNN reads
         by_question = (mode == "memory" and self.memory_reads == "question" and self.split > 0
                        and not self.model.runtime.corpus)
-        with self.model.reading_blocks(self.memory_blocks_for(question or cue)) if by_question \
+        blocks = self.memory_blocks_for(question or cue) if by_question else None
+        with self.model.reading_blocks(blocks, sink_prefix=self.sink_prefix) if by_question \
                 else contextlib.nullcontext():
             text = self._generate(x, mode, record=record or corpus, max_new_tokens=max_new_tokens)
         ans = Answer(mode, text, prompt_tokens=x.shape[1])

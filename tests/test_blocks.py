@@ -358,7 +358,7 @@ def test_a_prefix_before_pinned_blocks_is_read_in_the_same_softmax():
 
 @pytest.mark.parametrize("mode", ["window", "fixed"])
 def test_pinned_blocks_after_their_sink_are_the_backbone_over_sink_text_sink_question(mode, tmp_path):
-    """With the sink prefix (default), pinned blocks are read after the sink their states were
+    """With the sink prefix, pinned blocks are read after the sink their states were
     computed after: with block_size = sink_tokens (block 0 is the sink, never stored), one
     window memorized and all its blocks read, [sink | question] against memory equals the frozen
     backbone's causal forward over [sink | text | sink | question]. Without the prefix it does not."""
@@ -377,14 +377,15 @@ def test_pinned_blocks_after_their_sink_are_the_backbone_over_sink_text_sink_que
     want = model.backbone(torch.cat([ids, local], 1)).logits[:, S + L:]
     model.runtime.enabled = True
     blocks = list(range(1, (S + L) // S))                           # every stored block, after the sink's
-    with model.reading_blocks(blocks):
+    with model.reading_blocks(blocks, sink_prefix=True):
         assert set(model.runtime.pinned_prefix) == set(model.memories)
         torch.testing.assert_close(model(local).logits, want, atol=1e-4, rtol=1e-4)
     assert model.runtime.pinned_prefix == {}
-    with model.reading_blocks(blocks, sink_prefix=False):
+    with model.reading_blocks(blocks):                              # the default: no prefix
+        assert model.runtime.pinned_prefix == {}
         assert not torch.allclose(model(local).logits, want, atol=1e-3)
     model.save_memory(tmp_path / "mem")                             # the sink travels with the memory
     model.reset_memory()
     model.load_memory(tmp_path / "mem")
-    with model.reading_blocks(blocks):
+    with model.reading_blocks(blocks, sink_prefix=True):
         torch.testing.assert_close(model(local).logits, want, atol=1e-4, rtol=1e-4)

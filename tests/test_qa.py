@@ -365,11 +365,20 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     assert max(blocks) * 8 < qa.split                                        # memorized blocks only
     best = next(p for p in qa.rag().search(query) if p.start < qa.split)
     assert set(range(best.start // 8, (min(best.end, qa.split) - 1) // 8 + 1)) <= set(blocks)
-    seen = []
+    seen, prefixes = [], []
     real = model.reading_blocks
-    model.reading_blocks = lambda b, **kw: (seen.append(list(b)), real(b, **kw))[1]
+
+    def spy(b, **kw):
+        seen.append(list(b))
+        ctx = real(b, **kw)
+        prefixes.append(kw.get("sink_prefix"))
+        return ctx
+    model.reading_blocks = spy
     ans = qa.answer(query, max_new_tokens=3, evidence=3)
-    assert seen == [blocks] and ans.evidence
+    assert seen == [blocks] and ans.evidence and prefixes == [False]
+    qa.sink_prefix = True                                                    # LongDocQA(sink_prefix=True)
+    with_sink = qa.answer(query, max_new_tokens=3, evidence=3)
+    assert prefixes == [False, True] and with_sink.evidence
     covered = {b * 8 + i for b in blocks for i in range(8)}
     assert all(set(range(s.token_start, s.token_end)) & covered for s in ans.evidence)
     assert model.runtime.read_blocks == 0 and model.runtime.pinned_blocks is None

@@ -40,12 +40,15 @@ def add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question-margin", type=int, default=32,
                    help="tokens added on each side of a retrieved passage before its blocks are "
                         "chosen, so a fact cut by a passage boundary is read whole (default 32)")
+    p.add_argument("--sink-prefix", action="store_true",
+                   help="question reads also read the sink the memory windows began with, just before "
+                        "the blocks (copies needles better, but lost the passkey; see README)")
 
 
 def qa_options_from_args(args) -> dict:
     """LongDocQA keyword arguments from add_read_args' flags."""
     return dict(memory_reads=args.memory_reads, question_blocks=args.question_blocks,
-                question_margin=args.question_margin)
+                question_margin=args.question_margin, sink_prefix=args.sink_prefix)
 
 
 def parse_layers(text: str | None, flag: str) -> list[int] | None:
@@ -144,7 +147,7 @@ def _reads(cfg, args=None) -> str:
     if getattr(args, "memory_reads", None) == "question":
         return (f"question reads ({args.question_blocks} memory blocks x {cfg.block_size} tokens under the "
                 f"passages MiniLM finds nearest the question, +-{args.question_margin} tokens, laid out "
-                f"contiguously)")
+                f"contiguously{', after their sink' if getattr(args, 'sink_prefix', False) else ''})")
     return (f"block reads {cfg.read_blocks} x {cfg.block_size} tokens" if cfg.read_blocks
             else "token reads")
 
