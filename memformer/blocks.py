@@ -178,3 +178,28 @@ def _block_rows(mem, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = data[b, h, i].float()                                                    # [B, C, Hkv, R, D]
         out.append(x if scales is None else x * scales[b, h, i][..., None])
     return out[0].to(rows.device), out[1].to(rows.device)
+
+
+def sink_prefix_states(model, R: int, batch: int) -> dict:
+    """{memory layer: (keys, values) [batch, Hkv, S, D]}: the sink tokens run alone through the
+    frozen model (as at the start of every memory window; causal, so exactly the states every
+    window's tokens attended to), keys moved from positions 0 .. S-1 to -R-S .. -R-1, just before
+    R rows of pinned blocks; {} without a sink. Why: read with only the local window's sink after
+    them, SmolLM2 copied a 32k needle's UUID with a group skipped, with this sink before them whole."""
+    sink = model.sink_ids                                                             # [b, S]
+    if sink is None or sink.shape[1] == 0 or not model.memories:
+        return {}
+    S = sink.shape[1]
+    with model.memory_disabled(), torch.no_grad():
+        out = model.backbone(input_ids=sink.to(model.device), use_cache=True)
+    cache = getattr(out, "cache", None)
+    cache = out.past_key_values if cache is None else cache
+    cos, sin = model._rotation_at(*[-(R + S)] * S)                                  # [1, S, D], one angle
+    unit = model._rotation_at(0)[0][0, 0, 0]          # the rotary's attention scaling: rotate only
+    rotate = model.adapter.apply_rotary()
+    states = {}
+    for i in model.memories:
+        k, v = cache.layers[i].keys, cache.layers[i].values                          # [b, Hkv, S, D], k at 0..S-1
+        k = rotate(k, k, (cos / unit).to(k), (sin / unit).to(k))[1]                  # now at -R-S .. -R-1
+        states[i] = (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+    return states

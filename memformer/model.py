@@ -20,6 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from memformer.adapters import get_adapter
+from memformer.blocks import sink_prefix_states
 from memformer.config import MemoryConfig
 from memformer.index import LayerMemory
 from memformer.memory_layer import MemoryAttention, MemoryRuntime
@@ -454,7 +455,7 @@ class MemformerForCausalLM(nn.Module):
         sink_prefix: (default False) with the contiguous layout, also read the sink tokens' keys/values as every
         memory window computed them (the sink alone), at -R-S .. -R-1 just before the blocks: the
         blocks' states were computed after that sink, and the local window's own sink sits after
-        them (see `_sink_prefix`).
+        them (`memformer.blocks.sink_prefix_states`).
         """
         if layout not in ("contiguous", "stored"):
             raise ValueError(f"reading_blocks: unknown layout {layout!r}; choose 'contiguous' or 'stored'")
@@ -485,7 +486,7 @@ class MemformerForCausalLM(nn.Module):
         rt.read_blocks, rt.block_size = ids.shape[1], bs
         rt.pinned_blocks = ids.expand(batch, -1).contiguous()
         self._set_block_rotation(contiguous)
-        rt.pinned_prefix = self._sink_prefix(ids.shape[1] * bs, batch) if contiguous and sink_prefix else {}
+        rt.pinned_prefix = sink_prefix_states(self, ids.shape[1] * bs, batch) if contiguous and sink_prefix else {}
         try:
             yield
         finally:
@@ -493,28 +494,6 @@ class MemformerForCausalLM(nn.Module):
             rt.pinned_blocks = None
             rt.read_blocks, rt.block_size = old
             self._set_block_rotation()
-
-    def _sink_prefix(self, R: int, batch: int) -> dict:
-        """{memory layer: (keys, values) [batch, Hkv, S, D]} of the sink tokens run alone (as at the
-        start of every memory window, so exactly the states the windows' tokens attended to), keys
-        moved from positions 0 .. S-1 to -R-S .. -R-1; {} without a sink. Why: a frozen backbone's
-        states are computed after a sink; read with only the local sink after them, SmolLM2 copied
-        a 32k needle's UUID with a group skipped, and with this sink before them whole."""
-        sink = self.sink_ids
-        if sink is None or sink.shape[1] == 0 or not self.memories:
-            return {}
-        S = sink.shape[1]
-        with self.memory_disabled(), torch.no_grad():
-            cache = self.backbone(input_ids=sink.to(self.device), use_cache=True).past_key_values
-        cos, sin = self._rotation_at(*[-(R + S)] * S)                               # [1, S, D], all one angle
-        unit = self._rotation_at(0)[0][0, 0, 0]          # the rotary's attention scaling: a pure rotation
-        rotate = self.adapter.apply_rotary()
-        out = {}
-        for i in self.memories:
-            k, v = cache.layers[i].keys, cache.layers[i].values                     # [b, Hkv, S, D], k rotated at 0..S-1
-            k = rotate(k, k, (cos / unit).to(k), (sin / unit).to(k))[1]             # now at -R-S .. -R-1
-            out[i] = (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-        return out
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}
