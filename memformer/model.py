@@ -452,10 +452,10 @@ class MemformerForCausalLM(nn.Module):
         rows where they were stored ("window" keys: at their window position, so blocks of
         different windows can overlap and a block across a window boundary jumps back;
         "first"/"fixed" keys are always laid out contiguously).
-        sink_prefix: (default False) with the contiguous layout, also read the sink tokens' keys/values as every
-        memory window computed them (the sink alone), at -R-S .. -R-1 just before the blocks: the
-        blocks' states were computed after that sink, and the local window's own sink sits after
-        them (`memformer.blocks.sink_prefix_states`).
+        sink_prefix: (default False; contiguous layout only) also read the sink tokens' keys/values
+        as every memory window computed them (the sink alone), at -R-S .. -R-1 just before the
+        blocks: the blocks' states were computed after that sink, and the local window's own sink
+        sits after them (`memformer.blocks.sink_prefix_states`).
         """
         if layout not in ("contiguous", "stored"):
             raise ValueError(f"reading_blocks: unknown layout {layout!r}; choose 'contiguous' or 'stored'")
@@ -481,12 +481,14 @@ class MemformerForCausalLM(nn.Module):
         if contiguous and self.unknown_window_slots(ids.expand(batch, -1), bs):
             raise ValueError("reading_blocks: this memory has no recorded window slots (saved before "
                              "they were kept); memorize the documents again, or use layout='stored'")
+        # computed before the runtime changes, so a failure here leaves it as it was
+        prefix = sink_prefix_states(self, ids.shape[1] * bs, batch) if contiguous and sink_prefix else {}
         # runtime only: the MemoryConfig (and its neighbours setting, which pinned reads skip) stays
         rt, old = self.runtime, (self.runtime.read_blocks, self.runtime.block_size)
         rt.read_blocks, rt.block_size = ids.shape[1], bs
         rt.pinned_blocks = ids.expand(batch, -1).contiguous()
         self._set_block_rotation(contiguous)
-        rt.pinned_prefix = sink_prefix_states(self, ids.shape[1] * bs, batch) if contiguous and sink_prefix else {}
+        rt.pinned_prefix = prefix
         try:
             yield
         finally:

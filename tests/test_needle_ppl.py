@@ -367,8 +367,10 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
 
     pk = tmp_path / "passkey"
     assert _main("eval", "passkey", *common, "--lengths", "600", "--trials", "2", "--modes", "memory,truncate",
-                 "--out", str(pk), "--evidence") == 0
+                 "--out", str(pk), "--evidence", "--sink-prefix") == 0
     report = (pk / "passkey.md").read_text()
+    assert "laid out contiguously, after their sink" in report
+    assert json.loads((pk / "run.json").read_text())["qa"]["sink_prefix"] is True
     assert "| passkey | 600 |" in report and (pk / "passkey_heatmap.png").is_file()
     assert "Evidence (memory trials)" in report and "| passkey | 600 |" in report.split("Evidence")[1]
     mem = [json.loads(x) for x in (pk / "trials.jsonl").read_text().splitlines() if '"memory"' in x]
