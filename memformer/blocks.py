@@ -110,29 +110,29 @@ def block_attention(mem, q_rot, q_mem, k_local, v_local, *, top_k: int, n_blocks
         flat = keys.reshape(B * C, Hkv, R, D)
         keys = rotary_fn(flat, flat, cos, sin)[1].view(B, C, Hkv, R, D)
         q_read = q_rot
+    unread = rows < 0                                                                 # [B, C, R]
+    P = 0
+    if prefix is not None:                        # the sink before the blocks: more columns, same softmax
+        kp, vp = (x.to(keys.device).float()[:, None] for x in prefix)                # [B, 1, Hkv, P, D]
+        P = kp.shape[3]
+        keys, values = torch.cat([kp, keys], 3), torch.cat([vp, values], 3)           # [B, 1, Hkv, P+R, D]
+        unread = torch.cat([unread.new_zeros(B, C, P), unread], 2)                    # [B, 1, P+R]
     out = torch.empty(B, Hq, T, D, device=q_rot.device, dtype=torch.float32)
     probs = torch.zeros(B, 1, T, R, device=q_rot.device)
     for c in range(C):
         tq = (chunk_of_query == c).nonzero().flatten()                                # this chunk's queries
         t0, t1 = int(tq[0]), int(tq[-1]) + 1
         qc = q_read[:, :, t0:t1].float().view(B, Hkv, G, t1 - t0, D)                   # [B, Hkv, G, Tc, D]
-        s = (qc @ keys[:, c, :, None].transpose(-1, -2)).view(B, Hq, t1 - t0, R)      # [B, Hq, Tc, R]
+        s = (qc @ keys[:, c, :, None].transpose(-1, -2)).view(B, Hq, t1 - t0, P + R)  # [B, Hq, Tc, P+R]
         s = s * scale + bias.view(1, Hq, 1, 1)
-        s = s.masked_fill((rows[:, c] < 0).view(B, 1, 1, R), float("-inf"))
+        s = s.masked_fill(unread[:, c].view(B, 1, 1, P + R), float("-inf"))
         lse_mem = torch.logsumexp(s, dim=-1)                                          # [B, Hq, Tc]
-        if prefix is not None:                                                        # the sink before the blocks
-            kp, vp = (x.to(q_rot.device).float()[:, :, None] for x in prefix)         # [B, Hkv, 1, P, D]
-            s_pre = (qc @ kp.transpose(-1, -2)).view(B, Hq, t1 - t0, -1) * scale + bias.view(1, Hq, 1, 1)
-            lse_mem = torch.logaddexp(lse_mem, torch.logsumexp(s_pre, dim=-1))
         lse = torch.logaddexp(lse_loc[:, :, t0:t1], lse_mem)
         p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)                  # share of the one softmax
-        o_mem = (p.view(B, Hkv, G, t1 - t0, R) @ values[:, c, :, None]).view(B, Hq, t1 - t0, D)
-        if prefix is not None:
-            p_pre = torch.exp(s_pre - lse[..., None]).view(B, Hkv, G, t1 - t0, -1)    # [B, Hkv, G, Tc, P]
-            o_mem = o_mem + (p_pre @ vp).view(B, Hq, t1 - t0, D)
+        o_mem = (p.view(B, Hkv, G, t1 - t0, P + R) @ values[:, c, :, None]).view(B, Hq, t1 - t0, D)
         w_loc = torch.nan_to_num(torch.exp(lse_loc[:, :, t0:t1] - lse), nan=0.0)[..., None]
         out[:, :, t0:t1] = w_loc * out_loc[:, :, t0:t1].float() + o_mem
-        probs[:, 0, t0:t1] = p.mean(dim=1).detach()
+        probs[:, 0, t0:t1] = p[..., P:].mean(dim=1).detach()                         # block rows only
     read = rows[:, chunk_of_query][:, None]                                           # [B, 1, T, R]
     return torch.nan_to_num(out, nan=0.0).to(q_rot.dtype), read, probs
 

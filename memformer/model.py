@@ -452,7 +452,7 @@ class MemformerForCausalLM(nn.Module):
         rows where they were stored ("window" keys: at their window position, so blocks of
         different windows can overlap and a block across a window boundary jumps back;
         "first"/"fixed" keys are always laid out contiguously).
-        sink_prefix: (default False; contiguous layout only) also read the sink tokens' keys/values
+        sink_prefix: (default False; contiguous layout only, else ValueError) also read the sink tokens' keys/values
         as every memory window computed them (the sink alone), at -R-S .. -R-1 just before the
         blocks: the blocks' states were computed after that sink, and the local window's own sink
         sits after them (`memformer.blocks.sink_prefix_states`).
@@ -478,11 +478,14 @@ class MemformerForCausalLM(nn.Module):
         if any(len(set(row)) < len(row) for row in ids.tolist()):
             raise ValueError("reading_blocks: a block id repeats (each block is read once)")
         contiguous = layout == "contiguous"
+        if sink_prefix and not contiguous:
+            raise ValueError("reading_blocks: sink_prefix needs the contiguous layout (the sink is laid out "
+                             "just before the blocks)")
         if contiguous and self.unknown_window_slots(ids.expand(batch, -1), bs):
             raise ValueError("reading_blocks: this memory has no recorded window slots (saved before "
                              "they were kept); memorize the documents again, or use layout='stored'")
         # computed before the runtime changes, so a failure here leaves it as it was
-        prefix = sink_prefix_states(self, ids.shape[1] * bs, batch) if contiguous and sink_prefix else {}
+        prefix = sink_prefix_states(self, ids.shape[1] * bs, batch) if sink_prefix else {}
         # runtime only: the MemoryConfig (and its neighbours setting, which pinned reads skip) stays
         rt, old = self.runtime, (self.runtime.read_blocks, self.runtime.block_size)
         rt.read_blocks, rt.block_size = ids.shape[1], bs

@@ -381,6 +381,10 @@ def test_pinned_blocks_after_their_sink_are_the_backbone_over_sink_text_sink_que
         assert set(model.runtime.pinned_prefix) == set(model.memories)
         torch.testing.assert_close(model(local).logits, want, atol=1e-4, rtol=1e-4)
     assert model.runtime.pinned_prefix == {}
+    with pytest.raises(ValueError, match="sink_prefix needs the contiguous layout"):
+        with model.reading_blocks(blocks, layout="stored", sink_prefix=True):
+            pass
+    assert model.runtime.pinned_blocks is None and model.runtime.pinned_prefix == {}
     with model.reading_blocks(blocks):                              # the default: no prefix
         assert model.runtime.pinned_prefix == {}
         assert not torch.allclose(model(local).logits, want, atol=1e-3)
