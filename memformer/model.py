@@ -326,7 +326,8 @@ class MemformerForCausalLM(nn.Module):
         """Hugging Face `generate` with memory read in every memory layer.
 
         input_ids [B, T]: if T is longer than the local window, the overflow (all but the last
-        window) is memorized first, then generation runs on the last window. Returns [B, T + new].
+        window) is memorized first, then generation runs on the last window. Returns [B, T + new]
+        (with return_dict_in_generate, Hugging Face's output whose `sequences` are those).
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -358,8 +359,12 @@ class MemformerForCausalLM(nn.Module):
             self.runtime.retrieved_corpus.clear()
         with self._mode(read=True, write=False, record=record or None):
             out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)
-        new = out[:, x.shape[1]:].to(input_ids.device)                       # [B, new]
-        return torch.cat([input_ids, new], dim=1)
+        seq = out if torch.is_tensor(out) else out.sequences                  # return_dict_in_generate
+        full = torch.cat([input_ids, seq[:, x.shape[1]:].to(input_ids.device)], dim=1)   # [B, T + new]
+        if torch.is_tensor(out):
+            return full
+        out.sequences = full
+        return out
 
     def chat_ids(self, question: str, system: str | None = None) -> torch.Tensor:
         """Token ids [1, T] of a question, in the tokenizer's chat template when it has one."""

@@ -265,12 +265,20 @@ def evidence_record(sample: Sample, answer) -> dict:
 def run_sample(model, sample: Sample, mode: str, evidence: bool = False, qa_options: dict | None = None) -> dict:
     """Run one sample in one mode: its trial record (see `memformer.evalplots`). evidence: in
     mode memory, also record where the evidence spans point (`evidence_record`). qa_options:
-    keyword arguments of `memformer.qa.LongDocQA` (memory_reads, question_blocks, ...)."""
+    keyword arguments of `memformer.qa.LongDocQA` (memory_reads, question_blocks, ...). With
+    sink_prefix "auto" a memory record also holds, per query, the read kept (`reads`), its
+    `confidence`, and the answer and confidence of the read not kept."""
     t0 = time.perf_counter()
     cues, found, opts = [q.cue for q in sample.queries], {}, qa_options or {}
-    if evidence and mode == "memory":
-        full = memory_answers(model, sample.text, cues, sample.max_new_tokens, **opts)
-        answers, found = [a.text for a in full], evidence_record(sample, full[0])
+    if mode == "memory":
+        full = memory_answers(model, sample.text, cues, sample.max_new_tokens, evidence=3 if evidence else 0, **opts)
+        answers = [a.text for a in full]
+        if any(a.alternative for a in full):            # sink_prefix "auto": which read each answer kept
+            found = dict(reads=[a.read for a in full], confidence=[round(a.confidence, 4) for a in full],
+                         other_answers=[a.alternative and a.alternative["text"] for a in full],
+                         other_confidence=[a.alternative and round(a.alternative["confidence"], 4) for a in full])
+        if evidence:
+            found.update(evidence_record(sample, full[0]))
     else:
         answers = answer_cues(model, sample.text, cues, mode, sample.max_new_tokens, **opts)
     rec = dict(id=record_id(sample.task, sample.length, sample.index, mode), task=sample.task,

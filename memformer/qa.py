@@ -33,11 +33,13 @@ from pathlib import Path
 
 import torch
 
+from memformer.confidence import answer_confidence
 from memformer.documents import Corpus, Document, DocumentError, as_documents, read_document  # noqa: F401 (API)
 from memformer.evidence import EvidenceSpan, retrieval_mass, spans_from_mass
 
 MODES = ("memory", "truncate", "rag", "full")
 MEMORY_READS = ("question", "knn")       # how mode "memory" chooses what it reads (LongDocQA)
+SINK_PREFIX = (False, True, "auto")      # question reads: blocks after their sink? (LongDocQA)
 QA_FILE = "qa_documents.json"            # beside a saved memory: the documents it was built from
 QA_FORMAT, QA_FORMAT_VERSION = "memformer-qa-documents", 1
 
@@ -54,13 +56,17 @@ class Answer:
     best-scoring passages (the first ones put in the prompt); truncate, full — none.
     memory_share (memory mode): mean fraction of attention, over layers, heads and answer
     tokens, that went to memory. corpus_evidence (memory mode with a corpus memory attached):
-    the corpus documents drawn on, `memformer.corpus.corpus_evidence` dicts."""
+    the corpus documents drawn on, `memformer.corpus.corpus_evidence` dicts. read, confidence,
+    alternative: see `LongDocQA` (sink_prefix) and `memformer.confidence`."""
     mode: str
     text: str
     evidence: list[EvidenceSpan] = field(default_factory=list)
     corpus_evidence: list[dict] = field(default_factory=list)
     memory_share: float | None = None
     prompt_tokens: int = 0
+    read: str = ""                       # memory question reads: "blocks" or "sink+blocks"
+    confidence: float | None = None      # memory: mean log-prob of the answer's first line
+    alternative: dict | None = None      # sink_prefix "auto": the read not kept (read, text, confidence)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -106,10 +112,12 @@ class LongDocQA:
     retriever), each widened by
     `question_margin` tokens on both sides, pick `question_blocks` memory blocks
     (`model.memory_config.block_size` tokens each), and every memory layer reads those blocks'
-    cached keys/values, whole and laid out contiguously just before the local window (after the
-    sink their windows began with, when `sink_prefix`), while the answer is generated
-    (`model.reading_blocks`): retrieval by the question's meaning, reading by
-    attention over the stored states. "knn": all but the last `tail_room` tokens are memorized,
+    cached keys/values, whole and laid out contiguously just before the local window, while the
+    answer is generated (`model.reading_blocks`): retrieval by the question's meaning, reading
+    by attention over the stored states. sink_prefix: whether those blocks are read after the
+    sink their windows began with: False, True, or "auto" (default): answer both ways and keep
+    the answer the model is surer of (`memformer.confidence`; each memory answer costs two
+    generations). "knn": all but the last `tail_room` tokens are memorized,
     that tail is local, and every layer retrieves its own top-k keys per query (or blocks, per
     the MemoryConfig). Question reads fall back to kNN reads (question still alone in the window)
     beside an attached corpus memory.
@@ -117,7 +125,7 @@ class LongDocQA:
 
     def __init__(self, model, mode: str = "memory", *, embedder=None, rag_chunk_tokens: int = 128,
                  rag_overlap: int = 32, memory_reads: str = "question", question_blocks: int = 4,
-                 question_margin: int = 32, sink_prefix: bool = False):
+                 question_margin: int = 32, sink_prefix: bool | str = "auto"):
         if model.tokenizer is None:
             raise ValueError("LongDocQA needs a model with a tokenizer")
         if memory_reads not in MEMORY_READS:
@@ -125,10 +133,12 @@ class LongDocQA:
         if question_blocks < 1 or question_margin < 0:
             raise ValueError(f"need question_blocks >= 1 and question_margin >= 0, got {question_blocks}, "
                              f"{question_margin}")
+        if sink_prefix not in SINK_PREFIX:
+            raise ValueError(f"sink_prefix must be one of {SINK_PREFIX}, got {sink_prefix!r}")
         self.model, self.mode, self.embedder = model, _check_mode(mode), embedder
         self.rag_chunk_tokens, self.rag_overlap = rag_chunk_tokens, rag_overlap
         self.memory_reads, self.question_blocks = memory_reads, question_blocks
-        self.question_margin, self.sink_prefix = question_margin, bool(sink_prefix)
+        self.question_margin, self.sink_prefix = question_margin, sink_prefix
         self.corpus: Corpus | None = None
         self.split = 0                    # stream tokens [0, split) are memorized, [split, N) local in mode memory
         self.memorized = False            # the memory holds [0, split) (or split = 0: nothing to hold)
@@ -273,16 +283,34 @@ class LongDocQA:
         else:
             context = self.corpus.ids if mode == "full" else self.local if mode == "memory" else self.tail
         x = self._prompt(context, question, cue, full=mode == "full")
-        corpus = mode == "memory" and evidence > 0 and bool(self.model.runtime.corpus)
-        record = mode == "memory" and evidence > 0 and self.split > 0
-        # block reads need the sequence's own memory alone: beside a corpus memory, kNN reads
-        by_question = (mode == "memory" and self.memory_reads == "question" and self.split > 0
-                       and not self.model.runtime.corpus)
-        blocks = self.memory_blocks_for(question or cue) if by_question else None
-        with self.model.reading_blocks(blocks, sink_prefix=self.sink_prefix) if by_question \
+        if mode != "memory":
+            ans = Answer(mode, self._generate(x, mode, record=False, max_new_tokens=max_new_tokens)[0],
+                         prompt_tokens=x.shape[1])
+            if mode == "rag" and evidence > 0:              # the best passages, as embedded (unmerged)
+                ans.evidence = [self._span(p.start, p.end, p.score) for p in ranked[:evidence]]
+        else:
+            # block reads need the sequence's own memory alone: beside a corpus memory, kNN reads
+            by_question = (self.memory_reads == "question" and self.split > 0 and not self.model.runtime.corpus)
+            blocks = self.memory_blocks_for(question or cue) if by_question else None
+            reads = ((False, True) if self.sink_prefix == "auto" else (self.sink_prefix,)) if by_question else (None,)
+            tries = [self._memory_answer(x, blocks, sp, evidence, max_new_tokens) for sp in reads]
+            ans = max(tries, key=lambda a: a.confidence)    # "auto": the answer the model is surer of
+            if len(tries) > 1:
+                other = tries[1 - tries.index(ans)]
+                ans.alternative = dict(read=other.read, text=other.text, confidence=other.confidence)
+        ans.seconds = time.perf_counter() - t0
+        return ans
+
+    def _memory_answer(self, x: torch.Tensor, blocks, sink_prefix, evidence: int, max_new_tokens: int) -> Answer:
+        """One memory-mode answer to prompt x [1, T]: question reads of `blocks` (after their sink
+        when sink_prefix), or the model's own reads when blocks is None; with its evidence."""
+        corpus = evidence > 0 and bool(self.model.runtime.corpus)
+        record = evidence > 0 and self.split > 0
+        with self.model.reading_blocks(blocks, sink_prefix=sink_prefix) if blocks is not None \
                 else contextlib.nullcontext():
-            text = self._generate(x, mode, record=record or corpus, max_new_tokens=max_new_tokens)
-        ans = Answer(mode, text, prompt_tokens=x.shape[1])
+            text, confidence = self._generate(x, "memory", record=record or corpus, max_new_tokens=max_new_tokens)
+        ans = Answer("memory", text, prompt_tokens=x.shape[1], confidence=confidence,
+                     read="" if blocks is None else "sink+blocks" if sink_prefix else "blocks")
         if corpus:
             ans.corpus_evidence = self.model.corpus_evidence(top=evidence)
             self.model.runtime.retrieved_corpus.clear()
@@ -294,9 +322,6 @@ class LongDocQA:
             # no row drew more (question reads: all queries read the same few blocks), the answer's mass
             lift = mass.lift
             ans.evidence = spans_from_mass(self.corpus, lift if float(lift.sum()) > 0 else mass.answer, top=evidence)
-        elif mode == "rag" and evidence > 0:                # the best passages, as embedded (unmerged)
-            ans.evidence = [self._span(p.start, p.end, p.score) for p in ranked[:evidence]]
-        ans.seconds = time.perf_counter() - t0
         return ans
 
     def ask(self, question: str | None = None, *, cue: str | None = None,
@@ -390,11 +415,15 @@ class LongDocQA:
         cfg = model.memory_config
         return x[:, -(cfg.window - cfg.sink_tokens):]
 
-    def _generate(self, x: torch.Tensor, mode: str, *, record: bool, max_new_tokens: int) -> str:
+    def _generate(self, x: torch.Tensor, mode: str, *, record: bool, max_new_tokens: int) -> tuple[str, float | None]:
+        """Greedy answer text after x [1, T]; in mode memory also its confidence."""
         model = self.model
         kw = dict(max_new_tokens=max_new_tokens, do_sample=False)
         if mode == "memory":
-            out = model.generate(x, record=record, **kw)
+            out = model.generate(x, record=record, output_logits=True, return_dict_in_generate=True, **kw)
+            new = out.sequences[0, x.shape[1]:]
+            text = model.tokenizer.decode(new, skip_special_tokens=True).strip()
+            return text, answer_confidence(model.tokenizer, new, out.logits)
         else:
             # the frozen backbone on exactly x: no sink prefix and no memory, however the context
             # was prepared (model.generate would also move all but the last window to memory)
@@ -402,7 +431,7 @@ class LongDocQA:
                 dev = model.device
                 out = model.backbone.generate(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev),
                                               pad_token_id=model._pad_id(), **kw).cpu()
-        return model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+        return model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip(), None
 
 
 class CorpusQA:

@@ -123,9 +123,17 @@ def _fake_answers(calls):
     return answer_cues
 
 
+def _patch_answers(monkeypatch, answer_cues):
+    """Every mode answered by the fake `answer_cues` (memory mode through `memory_answers`)."""
+    from memformer.qa import Answer
+    monkeypatch.setattr(needle, "answer_cues", answer_cues)
+    monkeypatch.setattr(needle, "memory_answers", lambda model, text, cues, n, evidence=3, **kw:
+                        [Answer("memory", a) for a in answer_cues(model, text, cues, "memory", n)])
+
+
 def test_runner_streams_trials_and_resume_skips_finished_ones(btok, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(needle, "answer_cues", _fake_answers(calls))
+    _patch_answers(monkeypatch, _fake_answers(calls))
     model = _fake_model(btok)
     kw = dict(variants=["single-number", "multiquery"], lengths=[1500, 2000], trials=2, modes=["memory", "truncate"],
               out_dir=tmp_path, show_progress=False)
@@ -162,7 +170,7 @@ def test_runner_streams_trials_and_resume_skips_finished_ones(btok, tmp_path, mo
 
 def test_passkey_is_a_task_of_the_needle_run(btok, monkeypatch):
     """`eval needle --variants passkey` and `eval passkey` run the same trials."""
-    monkeypatch.setattr(needle, "answer_cues", lambda model, text, cues, mode, n: [text.split("pass key is ")[1][:5]])
+    _patch_answers(monkeypatch, lambda model, text, cues, mode, n: [text.split("pass key is ")[1][:5]])
     model = _fake_model(btok)
     a = needle.evaluate(model, ["passkey"], [1200], 3, show_progress=False)
     b = passkey.evaluate(model, [1200], 3, show_progress=False)
@@ -362,6 +370,11 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     assert "| single-number | 1k |" in table and evalplots.NA in table and "| all tasks | 400 |" in table
     assert "| passkey | 1k |" in table
     assert all((out / f).stat().st_size > 5000 for f in ("needle_heatmap.png", "needle_accuracy.png"))
+    mem = [r for r in records if r["mode"] == "memory" and r["length"] == 1024]
+    assert all(set(r["reads"]) <= {"blocks", "sink+blocks"} and len(r["other_answers"]) == len(r["answers"])
+               and min(r["confidence"]) >= -1e9 for r in mem)           # default sink_prefix "auto"
+    assert json.loads((out / "run.json").read_text())["qa"]["sink_prefix"] == "auto"
+    assert "the surer answer kept" in table
     assert _main(*argv, "--resume") == 0                            # nothing left to run
     assert (out / "trials.jsonl").read_text().splitlines() == [json.dumps(r) for r in records]
 

@@ -374,11 +374,13 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
         prefixes.append(kw.get("sink_prefix"))
         return ctx
     model.reading_blocks = spy
+    qa.sink_prefix = False                                                   # LongDocQA(sink_prefix=False)
     ans = qa.answer(query, max_new_tokens=3, evidence=3)
     assert seen == [blocks] and ans.evidence and prefixes == [False]
-    qa.sink_prefix = True                                                    # LongDocQA(sink_prefix=True)
+    assert ans.read == "blocks" and ans.alternative is None and ans.confidence <= 0
+    qa.sink_prefix = True
     with_sink = qa.answer(query, max_new_tokens=3, evidence=3)
-    assert prefixes == [False, True] and with_sink.evidence
+    assert prefixes == [False, True] and with_sink.evidence and with_sink.read == "sink+blocks"
     covered = {b * 8 + i for b in blocks for i in range(8)}
     assert all(set(range(s.token_start, s.token_end)) & covered for s in ans.evidence)
     assert model.runtime.read_blocks == 0 and model.runtime.pinned_blocks is None
@@ -569,3 +571,54 @@ def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsy
                       (["--corpus", str(tmp_path / "mem"), "--save-memory", str(tmp_path / "s")], "--save-memory needs")]:
         code, _, err = _cli(capsys, *model, *args)
         assert code == 2 and msg in err, (args, err)
+
+
+def test_auto_sink_prefix_keeps_the_surer_of_both_reads():
+    """sink_prefix "auto" (the default): each memory answer is generated with both question reads,
+    the kept one is the more confident (its text and confidence equal that read run alone), and
+    the other is reported beside it; the confidence is the mean log-prob of the first line."""
+    model = tiny_model(block_size=8)
+    qa = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=4)
+    assert qa.sink_prefix == "auto"
+    qa.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    query = "What is the name of the keeper's cat?"
+    alone = {}
+    for sp in (False, True):
+        qa.sink_prefix = sp
+        alone[sp] = qa.answer(query, max_new_tokens=6, evidence=2)
+    qa.sink_prefix = "auto"
+    ans = qa.answer(query, max_new_tokens=6, evidence=2)
+    kept = alone[ans.read == "sink+blocks"]
+    other = alone[ans.read != "sink+blocks"]
+    assert ans.text == kept.text and ans.confidence == pytest.approx(kept.confidence, abs=1e-5)
+    assert ans.confidence >= other.confidence
+    assert ans.alternative == dict(read=other.read, text=other.text, confidence=pytest.approx(other.confidence, abs=1e-5))
+    assert [(s.start, s.end) for s in ans.evidence] == [(s.start, s.end) for s in kept.evidence]
+    assert model.runtime.pinned_blocks is None and not model.runtime.pinned_prefix
+    with pytest.raises(ValueError, match="sink_prefix must be one of"):
+        LongDocQA(model, sink_prefix="sometimes")
+
+
+def test_answer_confidence_is_the_mean_log_prob_of_the_first_line(tok):
+    """Greedy generation's logits score the answer's first non-blank line only, and match a
+    teacher-forced forward over the same tokens."""
+    from memformer.confidence import answer_confidence, first_line_span
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    assert first_line_span(tok, ids("42.\n\nThe next")) == 3
+    assert first_line_span(tok, ids("\n\n42\nx")) == 4                 # leading blank lines belong to it
+    assert first_line_span(tok, ids("no newline")) == len("no newline")
+    assert first_line_span(tok, ids("\n")) == 1
+    torch.manual_seed(0)
+    logits = [torch.randn(1, tok.vocab_size) for _ in range(5)]
+    new = torch.tensor(ids("ab\ncd"))
+    want = sum(torch.log_softmax(logits[i][0], -1)[new[i]] for i in range(2)) / 2
+    assert answer_confidence(tok, new, logits) == pytest.approx(float(want), abs=1e-6)
+    model = tiny_model()
+    x = torch.tensor([ids("The keeper's cat is called")])
+    out = model.generate(x, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, x.shape[1] + 5) and torch.equal(out.sequences[:, :x.shape[1]], x)
+    new = out.sequences[0, x.shape[1]:]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(out.sequences).logits[0, x.shape[1] - 1:-1].float(), -1)   # [5, V]
+    n = first_line_span(tok, new.tolist())
+    assert answer_confidence(tok, new, out.logits) == pytest.approx(float(logp[torch.arange(n), new[:n]].mean()), abs=1e-4)

@@ -40,15 +40,20 @@ def add_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question-margin", type=int, default=32,
                    help="tokens added on each side of a retrieved passage before its blocks are "
                         "chosen, so a fact cut by a passage boundary is read whole (default 32)")
-    p.add_argument("--sink-prefix", action="store_true",
-                   help="question reads also read the sink the memory windows began with, just before "
-                        "the blocks (copies needles better, but lost the passkey; see README)")
+    p.add_argument("--sink-prefix", nargs="?", const="on", default="auto", choices=["off", "on", "auto"],
+                   help="question reads: read the blocks after the sink their memory windows began with "
+                        "(on: copies needles better but lost the passkey), without it (off), or both, "
+                        "keeping the answer the model is surer of (auto, the default; two generations "
+                        "per answer). A bare --sink-prefix means on")
+
+
+SINK_PREFIX_FLAG = {"off": False, "on": True, "auto": "auto"}
 
 
 def qa_options_from_args(args) -> dict:
     """LongDocQA keyword arguments from add_read_args' flags."""
     return dict(memory_reads=args.memory_reads, question_blocks=args.question_blocks,
-                question_margin=args.question_margin, sink_prefix=args.sink_prefix)
+                question_margin=args.question_margin, sink_prefix=SINK_PREFIX_FLAG[args.sink_prefix])
 
 
 def parse_layers(text: str | None, flag: str) -> list[int] | None:
@@ -143,11 +148,15 @@ def _fail(prog: str, msg: str) -> None:
     return None
 
 
+_SINK_WORDS = {"off": "", "on": ", after their sink",
+               "auto": "; with and without their sink before them, the surer answer kept"}
+
+
 def _reads(cfg, args=None) -> str:
     if getattr(args, "memory_reads", None) == "question":
         return (f"question reads ({args.question_blocks} memory blocks x {cfg.block_size} tokens under the "
                 f"passages MiniLM finds nearest the question, +-{args.question_margin} tokens, laid out "
-                f"contiguously{', after their sink' if getattr(args, 'sink_prefix', False) else ''})")
+                f"contiguously{_SINK_WORDS[getattr(args, 'sink_prefix', 'off')]})")
     return (f"block reads {cfg.read_blocks} x {cfg.block_size} tokens" if cfg.read_blocks
             else "token reads")
 
