@@ -440,9 +440,15 @@ def test_cli_answers_with_evidence_and_reuses_saved_memory(tmp_path, capsys, tin
     assert {"question", "memory", "truncate", "evidence", "memory_share"} <= set(rows[0])
     assert rows[0]["evidence"]["memory"][0]["document"] == str(doc)
     assert rows[0]["full"] is None and "native context of 512" in rows[0]["not_run"]["full"]   # doc > 512 tokens
+    reads = rows[0]["memory_reads"]                                   # default --sink-prefix auto: both reads
+    assert {reads["kept"], reads["other"]["read"]} == {"blocks", "sink+blocks"}
+    assert reads["confidence"] >= reads["other"]["confidence"]
     code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?")
     assert code == 0, err
     assert "loaded from cache" in out and "evidence (memory" in out and "truncate:" in out
+    assert "(read blocks" in out or "(read sink+blocks" in out
+    code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?", "--json", "--sink-prefix", "off")
+    assert code == 0 and "memory_reads" not in json.loads(out[out.index("["):])[0]
     code, out, err = _cli(capsys, *base, "--doc", str(doc), "--cache-dir", str(tmp_path / "cache"))
     assert code == 0 and "loaded from cache" in out                     # no question: builds/loads only
 

@@ -217,6 +217,10 @@ def _answer_row(qa, question, cue, expected, modes, args) -> dict:
     if answers["memory"].corpus_evidence:
         row["corpus_evidence"] = answers["memory"].corpus_evidence
     row["memory_share"] = answers["memory"].memory_share
+    mem = answers["memory"]
+    if mem.alternative:                                    # sink_prefix auto: both reads, the surer kept
+        row["memory_reads"] = {"kept": mem.read, "confidence": round(mem.confidence, 4),
+                               "other": {k: round(v, 4) if k == "confidence" else v for k, v in mem.alternative.items()}}
     row["seconds"] = {m: round(a.seconds, 2) for m, a in answers.items()}
     return row
 
@@ -232,6 +236,10 @@ def _print_row(row: dict, modes) -> None:
         a = " ".join(row[mode].split())
         mark = f"   [{'ok' if row['correct'][mode] else 'miss'}]" if "correct" in row else ""
         print(f"   {mode + ':':10} {a[:160]}{mark}")
+        if mode == "memory" and row.get("memory_reads"):
+            r, o = row["memory_reads"], row["memory_reads"]["other"]
+            print(f"   {'':10} (read {r['kept']}: mean log-prob {r['confidence']:.2f}; read {o['read']} answered "
+                  f"{' '.join(o['text'].split())[:60]!r} at {o['confidence']:.2f})")
     for mode, spans in row["evidence"].items():
         what = "passages memory attended to" if mode == "memory" else "passages retrieved"
         print(f"   evidence ({mode}, {what}):")
