@@ -203,3 +203,36 @@ def sink_prefix_states(model, R: int, batch: int) -> dict:
         k = rotate(k, k, (cos / unit).to(k), (sin / unit).to(k))[1]                  # now at -R-S .. -R-1
         states[i] = (k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
     return states
+
+
+def pinned_block_ids(model, blocks, block_size, layout: str, sink_prefix: bool) -> tuple[torch.Tensor, int, int]:
+    """`MemformerForCausalLM.reading_blocks`' arguments checked (ValueError naming what is wrong):
+    returns (block ids [batch, n], block size, batch)."""
+    if layout not in ("contiguous", "stored"):
+        raise ValueError(f"reading_blocks: unknown layout {layout!r}; choose 'contiguous' or 'stored'")
+    if model.runtime.corpus:
+        raise ValueError("block reads need the sequence's own memory; a corpus memory is attached")
+    bs = model.memory_config.block_size if block_size is None else int(block_size)
+    if bs < 1:
+        raise ValueError(f"reading_blocks: block_size must be >= 1, got {bs}")
+    ids = torch.as_tensor(blocks, dtype=torch.long)
+    ids = ids[None] if ids.dim() == 1 else ids                                  # [B, n]
+    batch = next(iter(model.memories.values())).batch if model.memories else 0
+    if not batch:
+        raise ValueError("reading_blocks: nothing is memorized")
+    if ids.dim() != 2 or ids.shape[1] < 1 or ids.shape[0] not in (1, batch):
+        raise ValueError(f"reading_blocks: blocks must be [n] or [{batch}, n] with n >= 1, got {tuple(ids.shape)}")
+    have = model.memory_blocks(bs)
+    if int(ids.min()) < 0 or int(ids.max()) >= have:
+        raise ValueError(f"reading_blocks: block ids must be in [0, {have}) (memory of {have} blocks of "
+                         f"{bs}), got {ids.min().item()}..{ids.max().item()}")
+    if any(len(set(row)) < len(row) for row in ids.tolist()):
+        raise ValueError("reading_blocks: a block id repeats (each block is read once)")
+    contiguous = layout == "contiguous"
+    if sink_prefix and not contiguous:
+        raise ValueError("reading_blocks: sink_prefix needs the contiguous layout (the sink is laid out "
+                         "just before the blocks)")
+    if contiguous and model.unknown_window_slots(ids.expand(batch, -1), bs):
+        raise ValueError("reading_blocks: this memory has no recorded window slots (saved before "
+                         "they were kept); memorize the documents again, or use layout='stored'")
+    return ids.expand(batch, -1).contiguous(), bs, batch

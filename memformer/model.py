@@ -20,7 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from memformer.adapters import get_adapter
-from memformer.blocks import sink_prefix_states
+from memformer.blocks import pinned_block_ids, sink_prefix_states
 from memformer.config import MemoryConfig
 from memformer.index import LayerMemory
 from memformer.memory_layer import MemoryAttention, MemoryRuntime
@@ -457,44 +457,19 @@ class MemformerForCausalLM(nn.Module):
         rows where they were stored ("window" keys: at their window position, so blocks of
         different windows can overlap and a block across a window boundary jumps back;
         "first"/"fixed" keys are always laid out contiguously).
-        sink_prefix: (default False; contiguous layout only, else ValueError) also read the sink tokens' keys/values
-        as every memory window computed them (the sink alone), at -R-S .. -R-1 just before the
-        blocks: the blocks' states were computed after that sink, and the local window's own sink
-        sits after them (`memformer.blocks.sink_prefix_states`).
+        sink_prefix: (default False; contiguous layout only, else ValueError) also read the sink
+        tokens' keys/values as every memory window computed them (the sink alone), at
+        -R-S .. -R-1 just before the blocks: the blocks' states were computed after that sink,
+        and the local window's own sink sits after them (`memformer.blocks.sink_prefix_states`).
         """
-        if layout not in ("contiguous", "stored"):
-            raise ValueError(f"reading_blocks: unknown layout {layout!r}; choose 'contiguous' or 'stored'")
-        if self.runtime.corpus:
-            raise ValueError("block reads need the sequence's own memory; a corpus memory is attached")
-        bs = self.memory_config.block_size if block_size is None else int(block_size)
-        if bs < 1:
-            raise ValueError(f"reading_blocks: block_size must be >= 1, got {bs}")
-        ids = torch.as_tensor(blocks, dtype=torch.long)
-        ids = ids[None] if ids.dim() == 1 else ids                              # [B, n]
-        batch = next(iter(self.memories.values())).batch if self.memories else 0
-        if not batch:
-            raise ValueError("reading_blocks: nothing is memorized")
-        if ids.dim() != 2 or ids.shape[1] < 1 or ids.shape[0] not in (1, batch):
-            raise ValueError(f"reading_blocks: blocks must be [n] or [{batch}, n] with n >= 1, got {tuple(ids.shape)}")
-        have = self.memory_blocks(bs)
-        if int(ids.min()) < 0 or int(ids.max()) >= have:
-            raise ValueError(f"reading_blocks: block ids must be in [0, {have}) (memory of {have} blocks of "
-                             f"{bs}), got {ids.min().item()}..{ids.max().item()}")
-        if any(len(set(row)) < len(row) for row in ids.tolist()):
-            raise ValueError("reading_blocks: a block id repeats (each block is read once)")
+        ids, bs, batch = pinned_block_ids(self, blocks, block_size, layout, sink_prefix)   # [batch, n]
         contiguous = layout == "contiguous"
-        if sink_prefix and not contiguous:
-            raise ValueError("reading_blocks: sink_prefix needs the contiguous layout (the sink is laid out "
-                             "just before the blocks)")
-        if contiguous and self.unknown_window_slots(ids.expand(batch, -1), bs):
-            raise ValueError("reading_blocks: this memory has no recorded window slots (saved before "
-                             "they were kept); memorize the documents again, or use layout='stored'")
         # computed before the runtime changes, so a failure here leaves it as it was
         prefix = sink_prefix_states(self, ids.shape[1] * bs, batch) if sink_prefix else {}
         # runtime only: the MemoryConfig (and its neighbours setting, which pinned reads skip) stays
         rt, old = self.runtime, (self.runtime.read_blocks, self.runtime.block_size)
         rt.read_blocks, rt.block_size = ids.shape[1], bs
-        rt.pinned_blocks = ids.expand(batch, -1).contiguous()
+        rt.pinned_blocks = ids
         self._set_block_rotation(contiguous)
         rt.pinned_prefix = prefix
         try:
