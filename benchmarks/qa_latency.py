@@ -4,7 +4,9 @@ One needle document (`memformer.needle`, single-number) of `--tokens` tokens is 
 mode; then the same cue is answered `--repeats` times in each mode and the median time kept.
 Memory with question reads holds only the question in its window (the whole document is
 memorized), memory with kNN reads keeps the document's tail local (about a window of tokens
-beside the question), truncate the tail, rag its passages. Reading time (memorize, embedding)
+beside the question), truncate the tail, rag its passages. Question reads run as by default
+(sink_prefix "auto": answered with and without the sink before the blocks, the surer answer
+kept) and with one read. Reading time (memorize, embedding)
 is reported apart.
 
     .venv/bin/python benchmarks/qa_latency.py --tokens 16k --repeats 3
@@ -27,7 +29,10 @@ from memformer import MemformerForCausalLM, qa
 from memformer.needle import make_sample, score_query
 from memformer.passkey import parse_length
 
-CASES = (("memory", "question"), ("memory", "knn"), ("truncate", None), ("rag", None))
+# (mode, memory_reads, sink_prefix): question reads as by default ("auto": two generations, the
+# surer kept) and with one read (no sink before the blocks)
+CASES = (("memory", "question", "auto"), ("memory", "question", False), ("memory", "knn", False),
+         ("truncate", None, False), ("rag", None, False))
 
 
 def main() -> None:
@@ -45,15 +50,17 @@ def main() -> None:
                          random.Random(args.seed))
     query = sample.queries[0]
     rows = []
-    for mode, reads in CASES:
+    for mode, reads, sink in CASES:
         t0 = time.perf_counter()
-        ctx = qa.prepare(model, [sample.text], mode, show_progress=False, **({"memory_reads": reads} if reads else {}))
+        opts = {"memory_reads": reads, "sink_prefix": sink} if reads else {}
+        ctx = qa.prepare(model, [sample.text], mode, show_progress=False, **opts)
         read_s = time.perf_counter() - t0
         times, ans = [], None
         for _ in range(args.repeats):
             ans = ctx.answer(cue=query.cue, max_new_tokens=sample.max_new_tokens, evidence=0)
             times.append(ans.seconds)
-        rows.append(dict(mode=mode if reads is None else f"memory ({reads} reads)", read_s=round(read_s, 2),
+        label = {"auto": ", with and without the sink", False: ", one read"}[sink] if reads == "question" else ""
+        rows.append(dict(mode=mode if reads is None else f"memory ({reads} reads{label})", read_s=round(read_s, 2),
                          answer_s=round(statistics.median(times), 3), prompt_tokens=ans.prompt_tokens,
                          correct=score_query(ans.text, query) == 1.0, answer=ans.text[:40]))
         print(rows[-1], flush=True)
