@@ -434,39 +434,6 @@ class LongDocQA:
         return model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip(), None
 
 
-class CorpusQA:
-    """Questions answered from an attached corpus memory alone (`model.attach_corpus`), no
-    document of their own: the local window holds only the question; mode "memory" only.
-    `answer` returns an `Answer` whose `corpus_evidence` names the documents drawn on."""
-
-    def __init__(self, model):
-        if not getattr(model, "corpus_documents", None):
-            raise ValueError("CorpusQA needs a corpus memory attached (model.attach_corpus(path))")
-        if model.tokenizer is None:
-            raise ValueError("CorpusQA needs a model with a tokenizer")
-        self.model = model
-
-    def answer(self, question: str | None = None, *, cue: str | None = None, mode: str = "memory",
-               max_new_tokens: int = 48, evidence: int = 3) -> Answer:
-        if mode != "memory":
-            raise ValueError(f"a corpus memory alone answers in mode 'memory' only, not {mode!r} "
-                             f"(the baselines need the documents: give them with --doc)")
-        if not (question and question.strip()) and not (cue and cue.strip()):
-            raise ValueError("give a question or a cue")
-        model, t0 = self.model, time.perf_counter()
-        x = (torch.tensor([model.tokenizer(cue, add_special_tokens=False)["input_ids"]]) if cue
-             else model.chat_ids(question))                                  # [1, T]
-        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=evidence > 0)
-        ans = Answer("memory", model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip(),
-                     prompt_tokens=x.shape[1])
-        if evidence > 0:
-            ans.corpus_evidence = model.corpus_evidence(top=evidence)
-            model.runtime.retrieved.clear()
-            model.runtime.retrieved_corpus.clear()
-        ans.seconds = time.perf_counter() - t0
-        return ans
-
-
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")

@@ -144,7 +144,8 @@ def cmd_qa(args) -> int:
         print(f"corpus: {len(docs)} document(s), {docs[-1].end if docs else 0} tokens, attached read-only "
               f"from {args.corpus}")
         if not (args.doc or args.memory or args.demo):
-            return _answer_all(qa_mod.CorpusQA(model), questions, ["memory"], args)
+            from memformer.corpus_qa import CorpusQA
+            return _answer_all(CorpusQA(model), questions, ["memory"], args)
     embedder = None
     if args.embedder and ("rag" in modes or ("memory" in modes and args.memory_reads == "question")):
         from memformer.rag import load_embedder
