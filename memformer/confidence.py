@@ -36,5 +36,5 @@ def answer_confidence(tokenizer, new_ids: torch.Tensor, logits) -> float:
     if not ids:
         return float("nan")
     n = first_line_span(tokenizer, ids)
-    logp = [torch.log_softmax(lg.reshape(-1).float(), -1)[t] for lg, t in zip(logits[:n], ids[:n])]
-    return float(torch.stack(logp).mean())
+    logp = torch.stack([lg.reshape(-1) for lg in logits[:n]]).float().log_softmax(-1)   # [n, V]
+    return float(logp[torch.arange(n), torch.tensor(ids[:n])].mean())

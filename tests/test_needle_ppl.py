@@ -371,8 +371,9 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     assert "| passkey | 1k |" in table
     assert all((out / f).stat().st_size > 5000 for f in ("needle_heatmap.png", "needle_accuracy.png"))
     mem = [r for r in records if r["mode"] == "memory" and r["length"] == 1024]
-    assert all(set(r["reads"]) <= {"blocks", "sink+blocks"} and len(r["other_answers"]) == len(r["answers"])
-               and min(r["confidence"]) >= -1e9 for r in mem)           # default sink_prefix "auto"
+    assert mem and all(set(r["reads"]) <= {"blocks", "sink+blocks"} and len(r["other_answers"]) == len(r["answers"])
+                       for r in mem)                                     # default sink_prefix "auto": both reads
+    assert all(0 >= c >= o for r in mem for c, o in zip(r["confidence"], r["other_confidence"]))   # the surer kept
     assert json.loads((out / "run.json").read_text())["qa"]["sink_prefix"] == "auto"
     assert "the surer answer kept" in table
     assert _main(*argv, "--resume") == 0                            # nothing left to run
@@ -411,6 +412,12 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
 def test_cli_rejects_bad_arguments_before_loading_a_model(argv, msg, capsys):
     assert _main("eval", *argv, "--model", "/nonexistent/model") == 2
     assert re.search(msg, capsys.readouterr().err)
+
+
+def test_cli_rejects_an_unknown_sink_prefix(capsys):
+    with pytest.raises(SystemExit) as e:                            # argparse: usage error, exit 2
+        _main("eval", "needle", "--sink-prefix", "sometimes", "--model", "/nonexistent/model")
+    assert e.value.code == 2 and "--sink-prefix: invalid choice: 'sometimes'" in capsys.readouterr().err
 
 
 def test_cli_resume_refuses_other_settings(tiny_dir, tmp_path, capsys):
