@@ -25,7 +25,7 @@ test-fast: setup
 	$(PY) -m pytest -q -ra -m "not integration" tests
 
 demo: setup
-	$(VENV)/bin/memformer qa --demo
+	$(VENV)/bin/memformer qa --demo --compare
 
 passkey: setup
 	$(VENV)/bin/memformer eval passkey --lengths 4k,16k,32k --trials 10 --out benchmarks/results/passkey

@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Long-term kNN memory (FoT / InfLLM style) for frozen pretrained causal LMs",
     python_requires=">=3.10",
-    packages=["memformer", "memformer.commands", "memformer.index", "memformer.kernels", "memformer.training"],
+    packages=["memformer", "memformer.cli", "memformer.qa", "memformer.eval", "memformer.index", "memformer.kernels", "memformer.training"],
     package_dir={
         "memformer": "memformer",
         "memformer.index": "index",
@@ -46,5 +46,5 @@ setup(
         # `pip uninstall faiss-cpu` after installing it or the two overwrite each other
         "gpu": ["faiss-gpu-cu12"],
     },
-    entry_points={"console_scripts": ["memformer=memformer.cli:main"]},
+    entry_points={"console_scripts": ["memformer=memformer.cli.main:main"]},
 )

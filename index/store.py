@@ -165,7 +165,7 @@ class LayerMemory:
             valid: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> None:
         """keys/values [B, Hkv, n, D], positions [B, n] (document token positions), valid [B, n]
         bool, slots [B, n]: the position inside its window each key was computed (and, in
-        position_mode "window", rotated) at; None = unknown (-1)."""
+        rotated) at; None = unknown (-1)."""
         B, H, n, D = keys.shape
         if (B, H, D) != (self.batch, self.kv_heads, self.dim) or values.shape != keys.shape:
             raise ValueError(f"LayerMemory.add: keys {tuple(keys.shape)} / values {tuple(values.shape)} "

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memformer import persistence
-from memformer.documents import DOC_SUFFIXES, read_document
+from memformer.qa.documents import DOC_SUFFIXES, read_document
 
 CORPUS_FILE = "corpus.json"
 CORPUS_FORMAT = "memformer-corpus"
@@ -128,18 +128,15 @@ def attach_corpus(model, path) -> list[CorpusDocument]:
     attached one). It must come from the same backbone and memory config; the model's own memory
     is untouched."""
     from memformer.index import LayerMemory
-    if model.memory_config.read_blocks:
-        raise ValueError("a corpus memory is read with token reads; this model uses block reads "
-                         "(set_read_blocks(0) first)")
     path = Path(path)
     docs = read_corpus_table(path)
     manifest, tensors = persistence.read_memory(model, path)
     if int(manifest["batch"]) != 1:
         raise persistence.MemoryFileError(f"{path}: a corpus memory holds one stream, this one {manifest['batch']}")
     cfg = model.memory_config
-    device = cfg.index_device or model.device
+    params = {k: v for k, v in cfg.index_params.items() if k != "storage_dir"}
     layers = {i: LayerMemory(1, int(manifest["kv_heads"]), int(manifest["head_dim"]), dtype=model._memory_dtype(),
-                             device=device, index=cfg.index, index_params=cfg.index_params)
+                             device=model.device, index=cfg.index, index_params=params)
               for i in model.memory_layer_ids}
     persistence.fill_layer_memories(layers, tensors, path / "memory.safetensors")
     model.runtime.corpus.clear()

@@ -1,11 +1,11 @@
 """MemoryAttention: wraps one backbone attention module so it reads and writes kNN memory.
 
 The wrapper reuses the backbone's own projections, RoPE function, KV cache and attention
-implementation; it adds (1) a kNN search of this layer's memory with the rotated query,
-(2) one softmax over local keys + retrieved keys (`memformer.kernels.knn_attention`), and
-(3) hands the window's keys (rotated at their window position in position_mode "window",
-un-rotated in "first"/"fixed") and values to the model, which writes them to memory after the
-window (so a token never retrieves itself or anything after it).
+implementation; it adds (1) a read of this layer's memory: the blocks a question pinned (`memformer.blocks`, every memory
+layer) or, with no question, a kNN search with the query moved one window further (kNN layers);
+(2) one softmax over local keys + memory keys (`memformer.kernels.knn_attention`); and (3) hands
+the window's keys (rotated at their window position) and values to the model, which writes them
+to memory after the window (so a token never retrieves itself or anything after it).
 """
 from __future__ import annotations
 
@@ -15,58 +15,45 @@ import torch
 import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from memformer.blocks import block_attention
+from memformer.blocks import block_attention, gather_rows
 from memformer.kernels import knn_attention
 
 
 @dataclass
 class MemoryRuntime:
-    """State shared by the model and all its memory layers for one forward pass.
+    """Read/write mode shared by the model and all its memory layers for one forward pass.
 
     enabled: False turns every memory layer into the plain backbone attention (wins over read/write).
-    read: memory layers retrieve from memory. write: they hand (k, v) of this pass to `pending`.
-    record: keep the attention mass each retrieved row received (for evidence spans).
-    memories: layer index -> LayerMemory (None until a memory exists).
+    read: memory layers read memory. write: they hand (k, v) of this pass to `pending`.
+    record: keep the attention mass each memory row received (for evidence spans).
+    memories: layer index -> LayerMemory (empty until something is memorized).
     corpus: layer index -> LayerMemory of an attached read-only corpus memory (batch 1, shared by
-        every sequence); retrieval takes the top-k of both memories together.
+        every sequence); kNN reads take the top-k of both memories together.
     retrieved / retrieved_corpus: with `record`, per layer a list of (ids, probs) [B, Hq, T, K]
         for the own memory / the corpus (slots from the other source are -1).
-    read_blocks / block_size: > 0 = block reads (`memformer.blocks`): attend to all rows of the
-        read_blocks best blocks of block_size positions instead of the top-k rows.
-    knn_layers: None, or the layer indices that search memory themselves (kNN / voted block
-        reads); the other memory layers read memory only when blocks are pinned.
-    pinned_blocks: None, or block ids [B, n] that every query reads instead of voting for its own
-        (`MemformerForCausalLM.reading_blocks`: blocks chosen outside the model, e.g. by a question).
-    pinned_prefix: layer index -> (keys, values) [B, Hkv, S, D] read just before the pinned blocks:
-        the sink prefix as every memory window saw it, laid out at -R-S .. -R-1.
-    q_rotation: (cos, sin) of the fixed memory distance for position_mode "fixed"/"window", else None.
-    block_rotation: block reads over un-rotated keys ("first"/"fixed"): (cos, sin) [1, R, D] of
-        positions -R .. -1 (R = read_blocks * block_size), the contiguous layout of the blocks
-        read; None otherwise (the model keeps it in step with read_blocks and block_size).
-    store_rotated: position_mode "window" stores keys rotated at their window position.
-    slot_rotation: pinned blocks laid out contiguously over rotated keys: (cos, sin) [1, W, D] of
-        positions 0 .. W-1 (unit scale), to undo each row's rotation at its window slot; else None.
-    write_slice: slice of the time axis whose keys/values are written (drops sink prefixes).
+    knn_layers: the layer indices that run kNN reads when no blocks are pinned.
+    pinned_blocks: None, or block ids [B, n] every memory layer reads (`reading_blocks`).
+    q_rotation: (cos, sin) of the window distance W: kNN reads move the query W further, so every
+        memory window looks like the window just before the current one.
+    row_rotation / slot_rotation: (cos, sin) of positions -R .. -1 (the pinned blocks' layout) and
+        of 0 .. W-1 at unit scale (undoes a stored key's rotation at its window slot).
+    write_slice: slice of the time axis whose keys/values are written (drops sink and context).
     """
     enabled: bool = True
     read: bool = False
     write: bool = False
     record: bool = False
     top_k: int = 32
-    neighbors: int = 0
-    read_blocks: int = 0
     block_size: int = 64
-    knn_layers: frozenset | None = None
+    knn_layers: frozenset = frozenset()
     pinned_blocks: torch.Tensor | None = None
-    pinned_prefix: dict = field(default_factory=dict)
     memories: dict = field(default_factory=dict)
     corpus: dict = field(default_factory=dict)
     pending: dict = field(default_factory=dict)
     retrieved: dict = field(default_factory=dict)
     retrieved_corpus: dict = field(default_factory=dict)
     q_rotation: tuple | None = None
-    block_rotation: tuple | None = None
-    store_rotated: bool = False
+    row_rotation: tuple | None = None
     slot_rotation: tuple | None = None
     write_slice: slice = field(default_factory=lambda: slice(None))
 
@@ -104,19 +91,17 @@ class MemoryAttention(nn.Module):
         q_rot, k_rot = self.rotary_fn(q, k, cos, sin)
 
         if rt.write and rt.enabled:
-            # Un-rotated ("first"/"fixed": memory keys enter at one fixed relative position) or
-            # rotated at their window position ("window": memory keeps its order).
-            k_store = k_rot if rt.store_rotated else k
-            rt.pending[self.layer_idx] = (k_store[:, :, rt.write_slice].detach(), v[:, :, rt.write_slice].detach())
+            # rotated at their window position: memory keeps the order of its tokens
+            rt.pending[self.layer_idx] = (k_rot[:, :, rt.write_slice].detach(), v[:, :, rt.write_slice].detach())
         if past_key_values is not None:
             k_all, v_all = past_key_values.update(k_rot, v, self.layer_idx)
         else:
             k_all, v_all = k_rot, v
 
-        reading = rt.read and rt.enabled and (rt.pinned_blocks is not None or rt.knn_layers is None
-                                              or self.layer_idx in rt.knn_layers)
+        pinned = rt.pinned_blocks is not None
+        reading = rt.read and rt.enabled and (pinned or self.layer_idx in rt.knn_layers)
         mem = rt.memories.get(self.layer_idx) if reading else None
-        corpus = rt.corpus.get(self.layer_idx) if reading else None
+        corpus = rt.corpus.get(self.layer_idx) if reading and not pinned else None
         mem = mem if mem is not None and len(mem) > 0 else None
         corpus = corpus if corpus is not None and len(corpus) > 0 else None
         if mem is None and corpus is None:
@@ -126,36 +111,26 @@ class MemoryAttention(nn.Module):
                                dropout=0.0, scaling=attn.scaling, **kwargs)   # [B, T, Hq, D]
             return attn.o_proj(out.reshape(B, T, Hq * D)), None
 
-        # "first": q at its real local position against un-rotated keys (keys "as if first");
-        # "fixed": every memory key looks a fixed distance away (InfLLM);
-        # "window": q moved a window further against keys rotated at their window position.
-        if rt.q_rotation is None:
-            q_mem = q_rot
-        else:
-            base = q_rot if rt.store_rotated else q
-            q_mem = self.rotary_fn(base, base, *rt.q_rotation)[0]
-        G = Hq // Hkv
-        queries = q_mem.reshape(B, Hkv, G * T, D)                              # query heads of a kv group
-        to_heads = lambda x: x.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)   # [B, Hkv, G*T, K] -> [B, Hq, T, K]
         track = mem is not None and getattr(mem, "tracks_attention", False)    # score (H2O) eviction
-        if rt.read_blocks and corpus is None:
-            out, rows, probs = block_attention(mem, q_rot, q_mem, k_all, v_all, top_k=rt.top_k,
-                                               n_blocks=rt.read_blocks, block_size=rt.block_size,
-                                               scale=attn.scaling, local_mask=attention_mask,
-                                               mem_bias=self.memory_gate, rotary_fn=self.rotary_fn,
-                                               row_rotation=rt.block_rotation,
-                                               slot_rotation=rt.slot_rotation,
-                                               pinned=rt.pinned_blocks,
-                                               prefix=rt.pinned_prefix.get(self.layer_idx))  # [B, Hq, T, D]; [B, 1, T, R]
+        if pinned:                                                             # question reads
+            out, rows, probs = block_attention(mem, q_rot, k_all, v_all, rt.pinned_blocks,
+                                               block_size=rt.block_size, scale=attn.scaling,
+                                               rotary_fn=self.rotary_fn, row_rotation=rt.row_rotation,
+                                               slot_rotation=rt.slot_rotation, local_mask=attention_mask,
+                                               mem_bias=self.memory_gate)    # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
                 rt.retrieved.setdefault(self.layer_idx, []).append((rows, probs))
             if track:
                 mem.record_attention(rows, probs)
             return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D)), None
+
+        # kNN reads: the query moved a window further against keys rotated at their window slot
+        q_mem = self.rotary_fn(q_rot, q_rot, *rt.q_rotation)[0]                 # [B, Hq, T, D]
+        G = Hq // Hkv
+        queries = q_mem.reshape(B, Hkv, G * T, D)                              # query heads of a kv group
+        to_heads = lambda x: x.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)   # [B, Hkv, G*T, K] -> [B, Hq, T, K]
         if corpus is None:
             scores, ids = mem.search(queries, rt.top_k)                        # [B, Hkv, G*T, K]
-            if rt.neighbors:
-                scores, ids = expand_neighbors(mem, queries, ids, rt.neighbors)  # [B, Hkv, G*T, K*(2r+1)]
             ids, scores = to_heads(ids), to_heads(scores)                      # scores = q_mem . k_mem[ids]
             k_mem, v_mem, own_ids, corpus_ids = mem.keys, mem.values, ids, None
             k_scale, v_scale = getattr(mem, "key_scales", None), getattr(mem, "value_scales", None)
@@ -178,46 +153,6 @@ class MemoryAttention(nn.Module):
         return attn.o_proj(out), None
 
 
-def expand_neighbors(mem, queries: torch.Tensor, ids: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add the r rows on each side of every retrieved row; (scores, ids) [B, Hkv, Q, K*(2r+1)].
-
-    mem: LayerMemory; queries [B, Hkv, Q, D] (as searched); ids [B, Hkv, Q, K] (-1 = none).
-    A neighbour counts only if it holds the token exactly that many positions away in the same
-    sequence (evicted gaps are not bridged); each row appears once per query (duplicates -> -1);
-    scores are recomputed exactly, q . k, for every slot."""
-    B, Hkv, Q, K = ids.shape
-    M = len(mem)
-    offsets = torch.arange(-r, r + 1, device=ids.device)                                  # [2r+1]
-    cand = ids[..., None] + offsets                                                       # [B, Hkv, Q, K, 2r+1]
-    ok = (ids[..., None] >= 0) & (cand >= 0) & (cand < M)
-    pos = mem.positions.to(ids.device).expand(B, -1)                                      # [B, M]
-    flat = lambda x: x.clamp(0, M - 1).reshape(B, -1)                                     # [B, Hkv*Q*K*(2r+1)]
-    gap = (pos.gather(1, flat(cand)) - pos.gather(1, flat(ids[..., None].expand_as(cand)))).view_as(cand)
-    ok &= gap == offsets
-    cand = cand.masked_fill(~ok, -1).reshape(B, Hkv, Q, -1)                              # [B, Hkv, Q, K']
-    cand = cand.sort(dim=-1).values
-    dup = torch.zeros_like(cand, dtype=torch.bool)
-    dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
-    cand = cand.masked_fill(dup, -1)
-    keys, _ = _rows(mem, cand)                                                            # [B, Hkv, Q, K', D]
-    scores = torch.einsum("bhqd,bhqkd->bhqk", queries.float(), keys)
-    return scores.masked_fill(cand < 0, float("-inf")).to(queries.dtype), cand
-
-
-def _rows(memory, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float keys and values of memory rows. memory: [b, Hkv, M, D] (b = B or 1), ids [B, Hkv, Q, K]
-    -> [B, Hkv, Q, K, D] each (id -1 reads row 0; callers mask it)."""
-    B, Hkv, Q, K = ids.shape
-    b = torch.arange(B, device=ids.device)[:, None, None, None] if memory.batch > 1 else 0
-    h = torch.arange(Hkv, device=ids.device)[None, :, None, None]
-    i = ids.clamp(min=0).to(memory.keys.device)
-    out = []
-    for rows, scales in ((memory.keys, memory.key_scales), (memory.values, memory.value_scales)):
-        x = rows[b, h, i].float()                                              # [B, Hkv, Q, K, D]
-        out.append(x if scales is None else x * scales[b, h, i][..., None])
-    return out[0], out[1]
-
-
 def merged_retrieval(mem, corpus, queries: torch.Tensor, k: int, G: int, T: int):
     """Top-k over the sequence's own memory and a read-only corpus memory together.
 
@@ -233,10 +168,10 @@ def merged_retrieval(mem, corpus, queries: torch.Tensor, k: int, G: int, T: int)
     cs, ci = corpus.search(cq, k)                                              # [1, Hkv, B*Q, k]
     cs = cs.view(Hkv, B, Q, k).transpose(0, 1).to(queries.device)              # [B, Hkv, Q, k]
     ci = ci.view(Hkv, B, Q, k).transpose(0, 1).to(queries.device)
-    ck, cv = _rows(corpus, ci)
+    ck, cv = gather_rows(corpus, ci, per_head=True)
     if mem is not None:
         ms, mi = mem.search(queries, k)                                        # [B, Hkv, Q, k]
-        mk, mv = _rows(mem, mi)
+        mk, mv = gather_rows(mem, mi, per_head=True)
         scores, pick = torch.cat([ms.to(cs.device), cs], dim=-1).topk(k, dim=-1)  # [B, Hkv, Q, k]
         from_corpus = pick >= k
         slot = (pick % k)[..., None].expand(B, Hkv, Q, k, D)

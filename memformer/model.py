@@ -2,17 +2,18 @@
 
     model = MemformerForCausalLM.from_pretrained()          # embedded default backbone
     model.memorize(long_text)                                # windows of W tokens -> memory
-    model.ask("What is the pass key?")                       # reads memory while generating
+    model.ask("What is the pass key?")                       # question reads while generating
+    model.generate(ids)                                      # kNN reads (no question known)
 
 Data flow per window (see docs/architecture.md): every layer attends causally inside the
-window [sink ‖ overlap context ‖ new tokens]; memory layers also attend to the top-k keys of
-their memory in the same softmax; after the window, the new tokens' keys and values are
-appended to memory.
+window [sink ‖ overlap context ‖ new tokens]; after the window, the new tokens' keys and values
+are appended to memory. Reading: a question pins the memory blocks under the passages nearest to
+it and every memory layer reads them (`ask`); without a question the kNN layers retrieve their
+top-k keys per query (`generate`, `forward`).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,8 +21,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from memformer.adapters import get_adapter
-from memformer.blocks import pinned_block_ids, sink_prefix_states
-from memformer.config import MemoryConfig
+from memformer.blocks import pinned_block_ids
+from memformer.config import AdapterConfig, MemoryConfig
 from memformer.index import LayerMemory
 from memformer.memory_layer import MemoryAttention, MemoryRuntime
 from memformer import persistence
@@ -32,7 +33,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class MemformerForCausalLM(nn.Module):
     """A backbone (frozen) + memory layers (trainable adapters) + one memory per sequence."""
 
-    def __init__(self, backbone: nn.Module, tokenizer=None, memory_config: MemoryConfig | None = None):
+    def __init__(self, backbone: nn.Module, tokenizer=None, memory_config: MemoryConfig | None = None,
+                 *, embedder=None):
         super().__init__()
         self.memory_config = cfg = memory_config or MemoryConfig()
         self.adapter = get_adapter(backbone.config)          # clear ValueError for unknown types
@@ -47,23 +49,24 @@ class MemformerForCausalLM(nn.Module):
         self.backbone_fingerprint = persistence.fingerprint_backbone(backbone)
         backbone.requires_grad_(False)
         backbone.eval()
-        if cfg.lora_rank > 0:
-            self._inject_lora(cfg)
-        self.runtime = MemoryRuntime(top_k=cfg.top_k, neighbors=cfg.neighbors, read_blocks=cfg.read_blocks,
-                                     block_size=cfg.block_size)
-        self._set_knn_layers(cfg)                            # clear ValueError when out of range
+        knn = cfg.resolve_knn_layers(len(layers))           # clear ValueError when out of range
+        self.runtime = MemoryRuntime(top_k=cfg.top_k, block_size=cfg.block_size, knn_layers=frozenset(knn))
         rotary, eager = self.adapter.apply_rotary(), self.adapter.eager_attention()
         for i in self.memory_layer_ids:
             attn_attr = self.adapter.attn_attr
             setattr(layers[i], attn_attr, MemoryAttention(getattr(layers[i], attn_attr), i, rotary, eager,
-                                                          self.runtime, cfg.gate_init))
-        for name, p in self.named_parameters():            # trainable = found by structure
-            p.requires_grad_(_is_memory_param(name))
-        if cfg.position_mode in ("fixed", "window"):
-            self.runtime.q_rotation = self._rotation_at(cfg.memory_distance)
-        self.runtime.store_rotated = cfg.position_mode == "window"
-        self._set_block_rotation()
+                                                          self.runtime))
+        self.adapter_config: AdapterConfig | None = None    # LoRA on the memory layers: add_lora()
+        self._set_trainable()
+        self.runtime.q_rotation = self._rotation_at(cfg.window)
+        cos, sin = self._rotation_at(*range(cfg.window))                      # [1, W, D]
+        unit = cos[0, 0, 0]                      # position 0: cos = the rotary's attention scaling
+        self.runtime.slot_rotation = (cos / unit, sin / unit)
+        self.embedder = embedder                 # sentence embedder of question reads (None: MiniLM)
         self.seen: list[int] = []          # tokens memorized so far, per sequence
+        self.stream: list[list[int]] = []        # those tokens, per sequence (question reads' passages)
+        self.doc_starts: list[list[int]] = []    # where each memorize() call began, per sequence
+        self._passages = None                    # PassageIndex over stream[0] (built on first ask)
         self.sink_ids: torch.Tensor | None = None
         self.tail_ids: torch.Tensor | None = None    # last `overlap` tokens of the previous call
         self.corpus_documents: list = []             # table of an attached corpus memory
@@ -72,21 +75,42 @@ class MemformerForCausalLM(nn.Module):
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, model=None, memory_config: MemoryConfig | None = None, *, adapter=None,
-                        tokenizer=None, torch_dtype=None, device_map=None, **kwargs) -> "MemformerForCausalLM":
+                        tokenizer=None, embedder=None, torch_dtype=None, device_map=None,
+                        **kwargs) -> "MemformerForCausalLM":
         """Load a backbone (local folder, GGUF file, cached hub id, model instance, or None for the
         embedded default SmolLM2-135M-Instruct), freeze it and add memory layers.
-        adapter: a folder written by `save_pretrained` (memory-layer weights + memory config)."""
+        adapter: a folder written by `save_pretrained` (memory-layer weights, adapter and memory
+        config). embedder: a sentence-transformers model for question reads (None: MiniLM)."""
         from memformer.loading import load_backbone
         if adapter is not None and memory_config is None:
             memory_config = persistence.read_adapter_config(adapter)
         backbone, tok = load_backbone(model, torch_dtype=torch_dtype, device_map=device_map,
                                       tokenizer=tokenizer, **kwargs)
-        self = cls(backbone, tokenizer or tok, memory_config)
+        self = cls(backbone, tokenizer or tok, memory_config, embedder=embedder)
         if adapter is not None:
             self.load_adapter(adapter)
         return self
 
-    def _inject_lora(self, cfg: MemoryConfig) -> None:
+    def add_lora(self, cfg: AdapterConfig | None = None) -> None:
+        """Add trainable LoRA adapters (rank, alpha) to the memory layers' q/k/v/o and set the
+        memory gates to `cfg.gate_init` (PEFT-style; B = 0, so the outputs do not change)."""
+        cfg = cfg or AdapterConfig()
+        if self.adapter_config is not None:
+            raise ValueError("this model already has LoRA adapters")
+        if cfg.lora_rank > 0:
+            self._inject_lora(cfg)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, MemoryAttention):
+                    m.memory_gate.fill_(cfg.gate_init)
+        self.adapter_config = cfg
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        for name, p in self.named_parameters():            # trainable = found by structure
+            p.requires_grad_(_is_memory_param(name))
+
+    def _inject_lora(self, cfg: AdapterConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
         prefix = self.adapter.layers_attr
         targets = [f"{prefix}.{i}.{self.adapter.attn_attr}.{p}" for i in self.memory_layer_ids
@@ -104,21 +128,6 @@ class MemformerForCausalLM(nn.Module):
         dev = next(self.backbone.parameters()).device
         x = torch.zeros(1, 1, 1, dtype=torch.float32, device=dev)
         return rotary(x, torch.tensor([list(positions)], device=dev))   # (cos, sin) [1, len(positions), D]
-
-    def _set_block_rotation(self, contiguous: bool = False) -> None:
-        """Block reads over un-rotated keys lay the blocks read out at positions -R .. -1, just
-        before the local window (memformer.blocks); voted blocks over keys stored rotated
-        ("window") keep their window positions. contiguous: pinned blocks, laid out at -R .. -1
-        whatever the position mode (rotated keys are first un-rotated from their window slot)."""
-        rt = self.runtime
-        R = rt.read_blocks * rt.block_size
-        layout = bool(R) and (contiguous or not rt.store_rotated)
-        rt.block_rotation = self._rotation_at(*range(-R, 0)) if layout else None
-        rt.slot_rotation = None
-        if layout and rt.store_rotated:
-            cos, sin = self._rotation_at(*range(self.memory_config.window))          # [1, W, D]
-            unit = cos[0, 0, 0]                  # position 0: cos = the rotary's attention scaling
-            rt.slot_rotation = (cos / unit, sin / unit)
 
     @property
     def device(self) -> torch.device:
@@ -144,6 +153,7 @@ class MemformerForCausalLM(nn.Module):
         self.runtime.retrieved.clear()
         self.runtime.retrieved_corpus.clear()
         self.seen, self.sink_ids, self.tail_ids = [], None, None
+        self.stream, self.doc_starts, self._passages = [], [], None
 
     def attach_corpus(self, path) -> list:
         """Attach a corpus memory (built by `memformer memory build`) read-only: every memory layer
@@ -174,13 +184,15 @@ class MemformerForCausalLM(nn.Module):
             return
         cfg, bcfg = self.memory_config, self.backbone.config
         head_dim = getattr(bcfg, "head_dim", None) or bcfg.hidden_size // bcfg.num_attention_heads
-        device = cfg.index_device or self.device
+        params = dict(cfg.index_params)
+        storage = params.pop("storage_dir", None)
         for i in self.memory_layer_ids:
             self.runtime.memories[i] = LayerMemory(
-                batch, bcfg.num_key_value_heads, head_dim, dtype=self._memory_dtype(), device=device,
-                index=cfg.index, index_params=cfg.index_params, capacity=cfg.capacity, eviction=cfg.eviction,
-                mmap_dir=cfg.storage_dir)
+                batch, bcfg.num_key_value_heads, head_dim, dtype=self._memory_dtype(), device=self.device,
+                index=cfg.index, index_params=params, capacity=cfg.capacity, eviction=cfg.eviction,
+                mmap_dir=storage)
         self.seen = [0] * batch
+        self.stream, self.doc_starts = [[] for _ in range(batch)], [[] for _ in range(batch)]
 
     @contextlib.contextmanager
     def _mode(self, read: bool, write: bool, record: bool | None = None):
@@ -238,12 +250,14 @@ class MemformerForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- reading into memory
     @torch.no_grad()
-    def memorize(self, inputs, *, show_progress: bool = True) -> int:
+    def memorize(self, inputs, *, read: bool = False, show_progress: bool = True) -> int:
         """Stream `inputs` through the model window by window, writing every window to memory.
 
         inputs: text, list of texts (one memory each), ids [T] / [B, T], or lists of ids.
-        Calls accumulate: a second call continues each sequence's memory. Returns tokens read.
-        Windows only write memory unless MemoryConfig.read_during_ingest is set.
+        Calls accumulate: a second call continues each sequence's memory (and starts a new
+        document for question reads' passages). Returns tokens read.
+        read: windows also read the memory of earlier windows (kNN reads, as `generate` does; the
+        perplexity evaluation); by default they only write, at about a plain windowed forward.
         """
         ids, lengths = self._as_batch(inputs)                   # [B, L]
         B, L = ids.shape
@@ -257,12 +271,16 @@ class MemformerForCausalLM(nn.Module):
         if S > 0 and self.sink_ids is None:
             # The first S tokens become the sink prefix of every window; being always local,
             # they are never written to memory.
-            if min(lengths) < S:
-                raise ValueError(f"memorize: the first call needs >= sink_tokens={S} tokens per sequence")
+            # (a first text shorter than that is all sink: kept local, nothing written)
+            S = min(S, min(lengths))
             self.sink_ids, first = ids[:, :S].clone(), S
         windows = list(self.plan_windows(ids, lengths, first, self.sink_ids, self.tail_ids))
         for x, mask, p, start, end in tqdm(windows, desc="memorize", unit="window", disable=not show_progress):
-            self._write_window(x, mask, p, base + torch.arange(start, end)[None, :])
+            self._write_window(x, mask, p, base + torch.arange(start, end)[None, :], read)
+        for b, n in enumerate(lengths):
+            self.doc_starts[b].append(self.seen[b])
+            self.stream[b] += ids[b, :n].tolist()
+        self._passages = None                                   # the question reads' passages grew
         ov = cfg.overlap
         # context for the next call (only when every sequence ends at the same place)
         if ov > 0 and len(set(lengths)) == 1:
@@ -292,11 +310,11 @@ class MemformerForCausalLM(nn.Module):
                                torch.arange(start, end)[None, :] < lengths_t], dim=1)
             yield torch.cat([prefix, ids[:, start:end]], dim=1), valid, prefix.shape[1], start, end
 
-    def _write_window(self, x, mask, p, positions) -> None:
+    def _write_window(self, x, mask, p, positions, read: bool = False) -> None:
         """One forward over x = [prefix ‖ new tokens]; then the new tokens' k/v go to memory."""
         valid = mask[:, p:]
         dev = self.device
-        with self._mode(read=self.memory_config.read_during_ingest, write=True) as rt:
+        with self._mode(read=read, write=True) as rt:
             rt.write_slice = slice(p, None)
             # The base model only: memory needs keys/values, not next-token logits.
             base_model = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone.model
@@ -349,7 +367,7 @@ class MemformerForCausalLM(nn.Module):
         if S > 0 and sink is not None and sink.shape[0] in (1, B):
             x = torch.cat([sink.expand(B, -1).to(x.device), x], dim=1)
             if mask is not None:
-                mask = torch.cat([torch.ones(B, S, dtype=mask.dtype, device=mask.device), mask], dim=1)
+                mask = torch.cat([torch.ones(B, sink.shape[1], dtype=mask.dtype, device=mask.device), mask], dim=1)
         if mask is None:
             mask = torch.ones_like(x)
         kw = dict(generate_kwargs)
@@ -376,13 +394,63 @@ class MemformerForCausalLM(nn.Module):
             text = (system + "\n" if system else "") + question
         return torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
 
-    def ask(self, question: str, *, max_new_tokens: int = 64, system: str | None = None, **kwargs) -> str:
-        """Answer a question from memory (greedy); returns the decoded answer text."""
+    def prompt_ids(self, question: str | None = None, *, cue: str | None = None,
+                   system: str | None = None) -> torch.Tensor:
+        """[1, T] ids that `ask` generates after: the question in the chat template, or a cue (a
+        sentence for the model to complete, "The code is") as plain text after a blank line."""
         if self.tokenizer is None:
             raise ValueError("ask() needs a tokenizer")
-        ids = self.chat_ids(question, system)
-        out = self.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        if cue is not None and cue.strip():
+            return torch.tensor([self.tokenizer("\n\n" + cue, add_special_tokens=False)["input_ids"]])
+        if question is None or not question.strip():
+            raise ValueError("ask: give a question or a cue")
+        return self.chat_ids(question, system)
+
+    @torch.no_grad()
+    def ask(self, question: str | None = None, *, cue: str | None = None, max_new_tokens: int = 64,
+            system: str | None = None, record: bool = False, **generate_kwargs) -> str:
+        """Answer a question from memory (greedy); returns the decoded answer text.
+
+        Question reads: the passages of the memorized text nearest to the question (or cue) pick
+        `MemoryConfig.question_blocks` memory blocks, and every memory layer reads them while the
+        answer is generated (`question_read`). record: keep the attention each memory row drew
+        (`memformer.qa.evidence`)."""
+        x = self.prompt_ids(question, cue=cue, system=system)
+        with self.question_read(question if cue is None or not cue.strip() else cue):
+            out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
+                                **generate_kwargs)
+        return self.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+
+    def question_read(self, query: str):
+        """Context manager: every memory layer reads the blocks `blocks_for(query)` chooses. With
+        nothing memorized (or only a corpus memory attached) it changes nothing: generation then
+        uses kNN reads."""
+        if not self.memories or self.memory_size() == 0:
+            return contextlib.nullcontext()
+        return self.reading_blocks(self.blocks_for(query))
+
+    def blocks_for(self, query: str) -> list[int]:
+        """The memory blocks a question reads: those under the passages nearest to `query`
+        (`memformer.passages.question_blocks`), in document order. Needs a memory of one sequence."""
+        from memformer.passages import question_blocks
+        if len(self.stream) != 1:
+            raise ValueError(f"question reads need a memory of one sequence, this one holds {len(self.stream)}; "
+                             f"use generate() for a batch")
+        cfg = self.memory_config
+        return question_blocks(self.passages.search(query), cfg.question_blocks, cfg.block_size, self.seen[0])
+
+    @property
+    def passages(self):
+        """`memformer.passages.PassageIndex` over the memorized text (sequence 0), embedded on first use."""
+        from memformer.passages import PassageIndex, default_embedder
+        if self._passages is None:
+            if not self.stream or not self.stream[0]:
+                raise ValueError("nothing is memorized")
+            if self.embedder is None:
+                self.embedder = default_embedder()
+            self._passages = PassageIndex.from_stream(self.stream[0], self.doc_starts[0], self.tokenizer,
+                                                      self.embedder)
+        return self._passages
 
     # ---------------------------------------------------------------- persistence
     def save_memory(self, path) -> Path:
@@ -393,98 +461,38 @@ class MemformerForCausalLM(nn.Module):
         """Replace memory by the one saved at `path/`; refuses another model's or a corrupt file."""
         persistence.load_memory(self, path)
 
-    def set_neighbors(self, r: int) -> None:
-        """Read the r rows on each side of every retrieved row from now on (MemoryConfig.neighbors);
-        stored memory is unaffected, so it may change between questions."""
-        self.memory_config = dataclasses.replace(self.memory_config, neighbors=r)   # validates r
-        self.runtime.neighbors = r
-
-    def set_knn_layers(self, layers) -> None:
-        """Run kNN reads only in these memory layers from now on (MemoryConfig.knn_layers; None =
-        every memory layer); read-time only, stored memory is unaffected."""
-        cfg = dataclasses.replace(self.memory_config, knn_layers=layers)   # validates
-        self._set_knn_layers(cfg)
-        self.memory_config = cfg
-
-    def _set_knn_layers(self, cfg: MemoryConfig) -> None:
-        knn = cfg.resolve_knn_layers(len(self.adapter.layers(self.backbone)))
-        self.runtime.knn_layers = None if knn == self.memory_layer_ids else frozenset(knn)
-
-    def set_read_blocks(self, n: int, block_size: int | None = None) -> None:
-        """Read the n best memory blocks of `block_size` tokens from now on (MemoryConfig.read_blocks;
-        0 = token reads); stored memory is unaffected, so it may change between questions."""
-        if n and self.runtime.corpus:
-            raise ValueError("block reads need the sequence's own memory; a corpus memory is attached "
-                             "(detach_corpus() first, or keep token reads)")
-        bs = self.memory_config.block_size if block_size is None else block_size
-        self.memory_config = dataclasses.replace(self.memory_config, read_blocks=n, block_size=bs)  # validates
-        self.runtime.read_blocks, self.runtime.block_size = n, bs
-        self._set_block_rotation()
-
-    def memory_blocks(self, block_size: int | None = None) -> int:
-        """Number of memory blocks of `block_size` positions (block id = stream position // size)."""
-        bs = self.memory_config.block_size if block_size is None else int(block_size)
+    def memory_blocks(self) -> int:
+        """Number of memory blocks (block id = stream position // MemoryConfig.block_size)."""
         if not self.memories:
             return 0
         mem = next(iter(self.memories.values()))
         pos = mem.positions[mem.valid]                                      # [rows held]
-        return int(pos.max()) // bs + 1 if pos.numel() else 0
-
-    def unknown_window_slots(self, blocks=None, block_size: int | None = None) -> bool:
-        """True when keys stored rotated ("window") lack the window slot they were rotated at (a
-        memory saved before slots were kept), so they cannot be laid out contiguously; only the
-        rows of `blocks` [B, n] (of `block_size` positions) when given."""
-        if not self.runtime.store_rotated or not self.memories:
-            return False
-        mem = next(iter(self.memories.values()))
-        rows = mem.valid & (mem.slots < 0)                                  # [B, M]
-        if blocks is not None:
-            bs = self.memory_config.block_size if block_size is None else int(block_size)
-            rows &= ((mem.positions // bs)[:, None, :] == blocks[:, :, None]).any(1)   # [B, n, M] -> [B, M]
-        return bool(rows.any())
+        return int(pos.max()) // self.memory_config.block_size + 1 if pos.numel() else 0
 
     @contextlib.contextmanager
-    def reading_blocks(self, blocks, block_size: int | None = None, layout: str = "contiguous",
-                       sink_prefix: bool = False):
+    def reading_blocks(self, blocks):
         """Within this block every memory layer reads exactly `blocks`, whole, in document order,
-        at every query (prompt and generated tokens alike): block reads whose choice is made
-        outside the model, e.g. from the question (`memformer.qa`, memory_reads="question").
+        at every query (prompt and generated tokens alike), laid out contiguously at positions
+        -R .. -1 just before the local window (R = n * block_size), as a RAG prompt's passages.
 
         blocks: [n] block ids for every sequence, or [B, n]; block b holds stream positions
-        [b*block_size, (b+1)*block_size). Rows evicted or never memorized are simply not read.
-        layout: "contiguous" (default) puts the R = n*block_size rows at positions -R .. -1, just
-        before the local window, in document order, as a RAG prompt's passages; "stored" reads
-        rows where they were stored ("window" keys: at their window position, so blocks of
-        different windows can overlap and a block across a window boundary jumps back;
-        "first"/"fixed" keys are always laid out contiguously).
-        sink_prefix: (default False; contiguous layout only, else ValueError) also read the sink
-        tokens' keys/values as every memory window computed them (the sink alone), at
-        -R-S .. -R-1 just before the blocks: the blocks' states were computed after that sink,
-        and the local window's own sink sits after them (`memformer.blocks.sink_prefix_states`).
-        """
-        ids, bs, batch = pinned_block_ids(self, blocks, block_size, layout, sink_prefix)   # [batch, n]
-        contiguous = layout == "contiguous"
-        # computed before the runtime changes, so a failure here leaves it as it was
-        prefix = sink_prefix_states(self, ids.shape[1] * bs, batch) if sink_prefix else {}
-        # runtime only: the MemoryConfig (and its neighbours setting, which pinned reads skip) stays
-        rt, old = self.runtime, (self.runtime.read_blocks, self.runtime.block_size)
-        rt.read_blocks, rt.block_size = ids.shape[1], bs
+        [b*block_size, (b+1)*block_size). Rows evicted or never memorized are simply not read."""
+        ids = pinned_block_ids(self, blocks)                                # [batch, n]
+        rt = self.runtime
+        R = ids.shape[1] * self.memory_config.block_size
+        rt.row_rotation = self._rotation_at(*range(-R, 0))                 # [1, R, D]
         rt.pinned_blocks = ids
-        self._set_block_rotation(contiguous)
-        rt.pinned_prefix = prefix
         try:
             yield
         finally:
-            rt.pinned_prefix = {}
-            rt.pinned_blocks = None
-            rt.read_blocks, rt.block_size = old
-            self._set_block_rotation()
+            rt.pinned_blocks = rt.row_rotation = None
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}
 
     def save_pretrained(self, path) -> Path:
-        """Save the memory-layer weights only (adapter.safetensors) and the MemoryConfig."""
+        """Save the memory-layer weights only (adapter.safetensors), the AdapterConfig and the
+        MemoryConfig."""
         return persistence.save_adapter(self, path)
 
     def load_adapter(self, path) -> None:

@@ -1,7 +1,8 @@
 """Memory files and adapter files: safetensors + a JSON manifest, never pickles.
 
-A memory directory holds `memory.safetensors` (per layer: keys, valid mask, values, positions)
-and `manifest.json` (format version, fingerprints of the backbone / memory config / adapter
+A memory directory holds `memory.safetensors` (per layer: keys, valid mask, values, positions,
+window slots; the memorized token stream and its document starts; the passage embeddings of
+question reads once computed) and `manifest.json` (format version, fingerprints of the backbone / memory config / adapter
 weights, sizes, sha256 of the tensor file). Writes go to a temporary sibling and are renamed
 into place, so an interrupted save never leaves a directory that looks complete.
 """
@@ -17,12 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from memformer.config import MemoryConfig
+from memformer.config import AdapterConfig, MemoryConfig
 from memformer.index.base import sha256_file as _sha256
 
 MEMORY_FORMAT = "memformer-memory"
-MEMORY_FORMAT_VERSION = 1
-ADAPTER_FILE, ADAPTER_CONFIG = "adapter.safetensors", "memory_config.json"
+MEMORY_FORMAT_VERSION = 2        # 2: the token stream and passages are kept (question reads)
+ADAPTER_FILE, ADAPTER_CONFIG, LORA_CONFIG = "adapter.safetensors", "memory_config.json", "adapter_config.json"
 
 
 class MemoryFileError(ValueError):
@@ -48,7 +49,7 @@ def memory_fingerprint(model) -> dict:
     cfg = model.memory_config
     return {"backbone": model.backbone_fingerprint, "memory_layers": list(model.memory_layer_ids),
             "window": cfg.window, "sink_tokens": cfg.sink_tokens, "overlap": cfg.overlap,
-            "rotated_keys": cfg.position_mode == "window", "adapter": adapter_hash(model)}
+            "adapter": adapter_hash(model)}
 
 
 def _atomic_dir(path: Path, fill) -> Path:
@@ -85,6 +86,7 @@ def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
     for name in ("sink_ids", "tail_ids"):
         if getattr(model, name) is not None:
             tensors[name] = getattr(model, name).cpu().contiguous()
+    tensors.update(_stream_tensors(model))
     first = next(iter(model.memories.values()))
 
     def fill(tmp: Path):
@@ -100,6 +102,39 @@ def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
     return _atomic_dir(path, fill)
+
+
+def _stream_tensors(model) -> dict:
+    """The memorized token stream [B, max seen] (right-padded), each sequence's document starts
+    [B, max docs] (-1 padded), and the passages of question reads when already embedded."""
+    B = len(model.stream)
+    n_docs = max(len(d) for d in model.doc_starts)
+    stream = torch.zeros(B, max(model.seen), dtype=torch.long)
+    starts = torch.full((B, n_docs), -1, dtype=torch.long)
+    for b in range(B):
+        stream[b, :len(model.stream[b])] = torch.tensor(model.stream[b], dtype=torch.long)
+        starts[b, :len(model.doc_starts[b])] = torch.tensor(model.doc_starts[b], dtype=torch.long)
+    out = {"stream": stream, "doc_starts": starts}
+    if model._passages is not None:
+        out["passage_ranges"] = torch.tensor(model._passages.ranges, dtype=torch.long).view(-1, 2)
+        out["passage_embeddings"] = model._passages.embeddings.contiguous()
+    return out
+
+
+def _restore_stream(model, tensors: dict) -> None:
+    from memformer.passages import PassageIndex
+    stream, starts = tensors["stream"], tensors["doc_starts"]
+    model.stream = [stream[b, :n].tolist() for b, n in enumerate(model.seen)]
+    model.doc_starts = [[s for s in row if s >= 0] for row in starts.tolist()]
+    model._passages = None
+    if "passage_embeddings" in tensors:
+        if model.embedder is None:
+            from memformer.passages import default_embedder
+            model.embedder = default_embedder()
+        emb = tensors["passage_embeddings"].float()
+        if emb.shape[1] == model.embedder.get_sentence_embedding_dimension():
+            ranges = [tuple(r) for r in tensors["passage_ranges"].tolist()]
+            model._passages = PassageIndex(ranges, emb, model.embedder)
 
 
 def read_manifest(path) -> dict:
@@ -160,17 +195,20 @@ def load_memory(model, path) -> None:
     path = Path(path)
     manifest, tensors = read_memory(model, path)
     file = path / "memory.safetensors"
-    old = (dict(model.runtime.memories), list(model.seen), model.sink_ids, model.tail_ids)
+    old = (dict(model.runtime.memories), list(model.seen), model.sink_ids, model.tail_ids,
+           model.stream, model.doc_starts, model._passages)
     model.runtime.memories.clear()
     try:
         model._ensure_memory(int(manifest["batch"]))
         fill_layer_memories(model.memories, tensors, file)
         model.seen = tensors["seen"].tolist()
         model.sink_ids, model.tail_ids = tensors.get("sink_ids"), tensors.get("tail_ids")
-    except (KeyError, ValueError, RuntimeError) as e:
+        _restore_stream(model, tensors)
+    except (KeyError, ValueError, RuntimeError, IndexError) as e:
         model.runtime.memories.clear()
         model.runtime.memories.update(old[0])
         model.seen, model.sink_ids, model.tail_ids = old[1], old[2], old[3]
+        model.stream, model.doc_starts, model._passages = old[4], old[5], old[6]
         if isinstance(e, MemoryFileError):
             raise
         raise MemoryFileError(f"{file} does not fit this model's memory layers: {e}") from None
@@ -183,6 +221,8 @@ def save_adapter(model, path, state: dict | None = None) -> Path:
     def fill(tmp: Path):
         save_file(state, str(tmp / ADAPTER_FILE), metadata={"backbone": model.backbone_fingerprint})
         (tmp / ADAPTER_CONFIG).write_text(model.memory_config.to_json())
+        if model.adapter_config is not None:
+            (tmp / LORA_CONFIG).write_text(model.adapter_config.to_json())
 
     return _atomic_dir(path, fill)
 
@@ -193,14 +233,29 @@ def read_adapter_config(path) -> MemoryConfig:
         raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_CONFIG})")
     try:
         return MemoryConfig.from_dict(json.loads(f.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise MemoryFileError(f"{f} is corrupt: {e}") from None
+
+
+def read_lora_config(path) -> AdapterConfig | None:
+    """The AdapterConfig saved beside an adapter (None: gates only, no LoRA was added)."""
+    f = Path(path) / LORA_CONFIG
+    if not f.is_file():
+        return None
+    try:
+        return AdapterConfig.from_dict(json.loads(f.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
         raise MemoryFileError(f"{f} is corrupt: {e}") from None
 
 
 def load_adapter(model, path) -> None:
+    """Load adapter weights (adding the LoRA layers its AdapterConfig names first)."""
     f = Path(path) / ADAPTER_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_FILE})")
+    lora = read_lora_config(path)
+    if lora is not None and model.adapter_config is None:
+        model.add_lora(lora)
     try:
         state = load_file(str(f))
     except Exception as e:

@@ -108,7 +108,7 @@ def test_block_reads_in_the_model_generate_record_and_are_a_read_time_setting():
     reads), evidence recording works, and set_read_blocks(0) gives token reads back exactly."""
     from conftest import tiny_backbone
     from memformer import MemformerForCausalLM, MemoryConfig
-    from memformer.evidence import retrieval_mass
+    from memformer.qa.evidence import retrieval_mass
     torch.manual_seed(0)
     cfg = MemoryConfig(window=16, sink_tokens=2, overlap=4, top_k=4, lora_rank=0)
     model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)

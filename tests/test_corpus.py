@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memformer import MemformerForCausalLM, MemoryConfig, MemoryFileError, corpus
-from memformer.cli import main
+from memformer.cli.main import main
 from memformer.index import LayerMemory
 from memformer.kernels import knn_attention_reference
 from memformer.memory_layer import merged_retrieval

@@ -6,8 +6,8 @@ import zlib
 import pytest
 import torch
 
-from memformer.documents import DocumentError, html_to_text, read_document
-from memformer.rag import RAGBaseline, encode_texts
+from memformer.qa.documents import DocumentError, html_to_text, read_document
+from memformer.qa.rag import RAGBaseline, encode_texts
 
 
 def make_pdf(pages: list[str]) -> bytes:
@@ -97,7 +97,7 @@ class RandomEmbedder:
 
 def test_rag_faiss_ranking_equals_exact_cosine_ranking():
     from test_qa import char_tokenizer
-    from memformer.documents import Corpus, Document
+    from memformer.qa.documents import Corpus, Document
     corpus = Corpus.from_documents([Document("a", " ".join(f"sentence {i}." for i in range(120))),
                                     Document("b", " ".join(f"line {i}." for i in range(90)))], char_tokenizer())
     rag = RAGBaseline(corpus, RandomEmbedder(), chunk_tokens=40, overlap=8)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from memformer import passkey
+from memformer.eval import passkey
 
 pytestmark = pytest.mark.integration
 

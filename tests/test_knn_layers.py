@@ -73,8 +73,8 @@ def test_knn_layers_beyond_the_backbone_and_set_knn_layers():
 
 def test_knn_layers_do_not_change_the_qa_cache_key():
     from types import SimpleNamespace
-    from memformer.documents import Document
-    from memformer.qa import memory_key
+    from memformer.qa.documents import Document
+    from memformer.qa.longdoc import memory_key
     corpus = SimpleNamespace(documents=[Document("notes", "a fact worth keeping")])
     model = make()
     key = memory_key(corpus, model)
@@ -83,7 +83,7 @@ def test_knn_layers_do_not_change_the_qa_cache_key():
 
 
 def test_cli_layer_lists():
-    from memformer.commands.common import add_model_args, memory_config_from_args, parse_layers
+    from memformer.cli.common import add_model_args, memory_config_from_args, parse_layers
     assert parse_layers("0,2,5..7", "--x") == [0, 2, 5, 6, 7] and parse_layers(None, "--x") is None
     with pytest.raises(ValueError, match="--knn-layers: expected layer indices"):
         parse_layers("10-29", "--knn-layers")
@@ -101,14 +101,14 @@ def test_cli_bad_knn_layers_exit_2_with_the_reason(tmp_path):
 
 
 def test_report_headers_name_the_kNN_layers():
-    from memformer.commands.common import describe_layers
+    from memformer.cli.common import describe_layers
     assert describe_layers(make()) == "all 4"
     assert describe_layers(make(knn_layers=[1, 2, 3])) == "all 4 (kNN reads in 1..3)"
     assert describe_layers(make(memory_layers=[0, 2, 3], knn_layers=[0, 3])) == "[0, 2, 3] (kNN reads in [0, 3])"
 
 
 def test_load_model_applies_knn_layers_over_an_adapter_and_exits_2_when_bad(monkeypatch, capsys):
-    from memformer.commands import common
+    from memformer.cli import common
     p = argparse.ArgumentParser()
     common.add_model_args(p)
     monkeypatch.setattr(MemformerForCausalLM, "from_pretrained", classmethod(lambda cls, *a, **kw: make()))

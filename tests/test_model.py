@@ -377,8 +377,8 @@ def test_set_neighbors_is_a_read_time_setting():
     """set_neighbors changes how memory is read (validated), not what is stored: the QA memory cache
     key stays the same."""
     from types import SimpleNamespace
-    from memformer.documents import Document
-    from memformer.qa import memory_key
+    from memformer.qa.documents import Document
+    from memformer.qa.longdoc import memory_key
     model, _ = make()
     corpus = SimpleNamespace(documents=[Document("notes", "a fact worth keeping")])   # all memory_key reads
     key = memory_key(corpus, model)
@@ -398,7 +398,7 @@ def test_set_neighbors_is_a_read_time_setting():
 
 def test_cli_memory_arguments_reach_the_memory_config():
     import argparse
-    from memformer.commands.common import add_model_args, memory_config_from_args
+    from memformer.cli.common import add_model_args, memory_config_from_args
     p = argparse.ArgumentParser()
     add_model_args(p)
     cfg = memory_config_from_args(p.parse_args(["--blocks", "4", "--block-size", "32", "--top-k", "8"]))

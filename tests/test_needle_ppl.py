@@ -125,7 +125,7 @@ def _fake_answers(calls):
 
 def _patch_answers(monkeypatch, answer_cues):
     """Every mode answered by the fake `answer_cues` (memory mode through `memory_answers`)."""
-    from memformer.qa import Answer
+    from memformer.qa.longdoc import Answer
     monkeypatch.setattr(needle, "answer_cues", answer_cues)
     monkeypatch.setattr(needle, "memory_answers", lambda model, text, cues, n, evidence=3, **kw:
                         [Answer("memory", a) for a in answer_cues(model, text, cues, "memory", n)])
@@ -179,8 +179,8 @@ def test_passkey_is_a_task_of_the_needle_run(btok, monkeypatch):
 
 
 def test_evidence_records_whether_the_top_span_holds_the_needle(btok, monkeypatch):
-    from memformer.evidence import EvidenceSpan
-    from memformer.qa import Answer
+    from memformer.qa.evidence import EvidenceSpan
+    from memformer.qa.longdoc import Answer
     seen = []
 
     def memory_answers(model, text, cues, max_new_tokens, evidence=3):
@@ -352,7 +352,7 @@ def test_ppl_documents_heldout_parts_and_files(tmp_path):
 
 # ---------------------------------------------------------------------- the CLI, end to end
 def _main(*argv):
-    from memformer.cli import main
+    from memformer.cli.main import main
     return main(list(argv))
 
 

@@ -1,9 +1,9 @@
 """Passkey prompt generation/scoring and document reading, without a model."""
 import pytest
 
-from memformer import passkey
-from memformer.demo import DEMO_FACTS
-from memformer.qa import DocumentError, read_document
+from memformer.eval import passkey
+from memformer.qa.demo import DEMO_FACTS
+from memformer.qa.longdoc import DocumentError, read_document
 
 
 class CharTokenizer:

@@ -16,11 +16,11 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig, MemoryFileError
-from memformer.documents import Corpus, Document, DocumentError, as_documents
-from memformer.evidence import retrieval_mass, spans_from_mass
-from memformer import qa as qa_api
-from memformer.qa import QA_FILE, DoesNotFit, LongDocQA, memory_key
-from memformer.rag import RAGBaseline, chunk_ranges, load_embedder
+from memformer.qa.documents import Corpus, Document, DocumentError, as_documents
+from memformer.qa.evidence import retrieval_mass, spans_from_mass
+from memformer.qa import longdoc as qa_api
+from memformer.qa.longdoc import QA_FILE, DoesNotFit, LongDocQA, memory_key
+from memformer.qa.rag import RAGBaseline, chunk_ranges, load_embedder
 
 DOC_A = ("The harbour town wakes early. Boats leave before dawn and come back at noon.\n"
          "Fishermen sell their catch on the quay. The market closes at two.\n") * 3
@@ -423,7 +423,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def _cli(capsys, *args):
-    from memformer.cli import main
+    from memformer.cli.main import main
     code = main(["qa", *args])
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -535,8 +535,8 @@ def test_cli_questions_from_jsonl_and_interactive(tmp_path, capsys, tiny_model_d
 
 
 def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsys, tiny_model_dir):
-    from memformer.cli import main
-    from memformer.documents import read_document
+    from memformer.cli.main import main
+    from memformer.qa.documents import read_document
     from test_documents import make_pdf
     docs = tmp_path / "docs"
     docs.mkdir()

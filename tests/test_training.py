@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.cli import build_parser
+from memformer.cli.main import build_parser
 from memformer.training import CrossbatchRecipe, DenseMemory, TrainConfig, negative_groups, run_episode
 from memformer.training.config import ConfigError, Schedule, apply_overrides
 from memformer.training import sharding

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from memformer.config import MemoryConfig
+from memformer.config import AdapterConfig, MemoryConfig
 from memformer.training.data import SYNTHETIC_TASKS, check_source
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -200,6 +200,7 @@ class TrainConfig:
     seed: int = 0
     model: ModelSection = field(default_factory=ModelSection)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataSection = field(default_factory=DataSection)
     crossbatch: CrossbatchSection = field(default_factory=CrossbatchSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -215,16 +216,20 @@ class TrainConfig:
         sections = {"model": ModelSection, "data": DataSection, "crossbatch": CrossbatchSection,
                     "optim": OptimSection, "train": TrainSection, "eval": EvalSection,
                     "checkpoint": CheckpointSection}
-        unknown = set(raw) - set(sections) - {"memory", "output_dir", "seed"}
+        unknown = set(raw) - set(sections) - {"memory", "adapter", "output_dir", "seed"}
         if unknown:
             raise ConfigError(f"unknown top-level keys {sorted(unknown)} (allowed: output_dir, seed, memory, "
-                              f"{', '.join(sections)})")
+                              f"adapter, {', '.join(sections)})")
         try:
             memory = MemoryConfig.from_dict(raw.get("memory") or {})
         except (ValueError, TypeError) as e:
             raise ConfigError(f"memory: {e}") from None
+        try:
+            adapter = AdapterConfig.from_dict(raw.get("adapter") or {})
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"adapter: {e}") from None
         cfg = cls(output_dir=str(raw.get("output_dir", cls.output_dir)), seed=raw.get("seed", 0), memory=memory,
-                  **{k: _build(c, raw.get(k), k) for k, c in sections.items()})
+                  adapter=adapter, **{k: _build(c, raw.get(k), k) for k, c in sections.items()})
         cfg.validate()
         return cfg
 
@@ -289,7 +294,7 @@ class TrainConfig:
         need(t.log_every >= 1, "train.log_every must be >= 1")
         need(e.every >= 0 and e.batch_size >= 1 and e.batches >= 1 and e.per_doc >= 1 and e.passkey_trials >= 0,
              "eval: every >= 0, batch_size/batches/per_doc >= 1, passkey_trials >= 0")
-        from memformer.passkey import parse_length
+        from memformer.eval.passkey import parse_length
         for length in e.passkey_lengths:
             try:
                 parse_length(str(length))

@@ -17,9 +17,9 @@ windows alive and back-propagate through them: w times the activation memory for
 ablations do not need for fine-tuning. Memory is rebuilt from the current adapter every episode,
 so it is never stale by more than the windows of one episode.
 
-Write pass: with `MemoryConfig.read_during_ingest = False` (the default) inference stores the keys
-of a forward that does not read memory, so training runs a separate no-grad write-only forward per
-window; with `read_during_ingest = True` the keys come from the reading forward itself.
+Write pass: inference (`memorize`) stores the keys of a forward that does not read memory, so
+training runs a separate no-grad write-only forward per window, which also scores the window
+without memory for free.
 """
 from __future__ import annotations
 
@@ -257,7 +257,6 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         not read memory, since it is exactly that forward).
     """
     lm = lm if lm is not None else WindowLM(model)
-    reads_on_write = model.memory_config.read_during_ingest
     S = model.memory_config.sink_tokens
     lengths = batch.valid.sum(1).tolist()
     group = negative_groups(batch.doc_ids, d, generator)
@@ -269,36 +268,27 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         targets[:, p:] = batch.targets[:, start:end]
         scored = t >= first_loss_window
         memories, rows = {}, None
-        if written and (scored or reads_on_write):
+        if written and scored:
             memories, rows = lane_memory(written, group, top_k)
-        kv, nomem = None, None
         if scored:
             last = t == len(windows) - 1
             outer = window_context(t, last) if window_context is not None else contextlib.nullcontext()
-            with outer, runtime_state(model, read=True, write=reads_on_write, memories=memories,
-                                      write_slice=slice(p, None)) as rt:
+            with outer, runtime_state(model, read=True, write=False, memories=memories):
                 loss, count = lm(x, mask, p, targets)
-                kv = dict(rt.pending) if reads_on_write else None
                 if backward is not None:
                     backward(loss, count, t, last)
             res.loss.append(loss.detach().float().cpu())
             res.count.append(count.detach().cpu())
             if keep_rows:
                 res.rows.append(rows)
-        if kv is None:
-            # The write pass: the keys and values memory stores, from a forward that reads memory
-            # only when inference does (read_during_ingest); without it, it is the no-memory pass.
-            score = scored and measure_no_memory and not reads_on_write
-            with torch.no_grad(), runtime_state(model, read=reads_on_write, write=True, memories=memories,
-                                                write_slice=slice(p, None)) as rt:
-                out = lm(x, mask, p, targets, score=score)
-                kv = dict(rt.pending)
-            nomem = out[0] if score else None
-        if scored and measure_no_memory:
-            if nomem is None:
-                with torch.no_grad(), runtime_state(model, read=False, write=False):
-                    nomem = lm(x, mask, p, targets)[0]
-            res.loss_no_memory.append(nomem.float().cpu())
+        # The write pass: the keys and values memory stores, from a forward without memory (as
+        # `memorize` writes them), which is also the window scored without memory.
+        score = scored and measure_no_memory
+        with torch.no_grad(), runtime_state(model, read=False, write=True, write_slice=slice(p, None)) as rt:
+            out = lm(x, mask, p, targets, score=score)
+            kv = dict(rt.pending)
+        if score:
+            res.loss_no_memory.append(out[0].float().cpu())
         if t < len(windows) - 1:
             written.append(WrittenWindow(kv, mask[:, p:].clone(), t, start))
             if w:

@@ -53,7 +53,7 @@ def stdlib_documents(rng: random.Random, exclude=STDLIB_EXCLUDE, root: str | Non
 
 
 def python_docs_documents(rng: random.Random, parts: int = 8) -> Iterator[LazyDoc]:
-    """Python's documentation topics (memformer.demo.python_docs_text) cut into `parts` documents
+    """Python's documentation topics (memformer.qa.demo.python_docs_text) cut into `parts` documents
     of consecutive topics, so the held-out split can take some of them."""
     from pydoc_data.topics import topics
     keys = sorted(topics)
@@ -67,7 +67,7 @@ def python_docs_documents(rng: random.Random, parts: int = 8) -> Iterator[LazyDo
 
 def text_documents(rng: random.Random, paths) -> Iterator[LazyDoc]:
     """Each file a document; a folder means its *.txt / *.md / *.rst / *.py files, recursively."""
-    from memformer.qa import read_document
+    from memformer.qa.longdoc import read_document
     files = []
     for p in map(Path, [paths] if isinstance(paths, str) else paths):
         if p.is_dir():
@@ -208,9 +208,9 @@ def pack_document(ids: list[int], seq_len: int, min_tokens: int) -> list[list[in
 
 
 def passkey_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool) -> Sample:
-    """A passkey prompt (memformer.passkey) followed by its answer; the needle lies before the
+    """A passkey prompt (memformer.eval.passkey) followed by its answer; the needle lies before the
     last `local` tokens, so only memory can supply it."""
-    from memformer.passkey import make_prompt
+    from memformer.eval.passkey import make_prompt
     key = rng.randint(10000, 99999)
     answer = _encode(tokenizer, f" {key}.")
     max_depth = max(0.0, (seq_len - local) / seq_len - 0.05)

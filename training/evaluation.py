@@ -3,7 +3,7 @@
 Held-out loss reads each held-out sample exactly as inference would — every earlier window of
 its own document in memory (d = 1, w = all), the inference top-k — and scores the windows that
 have memory (all but the first), once reading memory and once not (the write pass, which reads
-nothing). Passkey runs `memformer.passkey.run_trial` (memorize + generate: the real inference path with
+nothing). Passkey runs `memformer.eval.passkey.run_trial` (memorize + generate: the real inference path with
 the real index) in memory mode at the configured lengths, with a fixed seed so every
 evaluation of a run sees the same keys and depths.
 """
@@ -49,7 +49,7 @@ def passkey_accuracy(model, lengths: list, trials: int, seed: int = 0) -> dict:
     """{"passkey_<length>": accuracy in [0, 1]} reading the prompt into memory (`run_trial` in
     memory mode: memorize all but the last window, then generate). Trial i of n puts the needle
     at depth (i + 0.5) / n with a key drawn from a generator seeded by (seed, length)."""
-    from memformer.passkey import make_prompt, parse_length, run_trial
+    from memformer.eval.passkey import make_prompt, parse_length, run_trial
     if trials == 0 or not lengths:
         return {}
     if model.tokenizer is None:

@@ -130,6 +130,7 @@ class CrossbatchRecipe:
         backbone, tok = load_backbone(src, torch_dtype=dtype, tokenizer=self._tokenizer)
         # on its device before the memory layers are built: they cache RoPE tables there
         model = MemformerForCausalLM(backbone.to(device), tok, self.cfg.memory)
+        model.add_lora(self.cfg.adapter)             # LoRA + memory gates: the trainable part
         if tok is None:
             raise ValueError("training needs a tokenizer (pass tokenizer= with a backbone instance)")
         if self.cfg.train.gradient_checkpointing:

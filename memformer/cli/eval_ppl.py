@@ -5,11 +5,11 @@ import sys
 import time
 from pathlib import Path
 
-from memformer.commands.common import _reads, add_model_args, describe_layers, load_model as _load_model
+from memformer.cli.common import add_model_args, describe_layers, load_model as _load_model
 
 
 def register(ev) -> None:
-    from memformer.ppl import DOCUMENTS, MODES
+    from memformer.eval.ppl import DOCUMENTS, MODES
     p = ev.add_parser("ppl", help="perplexity by position in long documents, memory vs truncation")
     add_model_args(p)
     p.add_argument("--docs", default=",".join(DOCUMENTS), help=f"comma-separated, from {','.join(DOCUMENTS)} or document files")
@@ -17,9 +17,6 @@ def register(ev) -> None:
     p.add_argument("--segments", type=int, default=1, help="segments per document, spread evenly through it")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     p.add_argument("--bin", type=int, default=1024, help="tokens per position bin of the table and plot")
-    p.add_argument("--context-blocks", type=int, default=0,
-                   help="memory mode: each window reads the N memory blocks MiniLM finds nearest the text just "
-                        "before it (RETRO-style), instead of kNN reads (default 0 = kNN reads)")
     p.add_argument("--out", default="benchmarks/results/ppl")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished segments in OUT/trials.jsonl and run only the missing ones")
@@ -27,7 +24,7 @@ def register(ev) -> None:
 
 
 def cmd_eval_ppl(args) -> int:
-    from memformer import passkey, ppl
+    from memformer.eval import passkey, ppl
     prog = "memformer eval ppl"
     docs = [d.strip() for d in args.docs.split(",") if d.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -37,9 +34,8 @@ def cmd_eval_ppl(args) -> int:
         if bad or not docs or not modes:
             raise ValueError(f"unknown document(s)/mode(s) {bad or docs + modes}; documents: "
                              f"{', '.join(ppl.DOCUMENTS)} or a file; modes: {', '.join(ppl.MODES)}")
-        if args.bin < 1 or args.segments < 1 or args.context_blocks < 0:
-            raise ValueError(f"--bin and --segments must be >= 1 and --context-blocks >= 0, got {args.bin}, "
-                             f"{args.segments} and {args.context_blocks}")
+        if args.bin < 1 or args.segments < 1:
+            raise ValueError(f"--bin and --segments must be >= 1, got {args.bin} and {args.segments}")
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -48,19 +44,17 @@ def cmd_eval_ppl(args) -> int:
     t0 = time.perf_counter()
     try:
         results = ppl.evaluate(model, docs, tokens, args.segments, modes, out_dir=out,
-                               resume=args.resume, context_blocks=args.context_blocks)
+                               resume=args.resume)
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     cfg = model.memory_config
-    reads = (f"context reads ({args.context_blocks} memory blocks x {cfg.block_size} tokens nearest the "
-             f"{ppl.CONTEXT_QUERY_TOKENS} tokens before each window, by MiniLM)" if args.context_blocks else _reads(cfg))
     header = (f"# Perplexity by position\n\nEach document segment ({tokens} tokens) is read in the model's ingest "
               f"windows; memory: each window reads the memory of all earlier ones, then is written; truncate: "
               f"the same windows, memory off. Perplexity per {args.bin}-token bin of position.\n\n"
               f"backbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, window {cfg.window}, top-k "
-              f"{cfg.top_k}, {reads}, memory layers: {describe_layers(model)}, sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}, position mode "
-              f"{cfg.position_mode}; {args.segments} segment(s) per document; {time.perf_counter() - t0:.0f}s "
+              f"{cfg.top_k}, kNN reads, memory layers: {describe_layers(model)}, sink tokens {cfg.sink_tokens}, "
+              f"overlap {cfg.overlap}; {args.segments} segment(s) per document; {time.perf_counter() - t0:.0f}s "
               f"in this run{' (resumed)' if args.resume else ''}\n\nCommand: `memformer {' '.join(sys.argv[1:])}`\n\n")
     md, png = ppl.write_report(results, out, args.bin, cfg.window, header)
     print(md.read_text())

@@ -7,53 +7,22 @@ import sys
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF folder, .gguf file or cached hub id (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", default=None, help="memory-layer weights saved by save_pretrained")
+    p.add_argument("--adapter", default=None, help="memory-layer weights saved by save_pretrained (with their memory config)")
     p.add_argument("--window", type=int, default=1024, help="local window W in tokens")
-    p.add_argument("--top-k", type=int, default=32, help="memory keys retrieved per query head")
-    p.add_argument("--neighbors", type=int, default=None,
-                   help="also read the N rows on each side of every retrieved row (default 0, or the adapter's)")
-    p.add_argument("--blocks", type=int, default=None,
-                   help="block reads: attend to the N best memory blocks, contiguous text (default 0 = "
-                        "top-k rows, or the adapter's)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
+    p.add_argument("--top-k", type=int, default=32, help="memory keys retrieved per query head by kNN reads")
     p.add_argument("--memory-layers", default=None,
                    help="layer indices, comma-separated, ranges as A..B (default: all)")
     p.add_argument("--knn-layers", default=None,
-                   help="the memory layers that run kNN reads, e.g. 10..29; the others read memory only "
-                        "through question reads (default: every memory layer)")
-    p.add_argument("--position-mode", default="window", choices=["first", "fixed", "window"])
+                   help="the memory layers that run kNN reads when no question is known, e.g. 10..29 "
+                        "(default: the upper two thirds of an all-layer memory)")
+    p.add_argument("--question-blocks", type=int, default=4,
+                   help="memory blocks a question reads (those under the passages nearest to it; default 4)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per memory block (default 64)")
     p.add_argument("--sink-tokens", type=int, default=4)
     p.add_argument("--memory-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--index", default="exact", help="exact | faiss-flat | faiss-ivf | faiss-hnsw | faiss-ivfpq")
     p.add_argument("--storage-dir", default=None, help="keep memory rows in memory-mapped files here (index exact)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def add_read_args(p: argparse.ArgumentParser) -> None:
-    """How answers in mode memory read memory (memformer.qa.LongDocQA memory_reads, question_blocks,
-    question_margin)."""
-    p.add_argument("--memory-reads", default="question", choices=["question", "knn"],
-                   help="question: every layer reads the memory blocks under the passages nearest the "
-                        "question (MiniLM); knn: each layer's own top-k reads (default question)")
-    p.add_argument("--question-blocks", type=int, default=4,
-                   help="memory blocks (of --block-size tokens) that question reads read (default 4)")
-    p.add_argument("--question-margin", type=int, default=32,
-                   help="tokens added on each side of a retrieved passage before its blocks are "
-                        "chosen, so a fact cut by a passage boundary is read whole (default 32)")
-    p.add_argument("--sink-prefix", nargs="?", const="on", default="auto", choices=["off", "on", "auto"],
-                   help="question reads: read the blocks after the sink their memory windows began with "
-                        "(on: copies needles better but lost the passkey), without it (off), or both, "
-                        "keeping the answer the model is surer of (auto, the default; two generations "
-                        "per answer). A bare --sink-prefix means on")
-
-
-SINK_PREFIX_FLAG = {"off": False, "on": True, "auto": "auto"}
-
-
-def qa_options_from_args(args) -> dict:
-    """LongDocQA keyword arguments from add_read_args' flags."""
-    return dict(memory_reads=args.memory_reads, question_blocks=args.question_blocks,
-                question_margin=args.question_margin, sink_prefix=SINK_PREFIX_FLAG[args.sink_prefix])
 
 
 def parse_layers(text: str | None, flag: str) -> list[int] | None:
@@ -74,13 +43,12 @@ def parse_layers(text: str | None, flag: str) -> list[int] | None:
 
 def memory_config_from_args(args):
     from memformer import MemoryConfig
-    return MemoryConfig(window=args.window, top_k=args.top_k, neighbors=args.neighbors or 0,
-                        read_blocks=args.blocks or 0, block_size=args.block_size or 64,
+    return MemoryConfig(window=args.window, top_k=args.top_k, block_size=args.block_size,
+                        question_blocks=args.question_blocks,
                         memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
                         knn_layers=parse_layers(args.knn_layers, "--knn-layers"),
-                        position_mode=args.position_mode,
                         sink_tokens=args.sink_tokens, memory_dtype=args.memory_dtype, index=args.index,
-                        storage_dir=args.storage_dir)
+                        index_params={"storage_dir": args.storage_dir} if args.storage_dir else {})
 
 
 def load_model(args):
@@ -91,18 +59,10 @@ def load_model(args):
         torch.set_num_threads(args.threads)
     try:    # bad memory settings (and a model type the adapters don't know): a message, not a trace
         cfg = None if args.adapter else memory_config_from_args(args)
-        model = MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
-        if args.adapter and args.knn_layers:               # read-time: applies over an adapter's config too
-            model.set_knn_layers(parse_layers(args.knn_layers, "--knn-layers"))
+        return MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
     except ValueError as e:
         print(f"memformer: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.adapter and args.neighbors is not None:       # a read-time setting: no retraining needed
-        model.set_neighbors(args.neighbors)
-    if args.adapter and (args.blocks is not None or args.block_size is not None):
-        model.set_read_blocks(model.memory_config.read_blocks if args.blocks is None else args.blocks,
-                              args.block_size)
-    return model
 
 
 # ---- evaluations (eval passkey / needle): trial arguments and report header
@@ -121,12 +81,11 @@ def add_trial_args(p: argparse.ArgumentParser, out: str, lengths: str, trials: i
     p.add_argument("--depth-bins", type=int, default=5, help="depth rows of the heatmaps")
     p.add_argument("--evidence", action="store_true",
                    help="memory trials also record their evidence spans and whether the top one holds the needle")
-    add_read_args(p)
 
 
 def parse_trial_args(args, prog: str) -> tuple[list[int], list[str]] | None:
     """(lengths, modes), or None after printing what is wrong with the arguments."""
-    from memformer import passkey, qa
+    from memformer.eval import passkey; from memformer.qa import longdoc as qa
     try:
         lengths = [passkey.parse_length(s) for s in args.lengths.split(",")]
     except ValueError as e:
@@ -137,9 +96,6 @@ def parse_trial_args(args, prog: str) -> tuple[list[int], list[str]] | None:
         return _fail(prog, f"unknown mode(s) {bad or modes}; choose from {', '.join(qa.MODES)}")
     if args.trials < 1 or args.depth_bins < 1:
         return _fail(prog, f"--trials and --depth-bins must be >= 1, got {args.trials} and {args.depth_bins}")
-    if args.question_blocks < 1 or args.question_margin < 0:
-        return _fail(prog, f"--question-blocks must be >= 1 and --question-margin >= 0, got "
-                           f"{args.question_blocks} and {args.question_margin}")
     return lengths, modes
 
 
@@ -148,27 +104,17 @@ def _fail(prog: str, msg: str) -> None:
     return None
 
 
-_SINK_WORDS = {"off": "", "on": ", after their sink",
-               "auto": "; with and without their sink before them, the surer answer kept"}
-
-
-def _reads(cfg, args=None) -> str:
-    if getattr(args, "memory_reads", None) == "question":
-        return (f"question reads ({args.question_blocks} memory blocks x {cfg.block_size} tokens under the "
-                f"passages MiniLM finds nearest the question, +-{args.question_margin} tokens, laid out "
-                f"contiguously{_SINK_WORDS[getattr(args, 'sink_prefix', 'off')]})")
-    return (f"block reads {cfg.read_blocks} x {cfg.block_size} tokens" if cfg.read_blocks
-            else "token reads")
+def _reads(cfg) -> str:
+    return (f"question reads ({cfg.question_blocks} memory blocks x {cfg.block_size} tokens under the passages "
+            f"MiniLM finds nearest the question, laid out contiguously before it)")
 
 
 def describe_layers(model) -> str:
-    """The memory layers for a report header: "all 30", "[10, 11]", "all 30 (kNN reads in 10..29)"."""
+    """The memory layers for a report header: "all 30 (kNN reads in 10..29)", "[10, 11] (kNN reads in [10, 11])"."""
     cfg = model.memory_config
     layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else str(cfg.memory_layers)
-    knn = cfg.knn_layers
-    if knn is None:
-        return layers
-    span = f"{knn[0]}..{knn[-1]}" if knn == list(range(knn[0], knn[-1] + 1)) else str(knn)
+    knn = sorted(model.runtime.knn_layers)
+    span = f"{knn[0]}..{knn[-1]}" if knn and knn == list(range(knn[0], knn[-1] + 1)) else str(knn)
     return f"{layers} (kNN reads in {span})"
 
 
@@ -177,7 +123,7 @@ def report_header(title: str, model, args, seconds: float, what: str) -> str:
     cfg = model.memory_config
     layers = describe_layers(model)
     return (f"# {title}\n\n{what}\n\nbackbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, "
-            f"window {cfg.window}, top-k {cfg.top_k}, neighbours {cfg.neighbors}, {_reads(cfg, args)}, memory layers: {layers}, sink tokens {cfg.sink_tokens}, "
-            f"overlap {cfg.overlap}, position mode {cfg.position_mode}; {args.trials} trials per length, "
+            f"window {cfg.window}, top-k {cfg.top_k}, {_reads(cfg)}, memory layers: {layers}, "
+            f"sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}; {args.trials} trials per length, "
             f"seed {args.seed}; {seconds:.0f}s in this run{' (resumed)' if args.resume else ''}\n\n"
             f"Command: `memformer {' '.join(sys.argv[1:])}`\n\n")

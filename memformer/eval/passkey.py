@@ -4,8 +4,8 @@ The prompt: a task line, the filler "The grass is green. ..." repeated, the need
 key is K. Remember it. K is the pass key." at a chosen depth, and "What is the pass key? The
 pass key is". Greedy decoding; a trial is correct when the first number generated equals K.
 
-`evaluate` runs the prompt as a document + cue through `memformer.qa` in any of its modes
-(memory, truncate, rag, full), as task "passkey" of the needle evaluation (`memformer.needle`);
+`evaluate` runs the prompt as a document + cue through `memformer.qa.longdoc` in any of its modes
+(memory, truncate, rag, full), as task "passkey" of the needle evaluation (`memformer.eval.needle`);
 `run_trial` is the direct token-level path (memory / truncate only) the integration tests use.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from memformer.evalplots import accuracy_table, plot_depth_heatmaps
-from memformer.needle import Query, Sample, encode
+from memformer.eval.plots import accuracy_table, plot_depth_heatmaps
+from memformer.eval.needle import Query, Sample, encode
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.")
@@ -72,7 +72,7 @@ def run_trial(model, ids: list[int], key: int, mode: str, max_new_tokens: int = 
 
 def make_sample(tokenizer, length: int, depth: float, key: int, index: int = 0) -> Sample:
     """The passkey prompt as a document of about `length` tokens (with the question) and its
-    question as a cue, for the mode-agnostic runner (`memformer.needle.run_trials`)."""
+    question as a cue, for the mode-agnostic runner (`memformer.eval.needle.run_trials`)."""
     enc = lambda t: encode(tokenizer, t)
     fixed = len(enc(TASK)) + len(enc(" " + NEEDLE.format(key=key))) + len(enc("\n\n" + QUESTION))
     n = max(1, (length - fixed) // len(enc(" " + FILLER)))
@@ -86,15 +86,14 @@ def make_sample(tokenizer, length: int, depth: float, key: int, index: int = 0) 
 
 def evaluate(model, lengths: list[int], trials: int, modes=("memory", "truncate"), seed: int = 0,
              out_dir: str | Path | None = None, resume: bool = False, show_progress: bool = True,
-             evidence: bool = False, qa_options: dict | None = None) -> list[dict]:
-    """Every (length, trial) in every mode (`memformer.qa`); trial i of n puts the needle at depth
+             evidence: bool = False) -> list[dict]:
+    """Every (length, trial) in every mode (`memformer.qa.longdoc`); trial i of n puts the needle at depth
     (i + 0.5) / n, its key drawn from the trial's own seeded generator. Records (see
-    `memformer.evalplots`) stream to out_dir/trials.jsonl; resume=True skips finished ones.
-    evidence: memory trials record whether their evidence spans point at the passkey sentence.
-    qa_options: keyword arguments of `memformer.qa.LongDocQA` (memory_reads, ...)."""
-    from memformer import needle
+    `memformer.eval.plots`) stream to out_dir/trials.jsonl; resume=True skips finished ones.
+    evidence: memory trials record whether their evidence spans point at the passkey sentence."""
+    from memformer.eval import needle
     return needle.evaluate(model, ["passkey"], lengths, trials, modes, seed, out_dir, resume, show_progress,
-                           name="passkey", evidence=evidence, qa_options=qa_options)
+                           name="passkey", evidence=evidence)
 
 
 def summary_table(results: list[dict]) -> str:

@@ -5,14 +5,14 @@ import argparse
 import importlib
 import sys
 
-from memformer.commands import COMMANDS, EVALS
+from memformer.cli import COMMANDS, EVALS
 
 
 def _register(name: str, sub) -> None:
     try:
-        module = importlib.import_module(f"memformer.commands.{name}")
+        module = importlib.import_module(f"memformer.cli.{name}")
     except ModuleNotFoundError as e:
-        if e.name != f"memformer.commands.{name}":
+        if e.name != f"memformer.cli.{name}":
             raise
         return  # a command not written yet
     module.register(sub)

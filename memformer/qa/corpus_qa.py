@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from memformer.qa import Answer
+from memformer.qa.longdoc import Answer
 
 
 class CorpusQA:

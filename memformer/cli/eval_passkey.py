@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from memformer.commands.common import (add_model_args, add_trial_args, load_model as _load_model,
-                                       parse_trial_args, qa_options_from_args, report_header)
+from memformer.cli.common import (add_model_args, add_trial_args, load_model as _load_model,
+                                       parse_trial_args, report_header)
 
 def register(ev) -> None:
     p = ev.add_parser("passkey", help="passkey retrieval, the modes side by side")
@@ -20,7 +20,7 @@ def register(ev) -> None:
 
 
 def cmd_eval_passkey(args) -> int:
-    from memformer import evalplots, passkey
+    from memformer.eval import plots as evalplots, passkey
     parsed = parse_trial_args(args, "memformer eval passkey")
     if parsed is None:
         return 2
@@ -30,15 +30,14 @@ def cmd_eval_passkey(args) -> int:
     t0 = time.perf_counter()
     try:
         results = passkey.evaluate(model, lengths, args.trials, modes=modes, seed=args.seed, out_dir=out,
-                                   resume=args.resume, evidence=args.evidence,
-                                   qa_options=qa_options_from_args(args))
+                                   resume=args.resume, evidence=args.evidence)
     except ValueError as e:
         print(f"memformer eval passkey: {e}", file=sys.stderr)
         return 2
     header = report_header("Passkey retrieval", model, args, time.perf_counter() - t0,
                            "LongLLaMA passkey prompt; the question is a sentence to complete; correct = the "
                            "first number generated is the key.")
-    from memformer.needle import evidence_table
+    from memformer.eval.needle import evidence_table
     table = passkey.summary_table(results)
     if evidence_table(results):
         table += "\n\nEvidence (memory trials):\n\n" + evidence_table(results)

@@ -5,7 +5,7 @@ import json
 import sys
 import time
 
-from memformer.commands.common import add_model_args, load_model
+from memformer.cli.common import add_model_args, load_model
 
 
 def register(sub) -> None:

@@ -4,19 +4,13 @@ The document is cut into the model's own ingest windows (`MemformerForCausalLM.p
 [sink ‖ `overlap` tokens of context ‖ new tokens], local positions 0..W-1); every new token is
 predicted exactly once, in its window:
 
-* memory   — the window also reads the memory of all earlier windows; then it is written to
-             memory. One forward per window does both: `memorize` with `read_during_ingest`
-             on (the Memorizing Transformer's setting: the keys stored are those of a
-             memory-reading pass), its decoder output scored by the LM head; the window's
-             keys/values are appended after the forward, so no token sees itself or the future.
+* memory   — the window also reads the memory of all earlier windows (kNN reads, the continuation
+             read: no question is known); then it is written to memory. One forward per window
+             does both: `memorize(..., read=True)` (the Memorizing Transformer's setting: the
+             keys stored are those of a memory-reading pass), its decoder output scored by the
+             LM head; the window's keys/values are appended after the forward, so no token sees
+             itself or the future.
 * truncate — the same windows with memory disabled: the frozen backbone on each window alone.
-
-context_blocks = n > 0 (`--context-blocks`) reads memory as RETRO retrieves: before each window,
-a sentence embedder (all-MiniLM-L6-v2) ranks the memory blocks (`block_size` tokens) that lie
-wholly before the window's local context by similarity to the `CONTEXT_QUERY_TOKENS` tokens just
-before the window's new tokens, and the window reads the n best, pinned (`model.reading_blocks`),
-instead of every layer's own kNN reads. The choice uses only text before the tokens it helps
-predict.
 
 Both modes see identical windows, so the first window scores the same and any difference
 after it is memory's. Token NLLs are stored per trial (JSONL) and binned by position.
@@ -24,7 +18,6 @@ after it is memory's. Token NLLs are stored per trial (JSONL) and binned by posi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -32,24 +25,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from memformer.evalplots import TrialLog
-from memformer.needle import encode, run_settings, stdlib_source_text
-from memformer.rag import default_embedder, encode_texts
+from memformer.eval.plots import TrialLog
+from memformer.eval.needle import encode, run_settings, stdlib_source_text
 
 MODES = ("memory", "truncate")
 
 
 HELDOUT_FRACTION = 0.05     # data.eval_fraction of the shipped training configs
-CONTEXT_QUERY_TOKENS = 128  # text before a window that picks its memory blocks (context_blocks)
 
 
 def document_text(name: str) -> str:
     """A long real document: "pydocs" (Python's documentation topics), "pydocs-heldout" (the parts
     of them the training recipe holds out at eval_fraction 0.05, as in the shipped configs: text
     an adapter trained by them never saw), "stdlib" (standard-library source code), or the path
-    of a document file (`memformer.documents.read_document`)."""
+    of a document file (`memformer.qa.documents.read_document`)."""
     if name == "pydocs":
-        from memformer.demo import python_docs_text
+        from memformer.qa.demo import python_docs_text
         return python_docs_text()
     if name == "pydocs-heldout":
         import random
@@ -60,7 +51,7 @@ def document_text(name: str) -> str:
     if name == "stdlib":
         return stdlib_source_text()
     if Path(name).is_file():
-        from memformer.documents import read_document
+        from memformer.qa.documents import read_document
         return read_document(name)
     raise ValueError(f"unknown document {name!r}; choose from {', '.join(DOCUMENTS)} or give a file path")
 
@@ -92,16 +83,13 @@ def segment_ids(tokenizer, name: str, tokens: int, segment: int = 0, segments: i
 
 
 @torch.no_grad()
-def window_nll(model, ids: list[int], mode: str, show_progress: bool = False, context_blocks: int = 0,
-               embedder=None) -> list[float]:
+def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) -> list[float]:
     """NLL (nats) of tokens 1..N-1 of `ids` (index t-1 = token t) read window by window in `mode`.
 
     Each window is one `model.memorize` call (so the windows, sink and overlap are exactly the
-    model's), with reading switched on (`read_during_ingest`) in mode memory and memory disabled
-    in mode truncate; a forward hook on the decoder catches the window's hidden states, which
-    the LM head turns into the targets' log-probabilities. Leaves the model's memory empty.
-    context_blocks > 0: mode memory reads the blocks `ContextBlocks` picks (module docstring);
-    embedder: its sentence-transformers model (None = all-MiniLM-L6-v2)."""
+    model's), reading memory (`read=True`) in mode memory and with memory disabled in mode
+    truncate; a forward hook on the decoder catches the window's hidden states, which the LM
+    head turns into the targets' log-probabilities. Leaves the model's memory empty."""
     if mode not in MODES:
         raise ValueError(f"unknown ppl mode {mode!r}; choose from {', '.join(MODES)}")
     cfg = model.memory_config
@@ -117,15 +105,12 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False, co
         lambda mod, args, kwargs, out: seen.append((kwargs["input_ids"], out.last_hidden_state)), with_kwargs=True)
     nll: list[float] = []
     model.reset_memory()
-    picker = ContextBlocks(model, ids, context_blocks, embedder) if context_blocks and mode == "memory" else None
     try:
-        with _memory_for(model, mode):
+        with model.memory_disabled() if mode == "truncate" else contextlib.nullcontext():
             for a, b in tqdm(list(zip(bounds, bounds[1:])), desc=f"ppl {mode}", unit="window",
                              disable=not show_progress):
                 seen.clear()
-                blocks = picker.blocks_before(a) if picker is not None else []
-                with model.reading_blocks(blocks) if blocks else contextlib.nullcontext():
-                    model.memorize(torch.tensor([ids[a:b]]), show_progress=False)
+                model.memorize(torch.tensor([ids[a:b]]), read=mode == "memory", show_progress=False)
                 (x, h), = seen
                 # the new tokens are the last b - a of the window (in the first, all but token 0)
                 first = x.shape[1] - (b - a) if a else 1
@@ -134,52 +119,6 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False, co
         hook.remove()
         model.reset_memory()
     return nll
-
-
-class ContextBlocks:
-    """RETRO-style memory blocks for reading `ids` window by window: `blocks_before(a)` = the n
-    memory blocks (of `block_size` tokens, wholly before the local context of a window whose new
-    tokens start at stream position a) most similar to the CONTEXT_QUERY_TOKENS tokens before a,
-    by a sentence embedder; block embeddings are computed once, as blocks become eligible."""
-
-    def __init__(self, model, ids: list[int], n: int, embedder=None):
-        self.model, self.ids, self.n = model, ids, n
-        self.bs = model.memory_config.block_size
-        self.embedder = embedder if embedder is not None else default_embedder()
-        self.vectors = torch.zeros(0, 0)                                   # [blocks embedded, E]
-
-    def blocks_before(self, a: int) -> list[int]:
-        if a == 0:
-            return []
-        eligible = max(0, a - self.model.memory_config.overlap) // self.bs   # blocks not in the local context
-        have = self.vectors.shape[0]
-        if eligible > have:
-            tok = self.model.tokenizer
-            texts = [tok.decode(self.ids[i * self.bs:(i + 1) * self.bs]) for i in range(have, eligible)]
-            new = encode_texts(self.embedder, texts)                          # [eligible - have, E]
-            self.vectors = new if have == 0 else torch.cat([self.vectors, new])
-        if eligible == 0:
-            return []
-        before = self.model.tokenizer.decode(self.ids[max(0, a - CONTEXT_QUERY_TOKENS):a])
-        query = encode_texts(self.embedder, [before])[0]                   # [E]
-        scores = self.vectors[:eligible] @ query                           # [eligible] cosine
-        return sorted(scores.topk(min(self.n, eligible)).indices.tolist())
-
-
-@contextlib.contextmanager
-def _memory_for(model, mode: str):
-    """memory: windows read the memory of earlier windows while they are written;
-    truncate: memory disabled (the frozen backbone on each window)."""
-    if mode == "truncate":
-        with model.memory_disabled():
-            yield
-        return
-    cfg = model.memory_config
-    model.memory_config = dataclasses.replace(cfg, read_during_ingest=True)
-    try:
-        yield
-    finally:
-        model.memory_config = cfg
 
 
 def _target_logprobs(model, x: torch.Tensor, h: torch.Tensor, first: int) -> torch.Tensor:
@@ -215,12 +154,11 @@ def pooled_ppl(segments: list[list[float]], lo: int = 1, hi: int | None = None) 
 
 
 def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1, modes=MODES,
-             out_dir=None, resume: bool = False, show_progress: bool = True, context_blocks: int = 0) -> list[dict]:
+             out_dir=None, resume: bool = False, show_progress: bool = True) -> list[dict]:
     """Token NLLs of every document segment in every mode. A record per (document, segment,
     mode): id, task (document), length, index (segment), mode, status, nll (per token,
     rounded), ppl, seconds. Streams to out_dir/trials.jsonl (resumable) when out_dir is set.
-    Nothing here is random: the same documents and model give the same numbers. context_blocks:
-    see `window_nll`."""
+    Nothing here is random: the same documents and model give the same numbers."""
     documents, modes = list(documents), list(modes)
     bad = check_documents(documents) + [m for m in modes if m not in MODES]
     if bad or not documents or not modes:
@@ -229,9 +167,7 @@ def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1,
     if tokens <= model.memory_config.window or segments < 1:
         raise ValueError(f"need tokens > window ({model.memory_config.window}) to measure memory, "
                          f"and segments >= 1; got tokens={tokens}, segments={segments}")
-    if context_blocks < 0:
-        raise ValueError(f"context_blocks must be >= 0, got {context_blocks}")
-    settings = dict(run_settings(model, "ppl", None, segments), context_blocks=context_blocks)
+    settings = run_settings(model, "ppl", None, segments)
     log = None if out_dir is None else TrialLog(out_dir, settings, resume)
     results = []
     try:
@@ -245,7 +181,7 @@ def evaluate(model, documents=DOCUMENTS, tokens: int = 16384, segments: int = 1,
                         continue
                     ids = ids or segment_ids(model.tokenizer, doc, tokens, s, segments)
                     t0 = time.perf_counter()
-                    nll = window_nll(model, ids, mode, show_progress, context_blocks)
+                    nll = window_nll(model, ids, mode, show_progress)
                     rec = dict(id=rid, task=doc, length=tokens, index=s, mode=mode, status="ok",
                                ppl=pooled_ppl([nll]), nll=[round(v, 4) for v in nll],
                                seconds=round(time.perf_counter() - t0, 2))
@@ -291,7 +227,7 @@ def table(records, bin_size: int, window: int) -> str:
 
 def write_report(records, out_dir, bin_size: int, window: int, header: str = "") -> tuple[Path, Path]:
     """ppl.md (the table) and ppl_position.png (perplexity vs position per mode) in out_dir."""
-    from memformer.evalplots import plot_ppl_vs_position
+    from memformer.eval.plots import plot_ppl_vs_position
     out = Path(out_dir)
     md = out / "ppl.md"
     md.write_text(header + table(records, bin_size, window) + "\n")

@@ -5,12 +5,12 @@ import sys
 import time
 from pathlib import Path
 
-from memformer.commands.common import (add_model_args, add_trial_args, load_model as _load_model,
-                                       parse_trial_args, qa_options_from_args, report_header)
+from memformer.cli.common import (add_model_args, add_trial_args, load_model as _load_model,
+                                       parse_trial_args, report_header)
 
 
 def register(ev) -> None:
-    from memformer.needle import TASKS
+    from memformer.eval.needle import TASKS
     p = ev.add_parser("needle", help="RULER-style needle variants on a real-text haystack (and passkey)")
     add_model_args(p)
     add_trial_args(p, "benchmarks/results/needle", "4k,8k,16k", 5)
@@ -20,7 +20,7 @@ def register(ev) -> None:
 
 
 def cmd_eval_needle(args) -> int:
-    from memformer import evalplots, needle
+    from memformer.eval import plots as evalplots, needle
     prog = "memformer eval needle"
     parsed = parse_trial_args(args, prog)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -37,8 +37,7 @@ def cmd_eval_needle(args) -> int:
     t0 = time.perf_counter()
     try:
         results = needle.evaluate(model, variants, lengths, args.trials, modes=modes, seed=args.seed,
-                                  out_dir=out, resume=args.resume, evidence=args.evidence,
-                                  qa_options=qa_options_from_args(args))
+                                  out_dir=out, resume=args.resume, evidence=args.evidence)
     except ValueError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -63,6 +62,6 @@ def cmd_eval_needle(args) -> int:
 
 def _mean_table(results) -> str:
     """All tasks pooled: a row per length."""
-    from memformer import evalplots
+    from memformer.eval import plots as evalplots
     pooled = [dict(r, task="all tasks") for r in results]
     return evalplots.accuracy_table(pooled)

@@ -11,7 +11,7 @@ which small instruction models answer far better than a chat question. Variants:
 * multivalue: 4 needles give the same key 4 numbers; the answer must list all of them;
 * multiquery: 4 needles with 4 keys; each key is asked (a cue each), score = fraction right.
 
-A trial is run in each mode through `memformer.qa` (`prepare` the document, `answer` each
+A trial is run in each mode through `memformer.qa.longdoc` (`prepare` the document, `answer` each
 cue), so the modes see the same text and differ only in how they reach it. Scoring is
 strict: the first value(s) of the right kind in the answer must be the expected ones.
 """
@@ -29,10 +29,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from memformer.evalplots import TrialLog
+from memformer.eval.plots import TrialLog
 
 VARIANTS = ("single-number", "single-word", "single-uuid", "multikey", "multivalue", "multiquery")
-TASKS = VARIANTS + ("passkey",)          # passkey (memformer.passkey) can run in the same evaluation
+TASKS = VARIANTS + ("passkey",)          # passkey (memformer.eval.passkey) can run in the same evaluation
 DISTRACTORS, VALUES, QUERIES = 3, 4, 4
 NUMBER_DIGITS = 7
 
@@ -99,7 +99,7 @@ def stdlib_source_text() -> str:
 @functools.lru_cache(maxsize=4)
 def _corpus_ids(tokenizer, long: bool) -> list[int]:
     """Haystack corpus tokens: the Python docs, plus standard-library source when `long`."""
-    from memformer.demo import python_docs_text
+    from memformer.qa.demo import python_docs_text
     text = python_docs_text()
     if long:
         text += "\n\n" + stdlib_source_text()[:_STDLIB_CHARS]
@@ -232,24 +232,34 @@ def make_sample(tokenizer, variant: str, length: int, depth: float, rng: random.
 
 
 # ---------------------------------------------------------------------- running
-def answer_cues(model, text: str, cues: list[str], mode: str, max_new_tokens: int, **qa_options) -> list[str] | None:
-    """Answers to `cues` after `text` in `mode` (memformer.qa; qa_options go to `LongDocQA`,
-    e.g. memory_reads), or None when the mode cannot hold the text (mode "full" beyond the
-    native context)."""
-    from memformer import qa
+def answer_cues(model, text: str, cues: list[str], mode: str, max_new_tokens: int) -> list[str] | None:
+    """Answers to `cues` after `text` in a baseline `mode` (`memformer.qa.longdoc`), or None when
+    the mode cannot hold the text (mode "full" beyond the native context)."""
+    from memformer.qa import longdoc as qa
     try:       # "full" checks the documents in prepare and the documents + cue in answer
-        ctx = qa.prepare(model, [text], mode, show_progress=False, **qa_options)
+        ctx = qa.prepare(model, [text], mode, show_progress=False)
         # evidence=0: no retrieval recording, which only costs time and memory here
         return [qa.answer(model, ctx, cue=c, max_new_tokens=max_new_tokens, evidence=0).text for c in cues]
     except qa.DoesNotFit:
         return None
 
 
-def memory_answers(model, text: str, cues: list[str], max_new_tokens: int, evidence: int = 3, **qa_options) -> list:
-    """`memformer.qa.Answer`s to `cues` after `text` in mode memory, each with `evidence` spans."""
-    from memformer import qa
-    ctx = qa.prepare(model, [text], "memory", show_progress=False, **qa_options)
-    return [qa.answer(model, ctx, cue=c, max_new_tokens=max_new_tokens, evidence=evidence) for c in cues]
+def memory_answers(model, text: str, cues: list[str], max_new_tokens: int, evidence: int = 3) -> list:
+    """Mode memory through the library path: `model.memorize(text)`, then `model.ask(cue=...)` per
+    cue; `memformer.qa.longdoc.Answer`s, each with `evidence` spans."""
+    from memformer.qa.documents import Corpus
+    from memformer.qa.evidence import answer_evidence
+    from memformer.qa.longdoc import Answer
+    model.reset_memory()
+    model.memorize(text, show_progress=False)
+    corpus = Corpus.from_documents([text], model.tokenizer) if evidence else None
+    out = []
+    for c in cues:
+        ans = Answer("memory", model.ask(cue=c, max_new_tokens=max_new_tokens, record=evidence > 0))
+        if evidence:
+            ans.evidence, ans.memory_share = answer_evidence(model, corpus, evidence)
+        out.append(ans)
+    return out
 
 
 def evidence_record(sample: Sample, answer) -> dict:
@@ -262,25 +272,18 @@ def evidence_record(sample: Sample, answer) -> dict:
                 evidence=[dict(start=s.start, end=s.end, score=round(s.score, 4), text=s.text[:160]) for s in spans])
 
 
-def run_sample(model, sample: Sample, mode: str, evidence: bool = False, qa_options: dict | None = None) -> dict:
-    """Run one sample in one mode: its trial record (see `memformer.evalplots`). evidence: in
-    mode memory, also record where the evidence spans point (`evidence_record`). qa_options:
-    keyword arguments of `memformer.qa.LongDocQA` (memory_reads, question_blocks, ...). With
-    sink_prefix "auto" a memory record also holds, per query, the read kept (`reads`), its
-    `confidence`, and the answer and confidence of the read not kept."""
+def run_sample(model, sample: Sample, mode: str, evidence: bool = False) -> dict:
+    """Run one sample in one mode: its trial record (see `memformer.eval.plots`). evidence: in
+    mode memory, also record where the evidence spans point (`evidence_record`)."""
     t0 = time.perf_counter()
-    cues, found, opts = [q.cue for q in sample.queries], {}, qa_options or {}
+    cues, found = [q.cue for q in sample.queries], {}
     if mode == "memory":
-        full = memory_answers(model, sample.text, cues, sample.max_new_tokens, evidence=3 if evidence else 0, **opts)
+        full = memory_answers(model, sample.text, cues, sample.max_new_tokens, evidence=3 if evidence else 0)
         answers = [a.text for a in full]
-        if any(a.alternative for a in full):            # sink_prefix "auto": which read each answer kept
-            found = dict(reads=[a.read for a in full], confidence=[round(a.confidence, 4) for a in full],
-                         other_answers=[a.alternative and a.alternative["text"] for a in full],
-                         other_confidence=[a.alternative and round(a.alternative["confidence"], 4) for a in full])
         if evidence:
             found.update(evidence_record(sample, full[0]))
     else:
-        answers = answer_cues(model, sample.text, cues, mode, sample.max_new_tokens, **opts)
+        answers = answer_cues(model, sample.text, cues, mode, sample.max_new_tokens)
     rec = dict(id=record_id(sample.task, sample.length, sample.index, mode), task=sample.task,
                length=sample.length, index=sample.index, depth=round(sample.depth, 4), mode=mode,
                tokens=sample.tokens, needle_depths=sample.needle_depths,
@@ -303,7 +306,7 @@ def trial_rng(seed: int, task: str, length: int, index: int) -> random.Random:
 
 
 def run_trials(model, jobs, build, modes, log: TrialLog | None, desc: str, show_progress: bool = True,
-               evidence: bool = False, qa_options: dict | None = None) -> list[dict]:
+               evidence: bool = False) -> list[dict]:
     """jobs: (task, length, index, depth) tuples; build(job) -> Sample, called only when a mode
     of the job is not in `log` yet. Records stream to `log`; returns every job's records."""
     results = []
@@ -316,7 +319,7 @@ def run_trials(model, jobs, build, modes, log: TrialLog | None, desc: str, show_
                 results.append(log.get(rid))
             else:
                 sample = sample or build(job)
-                rec = run_sample(model, sample, mode, evidence, qa_options)
+                rec = run_sample(model, sample, mode, evidence)
                 if log is not None:
                     log.append(rec)
                 results.append(rec)
@@ -326,7 +329,7 @@ def run_trials(model, jobs, build, modes, log: TrialLog | None, desc: str, show_
 
 
 def check_modes(modes) -> list[str]:
-    from memformer import qa
+    from memformer.qa import longdoc as qa
     modes = list(modes)
     bad = [m for m in modes if m not in qa.MODES]
     if bad or not modes:
@@ -344,20 +347,18 @@ def build_sample(tokenizer, task: str, length: int, index: int, depth: float, se
     """Trial `index` of `task` (a variant, or "passkey") at `length`, from its own seeded generator."""
     rng = trial_rng(seed, task, length, index)
     if task == "passkey":
-        from memformer import passkey
+        from memformer.eval import passkey
         return passkey.make_sample(tokenizer, length, depth, rng.randint(10000, 99999), index)
     return make_sample(tokenizer, task, length, depth, rng, index=index)
 
 
 def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("memory", "truncate"),
              seed: int = 0, out_dir=None, resume: bool = False, show_progress: bool = True,
-             name: str = "needle", evidence: bool = False, qa_options: dict | None = None) -> list[dict]:
+             name: str = "needle", evidence: bool = False) -> list[dict]:
     """Every task (needle variants, and "passkey") x length x trial in every mode; trial i of n
     puts its target needle at depth (i + 0.5) / n. Records stream to out_dir/trials.jsonl
     (resumable) when out_dir is set; `name` labels the run in out_dir/run.json. evidence: memory
-    trials also record whether their evidence spans point at the needle (`evidence_table`).
-    qa_options: keyword arguments of `memformer.qa.LongDocQA` for every trial (memory_reads,
-    question_blocks, rag_chunk_tokens, ...)."""
+    trials also record whether their evidence spans point at the needle (`evidence_table`)."""
     if model.tokenizer is None:
         raise ValueError(f"the {name} evaluation needs a model with a tokenizer")
     variants, modes = list(variants), check_modes(modes)
@@ -370,11 +371,10 @@ def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("me
         build_sample(model.tokenizer, v, min(lengths), 0, 0.5, seed)
     jobs = [(v, L, i, (i + 0.5) / trials) for L in lengths for v in variants for i in range(trials)]
     build = lambda job: build_sample(model.tokenizer, job[0], job[1], job[2], job[3], seed)
-    from memformer.qa import qa_settings
-    settings = dict(run_settings(model, name, seed, trials), qa=qa_settings(qa_options))
+    settings = run_settings(model, name, seed, trials)
     log = None if out_dir is None else TrialLog(out_dir, settings, resume)
     try:
-        return run_trials(model, jobs, build, modes, log, name, show_progress, evidence, qa_options)
+        return run_trials(model, jobs, build, modes, log, name, show_progress, evidence)
     finally:
         if log is not None:
             log.close()
@@ -383,7 +383,7 @@ def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("me
 def evidence_table(records) -> str:
     """Markdown: per task and length, memory trials whose top evidence span (top 3 spans) holds
     the target needle's value; "" when no trial recorded evidence."""
-    from memformer.evalplots import length_label
+    from memformer.eval.plots import length_label
     rows: dict[tuple[str, int], list[dict]] = {}
     for r in records:
         if r.get("mode") == "memory" and "evidence_top1" in r:

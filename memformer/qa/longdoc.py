@@ -1,0 +1,357 @@
+"""Long-document QA: read documents into memory once, answer questions from memory, show evidence.
+
+    ctx = prepare(model, [Path("book.txt"), Path("notes.md")], cache_dir="~/.cache/memformer/memories")
+    ans = answer(model, ctx, "Who wrote the preface?")        # or ctx.answer(...)
+    ans.text, ans.evidence                                    # [EvidenceSpan(document, start, end, text, score)]
+    ctx.ask("Who wrote the preface?", modes=("memory", "truncate", "rag"))   # {mode: Answer}
+
+The documents form one token stream (`Corpus`). Mode "memory" is the product: the documents are
+memorized (`model.memorize`, one call per document) and answers are `model.ask` — question reads,
+the same code path as the library. The baselines differ only in the document context put before
+the question; truncate and rag get the same token budget (`tail_room`):
+
+* memory   — `model.ask`: the question alone in the window, every memory layer reading the memory
+             blocks under the passages nearest the question;
+* truncate — the tail, memory off: the frozen backbone with the last window only;
+* rag      — the passages most similar to the question (sentence-transformers), memory off;
+* full     — the whole stream in the context, memory off (the long-context reference; only
+             when it fits the backbone's native context, else `DoesNotFit`).
+
+The bundled demo document lives in `memformer.qa.demo`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from memformer.qa.documents import Corpus, Document, DocumentError, as_documents, read_document  # noqa: F401 (API)
+from memformer.qa.evidence import EvidenceSpan, answer_evidence
+
+MODES = ("memory", "truncate", "rag", "full")
+QA_FILE = "qa_documents.json"            # beside a saved memory: the documents it was built from
+QA_FORMAT, QA_FORMAT_VERSION = "memformer-qa-documents", 2
+
+
+class DoesNotFit(ValueError):
+    """The documents (+ question) are longer than the mode can hold ("full": the native context)."""
+
+
+@dataclass
+class Answer:
+    """One answer.
+
+    evidence: memory — passages the memory layers attended to while answering; rag — the
+    best-scoring passages (the first ones put in the prompt); truncate, full — none.
+    memory_share (memory mode): mean fraction of attention, over layers, heads and answer
+    tokens, that went to memory. corpus_evidence (memory mode with a corpus memory attached):
+    the corpus documents drawn on, `memformer.corpus.corpus_evidence` dicts."""
+    mode: str
+    text: str
+    evidence: list[EvidenceSpan] = field(default_factory=list)
+    corpus_evidence: list[dict] = field(default_factory=list)
+    memory_share: float | None = None
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tail_room(model, reserve: int = 96) -> int:
+    """Tokens of the document kept in the local window beside the question (the rest is memory)."""
+    cfg = model.memory_config
+    return max(16, cfg.window - cfg.sink_tokens - reserve)
+
+
+def memory_key(corpus: Corpus, model) -> str:
+    """Cache key of a memory: the document texts, the backbone, the memory-layer weights and the
+    memory config."""
+    from memformer.persistence import adapter_hash
+    h = hashlib.sha256()
+    for doc in corpus.documents:
+        h.update(bytes.fromhex(doc.sha256))
+    h.update(model.backbone_fingerprint.encode())
+    h.update(adapter_hash(model).encode())
+    h.update(model.memory_config.to_json().encode())
+    return h.hexdigest()[:20]
+
+
+class LongDocQA:
+    """Documents read for QA, answerable in every mode of `MODES` (see the module docstring).
+
+    mode: the default mode of `answer`. With mode "memory" `read` memorizes the documents (the
+    other modes need no memory, so reading for them skips that cost); "rag" embeds the passages;
+    "full" checks at once that the documents fit the native context. It owns the model's memory:
+    `read` resets it, and a memory answer refuses a memory changed since.
+    embedder: a sentence-transformers model for mode "rag" (None = the model's question-read
+    embedder, all-MiniLM-L6-v2 by default). rag_chunk_tokens / rag_overlap: passage size and
+    overlap in backbone tokens.
+    """
+
+    def __init__(self, model, mode: str = "memory", *, embedder=None, rag_chunk_tokens: int = 128,
+                 rag_overlap: int = 32):
+        if model.tokenizer is None:
+            raise ValueError("LongDocQA needs a model with a tokenizer")
+        self.model, self.mode, self.embedder = model, _check_mode(mode), embedder
+        self.rag_chunk_tokens, self.rag_overlap = rag_chunk_tokens, rag_overlap
+        self.corpus: Corpus | None = None
+        self.memorized = False            # the model's memory holds this corpus
+        self.from_cache = False
+        self._rag = None
+
+    # ------------------------------------------------------------------ reading
+    def read(self, documents, *, cache_dir=None, show_progress: bool = True) -> "LongDocQA":
+        """Tokenize `documents` (texts, `Path`s or `Document`s); in mode "memory" memorize them.
+        cache_dir: reuse the memory saved there under `memory_key` when it exists and fits this
+        model (else build it and save it there). Sets `from_cache`."""
+        model = self.model
+        self.corpus, self._rag = Corpus.from_documents(documents, model.tokenizer), None
+        model.reset_memory()
+        self.from_cache = self.memorized = False
+        if self.mode == "full":
+            self._full_prompt_room()                        # DoesNotFit now, not at the first question
+        if self.mode == "rag":
+            self.rag()                                      # embed the passages now, not in the first answer
+        if self.mode != "memory":
+            return self
+        path = None if cache_dir is None else Path(cache_dir).expanduser() / memory_key(self.corpus, model)
+        self.from_cache = path is not None and self._try_load(path)
+        if not self.from_cache:
+            self._memorize(show_progress)
+        self.memorized = True
+        if path is not None and not self.from_cache and model.memory_size() > 0:
+            self.save(path)
+        return self
+
+    def _memorize(self, show_progress: bool) -> None:
+        """One `memorize` call per document (with the separator before the next one), so question
+        reads' passages never cross a document boundary; the passages are embedded now, not at
+        the first answer."""
+        # the last document's separator is not memorized: one document is exactly model.memorize(text)
+        bounds = self.corpus.starts + [len(self.corpus) - 1]
+        for a, b in zip(bounds, bounds[1:]):
+            self.model.memorize(torch.tensor([self.corpus.ids[a:b]]), show_progress=show_progress)
+        self.model.passages                                 # noqa: B018 (embeds them)
+
+    def _try_load(self, path: Path) -> bool:
+        """Load the memory at `path` if it was built from exactly this corpus by this model."""
+        try:
+            saved = _read_qa_file(path)
+        except (FileNotFoundError, DocumentError):
+            return False
+        if [d["sha256"] for d in saved["documents"]] != [d.sha256 for d in self.corpus.documents]:
+            return False
+        try:
+            self.model.load_memory(path)
+        except (ValueError, FileNotFoundError):             # another model / config, or corrupt
+            self.model.reset_memory()
+            return False
+        return True
+
+    @property
+    def tail(self) -> list[int]:
+        """The last `tail_room` stream tokens: mode truncate's context."""
+        self._need_corpus()
+        return self.corpus.ids[-tail_room(self.model):]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Write the memory (`model.save_memory`) plus `qa_documents.json` (document names and
+        texts, so evidence spans work after `load`)."""
+        self._need_corpus()
+        path = Path(path).expanduser()
+        if not self.memorized:
+            raise ValueError("nothing to save: the documents were read for another mode, without memory")
+        self.model.save_memory(path)
+        payload = {"format": QA_FORMAT, "format_version": QA_FORMAT_VERSION, "tokens": len(self.corpus),
+                   "documents": [{"name": d.name, "sha256": d.sha256, "text": d.text} for d in self.corpus.documents]}
+        tmp = path / f".{QA_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, path / QA_FILE)                     # written after the memory: present = complete
+        return path
+
+    @classmethod
+    def load(cls, model, path, **kwargs) -> "LongDocQA":
+        """A LongDocQA (mode "memory") from a directory written by `save` (memory + documents);
+        the memory is refused (MemoryFileError) if another model or memory config built it."""
+        path = Path(path).expanduser()
+        saved = _read_qa_file(path)
+        qa = cls(model, "memory", **kwargs)
+        qa.corpus = Corpus.from_documents([Document(d["name"], d["text"]) for d in saved["documents"]],
+                                          model.tokenizer)
+        if [d.sha256 for d in qa.corpus.documents] != [d["sha256"] for d in saved["documents"]]:
+            raise DocumentError(f"{path / QA_FILE}: document texts do not match their checksums")
+        if len(qa.corpus) != saved["tokens"]:
+            raise DocumentError(f"{path / QA_FILE}: the documents tokenize to {len(qa.corpus)} tokens here, "
+                                f"{saved['tokens']} when saved (another tokenizer)")
+        model.load_memory(path)
+        qa.memorized = qa.from_cache = True
+        return qa
+
+    # ------------------------------------------------------------------ answering
+    def answer(self, question: str | None = None, *, cue: str | None = None, mode: str | None = None,
+               max_new_tokens: int = 48, evidence: int = 3) -> Answer:
+        """Answer one question (greedy) in `mode` (default: this context's mode).
+
+        question: asked in the chat template (when the tokenizer has one), after the context.
+        cue: instead, a sentence for the model to complete after the context ("The code is");
+            the question (or the cue) is also the retrieval query. evidence: spans to return (0 = none).
+        """
+        mode = self.mode if mode is None else _check_mode(mode)
+        if not (question and question.strip()) and not (cue and cue.strip()):
+            raise ValueError("give a question or a cue")
+        self._need_corpus()
+        t0 = time.perf_counter()
+        if mode == "memory":
+            ans = self._memory_answer(question, cue, evidence, max_new_tokens)
+        else:
+            ranked = []
+            if mode == "rag":
+                ranked = self.rag().search(question or cue)
+                context = self._join(self.rag().fill(ranked, tail_room(self.model)))
+            else:
+                context = self.corpus.ids if mode == "full" else self.tail
+            x = self._prompt(context, question, cue, full=mode == "full")
+            ans = Answer(mode, self._generate(x, max_new_tokens), prompt_tokens=x.shape[1])
+            if mode == "rag" and evidence > 0:              # the best passages, as embedded (unmerged)
+                ans.evidence = [self._span(p.start, p.end, p.score) for p in ranked[:evidence]]
+        ans.seconds = time.perf_counter() - t0
+        return ans
+
+    def _memory_answer(self, question, cue, evidence: int, max_new_tokens: int) -> Answer:
+        """`model.ask` (question reads), with the evidence its reads recorded."""
+        self._check_memory()
+        model = self.model
+        corpus = evidence > 0 and bool(model.runtime.corpus)
+        text = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0)
+        ans = Answer("memory", text, prompt_tokens=model.prompt_ids(question, cue=cue).shape[1])
+        if corpus:
+            ans.corpus_evidence = model.corpus_evidence(top=evidence)
+            model.runtime.retrieved_corpus.clear()
+        if evidence > 0:
+            ans.evidence, ans.memory_share = answer_evidence(model, self.corpus, evidence)
+        return ans
+
+    def ask(self, question: str | None = None, *, cue: str | None = None,
+            modes=("memory",), **kwargs) -> dict[str, Answer]:
+        """`answer` in each of `modes`: {mode: Answer}."""
+        return {m: self.answer(question, cue=cue, mode=m, **kwargs) for m in modes}
+
+    def rag(self):
+        """The RAG baseline over this corpus (`memformer.qa.rag.RAGBaseline`, embedded on first use)."""
+        from memformer.qa.rag import RAGBaseline, default_embedder
+        self._need_corpus()
+        if self._rag is None:
+            if self.embedder is None:
+                self.embedder = self.model.embedder or default_embedder()
+            self._rag = RAGBaseline(self.corpus, self.embedder, chunk_tokens=self.rag_chunk_tokens,
+                                    overlap=self.rag_overlap)
+        return self._rag
+
+    # ------------------------------------------------------------------ internals
+    def _need_corpus(self) -> None:
+        if self.corpus is None:
+            raise RuntimeError("no documents: call read(documents) (or LongDocQA.load(model, path)) first")
+
+    def _check_memory(self) -> None:
+        if not self.memorized:
+            raise RuntimeError(f"the documents were read for mode {self.mode!r}, without memory; "
+                               f"prepare them with mode 'memory' to answer from memory")
+        held = self.model.seen if self.model.memories else []
+        if held != [len(self.corpus) - 1]:
+            raise RuntimeError(f"the model's memory changed since read() (it holds {held} tokens per sequence, "
+                               f"the documents need [{len(self.corpus) - 1}]); call read() again")
+
+    def _full_prompt_room(self) -> int:
+        """Tokens left for the question in mode "full" (DoesNotFit if there are too few)."""
+        native = getattr(self.model.config, "max_position_embeddings", None)
+        if native is None:
+            raise DoesNotFit("mode 'full' needs the backbone's native context (config.max_position_embeddings)")
+        room = native - len(self.corpus)
+        if room < 96:
+            raise DoesNotFit(f"mode 'full': {len(self.corpus)} document tokens + a question do not fit the "
+                             f"native context of {native} tokens")
+        return room
+
+    def _join(self, passages) -> list[int]:
+        sep = self.model.tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        for p in passages:
+            ids += (sep if ids else []) + self.corpus.ids[p.start:p.end]
+        return ids
+
+    def _span(self, start: int, end: int, score: float) -> EvidenceSpan:
+        d, c0, c1 = self.corpus.locate(start, end)
+        doc = self.corpus.documents[d]
+        return EvidenceSpan(doc.name, d, c0, c1, doc.text[c0:c1], score, start, end)
+
+    def _prompt(self, context: list[int], question: str | None, cue: str | None, full: bool = False) -> torch.Tensor:
+        """[1, T] ids: context + cue as plain text, or context + question in the chat template.
+        Cut to the local window (W - sink) from the left, so nothing spills into memory; in mode
+        "full" checked against the native context instead."""
+        model, tok = self.model, self.model.tokenizer
+        if cue:
+            x = torch.tensor([context + tok("\n\n" + cue, add_special_tokens=False)["input_ids"]])
+        else:
+            x = model.chat_ids(f"{tok.decode(context)}\n\n{question}" if context else question)
+        if full:
+            if x.shape[1] > len(context) + self._full_prompt_room():
+                raise DoesNotFit("mode 'full': the documents and the question do not fit the native context")
+            return x
+        cfg = model.memory_config
+        return x[:, -(cfg.window - cfg.sink_tokens):]
+
+    def _generate(self, x: torch.Tensor, max_new_tokens: int) -> str:
+        """Greedy answer of the frozen backbone on exactly x [1, T]: no sink prefix and no memory,
+        however the context was prepared (model.generate would also move all but the last window
+        to memory)."""
+        model = self.model
+        with model.memory_disabled():
+            dev = model.device
+            out = model.backbone.generate(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev),
+                                          pad_token_id=model._pad_id(), max_new_tokens=max_new_tokens,
+                                          do_sample=False).cpu()
+        return model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    return mode
+
+
+def prepare(model, documents, mode: str = "memory", *, cache_dir=None, show_progress: bool = True,
+            **kwargs) -> LongDocQA:
+    """Read `documents` (texts, `Path`s or `Document`s) for answering in `mode` (see `MODES`):
+    mode "memory" memorizes them (reusing `cache_dir` when given); "full" raises `DoesNotFit`
+    when they exceed the native context. kwargs go to `LongDocQA` (embedder, rag_chunk_tokens,
+    rag_overlap). Returns the context that `answer` takes."""
+    return LongDocQA(model, mode, **kwargs).read(documents, cache_dir=cache_dir, show_progress=show_progress)
+
+
+def answer(model, ctx: LongDocQA, question: str | None = None, *, cue: str | None = None,
+           mode: str | None = None, max_new_tokens: int = 48, evidence: int = 3) -> Answer:
+    """Answer `question` (chat template) or complete `cue` from a context made by `prepare`, in
+    the context's mode unless `mode` is given. Returns an `Answer` (text, evidence, ...)."""
+    if ctx.model is not model:
+        raise ValueError("this context was prepared with another model")
+    return ctx.answer(question, cue=cue, mode=mode, max_new_tokens=max_new_tokens, evidence=evidence)
+
+
+def _read_qa_file(path: Path) -> dict:
+    f = Path(path) / QA_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} holds no QA documents ({QA_FILE}); it was not written by LongDocQA.save")
+    try:
+        saved = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DocumentError(f"{f} is corrupt: {e}") from None
+    if saved.get("format") != QA_FORMAT or saved.get("format_version") != QA_FORMAT_VERSION:
+        raise DocumentError(f"{f}: not a {QA_FORMAT} v{QA_FORMAT_VERSION} file")
+    return saved
