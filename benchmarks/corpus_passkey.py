@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memformer import MemformerForCausalLM, MemoryConfig, corpus, passkey  # noqa: E402
-from memformer.demo import python_docs_text  # noqa: E402
+from memformer.qa.demo import python_docs_text  # noqa: E402
 
 
 PROMPTS = {"task+question": passkey.TASK + " " + passkey.QUESTION,

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memformer.index import ExactIndex, FaissIndex, LayerMemory  # noqa: E402
-from memformer.passkey import parse_length  # noqa: E402
+from memformer.eval.passkey import parse_length  # noqa: E402
 
 
 def make_keys(n: int, dim: int, clusters: int, seed: int) -> torch.Tensor:
@@ -57,7 +57,7 @@ def make_queries(keys: torch.Tensor, nq: int, seed: int) -> torch.Tensor:
 def corpus_token_stream(tokenizer):
     """Token ids of Python's documentation, then the standard library's source, file by file."""
     import sysconfig
-    from memformer.demo import python_docs_text
+    from memformer.qa.demo import python_docs_text
     yield from tokenizer(python_docs_text(), add_special_tokens=False)["input_ids"]
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
         if "site-packages" in path.parts or "test" in path.parts:

@@ -22,7 +22,7 @@ import torch
 
 from memformer import MemformerForCausalLM, MemoryConfig
 from memformer.loading import load_backbone
-from memformer.demo import python_docs_text
+from memformer.qa.demo import python_docs_text
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@
 
 Two copies of the default backbone (SmolLM2-135M-Instruct) with MemoryConfig defaults, one
 storing memory in float32 and one in int8 (per-row scales); each trial's prompt (the passkey
-prompt of `memformer.passkey`, needle depth (i + 0.5) / trials, key from a seeded generator as
+prompt of `memformer.eval.passkey`, needle depth (i + 0.5) / trials, key from a seeded generator as
 in `memformer eval passkey`) goes through both. Also reports the bytes each memory holds.
 """
 from __future__ import annotations

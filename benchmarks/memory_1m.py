@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memformer import MemformerForCausalLM, MemoryConfig, MemoryFileError  # noqa: E402
-from memformer.passkey import parse_length  # noqa: E402
+from memformer.eval.passkey import parse_length  # noqa: E402
 
 
 def small_backbone(seed: int = 0):

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.evidence import retrieval_mass, spans_from_mass
-from memformer.demo import PlantedFact, demo_document
-from memformer.qa import Document, prepare
+from memformer.qa.evidence import retrieval_mass, spans_from_mass
+from memformer.qa.demo import PlantedFact, demo_document
+from memformer.qa.longdoc import Document, prepare
 
 FACTS = [
     ("The secret code of the blue vault is 73914.", "73914", "The secret code of the blue vault is"),

@@ -1,6 +1,6 @@
 """How long one answer takes once the document is read, per QA mode, side by side.
 
-One needle document (`memformer.needle`, single-number) of `--tokens` tokens is read once per
+One needle document (`memformer.eval.needle`, single-number) of `--tokens` tokens is read once per
 mode; then the same cue is answered `--repeats` times in each mode and the median time kept.
 Memory with question reads holds only the question in its window (the whole document is
 memorized), memory with kNN reads keeps the document's tail local (about a window of tokens
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from memformer import MemformerForCausalLM, qa
-from memformer.needle import make_sample, score_query
-from memformer.passkey import parse_length
+from memformer.eval.needle import make_sample, score_query
+from memformer.eval.passkey import parse_length
 
 # (mode, memory_reads, sink_prefix): question reads as by default ("auto": two generations, the
 # surer kept) and with one read (no sink before the blocks)
