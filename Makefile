@@ -28,7 +28,7 @@ demo: setup
 	$(VENV)/bin/memformer qa --demo --compare
 
 passkey: setup
-	$(VENV)/bin/memformer eval passkey --lengths 4k,16k,32k --trials 10 --out benchmarks/results/passkey
+	$(VENV)/bin/memformer eval passkey --lengths 4k,16k,32k --trials 10 --out benchmarks/results/passkey_question_reads
 
 bench: setup
 	$(PY) benchmarks/ingest.py

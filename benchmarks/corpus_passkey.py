@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memformer import MemformerForCausalLM, MemoryConfig, corpus, passkey  # noqa: E402
+from memformer import MemformerForCausalLM, MemoryConfig, corpus  # noqa: E402
+from memformer.eval import passkey  # noqa: E402
 from memformer.qa.demo import python_docs_text  # noqa: E402
 
 

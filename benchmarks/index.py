@@ -83,7 +83,7 @@ def real_keys(n: int, layer: int, nq: int, seed: int) -> tuple[torch.Tensor, tor
     backbone, tok = load_backbone(None)
     backbone.model.layers = backbone.model.layers[:layer + 1]    # layers above never feed this one
     backbone.config.num_hidden_layers = layer + 1
-    cfg = MemoryConfig(memory_layers=[layer], lora_rank=0)
+    cfg = MemoryConfig(memory_layers=[layer])
     model = MemformerForCausalLM(backbone, tok, cfg)
     stream = corpus_token_stream(tok)
     ids = torch.tensor([[next(stream) for _ in range(n + cfg.window)]])         # [1, n + W]

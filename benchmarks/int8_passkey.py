@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from memformer import MemformerForCausalLM, MemoryConfig, passkey  # noqa: E402
+from memformer import MemformerForCausalLM, MemoryConfig  # noqa: E402
+from memformer.eval import passkey  # noqa: E402
 
 
 def memory_bytes(model) -> int:

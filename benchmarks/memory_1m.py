@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/memory_1m.md")
     args = ap.parse_args(argv)
     n = parse_length(args.tokens)
-    cfg = MemoryConfig(window=1024, index=args.index, memory_dtype=args.memory_dtype, lora_rank=0)
+    cfg = MemoryConfig(window=1024, index=args.index, memory_dtype=args.memory_dtype)
     model = MemformerForCausalLM(small_backbone(), None, cfg)
     ids = torch.randint(0, 512, (1, n + 64), generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()

@@ -1,13 +1,15 @@
 """Do evidence spans point at the passage an answer came from?
 
 One document (Python's documentation topics) with eight facts planted at depths 0.05–0.75, all
-beyond the local window, so every fact can only reach the answer through memory. The document
-is memorized once; each fact is asked as a sentence to complete (a cue). For each answer from
-memory the recorded retrievals are ranked two ways:
+in memory, so every fact can only reach the answer through memory. The document is memorized
+once; each fact is asked as a sentence to complete (a cue) with `model.ask` (question reads).
+For each answer the recorded reads are ranked two ways:
 
-* lift   — what `LongDocQA.answer` ships: mass the answer's queries paid a token beyond what
-           the prompt's own queries paid it (`RetrievalMass.lift`);
-* answer — the raw mass of the answer's queries (`RetrievalMass.answer`), the ablation.
+* lift   — mass the answer's queries paid a token beyond what the prompt's own queries paid it
+           (`RetrievalMass.lift`); with question reads every query reads the same blocks, so
+           `answer_evidence` (what `LongDocQA.answer` ships) falls back to the answer's mass
+           when no token drew more;
+* answer — the raw mass of the answer's queries (`RetrievalMass.answer`).
 
 A hit = the planted sentence overlaps the top-1 (or one of the top-3) spans. RAG is scored the
 same way on its retrieved passages.
@@ -63,18 +65,14 @@ def main() -> None:
     planted = [PlantedFact(d, s, "", a, c) for d, (s, a, c) in zip(depths, FACTS)]
     text = demo_document(tok, args.tokens, planted)
     t0 = time.perf_counter()
-    ctx = prepare(model, [Document("python-docs", text)], "memory", memory_reads="knn")   # token reads
+    ctx = prepare(model, [Document("python-docs", text)], "memory")      # memorized whole: question reads
     build_s = time.perf_counter() - t0
-    local_from = int(ctx.corpus.char_spans[ctx.split, 0])
     rag = ctx.rag() if importlib.util.find_spec("sentence_transformers") else None
     rows = []
     for f in planted:
         start = text.index(f.sentence)
         end = start + len(f.sentence)
-        assert end <= local_from, "a fact landed in the local window; use more --tokens"
-        x = torch.tensor([ctx.local + tok("\n\n" + f.cue, add_special_tokens=False)["input_ids"]])
-        out = model.generate(x, max_new_tokens=8, do_sample=False, record=True)
-        ans = tok.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+        ans = model.ask(cue=f.cue, max_new_tokens=8, record=True)
         mass = retrieval_mass(model, len(ctx.corpus))
         model.runtime.retrieved.clear()
         row = {"fact": f.sentence, "depth": round(f.depth, 2), "answer": ans, "correct": f.answer in ans,
@@ -106,7 +104,7 @@ def write(rows, out: Path, args, build_s: float, tokens: int) -> None:
              "| ranking | answers right | top-1 span = fact | top-3 has fact | top-1, right answers only |",
              "|---|---|---|---|---|"]
     for name in ("lift", "answer"):
-        lines.append(f"| memory, {name}{' (shipped)' if name == 'lift' else ''} | {count('correct')} | "
+        lines.append(f"| memory, {name} | {count('correct')} | "
                      f"{count(name + '_top1')} | {count(name + '_top3')} | {count(name + '_top1', right)} |")
     if rows and "rag_top1" in rows[0]:
         lines.append(f"| RAG (MiniLM passages) | {count('rag_correct')} | {count('rag_top1')} | {count('rag_top3')} | |")

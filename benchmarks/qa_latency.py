@@ -1,15 +1,17 @@
-"""How long one answer takes once the document is read, per QA mode, side by side.
+"""How long one answer takes once the document is read, per read path and baseline, side by side.
 
 One needle document (`memformer.eval.needle`, single-number) of `--tokens` tokens is read once per
-mode; then the same cue is answered `--repeats` times in each mode and the median time kept.
-Memory with question reads holds only the question in its window (the whole document is
-memorized), memory with kNN reads keeps the document's tail local (about a window of tokens
-beside the question), truncate the tail, rag its passages. Question reads run as by default
-(sink_prefix "auto": answered with and without the sink before the blocks, the surer answer
-kept) and with one read. Reading time (memorize, embedding)
-is reported apart.
+case; then the same cue is answered `--repeats` times and the median time kept:
 
-    .venv/bin/python benchmarks/qa_latency.py --tokens 16k --repeats 3
+* memory (question reads): `memformer qa`'s memory mode, i.e. `model.ask` — the whole document
+  memorized, only the cue in the window, every memory layer reading the question's blocks;
+* generate (kNN reads): the continuation read — all but the last window memorized, then
+  `model.generate` over [last window ‖ cue] with kNN reads in the kNN layers;
+* truncate (the tail) and rag (retrieved passages), memory off, the same token budget.
+
+Reading time (memorize, passage embeddings) is reported apart.
+
+    .venv/bin/python benchmarks/qa_latency.py --tokens 16k --repeats 3 --threads 1
 
 Results: benchmarks/results/qa_latency.md and qa_latency.json.
 """
@@ -25,14 +27,33 @@ from pathlib import Path
 
 import torch
 
-from memformer import MemformerForCausalLM, qa
+from memformer import MemformerForCausalLM
 from memformer.eval.needle import make_sample, score_query
 from memformer.eval.passkey import parse_length
+from memformer.qa import longdoc as qa
 
-# (mode, memory_reads, sink_prefix): question reads as by default ("auto": two generations, the
-# surer kept) and with one read (no sink before the blocks)
-CASES = (("memory", "question", "auto"), ("memory", "question", False), ("memory", "knn", False),
-         ("truncate", None, False), ("rag", None, False))
+CASES = ("memory", "generate", "truncate", "rag")
+LABELS = {"memory": "memory (question reads, `model.ask`)", "generate": "generate (kNN reads)",
+          "truncate": "truncate", "rag": "rag"}
+
+
+def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int):
+    """The continuation read: everything before the last window memorized, then generate."""
+    ids = model.tokenizer(text + "\n\n" + cue, add_special_tokens=False)["input_ids"]
+    cfg = model.memory_config
+    local = cfg.window - cfg.sink_tokens
+    t0 = time.perf_counter()
+    model.reset_memory()
+    model.memorize(torch.tensor([ids[:-local]]), show_progress=False)
+    read_s = time.perf_counter() - t0
+    x = torch.tensor([ids[-local:]])
+    times, text_out = [], ""
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
+        times.append(time.perf_counter() - t0)
+        text_out = model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+    return read_s, times, text_out, x.shape[1]
 
 
 def main() -> None:
@@ -50,19 +71,20 @@ def main() -> None:
                          random.Random(args.seed))
     query = sample.queries[0]
     rows = []
-    for mode, reads, sink in CASES:
-        t0 = time.perf_counter()
-        opts = {"memory_reads": reads, "sink_prefix": sink} if reads else {}
-        ctx = qa.prepare(model, [sample.text], mode, show_progress=False, **opts)
-        read_s = time.perf_counter() - t0
-        times, ans = [], None
-        for _ in range(args.repeats):
-            ans = ctx.answer(cue=query.cue, max_new_tokens=sample.max_new_tokens, evidence=0)
-            times.append(ans.seconds)
-        label = {"auto": ", with and without the sink", False: ", one read"}[sink] if reads == "question" else ""
-        rows.append(dict(mode=mode if reads is None else f"memory ({reads} reads{label})", read_s=round(read_s, 2),
-                         answer_s=round(statistics.median(times), 3), prompt_tokens=ans.prompt_tokens,
-                         correct=score_query(ans.text, query) == 1.0, answer=ans.text[:40]))
+    for case in CASES:
+        if case == "generate":
+            read_s, times, text, prompt = knn_reads(model, sample.text, query.cue, sample.max_new_tokens, args.repeats)
+        else:
+            t0 = time.perf_counter()
+            ctx = qa.prepare(model, [sample.text], case, show_progress=False)
+            read_s = time.perf_counter() - t0
+            times, ans = [], None
+            for _ in range(args.repeats):
+                ans = ctx.answer(cue=query.cue, max_new_tokens=sample.max_new_tokens, evidence=0)
+                times.append(ans.seconds)
+            text, prompt = ans.text, ans.prompt_tokens
+        rows.append(dict(mode=LABELS[case], read_s=round(read_s, 2), answer_s=round(statistics.median(times), 3),
+                         prompt_tokens=prompt, correct=score_query(text, query) == 1.0, answer=text[:40]))
         print(rows[-1], flush=True)
         model.reset_memory()
     out = Path(args.out)

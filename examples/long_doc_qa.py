@@ -3,19 +3,16 @@
     .venv/bin/python examples/long_doc_qa.py book.txt notes.md -q "Who wrote the preface?"
     .venv/bin/python examples/long_doc_qa.py            # Python's docs with three planted facts
 
-Each answer is shown beside the truncation baseline (last window only) and, when
-sentence-transformers is installed, a RAG baseline (retrieved passages instead of memory).
-Memory answers read the memory blocks under the passages nearest the question (LongDocQA's
-default memory_reads="question"); LongDocQA(model, memory_reads="knn") uses each layer's own
-kNN reads instead.
+Memory answers are `model.ask`: every memory layer reads the memory blocks under the passages
+nearest the question. Each is shown beside the truncation (last window only) and RAG (retrieved
+passages instead of memory) baselines.
 """
 import argparse
-import importlib.util
 from pathlib import Path
 
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.demo import DEMO_FACTS, demo_document
-from memformer.qa import Document, LongDocQA
+from memformer.qa.demo import DEMO_FACTS, demo_document
+from memformer.qa.longdoc import Document, LongDocQA
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("docs", nargs="*", type=Path, help="text/Markdown files (default: the demo document)")
@@ -30,7 +27,7 @@ else:
     asks = [(f.question, f.cue) for f in DEMO_FACTS]     # a 135M model completes cues far better
 
 qa = LongDocQA(model).read(docs, cache_dir=Path.home() / ".cache" / "memformer" / "memories")
-modes = ["memory", "truncate"] + (["rag"] if importlib.util.find_spec("sentence_transformers") else [])
+modes = ["memory", "truncate", "rag"]
 for question, cue in asks:
     print(f"\nQ: {question}" + (f"  (asked as: {cue} ...)" if cue else ""))
     for mode, ans in qa.ask(question, cue=cue, modes=modes, max_new_tokens=24).items():

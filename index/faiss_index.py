@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -416,11 +413,9 @@ class FaissIndex(RawKeys):
         """Write <path>/ {manifest.json, memory.safetensors, group_<g>.faiss} atomically: into a temp
         dir beside it, then renamed over (an existing <path> is moved aside first, then deleted)."""
         from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
+        from memformer.fileio import atomic_dir
+
+        def fill(tmp: Path) -> None:
             save_file({k: v.cpu().contiguous() for k, v in self._tensors().items()}, str(tmp / _DATA))
             for g, index in enumerate(self._indexes):
                 self.faiss.write_index(self._to_cpu(index), str(tmp / f"group_{g}.faiss"))
@@ -429,16 +424,8 @@ class FaissIndex(RawKeys):
                         "group_shape": list(self.group_shape), "dim": self.dim, "rows": len(self),
                         "dtype": str(self._keys.data.dtype), "faiss": self.faiss.__version__}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        atomic_dir(path, fill)
 
     def load(self, path) -> None:
         """Read what save() wrote; ValueError if it is missing, corrupt, truncated or does not fit."""

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from memformer.kernels.reference import local_attention
+from memformer.kernels import knn_attention
 
 
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,
-                    row_rotation, slot_rotation, local_mask=None, mem_bias=None):
+                    row_rotation, slot_rotation, local_mask=None, mem_bias=None, with_probs: bool = False):
     """Attention over [local keys ‖ rows of the pinned memory blocks], one softmax per query.
 
     mem: LayerMemory [B, Hkv, M, D] (keys, values, positions [B, M], slots [B, M], valid [B, M]).
@@ -34,13 +34,9 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
         each row was stored with, at its window slot (`mem.slots`).
     returns (out [B, Hq, T, D] in q_rot's dtype,
              rows [B, 1, T, R] memory rows read (-1 = none; same for all heads),
-             probs [B, 1, T, R] their attention probability, mean over heads).
+             probs [B, 1, T, R] their attention probability, mean over heads; None unless with_probs).
     """
     B, Hq, T, D = q_rot.shape
-    Hkv = k_local.shape[1]
-    G = Hq // Hkv
-    out_loc, lse_loc = local_attention(q_rot, k_local, v_local, scale, local_mask)   # [B, Hq, T, D], [B, Hq, T]
-    bias = torch.zeros(Hq, device=q_rot.device) if mem_bias is None else mem_bias.float()
     positions = mem.positions.to(q_rot.device)                                        # [B, M]
     valid = mem.valid.to(q_rot.device)                                                # [B, M]
     block_of_row = torch.where(valid, positions // block_size, -1)                    # [B, M]
@@ -64,16 +60,15 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
         raise ValueError(f"row_rotation covers {cos.shape[1]} slots, the blocks read {R}")
     keys = rotary_fn(keys, keys, cos[:, -R:], sin[:, -R:])[1]                         # at -R .. -1
 
-    q = q_rot.float().reshape(B, Hkv, G * T, D)                                        # query heads of a kv group
-    s = (q @ keys.transpose(-1, -2)).view(B, Hq, T, R) * scale + bias.view(1, Hq, 1, 1)
-    s = s.masked_fill((rows < 0).view(B, 1, 1, R), float("-inf"))                     # [B, Hq, T, R]
-    lse = torch.logaddexp(lse_loc, torch.logsumexp(s, dim=-1))                        # one softmax
-    p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)                      # memory's share
-    o_mem = (p.reshape(B, Hkv, G * T, R) @ values).view(B, Hq, T, D)
-    w_loc = torch.nan_to_num(torch.exp(lse_loc - lse), nan=0.0)[..., None]
-    out = w_loc * out_loc.float() + o_mem
+    # the one softmax over [local keys ‖ block rows] is the kNN-attention kernel's: every query reads
+    # the same R rows, so its ids are 0 .. R-1 (-1 where a row is missing)
+    slot_ids = torch.where(rows < 0, -1, torch.arange(R, device=rows.device))        # [B, R]
+    ids = slot_ids[:, None, None, :].expand(B, Hq, T, R).contiguous()
+    res = knn_attention(q_rot, k_local, v_local, keys.to(q_rot.dtype), values.to(q_rot.dtype), ids,
+                        scale=scale, local_mask=local_mask, mem_bias=mem_bias, return_mem_probs=with_probs)
     read = rows[:, None, None, :].expand(B, 1, T, R)                                  # [B, 1, T, R]
-    return torch.nan_to_num(out, nan=0.0).to(q_rot.dtype), read, p.mean(dim=1, keepdim=True).detach()
+    probs = res[2].mean(dim=1, keepdim=True).detach() if with_probs else None         # [B, 1, T, R]
+    return res[0], read, probs
 
 
 def gather_rows(mem, rows: torch.Tensor, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

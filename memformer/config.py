@@ -2,7 +2,7 @@
 
 Validated on construction so a bad setting fails at once with a message that names it, not
 deep inside a forward pass. Each field's reason is in docs/config.md. Training-only settings
-(LoRA rank and alpha, gate initialisation) live in `memformer.adapter.AdapterConfig`.
+(LoRA rank and alpha, gate initialisation) live in `AdapterConfig`, below.
 """
 from __future__ import annotations
 

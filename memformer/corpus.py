@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memformer import persistence
+from memformer.fileio import read_json
 from memformer.qa.documents import DOC_SUFFIXES, read_document
 
 CORPUS_FILE = "corpus.json"
@@ -53,12 +54,10 @@ def read_corpus_table(path) -> list[CorpusDocument]:
     f = Path(path) / CORPUS_FILE
     if not f.is_file():
         raise persistence.MemoryFileError(f"{path} is a memory but not a corpus memory (no {CORPUS_FILE})")
+    data = read_json(f, error=persistence.MemoryFileError, format=CORPUS_FORMAT)
     try:
-        data = json.loads(f.read_text())
-        if data.get("format") != CORPUS_FORMAT:
-            raise ValueError(f"format {data.get('format')!r}")
         return [CorpusDocument(**d) for d in data["documents"]]
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise persistence.MemoryFileError(f"{f} is corrupt: {e}") from None
 
 

@@ -117,7 +117,8 @@ class MemoryAttention(nn.Module):
                                                block_size=rt.block_size, scale=attn.scaling,
                                                rotary_fn=self.rotary_fn, row_rotation=rt.row_rotation,
                                                slot_rotation=rt.slot_rotation, local_mask=attention_mask,
-                                               mem_bias=self.memory_gate)    # [B, Hq, T, D]; [B, 1, T, R]
+                                               mem_bias=self.memory_gate,
+                                               with_probs=rt.record or track)  # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
                 rt.retrieved.setdefault(self.layer_idx, []).append((rows, probs))
             if track:

@@ -113,7 +113,8 @@ class MemformerForCausalLM(nn.Module):
     def _inject_lora(self, cfg: AdapterConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
         prefix = self.adapter.layers_attr
-        targets = [f"{prefix}.{i}.{self.adapter.attn_attr}.{p}" for i in self.memory_layer_ids
+        # the projections inside the MemoryAttention wrappers (`.attn`): the names saved adapters use
+        targets = [f"{prefix}.{i}.{self.adapter.attn_attr}.attn.{p}" for i in self.memory_layer_ids
                    for p in (self.adapter.q_proj, self.adapter.k_proj, self.adapter.v_proj, self.adapter.o_proj)]
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                           target_modules=targets, init_lora_weights=True)  # B = 0: identity at start
@@ -423,9 +424,9 @@ class MemformerForCausalLM(nn.Module):
 
     def question_read(self, query: str):
         """Context manager: every memory layer reads the blocks `blocks_for(query)` chooses. With
-        nothing memorized (or only a corpus memory attached) it changes nothing: generation then
-        uses kNN reads."""
-        if not self.memories or self.memory_size() == 0:
+        nothing memorized, or with a corpus memory attached (whose top-k merges with the own
+        memory's), it changes nothing: generation then uses kNN reads."""
+        if not self.memories or self.memory_size() == 0 or self.runtime.corpus:
             return contextlib.nullcontext()
         return self.reading_blocks(self.blocks_for(query))
 

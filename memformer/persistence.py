@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from memformer.config import AdapterConfig, MemoryConfig
+from memformer.fileio import atomic_dir, read_json
 from memformer.index.base import sha256_file as _sha256
 
 MEMORY_FORMAT = "memformer-memory"
@@ -52,27 +50,6 @@ def memory_fingerprint(model) -> dict:
             "adapter": adapter_hash(model)}
 
 
-def _atomic_dir(path: Path, fill) -> Path:
-    """Create `path` by filling a temporary sibling and renaming it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
     """Write the model's memory to `path/` atomically; `extra_files` (name -> text) are written
     into the same directory in the same rename (e.g. a corpus's document table)."""
@@ -101,7 +78,7 @@ def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
             manifest.setdefault("extra_files", {})[name] = _sha256(tmp / name)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
-    return _atomic_dir(path, fill)
+    return atomic_dir(path, fill)
 
 
 def _stream_tensors(model) -> dict:
@@ -139,19 +116,10 @@ def _restore_stream(model, tensors: dict) -> None:
 
 def read_manifest(path) -> dict:
     path = Path(path)
-    mf = path / "manifest.json"
-    if not mf.is_file():
+    if not (path / "manifest.json").is_file():
         raise FileNotFoundError(f"{path} is not a memformer memory directory (no manifest.json)")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MemoryFileError(f"{mf} is corrupt: {e}") from None
-    if manifest.get("format") != MEMORY_FORMAT:
-        raise MemoryFileError(f"{mf}: not a memformer memory (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != MEMORY_FORMAT_VERSION:
-        raise MemoryFileError(f"{mf}: format version {manifest.get('format_version')} is not supported "
-                              f"(this memformer reads version {MEMORY_FORMAT_VERSION})")
-    return manifest
+    return read_json(path / "manifest.json", error=MemoryFileError, format=MEMORY_FORMAT,
+                     version=MEMORY_FORMAT_VERSION)
 
 
 def read_memory(model, path) -> tuple[dict, dict]:
@@ -224,7 +192,7 @@ def save_adapter(model, path, state: dict | None = None) -> Path:
         if model.adapter_config is not None:
             (tmp / LORA_CONFIG).write_text(model.adapter_config.to_json())
 
-    return _atomic_dir(path, fill)
+    return atomic_dir(path, fill)
 
 
 def read_adapter_config(path) -> MemoryConfig:
@@ -232,8 +200,10 @@ def read_adapter_config(path) -> MemoryConfig:
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_CONFIG})")
     try:
-        return MemoryConfig.from_dict(json.loads(f.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        return MemoryConfig.from_dict(read_json(f, error=MemoryFileError))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, MemoryFileError):
+            raise
         raise MemoryFileError(f"{f} is corrupt: {e}") from None
 
 
@@ -243,8 +213,10 @@ def read_lora_config(path) -> AdapterConfig | None:
     if not f.is_file():
         return None
     try:
-        return AdapterConfig.from_dict(json.loads(f.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+        return AdapterConfig.from_dict(read_json(f, error=MemoryFileError))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, MemoryFileError):
+            raise
         raise MemoryFileError(f"{f} is corrupt: {e}") from None
 
 

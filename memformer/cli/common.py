@@ -6,21 +6,23 @@ import sys
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --adapter and the memory settings; a memory flag left out keeps the adapter's value
+    (with --adapter) or MemoryConfig's default."""
     p.add_argument("--model", default=None, help="HF folder, .gguf file or cached hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="memory-layer weights saved by save_pretrained (with their memory config)")
-    p.add_argument("--window", type=int, default=1024, help="local window W in tokens")
-    p.add_argument("--top-k", type=int, default=32, help="memory keys retrieved per query head by kNN reads")
+    p.add_argument("--window", type=int, default=None, help="local window W in tokens (default 1024)")
+    p.add_argument("--top-k", type=int, default=None, help="memory keys retrieved per query head by kNN reads (default 32)")
     p.add_argument("--memory-layers", default=None,
                    help="layer indices, comma-separated, ranges as A..B (default: all)")
     p.add_argument("--knn-layers", default=None,
                    help="the memory layers that run kNN reads when no question is known, e.g. 10..29 "
                         "(default: the upper two thirds of an all-layer memory)")
-    p.add_argument("--question-blocks", type=int, default=4,
+    p.add_argument("--question-blocks", type=int, default=None,
                    help="memory blocks a question reads (those under the passages nearest to it; default 4)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per memory block (default 64)")
-    p.add_argument("--sink-tokens", type=int, default=4)
-    p.add_argument("--memory-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"])
-    p.add_argument("--index", default="exact", help="exact | faiss-flat | faiss-ivf | faiss-hnsw | faiss-ivfpq")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
+    p.add_argument("--sink-tokens", type=int, default=None, help="attention-sink tokens kept local (default 4)")
+    p.add_argument("--memory-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16", "int8"])
+    p.add_argument("--index", default=None, help="exact | faiss-flat | faiss-ivf | faiss-hnsw | faiss-ivfpq")
     p.add_argument("--storage-dir", default=None, help="keep memory rows in memory-mapped files here (index exact)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -41,26 +43,33 @@ def parse_layers(text: str | None, flag: str) -> list[int] | None:
     return out
 
 
-def memory_config_from_args(args):
+def memory_config_from_args(args, base=None):
+    """`base` (default MemoryConfig()) with the memory flags that were given; ValueError if invalid."""
+    import dataclasses
     from memformer import MemoryConfig
-    return MemoryConfig(window=args.window, top_k=args.top_k, block_size=args.block_size,
-                        question_blocks=args.question_blocks,
-                        memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
-                        knn_layers=parse_layers(args.knn_layers, "--knn-layers"),
-                        sink_tokens=args.sink_tokens, memory_dtype=args.memory_dtype, index=args.index,
-                        index_params={"storage_dir": args.storage_dir} if args.storage_dir else {})
+    given = dict(window=args.window, top_k=args.top_k, block_size=args.block_size,
+                 question_blocks=args.question_blocks, sink_tokens=args.sink_tokens,
+                 memory_dtype=args.memory_dtype, index=args.index,
+                 memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
+                 knn_layers=parse_layers(args.knn_layers, "--knn-layers"))
+    base = base or MemoryConfig()
+    changes = {k: v for k, v in given.items() if v is not None}
+    if args.storage_dir:
+        changes["index_params"] = dict(base.index_params, storage_dir=args.storage_dir)
+    return dataclasses.replace(base, **changes)                      # validates
 
 
 def load_model(args):
     """MemformerForCausalLM from the --model/--adapter/memory arguments."""
     import torch
     from memformer import MemformerForCausalLM
+    from memformer.persistence import read_adapter_config
     if args.threads:
         torch.set_num_threads(args.threads)
     try:    # bad memory settings (and a model type the adapters don't know): a message, not a trace
-        cfg = None if args.adapter else memory_config_from_args(args)
+        cfg = memory_config_from_args(args, read_adapter_config(args.adapter) if args.adapter else None)
         return MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"memformer: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

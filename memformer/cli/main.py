@@ -1,4 +1,4 @@
-"""The `memformer` command. Each sub-command lives in `memformer/commands/<name>.py`."""
+"""The `memformer` command. Each sub-command lives in `memformer/cli/<name>.py`."""
 from __future__ import annotations
 
 import argparse

@@ -11,9 +11,10 @@ which small instruction models answer far better than a chat question. Variants:
 * multivalue: 4 needles give the same key 4 numbers; the answer must list all of them;
 * multiquery: 4 needles with 4 keys; each key is asked (a cue each), score = fraction right.
 
-A trial is run in each mode through `memformer.qa.longdoc` (`prepare` the document, `answer` each
-cue), so the modes see the same text and differ only in how they reach it. Scoring is
-strict: the first value(s) of the right kind in the answer must be the expected ones.
+Mode memory runs the library path, `model.memorize(text)` then `model.ask(cue=...)` per cue; the
+baselines run through `memformer.qa.longdoc` (`prepare` the document, `answer` each cue), so the
+modes see the same text and differ only in how they reach it. Scoring is strict: the first
+value(s) of the right kind in the answer must be the expected ones.
 """
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from memformer.fileio import atomic_write_text, read_json
 
 NA = "n/a (does not fit)"
 MODE_ORDER = ("memory", "truncate", "rag", "full")
@@ -35,15 +36,15 @@ class TrialLog:
             self._check_settings(run)
             self.done = _read_records(self.path)
         # rewrite what is kept: drops a line cut off by an interrupted write
-        _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()))
-        _atomic_write(run, json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()))
+        atomic_write_text(run, json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
         self._fh = open(self.path, "a")
 
     def _check_settings(self, run: Path) -> None:
         if not run.is_file():
             raise ValueError(f"--resume: {run} is missing, so the finished trials in {self.path} cannot be "
                              "checked against this run's settings; use another --out or drop --resume")
-        old, new = _flatten(json.loads(run.read_text())), _flatten(self.settings)
+        old, new = _flatten(read_json(run)), _flatten(self.settings)
         # a setting one side lacks counts as None: a field added to MemoryConfig later, say
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
@@ -95,12 +96,6 @@ def _read_records(path: Path) -> dict[str, dict]:
         if isinstance(r, dict) and "id" in r:
             out[r["id"]] = r
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- tables

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from memformer.fileio import atomic_write_text, read_json
 from memformer.qa.documents import Corpus, Document, DocumentError, as_documents, read_document  # noqa: F401 (API)
 from memformer.qa.evidence import EvidenceSpan, answer_evidence
 
@@ -70,15 +70,18 @@ def tail_room(model, reserve: int = 96) -> int:
 
 
 def memory_key(corpus: Corpus, model) -> str:
-    """Cache key of a memory: the document texts, the backbone, the memory-layer weights and the
-    memory config."""
-    from memformer.persistence import adapter_hash
+    """Cache key of a memory: the document texts and what decides the memory stored from them
+    (`persistence.memory_fingerprint`: backbone, memory-layer weights, memory layers, window, sink,
+    overlap; and the dtype, index and capacity). Read-time settings (top_k, knn_layers,
+    question_blocks, block_size) reuse the same memory."""
+    from memformer.persistence import memory_fingerprint
+    cfg = model.memory_config
     h = hashlib.sha256()
     for doc in corpus.documents:
         h.update(bytes.fromhex(doc.sha256))
-    h.update(model.backbone_fingerprint.encode())
-    h.update(adapter_hash(model).encode())
-    h.update(model.memory_config.to_json().encode())
+    stored = dict(memory_fingerprint(model), dtype=cfg.memory_dtype, index=cfg.index, index_params=cfg.index_params,
+                  capacity=cfg.capacity, eviction=cfg.eviction)
+    h.update(json.dumps(stored, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 
 
@@ -171,9 +174,7 @@ class LongDocQA:
         self.model.save_memory(path)
         payload = {"format": QA_FORMAT, "format_version": QA_FORMAT_VERSION, "tokens": len(self.corpus),
                    "documents": [{"name": d.name, "sha256": d.sha256, "text": d.text} for d in self.corpus.documents]}
-        tmp = path / f".{QA_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path / QA_FILE)                     # written after the memory: present = complete
+        atomic_write_text(path / QA_FILE, json.dumps(payload))   # after the memory: present = complete
         return path
 
     @classmethod
@@ -348,10 +349,4 @@ def _read_qa_file(path: Path) -> dict:
     f = Path(path) / QA_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path} holds no QA documents ({QA_FILE}); it was not written by LongDocQA.save")
-    try:
-        saved = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DocumentError(f"{f} is corrupt: {e}") from None
-    if saved.get("format") != QA_FORMAT or saved.get("format_version") != QA_FORMAT_VERSION:
-        raise DocumentError(f"{f}: not a {QA_FORMAT} v{QA_FORMAT_VERSION} file")
-    return saved
+    return read_json(f, error=DocumentError, format=QA_FORMAT, version=QA_FORMAT_VERSION)
