@@ -11,12 +11,11 @@ and writes ablation.md and ablation.json (the same numbers) under --out:
   C. continuation-time reads (no question known): perplexity at 16k with and without memory;
   D. answer time per read (qa_latency.json).
 
-Scoring is a copy of `candidates` / `score_query` of the needle evaluation (memformer/needle.py
-at the commit that wrote the records), not an import: importing memformer loads torch and the
-model code, which this script does not need. The copy is checked against the records: every
-needle record's stored score must equal the re-score of its own answers (section "Checks").
+Scoring is the needle evaluation's own (`memformer.eval.needle.score_query`), checked against
+the records: every needle record's stored score must equal the re-score of its own answers
+(section "Checks").
 
-    python benchmarks/read_ablation.py [--results benchmarks/results] [--out DIR]
+    .venv/bin/python benchmarks/read_ablation.py [--results benchmarks/results] [--out DIR]
 """
 from __future__ import annotations
 
@@ -26,31 +25,20 @@ import math
 import re
 from pathlib import Path
 
+from memformer.eval import needle, plots
+
 DATE = "2026-12-01"
 VARIANTS = ("single-number", "single-word", "single-uuid", "multikey", "multivalue", "multiquery")
 TASKS = VARIANTS + ("passkey",)
 LENGTHS = {16384: "16k", 32768: "32k"}
 
-# ---------------------------------------------------------------------- scoring (copy of memformer.needle)
+# ---------------------------------------------------------------------- scoring (the needle evaluation's)
 KIND = {"single-number": "number", "single-word": "word", "single-uuid": "uuid"}   # other tasks: "number"
-_NOT_ANSWERS = {"the", "a", "an", "is", "are", "was", "word", "words", "magic", "special", "for", "and",
-                "of", "one", "number", "numbers", "uuid", "it", "this", "that", "be", "value"}
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def candidates(kind: str, answer: str) -> list[str]:
-    """The values of `kind` in an answer, in order."""
-    if kind == "number":
-        return re.findall(r"\d+", answer)
-    if kind == "uuid":
-        return _UUID.findall(answer.lower())
-    return [w for w in re.findall(r"[a-z]+", answer.lower()) if w not in _NOT_ANSWERS]
 
 
 def score_query(answer: str, expected: list[str], kind: str) -> float:
-    """Fraction of the expected values among the answer's first len(expected) values."""
-    first = candidates(kind, answer)[:len(expected)]
-    return sum(v in first for v in expected) / len(expected)
+    """`memformer.eval.needle.score_query` on a record's answer and expected values."""
+    return needle.score_query(answer, needle.Query("", expected, kind))
 
 
 def score_answers(task: str, answers: list[str], expected: list[list[str]]) -> float:
@@ -71,14 +59,7 @@ def split_reads(rec: dict) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------- records
 def read_jsonl(path: Path) -> dict[str, dict]:
     """Records by id (a later line with the same id wins, as in the run's own log)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out[rec["id"]] = rec
-    return out
+    return plots.read_records(path)
 
 
 def memory_records(results: Path, folder: str) -> dict[str, dict]:
@@ -316,11 +297,11 @@ def main() -> None:
     latency = json.loads((results / "qa_latency.json").read_text())
 
     md = [f"# Read-path ablation ({DATE})", "",
-          "Built from the recorded runs only (no model was run): `python benchmarks/read_ablation.py`. "
+          "Built from the recorded runs only (no model was run): `.venv/bin/python benchmarks/read_ablation.py`. "
           "Cells: mean per-trial score (sum/trials), as the runs' own needle.md tables; a multiquery trial "
           "scores the fraction of its 4 cues answered, a multivalue trial the fraction of its 4 values among "
-          "the first 4 numbers. Scores are re-computed with a copy of the needle evaluation's `score_query` "
-          "(memformer/needle.py), checked below against every record's stored score.", ""]
+          "the first 4 numbers. Scores are re-computed with the needle evaluation's `score_query` "
+          "(memformer/eval/needle.py), checked below against every record's stored score.", ""]
 
     # A
     md += ["## A. Question-time reads (needles)", "",
@@ -384,7 +365,7 @@ def main() -> None:
                  "-", "-", "`passkey_ablation/README.md` (text only: 0/1 at 8k)"])
     rows.append(["position mode \"fixed\"", "-", "-", "no run of its own kept",
                  "-", "-", "used only by the voted block reads laid out contiguously (rows above); a seed-1 "
-                 "scratch run with question reads is described in docs/architecture.md, not kept"])
+                 "scratch run with question reads was described in an earlier docs/architecture.md, not kept"])
     md += [table(["experiment", "what it measured", "trials", "number", "baseline number", "baseline", "source"], rows), ""]
 
     # C
@@ -439,7 +420,7 @@ def main() -> None:
         "**Question.** Which ONE memory read per situation: at question time (the question is known before "
         "generation) and at continuation time (no question known)? Every read path measured so far, compared "
         "on the same trials, from the records already in `benchmarks/results`.", "",
-        "**Command.** `python benchmarks/read_ablation.py` (reads the records, runs no model; writes this file "
+        "**Command.** `.venv/bin/python benchmarks/read_ablation.py` (reads the records, runs no model; writes this file "
         "and `ablation.json`).", "",
         "**Result.**", "",
         f"* Question time, all needle tasks (table A, one run per length, 5 trials per task at 16k, 3 at 32k): "
@@ -453,7 +434,7 @@ def main() -> None:
         f"* No sink vs RAG: {compare('no sink', 'rag')}.",
         f"* Sink read vs no-sink read, one generation each: {compare('sink', 'no sink')}. It loses every passkey; why the "
         "blocks read after their sink miss the passkey and read without it answer it is not understood "
-        "(docs/architecture.md, \"The sink before the blocks\").",
+        "(`needle_16k_sink_prefix/README.md`).",
         f"* Continuation time (table C, one 16k document): kNN token reads in layers 10..29 {k10['memory']:.2f} vs "
         f"{k10['no memory']:.2f} without memory (lower in {k10['bins lower with memory'][0]} of "
         f"{k10['bins lower with memory'][1]} bins after the first window); in all 30 layers "

@@ -195,29 +195,27 @@ def save_adapter(model, path, state: dict | None = None) -> Path:
     return atomic_dir(path, fill)
 
 
+def _read_config(f: Path, cls):
+    """A MemoryConfig / AdapterConfig from its JSON file; MemoryFileError when it does not parse."""
+    try:
+        return cls.from_dict(read_json(f, error=MemoryFileError))
+    except MemoryFileError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise MemoryFileError(f"{f} is corrupt: {e}") from None
+
+
 def read_adapter_config(path) -> MemoryConfig:
     f = Path(path) / ADAPTER_CONFIG
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_CONFIG})")
-    try:
-        return MemoryConfig.from_dict(read_json(f, error=MemoryFileError))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, MemoryFileError):
-            raise
-        raise MemoryFileError(f"{f} is corrupt: {e}") from None
+    return _read_config(f, MemoryConfig)
 
 
 def read_lora_config(path) -> AdapterConfig | None:
     """The AdapterConfig saved beside an adapter (None: gates only, no LoRA was added)."""
     f = Path(path) / LORA_CONFIG
-    if not f.is_file():
-        return None
-    try:
-        return AdapterConfig.from_dict(read_json(f, error=MemoryFileError))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, MemoryFileError):
-            raise
-        raise MemoryFileError(f"{f} is corrupt: {e}") from None
+    return _read_config(f, AdapterConfig) if f.is_file() else None
 
 
 def load_adapter(model, path) -> None:

@@ -34,7 +34,7 @@ class TrialLog:
         self.done: dict[str, dict] = {}
         if resume and self.path.exists():
             self._check_settings(run)
-            self.done = _read_records(self.path)
+            self.done = read_records(self.path)
         # rewrite what is kept: drops a line cut off by an interrupted write
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()))
         atomic_write_text(run, json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
@@ -85,7 +85,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _read_records(path: Path) -> dict[str, dict]:
+def read_records(path: Path) -> dict[str, dict]:
     """Records by id; a line that does not parse (cut off by an interruption) is dropped."""
     out = {}
     for line in path.read_text().splitlines():
