@@ -103,7 +103,7 @@ class LayerMemory:
 
     @property
     def keys(self) -> torch.Tensor:
-        """[B, Hkv, M, D] stored (un-rotated) keys."""
+        """[B, Hkv, M, D] stored keys (rotated at their window slot, see `slots`)."""
         return self.index.vectors
 
     @property
@@ -232,7 +232,7 @@ class LayerMemory:
         if tuple(positions.shape) != (self.batch, values.shape[2]):
             raise ValueError("saved positions do not match saved values")
         mass = state.get("mass", torch.zeros(positions.shape))
-        slots = state.get("slots", torch.full(positions.shape, -1, dtype=torch.long))  # older files: unknown
+        slots = state["slots"]                          # where each key was rotated: question reads need it
         if tuple(mass.shape) != tuple(positions.shape) or tuple(slots.shape) != tuple(positions.shape):
             raise ValueError("saved attention mass or slots do not match saved positions")
         self.index.load_state_dict({k[len("index."):]: v for k, v in state.items() if k.startswith("index.")})

@@ -103,4 +103,7 @@ def pinned_block_ids(model, blocks) -> torch.Tensor:
                          f"{bs}), got {ids.min().item()}..{ids.max().item()}")
     if any(len(set(row)) < len(row) for row in ids.tolist()):
         raise ValueError("reading_blocks: a block id repeats (each block is read once)")
+    if any(bool((m.slots[m.valid] < 0).any()) for m in model.memories.values()):
+        raise ValueError("reading_blocks: memory rows without their window slot (added without `slots`) "
+                         "cannot be laid out; memorize() the text")
     return ids.expand(batch, -1).contiguous()

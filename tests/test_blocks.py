@@ -1,22 +1,45 @@
-"""Block reads (memformer.blocks): which rows are read, and the attention over them."""
-import copy
+"""Question reads (memformer.blocks, MemformerForCausalLM.reading_blocks / blocks_for / ask): which
+rows the pinned blocks read, where they are laid out, and that the whole path is exact."""
+import re
+import zlib
 
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from conftest import clone_backbone, tiny_backbone
 from index.store import LayerMemory
+from memformer import MemformerForCausalLM, MemoryConfig
 from memformer.blocks import block_attention
 
 
-def _memory(B, Hkv, D, positions, g, valid=None):
+def _memory(B, Hkv, D, positions, g, valid=None, slots=None):
     mem = LayerMemory(B, Hkv, D)
     M = positions.shape[1]
-    mem.add(torch.randn(B, Hkv, M, D, generator=g) * 0.5, torch.randn(B, Hkv, M, D, generator=g), positions, valid)
+    mem.add(torch.randn(B, Hkv, M, D, generator=g) * 0.5, torch.randn(B, Hkv, M, D, generator=g), positions,
+            valid, slots)
     return mem
 
 
-def _dense(q, q_mem, k_loc, v_loc, k_mem, v_mem, ok, scale, bias):
-    """One softmax over [causal local keys ‖ memory rows where ok [B, T, M]]: [B, Hq, T, D]."""
+def _identity(n, D):
+    """(cos, sin) [1, n, D] of a rotation that changes nothing."""
+    return torch.ones(1, n, D), torch.zeros(1, n, D)
+
+
+def _read(mem, q, k_loc, v_loc, blocks, bs, scale=1.0, bias=None, W=32):
+    """block_attention with identity rotations (positions play no part): the rows and the softmax."""
+    blocks = torch.as_tensor(blocks)
+    blocks = blocks.expand(q.shape[0], -1) if blocks.dim() == 1 else blocks        # [B, n]
+    D = q.shape[-1]
+    return block_attention(mem, q, k_loc, v_loc, blocks, block_size=bs, scale=scale, rotary_fn=apply_rotary_pos_emb,
+                           row_rotation=_identity(blocks.shape[-1] * bs, D), slot_rotation=_identity(W, D),
+                           mem_bias=bias, with_probs=True)
+
+
+def _dense(q, k_loc, v_loc, k_mem, v_mem, ok, scale, bias):
+    """One softmax over [causal local keys (queries are the last T) ‖ memory rows where ok [B, T, M]]."""
     B, Hq, T, D = q.shape
     G = Hq // k_loc.shape[1]
     kl, vl = k_loc.repeat_interleave(G, 1), v_loc.repeat_interleave(G, 1)
@@ -25,64 +48,43 @@ def _dense(q, q_mem, k_loc, v_loc, k_mem, v_mem, ok, scale, bias):
     S = kl.shape[2]
     causal = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
     s_loc = s_loc.masked_fill(~causal, float("-inf"))
-    s_mem = (q_mem @ km.transpose(-1, -2)) * scale + bias.view(1, Hq, 1, 1)
+    s_mem = (q @ km.transpose(-1, -2)) * scale + bias.view(1, Hq, 1, 1)
     s_mem = s_mem.masked_fill(~ok[:, None], float("-inf"))
     p = torch.softmax(torch.cat([s_loc, s_mem], -1), -1)
     return p @ torch.cat([vl, vm], 2)
 
 
+def _read_rows(rows, b, t=0):
+    return [i for i in rows[b, 0, t].tolist() if i >= 0]
+
+
+# ---------------------------------------------------------------- block_attention
 @pytest.mark.parametrize("T,block_size", [(1, 4), (7, 4), (10, 3)])
 def test_reading_every_block_is_full_attention_over_local_and_memory(T, block_size):
-    """With as many blocks as memory holds and top_k >= M, every row is read: the result is one
-    dense softmax over local keys and all of memory, with the gate added to memory logits."""
+    """Every block pinned: every row is read, by every query; the result is one dense softmax over
+    local keys and all of memory, with the gate added to memory logits."""
     g = torch.Generator().manual_seed(0)
     B, Hkv, G, D, M = 2, 2, 2, 8, 13
     Hq = Hkv * G
     mem = _memory(B, Hkv, D, torch.arange(M).repeat(B, 1), g)
-    q, q_mem = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hq, T, D, generator=g)
+    q = torch.randn(B, Hq, T, D, generator=g)
     k_loc, v_loc = torch.randn(B, Hkv, T + 2, D, generator=g), torch.randn(B, Hkv, T + 2, D, generator=g)
     bias = torch.randn(Hq, generator=g)
-    out, rows, probs = block_attention(mem, q, q_mem, k_loc, v_loc, top_k=M, n_blocks=99, block_size=block_size,
-                                       scale=D ** -0.5, mem_bias=bias)
-    want = _dense(q, q_mem, k_loc, v_loc, mem.keys, mem.values, torch.ones(B, T, M, dtype=torch.bool), D ** -0.5, bias)
+    blocks = list(range(-(-M // block_size)))
+    out, rows, probs = _read(mem, q, k_loc, v_loc, blocks, block_size, scale=D ** -0.5, bias=bias)
+    want = _dense(q, k_loc, v_loc, mem.keys, mem.values, torch.ones(B, T, M, dtype=torch.bool), D ** -0.5, bias)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     for b in range(B):
         for t in range(T):
-            assert sorted(i for i in rows[b, 0, t].tolist() if i >= 0) == list(range(M))
-    assert rows.shape[:3] == (B, 1, T) and probs.shape == rows.shape
+            assert _read_rows(rows, b, t) == list(range(M))
+    assert rows.shape == (B, 1, T, len(blocks) * block_size) and probs.shape == rows.shape
     assert bool((probs[rows < 0] == 0).all()) and float(probs.sum(-1).max()) < 1
-
-
-def test_the_chunk_reads_the_block_holding_its_matching_key_in_document_order():
-    """A key planted at one position wins its whole block for the query chunk that asks for it;
-    chunks are end-aligned (the last `block_size` queries are one chunk), heads share the rows."""
-    g = torch.Generator().manual_seed(1)
-    B, Hkv, G, D, bs = 1, 2, 3, 16, 8
-    Hq, M, T = Hkv * G, 64, 10                                     # chunks: queries 0-1, 2-9
-    mem = LayerMemory(B, Hkv, D)
-    keys = torch.randn(B, Hkv, M, D, generator=g) * 0.1
-    a, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
-    keys[:, :, 43] = a * 3                                          # block 5 (positions 40-47)
-    keys[:, :, 12] = b * 3                                          # block 1 (positions 8-15)
-    mem.add(keys, torch.randn(B, Hkv, M, D, generator=g), torch.arange(M)[None])
-    q_mem = torch.zeros(B, Hq, T, D)
-    q_mem[:, :, :2] = b                                             # first chunk asks for b
-    q_mem[:, :, 2:] = a                                             # last chunk asks for a
-    k_loc = torch.randn(B, Hkv, T, D, generator=g) * 0.1
-    _, rows, probs = block_attention(mem, q_mem, q_mem, k_loc, k_loc, top_k=4, n_blocks=1, block_size=bs,
-                                     scale=1.0)
-    assert rows[0, 0, 0].tolist() == list(range(8, 16)) == rows[0, 0, 1].tolist()
-    for t in range(2, T):
-        assert rows[0, 0, t].tolist() == list(range(40, 48))
-    assert int(probs[0, 0, 5].argmax()) == 3                         # row 43 draws the attention
-    _, rows2, _ = block_attention(mem, q_mem, q_mem, k_loc, k_loc, top_k=4, n_blocks=2, block_size=bs, scale=1.0)
-    got = [i for i in rows2[0, 0, 9].tolist() if i >= 0]             # two whole blocks, document order
-    assert len(got) == 2 * bs and got == sorted(got) and set(range(40, 48)) <= set(got)
 
 
 def test_short_evicted_and_padding_blocks_read_only_their_own_rows():
     """A block cut by eviction (a gap in positions), the last, short block and padding rows:
-    only rows whose position lies in the chosen block and that are valid are read."""
+    only rows whose position lies in a pinned block and that are valid are read; a block with no
+    row left reads nothing (the local attention alone)."""
     g = torch.Generator().manual_seed(2)
     B, Hkv, D, bs = 2, 1, 8, 4
     pos = torch.tensor([[2, 3, 4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 3, 4, 5, 6, 7, 8]])   # seq 0 lost 0-1
@@ -90,228 +92,241 @@ def test_short_evicted_and_padding_blocks_read_only_their_own_rows():
     valid[1, 7:] = False                                            # seq 1 is shorter: padding rows
     mem = _memory(B, Hkv, D, pos, g, valid)
     q = torch.randn(B, Hkv, 1, D, generator=g)
-    out, rows, _ = block_attention(mem, q, q, q, q, top_k=9, n_blocks=9, block_size=bs, scale=1.0)
-    assert sorted(i for i in rows[0, 0, 0].tolist() if i >= 0) == list(range(9))
-    assert sorted(i for i in rows[1, 0, 0].tolist() if i >= 0) == list(range(7))
+    out, rows, _ = _read(mem, q, q, q, [0, 1, 2], bs)
+    assert _read_rows(rows, 0) == list(range(9)) and _read_rows(rows, 1) == list(range(7))
     ok = torch.stack([torch.ones(9, dtype=torch.bool), valid[1]])[:, None]                 # [B, T, M]
-    want = _dense(q, q, q, q, mem.keys, mem.values, ok, 1.0, torch.zeros(Hkv))
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    _, one, _ = block_attention(mem, q, q, q, q, top_k=9, n_blocks=1, block_size=bs, scale=1.0)
-    for b in range(B):                                              # one block: rows of one position block
-        got = [i for i in one[b, 0, 0].tolist() if i >= 0]
-        assert got and len({int(pos[b, i]) // bs for i in got}) == 1 and bool(valid[b, got].all())
-        assert got == list(range(got[0], got[-1] + 1))
-
-
-def test_block_reads_in_the_model_generate_record_and_are_a_read_time_setting():
-    """read_blocks through MemformerForCausalLM: generation reads blocks (other logits than token
-    reads), evidence recording works, and set_read_blocks(0) gives token reads back exactly."""
-    from conftest import tiny_backbone
-    from memformer import MemformerForCausalLM, MemoryConfig
-    from memformer.qa.evidence import retrieval_mass
-    torch.manual_seed(0)
-    cfg = MemoryConfig(window=16, sink_tokens=2, overlap=4, top_k=4, lora_rank=0)
-    model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
-    ids = torch.randint(3, 100, (1, 120))
-    model.memorize(ids[:, :100], show_progress=False)
-    tail = torch.cat([model.sink_ids, ids[:, 100:]], 1)
-    token_logits = model(tail).logits
-    model.set_read_blocks(2, block_size=8)
-    block_logits = model(tail).logits
-    assert not torch.allclose(token_logits, block_logits)
-    model.set_read_blocks(0)
-    torch.testing.assert_close(model(tail).logits, token_logits)
-    model.set_read_blocks(2)
-    torch.testing.assert_close(model(tail).logits, block_logits)
-    out = model.generate(ids[:, 100:], max_new_tokens=3, do_sample=False, record=True)
-    assert out.shape == (1, 23)
-    mass = retrieval_mass(model, model.seen[0])
-    assert float(mass.answer.sum()) > 0
-    with pytest.raises(ValueError, match="block_size"):
-        model.set_read_blocks(2, block_size=0)
-
-
-@pytest.mark.parametrize("kw,msg", [(dict(read_blocks=-1), "read_blocks"), (dict(block_size=0), "block_size"),
-                                    (dict(read_blocks=2, neighbors=1), "set one")])
-def test_block_read_settings_are_validated(kw, msg):
-    from memformer import MemoryConfig
-    with pytest.raises(ValueError, match=msg):
-        MemoryConfig(**kw)
-
-
-@pytest.mark.parametrize("mode", ["fixed", "first"])
-def test_contiguous_block_reads_of_all_memory_equal_the_backbone_over_the_whole_text(mode):
-    """Keys stored un-rotated are laid out in document order just before the local window. With
-    no sink, no overlap, memory in every layer and every block read, reading window 2 against the
-    memory of window 1 is exactly the frozen backbone's causal forward over both windows: the
-    memory rows are the backbone's own keys/values of window 1 at the positions they had."""
-    from conftest import tiny_backbone
-    from memformer import MemformerForCausalLM, MemoryConfig
-    torch.manual_seed(0)
-    W, bs = 24, 8                                                   # 3 blocks fill window 1
-    backbone = tiny_backbone("llama")
-    cfg = MemoryConfig(window=W, sink_tokens=0, overlap=0, top_k=W, lora_rank=0, position_mode=mode,
-                       read_blocks=W // bs, block_size=bs)
-    model = MemformerForCausalLM(backbone, None, cfg)
-    ids = torch.randint(3, 100, (1, 2 * W))
-    model.memorize(ids[:, :W], show_progress=False)
-    got = model(ids[:, W:]).logits                                  # [1, W, V]
-    model.runtime.enabled = False
-    want = model.backbone(ids).logits[:, W:]                        # plain causal forward, positions 0..2W-1
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    model.runtime.enabled = True
-    model.set_read_blocks(1)                                        # one block: a different (partial) read
-    assert not torch.allclose(model(ids[:, W:]).logits, want, atol=1e-3)
-    model.set_read_blocks(W // 4, block_size=4)                     # the layout follows the new setting
-    torch.testing.assert_close(model(ids[:, W:]).logits, want, atol=1e-4, rtol=1e-4)
-
-
-def test_contiguous_layout_puts_the_blocks_read_at_minus_R_and_refuses_a_short_rotation():
-    """block_attention with row_rotation: rows rotated by slot (short last block included), read
-    against q_rot, equal a dense softmax over keys rotated at positions slot - R."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
-    g = torch.Generator().manual_seed(3)
-    B, Hkv, G, D, M, bs, T = 1, 2, 2, 8, 13, 4, 3
-    Hq = Hkv * G
-    mem = _memory(B, Hkv, D, torch.arange(M)[None], g)
-    rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=Hq * D, num_attention_heads=Hq, head_dim=D))
-    R = 4 * bs                                                      # 4 blocks, the last holds 1 row
-    cos, sin = rope(torch.zeros(1), torch.arange(-R, 0)[None])      # [1, R, D]
-    q, k_loc = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
-    out, rows, _ = block_attention(mem, q, torch.randn(B, Hq, T, D, generator=g), k_loc, k_loc, top_k=M,
-                                   n_blocks=4, block_size=bs, scale=1.0, rotary_fn=apply_rotary_pos_emb,
-                                   row_rotation=(cos, sin))
-    assert rows[0, 0, 0].tolist()[:M] == list(range(M))
-    k_rot = apply_rotary_pos_emb(mem.keys, mem.keys, cos[:, :M], sin[:, :M])[1]     # row m at slot m
-    want = _dense(q, q, k_loc, k_loc, k_rot, mem.values, torch.ones(B, T, M, dtype=torch.bool), 1.0,
-                  torch.zeros(Hq))
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="row_rotation covers"):
-        block_attention(mem, q, q, k_loc, k_loc, top_k=M, n_blocks=4, block_size=bs, scale=1.0,
-                        rotary_fn=apply_rotary_pos_emb, row_rotation=(cos[:, :8], sin[:, :8]))
+    torch.testing.assert_close(out, _dense(q, q, q, mem.keys, mem.values, ok, 1.0, torch.zeros(Hkv)),
+                               atol=1e-5, rtol=1e-5)
+    _, one, _ = _read(mem, q, q, q, [0], bs)                        # block 0: positions 0..3
+    assert _read_rows(one, 0) == [0, 1] and _read_rows(one, 1) == [0, 1, 2, 3]
+    out2, two, _ = _read(mem, q, q, q, [[2], [2]], bs)              # block 2: positions 8..11
+    assert _read_rows(two, 0) == [6, 7, 8] and _read_rows(two, 1) == []
+    none = torch.zeros(B, 1, 9, dtype=torch.bool)
+    torch.testing.assert_close(out2[1], _dense(q, q, q, mem.keys, mem.values, none, 1.0, torch.zeros(Hkv))[1],
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("T", [1, 6])
 def test_pinned_blocks_are_read_by_every_query_without_a_search(T):
-    """pinned block ids [B, n]: every query reads exactly those blocks' rows (document order,
-    per sequence) in one dense softmax with its local keys; memory is never searched."""
+    """pinned block ids [B, n]: every query reads exactly those blocks' rows (document order, per
+    sequence) in one dense softmax with its local keys; memory is never searched."""
     g = torch.Generator().manual_seed(4)
     B, Hkv, G, D, M, bs = 2, 2, 2, 8, 21, 4
     Hq = Hkv * G
     mem = _memory(B, Hkv, D, torch.arange(M).repeat(B, 1), g)
     mem.search = None                                               # a search would fail
-    q, q_mem = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hq, T, D, generator=g)
+    q = torch.randn(B, Hq, T, D, generator=g)
     k_loc, v_loc = torch.randn(B, Hkv, T + 1, D, generator=g), torch.randn(B, Hkv, T + 1, D, generator=g)
-    pinned = torch.tensor([[5, 1], [2, 3]])                         # block 5 holds one row (20)
-    out, rows, probs = block_attention(mem, q, q_mem, k_loc, v_loc, top_k=3, n_blocks=1, block_size=bs,
-                                       scale=D ** -0.5, pinned=pinned)
-    want_rows = [list(range(4, 8)) + [20], list(range(8, 16))]
+    bias = torch.randn(Hq, generator=g)
+    out, rows, probs = _read(mem, q, k_loc, v_loc, [[5, 1], [2, 3]], bs, scale=D ** -0.5, bias=bias)
+    want_rows = [list(range(4, 8)) + [20], list(range(8, 16))]     # block 5 holds one row (20)
     ok = torch.zeros(B, T, M, dtype=torch.bool)
     for b in range(B):
         ok[b, :, want_rows[b]] = True
         for t in range(T):
-            assert [i for i in rows[b, 0, t].tolist() if i >= 0] == want_rows[b]
-    want = _dense(q, q_mem, k_loc, v_loc, mem.keys, mem.values, ok, D ** -0.5, torch.zeros(Hq))
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+            assert _read_rows(rows, b, t) == want_rows[b]
+    torch.testing.assert_close(out, _dense(q, k_loc, v_loc, mem.keys, mem.values, ok, D ** -0.5, bias),
+                               atol=1e-5, rtol=1e-5)
     assert bool((probs[rows < 0] == 0).all())
 
 
-def test_reading_blocks_in_the_model_is_scoped_and_validated():
-    """model.reading_blocks(ids): inside, the contiguous layout of every block equals the frozen
-    backbone over the whole text (fixed mode, no sink/overlap); outside, the configured token
-    reads come back exactly. Bad ids are refused before anything changes."""
-    from conftest import tiny_backbone
-    from memformer import MemformerForCausalLM, MemoryConfig
+def test_contiguous_layout_puts_the_blocks_read_at_minus_R_and_refuses_a_short_rotation():
+    """Keys stored rotated at their window slot (windows of 6 new tokens after a sink of 2: slots
+    restart, a block straddles two windows, rows of different windows share slots): block_attention
+    undoes each row's slot rotation and lays block j of the n read at positions j*bs - R .. (R =
+    n * bs; a short block leaves its tail empty). That equals a dense softmax over the raw keys
+    rotated at those positions."""
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, D, M, bs, T, W = 1, 2, 2, 8, 13, 4, 3, 8
+    Hq = Hkv * G
+    rope = LlamaRotaryEmbedding(LlamaConfig(hidden_size=Hq * D, num_attention_heads=Hq, head_dim=D))
+    at = lambda positions: rope(torch.zeros(1), torch.as_tensor(positions)[None])       # (cos, sin) [1, n, D]
+    raw = torch.randn(B, Hkv, M, D, generator=g)
+    slots = torch.tensor([[2, 3, 4, 5, 6, 7, 2, 3, 4, 5, 6, 7, 2]])                     # three windows
+    stored = apply_rotary_pos_emb(raw, raw, *at(slots[0]))[1]
+    mem = LayerMemory(B, Hkv, D)
+    values = torch.randn(B, Hkv, M, D, generator=g)
+    mem.add(stored, values, torch.arange(M)[None], None, slots)
+    blocks = [3, 0, 1]                                              # block 1 = rows 4-7: windows 1 and 2
+    R = len(blocks) * bs                                            # block 3 holds one row (12)
+    q, k_loc = torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    kw = dict(block_size=bs, scale=1.0, rotary_fn=apply_rotary_pos_emb, slot_rotation=at(range(W)))
+    out, rows, _ = block_attention(mem, q, k_loc, k_loc, torch.tensor([blocks]), row_rotation=at(range(-R, 0)), **kw)
+    assert rows[0, 0, 0].tolist() == list(range(8)) + [12, -1, -1, -1]
+    read = list(range(8)) + [12]
+    layout = torch.zeros(M, dtype=torch.long)
+    layout[read] = torch.arange(9) - R                               # row 12 at slot 8 of R = 12
+    oracle = apply_rotary_pos_emb(raw, raw, *at(layout))[1]
+    ok = torch.zeros(B, T, M, dtype=torch.bool)
+    ok[..., read] = True
+    torch.testing.assert_close(out, _dense(q, k_loc, k_loc, oracle, values, ok, 1.0, torch.zeros(Hq)),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="row_rotation covers"):
+        block_attention(mem, q, k_loc, k_loc, torch.tensor([blocks]), row_rotation=at(range(-8, 0)), **kw)
+
+
+# ---------------------------------------------------------------- question reads in the model
+@pytest.mark.parametrize("W,bs", [(24, 8), (20, 8)])
+def test_contiguous_block_reads_of_all_memory_equal_the_backbone_over_the_whole_text(W, bs):
+    """No sink, no overlap, memory in every layer, one window memorized: reading all its blocks,
+    a prompt's logits are exactly the frozen backbone's causal forward over [text ‖ prompt], the
+    text at positions 0..N-1 and the prompt at R.. (R = blocks * bs; the last block of the
+    20-token text is short, so the prompt sits R - N positions after the text). Any order of the
+    ids reads the same; one block alone is a different, partial read."""
+    torch.manual_seed(0)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None,
+                                 MemoryConfig(window=W, sink_tokens=0, overlap=0, top_k=4, block_size=bs))
+    ids, prompt = torch.randint(3, 100, (1, W)), torch.randint(3, 100, (1, 7))
+    model.memorize(ids, show_progress=False)
+    n = model.memory_blocks()
+    assert n == -(-W // bs)
+    R = n * bs
+    with model.memory_disabled():
+        pos = torch.cat([torch.arange(W), torch.arange(R, R + prompt.shape[1])])[None]
+        want = model.backbone(torch.cat([ids, prompt], 1), position_ids=pos).logits[:, W:]
+    with torch.no_grad(), model.reading_blocks(list(range(n))[::-1]):
+        torch.testing.assert_close(model(prompt).logits, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad(), model.reading_blocks([1]):
+        assert not torch.allclose(model(prompt).logits, want, atol=1e-3)
+
+
+def test_question_reads_after_the_sink_are_the_backbone_over_sink_text_sink_question():
+    """With a sink: the memory's rows were computed after the sink, which is never stored; the
+    prompt [sink ‖ question] (generate prepends the memory's sink) reading every block equals the
+    frozen backbone over [sink ‖ text ‖ sink ‖ question] in which the second part does not see the
+    first sink (it reads the text only, laid out just before it). Block 0, the sink's, is empty:
+    reading it too changes nothing. The first generated token's logits are the same."""
+    torch.manual_seed(0)
+    S, L, bs = 4, 24, 4
+    cfg = MemoryConfig(window=S + L, sink_tokens=S, overlap=0, top_k=4, block_size=bs)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
+    ids, question = torch.randint(3, 100, (1, S + L)), torch.randint(3, 100, (1, 5))
+    model.memorize(ids, show_progress=False)
+    assert model.memory_size() == L and torch.equal(model.sink_ids, ids[:, :S])
+    local = torch.cat([ids[:, :S], question], 1)
+    full = torch.cat([ids, local], 1)
+    N = full.shape[1]
+    allow = torch.tril(torch.ones(N, N, dtype=torch.bool))
+    allow[S + L:, :S] = False                                       # the second part skips the first sink
+    with model.memory_disabled():
+        want = model.backbone(full, attention_mask=allow[None, None]).logits[:, S + L:]
+        plain = model.backbone(full).logits[:, S + L:]
+    assert not torch.allclose(want, plain, atol=1e-3)               # the mask matters
+    n = model.memory_blocks()
+    with torch.no_grad():
+        for blocks in (list(range(1, n)), list(range(n))):
+            with model.reading_blocks(blocks):
+                torch.testing.assert_close(model(local).logits, want, atol=1e-4, rtol=1e-4)
+                out = model.generate(question, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
+                                     output_logits=True)
+            torch.testing.assert_close(out.logits[0], want[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_reading_blocks_is_validated_and_scoped():
+    """reading_blocks refuses bad ids (out of range, repeated, wrong shape for the memory's batch)
+    and an empty memory before changing anything; inside, every memory layer reads the pinned
+    blocks; afterwards (also after an exception inside) the runtime is as before and kNN reads
+    come back exactly."""
     torch.manual_seed(0)
     W, bs = 24, 8
-    cfg = MemoryConfig(window=W, sink_tokens=0, overlap=0, top_k=4, lora_rank=0, position_mode="fixed",
-                       block_size=bs)
+    cfg = MemoryConfig(window=W, sink_tokens=2, overlap=0, top_k=4, block_size=bs)
     model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
-    ids = torch.randint(3, 100, (1, 2 * W))
+    rt = model.runtime
+
+    def restored():
+        return rt.pinned_blocks is None and rt.row_rotation is None
+
     with pytest.raises(ValueError, match="nothing is memorized"):
         with model.reading_blocks([0]):
             pass
-    model.memorize(ids[:, :W], show_progress=False)
-    token_logits = model(ids[:, W:]).logits
-    model.runtime.enabled = False
-    want = model.backbone(ids).logits[:, W:]
-    model.runtime.enabled = True
-    assert model.memory_blocks() == W // bs
-    with model.reading_blocks([2, 0, 1]):                           # any order: read in document order
-        torch.testing.assert_close(model(ids[:, W:]).logits, want, atol=1e-4, rtol=1e-4)
-    with model.reading_blocks([1]):
-        assert not torch.allclose(model(ids[:, W:]).logits, want, atol=1e-3)
-    torch.testing.assert_close(model(ids[:, W:]).logits, token_logits)
-    assert model.runtime.read_blocks == 0 and model.runtime.pinned_blocks is None
-    model.set_neighbors(1)                                          # pinned reads skip neighbours, keep the setting
-    with model.reading_blocks([0, 1, 2], block_size=8):
-        torch.testing.assert_close(model(ids[:, W:]).logits, want, atol=1e-4, rtol=1e-4)
-    assert model.memory_config.neighbors == 1 and model.runtime.neighbors == 1
-    model.set_neighbors(0)
-    with pytest.raises(ValueError, match="block_size must be"):
-        with model.reading_blocks([0], block_size=0):
+    model.memorize(torch.tensor([[5]]), show_progress=False)        # shorter than the sink: all sink
+    assert model.memory_size() == 0 and model.memories
+    with pytest.raises(ValueError, match="nothing is memorized"):
+        with model.reading_blocks([0]):
             pass
-    for bad, msg in (([3], r"in \[0, 3\)"), ([-1], r"in \[0, 3\)"), ([1, 1], "repeats"), ([[0], [1]], "must be"),
-                     ([], "must be")):
+    model.reset_memory()
+    ids = torch.randint(3, 100, (1, 2 + W))
+    model.memorize(ids, show_progress=False)                       # positions 2..25: blocks 0..3
+    assert model.memory_blocks() == 4
+    q = torch.randint(3, 100, (1, 6))
+    with torch.no_grad():
+        knn = model(q).logits
+        with model.reading_blocks([2, 0]):
+            assert rt.pinned_blocks.tolist() == [[2, 0]] and rt.row_rotation[0].shape[1] == 2 * bs
+            pinned = model(q).logits
+        assert restored()
+        assert not torch.allclose(pinned, knn, atol=1e-3)
+        for bad, msg in (([4], r"in \[0, 4\)"), ([-1], r"in \[0, 4\)"), ([1, 1], "repeats"),
+                         ([[0], [1]], r"must be \[n\] or \[1, n\]"), ([], "must be"), ([[[0]]], "must be")):
+            with pytest.raises(ValueError, match=msg):
+                with model.reading_blocks(bad):
+                    pass
+            assert restored()
+        with pytest.raises(RuntimeError, match="inside"):
+            with model.reading_blocks([1]):
+                model(q)
+                raise RuntimeError("inside")
+        assert restored()
+        torch.testing.assert_close(model(q).logits, knn)
+
+    two = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)   # a batch of two memories
+    two.memorize(torch.randint(3, 100, (2, 2 + W)), show_progress=False)
+    with two.reading_blocks([[0, 1], [3, 2]]):
+        assert two.runtime.pinned_blocks.tolist() == [[0, 1], [3, 2]]
+    with two.reading_blocks([1]):                                   # [n]: the same blocks for both
+        assert two.runtime.pinned_blocks.tolist() == [[1], [1]]
+    for bad, msg in (([[0], [1], [2]], r"must be \[n\] or \[2, n\]"), ([[0, 0], [1, 2]], "repeats")):
         with pytest.raises(ValueError, match=msg):
-            with model.reading_blocks(bad):
+            with two.reading_blocks(bad):
                 pass
-    torch.testing.assert_close(model(ids[:, W:]).logits, token_logits)
+    assert two.runtime.pinned_blocks is None and two.runtime.row_rotation is None
 
 
 def test_pinned_blocks_over_rotated_keys_are_laid_out_like_unrotated_ones():
-    """"window" keys are stored rotated at their window slot; the contiguous layout of pinned
-    blocks undoes that rotation, so reading them equals reading the same blocks of a "fixed"
-    memory (keys stored un-rotated) — also for blocks that straddle a window boundary and blocks
-    of different windows that share slots. The "stored" layout reads them where they were."""
-    from conftest import tiny_backbone
-    from memformer import MemformerForCausalLM, MemoryConfig
+    """Memory keys are stored rotated at their window slot (the sink's slots 0, 1 are never
+    stored); the pinned layout undoes that rotation, so reading blocks equals reading the same
+    blocks of a memory holding the un-rotated keys (the k_proj outputs, captured while memorizing)
+    at slot 0 — also for blocks that straddle a window boundary and blocks of different windows
+    that share slots."""
     torch.manual_seed(0)
     backbone = tiny_backbone("llama")
-    kw = dict(window=24, sink_tokens=2, overlap=4, top_k=4, lora_rank=0, block_size=8)
-    twin = copy.deepcopy(backbone)
-    window = MemformerForCausalLM(backbone, None, MemoryConfig(position_mode="window", **kw))
+    twin_backbone = clone_backbone(backbone)
+    cfg = MemoryConfig(window=24, sink_tokens=2, overlap=4, top_k=4, block_size=8)
+    model = MemformerForCausalLM(backbone, None, cfg)
+    layers = model.adapter.layers(model.backbone)
+    captured = {i: [] for i in model.memory_layer_ids}
+    hooks = [getattr(layers[i], model.adapter.attn_attr).attn.k_proj.register_forward_hook(
+        lambda m, inp, out, i=i: captured[i].append(out[:, model.runtime.write_slice])) for i in captured]
     ids = torch.randint(3, 100, (1, 90))
-    window.memorize(ids[:, :70], show_progress=False)         # windows of 18 new tokens: blocks straddle them
-    mem = next(iter(window.memories.values()))
-    assert mem.slots[0, :3].tolist() == [2, 3, 4] and int(mem.slots.max()) == 23  # sink (0, 1) never stored
-    state = {i: m.state_dict() for i, m in window.memories.items()}
-    fixed = MemformerForCausalLM(twin, None, MemoryConfig(position_mode="fixed", **kw))
-    fixed.memorize(ids[:, :70], show_progress=False)
+    model.memorize(ids[:, :70], show_progress=False)               # windows of 18 new tokens
+    for h in hooks:
+        h.remove()
+    mem = next(iter(model.memories.values()))
+    assert mem.slots[0, :3].tolist() == [2, 3, 4] and int(mem.slots.max()) == 23
+    assert mem.slots[0, 18:21].tolist() == [6, 7, 8]               # window 2 after its 4 tokens of context
+    twin = MemformerForCausalLM(twin_backbone, None, cfg)
+    twin._ensure_memory(1)
+    D = model.config.hidden_size // model.config.num_attention_heads
+    rotary = model.backbone.model.rotary_emb
+    for i, m in model.memories.items():
+        raw = torch.cat(captured[i], 1).view(1, len(m), -1, D).transpose(1, 2)          # [1, Hkv, M, D]
+        cos, sin = rotary(raw, m.slots)
+        torch.testing.assert_close(m.keys, apply_rotary_pos_emb(raw, raw, cos, sin)[1], atol=1e-5, rtol=1e-5)
+        twin.memories[i].add(raw, m.values, m.positions, m.valid, torch.zeros_like(m.slots))
     q = ids[:, 70:]
-    blocks = [0, 2, 5, 7]                                       # block 2 (16..23) straddles windows 1 and 2
-    with fixed.reading_blocks(blocks):
-        want = fixed(q).logits
-    with window.reading_blocks(blocks):
-        torch.testing.assert_close(window(q).logits, want, atol=1e-4, rtol=1e-4)
-    with window.reading_blocks(blocks, layout="stored"):
-        assert not torch.allclose(window(q).logits, want, atol=1e-3)
-    with pytest.raises(ValueError, match="unknown layout"):
-        with window.reading_blocks(blocks, layout="packed"):
-            pass
-    for i, m in window.memories.items():                       # a memory saved before slots were kept
-        old = {k: v for k, v in state[i].items() if k != "slots"}
-        m.load_state_dict(old)
-        assert bool((m.slots == -1).all())
-    with pytest.raises(ValueError, match="no recorded window slots"):
-        with window.reading_blocks(blocks):
-            pass
-    assert window.runtime.pinned_blocks is None and window.runtime.slot_rotation is None
-    assert window.runtime.read_blocks == 0 and window.unknown_window_slots()
-    with window.reading_blocks(blocks, layout="stored"):       # still readable where they were stored
-        window(q)
+    for blocks in ([0, 2, 5, 7], [1, 2], list(range(model.memory_blocks()))):   # block 2: positions 16..23
+        with torch.no_grad(), model.reading_blocks(blocks), twin.reading_blocks(blocks):
+            torch.testing.assert_close(model(q).logits, twin(q).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_window_slots_survive_save_load_and_eviction(tmp_path):
-    from conftest import tiny_backbone
-    from memformer import MemformerForCausalLM, MemoryConfig
     torch.manual_seed(0)
-    kw = dict(window=24, sink_tokens=2, overlap=4, lora_rank=0)
+    kw = dict(window=24, sink_tokens=2, overlap=4)
     model = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(**kw))
     ids = torch.randint(3, 100, (1, 70))
     model.memorize(ids, show_progress=False)
     slots = {i: m.slots.clone() for i, m in model.memories.items()}
+    assert int(next(iter(slots.values())).min()) >= 2              # every row's slot is known
     model.save_memory(tmp_path / "m")
     model.reset_memory()
     model.load_memory(tmp_path / "m")
@@ -323,73 +338,139 @@ def test_window_slots_survive_save_load_and_eviction(tmp_path):
     full = next(iter(slots.values()))
     assert mem.slots.shape == mem.positions.shape == (1, 30)
     assert torch.equal(mem.slots, full[:, -30:])                # slots stay with their rows
-    small.memories[next(iter(small.memories))].evict_lowest_mass(5)
+    mem.evict_lowest_mass(5)
     assert torch.equal(mem.slots, full[:, -25:])
 
 
-def test_a_prefix_before_pinned_blocks_is_read_in_the_same_softmax():
-    """prefix (keys, values) [B, Hkv, P, D]: read by every query in one softmax with the pinned
-    rows and the local keys (the same dense attention with P more memory keys); probs still
-    cover the block rows only; a prefix without pinned blocks is refused."""
-    g = torch.Generator().manual_seed(5)
-    B, Hkv, G, D, M, bs, P, T = 2, 2, 2, 8, 16, 4, 3, 5
-    Hq = Hkv * G
-    mem = _memory(B, Hkv, D, torch.arange(M).repeat(B, 1), g)
-    q = torch.randn(B, Hq, T, D, generator=g)
-    k_loc, v_loc = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
-    kp, vp = torch.randn(B, Hkv, P, D, generator=g), torch.randn(B, Hkv, P, D, generator=g)
-    pinned = torch.tensor([[1, 3], [0, 2]])
-    bias = torch.randn(Hq, generator=g)
-    out, rows, probs = block_attention(mem, q, q, k_loc, v_loc, top_k=3, n_blocks=2, block_size=bs,
-                                       scale=D ** -0.5, mem_bias=bias, pinned=pinned, prefix=(kp, vp))
-    ok = torch.zeros(B, T, M + P, dtype=torch.bool)
-    ok[..., M:] = True
-    for b, blocks in enumerate(pinned.tolist()):
-        for blk in blocks:
-            ok[b, :, blk * bs:(blk + 1) * bs] = True
-    want = _dense(q, q, k_loc, v_loc, torch.cat([mem.keys, kp], 2), torch.cat([mem.values, vp], 2), ok,
-                  D ** -0.5, bias)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    assert probs.shape[-1] == rows.shape[-1] == 2 * bs and float(probs.sum(-1).max()) < 1.0
-    with pytest.raises(ValueError, match="only before pinned"):
-        block_attention(mem, q, q, k_loc, v_loc, top_k=3, n_blocks=2, block_size=bs, scale=D ** -0.5,
-                        prefix=(kp, vp))
-
-
-@pytest.mark.parametrize("mode", ["window", "fixed"])
-def test_pinned_blocks_after_their_sink_are_the_backbone_over_sink_text_sink_question(mode, tmp_path):
-    """With the sink prefix, pinned blocks are read after the sink their states were
-    computed after: with block_size = sink_tokens (block 0 is the sink, never stored), one
-    window memorized and all its blocks read, [sink | question] against memory equals the frozen
-    backbone's causal forward over [sink | text | sink | question]. Without the prefix it does not."""
-    from conftest import tiny_backbone
-    from memformer import MemformerForCausalLM, MemoryConfig
+def test_question_read_records_only_the_pinned_blocks():
+    """Generation inside reading_blocks with record=True: every memory layer, kNN layer or not,
+    records reads of exactly the rows of the pinned blocks (the same rows for every query), and the
+    evidence mass lands on those positions only."""
+    from memformer.qa.evidence import retrieval_mass
     torch.manual_seed(0)
-    S, L = 4, 24
-    cfg = MemoryConfig(window=S + L, sink_tokens=S, overlap=0, top_k=4, lora_rank=0, position_mode=mode,
-                       block_size=S)
+    cfg = MemoryConfig(window=16, sink_tokens=2, overlap=4, top_k=4, block_size=8, knn_layers=[1])
     model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
-    ids = torch.randint(3, 100, (1, S + L))
-    question = torch.randint(3, 100, (1, 5))
-    model.memorize(ids, show_progress=False)
-    local = torch.cat([ids[:, :S], question], 1)                    # [sink | question], positions 0..
-    model.runtime.enabled = False
-    want = model.backbone(torch.cat([ids, local], 1)).logits[:, S + L:]
-    model.runtime.enabled = True
-    blocks = list(range(1, (S + L) // S))                           # every stored block, after the sink's
-    with model.reading_blocks(blocks, sink_prefix=True):
-        assert set(model.runtime.pinned_prefix) == set(model.memories)
-        torch.testing.assert_close(model(local).logits, want, atol=1e-4, rtol=1e-4)
-    assert model.runtime.pinned_prefix == {}
-    with pytest.raises(ValueError, match="sink_prefix needs the contiguous layout"):
-        with model.reading_blocks(blocks, layout="stored", sink_prefix=True):
-            pass
-    assert model.runtime.pinned_blocks is None and model.runtime.pinned_prefix == {}
-    with model.reading_blocks(blocks):                              # the default: no prefix
-        assert model.runtime.pinned_prefix == {}
-        assert not torch.allclose(model(local).logits, want, atol=1e-3)
-    model.save_memory(tmp_path / "mem")                             # the sink travels with the memory
-    model.reset_memory()
-    model.load_memory(tmp_path / "mem")
-    with model.reading_blocks(blocks, sink_prefix=True):
-        torch.testing.assert_close(model(local).logits, want, atol=1e-4, rtol=1e-4)
+    ids = torch.randint(3, 100, (1, 120))
+    model.memorize(ids[:, :100], show_progress=False)
+    blocks = [3, 9]
+    with model.reading_blocks(blocks):
+        out = model.generate(ids[:, 100:110], max_new_tokens=3, do_sample=False, record=True)
+    assert out.shape == (1, 13)
+    rt = model.runtime
+    assert sorted(rt.retrieved) == [0, 1] and rt.pinned_blocks is None
+    want = [r for r in range(model.memory_size()) if int(model.memories[0].positions[0, r]) // 8 in blocks]
+    assert len(want) == 16
+    for i, calls in rt.retrieved.items():
+        assert len(calls) == 3                                      # prefill + 2 decoding steps
+        for rows, probs in calls:
+            assert rows.shape[1] == 1 and rows.shape[-1] == 16 and probs.shape == rows.shape
+            for t in range(rows.shape[2]):
+                assert _read_rows(rows, 0, t) == want
+    mass = retrieval_mass(model, model.seen[0])
+    assert float(mass.answer.sum()) > 0
+    inside = torch.zeros(model.seen[0], dtype=torch.bool)
+    for b in blocks:
+        inside[b * 8:(b + 1) * 8] = True
+    assert float(mass.answer[~inside].abs().sum()) == 0 and float(mass.prompt[~inside].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(block_size=0), "block_size"), (dict(question_blocks=0), "question_blocks")])
+def test_block_read_settings_are_validated(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MemoryConfig(**kw)
+
+
+# ---------------------------------------------------------------- ask: passages pick the blocks
+def char_tokenizer():
+    """One token per printable ASCII character (+ newline), ids < 100: fits the tiny vocab of 128."""
+    chars = ["\n"] + [chr(i) for i in range(32, 127)]
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+
+
+class BagOfWords:
+    """A deterministic stand-in for a sentence-transformers model: hashed word counts, normalised."""
+    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
+        out = torch.zeros(len(texts), 256)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z]+", t.lower()):
+                out[i, zlib.crc32(w.encode()) % 256] += 1
+        return torch.nn.functional.normalize(out, dim=1)
+
+    def get_sentence_embedding_dimension(self):
+        return 256
+
+
+FILLER = ["river", "stone", "cloud", "maple", "lantern", "copper", "meadow", "harbor", "willow", "pepper"]
+PLANT = "zebraquartz"
+
+
+def _filler(n_words, seed):
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(FILLER[int(i)] for i in torch.randint(0, len(FILLER), (n_words,), generator=g))
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.95])
+def test_ask_reads_the_blocks_under_the_passage_holding_the_answer(where):
+    """blocks_for: the passage the embedder ranks first holds the planted string, and the blocks
+    chosen are those under it (widened by the margin, or the passage's own when that is too many)
+    and cover the plant. ask() generates inside that question read: every memory layer records
+    reads of exactly those blocks' rows, the runtime is restored afterwards, and the answer is what
+    generate gives inside reading_blocks(blocks_for(question))."""
+    from memformer.passages import QUESTION_MARGIN
+    torch.manual_seed(0)
+    bs, n_blocks = 16, 12
+    cfg = MemoryConfig(window=64, sink_tokens=2, overlap=8, top_k=4, block_size=bs, question_blocks=n_blocks,
+                       knn_layers=[1])
+    model = MemformerForCausalLM(tiny_backbone("llama"), char_tokenizer(), cfg, embedder=BagOfWords())
+    doc_a = _filler(80, 1) + "."
+    words = _filler(140, 2).split()
+    cut = int(len(words) * where)
+    doc_b = " ".join(words[:cut] + [PLANT] + words[cut:]) + "."
+    model.memorize(doc_a, show_progress=False)
+    model.memorize(doc_b, show_progress=False)
+    assert model.doc_starts == [[0, len(doc_a)]]
+    p0 = len(doc_a) + doc_b.index(PLANT)                            # char tokenizer: stream position = char
+    p1 = p0 + len(PLANT)
+    question = "Where is the zebraquartz?"
+    top = model.passages.search(question)[0]
+    assert top.start <= p0 and p1 <= top.end and top.score > 0
+    blocks = model.blocks_for(question)
+    a, b, limit = max(0, top.start - QUESTION_MARGIN), min(top.end + QUESTION_MARGIN, model.seen[0]), model.seen[0]
+    under = list(range(a // bs, (b - 1) // bs + 1))
+    if len(under) > n_blocks:
+        under = list(range(top.start // bs, (top.end - 1) // bs + 1))[:n_blocks]
+    assert blocks == sorted(blocks) and len(blocks) <= n_blocks and set(under) <= set(blocks)
+    assert set(range(p0 // bs, (p1 - 1) // bs + 1)) <= set(blocks) and max(blocks) * bs < limit
+
+    answer = model.ask(question, max_new_tokens=3, record=True)
+    rt = model.runtime
+    assert rt.pinned_blocks is None and rt.row_rotation is None
+    mem = model.memories[0]
+    want = [r for r in range(model.memory_size()) if int(mem.positions[0, r]) // bs in blocks]
+    assert sorted(rt.retrieved) == [0, 1]                          # layer 0 runs no kNN reads
+    for calls in rt.retrieved.values():
+        for rows, _ in calls:
+            assert rows.shape[-1] == len(blocks) * bs
+            assert all(_read_rows(rows, 0, t) == want for t in range(rows.shape[2]))
+    x = model.prompt_ids(question)
+    with model.reading_blocks(blocks):
+        out = model.generate(x, max_new_tokens=3, do_sample=False)
+    assert answer == model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_question_read_without_memory_and_for_a_batch():
+    """question_read with nothing memorized changes nothing (kNN reads, here none); blocks_for
+    needs a memory of one sequence."""
+    model = MemformerForCausalLM(tiny_backbone("llama"), char_tokenizer(),
+                                 MemoryConfig(window=32, sink_tokens=2, overlap=4, block_size=8),
+                                 embedder=BagOfWords())
+    with model.question_read("anything"):
+        assert model.runtime.pinned_blocks is None
+    assert isinstance(model.ask("river?", max_new_tokens=2), str)
+    model.memorize([_filler(20, 1), _filler(20, 2)], show_progress=False)
+    with pytest.raises(ValueError, match="one sequence"):
+        model.blocks_for("river")

@@ -22,11 +22,12 @@ def ids(n, seed=1):
 
 def test_knn_layers_read_like_memory_in_those_layers_only():
     """All layers storing memory but kNN reads in layers 2-3 gives the same logits as memory in
-    layers 2-3 alone (same weights, untrained LoRA is the identity); all layers store memory."""
+    layers 2-3 alone (same weights; a fresh model has no LoRA, its gates start at 0); all layers
+    store memory."""
     x, q = ids(60), ids(6, seed=2)
     split = make(knn_layers=[2, 3])
     only = make(memory_layers=[2, 3])
-    full = make()
+    full = make(knn_layers=[0, 1, 2, 3])
     for m in (split, only, full):
         m.memorize(x, show_progress=False)
     assert sorted(split.memories) == [0, 1, 2, 3] and sorted(only.memories) == [2, 3]
@@ -34,6 +35,30 @@ def test_knn_layers_read_like_memory_in_those_layers_only():
         a, b, c = (m(q).logits for m in (split, only, full))
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-4                    # reads in layers 0-1 do change the output
+
+
+@pytest.mark.parametrize("layers", [2, 3, 4, 7])
+def test_default_knn_layers_are_the_upper_two_thirds_of_an_all_layer_memory(layers):
+    """knn_layers=None with every layer a memory layer: kNN reads in layers L//3 .. L-1 (the
+    lowest third only stores memory and reads question blocks); generation records kNN reads in
+    exactly those layers."""
+    model = make(layers=layers)
+    want = list(range(layers // 3, layers))
+    assert sorted(model.runtime.knn_layers) == want and model.memory_layer_ids == list(range(layers))
+    assert model.memory_config.knn_layers is None           # the config keeps "default"
+    model.memorize(ids(30), show_progress=False)
+    model.generate(ids(5, seed=2), max_new_tokens=1, do_sample=False, record=True)
+    assert sorted(model.runtime.retrieved) == want
+
+
+@pytest.mark.parametrize("memory_layers", [[0, 2], [1, 3], [3]])
+def test_default_knn_layers_of_explicit_memory_layers_are_all_of_them(memory_layers):
+    model = make(memory_layers=memory_layers)
+    assert sorted(model.runtime.knn_layers) == memory_layers == model.memory_layer_ids
+    model.memorize(ids(30), show_progress=False)
+    assert sorted(model.memories) == memory_layers
+    model.generate(ids(5, seed=2), max_new_tokens=1, do_sample=False, record=True)
+    assert sorted(model.runtime.retrieved) == memory_layers
 
 
 def test_only_knn_layers_record_kNN_reads_but_every_layer_reads_pinned_blocks():
@@ -58,28 +83,25 @@ def test_knn_layers_are_validated(kw, msg):
         MemoryConfig(**kw)
 
 
-def test_knn_layers_beyond_the_backbone_and_set_knn_layers():
-    with pytest.raises(ValueError, match=r"knn_layers \[7\] are not memory layers"):
-        make(knn_layers=[7])
-    model = make()
-    model.set_knn_layers([2, 3])
-    assert model.runtime.knn_layers == {2, 3} and model.memory_config.knn_layers == [2, 3]
-    with pytest.raises(ValueError, match="not memory layers"):
-        model.set_knn_layers([9])
-    assert model.runtime.knn_layers == {2, 3} and model.memory_config.knn_layers == [2, 3]   # kept
-    model.set_knn_layers(None)
-    assert model.runtime.knn_layers is None
+@pytest.mark.parametrize("kw, msg", [(dict(knn_layers=[7]), r"knn_layers \[7\] are not memory layers"),
+                                     (dict(knn_layers=[2, 4]), r"knn_layers \[4\] are not memory layers"),
+                                     (dict(memory_layers=[0, 5]), r"memory_layers \[5\] out of range")])
+def test_layers_beyond_the_backbone_are_refused_when_the_model_is_built(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        make(**kw)
 
 
 def test_knn_layers_do_not_change_the_qa_cache_key():
+    """kNN layers only change how memory is read, not what is stored: the same cache key; a
+    setting that changes what is stored (the window) changes it."""
     from types import SimpleNamespace
     from memformer.qa.documents import Document
     from memformer.qa.longdoc import memory_key
     corpus = SimpleNamespace(documents=[Document("notes", "a fact worth keeping")])
-    model = make()
-    key = memory_key(corpus, model)
-    model.set_knn_layers([3])
-    assert memory_key(corpus, model) == key
+    key = memory_key(corpus, make())
+    assert memory_key(corpus, make(knn_layers=[3])) == key
+    assert memory_key(corpus, make(knn_layers=[0, 1, 2, 3])) == key
+    assert memory_key(corpus, make(window=32)) != key
 
 
 def test_cli_layer_lists():
@@ -102,18 +124,41 @@ def test_cli_bad_knn_layers_exit_2_with_the_reason(tmp_path):
 
 def test_report_headers_name_the_kNN_layers():
     from memformer.cli.common import describe_layers
-    assert describe_layers(make()) == "all 4"
-    assert describe_layers(make(knn_layers=[1, 2, 3])) == "all 4 (kNN reads in 1..3)"
+    assert describe_layers(make()) == "all 4 (kNN reads in 1..3)"
+    assert describe_layers(make(knn_layers=[0, 1, 2, 3])) == "all 4 (kNN reads in 0..3)"
+    assert describe_layers(make(knn_layers=[1, 3])) == "all 4 (kNN reads in [1, 3])"
     assert describe_layers(make(memory_layers=[0, 2, 3], knn_layers=[0, 3])) == "[0, 2, 3] (kNN reads in [0, 3])"
 
 
-def test_load_model_applies_knn_layers_over_an_adapter_and_exits_2_when_bad(monkeypatch, capsys):
+def test_load_model_passes_knn_layers_to_the_model_and_exits_2_when_bad(monkeypatch, capsys, tmp_path):
+    """--knn-layers reaches MemoryConfig.knn_layers and the model's kNN layers, also over an
+    adapter's config (whose other settings stay); a layer the backbone does not have, one that is
+    not a memory layer, or a malformed list is a message and exit status 2."""
     from memformer.cli import common
     p = argparse.ArgumentParser()
     common.add_model_args(p)
-    monkeypatch.setattr(MemformerForCausalLM, "from_pretrained", classmethod(lambda cls, *a, **kw: make()))
-    model = common.load_model(p.parse_args(["--adapter", "saved", "--knn-layers", "2..3"]))
-    assert model.runtime.knn_layers == {2, 3}
-    with pytest.raises(SystemExit) as e:
-        common.load_model(p.parse_args(["--adapter", "saved", "--knn-layers", "9"]))
-    assert e.value.code == 2 and "knn_layers [9] are not memory layers" in capsys.readouterr().err
+    make(memory_layers=[0, 2, 3], top_k=5).save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    seen = []
+
+    def tiny(cls, model=None, memory_config=None, **kw):
+        seen.append(memory_config)
+        return MemformerForCausalLM(tiny_backbone(num_hidden_layers=4), None, memory_config)
+
+    monkeypatch.setattr(MemformerForCausalLM, "from_pretrained", classmethod(tiny))
+    model = common.load_model(p.parse_args(["--knn-layers", "2..3"]))
+    assert seen[-1].knn_layers == [2, 3] and model.runtime.knn_layers == {2, 3}
+    model = common.load_model(p.parse_args([]))
+    assert seen[-1].knn_layers is None and model.runtime.knn_layers == {1, 2, 3}
+    model = common.load_model(p.parse_args(["--adapter", adapter, "--knn-layers", "2,3"]))
+    assert model.runtime.knn_layers == {2, 3} and seen[-1].memory_layers == [0, 2, 3]
+    assert (seen[-1].top_k, seen[-1].window, seen[-1].overlap) == (5, 16, 3)     # the adapter's
+    model = common.load_model(p.parse_args(["--adapter", adapter]))
+    assert model.runtime.knn_layers == {0, 2, 3}
+    for argv, msg in ((["--knn-layers", "9"], "knn_layers [9] are not memory layers"),
+                      (["--memory-layers", "0,1", "--knn-layers", "2"], "knn_layers [2] are not memory layers"),
+                      (["--adapter", adapter, "--knn-layers", "1"], "knn_layers [1] are not memory layers"),
+                      (["--knn-layers", "1-3"], "--knn-layers: expected layer indices")):
+        with pytest.raises(SystemExit) as e:
+            common.load_model(p.parse_args(argv))
+        assert e.value.code == 2 and msg in capsys.readouterr().err
