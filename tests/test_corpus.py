@@ -26,7 +26,7 @@ class CharTokenizer:
 
 
 def _cfg(**kw):
-    return MemoryConfig(**{**dict(window=48, sink_tokens=2, overlap=8, top_k=4, lora_rank=0), **kw})
+    return MemoryConfig(**{**dict(window=48, sink_tokens=2, overlap=8, top_k=4), **kw})
 
 
 def _model(**kw):
@@ -148,17 +148,46 @@ def test_memory_info_and_cli_errors(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
-def test_block_reads_and_a_corpus_memory_exclude_each_other(tmp_path):
-    """A corpus memory is read with token reads: attaching one to a block-reading model, or
-    turning block reads on with one attached, is refused and changes nothing."""
+class _WordEmbedder:
+    """A tiny stand-in for the sentence embedder of question reads (hashed words, normalised)."""
+    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
+        out = torch.zeros(len(texts), 64)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, hash(w) % 64] += 1
+        return torch.nn.functional.normalize(out + 1e-3, dim=1)
+
+    def get_sentence_embedding_dimension(self):
+        return 64
+
+
+def test_ask_beside_a_corpus_memory_falls_back_to_knn_reads(tmp_path):
+    """With a corpus memory attached, `ask` pins no blocks (`question_read` changes nothing): the
+    answer reads the corpus (and the own memory, if any) with kNN reads, in the kNN layers only.
+    Without the corpus the same memory is read with question reads again."""
     docs = _docs(tmp_path)
     corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
-    blocky = _model(read_blocks=2, block_size=8)
-    with pytest.raises(ValueError, match="token reads"):
-        blocky.attach_corpus(tmp_path / "mem")
-    assert not blocky.runtime.corpus
-    reader = _model()
+    reader = _model(knn_layers=[1])
+    reader.embedder = _WordEmbedder()
+    pinned = []
+    real = reader.reading_blocks
+    reader.reading_blocks = lambda blocks: pinned.append(list(blocks)) or real(blocks)
     reader.attach_corpus(tmp_path / "mem")
-    with pytest.raises(ValueError, match="corpus memory is attached"):
-        reader.set_read_blocks(2)
-    assert reader.memory_config.read_blocks == 0 and reader.runtime.read_blocks == 0
+    cue = "Document 3. lorem"
+    ans = reader.ask(cue=cue, max_new_tokens=3, record=True)             # no own memory at all
+    assert pinned == [] and reader.memory_size() == 0
+    assert set(reader.runtime.retrieved_corpus) == {1}                   # kNN reads, layer 1 only
+    ev = reader.corpus_evidence(top=5)
+    assert ev and {e["doc"] for e in ev} <= {"doc0.txt", "doc2.txt", "doc4.txt", "sub/doc1.txt", "sub/doc3.txt"}
+    x = reader.prompt_ids(cue=cue)
+    plain = reader.generate(x, max_new_tokens=3, do_sample=False)        # generate: kNN reads, no question
+    assert ans == reader.tokenizer.decode(plain[0, x.shape[1]:]).strip()
+    # an own memory beside the corpus: still kNN reads over both, nothing pinned
+    reader.memorize("The keeper's cat is called Marmalade. " * 4, show_progress=False)
+    assert reader.memory_size() > 0
+    reader.ask(cue="The cat is called", max_new_tokens=2, record=True)
+    assert pinned == [] and set(reader.runtime.retrieved) == set(reader.runtime.retrieved_corpus) == {1}
+    reader.runtime.retrieved.clear()
+    reader.detach_corpus()                                               # own memory alone: question reads
+    reader.ask(cue="The cat is called", max_new_tokens=2, record=True)
+    assert len(pinned) == 1 and set(reader.runtime.retrieved) == {0, 1}

@@ -103,8 +103,8 @@ def test_rag_faiss_ranking_equals_exact_cosine_ranking():
     rag = RAGBaseline(corpus, RandomEmbedder(), chunk_tokens=40, overlap=8)
     query = "which passage?"
     got = rag.search(query)
-    exact = rag.embeddings @ encode_texts(rag.embedder, [query])[0]            # [C]
-    assert len(got) == len(rag.chunks) == rag.index.ntotal
+    exact = rag.passages.embeddings @ encode_texts(rag.embedder, [query])[0]   # [C]
+    assert len(got) == len(rag.chunks) == rag.passages.index.ntotal
     assert [(p.start, p.end) for p in got] == [rag.chunks[c] for c in exact.argsort(descending=True).tolist()]
     assert torch.allclose(torch.tensor([p.score for p in got]), exact.sort(descending=True).values, atol=1e-5)
     json.dumps([p.__dict__ for p in got])                                 # plain floats and ints

@@ -4,12 +4,14 @@ import json
 import math
 import random
 import re
+import zlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from memformer import MemformerForCausalLM, MemoryConfig, evalplots, needle, passkey, ppl
+from memformer import MemformerForCausalLM, MemoryConfig
+from memformer.eval import needle, passkey, ppl, plots as evalplots
 
 
 # ---------------------------------------------------------------------- a tiny byte-level tokenizer
@@ -155,8 +157,8 @@ def test_runner_streams_trials_and_resume_skips_finished_ones(btok, tmp_path, mo
         needle.evaluate(model, **kw, seed=1, resume=True)
     with pytest.raises(ValueError, match=r"other settings \(memory_config.top_k: 32 -> 8\)"):
         needle.evaluate(_fake_model(btok, top_k=8), **kw, resume=True)
-    with pytest.raises(ValueError, match=r"other settings \(qa.memory_reads: 'question' -> 'knn'\)"):
-        needle.evaluate(model, **kw, resume=True, qa_options={"memory_reads": "knn"})
+    with pytest.raises(ValueError, match=r"other settings \(memory_config.question_blocks: 4 -> 2\)"):
+        needle.evaluate(_fake_model(btok, question_blocks=2), **kw, resume=True)
     run = json.loads((tmp_path / "run.json").read_text())          # a run from before a new config field
     run["memory_config"].pop("capacity")
     (tmp_path / "run.json").write_text(json.dumps(run))
@@ -255,7 +257,7 @@ def test_bin_ppl_pools_segments_by_position():
 
 def _tiny_mem(tiny, vocab=128, tokenizer=None):
     return MemformerForCausalLM(tiny("llama", vocab_size=vocab), tokenizer,
-                                MemoryConfig(window=24, sink_tokens=2, overlap=4, top_k=4, lora_rank=0))
+                                MemoryConfig(window=24, sink_tokens=2, overlap=4, top_k=4))
 
 
 def test_window_nll_without_memory_is_the_backbone_on_each_window(tiny):
@@ -281,41 +283,6 @@ def test_window_nll_with_memory_changes_only_windows_after_the_first(tiny):
     assert model.memory_size() == 0                                  # nothing left behind
     with pytest.raises(ValueError, match="unknown ppl mode"):
         ppl.window_nll(model, ids, "full")
-
-
-class _FirstByteEmbedder:
-    """Embeds a text by its first byte (one-hot): a block is 'nearest' the query that starts like it."""
-    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
-        out = torch.zeros(len(texts), 256)
-        for i, t in enumerate(texts):
-            out[i, t.encode()[0] if t else 0] = 1
-        return out
-
-
-def test_context_blocks_pick_the_nearest_blocks_before_the_local_context(tiny):
-    """ContextBlocks: only blocks wholly before the window's local context (a - overlap), the n most
-    similar to the text just before a; window_nll with them reads memory (but not in window 1)."""
-    tok = byte_tokenizer()
-    model = MemformerForCausalLM(tiny("llama", vocab_size=257), tok,
-                                 MemoryConfig(window=24, sink_tokens=2, overlap=4, top_k=4, lora_rank=0, block_size=4))
-    text = "".join(chr(97 + (i * 7) % 26) for i in range(80))            # no byte repeats within 26
-    ids = needle.encode(tok, text)
-    pick = ppl.ContextBlocks(model, ids, 2, _FirstByteEmbedder())
-    assert pick.blocks_before(0) == []
-    before = max(0, 20 - ppl.CONTEXT_QUERY_TOKENS)                       # query = ids[before:20]
-    got = pick.blocks_before(20)                                         # eligible: blocks 0..3 (< 20 - 4)
-    assert len(got) == 2 and got == sorted(got) and max(got) <= 3
-    assert ids[before] in [ids[b * 4] for b in got]                      # the block that starts like the query
-    assert max(pick.blocks_before(38)) <= 8 and pick.vectors.shape[0] == 8
-    trunc = torch.tensor(ppl.window_nll(model, ids, "truncate"))
-    knn = torch.tensor(ppl.window_nll(model, ids, "memory"))
-    ctx = torch.tensor(ppl.window_nll(model, ids, "memory", context_blocks=2, embedder=_FirstByteEmbedder()))
-    torch.testing.assert_close(ctx[:19], trunc[:19])                    # window 1: no memory yet
-    assert ((ctx[19:] - trunc[19:]).abs() > 1e-4).float().mean() > 0.5
-    assert not torch.allclose(ctx, knn)
-    assert model.memory_size() == 0 and model.runtime.pinned_blocks is None
-    with pytest.raises(ValueError, match="context_blocks"):
-        ppl.evaluate(model, ["pydocs"], 100, context_blocks=-1, show_progress=False)
 
 
 def test_ppl_evaluate_writes_resumable_records_and_report(tiny, tmp_path):
@@ -356,9 +323,36 @@ def _main(*argv):
     return main(list(argv))
 
 
-def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
+class _WordEmbedder:
+    """Stands in for all-MiniLM-L6-v2 in the CLI runs: hashed word counts, normalised."""
+    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
+        out = torch.zeros(len(texts), 64)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z0-9]+", t.lower()):
+                out[i, zlib.crc32(w.encode()) % 64] += 1
+        return torch.nn.functional.normalize(out + 1e-3, dim=1)
+
+    def get_sentence_embedding_dimension(self):
+        return 64
+
+
+@pytest.fixture
+def fake_minilm(monkeypatch):
+    import memformer.passages
+    import memformer.qa.rag
+    emb = _WordEmbedder()
+    monkeypatch.setattr(memformer.passages, "default_embedder", lambda: emb)
+    monkeypatch.setattr(memformer.qa.rag, "default_embedder", lambda: emb)
+    return emb
+
+
+def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch, fake_minilm):
     common = ["--model", str(tiny_dir), "--window", "256", "--top-k", "4"]
     out = tmp_path / "needle"
+    asked = []                                   # memory trials answer through model.ask (question reads)
+    real_ask = MemformerForCausalLM.ask
+    monkeypatch.setattr(MemformerForCausalLM, "ask", lambda self, *a, **kw: asked.append(kw.get("cue")) or
+                        real_ask(self, *a, **kw))
     argv = ["eval", "needle", *common, "--lengths", "400,1k", "--trials", "2", "--variants",
             "single-number,multiquery,passkey", "--modes", "memory,truncate,full", "--out", str(out)]
     assert _main(*argv) == 0
@@ -369,22 +363,23 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     table = (out / "needle.md").read_text()
     assert "| single-number | 1k |" in table and evalplots.NA in table and "| all tasks | 400 |" in table
     assert "| passkey | 1k |" in table
+    assert "question reads (4 memory blocks x 64 tokens" in table and "kNN reads in 0..1" in table
     assert all((out / f).stat().st_size > 5000 for f in ("needle_heatmap.png", "needle_accuracy.png"))
-    mem = [r for r in records if r["mode"] == "memory" and r["length"] == 1024]
-    assert mem and all(set(r["reads"]) <= {"blocks", "sink+blocks"} and len(r["other_answers"]) == len(r["answers"])
-                       for r in mem)                                     # default sink_prefix "auto": both reads
-    assert all(0 >= c >= o for r in mem for c, o in zip(r["confidence"], r["other_confidence"]))   # the surer kept
-    assert json.loads((out / "run.json").read_text())["qa"]["sink_prefix"] == "auto"
-    assert "the surer answer kept" in table
+    mem = [r for r in records if r["mode"] == "memory"]
+    assert all(r["status"] == "ok" and len(r["answers"]) == len(r["expected"]) for r in mem)
+    assert len(asked) == sum(len(r["answers"]) for r in mem) and all(asked)      # one ask(cue=...) per query
+    assert not {"reads", "confidence", "other_answers"} & {k for r in mem for k in r}
+    assert "qa" not in json.loads((out / "run.json").read_text())
+    asked.clear()
     assert _main(*argv, "--resume") == 0                            # nothing left to run
-    assert (out / "trials.jsonl").read_text().splitlines() == [json.dumps(r) for r in records]
+    assert (out / "trials.jsonl").read_text().splitlines() == [json.dumps(r) for r in records] and asked == []
 
     pk = tmp_path / "passkey"
     assert _main("eval", "passkey", *common, "--lengths", "600", "--trials", "2", "--modes", "memory,truncate",
-                 "--out", str(pk), "--evidence", "--sink-prefix") == 0
+                 "--out", str(pk), "--evidence", "--question-blocks", "2", "--block-size", "32") == 0
     report = (pk / "passkey.md").read_text()
-    assert "laid out contiguously, after their sink" in report
-    assert json.loads((pk / "run.json").read_text())["qa"]["sink_prefix"] is True
+    assert "question reads (2 memory blocks x 32 tokens" in report
+    assert json.loads((pk / "run.json").read_text())["memory_config"]["question_blocks"] == 2
     assert "| passkey | 600 |" in report and (pk / "passkey_heatmap.png").is_file()
     assert "Evidence (memory trials)" in report and "| passkey | 600 |" in report.split("Evidence")[1]
     mem = [json.loads(x) for x in (pk / "trials.jsonl").read_text().splitlines() if '"memory"' in x]
@@ -393,8 +388,20 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     pp = tmp_path / "ppl"
     assert _main("eval", "ppl", *common, "--docs", "pydocs,stdlib", "--tokens", "600", "--bin", "128",
                  "--out", str(pp)) == 0
-    assert "### stdlib" in (pp / "ppl.md").read_text() and (pp / "ppl_position.png").is_file()
+    text = (pp / "ppl.md").read_text()
+    assert "### stdlib" in text and "kNN reads in 0..1" in text and (pp / "ppl_position.png").is_file()
+    rs = [json.loads(x) for x in (pp / "trials.jsonl").read_text().splitlines()]
+    assert {(r["task"], r["mode"]) for r in rs} == {(d, m) for d in ("pydocs", "stdlib") for m in ("memory", "truncate")}
+    assert all(len(r["nll"]) == 599 for r in rs)
     capsys.readouterr()
+
+
+def _exit_code(*argv):
+    """`memformer ARGV`'s exit status, whether returned or raised (argparse, load_model)."""
+    try:
+        return _main(*argv)
+    except SystemExit as e:
+        return e.code
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -402,22 +409,23 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys):
     (["needle", "--modes", "memory,psychic"], "unknown mode"),
     (["needle", "--lengths", "4k,lots"], "not a length"),
     (["passkey", "--trials", "0"], "must be >= 1"),
-    (["needle", "--question-blocks", "0"], "--question-blocks must be >= 1"),
-    (["passkey", "--question-margin", "-1"], "--question-margin >= 0"),
+    (["needle", "--question-blocks", "0"], "question_blocks must be >= 1"),
+    (["passkey", "--block-size", "0"], "block_size must be >= 1"),
     (["ppl", "--docs", "novel"], "unknown document"),
     (["ppl", "--modes", "rag"], "unknown document\\(s\\)/mode"),
     (["ppl", "--tokens", "many"], "not a length"),
-    (["ppl", "--context-blocks", "-1"], "--context-blocks >= 0"),
 ])
 def test_cli_rejects_bad_arguments_before_loading_a_model(argv, msg, capsys):
-    assert _main("eval", *argv, "--model", "/nonexistent/model") == 2
+    assert _exit_code("eval", *argv, "--model", "/nonexistent/model") == 2
     assert re.search(msg, capsys.readouterr().err)
 
 
-def test_cli_rejects_an_unknown_sink_prefix(capsys):
-    with pytest.raises(SystemExit) as e:                            # argparse: usage error, exit 2
-        _main("eval", "needle", "--sink-prefix", "sometimes", "--model", "/nonexistent/model")
-    assert e.value.code == 2 and "--sink-prefix: invalid choice: 'sometimes'" in capsys.readouterr().err
+@pytest.mark.parametrize("cmd", ["needle", "passkey", "ppl"])
+@pytest.mark.parametrize("flag", [["--sink-prefix", "auto"], ["--context-blocks", "2"], ["--question-margin", "8"],
+                                  ["--memory-reads", "knn"], ["--position-mode", "first"], ["--neighbors", "1"]])
+def test_cli_rejects_removed_flags(cmd, flag, capsys):
+    assert _exit_code("eval", cmd, *flag, "--model", "/nonexistent/model") == 2      # argparse: usage error
+    assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
 
 
 def test_cli_resume_refuses_other_settings(tiny_dir, tmp_path, capsys):

@@ -1,7 +1,9 @@
-"""Long-document QA: corpus/char mapping, memory build + cache + save/load, evidence spans, RAG, CLI.
+"""Long-document QA: corpus/char mapping, memory build + cache + save/load, the one memory read
+path (LongDocQA, the evaluations and `model.ask` agree), question reads, evidence spans, RAG, CLI.
 
-Tiny random llama backbones and a character-level fast tokenizer built in code; the tests marked
-`integration` use the real default backbone and the real all-MiniLM-L6-v2 embedder.
+Tiny random llama backbones, a character-level fast tokenizer and a bag-of-words stand-in for the
+sentence embedder, all built in code; the tests marked `integration` use the real default
+backbone and the real all-MiniLM-L6-v2 embedder.
 """
 import json
 import re
@@ -21,6 +23,7 @@ from memformer.qa.evidence import retrieval_mass, spans_from_mass
 from memformer.qa import longdoc as qa_api
 from memformer.qa.longdoc import QA_FILE, DoesNotFit, LongDocQA, memory_key
 from memformer.qa.rag import RAGBaseline, chunk_ranges, load_embedder
+from memformer.passages import Passage, question_blocks
 
 DOC_A = ("The harbour town wakes early. Boats leave before dawn and come back at noon.\n"
          "Fishermen sell their catch on the quay. The market closes at two.\n") * 3
@@ -29,31 +32,73 @@ DOC_B = ("Notes on the lighthouse. The keeper climbs the stairs every evening.\n
          "Storms come from the west in winter. The lamp must never go out.\n")
 
 
-def char_tokenizer():
-    """One token per printable ASCII character (+ newline), ids < 100: fits the tiny vocab of 128."""
+def char_tokenizer(chat: bool = False):
+    """One token per printable ASCII character (+ newline), ids < 100: fits the tiny vocab of 128.
+    chat: with a (made-up, ASCII) chat template, so questions go through `apply_chat_template`."""
     chars = ["\n"] + [chr(i) for i in range(32, 127)]
     vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    if chat:
+        tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}[assistant] {% endif %}")
+    return tok
 
 
 class BagOfWords:
-    """A deterministic stand-in for a sentence-transformers model: hashed word counts, normalised."""
+    """A deterministic stand-in for a sentence-transformers model: hashed word counts, normalised.
+    `calls` lists the texts of every encode call (to count embeddings)."""
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
     def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
+        self.calls.append(list(texts))
         out = torch.zeros(len(texts), 512)
         for i, t in enumerate(texts):
             for w in re.findall(r"[a-z]+", t.lower()):
                 out[i, zlib.crc32(w.encode()) % 512] += 1
         return torch.nn.functional.normalize(out, dim=1)
 
+    def get_sentence_embedding_dimension(self):
+        return 512
 
-def tiny_model(seed=0, native=512, **cfg):
-    """A tiny memformer; native = the backbone's max_position_embeddings (mode "full")."""
+
+def tiny_model(seed=0, native=512, chat=False, **cfg):
+    """A tiny memformer whose question reads embed with `BagOfWords`; native = the backbone's
+    max_position_embeddings (mode "full")."""
     cfg = {"window": 64, "sink_tokens": 2, "overlap": 8, "top_k": 4, **cfg}
-    return MemformerForCausalLM(tiny_backbone(seed=seed, max_position_embeddings=native), char_tokenizer(),
-                                MemoryConfig(**cfg))
+    return MemformerForCausalLM(tiny_backbone(seed=seed, max_position_embeddings=native), char_tokenizer(chat),
+                                MemoryConfig(**cfg), embedder=BagOfWords())
+
+
+def held_memory(model) -> dict:
+    """Everything the model's memory holds (per layer rows, the stream, document starts, sink)."""
+    state = {f"{i}.{k}": v.clone() for i, mem in model.memories.items() for k, v in mem.state_dict().items()}
+    return dict(seen=list(model.seen), stream=[list(s) for s in model.stream],
+                doc_starts=[list(d) for d in model.doc_starts],
+                sink=None if model.sink_ids is None else model.sink_ids.tolist(),
+                tail=None if model.tail_ids is None else model.tail_ids.tolist(), state=state)
+
+
+def assert_same_memory(a: dict, b: dict) -> None:
+    assert {k: v for k, v in a.items() if k != "state"} == {k: v for k, v in b.items() if k != "state"}
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
+
+
+def spy_reading_blocks(model) -> list:
+    """Record the blocks of every `model.reading_blocks` call (question reads) in the returned list."""
+    seen = []
+    real = model.reading_blocks
+
+    def spy(blocks):
+        seen.append(torch.as_tensor(blocks).tolist())
+        return real(blocks)
+    model.reading_blocks = spy
+    return seen
 
 
 @pytest.fixture
@@ -110,91 +155,159 @@ def test_char_spans_without_offsets_are_found_by_decoding():
 
 
 # ---------------------------------------------------------------- memory build, cache, save/load
-@pytest.mark.parametrize("reads", ["question", "knn"])
-def test_read_memorizes_the_stream_at_stream_positions(reads):
-    """Question reads memorize the whole stream (the question alone is local); kNN reads all but
-    the tail, which stays local. Truncate's context is the tail either way."""
+def test_read_memorizes_every_document_with_one_memorize_call_each():
+    """Mode memory memorizes the whole stream (the question alone is local): one memorize call per
+    document (the passages of question reads never cross a document), each token at its stream
+    position, the last document's trailing separator left out. Truncate's context is the tail."""
     model = tiny_model()
-    qa = LongDocQA(model, memory_reads=reads, embedder=BagOfWords()).read(
-        [Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
-    room, n = 16, len(qa.corpus)                            # max(16, 64 - 2 - 96)
-    assert qa.split == (n if reads == "question" else n - room) and qa.tail == qa.corpus.ids[-room:]
-    assert qa.local == ([] if reads == "question" else qa.tail)
+    calls = []
+    real = model.memorize
+    model.memorize = lambda ids, **kw: calls.append(torch.as_tensor(ids)[0].tolist()) or real(ids, **kw)
+    qa = LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    n, room = len(qa.corpus), 16                                     # tail room: max(16, 64 - 2 - 96)
+    b = qa.corpus.starts[1]
+    assert calls == [qa.corpus.ids[:b], qa.corpus.ids[b:n - 1]]      # doc a + its separator, doc b alone
+    assert model.seen == [n - 1] and model.stream == [qa.corpus.ids[:n - 1]] and model.doc_starts == [[0, b]]
     mem = next(iter(model.memories.values()))
     # every memorized stream token but the 2 sink tokens, each at its own stream position
-    assert mem.positions[0].tolist() == list(range(2, qa.split))
-    assert model.seen == [qa.split]
-    cue = "The cat is"                                      # one token per character, after "\n\n"
-    assert qa.answer(cue=cue, max_new_tokens=2, evidence=0).prompt_tokens == \
-        len(cue) + 2 + (0 if reads == "question" else room)
+    assert mem.positions[0].tolist() == list(range(2, n - 1))
+    assert qa.tail == qa.corpus.ids[-room:]
+    assert model._passages is not None                               # embedded in read, not at the first answer
+    cue = "The cat is"                                               # one token per character, after "\n\n"
+    assert qa.answer(cue=cue, max_new_tokens=2, evidence=0).prompt_tokens == len(cue) + 2
     assert qa.answer(cue=cue, mode="truncate", max_new_tokens=2).prompt_tokens == len(cue) + 2 + room
 
 
-def test_short_documents_stay_local_and_need_no_memory():
-    model = tiny_model()
-    qa = LongDocQA(model).read(["short note"], show_progress=False)
-    assert qa.split == 0 and model.memory_size() == 0 and qa.tail == qa.local == qa.corpus.ids
+@pytest.mark.parametrize("chat", [False, True])
+def test_one_read_path_longdocqa_evaluations_and_ask_agree(chat):
+    """On one document, LongDocQA(model).read([text]).answer(cue=...), the evaluations'
+    `needle.memory_answers` and `reset_memory(); memorize(text); ask(cue=...)` read the same blocks
+    and give the same answer and evidence from the same memory; so do LongDocQA and `ask` for a
+    question (in the chat template when the tokenizer has one)."""
+    from memformer.eval import needle
+    model = tiny_model(block_size=8, chat=chat)
+    cue, question = "The name of the keeper's cat is", "What is the name of the keeper's cat?"
+    reads = spy_reading_blocks(model)
+    qa = LongDocQA(model).read([DOC_B], show_progress=False)
+    via_qa = qa.answer(cue=cue, max_new_tokens=8, evidence=3)
+    asked_qa = qa.answer(question, max_new_tokens=8, evidence=0).text
+    held_qa = held_memory(model)
+    via_eval = needle.memory_answers(model, DOC_B, [cue], 8, evidence=3)[0]
+    held_eval = held_memory(model)
+    model.reset_memory()
+    model.memorize(DOC_B, show_progress=False)
+    held_ask = held_memory(model)
+    via_ask = model.ask(cue=cue, max_new_tokens=8)
+    asked = model.ask(question, max_new_tokens=8)
+    assert via_qa.text == via_eval.text == via_ask and asked_qa == asked
+    assert via_qa.evidence == via_eval.evidence and via_qa.evidence
+    assert via_qa.memory_share == pytest.approx(via_eval.memory_share, abs=1e-6)
+    assert model.stream == [model.tokenizer(DOC_B, add_special_tokens=False)["input_ids"]]
+    assert_same_memory(held_qa, held_eval)
+    assert_same_memory(held_qa, held_ask)
+    # the same blocks read each time (cue: qa, eval, ask; question: qa, ask), from memory
+    assert reads[0] == reads[2] == reads[3] and reads[1] == reads[4] and len(reads) == 5 and reads[0]
+    prompt = model.prompt_ids(question)[0].tolist()
+    assert (model.tokenizer.decode(prompt).startswith("[user] ")) == chat
+    with model.memory_disabled():                                    # memory changes the answer
+        x = model.prompt_ids(cue=cue)
+        plain = model.backbone.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=1)
+    assert model.tokenizer.decode(plain[0, x.shape[1]:], skip_special_tokens=True).strip() != via_ask
+
+
+def test_a_document_shorter_than_the_sink_writes_nothing():
+    """A first text shorter than sink_tokens is all sink: kept local, nothing written, no error;
+    the answer reads no memory (no evidence) and there is nothing to save."""
+    model = tiny_model(sink_tokens=4)
+    qa = LongDocQA(model).read(["Hi."], show_progress=False)
+    assert model.memory_size() == 0 and model.sink_ids.tolist() == [qa.corpus.ids[:3]]
+    assert qa.tail == qa.corpus.ids
+    reads = spy_reading_blocks(model)
     ans = qa.answer("what?", max_new_tokens=3)
-    assert ans.evidence == [] and ans.memory_share is None
-    with pytest.raises(ValueError, match="nothing to save"):
+    assert reads == [] and ans.evidence == [] and not ans.memory_share
+    with pytest.raises(ValueError, match="memory is empty"):
         qa.save("unused")
 
 
-def test_cache_reuses_memory_and_answers_identically(tmp_path):
+def test_cache_reuses_memory_and_passages_and_answers_identically(tmp_path):
     model = tiny_model()
     docs = [Document("a", DOC_A), Document("b", DOC_B)]
     qa = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
-    assert not qa.from_cache and (tmp_path / memory_key(qa.corpus, model, qa.split) / QA_FILE).is_file()
+    assert not qa.from_cache and (tmp_path / memory_key(qa.corpus, model) / QA_FILE).is_file()
     want = qa.answer("What is the cat's name?", max_new_tokens=6)
+    held = held_memory(model)
+    model.embedder.calls.clear()
     again = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
-    assert again.from_cache
+    assert again.from_cache and model.embedder.calls == []           # the passages were saved, not re-embedded
+    assert_same_memory(held_memory(model), held)
     got = again.answer("What is the cat's name?", max_new_tokens=6)
     assert got.text == want.text and got.evidence == want.evidence
+    assert model.embedder.calls == [["What is the cat's name?"]]     # only the question is embedded
     changed = LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B + "More.")],
                                     cache_dir=tmp_path, show_progress=False)
     assert not changed.from_cache
     other = tiny_model(seed=1)                            # another backbone: its own key, no reuse
     assert not LongDocQA(other).read(docs, cache_dir=tmp_path, show_progress=False).from_cache
-    # kNN reads memorize all but the tail: their own cache entry, beside the question reads' one
-    knn = LongDocQA(model, memory_reads="knn").read(docs, cache_dir=tmp_path, show_progress=False)
-    assert not knn.from_cache and knn.split == len(knn.corpus) - 16 and qa.split == len(qa.corpus)
-    assert LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False).from_cache
-    # a memory cached before window slots were kept: question reads rebuild it, kNN reads reuse it
-    import hashlib
-    import json
-    from safetensors.torch import load_file, save_file
-    for split in (qa.split, knn.split):
-        mem_dir = tmp_path / memory_key(qa.corpus, model, split)
-        tensors = {k: v for k, v in load_file(str(mem_dir / "memory.safetensors")).items()
-                   if not k.endswith(".slots")}
-        save_file(tensors, str(mem_dir / "memory.safetensors"))
-        manifest = json.loads((mem_dir / "manifest.json").read_text())
-        manifest["sha256"] = hashlib.sha256((mem_dir / "memory.safetensors").read_bytes()).hexdigest()
-        (mem_dir / "manifest.json").write_text(json.dumps(manifest))
-    assert LongDocQA(model, memory_reads="knn").read(docs, cache_dir=tmp_path, show_progress=False).from_cache
+    assert memory_key(qa.corpus, other) != memory_key(qa.corpus, model)
+    # read-time settings reuse the memory; what decides the stored rows does not
+    reader = tiny_model(question_blocks=2, top_k=2, block_size=16)
+    assert memory_key(qa.corpus, reader) == memory_key(qa.corpus, model)
+    assert LongDocQA(reader).read(docs, cache_dir=tmp_path, show_progress=False).from_cache
+    assert memory_key(qa.corpus, tiny_model(overlap=4)) != memory_key(qa.corpus, model)
+    # a memory of format version 1 (before the stream and passages were kept) is rebuilt
+    mem_dir = tmp_path / memory_key(qa.corpus, model)
+    manifest = json.loads((mem_dir / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (mem_dir / "manifest.json").write_text(json.dumps(manifest))
     rebuilt = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
     assert not rebuilt.from_cache and rebuilt.answer("What is the cat's name?", max_new_tokens=6).text == want.text
+    assert json.loads((mem_dir / "manifest.json").read_text())["format_version"] == 2     # saved anew
 
 
-def test_save_load_round_trip_and_refusals(tmp_path):
+def test_save_load_round_trip_keeps_stream_and_passages_and_refusals(tmp_path):
     model = tiny_model()
     qa = LongDocQA(model).read([Document("a.txt", DOC_A), Document("b.txt", DOC_B)], show_progress=False)
-    want = qa.answer(cue="The name of the keeper's cat is", max_new_tokens=5)
+    cue = "The name of the keeper's cat is"
+    want = qa.answer(cue=cue, max_new_tokens=5)
+    asked = qa.answer("Where does the cat sleep?", max_new_tokens=5)
+    held, ranges = held_memory(model), list(model.passages.ranges)
     qa.save(tmp_path / "mem")
-    model.reset_memory()
-    loaded = LongDocQA.load(model, tmp_path / "mem")
-    assert [d.name for d in loaded.corpus.documents] == ["a.txt", "b.txt"] and loaded.split == qa.split
-    got = loaded.answer(cue="The name of the keeper's cat is", max_new_tokens=5)
+    fresh = tiny_model()                                   # same weights, nothing memorized, nothing embedded
+    loaded = LongDocQA.load(fresh, tmp_path / "mem")
+    assert [d.name for d in loaded.corpus.documents] == ["a.txt", "b.txt"]
+    assert_same_memory(held_memory(fresh), held)          # rows, stream, document starts, sink, tail
+    assert fresh._passages is not None and fresh.passages.ranges == ranges
+    got = loaded.answer(cue=cue, max_new_tokens=5)
     assert got.text == want.text and got.evidence == want.evidence
+    assert loaded.answer("Where does the cat sleep?", max_new_tokens=5).text == asked.text
+    assert fresh.embedder.calls == [[cue], ["Where does the cat sleep?"]]      # no passage re-embedded
     with pytest.raises(MemoryFileError, match="another model"):
         LongDocQA.load(tiny_model(seed=1), tmp_path / "mem")
-    with pytest.raises(ValueError, match="saved for memory_reads='question'"):
-        LongDocQA.load(model, tmp_path / "mem", memory_reads="knn")      # holds the tail too
     with pytest.raises(FileNotFoundError, match="holds no QA documents"):
         LongDocQA.load(model, tmp_path)
     (tmp_path / "mem" / QA_FILE).write_text("{not json")
     with pytest.raises(DocumentError, match="corrupt"):
         LongDocQA.load(model, tmp_path / "mem")
+
+
+def test_a_memory_file_of_format_version_1_is_refused(tmp_path):
+    from memformer.persistence import read_manifest
+    model = tiny_model()
+    qa = LongDocQA(model).read([DOC_B], show_progress=False)
+    qa.save(tmp_path / "mem")
+    assert read_manifest(tmp_path / "mem")["format_version"] == 2
+    manifest = json.loads((tmp_path / "mem" / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (tmp_path / "mem" / "manifest.json").write_text(json.dumps(manifest))
+    msg = r"version 1 is not supported \(this memformer reads version 2\)"
+    with pytest.raises(MemoryFileError, match=msg):
+        read_manifest(tmp_path / "mem")
+    held = held_memory(model)
+    with pytest.raises(MemoryFileError, match=msg):
+        model.load_memory(tmp_path / "mem")
+    assert_same_memory(held_memory(model), held)          # the model's own memory is kept
+    with pytest.raises(MemoryFileError, match=msg):
+        LongDocQA.load(tiny_model(), tmp_path / "mem")
 
 
 def test_answer_refuses_bad_input_and_a_changed_memory():
@@ -231,7 +344,7 @@ def test_prepare_and_answer_functions_in_every_mode():
     assert ans.mode == "full" and ans.prompt_tokens == len(full.corpus) + len("\n\nThe cat is")
     assert model.memory_size() == 0                                         # full never writes memory
     mem = qa_api.prepare(model, docs, "memory", show_progress=False)
-    assert model.seen == [mem.split] and mem.split > 0
+    assert model.seen == [len(mem.corpus) - 1] and model.memory_size() == len(mem.corpus) - 1 - 2
     ans = qa_api.answer(model, mem, cue="The cat is", max_new_tokens=3)
     # the truncate answer of a memory context is the one of a truncate context
     assert ans.mode == "memory" and qa_api.answer(model, mem, cue="The cat is", mode="truncate",
@@ -293,34 +406,78 @@ def test_spans_from_mass_picks_the_heavy_sentence_in_its_document(tok):
         spans_from_mass(c, torch.zeros(3))
 
 
-def test_memory_answer_returns_valid_evidence_from_memorized_text():
-    model = tiny_model()
+def test_memory_answer_returns_valid_evidence_from_the_blocks_read():
+    model = tiny_model(block_size=8, question_blocks=12)
     qa = LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    reads = spy_reading_blocks(model)
     ans = qa.answer("Where does the cat sleep?", max_new_tokens=4, evidence=3)
     assert ans.mode == "memory" and 0 < ans.memory_share < 1 and ans.prompt_tokens <= 62
     assert 1 <= len(ans.evidence) <= 3
     assert [s.score for s in ans.evidence] == sorted((s.score for s in ans.evidence), reverse=True)
+    covered = {b * 8 + i for b in reads[0] for i in range(8)}
     for s in ans.evidence:
         doc = qa.corpus.documents[s.doc_index]
         assert s.document == doc.name and s.text == doc.text[s.start:s.end] and 0 < s.score <= 1
-        assert s.token_start < qa.split                    # it came from memory, not the local tail
+        assert set(range(s.token_start, s.token_end)) & covered          # it came from the blocks read
     assert model.runtime.retrieved == {}                   # the recording is dropped after use
     assert qa.answer("Where?", mode="truncate", max_new_tokens=2).evidence == []
     assert qa.answer("Where?", max_new_tokens=2, evidence=0).evidence == []
 
 
+def test_question_reads_read_the_blocks_under_the_best_passages():
+    """`ask` reads exactly the memory blocks under the passages the embedder ranks first (within
+    the block budget, in document order); the read is scoped to the answer. Without a question
+    (`generate`) nothing is pinned: the kNN layers search memory."""
+    model = tiny_model(block_size=8, question_blocks=24)
+    LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    query = "What is the name of the keeper's cat?"
+    blocks = model.blocks_for(query)
+    assert blocks == sorted(set(blocks)) and 0 < len(blocks) <= 24
+    assert max(blocks) * 8 < model.seen[0]                                   # memorized blocks only
+    best = model.passages.search(query)[0]
+    assert "Marmalade" in model.tokenizer.decode(model.stream[0][best.start:best.end])
+    assert set(range(best.start // 8, (best.end - 1) // 8 + 1)) <= set(blocks)
+    reads = spy_reading_blocks(model)
+    pinned = []
+    real_generate = model.generate
+    model.generate = lambda *a, **kw: pinned.append(model.runtime.pinned_blocks.tolist()) or real_generate(*a, **kw)
+    model.ask(query, max_new_tokens=3)
+    assert reads == [blocks] and pinned == [[blocks]] and model.runtime.pinned_blocks is None
+    model.generate = real_generate
+    model.memory_config.question_blocks = 1
+    one = model.blocks_for(query)
+    assert len(one) == 1 and best.start // 8 <= one[0] <= (best.end - 1) // 8     # the best passage, cut
+    reads.clear()
+    model.generate(model.prompt_ids(query), max_new_tokens=2, do_sample=False, record=True)
+    assert reads == [] and set(model.runtime.retrieved) == set(model.runtime.knn_layers)   # kNN reads pin nothing
+    model.runtime.retrieved.clear()
+
+
+def test_question_blocks_widen_passages_by_a_margin_and_take_them_whole():
+    """`passages.question_blocks`: each passage widened by the margin (clipped to the memorized
+    stream), taken whole or not at all, best first; the best one alone narrowed then cut."""
+    ranked = [Passage(40, 60, .9), Passage(0, 10, .5), Passage(200, 220, .4), Passage(90, 130, .3)]
+    assert question_blocks(ranked, 8, 8, 100, margin=8) == [0, 1, 2, 4, 5, 6, 7, 8]
+    assert question_blocks(ranked, 6, 8, 100, margin=8) == [4, 5, 6, 7, 8]       # the second does not fit
+    assert question_blocks(ranked, 3, 8, 100, margin=8) == [5, 6, 7]             # narrowed to the passage
+    assert question_blocks(ranked, 2, 8, 100, margin=8) == [5, 6]                 # then cut
+    assert question_blocks(ranked, 8, 8, 100, margin=0) == [0, 1, 5, 6, 7, 11, 12]  # beyond the stream: skipped / clipped
+    assert question_blocks([Passage(200, 220, .9)], 4, 8, 100) == []
+
+
 # ---------------------------------------------------------------- RAG
 def test_chunk_ranges_stay_inside_documents(tok):
     c = Corpus.from_documents([Document("a", DOC_A), Document("b", DOC_B)], tok)
-    chunks = chunk_ranges(c, 64, 16)
-    for d in (0, 1):
-        s, e = c.document_range(d)
+    docs = [c.document_range(d) for d in range(2)]
+    chunks = chunk_ranges(docs, 64, 16)
+    for s, e in docs:
         mine = [(a, b) for a, b in chunks if s <= a < e]
         assert mine[0][0] == s and mine[-1][1] == e and all(b - a <= 64 and b <= e for a, b in mine)
         assert all(n[0] - p[0] == 48 for p, n in zip(mine, mine[1:]))
+    assert len(chunks) == sum(1 for a, _ in chunks if any(s <= a < e for s, e in docs))   # none in a separator
     for bad in [(0, 0), (8, 8), (8, -1)]:
         with pytest.raises(ValueError, match="chunk_tokens"):
-            chunk_ranges(c, *bad)
+            chunk_ranges(docs, *bad)
 
 
 def test_rag_retrieves_the_passage_within_the_budget(tok):
@@ -347,64 +504,11 @@ def test_rag_mode_puts_retrieved_passages_in_the_prompt():
     assert "keeper's cat" in ans.evidence[0].text and ans.evidence[0].document == "b"
     assert ans.evidence[0].score >= ans.evidence[1].score
     assert sum(s.token_end - s.token_start for s in ans.evidence) <= 62
-    assert model.seen == [qa.split]                         # RAG neither reads nor writes memory
+    held = held_memory(model)
     both = qa.ask("What is the keeper's cat called?", modes=("truncate", "rag"), max_new_tokens=2)
     assert set(both) == {"truncate", "rag"}
-
-
-def test_question_reads_read_the_blocks_under_the_best_passages():
-    """memory_reads="question": the answer reads exactly the memory blocks under the passages the
-    embedder ranks first (memorized part only, within the block budget); the read is scoped to the
-    answer, and its evidence lies in those blocks."""
-    model = tiny_model(block_size=8)
-    qa = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=6)
-    qa.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
-    query = "What is the name of the keeper's cat?"
-    blocks = qa.memory_blocks_for(query)
-    assert blocks == sorted(set(blocks)) and 0 < len(blocks) <= 6
-    assert max(blocks) * 8 < qa.split                                        # memorized blocks only
-    best = next(p for p in qa.rag().search(query) if p.start < qa.split)
-    assert set(range(best.start // 8, (min(best.end, qa.split) - 1) // 8 + 1)) <= set(blocks)
-    seen, prefixes = [], []
-    real = model.reading_blocks
-
-    def spy(b, **kw):
-        seen.append(list(b))
-        ctx = real(b, **kw)
-        prefixes.append(kw.get("sink_prefix"))
-        return ctx
-    model.reading_blocks = spy
-    qa.sink_prefix = False                                                   # LongDocQA(sink_prefix=False)
-    ans = qa.answer(query, max_new_tokens=3, evidence=3)
-    assert seen == [blocks] and ans.evidence and prefixes == [False]
-    assert ans.read == "blocks" and ans.alternative is None and ans.confidence <= 0
-    qa.sink_prefix = True
-    with_sink = qa.answer(query, max_new_tokens=3, evidence=3)
-    assert prefixes == [False, True] and with_sink.evidence and with_sink.read == "sink+blocks"
-    covered = {b * 8 + i for b in blocks for i in range(8)}
-    assert all(set(range(s.token_start, s.token_end)) & covered for s in ans.evidence)
-    assert model.runtime.read_blocks == 0 and model.runtime.pinned_blocks is None
-    one = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=1)
-    one._set_corpus(qa.corpus)
-    assert len(one.memory_blocks_for(query)) == 1                           # a passage cut to the budget
-    wide = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=8,
-                     question_margin=8)
-    wide._set_corpus(qa.corpus)
-    lo, hi = max(0, best.start - 8), min(best.end + 8, qa.split)            # the passage and 8 tokens each side
-    assert set(range(lo // 8, (hi - 1) // 8 + 1)) <= set(wide.memory_blocks_for(query))
-    bare = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=4,
-                     question_margin=0)
-    bare._set_corpus(qa.corpus)
-    assert set(bare.memory_blocks_for(query)) >= set(range(best.start // 8, (min(best.end, qa.split) - 1) // 8 + 1))
-    knn = LongDocQA(model, embedder=BagOfWords(), memory_reads="knn")
-    knn.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
-    seen.clear()
-    knn.answer(query, max_new_tokens=2, evidence=0)
-    assert seen == []                                                       # kNN reads pin nothing
-    for kw, msg in ((dict(memory_reads="bogus"), "memory_reads"), (dict(question_blocks=0), "question_blocks"),
-                    (dict(question_margin=-1), "question_margin")):
-        with pytest.raises(ValueError, match=msg):
-            LongDocQA(model, **kw)
+    assert_same_memory(held_memory(model), held)            # RAG and truncate neither read nor write memory
+    assert set(qa.ask("What is the keeper's cat called?", max_new_tokens=2)) == {"memory"}    # the default
 
 
 def test_missing_embedder_package_gives_an_install_hint(monkeypatch):
@@ -422,49 +526,80 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture
+def fake_minilm(monkeypatch):
+    """The CLI loads its models itself: its default sentence embedder becomes `BagOfWords`."""
+    import memformer.passages
+    import memformer.qa.rag
+    emb = BagOfWords()
+    monkeypatch.setattr(memformer.passages, "default_embedder", lambda: emb)
+    monkeypatch.setattr(memformer.qa.rag, "default_embedder", lambda: emb)
+    return emb
+
+
 def _cli(capsys, *args):
+    """(exit code, stdout, stderr) of `memformer qa ARGS`; argparse's and load_model's exits count."""
     from memformer.cli.main import main
-    code = main(["qa", *args])
+    try:
+        code = main(["qa", *args])
+    except SystemExit as e:
+        code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
 
-def test_cli_answers_with_evidence_and_reuses_saved_memory(tmp_path, capsys, tiny_model_dir):
+def test_cli_answers_from_memory_with_evidence_and_reuses_saved_memory(tmp_path, capsys, tiny_model_dir,
+                                                                       fake_minilm):
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC_A * 2 + DOC_B)
-    base = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3", "--no-rag"]
-    code, out, err = _cli(capsys, *base, "--doc", str(doc), "-q", "cat?", "--json", "--full",
+    base = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3"]
+    code, out, err = _cli(capsys, *base, "--doc", str(doc), "-q", "cat?", "--json",
                           "--cache-dir", str(tmp_path / "cache"), "--save-memory", str(tmp_path / "mem"))
     assert code == 0, err
-    rows = json.loads(out[out.index("["):])
-    assert {"question", "memory", "truncate", "evidence", "memory_share"} <= set(rows[0])
-    assert rows[0]["evidence"]["memory"][0]["document"] == str(doc)
-    assert rows[0]["full"] is None and "native context of 512" in rows[0]["not_run"]["full"]   # doc > 512 tokens
-    reads = rows[0]["memory_reads"]                                   # default --sink-prefix auto: both reads
-    assert {reads["kept"], reads["other"]["read"]} == {"blocks", "sink+blocks"}
-    assert reads["confidence"] >= reads["other"]["confidence"]
-    code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?")
+    row = json.loads(out[out.index("["):])[0]
+    assert {"question", "memory", "evidence", "memory_share", "seconds"} <= set(row)
+    assert not {"truncate", "rag", "full", "memory_reads"} & set(row)          # memory mode only by default
+    assert set(row["seconds"]) == {"memory"}
+    assert row["evidence"]["memory"][0]["document"] == str(doc)
+    assert fake_minilm.calls                                                    # question reads embedded passages
+    # --compare adds the baselines, --full the whole document (beyond the native context here)
+    code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?", "--json", "--compare",
+                          "--full")
     assert code == 0, err
-    assert "loaded from cache" in out and "evidence (memory" in out and "truncate:" in out
-    assert "(read blocks" in out or "(read sink+blocks" in out
-    code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?", "--json", "--sink-prefix", "off")
-    assert code == 0 and "memory_reads" not in json.loads(out[out.index("["):])[0]
+    row = json.loads(out[out.index("["):])[0]
+    assert {"memory", "truncate", "rag"} <= set(row) and set(row["seconds"]) == {"memory", "truncate", "rag"}
+    assert row["full"] is None and "native context of 512" in row["not_run"]["full"]   # doc > 512 tokens
+    assert "memory_reads" not in row and row["evidence"]["rag"]
+    code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?", "--compare")
+    assert code == 0, err
+    assert "loaded from cache" in out and "evidence (memory" in out and "truncate:" in out and "rag:" in out
+    code, out, err = _cli(capsys, *base, "--memory", str(tmp_path / "mem"), "-q", "cat?")
+    assert code == 0 and "memory:" in out and "truncate:" not in out and "rag:" not in out
     code, out, err = _cli(capsys, *base, "--doc", str(doc), "--cache-dir", str(tmp_path / "cache"))
     assert code == 0 and "loaded from cache" in out                     # no question: builds/loads only
 
 
-def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_model_dir):
+@pytest.mark.parametrize("flag", [["--sink-prefix", "off"], ["--memory-reads", "knn"], ["--no-rag"],
+                                  ["--no-compare"], ["--question-margin", "3"], ["--neighbors", "2"],
+                                  ["--blocks", "4"], ["--position-mode", "first"], ["--context-blocks", "2"]])
+def test_cli_removed_flags_are_rejected_by_argparse(flag, tmp_path, capsys):
+    doc = tmp_path / "d.txt"
+    doc.write_text(DOC_A)
+    code, out, err = _cli(capsys, "--model", "/nonexistent/model", "--doc", str(doc), "-q", "x", *flag)
+    assert code == 2 and f"unrecognized arguments: {' '.join(flag)}" in err
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_model_dir, fake_minilm):
     model = ["--model", str(tiny_model_dir), "--window", "256"]
     doc, short = tmp_path / "d.txt", tmp_path / "short.txt"
     doc.write_text(DOC_A)
-    short.write_text("A short note.")
+    short.write_text("Hi.")                                     # shorter than the 4 sink tokens: no memory
     cases = [([], "give --doc FILE"), (["--doc", str(doc), "--memory", str(tmp_path)], "only one of"),
              (["--doc", str(tmp_path / "nope.txt")], "no such file"),
-             (["--memory", str(tmp_path), "--no-rag"], "holds no QA documents"),
+             (["--memory", str(tmp_path)], "holds no QA documents"),
              (["--doc", str(doc), "--evidence", "-1"], "--evidence must be >= 0"),
-             (["--doc", str(doc), "--question-blocks", "0"], "--question-blocks must be >= 1"),
-             (["--doc", str(doc), "--question-margin", "-3"], "--question-margin >= 0"),
-             (["--doc", str(short), "--save-memory", str(tmp_path / "m")], "nothing to save")]
+             (["--doc", str(doc), "--question-blocks", "0"], "question_blocks must be >= 1"),
+             (["--doc", str(short), "--save-memory", str(tmp_path / "m"), "--no-cache"], "memory is empty")]
     for args, msg in cases:
         code, _, err = _cli(capsys, *model, *args)
         assert code == 2 and msg in err, (args, err)
@@ -475,15 +610,12 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("reads", ["question", "knn"])
-def test_evidence_points_at_the_planted_fact(default_model, reads):
+def test_evidence_points_at_the_planted_fact(default_model):
     """A fact ~1k tokens before the question: memory answers it and names its sentence as evidence."""
     fact = "The secret code of the blue vault is 73914."
     text = FILLER * 20 + fact + " " + FILLER * 45
-    ctx = qa_api.prepare(default_model, [Document("story.txt", text)], "memory", show_progress=False,
-                         memory_reads=reads)
-    local_from = int(ctx.corpus.char_spans[ctx.split, 0]) if ctx.local else len(text)
-    assert text.index(fact) + len(fact) < local_from                          # in memory, not local
+    ctx = qa_api.prepare(default_model, [Document("story.txt", text)], "memory", show_progress=False)
+    assert default_model.seen == [len(ctx.corpus) - 1]                        # all of it in memory
     ans = qa_api.answer(default_model, ctx, cue="The secret code of the blue vault is", max_new_tokens=6)
     default_model.reset_memory()
     assert "73914" in ans.text
@@ -502,17 +634,17 @@ def test_rag_with_minilm_finds_the_fact(default_model):
     assert fact in ans.evidence[0].text and "Marmalade" in ans.text
 
 
-def test_cli_questions_from_jsonl_and_interactive(tmp_path, capsys, tiny_model_dir, monkeypatch):
+def test_cli_questions_from_jsonl_and_interactive(tmp_path, capsys, tiny_model_dir, monkeypatch, fake_minilm):
     doc, qfile = tmp_path / "doc.txt", tmp_path / "q.jsonl"
     doc.write_text(DOC_A * 2 + DOC_B)
     qfile.write_text('{"question": "cat?", "answer": "Marmalade"}\n\n{"question": "vault?", "cue": "The code is"}\n')
-    base = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3", "--no-rag",
+    base = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3",
             "--doc", str(doc), "--no-cache"]
     code, out, err = _cli(capsys, *base, "--questions", str(qfile), "-q", "first?", "--json")
     assert code == 0, err
     rows = json.loads(out[out.index("["):])
     assert [r["question"] for r in rows] == ["first?", "cat?", "vault?"]
-    assert "correct" in rows[1] and rows[2]["asked_as"] == "The code is"
+    assert set(rows[1]["correct"]) == {"memory"} and rows[2]["asked_as"] == "The code is"
     # bad files: refused before any model is loaded, naming the line
     for text, msg in [('{"question": "ok"}\nnot json\n', "q.jsonl:2: not JSON"), ('{"answer": "x"}\n', "q.jsonl:1"),
                       ("\n", "no questions")]:
@@ -534,7 +666,7 @@ def test_cli_questions_from_jsonl_and_interactive(tmp_path, capsys, tiny_model_d
     assert out.count("Q: ") == 2 and "Q: cat?" in out and "Q: vault?" in out
 
 
-def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsys, tiny_model_dir):
+def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsys, tiny_model_dir, fake_minilm):
     from memformer.cli.main import main
     from memformer.qa.documents import read_document
     from test_documents import make_pdf
@@ -543,7 +675,7 @@ def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsy
     (docs / "notes.pdf").write_bytes(make_pdf([line for line in DOC_B.splitlines() if line]))
     (docs / "town.html").write_text("<html><body>" + "".join(f"<p>{line}</p>" for line in DOC_A.splitlines())
                                     + "<script>hidden()</script></body></html>")
-    model = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3", "--no-rag"]
+    model = ["--model", str(tiny_model_dir), "--window", "256", "--max-new-tokens", "3"]
     # documents of both kinds straight into `qa`: evidence offsets index the extracted text
     code, out, err = _cli(capsys, *model, "--doc", str(docs / "town.html"), "--doc", str(docs / "notes.pdf"),
                           "-q", "cat?", "--json", "--no-cache")
@@ -566,9 +698,11 @@ def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsy
     short = tmp_path / "short.txt"
     short.write_text(DOC_B)
     code, out, err = _cli(capsys, *model, "--corpus", str(tmp_path / "mem"), "--doc", str(short), "-q", "cat?",
-                          "--no-cache")
+                          "--no-cache", "--compare")
     assert code == 0, err
-    assert "evidence (memory, corpus documents attended to)" in out and "truncate:" in out
+    # beside a corpus memory a question reads with kNN reads over both memories (no blocks pinned)
+    assert "evidence (memory, corpus documents attended to)" in out
+    assert "memory:" in out and "truncate:" in out and "rag:" in out
     # bad input: a memory that is not a corpus, a corpus with --save-memory and nothing to save
     code, out, err = _cli(capsys, *model, "--doc", str(short), "--save-memory", str(tmp_path / "own"), "--no-cache")
     assert code == 0, err
@@ -579,46 +713,10 @@ def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsy
         assert code == 2 and msg in err, (args, err)
 
 
-def test_auto_sink_prefix_keeps_the_surer_of_both_reads():
-    """sink_prefix "auto" (the default): each memory answer is generated with both question reads,
-    the kept one is the more confident (its text and confidence equal that read run alone), and
-    the other is reported beside it; the confidence is the mean log-prob of the first line."""
-    model = tiny_model(block_size=8)
-    qa = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4, question_blocks=4)
-    assert qa.sink_prefix == "auto"
-    qa.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
-    query = "What is the name of the keeper's cat?"
-    alone = {}
-    for sp in (False, True):
-        qa.sink_prefix = sp
-        alone[sp] = qa.answer(query, max_new_tokens=6, evidence=2)
-    qa.sink_prefix = "auto"
-    ans = qa.answer(query, max_new_tokens=6, evidence=2)
-    kept = alone[ans.read == "sink+blocks"]
-    other = alone[ans.read != "sink+blocks"]
-    assert ans.text == kept.text and ans.confidence == pytest.approx(kept.confidence, abs=1e-5)
-    assert ans.confidence >= other.confidence
-    assert ans.alternative == dict(read=other.read, text=other.text, confidence=pytest.approx(other.confidence, abs=1e-5))
-    assert [(s.start, s.end) for s in ans.evidence] == [(s.start, s.end) for s in kept.evidence]
-    assert model.runtime.pinned_blocks is None and not model.runtime.pinned_prefix
-    with pytest.raises(ValueError, match="sink_prefix must be one of"):
-        LongDocQA(model, sink_prefix="sometimes")
-
-
-def test_answer_confidence_is_the_mean_log_prob_of_the_first_line(tok):
-    """Greedy generation's logits score the answer's first non-blank line only, and match a
-    teacher-forced forward over the same tokens."""
-    from memformer.confidence import answer_confidence, first_line_span
+def test_generate_returns_full_sequences_and_the_logits_of_a_forward(tok):
+    """`generate(..., return_dict_in_generate=True, output_logits=True)`: Hugging Face's output,
+    its sequences the whole input + the new tokens, its logits those of a teacher-forced forward."""
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
-    assert first_line_span(tok, ids("42.\n\nThe next")) == 3
-    assert first_line_span(tok, ids("\n\n42\nx")) == 4                 # leading blank lines belong to it
-    assert first_line_span(tok, ids("no newline")) == len("no newline")
-    assert first_line_span(tok, ids("\n")) == 1
-    torch.manual_seed(0)
-    logits = [torch.randn(1, tok.vocab_size) for _ in range(5)]
-    new = torch.tensor(ids("ab\ncd"))
-    want = sum(torch.log_softmax(logits[i][0], -1)[new[i]] for i in range(2)) / 2
-    assert answer_confidence(tok, new, logits) == pytest.approx(float(want), abs=1e-6)
     model = tiny_model()
     x = torch.tensor([ids("The keeper's cat is called")])
     out = model.generate(x, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -626,5 +724,6 @@ def test_answer_confidence_is_the_mean_log_prob_of_the_first_line(tok):
     new = out.sequences[0, x.shape[1]:]
     with torch.no_grad():
         logp = torch.log_softmax(model(out.sequences).logits[0, x.shape[1] - 1:-1].float(), -1)   # [5, V]
-    n = first_line_span(tok, new.tolist())
-    assert answer_confidence(tok, new, out.logits) == pytest.approx(float(logp[torch.arange(n), new[:n]].mean()), abs=1e-4)
+    got = torch.stack([torch.log_softmax(step[0].float(), -1) for step in out.logits])          # [5, V]
+    torch.testing.assert_close(got, logp, atol=1e-4, rtol=1e-4)
+    assert torch.equal(logp.argmax(-1), new)                                                    # greedy

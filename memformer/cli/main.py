@@ -18,8 +18,16 @@ def _register(name: str, sub) -> None:
     module.register(sub)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: a removed flag (`--rag`) must fail, not match a longer one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memformer", description="long-term kNN memory for frozen LMs")
+    parser = _Parser(prog="memformer", description="long-term kNN memory for frozen LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         _register(name, sub)

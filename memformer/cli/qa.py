@@ -52,6 +52,8 @@ def _check_args(args) -> str | None:
     sources = sum([bool(args.doc), args.memory is not None, args.demo])
     if sources == 0 and args.corpus is None:
         return "give --doc FILE, --memory DIR, --corpus MEM or --demo"
+    if sources == 0 and (args.compare or args.full):
+        return "--compare and --full need documents (--doc, --memory or --demo); a corpus memory alone answers from memory"
     if sources == 0 and args.save_memory:
         return "--save-memory needs documents (--doc or --demo); a corpus memory is saved already"
     if sources > 1:
