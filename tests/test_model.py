@@ -1,10 +1,15 @@
 """Invariants of DESIGN.md on tiny random llama / mistral / qwen2 backbones."""
+import contextlib
+import dataclasses
+import json
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import clone_backbone, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryCapacityError, MemoryConfig
+from memformer.config import AdapterConfig
 
 
 def make(model_type="llama", seed=0, **cfg):
@@ -52,22 +57,59 @@ def test_unknown_model_type_is_a_clear_error():
         MemformerForCausalLM(gpt2, None, MemoryConfig())
 
 
-def test_only_memory_layer_parameters_train():
-    model, _ = make(memory_layers=[1], lora_rank=4)
+GATE = "backbone.model.layers.{}.self_attn.memory_gate"
+LORA = "backbone.model.layers.{}.self_attn.attn.{}_proj.lora_{}.default.weight"
+
+
+def test_fresh_model_trains_exactly_the_memory_gates():
+    """No LoRA until add_lora: the per-head memory gates of the memory layers are the trainable part."""
+    model, _ = make(memory_layers=[1])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".layers.1." in n for n in trainable)
-    assert all("memory_gate" in n or "lora_" in n for n in trainable)
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".layers.0." in n)
+    assert trainable == [GATE.format(1)]
+    assert model.adapter_config is None and list(model.trainable_state_dict()) == trainable
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_add_lora_trains_gates_and_lora_and_leaves_outputs_unchanged():
+    model, _ = make(memory_layers=[1])
+    model.memorize(ids(40), show_progress=False)
+    x = ids(10, seed=5)
+    with torch.no_grad():
+        before = model(x).logits
+    model.add_lora(AdapterConfig(lora_rank=4, lora_alpha=8.0))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {GATE.format(1)} | {LORA.format(1, p, ab) for p in "qkvo" for ab in "AB"}
+    assert set(model.trainable_state_dict()) == trainable
+    assert model.adapter_config == AdapterConfig(lora_rank=4, lora_alpha=8.0)
+    assert all(p.shape[0] == 4 for n, p in model.named_parameters() if ".lora_A." in n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, atol=1e-6, rtol=0)   # B = 0: no change
+        for n, p in model.named_parameters():                                      # ... until B trains
+            if ".lora_B." in n:
+                p.normal_(0, 0.5)
+        assert (model(x).logits - before).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="already has LoRA"):
+        model.add_lora(AdapterConfig(lora_rank=4))
+
+
+def test_add_lora_rank_zero_sets_the_gates_only():
+    model, _ = make()
+    model.add_lora(AdapterConfig(lora_rank=0, gate_init=-2.0))
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [GATE.format(0), GATE.format(1)]
+    assert all(bool((p == -2.0).all()) for n, p in model.named_parameters() if n.endswith("memory_gate"))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        model.add_lora()
 
 
 @pytest.mark.parametrize("sinks", [0, 4])
 def test_no_token_retrieves_itself_or_the_future(sinks):
-    model, _ = make(read_during_ingest=True, top_k=64, sink_tokens=sinks)
+    model, _ = make(top_k=64, sink_tokens=sinks)
     model.runtime.record = True
-    model.memorize(ids(64), show_progress=False)                  # windows read while being written
+    model.memorize(ids(64), read=True, show_progress=False)       # windows read while being written
     model.runtime.record = False
     step = 16 - sinks - model.memory_config.overlap
     starts = list(range(sinks, 64, step))                          # first token of each window
+    assert set(model.runtime.retrieved) == {0, 1}                  # both (kNN) layers read
     for layer, calls in model.runtime.retrieved.items():
         assert len(calls) == len(starts) - 1                       # the first window finds memory empty
         for w, (rows, probs) in enumerate(calls, start=1):
@@ -106,10 +148,11 @@ def test_ragged_batch_writes_only_real_tokens():
     assert mem.positions[1][mem.valid[1]].tolist() == list(range(S, 11))
 
 
-@pytest.mark.parametrize("mode", ["first", "fixed", "window"])
-def test_search_score_equals_attention_logit(mode):
-    """Search ranks keys by exactly the logit the attention then uses, for every query head (GQA)."""
-    model, bb = make(position_mode=mode, top_k=5)
+def test_search_score_equals_attention_logit():
+    """Search ranks keys by exactly the logit the attention then uses, for every query head (GQA):
+    the query at its local position moved one window W further, against keys stored rotated at
+    their window slot."""
+    model, bb = make(top_k=5)
     model.memorize(ids(32), show_progress=False)
     layer = 1
     attn = model.backbone.model.layers[layer].self_attn
@@ -122,18 +165,15 @@ def test_search_score_equals_attention_logit(mode):
     model.runtime.record = False
     hook.remove()
     rows, probs = model.runtime.retrieved[layer][0]                     # [1, Hq, T, K]
-    # recompute, independently of the layer: q from the hidden states, RoPE by position mode
+    # recompute, independently of the layer: q from the hidden states, rotated at its real local
+    # position, then by one window W more (against keys rotated in their window)
     inner = attn.attn
     B, T, _ = captured["h"].shape
     q = inner.q_proj(captured["h"]).view(B, T, 4, 16).transpose(1, 2)   # [1, Hq, T, D]
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    shift = model._rotation_at(model.memory_config.memory_distance)
-    if mode == "first":        # real local position
-        q_rot, _ = apply_rotary_pos_emb(q, q, *captured["pe"])
-    elif mode == "fixed":      # a fixed distance from un-rotated keys
-        q_rot, _ = apply_rotary_pos_emb(q, q, *shift)
-    else:                      # real position + one window, against keys rotated in their window
-        q_rot, _ = apply_rotary_pos_emb(apply_rotary_pos_emb(q, q, *captured["pe"])[0], q, *shift)
+    W = model.memory_config.window
+    shift = model.backbone.model.rotary_emb(q, torch.full((1, T), W))    # (cos, sin) of distance W
+    q_rot, _ = apply_rotary_pos_emb(apply_rotary_pos_emb(q, q, *captured["pe"])[0], q, *shift)
     keys = model.memories[layer].keys                                   # [1, Hkv, M, D]
     for h in range(4):
         logits = q_rot[0, h] @ keys[0, h // 2].float().T * inner.scaling  # [T, M], kv head of the group
@@ -197,12 +237,45 @@ def test_bad_inputs():
         model.memorize(ids(4, b=2), show_progress=False)
 
 
-@pytest.mark.parametrize("bad", [dict(top_k=0), dict(window=1), dict(position_mode="last"), dict(index="annoy"),
-                                 dict(eviction="lru"), dict(sink_tokens=16), dict(memory_layers=[]),
-                                 dict(overlap=12), dict(overlap=-1), dict(neighbors=-1)])
+@pytest.mark.parametrize("bad", [dict(top_k=0), dict(window=1), dict(index="annoy"), dict(eviction="lru"),
+                                 dict(sink_tokens=16), dict(memory_layers=[]), dict(overlap=12), dict(overlap=-1),
+                                 dict(block_size=0), dict(question_blocks=0), dict(knn_layers=[]),
+                                 dict(memory_layers=[1], knn_layers=[0, 1]), dict(capacity=0),
+                                 dict(memory_dtype="int4"),
+                                 dict(index="faiss-flat", index_params={"storage_dir": "/tmp/rows"})])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="MemoryConfig"):
         MemoryConfig(**{"window": 16, **bad})
+
+
+REMOVED_FIELDS = ["neighbors", "read_blocks", "read_during_ingest", "position_mode", "fixed_distance",
+                  "index_device", "storage_dir", "lora_rank", "lora_alpha", "gate_init"]
+
+
+def test_memory_config_has_at_most_13_fields():
+    names = [f.name for f in dataclasses.fields(MemoryConfig)]
+    assert len(names) <= 13, names
+    assert not set(names) & set(REMOVED_FIELDS)
+    cfg = MemoryConfig(window=16, overlap=3, knn_layers=[1], index_params={"nprobe": 4})
+    assert MemoryConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("name", REMOVED_FIELDS)
+def test_unknown_memory_config_fields_are_refused_with_a_message(name):
+    """A config file of an older memformer (a removed read-path switch, LoRA settings) fails
+    at once, naming the field, not with a bare TypeError."""
+    with pytest.raises(ValueError, match=rf"MemoryConfig: unknown fields \['{name}'\]"):
+        MemoryConfig.from_dict({"window": 16, name: 1})
+
+
+def test_adapter_config_validation():
+    assert AdapterConfig() == AdapterConfig(lora_rank=8, lora_alpha=16.0, gate_init=0.0)
+    assert AdapterConfig(lora_rank=0).lora_rank == 0                          # gates only
+    with pytest.raises(ValueError, match="AdapterConfig: lora_rank must be >= 0"):
+        AdapterConfig(lora_rank=-1)
+    with pytest.raises(ValueError, match=r"AdapterConfig: unknown fields \['rank'\]"):
+        AdapterConfig.from_dict({"rank": 4})
+    assert AdapterConfig.from_dict({"lora_rank": 2, "gate_init": -1.0}) == AdapterConfig(lora_rank=2, gate_init=-1.0)
 
 
 def test_memory_layer_out_of_range():
@@ -245,46 +318,83 @@ def test_generate_memorizes_overflow_and_reads_memory():
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("blocks", [0, 4])
-def test_cached_generation_equals_an_uncached_greedy_loop(model_type, blocks):
+@pytest.mark.parametrize("reads", ["knn", "blocks"])
+def test_cached_generation_equals_an_uncached_greedy_loop(model_type, reads):
     """HF generate with its KV cache (the attention wrapper must take the cache under the name the
     installed transformers passes it) picks the same tokens as re-reading the whole local window
-    [sink ‖ tail ‖ generated] at every step, with token reads and with block reads (block_size 1,
-    so a query's blocks do not depend on which queries share its chunk)."""
-    model, _ = make(model_type, read_blocks=blocks, block_size=1)
+    [sink ‖ tail ‖ generated] at every step, with kNN reads (generate memorizes the overflow) and
+    with question reads of pinned blocks (`reading_blocks`)."""
+    model, _ = make(model_type, block_size=4)
     x = ids(40)
-    out = model.generate(x, max_new_tokens=6, do_sample=False)
+    if reads == "knn":
+        reading = contextlib.nullcontext
+        out = model.generate(x, max_new_tokens=6, do_sample=False)
+    else:
+        model.memorize(x[:, :28], show_progress=False)                  # what generate(x) memorizes
+        reading = lambda: model.reading_blocks([1, 3, 5])               # stream positions 4..7, 12..15, 20..23
+        with reading():
+            out = torch.cat([x[:, :28], model.generate(x[:, 28:], max_new_tokens=6, do_sample=False)], 1)
+    assert model.memory_size() == 28 - 4
     local = torch.cat([model.sink_ids, x[:, 40 - (16 - 4):]], 1)      # [sink ‖ last W - S tokens]
-    for _ in range(6):
-        nxt = model(local).logits[:, -1].argmax(-1, keepdim=True)
-        local = torch.cat([local, nxt], 1)
+    with reading(), torch.no_grad():
+        for _ in range(6):
+            nxt = model(local).logits[:, -1].argmax(-1, keepdim=True)
+            local = torch.cat([local, nxt], 1)
+        with model.memory_disabled():                                   # memory is read at all
+            plain = model(local).logits
+        assert (model(local).logits - plain).abs().max() > 1e-4
     assert torch.equal(out[:, 40:], local[:, -6:])
 
 
-def test_adapter_save_load_round_trip(tmp_path):
-    model, _ = make(memory_layers=[0], lora_rank=2)
+@pytest.mark.parametrize("lora", [2, 0])
+def test_adapter_save_load_round_trip(tmp_path, lora):
+    """save_pretrained writes the trained memory-layer weights with the MemoryConfig and (when LoRA
+    was added) the AdapterConfig; a fresh model's load_adapter adds that LoRA first and then gives
+    identical outputs. Without LoRA the adapter is the gates alone."""
+    model, _ = make(memory_layers=[0])
+    if lora:
+        model.add_lora(AdapterConfig(lora_rank=lora, lora_alpha=4.0, gate_init=0.5))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp_path / "ad")
-    fresh, _ = make(memory_layers=[0], lora_rank=2)
-    fresh.load_adapter(tmp_path / "ad")
-    x = ids(8)
+                p.add_(torch.randn_like(p) * 0.5)
+    path = model.save_pretrained(tmp_path / "ad")
+    files = ["adapter.safetensors", "memory_config.json"] + (["adapter_config.json"] if lora else [])
+    assert sorted(p.name for p in path.iterdir()) == sorted(files)
+    if lora:
+        saved = json.loads((path / "adapter_config.json").read_text())
+        assert AdapterConfig.from_dict(saved) == model.adapter_config
+    fresh, _ = make(memory_layers=[0])
+    untouched, _ = make(memory_layers=[0])
+    fresh.load_adapter(path)
+    assert fresh.adapter_config == model.adapter_config                 # LoRA added from the file (or none)
+    assert fresh.trainable_state_dict().keys() == model.trainable_state_dict().keys()
+    assert any(".lora_A." in n for n in fresh.trainable_state_dict()) == bool(lora)
+    x = ids(8, seed=4)
+    for m in (model, fresh, untouched):                                 # gates act on memory reads
+        m.memorize(ids(40), show_progress=False)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x).logits, model(x).logits)
-    mismatched, _ = make(memory_layers=[1], lora_rank=2)
+        assert (untouched(x).logits - model(x).logits).abs().max() > 1e-4   # the weights matter
+    mismatched, _ = make(memory_layers=[1])
     from memformer import MemoryFileError
     with pytest.raises(MemoryFileError, match="does not match"):
-        mismatched.load_adapter(tmp_path / "ad")
+        mismatched.load_adapter(path)
 
 
 def test_memory_fingerprint_is_stable_across_fresh_models():
-    """An untrained adapter is seeded, so a memory saved by one process loads in the next."""
+    """An untrained adapter is seeded (LoRA's random A too), so a memory saved by one process loads
+    in the next; adding LoRA changes the fingerprint."""
     from memformer.persistence import memory_fingerprint
     a, _ = make()
     b, _ = make()
     assert memory_fingerprint(a) == memory_fingerprint(b)
+    plain = memory_fingerprint(a)
+    torch.manual_seed(123)
+    a.add_lora(AdapterConfig(lora_rank=2))
+    torch.manual_seed(456)
+    b.add_lora(AdapterConfig(lora_rank=2))
+    assert memory_fingerprint(a) == memory_fingerprint(b) != plain
 
 
 def test_faiss_flat_memory_layers_match_exact():
@@ -300,100 +410,69 @@ def test_faiss_flat_memory_layers_match_exact():
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
-def test_window_mode_stores_keys_rotated_at_their_window_position():
-    model, _ = make(position_mode="window")
-    first, _ = make(position_mode="first")
+def test_keys_are_stored_rotated_at_their_window_position():
+    """Memory keeps each key as its window computed it: rotated at its slot in the window (the
+    frozen backbone's own k_proj + RoPE, computed here independently), with that slot recorded."""
+    model, oracle = make()
     x = ids(30)
     model.memorize(x, show_progress=False)
-    first.memorize(x, show_progress=False)
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    rotary = model.backbone.model.rotary_emb
-    k_plain = first.memories[0].keys                                   # [1, Hkv, M, D] un-rotated
-    # the first window is [sink (4) | 9 new tokens]: new tokens sit at positions 4..12
+    # the first window is [sink (4) | n new tokens]: the new tokens sit at slots 4 .. 4 + n - 1
     n = 16 - 4 - model.memory_config.overlap
-    cos, sin = rotary(k_plain, torch.arange(4, 4 + n)[None])
-    want, _ = apply_rotary_pos_emb(k_plain[:, :, :n], k_plain[:, :, :n], cos, sin)
-    torch.testing.assert_close(model.memories[0].keys[:, :, :n], want, atol=1e-5, rtol=1e-5)
-
-
-def test_neighbor_expansion_reads_contiguous_rows_once_with_exact_scores():
-    """expand_neighbors against a brute-force reading of the same definition: for every retrieved
-    row, the rows holding the tokens up to r positions away (same sequence, no evicted gap), each
-    once, scored q . k."""
-    from index.store import LayerMemory
-    from memformer.memory_layer import expand_neighbors
-    g = torch.Generator().manual_seed(0)
-    B, Hkv, D, r = 2, 2, 8, 2
-    mem = LayerMemory(B, Hkv, D)
-    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29]])  # a gap after 5
-    mem.add(torch.randn(B, Hkv, 10, D, generator=g), torch.randn(B, Hkv, 10, D, generator=g), pos)
-    q = torch.randn(B, Hkv, 3, D, generator=g)
-    _, ids = mem.search(q, 2)
-    ids[0, 0, 0] = torch.tensor([5, 6])                   # either side of the gap
-    ids[1, 1, 2] = torch.tensor([0, -1])                  # a missing neighbour and the first row
-    scores, out = expand_neighbors(mem, q, ids, r)
-    assert out.shape == (B, Hkv, 3, 2 * (2 * r + 1))
-    for b in range(B):
-        for h in range(Hkv):
-            for t in range(3):
-                want = set()
-                for i in ids[b, h, t].tolist():
-                    if i < 0:
-                        continue
-                    want |= {j for j in range(i - r, i + r + 1)
-                             if 0 <= j < 10 and pos[b, j] - pos[b, i] == j - i}
-                got = [j for j in out[b, h, t].tolist() if j >= 0]
-                assert sorted(got) == sorted(want) and len(got) == len(set(got))
-                for k, j in enumerate(out[b, h, t].tolist()):
-                    if j >= 0:
-                        torch.testing.assert_close(scores[b, h, t, k], q[b, h, t] @ mem.keys[b, h, j])
-                    else:
-                        assert scores[b, h, t, k] == float("-inf")
-    assert set(out[0, 0, 0].tolist()) - {-1} == {3, 4, 5, 6, 7, 8}
-
-
-def test_neighbors_read_more_rows_and_zero_changes_nothing():
-    """neighbors=0 is the plain top-k path; neighbors=1 reads each retrieved row's neighbours too
-    (more distinct rows per query) and changes the output."""
-    outs, counts = {}, {}
-    for r in (0, 1):
-        model, _ = make(top_k=2, neighbors=r, read_during_ingest=True)
-        model.runtime.record = True
-        model.memorize(ids(64), show_progress=False)
-        model.runtime.record = False
-        rows, _ = model.runtime.retrieved[0][-1]
-        counts[r] = int((rows >= 0).sum(-1).float().mean())
-        with torch.no_grad():
-            outs[r] = model(ids(8, seed=9)).logits
-    base, _ = make(top_k=2, read_during_ingest=True)
-    base.memorize(ids(64), show_progress=False)
+    k_proj = {}
+    hooks = [oracle.model.layers[i].self_attn.k_proj.register_forward_hook(
+        lambda m, a, out, i=i: k_proj.update({i: out})) for i in (0, 1)]
     with torch.no_grad():
-        torch.testing.assert_close(base(ids(8, seed=9)).logits, outs[0])
-    assert counts[1] > counts[0] == 2
-    assert (outs[1] - outs[0]).abs().max() > 1e-5
+        oracle(x[:, :4 + n])
+    for h in hooks:
+        h.remove()
+    cos, sin = oracle.model.rotary_emb(k_proj[0], torch.arange(4 + n)[None])
+    for i in (0, 1):
+        k = k_proj[i].view(1, 4 + n, 2, 16).transpose(1, 2)             # [1, Hkv, 4 + n, D] un-rotated
+        want = apply_rotary_pos_emb(k, k, cos, sin)[1][:, :, 4:]
+        torch.testing.assert_close(model.memories[i].keys[:, :, :n], want, atol=1e-5, rtol=1e-5)
+    assert model.memories[0].slots[0, :n].tolist() == list(range(4, 4 + n))
+    assert model.memories[0].positions[0, :n].tolist() == list(range(4, 4 + n))
 
 
-def test_set_neighbors_is_a_read_time_setting():
-    """set_neighbors changes how memory is read (validated), not what is stored: the QA memory cache
-    key stays the same."""
-    from types import SimpleNamespace
-    from memformer.qa.documents import Document
-    from memformer.qa.longdoc import memory_key
-    model, _ = make()
-    corpus = SimpleNamespace(documents=[Document("notes", "a fact worth keeping")])   # all memory_key reads
-    key = memory_key(corpus, model)
-    model.set_neighbors(2)
-    assert model.runtime.neighbors == 2 and model.memory_config.neighbors == 2
-    assert memory_key(corpus, model) == key
-    with pytest.raises(ValueError, match="neighbors"):
-        model.set_neighbors(-1)
-    assert model.runtime.neighbors == 2
-    model.set_neighbors(0)
-    model.set_read_blocks(3, block_size=16)                  # block reads: also read-time only
-    assert (model.runtime.read_blocks, model.runtime.block_size) == (3, 16)
-    assert memory_key(corpus, model) == key
-    with pytest.raises(ValueError, match="set one"):
-        model.set_neighbors(1)
+def test_memorize_read_reads_earlier_windows_while_writing():
+    """memorize(read=True) runs kNN reads of the earlier windows in every window it writes (the
+    perplexity evaluation); by default memorize only writes, as a plain windowed forward."""
+    x = ids(64)
+    models = {}
+    for read in (False, True):
+        model, _ = make(top_k=8)
+        model.runtime.record = True
+        model.memorize(x, read=read, show_progress=False)
+        model.runtime.record = False
+        models[read] = model
+    windows = len(range(4, 64, 16 - 4 - 3))
+    assert models[False].runtime.retrieved == {}                       # writing only
+    assert {i: len(c) for i, c in models[True].runtime.retrieved.items()} == {0: windows - 1, 1: windows - 1}
+    assert models[True].memory_size() == models[False].memory_size() == 60    # everything written either way
+    plain, read = models[False].memories, models[True].memories
+    # layer 0's keys come from the embeddings; layer 1's from hidden states that read memory in layer 0
+    torch.testing.assert_close(read[0].keys, plain[0].keys)
+    n = 16 - 4 - 3                                                     # the first window found memory empty
+    torch.testing.assert_close(read[1].keys[:, :, :n], plain[1].keys[:, :, :n])
+    assert (read[1].keys[:, :, n:] - plain[1].keys[:, :, n:]).abs().max() > 1e-4
+
+
+def test_first_memorize_shorter_than_the_sink_is_all_sink():
+    """A first text shorter than sink_tokens becomes the (short) sink: nothing is written, no
+    error, and generation works (with no memory rows it is the backbone after that sink)."""
+    model, oracle = make(sink_tokens=4)
+    first = ids(2, seed=3)
+    assert model.memorize(first, show_progress=False) == 2
+    assert model.memory_size() == 0 and model.seen == [2] and torch.equal(model.sink_ids, first)
+    x = ids(5, seed=6)
+    out = model.generate(x, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9) and torch.equal(out[:, :5], x)
+    want = oracle.generate(torch.cat([first, x], 1), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[:, 5:], want[:, 7:])
+    model.memorize(ids(20, seed=7), show_progress=False)               # later calls write everything
+    assert model.memory_size() == 20 and model.memories[0].positions[0].tolist() == list(range(2, 22))
+    assert model.generate(x, max_new_tokens=2, do_sample=False).shape == (1, 7)
 
 
 def test_cli_memory_arguments_reach_the_memory_config():
@@ -401,7 +480,15 @@ def test_cli_memory_arguments_reach_the_memory_config():
     from memformer.cli.common import add_model_args, memory_config_from_args
     p = argparse.ArgumentParser()
     add_model_args(p)
-    cfg = memory_config_from_args(p.parse_args(["--blocks", "4", "--block-size", "32", "--top-k", "8"]))
-    assert (cfg.read_blocks, cfg.block_size, cfg.top_k, cfg.neighbors) == (4, 32, 8, 0)
-    cfg = memory_config_from_args(p.parse_args(["--neighbors", "2"]))
-    assert (cfg.read_blocks, cfg.block_size, cfg.neighbors) == (0, 64, 2)
+    assert memory_config_from_args(p.parse_args([])) == MemoryConfig()
+    cfg = memory_config_from_args(p.parse_args(["--question-blocks", "6", "--block-size", "32", "--top-k", "8",
+                                                "--knn-layers", "10..12", "--storage-dir", "/tmp/rows",
+                                                "--sink-tokens", "2", "--memory-dtype", "int8"]))
+    assert (cfg.question_blocks, cfg.block_size, cfg.top_k, cfg.knn_layers) == (6, 32, 8, [10, 11, 12])
+    assert (cfg.sink_tokens, cfg.memory_dtype, cfg.index_params) == (2, "int8", {"storage_dir": "/tmp/rows"})
+    base = MemoryConfig(window=16, overlap=3, top_k=4, question_blocks=2)               # an adapter's config: flags override it
+    cfg = memory_config_from_args(p.parse_args(["--top-k", "8"]), base)
+    assert (cfg.window, cfg.top_k, cfg.question_blocks) == (16, 8, 2)
+    for removed in (["--neighbors", "2"], ["--blocks", "4"], ["--position-mode", "first"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(removed)

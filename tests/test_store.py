@@ -130,7 +130,7 @@ def test_score_eviction_without_reads_is_fifo():
 
 def test_int8_model_generates_close_to_float_and_score_eviction_tracks_reads():
     cfgs = {name: MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, memory_dtype=dt, capacity=cap,
-                               eviction=ev, lora_rank=0)
+                               eviction=ev)
             for name, dt, cap, ev in [("f32", "float32", None, "fifo"), ("i8", "int8", None, "fifo"),
                                       ("h2o", "float32", 200, "score")]}
     backbone = tiny_backbone()
@@ -153,7 +153,7 @@ def test_int8_model_generates_close_to_float_and_score_eviction_tracks_reads():
 
 
 def test_int8_memory_save_load_identical(tmp_path):
-    cfg = MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, memory_dtype="int8", lora_rank=0)
+    cfg = MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, memory_dtype="int8")
     model = MemformerForCausalLM(tiny_backbone(), None, cfg)
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(1))
     model.memorize(ids, show_progress=False)
@@ -188,12 +188,14 @@ def test_model_with_memory_mapped_storage_equals_ram(tmp_path):
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
     logits = []
     for storage in (None, str(tmp_path)):
-        cfg = MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, lora_rank=0, storage_dir=storage)
+        params = {} if storage is None else {"storage_dir": storage}    # memory-mapped rows
+        cfg = MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, index_params=params)
         model = MemformerForCausalLM(backbone, None, cfg)
         model.memorize(ids[:, :180], show_progress=False)
+        assert model.memories[0].store.values.mmap_dir == storage          # index_params reached the store
         logits.append(model(ids[:, 180:]).logits)
         for layer in backbone.model.layers:
             layer.self_attn = layer.self_attn.attn
     assert torch.equal(logits[0], logits[1])
     with pytest.raises(ValueError, match="storage_dir"):
-        MemoryConfig(storage_dir=str(tmp_path), index="faiss-ivf")
+        MemoryConfig(index_params={"storage_dir": str(tmp_path)}, index="faiss-ivf")

@@ -8,9 +8,10 @@ import torch
 
 from conftest import tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
+from memformer.config import AdapterConfig
 from memformer.cli.main import build_parser
 from memformer.training import CrossbatchRecipe, DenseMemory, TrainConfig, negative_groups, run_episode
-from memformer.training.config import ConfigError, Schedule, apply_overrides
+from memformer.training.config import ConfigError, Schedule, apply_overrides, parse_yaml
 from memformer.training import sharding
 from memformer.training.crossbatch import scored_counts
 from memformer.training.data import (BatchStream, Sample, SampleStream, collate, held_out, kv_sample,
@@ -35,8 +36,11 @@ class ByteTokenizer:
 
 
 def tiny_model(**cfg):
-    mc = MemoryConfig(**{"window": 32, "top_k": 8, "overlap": 4, "sink_tokens": 2, "lora_rank": 4, **cfg})
-    return MemformerForCausalLM(tiny_backbone(vocab_size=260), ByteTokenizer(), mc)
+    """A tiny memory model with LoRA (rank 4) on its memory layers, as the recipe builds it."""
+    mc = MemoryConfig(**{"window": 32, "top_k": 8, "overlap": 4, "sink_tokens": 2, **cfg})
+    model = MemformerForCausalLM(tiny_backbone(vocab_size=260), ByteTokenizer(), mc)
+    model.add_lora(AdapterConfig(lora_rank=4))
+    return model
 
 
 def random_batch(B=3, L=100, doc_ids=None, seed=0):
@@ -61,7 +65,8 @@ def write_corpus(folder: Path, n_docs=24, chars=700) -> Path:
 
 def tiny_config(tmp_path, **over) -> TrainConfig:
     raw = {"output_dir": str(tmp_path / "run"), "seed": 0,
-           "memory": {"window": 32, "top_k": 8, "overlap": 4, "sink_tokens": 2, "lora_rank": 4},
+           "memory": {"window": 32, "top_k": 8, "overlap": 4, "sink_tokens": 2},
+           "adapter": {"lora_rank": 4},
            "data": {"sources": [{"type": "jsonl", "path": str(write_corpus(tmp_path))}], "seq_len": 128,
                     "min_doc_tokens": 64, "eval_fraction": 0.25, "shuffle_buffer": 4, "synthetic_rate": 0.2,
                     "synthetic_tasks": ["kv"]},
@@ -243,6 +248,8 @@ def test_default_corpus_is_real_long_documents_offline():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_yaml_config_validates_and_shows_its_command(path):
     cfg = TrainConfig.load(path)
+    raw = parse_yaml(path.read_text())            # LoRA settings live in the adapter: section
+    assert "lora_rank" not in raw["memory"] and cfg.adapter == AdapterConfig(**raw["adapter"])
     assert f"memformer train --config training/configs/{path.name}" in path.read_text().split("\n\n")[0]
     assert max(cfg.d_schedule().values()) <= cfg.crossbatch.batch_size
 
@@ -263,6 +270,9 @@ def test_configs_include_cpu_smoke_and_gpu_d_schedule_to_64():
     ("optim.scheduler=step", "not in"), ("data.sources=[{type: csv}]", "type 'csv'"),
     ("eval.passkey_lengths=[4q]", "not a length"), ("bogus=1", "unknown top-level"),
     ("optim.lr=fast", "optim.lr must be float"), ("train.gradient_checkpointing=3", "must be bool"),
+    ("adapter.rank=4", r"adapter: AdapterConfig: unknown fields \['rank'\]"),
+    ("adapter.lora_rank=-1", "adapter: AdapterConfig: lora_rank must be >= 0"),
+    ("memory.lora_rank=4", r"memory: MemoryConfig: unknown fields \['lora_rank'\]"),
 ])
 def test_bad_configs_are_clear_errors(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -307,10 +317,15 @@ def test_training_lowers_loss_and_keeps_the_backbone_bit_identical(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 5000         # the run's curves
     # the saved adapter is what from_pretrained(backbone, memory_config, adapter=) loads
+    # (LoRA included: the recipe added it from cfg.adapter, and the adapter folder says so)
+    assert r.model.adapter_config == cfg.adapter and any(".lora_A." in n for n in before)
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["lora_rank"] == 4
     fresh = MemformerForCausalLM.from_pretrained(tiny_backbone(vocab_size=260), cfg.memory,
                                                  adapter=tmp_path / "run" / "adapter", tokenizer=ByteTokenizer())
     want = r.model.trainable_state_dict()
-    assert all(torch.equal(t, want[n]) for n, t in fresh.trainable_state_dict().items())
+    got = fresh.trainable_state_dict()
+    assert fresh.adapter_config == cfg.adapter and got.keys() == want.keys()
+    assert all(torch.equal(t, want[n]) for n, t in got.items())
 
 
 class Killed(Exception):
@@ -387,10 +402,10 @@ def test_evaluation_hook_reports_memory_and_passkey(tmp_path):
     r.cleanup()
 
 
-@pytest.mark.parametrize("read_during_ingest", [False, True])
-def test_evaluation_episode_equals_the_inference_path(read_during_ingest):
-    """d = 1, w = all, inference top-k: each window's loss is what memorize + forward give."""
-    model = tiny_model(top_k=4, read_during_ingest=read_during_ingest)
+def test_evaluation_episode_equals_the_inference_path():
+    """d = 1, w = all, inference top-k: each window's loss is what memorize + forward give (the
+    episode writes from a forward without memory, as memorize does)."""
+    model = tiny_model(top_k=4)
     batch = random_batch(B=1, L=100)
     with torch.no_grad():
         res = run_episode(model, batch, d=1, w=None, top_k=4, generator=random.Random(0))
