@@ -74,7 +74,7 @@ def main() -> None:
         end = start + len(f.sentence)
         ans = model.ask(cue=f.cue, max_new_tokens=8, record=True)
         mass = retrieval_mass(model, len(ctx.corpus))
-        model.runtime.retrieved.clear()
+        model.clear_recorded_reads()
         row = {"fact": f.sentence, "depth": round(f.depth, 2), "answer": ans, "correct": f.answer in ans,
                "memory_share": round(mass.memory_share, 4)}
         for name, m in (("lift", mass.lift), ("answer", mass.answer)):

@@ -126,28 +126,24 @@ def attach_corpus(model, path) -> list[CorpusDocument]:
     """Attach the corpus memory at `path` read-only to every memory layer of `model` (replacing an
     attached one). It must come from the same backbone and memory config; the model's own memory
     is untouched."""
-    from memformer.index import LayerMemory
     path = Path(path)
     docs = read_corpus_table(path)
     manifest, tensors = persistence.read_memory(model, path)
     if int(manifest["batch"]) != 1:
         raise persistence.MemoryFileError(f"{path}: a corpus memory holds one stream, this one {manifest['batch']}")
-    cfg = model.memory_config
-    params = {k: v for k, v in cfg.index_params.items() if k != "storage_dir"}
-    layers = {i: LayerMemory(1, int(manifest["kv_heads"]), int(manifest["head_dim"]), dtype=model._memory_dtype(),
-                             device=model.device, index=cfg.index, index_params=params)
-              for i in model.memory_layer_ids}
+    layers = {i: model.new_layer_memory(1, bounded=False) for i in model.memory_layer_ids}   # no capacity
     persistence.fill_layer_memories(layers, tensors, path / "memory.safetensors")
-    model.runtime.corpus.clear()
-    model.runtime.corpus.update(layers)
+    for i, m in model.memory_modules.items():
+        m.corpus = layers[i]
     model.corpus_documents = docs
     model.corpus_sink_ids = tensors.get("sink_ids")
     return docs
 
 
 def detach_corpus(model) -> None:
-    model.runtime.corpus.clear()
-    model.runtime.retrieved_corpus.clear()
+    for m in model.memory_modules.values():
+        m.corpus = None
+        m.corpus_reads.clear()
     model.corpus_documents, model.corpus_sink_ids = [], None
 
 
@@ -155,8 +151,8 @@ def corpus_mass(model) -> dict[int, float]:
     """Attention mass per corpus token position, summed over layers, heads and generated steps of
     the last generation run with record=True."""
     pos_all, w_all = [], []
-    for layer, records in model.runtime.retrieved_corpus.items():
-        positions = model.runtime.corpus[layer].positions[0]                       # [M]
+    for layer, records in model.recorded_reads(corpus=True).items():
+        positions = model.memory_modules[layer].corpus.positions[0]                # [M]
         for ids, probs in records:
             ok = ids >= 0
             pos_all.append(positions.to(ids.device)[ids.clamp(min=0)][ok].cpu())

@@ -21,17 +21,14 @@ from memformer.kernels import knn_attention
 
 @dataclass
 class MemoryRuntime:
-    """Read/write mode shared by the model and all its memory layers for one forward pass.
+    """The read/write mode shared by the model and all its memory layers for one pass; what each
+    layer holds (its memory, its pending keys, what it read) lives on the layer itself.
 
     enabled: False turns every memory layer into the plain backbone attention (wins over read/write).
-    read: memory layers read memory. write: they hand (k, v) of this pass to `pending`.
-    record: keep the attention mass each memory row received (for evidence spans).
-    memories: layer index -> LayerMemory (empty until something is memorized).
-    corpus: layer index -> LayerMemory of an attached read-only corpus memory (batch 1, shared by
-        every sequence); kNN reads take the top-k of both memories together.
-    retrieved / retrieved_corpus: with `record`, per layer a list of (ids, probs) [B, Hq, T, K]
-        for the own memory / the corpus (slots from the other source are -1).
-    knn_layers: the layer indices that run kNN reads when no blocks are pinned.
+    read: memory layers read memory. write: they keep (k, v) of this pass in `pending`.
+    record: each layer keeps the attention mass its memory rows received (evidence spans).
+    top_k: keys retrieved per query head by kNN reads.
+    block_size: tokens per memory block (question reads).
     pinned_blocks: None, or block ids [B, n] every memory layer reads (`reading_blocks`).
     q_rotation: (cos, sin) of the window distance W: kNN reads move the query W further, so every
         memory window looks like the window just before the current one.
@@ -45,13 +42,7 @@ class MemoryRuntime:
     record: bool = False
     top_k: int = 32
     block_size: int = 64
-    knn_layers: frozenset = frozenset()
     pinned_blocks: torch.Tensor | None = None
-    memories: dict = field(default_factory=dict)
-    corpus: dict = field(default_factory=dict)
-    pending: dict = field(default_factory=dict)
-    retrieved: dict = field(default_factory=dict)
-    retrieved_corpus: dict = field(default_factory=dict)
     q_rotation: tuple | None = None
     row_rotation: tuple | None = None
     slot_rotation: tuple | None = None
@@ -59,10 +50,16 @@ class MemoryRuntime:
 
 
 class MemoryAttention(nn.Module):
-    """A backbone attention module with kNN memory. Drop-in: same forward signature and outputs."""
+    """A backbone attention module with kNN memory. Drop-in: same forward signature and outputs.
+
+    Per layer: `memory` (this layer's LayerMemory, None until something is memorized), `corpus`
+    (an attached read-only corpus memory, batch 1, shared by every sequence), `knn` (whether this
+    layer runs kNN reads when no blocks are pinned), `pending` ((k, v) of the last writing pass,
+    which the model appends to `memory`), and with `runtime.record` the reads it made:
+    `reads` / `corpus_reads`, a list of (row ids, probs) [B, Hq or 1, T, K] per forward call."""
 
     def __init__(self, attn: nn.Module, layer_idx: int, rotary_fn, eager_fn, runtime: MemoryRuntime,
-                 gate_init: float = 0.0):
+                 knn: bool = True, gate_init: float = 0.0):
         super().__init__()
         self.attn = attn
         self.eager_fn = eager_fn
@@ -76,6 +73,12 @@ class MemoryAttention(nn.Module):
         # Per-query-head additive logit bias on memory keys: the memory gate. 0 = memory and
         # local keys compete in one plain softmax (what works training-free).
         self.memory_gate = nn.Parameter(torch.full((self.num_heads,), float(gate_init)))
+        self.knn = knn
+        self.memory = None
+        self.corpus = None
+        self.pending = None
+        self.reads: list = []
+        self.corpus_reads: list = []
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                 past_key_values=None, cache=None, **kwargs):
@@ -92,16 +95,16 @@ class MemoryAttention(nn.Module):
 
         if rt.write and rt.enabled:
             # rotated at their window position: memory keeps the order of its tokens
-            rt.pending[self.layer_idx] = (k_rot[:, :, rt.write_slice].detach(), v[:, :, rt.write_slice].detach())
+            self.pending = (k_rot[:, :, rt.write_slice].detach(), v[:, :, rt.write_slice].detach())
         if past_key_values is not None:
             k_all, v_all = past_key_values.update(k_rot, v, self.layer_idx)
         else:
             k_all, v_all = k_rot, v
 
         pinned = rt.pinned_blocks is not None
-        reading = rt.read and rt.enabled and (pinned or self.layer_idx in rt.knn_layers)
-        mem = rt.memories.get(self.layer_idx) if reading else None
-        corpus = rt.corpus.get(self.layer_idx) if reading and not pinned else None
+        reading = rt.read and rt.enabled and (pinned or self.knn)
+        mem = self.memory if reading else None
+        corpus = self.corpus if reading and not pinned else None
         mem = mem if mem is not None and len(mem) > 0 else None
         corpus = corpus if corpus is not None and len(corpus) > 0 else None
         if mem is None and corpus is None:
@@ -120,7 +123,7 @@ class MemoryAttention(nn.Module):
                                                mem_bias=self.memory_gate,
                                                with_probs=rt.record or track)  # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
-                rt.retrieved.setdefault(self.layer_idx, []).append((rows, probs))
+                self.reads.append((rows, probs))
             if track:
                 mem.record_attention(rows, probs)
             return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D)), None
@@ -145,9 +148,9 @@ class MemoryAttention(nn.Module):
         if rt.record:  # attention mass of each retrieved row (evidence; tests)
             probs = res[2].detach()
             if own_ids is not None:
-                rt.retrieved.setdefault(self.layer_idx, []).append((own_ids, probs))
+                self.reads.append((own_ids, probs))
             if corpus_ids is not None:
-                rt.retrieved_corpus.setdefault(self.layer_idx, []).append((corpus_ids, probs))
+                self.corpus_reads.append((corpus_ids, probs))
         if track:
             mem.record_attention(own_ids, res[2].detach())
         out = out.transpose(1, 2).reshape(B, T, Hq * D)                        # [B, T, Hq*D]

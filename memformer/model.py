@@ -50,12 +50,15 @@ class MemformerForCausalLM(nn.Module):
         backbone.requires_grad_(False)
         backbone.eval()
         knn = cfg.resolve_knn_layers(len(layers))           # clear ValueError when out of range
-        self.runtime = MemoryRuntime(top_k=cfg.top_k, block_size=cfg.block_size, knn_layers=frozenset(knn))
+        self.runtime = MemoryRuntime(top_k=cfg.top_k, block_size=cfg.block_size)
         rotary, eager = self.adapter.apply_rotary(), self.adapter.eager_attention()
+        # {layer index: MemoryAttention}; a plain dict, so the wrappers are registered once (in the backbone)
+        self.memory_modules: dict[int, MemoryAttention] = {}
         for i in self.memory_layer_ids:
             attn_attr = self.adapter.attn_attr
-            setattr(layers[i], attn_attr, MemoryAttention(getattr(layers[i], attn_attr), i, rotary, eager,
-                                                          self.runtime))
+            self.memory_modules[i] = MemoryAttention(getattr(layers[i], attn_attr), i, rotary, eager,
+                                                     self.runtime, knn=i in knn)
+            setattr(layers[i], attn_attr, self.memory_modules[i])
         self.adapter_config: AdapterConfig | None = None    # LoRA on the memory layers: add_lora()
         self._set_trainable()
         self.runtime.q_rotation = self._rotation_at(cfg.window)
@@ -141,18 +144,41 @@ class MemformerForCausalLM(nn.Module):
     # ---------------------------------------------------------------- memory state
     @property
     def memories(self) -> dict[int, LayerMemory]:
-        return self.runtime.memories
+        """{layer index: LayerMemory} of the memory layers that hold a memory (a view: the memories
+        live on the layers, `memory_modules[i].memory`)."""
+        return {i: m.memory for i, m in self.memory_modules.items() if m.memory is not None}
+
+    @property
+    def knn_layer_ids(self) -> list[int]:
+        """The memory layers that run kNN reads when no blocks are pinned."""
+        return [i for i, m in self.memory_modules.items() if m.knn]
+
+    @property
+    def corpus_attached(self) -> bool:
+        return any(m.corpus is not None for m in self.memory_modules.values())
 
     def memory_size(self) -> int:
         """Tokens currently held per sequence (rows in each layer's memory)."""
-        return len(next(iter(self.memories.values()))) if self.memories else 0
+        mems = self.memories
+        return len(next(iter(mems.values()))) if mems else 0
+
+    def recorded_reads(self, corpus: bool = False) -> dict[int, list]:
+        """What each memory layer read while `record` was on (`generate(..., record=True)`, `ask`):
+        {layer: [(row ids, probs) [B, Hq or 1, T, K] per forward call]}, of its own memory or of
+        the attached corpus (slots from the other source are -1)."""
+        return {i: (m.corpus_reads if corpus else m.reads) for i, m in self.memory_modules.items()
+                if (m.corpus_reads if corpus else m.reads)}
+
+    def clear_recorded_reads(self) -> None:
+        for m in self.memory_modules.values():
+            m.reads.clear()
+            m.corpus_reads.clear()
 
     def reset_memory(self) -> None:
         """Forget everything memorized (all sequences)."""
-        self.runtime.memories.clear()
-        self.runtime.pending.clear()
-        self.runtime.retrieved.clear()
-        self.runtime.retrieved_corpus.clear()
+        for m in self.memory_modules.values():
+            m.memory = m.pending = None
+        self.clear_recorded_reads()
         self.seen, self.sink_ids, self.tail_ids = [], None, None
         self.stream, self.doc_starts, self._passages = [], [], None
 
@@ -172,26 +198,29 @@ class MemformerForCausalLM(nn.Module):
         from memformer.corpus import corpus_evidence
         return corpus_evidence(self, top)
 
-    def _memory_dtype(self) -> torch.dtype:
-        name = self.memory_config.memory_dtype
-        return next(self.backbone.parameters()).dtype if name == "auto" else _DTYPES[name]
+    def new_layer_memory(self, batch: int, *, bounded: bool = True) -> LayerMemory:
+        """An empty LayerMemory [batch, Hkv, 0, D] as this model's MemoryConfig asks (dtype, index,
+        storage; with `bounded`, its capacity and eviction: a read-only corpus has none)."""
+        cfg, bcfg = self.memory_config, self.backbone.config
+        head_dim = getattr(bcfg, "head_dim", None) or bcfg.hidden_size // bcfg.num_attention_heads
+        params = dict(cfg.index_params)
+        storage = params.pop("storage_dir", None)
+        dtype = next(self.backbone.parameters()).dtype if cfg.memory_dtype == "auto" else _DTYPES[cfg.memory_dtype]
+        return LayerMemory(batch, bcfg.num_key_value_heads, head_dim, dtype=dtype, device=self.device,
+                           index=cfg.index, index_params=params, mmap_dir=storage if bounded else None,
+                           capacity=cfg.capacity if bounded else None, eviction=cfg.eviction if bounded else "fifo")
 
-    def _ensure_memory(self, batch: int) -> None:
+    def ensure_memory(self, batch: int) -> None:
+        """Give every memory layer an empty memory for `batch` sequences, unless it has one (then
+        the batch must match: ValueError)."""
         if self.memories:
             have = next(iter(self.memories.values())).batch
             if have != batch:
                 raise ValueError(f"memory holds {have} sequence(s) but the input has {batch}; "
                                  f"call reset_memory() first or pass a batch of {have}")
             return
-        cfg, bcfg = self.memory_config, self.backbone.config
-        head_dim = getattr(bcfg, "head_dim", None) or bcfg.hidden_size // bcfg.num_attention_heads
-        params = dict(cfg.index_params)
-        storage = params.pop("storage_dir", None)
-        for i in self.memory_layer_ids:
-            self.runtime.memories[i] = LayerMemory(
-                batch, bcfg.num_key_value_heads, head_dim, dtype=self._memory_dtype(), device=self.device,
-                index=cfg.index, index_params=params, capacity=cfg.capacity, eviction=cfg.eviction,
-                mmap_dir=storage)
+        for m in self.memory_modules.values():
+            m.memory = self.new_layer_memory(batch)
         self.seen = [0] * batch
         self.stream, self.doc_starts = [[] for _ in range(batch)], [[] for _ in range(batch)]
 
@@ -205,7 +234,8 @@ class MemformerForCausalLM(nn.Module):
             yield rt
         finally:
             rt.read, rt.write, rt.record = old
-            rt.pending.clear()
+            for m in self.memory_modules.values():
+                m.pending = None
 
     @contextlib.contextmanager
     def memory_disabled(self):
@@ -262,7 +292,7 @@ class MemformerForCausalLM(nn.Module):
         """
         ids, lengths = self._as_batch(inputs)                   # [B, L]
         B, L = ids.shape
-        self._ensure_memory(B)
+        self.ensure_memory(B)
         cfg = self.memory_config
         S = cfg.sink_tokens
         for mem in self.memories.values():                      # refuse before writing anything
@@ -323,8 +353,10 @@ class MemformerForCausalLM(nn.Module):
                        position_ids=torch.arange(x.shape[1], device=dev)[None].expand(x.shape[0], -1),
                        use_cache=False)
             slots = torch.arange(p, x.shape[1]).expand(x.shape[0], -1)         # [B, n] place in the window
-            for i, (k, v) in rt.pending.items():
-                mem = self.memories[i]
+            for m in self.memory_modules.values():
+                if m.pending is None:
+                    continue
+                (k, v), mem = m.pending, m.memory
                 dt = torch.float32 if mem.keys.dtype == torch.int8 else mem.keys.dtype  # int8: quantised in add
                 mem.add(k.to(dt), v.to(dt), positions.to(mem.keys.device), valid.to(mem.keys.device),
                         slots.to(mem.keys.device))
@@ -335,7 +367,7 @@ class MemformerForCausalLM(nn.Module):
 
         input_ids [B, T] are one local window (positions 0..T-1); memory is not written."""
         if self.memories and input_ids is not None:
-            self._ensure_memory(input_ids.shape[0])
+            self.ensure_memory(input_ids.shape[0])
         with self._mode(read=True, write=False):
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -362,7 +394,7 @@ class MemformerForCausalLM(nn.Module):
             x = input_ids[:, T - local:]
             mask = None if mask is None else mask[:, T - local:]
         if self.memories:
-            self._ensure_memory(B)
+            self.ensure_memory(B)
         # the sink prefix every memory window was read with (the corpus's when only it is there)
         sink = self.sink_ids if self.sink_ids is not None else self.corpus_sink_ids
         if S > 0 and sink is not None and sink.shape[0] in (1, B):
@@ -374,8 +406,7 @@ class MemformerForCausalLM(nn.Module):
         kw = dict(generate_kwargs)
         kw.setdefault("pad_token_id", self._pad_id())
         if record:  # evidence is about this generation only
-            self.runtime.retrieved.clear()
-            self.runtime.retrieved_corpus.clear()
+            self.clear_recorded_reads()
         with self._mode(read=True, write=False, record=record or None):
             out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)
         seq = out if torch.is_tensor(out) else out.sequences                  # return_dict_in_generate
@@ -426,7 +457,7 @@ class MemformerForCausalLM(nn.Module):
         """Context manager: every memory layer reads the blocks `blocks_for(query)` chooses. With
         nothing memorized, or with a corpus memory attached (whose top-k merges with the own
         memory's), it changes nothing: generation then uses kNN reads."""
-        if not self.memories or self.memory_size() == 0 or self.runtime.corpus:
+        if not self.memories or self.memory_size() == 0 or self.corpus_attached:
             return contextlib.nullcontext()
         return self.reading_blocks(self.blocks_for(query))
 
@@ -442,16 +473,68 @@ class MemformerForCausalLM(nn.Module):
 
     @property
     def passages(self):
-        """`memformer.passages.PassageIndex` over the memorized text (sequence 0), embedded on first use."""
+        """`memformer.passages.PassageIndex` over the memorized text (sequence 0), embedded on first
+        use (or loaded with the memory, when it was embedded by an embedder of the same width)."""
         from memformer.passages import PassageIndex, default_embedder
+        if self.embedder is None:
+            self.embedder = default_embedder()
+        if self._passages is not None and self._passages.embedder is not self.embedder:
+            width = getattr(self.embedder, "get_sentence_embedding_dimension", lambda: None)()
+            fits = width is None or width == self._passages.embeddings.shape[1]
+            self._passages = PassageIndex(self._passages.ranges, self._passages.embeddings, self.embedder) \
+                if fits else None
         if self._passages is None:
             if not self.stream or not self.stream[0]:
                 raise ValueError("nothing is memorized")
-            if self.embedder is None:
-                self.embedder = default_embedder()
             self._passages = PassageIndex.from_stream(self.stream[0], self.doc_starts[0], self.tokenizer,
                                                       self.embedder)
         return self._passages
+
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """Everything a saved memory holds, as CPU tensors: per layer `layers.{i}.*` (keys, values,
+        positions, slots, ...), `seen` [B], `sink_ids` / `tail_ids`, the token `stream` [B, max
+        seen] (right-padded), `doc_starts` [B, max docs] (-1 padded), and once embedded the
+        passages of question reads, `passage_ranges` [C, 2] and `passage_embeddings` [C, E]."""
+        tensors = {f"layers.{i}.{k}": t.detach().cpu().contiguous()
+                   for i, mem in self.memories.items() for k, t in mem.state_dict().items()}
+        tensors["seen"] = torch.tensor(self.seen, dtype=torch.long)
+        for name in ("sink_ids", "tail_ids"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).cpu().contiguous()
+        B = len(self.stream)
+        stream = torch.zeros(B, max(self.seen), dtype=torch.long)
+        starts = torch.full((B, max(len(d) for d in self.doc_starts)), -1, dtype=torch.long)
+        for b in range(B):
+            stream[b, :len(self.stream[b])] = torch.tensor(self.stream[b], dtype=torch.long)
+            starts[b, :len(self.doc_starts[b])] = torch.tensor(self.doc_starts[b], dtype=torch.long)
+        tensors.update(stream=stream, doc_starts=starts)
+        if self._passages is not None:
+            tensors["passage_ranges"] = torch.tensor(self._passages.ranges, dtype=torch.long).view(-1, 2)
+            tensors["passage_embeddings"] = self._passages.embeddings.contiguous()
+        return tensors
+
+    def load_memory_state(self, tensors: dict, batch: int) -> None:
+        """Replace the memory by `memory_state()` tensors of a memory of `batch` sequences, all or
+        nothing: KeyError / ValueError / RuntimeError / IndexError leave the memory as it was."""
+        from memformer.passages import PassageIndex
+        new = {i: self.new_layer_memory(batch) for i in self.memory_modules}
+        for i, mem in new.items():
+            prefix = f"layers.{i}."
+            mem.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        seen = tensors["seen"].tolist()
+        stream = [tensors["stream"][b, :n].tolist() for b, n in enumerate(seen)]
+        starts = [[x for x in row if x >= 0] for row in tensors["doc_starts"].tolist()]
+        if len(seen) != batch or len(stream) != batch or len(starts) != batch:
+            raise ValueError(f"the saved stream holds {len(stream)} sequence(s), the memory {batch}")
+        passages = None
+        if "passage_embeddings" in tensors:       # the embedder is attached at the first search
+            passages = PassageIndex([tuple(r) for r in tensors["passage_ranges"].tolist()],
+                                    tensors["passage_embeddings"].float(), None)
+        for i, m in self.memory_modules.items():
+            m.memory, m.pending = new[i], None
+        self.clear_recorded_reads()
+        self.seen, self.stream, self.doc_starts, self._passages = seen, stream, starts, passages
+        self.sink_ids, self.tail_ids = tensors.get("sink_ids"), tensors.get("tail_ids")
 
     # ---------------------------------------------------------------- persistence
     def save_memory(self, path) -> Path:

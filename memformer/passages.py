@@ -72,7 +72,8 @@ def chunk_ranges(doc_ranges: list[tuple[int, int]], chunk_tokens: int = CHUNK_TO
 
 
 class PassageIndex:
-    """Passages (stream ranges) and their embeddings [C, E]; `search(query)` ranks them all."""
+    """Passages (stream ranges) and their embeddings [C, E]; `search(query)` ranks them all, the
+    query embedded by `embedder` (the one that embedded the passages, or one of the same kind)."""
 
     def __init__(self, ranges: list[tuple[int, int]], embeddings: torch.Tensor, embedder):
         if len(ranges) != embeddings.shape[0]:

@@ -55,15 +55,7 @@ def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
     into the same directory in the same rename (e.g. a corpus's document table)."""
     if not model.memories or model.memory_size() == 0:
         raise ValueError("save_memory: the memory is empty; memorize() something first")
-    tensors = {}
-    for i, mem in model.memories.items():
-        for key, t in mem.state_dict().items():
-            tensors[f"layers.{i}.{key}"] = t.detach().cpu().contiguous()
-    tensors["seen"] = torch.tensor(model.seen, dtype=torch.long)
-    for name in ("sink_ids", "tail_ids"):
-        if getattr(model, name) is not None:
-            tensors[name] = getattr(model, name).cpu().contiguous()
-    tensors.update(_stream_tensors(model))
+    tensors = model.memory_state()
     first = next(iter(model.memories.values()))
 
     def fill(tmp: Path):
@@ -79,39 +71,6 @@ def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
     return atomic_dir(path, fill)
-
-
-def _stream_tensors(model) -> dict:
-    """The memorized token stream [B, max seen] (right-padded), each sequence's document starts
-    [B, max docs] (-1 padded), and the passages of question reads when already embedded."""
-    B = len(model.stream)
-    n_docs = max(len(d) for d in model.doc_starts)
-    stream = torch.zeros(B, max(model.seen), dtype=torch.long)
-    starts = torch.full((B, n_docs), -1, dtype=torch.long)
-    for b in range(B):
-        stream[b, :len(model.stream[b])] = torch.tensor(model.stream[b], dtype=torch.long)
-        starts[b, :len(model.doc_starts[b])] = torch.tensor(model.doc_starts[b], dtype=torch.long)
-    out = {"stream": stream, "doc_starts": starts}
-    if model._passages is not None:
-        out["passage_ranges"] = torch.tensor(model._passages.ranges, dtype=torch.long).view(-1, 2)
-        out["passage_embeddings"] = model._passages.embeddings.contiguous()
-    return out
-
-
-def _restore_stream(model, tensors: dict) -> None:
-    from memformer.passages import PassageIndex
-    stream, starts = tensors["stream"], tensors["doc_starts"]
-    model.stream = [stream[b, :n].tolist() for b, n in enumerate(model.seen)]
-    model.doc_starts = [[s for s in row if s >= 0] for row in starts.tolist()]
-    model._passages = None
-    if "passage_embeddings" in tensors:
-        if model.embedder is None:
-            from memformer.passages import default_embedder
-            model.embedder = default_embedder()
-        emb = tensors["passage_embeddings"].float()
-        if emb.shape[1] == model.embedder.get_sentence_embedding_dimension():
-            ranges = [tuple(r) for r in tensors["passage_ranges"].tolist()]
-            model._passages = PassageIndex(ranges, emb, model.embedder)
 
 
 def read_manifest(path) -> dict:
@@ -162,24 +121,10 @@ def load_memory(model, path) -> None:
     """Replace the model's memory by the one at `path`; on any error the old memory is kept."""
     path = Path(path)
     manifest, tensors = read_memory(model, path)
-    file = path / "memory.safetensors"
-    old = (dict(model.runtime.memories), list(model.seen), model.sink_ids, model.tail_ids,
-           model.stream, model.doc_starts, model._passages)
-    model.runtime.memories.clear()
     try:
-        model._ensure_memory(int(manifest["batch"]))
-        fill_layer_memories(model.memories, tensors, file)
-        model.seen = tensors["seen"].tolist()
-        model.sink_ids, model.tail_ids = tensors.get("sink_ids"), tensors.get("tail_ids")
-        _restore_stream(model, tensors)
-    except (KeyError, ValueError, RuntimeError, IndexError) as e:
-        model.runtime.memories.clear()
-        model.runtime.memories.update(old[0])
-        model.seen, model.sink_ids, model.tail_ids = old[1], old[2], old[3]
-        model.stream, model.doc_starts, model._passages = old[4], old[5], old[6]
-        if isinstance(e, MemoryFileError):
-            raise
-        raise MemoryFileError(f"{file} does not fit this model's memory layers: {e}") from None
+        model.load_memory_state(tensors, int(manifest["batch"]))
+    except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as e:
+        raise MemoryFileError(f"{path / 'memory.safetensors'} does not fit this model's memory layers: {e}") from None
 
 
 def save_adapter(model, path, state: dict | None = None) -> Path:

@@ -305,7 +305,7 @@ def test_pinned_blocks_over_rotated_keys_are_laid_out_like_unrotated_ones():
     assert mem.slots[0, :3].tolist() == [2, 3, 4] and int(mem.slots.max()) == 23
     assert mem.slots[0, 18:21].tolist() == [6, 7, 8]               # window 2 after its 4 tokens of context
     twin = MemformerForCausalLM(twin_backbone, None, cfg)
-    twin._ensure_memory(1)
+    twin.ensure_memory(1)
     D = model.config.hidden_size // model.config.num_attention_heads
     rotary = model.backbone.model.rotary_emb
     for i, m in model.memories.items():
@@ -357,10 +357,10 @@ def test_question_read_records_only_the_pinned_blocks():
         out = model.generate(ids[:, 100:110], max_new_tokens=3, do_sample=False, record=True)
     assert out.shape == (1, 13)
     rt = model.runtime
-    assert sorted(rt.retrieved) == [0, 1] and rt.pinned_blocks is None
+    assert sorted(model.recorded_reads()) == [0, 1] and rt.pinned_blocks is None
     want = [r for r in range(model.memory_size()) if int(model.memories[0].positions[0, r]) // 8 in blocks]
     assert len(want) == 16
-    for i, calls in rt.retrieved.items():
+    for i, calls in model.recorded_reads().items():
         assert len(calls) == 3                                      # prefill + 2 decoding steps
         for rows, probs in calls:
             assert rows.shape[1] == 1 and rows.shape[-1] == 16 and probs.shape == rows.shape
@@ -451,8 +451,8 @@ def test_ask_reads_the_blocks_under_the_passage_holding_the_answer(where):
     assert rt.pinned_blocks is None and rt.row_rotation is None
     mem = model.memories[0]
     want = [r for r in range(model.memory_size()) if int(mem.positions[0, r]) // bs in blocks]
-    assert sorted(rt.retrieved) == [0, 1]                          # layer 0 runs no kNN reads
-    for calls in rt.retrieved.values():
+    assert sorted(model.recorded_reads()) == [0, 1]                # layer 0 runs no kNN reads
+    for calls in model.recorded_reads().values():
         for rows, _ in calls:
             assert rows.shape[-1] == len(blocks) * bs
             assert all(_read_rows(rows, 0, t) == want for t in range(rows.shape[2]))

@@ -106,7 +106,7 @@ def test_build_resume_attach_and_evidence(tmp_path, monkeypatch):
     with reader.memory_disabled():
         plain = reader(x).logits
     reader.attach_corpus(tmp_path / "full")
-    assert reader.memory_size() == 0 and len(reader.runtime.corpus) == 2
+    assert reader.memory_size() == 0 and len([m for m in reader.memory_modules.values() if m.corpus is not None]) == 2
     out = reader.generate(x, max_new_tokens=3, do_sample=False, record=True)
     assert out.shape[1] == x.shape[1] + 3
     ev = reader.corpus_evidence(top=5)
@@ -123,7 +123,7 @@ def test_corpus_from_another_config_or_corrupt_is_refused(tmp_path):
     other = _model(window=64)
     with pytest.raises(MemoryFileError, match="window"):
         other.attach_corpus(tmp_path / "mem")
-    assert not other.runtime.corpus
+    assert not other.corpus_attached
     table = tmp_path / "mem" / corpus.CORPUS_FILE
     table.write_text(table.read_text()[:-20])                    # truncated table
     with pytest.raises(MemoryFileError):
@@ -176,7 +176,7 @@ def test_ask_beside_a_corpus_memory_falls_back_to_knn_reads(tmp_path):
     cue = "Document 3. lorem"
     ans = reader.ask(cue=cue, max_new_tokens=3, record=True)             # no own memory at all
     assert pinned == [] and reader.memory_size() == 0
-    assert set(reader.runtime.retrieved_corpus) == {1}                   # kNN reads, layer 1 only
+    assert set(reader.recorded_reads(corpus=True)) == {1}                   # kNN reads, layer 1 only
     ev = reader.corpus_evidence(top=5)
     assert ev and {e["doc"] for e in ev} <= {"doc0.txt", "doc2.txt", "doc4.txt", "sub/doc1.txt", "sub/doc3.txt"}
     x = reader.prompt_ids(cue=cue)
@@ -186,8 +186,8 @@ def test_ask_beside_a_corpus_memory_falls_back_to_knn_reads(tmp_path):
     reader.memorize("The keeper's cat is called Marmalade. " * 4, show_progress=False)
     assert reader.memory_size() > 0
     reader.ask(cue="The cat is called", max_new_tokens=2, record=True)
-    assert pinned == [] and set(reader.runtime.retrieved) == set(reader.runtime.retrieved_corpus) == {1}
-    reader.runtime.retrieved.clear()
+    assert pinned == [] and set(reader.recorded_reads()) == set(reader.recorded_reads(corpus=True)) == {1}
+    reader.clear_recorded_reads()
     reader.detach_corpus()                                               # own memory alone: question reads
     reader.ask(cue="The cat is called", max_new_tokens=2, record=True)
-    assert len(pinned) == 1 and set(reader.runtime.retrieved) == {0, 1}
+    assert len(pinned) == 1 and set(reader.recorded_reads()) == {0, 1}

@@ -59,13 +59,13 @@ def test_cli_qa_end_to_end_and_bad_documents(tmp_path):
     filler = " ".join([passkey.FILLER] * 40)
     doc.write_text(f"{filler} The name of the lighthouse keeper's cat is Marmalade. {filler}")
     r = _cli("qa", "--doc", str(doc), "-q", "What is the name of the lighthouse keeper's cat?",
-             "--window", "256", "--cache-dir", str(tmp_path / "cache"), "--json")
+             "--window", "256", "--cache-dir", str(tmp_path / "cache"), "--json", "--compare")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout[r.stdout.index("["):])
-    assert {"question", "memory", "truncate", "evidence"} <= set(out[0]) and out[0]["memory"]
+    assert {"question", "memory", "truncate", "rag", "evidence"} <= set(out[0]) and out[0]["memory"]
     r2 = _cli("qa", "--doc", str(doc), "-q", "What is the name of the lighthouse keeper's cat?",
-              "--window", "256", "--cache-dir", str(tmp_path / "cache"), "--no-compare")
-    assert "loaded from cache" in r2.stdout
+              "--window", "256", "--cache-dir", str(tmp_path / "cache"))
+    assert "loaded from cache" in r2.stdout and "truncate:" not in r2.stdout
     empty, binary = tmp_path / "empty.txt", tmp_path / "blob.bin"
     empty.write_text("  \n")
     binary.write_bytes(b"\x00\x01\x02" * 100)

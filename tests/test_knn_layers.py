@@ -44,21 +44,21 @@ def test_default_knn_layers_are_the_upper_two_thirds_of_an_all_layer_memory(laye
     exactly those layers."""
     model = make(layers=layers)
     want = list(range(layers // 3, layers))
-    assert sorted(model.runtime.knn_layers) == want and model.memory_layer_ids == list(range(layers))
+    assert model.knn_layer_ids == want and model.memory_layer_ids == list(range(layers))
     assert model.memory_config.knn_layers is None           # the config keeps "default"
     model.memorize(ids(30), show_progress=False)
     model.generate(ids(5, seed=2), max_new_tokens=1, do_sample=False, record=True)
-    assert sorted(model.runtime.retrieved) == want
+    assert sorted(model.recorded_reads()) == want
 
 
 @pytest.mark.parametrize("memory_layers", [[0, 2], [1, 3], [3]])
 def test_default_knn_layers_of_explicit_memory_layers_are_all_of_them(memory_layers):
     model = make(memory_layers=memory_layers)
-    assert sorted(model.runtime.knn_layers) == memory_layers == model.memory_layer_ids
+    assert model.knn_layer_ids == memory_layers == model.memory_layer_ids
     model.memorize(ids(30), show_progress=False)
     assert sorted(model.memories) == memory_layers
     model.generate(ids(5, seed=2), max_new_tokens=1, do_sample=False, record=True)
-    assert sorted(model.runtime.retrieved) == memory_layers
+    assert sorted(model.recorded_reads()) == memory_layers
 
 
 def test_only_knn_layers_record_kNN_reads_but_every_layer_reads_pinned_blocks():
@@ -68,11 +68,11 @@ def test_only_knn_layers_record_kNN_reads_but_every_layer_reads_pinned_blocks():
     rt.record = True
     with torch.no_grad():
         model(ids(5, seed=2))
-    assert sorted(rt.retrieved) == [1, 3]
-    rt.retrieved.clear()
+    assert sorted(model.recorded_reads()) == [1, 3]
+    model.clear_recorded_reads()
     with torch.no_grad(), model.reading_blocks([1, 2]):
         model(ids(5, seed=2))
-    assert sorted(rt.retrieved) == [0, 1, 2, 3]
+    assert sorted(model.recorded_reads()) == [0, 1, 2, 3]
     rt.record = False
 
 
@@ -147,14 +147,14 @@ def test_load_model_passes_knn_layers_to_the_model_and_exits_2_when_bad(monkeypa
 
     monkeypatch.setattr(MemformerForCausalLM, "from_pretrained", classmethod(tiny))
     model = common.load_model(p.parse_args(["--knn-layers", "2..3"]))
-    assert seen[-1].knn_layers == [2, 3] and model.runtime.knn_layers == {2, 3}
+    assert seen[-1].knn_layers == [2, 3] and model.knn_layer_ids == [2, 3]
     model = common.load_model(p.parse_args([]))
-    assert seen[-1].knn_layers is None and model.runtime.knn_layers == {1, 2, 3}
+    assert seen[-1].knn_layers is None and model.knn_layer_ids == [1, 2, 3]
     model = common.load_model(p.parse_args(["--adapter", adapter, "--knn-layers", "2,3"]))
-    assert model.runtime.knn_layers == {2, 3} and seen[-1].memory_layers == [0, 2, 3]
+    assert model.knn_layer_ids == [2, 3] and seen[-1].memory_layers == [0, 2, 3]
     assert (seen[-1].top_k, seen[-1].window, seen[-1].overlap) == (5, 16, 3)     # the adapter's
     model = common.load_model(p.parse_args(["--adapter", adapter]))
-    assert model.runtime.knn_layers == {0, 2, 3}
+    assert model.knn_layer_ids == [0, 2, 3]
     for argv, msg in ((["--knn-layers", "9"], "knn_layers [9] are not memory layers"),
                       (["--memory-layers", "0,1", "--knn-layers", "2"], "knn_layers [2] are not memory layers"),
                       (["--adapter", adapter, "--knn-layers", "1"], "knn_layers [1] are not memory layers"),

@@ -109,8 +109,8 @@ def test_no_token_retrieves_itself_or_the_future(sinks):
     model.runtime.record = False
     step = 16 - sinks - model.memory_config.overlap
     starts = list(range(sinks, 64, step))                          # first token of each window
-    assert set(model.runtime.retrieved) == {0, 1}                  # both (kNN) layers read
-    for layer, calls in model.runtime.retrieved.items():
+    assert set(model.recorded_reads()) == {0, 1}                  # both (kNN) layers read
+    for layer, calls in model.recorded_reads().items():
         assert len(calls) == len(starts) - 1                       # the first window finds memory empty
         for w, (rows, probs) in enumerate(calls, start=1):
             held = w * step                                        # memory size when window w ran
@@ -164,7 +164,7 @@ def test_search_score_equals_attention_logit():
         model(ids(6, seed=7))
     model.runtime.record = False
     hook.remove()
-    rows, probs = model.runtime.retrieved[layer][0]                     # [1, Hq, T, K]
+    rows, probs = model.recorded_reads()[layer][0]                     # [1, Hq, T, K]
     # recompute, independently of the layer: q from the hidden states, rotated at its real local
     # position, then by one window W more (against keys rotated in their window)
     inner = attn.attn
@@ -447,8 +447,8 @@ def test_memorize_read_reads_earlier_windows_while_writing():
         model.runtime.record = False
         models[read] = model
     windows = len(range(4, 64, 16 - 4 - 3))
-    assert models[False].runtime.retrieved == {}                       # writing only
-    assert {i: len(c) for i, c in models[True].runtime.retrieved.items()} == {0: windows - 1, 1: windows - 1}
+    assert models[False].recorded_reads() == {}                       # writing only
+    assert {i: len(c) for i, c in models[True].recorded_reads().items()} == {0: windows - 1, 1: windows - 1}
     assert models[True].memory_size() == models[False].memory_size() == 60    # everything written either way
     plain, read = models[False].memories, models[True].memories
     # layer 0's keys come from the embeddings; layer 1's from hidden states that read memory in layer 0

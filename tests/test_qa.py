@@ -370,8 +370,8 @@ def test_retrieval_mass_sums_answer_and_prompt_queries():
     prefill_ids = torch.tensor([[[0, 1], [0, 1], [2, -1]], [[0, 1], [0, 1], [3, 2]]])[None]  # [1, 2, 3, 2]
     prefill_p = torch.tensor([[[.2, .2], [.2, .2], [.5, .9]], [[.2, .2], [.2, .2], [.1, .1]]])[None]
     decode_ids, decode_p = torch.tensor([[[[3, -1]], [[3, 0]]]]), torch.tensor([[[[.4, .9]], [[.2, .1]]]])
-    model = SimpleNamespace(runtime=SimpleNamespace(retrieved={5: [(prefill_ids, prefill_p), (decode_ids, decode_p)]}),
-                            memories={5: SimpleNamespace(positions=positions)})
+    reads = {5: [(prefill_ids, prefill_p), (decode_ids, decode_p)]}
+    model = SimpleNamespace(recorded_reads=lambda: reads, memories={5: SimpleNamespace(positions=positions)})
     m = retrieval_mass(model, 16)
     answer = torch.zeros(16)
     answer[12], answer[13], answer[10] = .5 + .1, .1 + .4 + .2, .1     # last queries, 4 softmaxes
@@ -383,8 +383,8 @@ def test_retrieval_mass_sums_answer_and_prompt_queries():
     assert torch.allclose(m.lift, (answer / 4 - prompt / 4).clamp(min=0))
     with pytest.raises(ValueError, match="another stream"):
         retrieval_mass(model, 12)
-    empty = SimpleNamespace(runtime=SimpleNamespace(retrieved={}), memories={})
-    given = retrieval_mass(empty, 16, retrieved=model.runtime.retrieved, memories=model.memories)
+    empty = SimpleNamespace(recorded_reads=dict, memories={})
+    given = retrieval_mass(empty, 16, retrieved=model.recorded_reads(), memories=model.memories)
     assert torch.equal(given.answer, m.answer) and torch.equal(given.prompt, m.prompt)
 
 
@@ -419,7 +419,7 @@ def test_memory_answer_returns_valid_evidence_from_the_blocks_read():
         doc = qa.corpus.documents[s.doc_index]
         assert s.document == doc.name and s.text == doc.text[s.start:s.end] and 0 < s.score <= 1
         assert set(range(s.token_start, s.token_end)) & covered          # it came from the blocks read
-    assert model.runtime.retrieved == {}                   # the recording is dropped after use
+    assert model.recorded_reads() == {}                   # the recording is dropped after use
     assert qa.answer("Where?", mode="truncate", max_new_tokens=2).evidence == []
     assert qa.answer("Where?", max_new_tokens=2, evidence=0).evidence == []
 
@@ -449,8 +449,8 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     assert len(one) == 1 and best.start // 8 <= one[0] <= (best.end - 1) // 8     # the best passage, cut
     reads.clear()
     model.generate(model.prompt_ids(query), max_new_tokens=2, do_sample=False, record=True)
-    assert reads == [] and set(model.runtime.retrieved) == set(model.runtime.knn_layers)   # kNN reads pin nothing
-    model.runtime.retrieved.clear()
+    assert reads == [] and set(model.recorded_reads()) == set(model.knn_layer_ids)   # kNN reads pin nothing
+    model.clear_recorded_reads()
 
 
 def test_question_blocks_widen_passages_by_a_margin_and_take_them_whole():

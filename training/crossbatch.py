@@ -211,19 +211,21 @@ class WindowLM(nn.Module):
 @contextlib.contextmanager
 def runtime_state(model, *, read: bool, write: bool, memories: dict | None = None, write_slice=slice(None)):
     """Set the memory runtime for one pass (and its backward, which recomputes layers under
-    gradient checkpointing); restores the model's own memories afterwards."""
-    rt = model.runtime
-    saved = (rt.read, rt.write, rt.enabled, dict(rt.memories), rt.write_slice)
+    gradient checkpointing), each memory layer holding `memories[i]` (or none); yields the
+    {layer: (k, v)} the pass wrote (filled once it has run); restores the model's own memories."""
+    rt, layers = model.runtime, model.memory_modules
+    saved = (rt.read, rt.write, rt.enabled, rt.write_slice, {i: m.memory for i, m in layers.items()})
     rt.read, rt.write, rt.enabled, rt.write_slice = read, write, True, write_slice
-    rt.memories.clear()
-    rt.memories.update(memories or {})
+    for i, m in layers.items():
+        m.memory, m.pending = (memories or {}).get(i), None
+    written: dict = {}
     try:
-        yield rt
+        yield written
+        written.update({i: m.pending for i, m in layers.items() if m.pending is not None})
     finally:
-        rt.read, rt.write, rt.enabled, rt.write_slice = saved[0], saved[1], saved[2], saved[4]
-        rt.memories.clear()
-        rt.memories.update(saved[3])
-        rt.pending.clear()
+        rt.read, rt.write, rt.enabled, rt.write_slice = saved[:4]
+        for i, m in layers.items():
+            m.memory, m.pending = saved[4][i], None
 
 
 @dataclass
@@ -284,9 +286,8 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         # The write pass: the keys and values memory stores, from a forward without memory (as
         # `memorize` writes them), which is also the window scored without memory.
         score = scored and measure_no_memory
-        with torch.no_grad(), runtime_state(model, read=False, write=True, write_slice=slice(p, None)) as rt:
+        with torch.no_grad(), runtime_state(model, read=False, write=True, write_slice=slice(p, None)) as kv:
             out = lm(x, mask, p, targets, score=score)
-            kv = dict(rt.pending)
         if score:
             res.loss_no_memory.append(out[0].float().cpu())
         if t < len(windows) - 1:

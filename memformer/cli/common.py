@@ -122,7 +122,7 @@ def describe_layers(model) -> str:
     """The memory layers for a report header: "all 30 (kNN reads in 10..29)", "[10, 11] (kNN reads in [10, 11])"."""
     cfg = model.memory_config
     layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else str(cfg.memory_layers)
-    knn = sorted(model.runtime.knn_layers)
+    knn = model.knn_layer_ids
     span = f"{knn[0]}..{knn[-1]}" if knn and knn == list(range(knn[0], knn[-1] + 1)) else str(knn)
     return f"{layers} (kNN reads in {span})"
 

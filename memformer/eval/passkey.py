@@ -54,7 +54,10 @@ def first_number(text: str) -> int | None:
 
 
 def run_trial(model, ids: list[int], key: int, mode: str, max_new_tokens: int = 8) -> tuple[str, bool]:
-    """mode "memory": everything but the last window goes to memory; "truncate": last window only."""
+    """The passkey prompt read as one continuation (no question known), as the training recipe's
+    evaluation reads it: mode "memory": everything but the last window goes to memory and
+    `generate` answers with kNN reads; "truncate": last window only. (`memformer eval passkey`
+    asks the question with `model.ask` instead: `make_sample`.)"""
     x = torch.tensor([ids])
     model.reset_memory()
     if mode == "memory":

@@ -36,7 +36,6 @@ class CorpusQA:
                      prompt_tokens=x.shape[1])
         if evidence > 0:
             ans.corpus_evidence = model.corpus_evidence(top=evidence)
-            model.runtime.retrieved.clear()
-            model.runtime.retrieved_corpus.clear()
+            model.clear_recorded_reads()
         ans.seconds = time.perf_counter() - t0
         return ans

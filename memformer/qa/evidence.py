@@ -65,17 +65,18 @@ class RetrievalMass:
 
 def retrieval_mass(model, n_tokens: int, *, batch_index: int = 0, retrieved: dict | None = None,
                    memories: dict | None = None) -> RetrievalMass:
-    """Attention mass per memorized stream token from the retrievals recorded in `model.runtime`
-    (by `generate(..., record=True)`; the first recorded call is the prefill).
+    """Attention mass per memorized stream token from the reads the memory layers recorded
+    (`model.recorded_reads()`, by `generate(..., record=True)` / `ask(record=True)`; the first
+    recorded call is the prefill).
 
     n_tokens: length of the stream whose positions memory holds (memory positions must be < it).
     The probability of every retrieved row is added at the row's stream position, summed over
     memory layers and query heads, and divided by the number of softmaxes that contributed.
     retrieved / memories: the recording and the memories it indexes (default: the sequence's own,
-    `model.runtime.retrieved` / `model.memories`; an attached corpus: `runtime.retrieved_corpus` /
-    `runtime.corpus`, for a batch of one).
+    `model.recorded_reads()` / `model.memories`; an attached corpus: `model.recorded_reads(corpus=True)`
+    / its layers' `corpus`, for a batch of one).
     """
-    retrieved = model.runtime.retrieved if retrieved is None else retrieved
+    retrieved = model.recorded_reads() if retrieved is None else retrieved
     memories = model.memories if memories is None else memories
     answer, prompt = torch.zeros(n_tokens), torch.zeros(n_tokens)
     n_answer = n_prompt = 0
@@ -166,7 +167,7 @@ def answer_evidence(model, corpus, top: int = 3) -> tuple[list[EvidenceSpan], fl
     """Evidence of the answer just generated with `record=True` (`model.ask`): its `top` spans and
     the share of attention that went to memory; the recording is dropped afterwards (it is large)."""
     mass = retrieval_mass(model, len(corpus))
-    model.runtime.retrieved.clear()
+    model.clear_recorded_reads()
     # lift (what the answer read beyond the prompt) discounts rows every query reads; when no row
     # drew more (question reads: every query reads the same few blocks), the answer's own mass
     lift = mass.lift

@@ -229,13 +229,12 @@ class LongDocQA:
         """`model.ask` (question reads), with the evidence its reads recorded."""
         self._check_memory()
         model = self.model
-        corpus = evidence > 0 and bool(model.runtime.corpus)
+        corpus = evidence > 0 and model.corpus_attached
         text = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0)
         ans = Answer("memory", text, prompt_tokens=model.prompt_ids(question, cue=cue).shape[1])
         if corpus:
             ans.corpus_evidence = model.corpus_evidence(top=evidence)
-            model.runtime.retrieved_corpus.clear()
-        if evidence > 0:
+        if evidence > 0:          # (drops the recordings, own and corpus, once read)
             ans.evidence, ans.memory_share = answer_evidence(model, self.corpus, evidence)
         return ans
 
