@@ -294,7 +294,7 @@ def main() -> None:
     experiments = ([(e, what, f, b, bl, *paired_needles(results, f, b)) for e, what, f, b, bl in NEEDLE_EXPERIMENTS]
                    + [(e, what, f, b, bl, *paired_passkeys(results, f, b)) for e, what, f, b, bl in PASSKEY_EXPERIMENTS])
     ppl = {folder: dict(read=read, **perplexity(results, folder)) for read, folder in PPL_RUNS}
-    latency = json.loads((results / "qa_latency.json").read_text())
+    latency = json.loads((results / "read_path_ablation" / "qa_latency_2026-11.json").read_text())
 
     md = [f"# Read-path ablation ({DATE})", "",
           "Built from the recorded runs only (no model was run): `.venv/bin/python benchmarks/read_ablation.py`. "
@@ -384,7 +384,8 @@ def main() -> None:
     md += ["## D. Answer time per read", "",
            f"One single-number needle trial at {m['tokens']} tokens; median of {m['repeats']} answers, "
            f"{m['threads']} torch thread, torch {m['torch']}; after the document was read once. Source: "
-           "`qa_latency.json` / `qa_latency.md`.", ""]
+           "`read_path_ablation/qa_latency_2026-11.json` (the qa_latency run of the two-read default; "
+           "the current one is `qa_latency.md`).", ""]
     rows = [[r["mode"], str(r["prompt_tokens"]), f"{r['answer_s']:.2f}", f"{r['read_s']:.1f}",
              "yes" if r["correct"] else "no"] for r in latency["rows"]]
     md += [table(["mode", "prompt tokens", "answer (s)", "read once (s)", "correct"], rows), ""]
