@@ -68,3 +68,20 @@ def read_json(path, *, error=ValueError, format: str | None = None, version=None
         raise error(f"{path}: {format or 'file'} version {data.get(version_key)!r} is not supported "
                     f"(this memformer reads version {version})")
     return data
+
+
+def jsonl_objects(path, *, error=ValueError):
+    """(line number, object) for each non-blank line of the JSONL file `path`, streamed; `error`
+    naming the file and line when a line is not a JSON object."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{n}: a JSON object was expected, got {type(row).__name__}")
+            yield n, row

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random backbones built in code (no downloads) and the real default one."""
+"""Shared fixtures: tiny random backbones built in code (no downloads), a stand-in sentence
+embedder, and the real default backbone."""
+import re
+import zlib
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -35,3 +39,32 @@ def default_model():
     """The real embedded default backbone with memory in every layer (loaded once per session)."""
     from memformer import MemformerForCausalLM, MemoryConfig
     return MemformerForCausalLM.from_pretrained(None, MemoryConfig())
+
+
+class HashedWords:
+    """A deterministic stand-in for a sentence-transformers model: hashed word counts (words =
+    runs of `pattern`), plus `eps` everywhere, L2-normalised; `calls` lists every encode call's texts."""
+
+    def __init__(self, dim: int = 512, pattern: str = r"[a-z]+", eps: float = 0.0):
+        self.dim, self.pattern, self.eps = dim, pattern, eps
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
+        self.calls.append(list(texts))
+        out = torch.zeros(len(texts), self.dim)
+        for i, t in enumerate(texts):
+            for w in re.findall(self.pattern, t.lower()):
+                out[i, zlib.crc32(w.encode()) % self.dim] += 1
+        return torch.nn.functional.normalize(out + self.eps, dim=1)
+
+    def get_sentence_embedding_dimension(self):
+        return self.dim
+
+
+def fake_default_embedder(monkeypatch, emb):
+    """The CLI loads its models itself: make `emb` its default sentence embedder."""
+    import memformer.passages
+    import memformer.qa.rag
+    monkeypatch.setattr(memformer.passages, "default_embedder", lambda: emb)
+    monkeypatch.setattr(memformer.qa.rag, "default_embedder", lambda: emb)
+    return emb

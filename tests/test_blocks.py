@@ -1,7 +1,5 @@
 """Question reads (memformer.blocks, MemformerForCausalLM.reading_blocks / blocks_for / ask): which
 rows the pinned blocks read, where they are laid out, and that the whole path is exact."""
-import re
-import zlib
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from conftest import clone_backbone, tiny_backbone
+from conftest import HashedWords, clone_backbone, tiny_backbone
 from index.store import LayerMemory
 from memformer import MemformerForCausalLM, MemoryConfig
 from memformer.blocks import block_attention
@@ -391,19 +389,6 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 
-class BagOfWords:
-    """A deterministic stand-in for a sentence-transformers model: hashed word counts, normalised."""
-    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
-        out = torch.zeros(len(texts), 256)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z]+", t.lower()):
-                out[i, zlib.crc32(w.encode()) % 256] += 1
-        return torch.nn.functional.normalize(out, dim=1)
-
-    def get_sentence_embedding_dimension(self):
-        return 256
-
-
 FILLER = ["river", "stone", "cloud", "maple", "lantern", "copper", "meadow", "harbor", "willow", "pepper"]
 PLANT = "zebraquartz"
 
@@ -425,7 +410,7 @@ def test_ask_reads_the_blocks_under_the_passage_holding_the_answer(where):
     bs, n_blocks = 16, 12
     cfg = MemoryConfig(window=64, sink_tokens=2, overlap=8, top_k=4, block_size=bs, question_blocks=n_blocks,
                        knn_layers=[1])
-    model = MemformerForCausalLM(tiny_backbone("llama"), char_tokenizer(), cfg, embedder=BagOfWords())
+    model = MemformerForCausalLM(tiny_backbone("llama"), char_tokenizer(), cfg, embedder=HashedWords(256))
     doc_a = _filler(80, 1) + "."
     words = _filler(140, 2).split()
     cut = int(len(words) * where)
@@ -467,7 +452,7 @@ def test_question_read_without_memory_and_for_a_batch():
     needs a memory of one sequence."""
     model = MemformerForCausalLM(tiny_backbone("llama"), char_tokenizer(),
                                  MemoryConfig(window=32, sink_tokens=2, overlap=4, block_size=8),
-                                 embedder=BagOfWords())
+                                 embedder=HashedWords(256))
     with model.question_read("anything"):
         assert model.runtime.pinned_blocks is None
     assert isinstance(model.ask("river?", max_new_tokens=2), str)

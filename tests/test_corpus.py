@@ -9,7 +9,7 @@ from memformer.cli.main import main
 from memformer.index import LayerMemory
 from memformer.kernels import knn_attention_reference
 from memformer.memory_layer import merged_retrieval
-from tests.conftest import tiny_backbone
+from tests.conftest import HashedWords, tiny_backbone
 
 
 class CharTokenizer:
@@ -148,19 +148,6 @@ def test_memory_info_and_cli_errors(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
-class _WordEmbedder:
-    """A tiny stand-in for the sentence embedder of question reads (hashed words, normalised)."""
-    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
-        out = torch.zeros(len(texts), 64)
-        for i, t in enumerate(texts):
-            for w in t.lower().split():
-                out[i, hash(w) % 64] += 1
-        return torch.nn.functional.normalize(out + 1e-3, dim=1)
-
-    def get_sentence_embedding_dimension(self):
-        return 64
-
-
 def test_ask_beside_a_corpus_memory_falls_back_to_knn_reads(tmp_path):
     """With a corpus memory attached, `ask` pins no blocks (`question_read` changes nothing): the
     answer reads the corpus (and the own memory, if any) with kNN reads, in the kNN layers only.
@@ -168,7 +155,7 @@ def test_ask_beside_a_corpus_memory_falls_back_to_knn_reads(tmp_path):
     docs = _docs(tmp_path)
     corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
     reader = _model(knn_layers=[1])
-    reader.embedder = _WordEmbedder()
+    reader.embedder = HashedWords(64, r"\S+", eps=1e-3)
     pinned = []
     real = reader.reading_blocks
     reader.reading_blocks = lambda blocks: pinned.append(list(blocks)) or real(blocks)

@@ -4,12 +4,12 @@ import json
 import math
 import random
 import re
-import zlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import HashedWords, fake_default_embedder
 from memformer import MemformerForCausalLM, MemoryConfig
 from memformer.eval import needle, passkey, ppl, plots as evalplots
 
@@ -323,27 +323,10 @@ def _main(*argv):
     return main(list(argv))
 
 
-class _WordEmbedder:
-    """Stands in for all-MiniLM-L6-v2 in the CLI runs: hashed word counts, normalised."""
-    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
-        out = torch.zeros(len(texts), 64)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z0-9]+", t.lower()):
-                out[i, zlib.crc32(w.encode()) % 64] += 1
-        return torch.nn.functional.normalize(out + 1e-3, dim=1)
-
-    def get_sentence_embedding_dimension(self):
-        return 64
-
-
 @pytest.fixture
 def fake_minilm(monkeypatch):
-    import memformer.passages
-    import memformer.qa.rag
-    emb = _WordEmbedder()
-    monkeypatch.setattr(memformer.passages, "default_embedder", lambda: emb)
-    monkeypatch.setattr(memformer.qa.rag, "default_embedder", lambda: emb)
-    return emb
+    """Stands in for all-MiniLM-L6-v2 in the CLI runs."""
+    return fake_default_embedder(monkeypatch, HashedWords(64, r"[a-z0-9]+", eps=1e-3))
 
 
 def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch, fake_minilm):

@@ -6,9 +6,7 @@ sentence embedder, all built in code; the tests marked `integration` use the rea
 backbone and the real all-MiniLM-L6-v2 embedder.
 """
 import json
-import re
 import sys
-import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import tiny_backbone
+from conftest import HashedWords, fake_default_embedder, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig, MemoryFileError
 from memformer.qa.documents import Corpus, Document, DocumentError, as_documents
 from memformer.qa.evidence import retrieval_mass, spans_from_mass
@@ -47,30 +45,12 @@ def char_tokenizer(chat: bool = False):
     return tok
 
 
-class BagOfWords:
-    """A deterministic stand-in for a sentence-transformers model: hashed word counts, normalised.
-    `calls` lists the texts of every encode call (to count embeddings)."""
-    def __init__(self):
-        self.calls: list[list[str]] = []
-
-    def encode(self, texts, convert_to_tensor=True, normalize_embeddings=True, **kw):
-        self.calls.append(list(texts))
-        out = torch.zeros(len(texts), 512)
-        for i, t in enumerate(texts):
-            for w in re.findall(r"[a-z]+", t.lower()):
-                out[i, zlib.crc32(w.encode()) % 512] += 1
-        return torch.nn.functional.normalize(out, dim=1)
-
-    def get_sentence_embedding_dimension(self):
-        return 512
-
-
 def tiny_model(seed=0, native=512, chat=False, **cfg):
-    """A tiny memformer whose question reads embed with `BagOfWords`; native = the backbone's
+    """A tiny memformer whose question reads embed with `HashedWords`; native = the backbone's
     max_position_embeddings (mode "full")."""
     cfg = {"window": 64, "sink_tokens": 2, "overlap": 8, "top_k": 4, **cfg}
     return MemformerForCausalLM(tiny_backbone(seed=seed, max_position_embeddings=native), char_tokenizer(chat),
-                                MemoryConfig(**cfg), embedder=BagOfWords())
+                                MemoryConfig(**cfg), embedder=HashedWords(512))
 
 
 def held_memory(model) -> dict:
@@ -482,7 +462,7 @@ def test_chunk_ranges_stay_inside_documents(tok):
 
 def test_rag_retrieves_the_passage_within_the_budget(tok):
     c = Corpus.from_documents([Document("a", DOC_A), Document("b", DOC_B)], tok)
-    rag = RAGBaseline(c, BagOfWords(), chunk_tokens=48, overlap=8)
+    rag = RAGBaseline(c, HashedWords(512), chunk_tokens=48, overlap=8)
     got = rag.retrieve("name of the keeper's cat Marmalade", budget_tokens=100)
     assert sum(p.end - p.start for p in got) <= 100
     assert [p.start for p in got] == sorted(p.start for p in got)           # document order
@@ -497,7 +477,7 @@ def test_rag_retrieves_the_passage_within_the_budget(tok):
 
 def test_rag_mode_puts_retrieved_passages_in_the_prompt():
     model = tiny_model(window=160)                          # RAG budget = tail room = 160 - 2 - 96 = 62 tokens
-    qa = LongDocQA(model, embedder=BagOfWords(), rag_chunk_tokens=24, rag_overlap=4)
+    qa = LongDocQA(model, embedder=HashedWords(512), rag_chunk_tokens=24, rag_overlap=4)
     qa.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     ans = qa.answer("What is the keeper's cat called, Marmalade?", mode="rag", max_new_tokens=3, evidence=2)
     assert ans.mode == "rag" and ans.memory_share is None and len(ans.evidence) == 2
@@ -528,13 +508,8 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def fake_minilm(monkeypatch):
-    """The CLI loads its models itself: its default sentence embedder becomes `BagOfWords`."""
-    import memformer.passages
-    import memformer.qa.rag
-    emb = BagOfWords()
-    monkeypatch.setattr(memformer.passages, "default_embedder", lambda: emb)
-    monkeypatch.setattr(memformer.qa.rag, "default_embedder", lambda: emb)
-    return emb
+    """The CLI loads its models itself: its default sentence embedder becomes `HashedWords`."""
+    return fake_default_embedder(monkeypatch, HashedWords(512))
 
 
 def _cli(capsys, *args):
@@ -646,7 +621,7 @@ def test_cli_questions_from_jsonl_and_interactive(tmp_path, capsys, tiny_model_d
     assert [r["question"] for r in rows] == ["first?", "cat?", "vault?"]
     assert set(rows[1]["correct"]) == {"memory"} and rows[2]["asked_as"] == "The code is"
     # bad files: refused before any model is loaded, naming the line
-    for text, msg in [('{"question": "ok"}\nnot json\n', "q.jsonl:2: not JSON"), ('{"answer": "x"}\n', "q.jsonl:1"),
+    for text, msg in [('{"question": "ok"}\nnot json\n', "q.jsonl:2: not valid JSON"), ('{"answer": "x"}\n', "q.jsonl:1"),
                       ("\n", "no questions")]:
         qfile.write_text(text)
         code, _, err = _cli(capsys, *base, "--questions", str(qfile))

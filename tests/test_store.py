@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.index import ExactIndex, LayerMemory
+from memformer.index import LayerMemory
 from memformer.index.base import QuantizedBuffer
 from tests.conftest import tiny_backbone
 

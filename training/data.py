@@ -13,7 +13,6 @@ Everything is a function of the seed, so a resumed run replays the same stream.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import string
 import sysconfig
@@ -88,18 +87,12 @@ def jsonl_documents(rng: random.Random, path, text_field: str = "text", name_fie
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"jsonl source: {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise ValueError(f"{path}:{n}: no string field {text_field!r}")
-            name = str(row[name_field]) if name_field and name_field in row else f"{path.name}:{n}"
-            yield LazyDoc(name, lambda t=row[text_field]: t)
+    from memformer.fileio import jsonl_objects
+    for n, row in jsonl_objects(path):
+        if not isinstance(row.get(text_field), str):
+            raise ValueError(f"{path}:{n}: no string field {text_field!r}")
+        name = str(row[name_field]) if name_field and name_field in row else f"{path.name}:{n}"
+        yield LazyDoc(name, lambda t=row[text_field]: t)
 
 
 def hf_disk_documents(rng: random.Random, path, text_field: str = "text", split: str = "train") -> Iterator[LazyDoc]:

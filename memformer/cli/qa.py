@@ -65,22 +65,16 @@ def _check_args(args) -> str | None:
 
 def read_questions(path) -> list[tuple[str, str | None, str | None]]:
     """(question, cue, expected answer) from a JSONL file; ValueError naming the bad line."""
+    from memformer.fileio import jsonl_objects
+    out = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        for n, row in jsonl_objects(path):
+            if not isinstance(row.get("question"), str) or not row["question"].strip():
+                raise ValueError(f'{path}:{n}: each line needs a non-empty "question" string')
+            cue, expected = row.get("cue"), row.get("answer")
+            out.append((row["question"], None if cue is None else str(cue), None if expected is None else str(expected)))
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read questions from {path}: {e}") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
-            raise ValueError(f'{path}:{n}: each line needs a non-empty "question" string')
-        cue, expected = row.get("cue"), row.get("answer")
-        out.append((row["question"], None if cue is None else str(cue), None if expected is None else str(expected)))
     if not out:
         raise ValueError(f"{path}: no questions")
     return out
