@@ -10,10 +10,11 @@ def brute(keys, queries, k):
     return s.topk(min(k, s.shape[-1]), dim=-1)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
 @pytest.mark.parametrize("n,k,chunk", [(100, 8, 1000), (257, 16, 64), (33, 1, 7)])
-def test_exact_matches_brute_force(n, k, chunk):
+def test_exact_matches_brute_force(n, k, chunk, backend):
     torch.manual_seed(0)
-    idx = ExactIndex((2, 3), 16, key_chunk=chunk)
+    idx = ExactIndex((2, 3), 16, key_chunk=chunk, backend=backend)
     assert isinstance(idx, KNNIndex)
     keys = torch.randn(2, 3, n, 16)
     for a in range(0, n, 40):                            # added window by window
@@ -106,3 +107,23 @@ def test_add_rejects_wrong_shapes():
     mem = _mem()
     with pytest.raises(ValueError, match="do not match"):
         mem.add(torch.randn(2, 2, 3, 5), torch.randn(2, 2, 3, 5), torch.zeros(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_exact_no_queries_and_int8_keys(backend):
+    torch.manual_seed(1)
+    idx = ExactIndex((2,), 8, dtype=torch.int8, backend=backend)
+    keys = torch.randn(2, 50, 8)
+    idx.add(keys)
+    s, i = idx.search(torch.randn(2, 0, 8), 4)
+    assert s.shape == i.shape == (2, 0, 4)
+    q = torch.randn(2, 5, 8)
+    s, i = idx.search(q, 4)
+    ws, wi = brute(idx.float_vectors(), q, 4)             # the dequantised keys are what is searched
+    torch.testing.assert_close(s, ws, atol=1e-5, rtol=1e-5)
+    assert torch.equal(i, wi)
+
+
+def test_exact_backend_is_checked():
+    with pytest.raises(ValueError, match="backend"):
+        ExactIndex((1,), 4, backend="numpy")
