@@ -29,6 +29,10 @@ from .base import RawKeys, load_rows, rows_state, sha256_file as _sha256
 
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT, VERSION = "memformer-faiss-index", 1
+# Below this many keys per group IVF does not pay on CPU: FAISS's brute-force kernel is as fast
+# as the nprobe real SmolLM2 keys need for recall 0.95 (benchmarks/results/index_growth).
+DEFAULT_TRAIN_THRESHOLD = 65536
+_KMEANS_POINTS = 64             # k-means sample per centroid (faiss's own default is 256)
 _DATA = "memory.safetensors"
 _GPU_RES: dict = {}  # device -> StandardGpuResources; one per process, each reserves scratch memory
 
@@ -53,29 +57,40 @@ class FaissIndex(RawKeys):
     kind: "flat" (exact), "ivf" (IVF-Flat), "hnsw" (HNSW-Flat), "ivfpq" (IVF-PQ, scores re-computed
         exactly from the raw keys, since attention uses them as logits).
     ivf / ivfpq search exactly until every group holds `train_threshold` valid rows (default
-        max(4096, 39*nlist), and 39*2**pq_bits for PQ), then train once on the stored keys and switch;
-        nlist=None picks 4*sqrt(n) at that time (at most n/39). nprobe: lists visited per query.
+        max(65536, 39*nlist), and 39*2**pq_bits for PQ), then train on the stored keys and switch.
+        nlist=None picks nlist_factor*sqrt(n) at each training (at most n/39) and retrains (k-means
+        on a sample, every row re-added, none lost) each time the memory has grown `retrain_growth`
+        times since the last training; a fixed nlist trains once.
+    nprobe: IVF lists visited per query; None = calibrated after each training on the first search
+        call's queries: the smallest power of two whose recall@k against exact search reaches
+        `target_recall` (for ivfpq: exact top-k found among the k*rerank candidates).
     m_hnsw / ef_search: HNSW graph degree and search beam. pq_m: sub-quantizers (default D/4).
     rerank: ivfpq fetches k*rerank PQ candidates and keeps the k best exact scores (PQ distances
         alone are coarse: recall@10 0.59 -> 0.97 with rerank=4, measured on clustered D=32 keys).
     """
 
     def __init__(self, group_shape, dim: int, kind: str = "flat", dtype=torch.float32, device="cpu",
-                 nlist: int | None = None, nprobe: int = 16, train_threshold: int | None = None,
+                 nlist: int | None = None, nprobe: int | None = None, train_threshold: int | None = None,
                  m_hnsw: int = 32, ef_search: int = 64, pq_m: int | None = None, pq_bits: int = 8,
-                 rerank: int = 4):
+                 rerank: int = 4, nlist_factor: float = 4.0, retrain_growth: float = 4.0,
+                 target_recall: float = 0.95):
         if kind not in KINDS:
             raise ValueError(f"FaissIndex: kind {kind!r} not in {KINDS}")
         self.faiss = _faiss()
         self.group_shape, self.dim, self.kind = tuple(int(s) for s in group_shape), int(dim), kind
         self.G = math.prod(self.group_shape)
-        self.nlist, self.nprobe = nlist, int(nprobe)
+        self.nlist, self.nprobe = nlist, None if nprobe is None else int(nprobe)
+        self.nlist_factor, self.retrain_growth = float(nlist_factor), float(retrain_growth or 0)
+        self.target_recall = float(target_recall)
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"FaissIndex: target_recall {target_recall} not in (0, 1]")
         self.m_hnsw, self.ef_search = int(m_hnsw), int(ef_search)
         self.pq_m, self.pq_bits, self.rerank = int(pq_m or max(1, self.dim // 4)), int(pq_bits), int(rerank)
         if kind == "ivfpq" and self.dim % self.pq_m:
             raise ValueError(f"FaissIndex: pq_m={self.pq_m} must divide dim={self.dim}")
         if train_threshold is None:
-            train_threshold = max(4096, 39 * (nlist or 0), 39 * 2 ** self.pq_bits if kind == "ivfpq" else 0)
+            train_threshold = max(DEFAULT_TRAIN_THRESHOLD, 39 * (nlist or 0),
+                                  39 * 2 ** self.pq_bits if kind == "ivfpq" else 0)
         self.train_threshold = int(train_threshold)
         dev = torch.device(device)
         # Only flat/IVF/IVF-PQ have GPU versions; HNSW silently stays on CPU.
@@ -97,7 +112,9 @@ class FaissIndex(RawKeys):
         """Empty the index; an ivf / ivfpq index forgets its training (a new document retrains)."""
         self._keys.reset()
         self._valid.reset()
-        self._base, self.nlist_trained = 0, 0
+        self._base, self.nlist_trained, self.trained_rows = 0, 0, 0
+        self._probe = [self.nprobe or 1] * self.G    # nprobe in effect per group
+        self._calibrated = False
         self._nvalid = np.zeros(self.G, np.int64)   # valid rows per group (training trigger)
         self._dead = np.zeros(self.G, np.int64)     # evicted rows still inside an HNSW graph
         self._trained: list = [None] * self.G        # serialized trained-but-empty IVF per group
@@ -147,6 +164,8 @@ class FaissIndex(RawKeys):
         out_s = np.full((self.G, nq, kf), -np.inf, np.float32)
         out_i = np.full((self.G, nq, kf), -1, np.int64)
         q = _f32(queries.reshape(self.G, nq, self.dim))
+        if self.trained and self.nprobe is None and not self._calibrated and nq:
+            self._calibrate(q, k, kf)
         for gi, index in enumerate(self._indexes):
             kk = min(kf, index.ntotal)   # faiss-gpu caps k; nothing beyond ntotal exists anyway
             if kk == 0 or nq == 0:
@@ -214,16 +233,51 @@ class FaissIndex(RawKeys):
         (ivf / ivfpq) or HNSW beam width."""
         if nprobe is not None:
             self.nprobe = int(nprobe)
+            self._probe = [self.nprobe] * self.G
         if ef_search is not None:
             self.ef_search = int(ef_search)
         for g, index in enumerate(self._indexes):
             if self.kind == "hnsw":
                 self.faiss.downcast_index(index.index).hnsw.efSearch = self.ef_search
             elif self._trained[g] is not None:
-                if self._gpu:
-                    self.faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", self.nprobe)
-                else:
-                    index.nprobe = self.nprobe
+                self._set_nprobe(g, self._probe[g])
+
+    @property
+    def nprobes(self) -> list[int]:
+        """The nprobe in effect per group (calibrated or fixed); meaningful once trained."""
+        return list(self._probe)
+
+    def _set_nprobe(self, g: int, nprobe: int) -> None:
+        self._probe[g] = int(nprobe)
+        index = self._indexes[g]
+        if self._gpu:
+            self.faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", self._probe[g])
+        else:
+            index.nprobe = self._probe[g]
+
+    def _calibrate(self, q: np.ndarray, k: int, kf: int, sample: int = 256) -> None:
+        """Per group, the smallest power-of-two nprobe whose recall@k on (up to `sample` of) these
+        queries reaches target_recall; truth = FAISS brute force over the group's stored keys."""
+        f = self.faiss
+        pick = np.linspace(0, q.shape[1] - 1, min(sample, q.shape[1])).astype(np.int64)
+        for g, index in enumerate(self._indexes):
+            x, rows = self._group_rows(g)
+            kk = min(k, len(rows))
+            if kk == 0:
+                continue
+            qs = np.ascontiguousarray(q[g, pick])                                   # [s, D]
+            _, pos = f.knn(qs, x, kk, metric=f.METRIC_INNER_PRODUCT)                # [s, kk]
+            truth = rows[pos] + self._base                                          # faiss ids
+            nprobe, top = 1, self.nlist_trained
+            while nprobe < top:
+                self._set_nprobe(g, nprobe)
+                _, ids = index.search(qs, min(kf, index.ntotal))
+                hits = (ids[:, :, None] == truth[:, None, :]).any(1).mean()
+                if hits >= self.target_recall:
+                    break
+                nprobe *= 2
+            self._set_nprobe(g, min(nprobe, top))
+        self._calibrated = True
 
     # -- building ---------------------------------------------------------------------------
     def _empty(self, g: int):
@@ -231,7 +285,7 @@ class FaissIndex(RawKeys):
         f = self.faiss
         if self._trained[g] is not None:
             index = f.deserialize_index(self._trained[g])
-            index.nprobe = self.nprobe
+            index.nprobe = self._probe[g]
         elif self.kind == "hnsw":
             sub = f.IndexHNSWFlat(self.dim, self.m_hnsw, f.METRIC_INNER_PRODUCT)
             sub.hnsw.efSearch = self.ef_search
@@ -273,17 +327,26 @@ class FaissIndex(RawKeys):
             self._indexes[g].add_with_ids(x, rows + self._base)
 
     def _maybe_train(self) -> bool:
-        """ivf / ivfpq: once every group holds train_threshold valid rows, train and re-add them."""
+        """ivf / ivfpq: once every group holds train_threshold valid rows, train and re-add them;
+        with an automatic nlist, train again each time the memory has grown retrain_growth times."""
         n = int(self._nvalid.min())
-        if self.kind not in ("ivf", "ivfpq") or self.trained or n < self.train_threshold:
+        if self.kind not in ("ivf", "ivfpq"):
+            return False
+        if not self.trained:
+            if n < self.train_threshold:
+                return False
+        elif self.nlist is not None or not self.retrain_growth or n < self.retrain_growth * self.trained_rows:
             return False
         f, ip = self.faiss, self.faiss.METRIC_INNER_PRODUCT
         # faiss k-means wants >= 39 points per centroid; clamp the default rather than warn.
-        nlist = int(self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39)))
+        nlist = int(self.nlist or max(1, min(int(self.nlist_factor * math.sqrt(n)), n // 39)))
         self._center = np.zeros((self.G, self.dim), np.float32)
+        rng = np.random.default_rng(0)
         for g in range(self.G):
             x, _ = self._group_rows(g)
             self._center[g] = x.mean(0)
+            if len(x) > _KMEANS_POINTS * nlist:   # k-means on a sample: training cost stays O(nlist^2)
+                x = x[np.sort(rng.choice(len(x), _KMEANS_POINTS * nlist, replace=False))]
             x = np.ascontiguousarray(x - self._center[g])
             quantizer = f.IndexFlatIP(self.dim)
             if self.kind == "ivf":
@@ -293,7 +356,7 @@ class FaissIndex(RawKeys):
             ivf.train(x)                # k-means seed is fixed in faiss: deterministic for the same keys
             self._trained[g] = f.serialize_index(ivf)
             self._rebuild(g)
-        self.nlist_trained = nlist
+        self.nlist_trained, self.trained_rows, self._calibrated = nlist, n, False
         return True
 
     @torch.no_grad()
@@ -382,6 +445,8 @@ class FaissIndex(RawKeys):
         self._center = None if c is None else c.float().numpy().copy()
         self._nvalid, self._trained = nvalid, trained
         self.nlist_trained = int(meta[3]) if meta is not None and trained[0] is not None else 0
+        self.trained_rows = int(nvalid.min()) if self.nlist_trained else 0
+        self._calibrated = False
         self._dead = np.zeros(self.G, np.int64)
         if indexes is None:
             self._base = 0
@@ -394,7 +459,7 @@ class FaissIndex(RawKeys):
             if self.kind == "hnsw":
                 self.faiss.downcast_index(index.index).hnsw.efSearch = self.ef_search
             elif trained[g] is not None:
-                index.nprobe = self.nprobe
+                index.nprobe = self._probe[g]
             self._dead[g] = index.ntotal - self._nvalid[g]
             self._indexes[g] = self._to_gpu(index)
 

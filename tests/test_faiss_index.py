@@ -43,7 +43,8 @@ def built(data):
 
     def get(kind):
         if kind not in cache:
-            idx = FaissIndex((G,), D, kind=kind)
+            # IVF trains at 4096 keys here (its default waits for 65536, where it starts to pay)
+            idx = FaissIndex((G,), D, kind=kind, **({"train_threshold": 4096} if kind != "hnsw" else {}))
             for a in range(0, N, 2000):
                 idx.add(data[0][:, a:a + 2000])
             cache[kind] = idx
@@ -323,3 +324,48 @@ def test_gpu_matches_cpu(kind, tmp_path):
     other = FaissIndex((2,), 16, kind=kind, device="cuda", **SMALL[kind])
     other.load(tmp_path / "g")
     assert torch.equal(other.search(q, 10)[1], i)
+
+
+def test_calibrated_nprobe_reaches_target_recall_on_new_queries():
+    keys = clustered(2, 6000, 16, 64)
+    idx = FaissIndex((2,), 16, kind="ivf", train_threshold=1000, retrain_growth=0)
+    for a in range(0, 6000, 500):
+        idx.add(keys[:, a:a + 500])
+    exact = ExactIndex((2,), 16)
+    exact.add(keys)
+    gen = torch.Generator().manual_seed(5)
+    noisy = lambda: keys[:, torch.randint(0, 6000, (300,), generator=gen)] + 0.3 * torch.randn(2, 300, 16, generator=gen)
+    first, later = noisy(), noisy()
+    idx.search(first, 8)                                   # calibrates on these queries
+    assert all(1 <= p < idx.nlist_trained for p in idx.nprobes), (idx.nprobes, idx.nlist_trained)
+    r = recall(idx.search(later, 8)[1], exact.search(later, 8)[1])
+    assert r >= 0.9, r                                     # target 0.95 on the calibration queries
+
+
+def test_ivf_retrains_as_memory_grows_and_loses_no_row():
+    keys = clustered(2, 8000, 16, 64, seed=2)
+    valid = torch.rand(2, 8000, generator=torch.Generator().manual_seed(4)) > 0.1
+    idx = FaissIndex((2,), 16, kind="ivf", train_threshold=1000, retrain_growth=2.0)
+    seen = []
+    for a in range(0, 8000, 500):
+        idx.add(keys[:, a:a + 500], valid[:, a:a + 500])
+        seen.append(idx.nlist_trained)
+    assert len(set(seen) - {0}) >= 3, seen                # trained at 1000, again at 2000 and 4000 rows
+    assert seen == sorted(seen)                            # nlist only grows
+    assert idx.trained_rows * 2 > int(valid.sum(1).min())  # the last training is recent
+    assert [idx._indexes[g].ntotal for g in range(2)] == valid.sum(1).tolist()
+    idx.set_search_params(nprobe=idx.nlist_trained)        # every list visited: exact again
+    q = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(6))
+    exact = ExactIndex((2,), 16)
+    exact.add(keys, valid)
+    s, i = idx.search(q, 10)
+    assert torch.equal(i, exact.search(q, 10)[1])
+    check_consistent(idx, q, s, i)
+
+
+def test_fixed_nlist_trains_once():
+    keys = clustered(1, 6000, 16, 32)
+    idx = FaissIndex((1,), 16, kind="ivf", nlist=16, train_threshold=1000)
+    for a in range(0, 6000, 500):
+        idx.add(keys[:, a:a + 500])
+    assert idx.nlist_trained == 16 and idx.trained_rows == 1000
