@@ -12,6 +12,9 @@ from .base import RawKeys, load_rows, rows_state
 
 # Upper bound on the elements of one [G, q_chunk, key_chunk] score block (64 MB of float32).
 _BLOCK_ELEMS = 1 << 24
+# FAISS's brute force runs one query at a time below 20 queries (no sgemm): decode steps, whose
+# few queries torch handles well, stay on the torch path.
+_FAISS_MIN_QUERIES = 32
 
 
 def _torch_topk(q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, k: int):
@@ -64,8 +67,8 @@ class ExactIndex(RawKeys):
         them chunk by chunk).
     backend: "faiss" (CPU default): FAISS's brute-force kernel (blocked sgemm with a fused top-k
         heap), 2-3x faster than matmul + topk on CPU and the same neighbours; chunks holding
-        padding rows, and tensors on a GPU, use the torch path. "torch": matmul + topk always
-        (the reference the tests hold the FAISS path to).
+        padding rows, calls with fewer than 32 queries (decoding) and tensors on a GPU use the
+        torch path. "torch": matmul + topk always (the reference the tests hold FAISS to).
     """
 
     def __init__(self, group_shape, dim: int, dtype=torch.float32, device="cpu", key_chunk: int = 32768,
@@ -119,7 +122,7 @@ class ExactIndex(RawKeys):
                 kb = kb * scales[:, k0:k0 + kc, None]
             vb = valid[:, k0:k0 + kc]                                  # [G, kc]
             top = min(k, kb.shape[1])
-            if knn is not None and bool(vb.all()):                     # no padding rows to mask
+            if knn is not None and nq >= _FAISS_MIN_QUERIES and bool(vb.all()):  # nothing to mask
                 s_top, i_top = knn(q, kb, top)                         # [G, q, top]
             else:
                 s_top, i_top = _torch_topk(q, kb, vb, top)

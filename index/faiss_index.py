@@ -259,6 +259,7 @@ class FaissIndex(RawKeys):
         """Per group, the smallest power-of-two nprobe whose recall@k on (up to `sample` of) these
         queries reaches target_recall; truth = FAISS brute force over the group's stored keys."""
         f = self.faiss
+        f.omp_set_num_threads(torch.get_num_threads())        # the thread budget the caller set
         pick = np.linspace(0, q.shape[1] - 1, min(sample, q.shape[1])).astype(np.int64)
         for g, index in enumerate(self._indexes):
             x, rows = self._group_rows(g)

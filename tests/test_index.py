@@ -19,7 +19,7 @@ def test_exact_matches_brute_force(n, k, chunk, backend):
     keys = torch.randn(2, 3, n, 16)
     for a in range(0, n, 40):                            # added window by window
         idx.add(keys[:, :, a:a + 40])
-    q = torch.randn(2, 3, 11, 16)
+    q = torch.randn(2, 3, 40, 16)                         # >= 32 queries: the FAISS path when asked
     s, i = idx.search(q, k)
     ws, wi = brute(keys, q, k)
     torch.testing.assert_close(s, ws, atol=1e-5, rtol=1e-5)
@@ -117,7 +117,7 @@ def test_exact_no_queries_and_int8_keys(backend):
     idx.add(keys)
     s, i = idx.search(torch.randn(2, 0, 8), 4)
     assert s.shape == i.shape == (2, 0, 4)
-    q = torch.randn(2, 5, 8)
+    q = torch.randn(2, 40, 8)
     s, i = idx.search(q, 4)
     ws, wi = brute(idx.float_vectors(), q, 4)             # the dequantised keys are what is searched
     torch.testing.assert_close(s, ws, atol=1e-5, rtol=1e-5)
