@@ -459,13 +459,24 @@ def test_multi_needle_scoring_counts_only_the_trials_own_value(btok, monkeypatch
         vals = [q.expected[0] for q in sample.queries]
         mine = [vals[[q.cue for q in sample.queries].index(c)] for c in cues]
         return mine if mode == "memory" else mine[1:] + mine[:1]            # truncate: a neighbour's value
-    sample = needle.build_sample(btok, needle.Job("single-number", 3000, 0, None, 4, 1), seed=0)
+    build = needle.build_sample
+    sample = build(btok, needle.Job("single-number", 3000, 0, None, 4, 1), seed=0)
     _patch_answers(monkeypatch, answer_cues)
     monkeypatch.setattr(needle, "build_sample", lambda tok, job, seed: sample)
     rs = needle.evaluate(_fake_model(btok), ["single-number"], [3000], 4, ["memory", "truncate"],
                          needles_per_doc=4, show_progress=False)
-    assert [(r["mode"], r["needle"], r["score"]) for r in rs] == \
-        [("memory", j, 1.0) for j in range(4)] + [("truncate", j, 0.0) for j in range(4)]
+    assert [(r["mode"], r["needle"], r["score"], r["other_needles"]) for r in rs] == \
+        [("memory", j, 1.0, []) for j in range(4)] + [("truncate", j, 0.0, [(j + 1) % 4]) for j in range(4)]
+    table = needle.other_needle_table(rs)
+    assert table.splitlines()[2:] == ["| single-number | 3000 | memory | 0/4 (0%) |",
+                                      "| single-number | 3000 | truncate | 4/4 (100%) |"]
+    assert needle.other_needle_table(_records()) == ""                      # one-needle records: no table
+    # multivalue: only the first 4 values of the answer count; an unrelated number is no other needle
+    mv = build(btok, needle.Job("multivalue", 3000, 0, None, 3, 1), seed=0)
+    own, other = mv.needles[0].queries[0].expected, mv.needles[2].queries[0].expected
+    assert needle.other_needles(mv, 0, [", ".join(own[:3] + [other[1]])]) == [2]
+    assert needle.other_needles(mv, 0, [", ".join(own + [other[1]])]) == []
+    assert needle.other_needles(mv, 1, ["1234567"]) == []
 
 
 def _counting_answers(calls):
@@ -524,7 +535,7 @@ def test_one_needle_layout_is_unchanged(btok, monkeypatch):
     _patch_answers(monkeypatch, _counting_answers(calls))
     rs = needle.evaluate(_fake_model(btok), ["single-number"], [1500], 2, ["memory"], show_progress=False)
     assert [r["id"] for r in rs] == ["single-number/1500/0/memory", "single-number/1500/1/memory"]
-    assert [r["depth"] for r in rs] == [0.25, 0.75] and not {"needle", "needles", "key"} & set(rs[0])
+    assert [r["depth"] for r in rs] == [0.25, 0.75] and not {"needle", "needles", "key", "other_needles"} & set(rs[0])
     old = needle.make_sample(btok, "single-number", 1500, 0.75, needle.trial_rng(0, "single-number", 1500, 1), 1)
     assert calls[1][1] == old.text
     assert "needles_per_doc" not in needle.run_settings(_fake_model(btok), "needle", 0, 2)
@@ -559,6 +570,7 @@ def test_cli_multi_needle_reads_each_document_once_per_mode(tiny_dir, tmp_path, 
     report = (out / "needle.md").read_text()
     assert "Trials: 3 needles per document, 1 document per task and length (3 trials)" in report
     assert "| single-word | 1200 |" in report and "| all tasks | 1200 | 0.8-1.0 |" in report
+    assert "| passkey | 1200 | rag |" in report.split("Wrong needle")[1]
     assert plotted == [(18, dict(bins=5, title="needle accuracy by depth and length (3 needles per document)"))]
     memorized.clear()
     assert _main(*argv, "--resume") == 0 and memorized == []                # nothing left to read

@@ -54,6 +54,8 @@ def cmd_eval_needle(args) -> int:
     table += "\n\nBy depth of the target needle:\n\n" + evalplots.depth_table(results, args.depth_bins)
     if needle.evidence_table(results):
         table += "\n\nEvidence (memory trials):\n\n" + needle.evidence_table(results)
+    if needle.other_needle_table(results):
+        table += "\n\nWrong needle (multi-needle documents):\n\n" + needle.other_needle_table(results)
     (out / "needle.md").write_text(header + table + "\n")
     evalplots.plot_depth_heatmaps(results, out / "needle_heatmap.png", bins=args.depth_bins,
                                   title="needle accuracy by depth and length" + _per_doc(args))

@@ -40,11 +40,13 @@ def cmd_eval_passkey(args) -> int:
                            "first number generated is the key. With several needles per document each pass "
                            "key has its owner's name (\"The pass key of Alice is K.\"), keys and names "
                            "distinct, and the question names the owner.")
-    from memformer.eval.needle import evidence_table
+    from memformer.eval.needle import evidence_table, other_needle_table
     table = passkey.summary_table(results)
     table += "\n\nBy depth of the needle:\n\n" + evalplots.depth_table(results, args.depth_bins, "passkey")
     if evidence_table(results):
         table += "\n\nEvidence (memory trials):\n\n" + evidence_table(results)
+    if other_needle_table(results):
+        table += "\n\nWrong needle (multi-needle documents):\n\n" + other_needle_table(results)
     (out / "passkey.md").write_text(header + table + "\n")
     per_doc = f" ({args.needles_per_doc} needles per document)" if args.needles_per_doc > 1 else ""
     passkey.plot_heatmap(results, out / "passkey_heatmap.png", bins=args.depth_bins, title="passkey accuracy" + per_doc)

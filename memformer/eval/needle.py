@@ -419,7 +419,36 @@ def trial_record(sample: Sample, j: int, mode: str, answers: list[str] | None, s
         return dict(rec, status="n/a", score=None, correct=None, answers=None, seconds=0.0)
     scores = [score_query(a, q) for a, q in zip(answers, trial.queries)]
     score = sum(scores) / len(scores)
+    if multi:       # tells a wrong needle found apart from no needle found
+        rec["other_needles"] = other_needles(sample, j, answers)
     return dict(rec, status="ok", score=score, correct=score == 1.0, answers=answers, seconds=seconds)
+
+
+def other_needles(sample: Sample, j: int, answers: list[str]) -> list[int]:
+    """The document's other trials whose values the answers of trial j give among their first
+    values (as many as each query expects), sorted: [] when no answer took another needle's value."""
+    owner = {v: i for i, t in enumerate(sample.needles) if i != j for q in t.queries for v in q.expected}
+    found = {owner[v] for a, q in zip(answers, sample.needles[j].queries)
+             for v in candidates(q.kind, a)[:len(q.expected)] if v in owner}
+    return sorted(found)
+
+
+def other_needle_table(records) -> str:
+    """Markdown: per task, length and mode, the multi-needle trials whose answer gave another
+    needle's value of the same document; "" when no record is of a multi-needle document."""
+    rows: dict[tuple[str, int, str], list[dict]] = {}
+    for r in records:
+        if "other_needles" in r:
+            rows.setdefault((r["task"], r["length"], r["mode"]), []).append(r)
+    if not rows:
+        return ""
+    from memformer.eval.plots import length_label, MODE_ORDER
+    out = ["| task | length | mode | answered another needle's value |", "|---|---:|---|---:|"]
+    order = lambda k: (k[0], k[1], MODE_ORDER.index(k[2]) if k[2] in MODE_ORDER else len(MODE_ORDER))
+    for (task, length, mode), rs in sorted(rows.items(), key=lambda kv: order(kv[0])):
+        n, wrong = len(rs), sum(bool(r["other_needles"]) for r in rs)
+        out.append(f"| {task} | {length_label(length)} | {mode} | {wrong}/{n} ({wrong / n:.0%}) |")
+    return "\n".join(out)
 
 
 def record_id(task: str, length: int, index: int, mode: str, needle: int | None = None) -> str:
