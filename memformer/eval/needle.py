@@ -443,7 +443,7 @@ def other_needle_table(records) -> str:
     if not rows:
         return ""
     from memformer.eval.plots import length_label, MODE_ORDER
-    out = ["| task | length | mode | answered another needle's value |", "|---|---:|---|---:|"]
+    out = ["| task | length | mode | answer gave another trial's value |", "|---|---:|---|---:|"]
     order = lambda k: (k[0], k[1], MODE_ORDER.index(k[2]) if k[2] in MODE_ORDER else len(MODE_ORDER))
     for (task, length, mode), rs in sorted(rows.items(), key=lambda kv: order(kv[0])):
         n, wrong = len(rs), sum(bool(r["other_needles"]) for r in rs)

@@ -9,7 +9,8 @@ A trial record is a dict with at least: `id` (unique per trial and mode), `task`
 `depth` (0..1), `mode`, `status` ("ok", or "n/a" when the mode cannot run at that length, e.g.
 "full" beyond the native context) and `score` (0..1, None when n/a). A trial of a multi-needle
 document (`memformer.eval.needle`) also has `needle` (its index in the document), `needles` (the
-document's trials) and `key`; its `index` is the document's number.
+document's trials), `key` and `other_needles` (the trials whose values its answer gave); its
+`index` is the document's number.
 """
 from __future__ import annotations
 
