@@ -217,6 +217,14 @@ def test_evaluate_rejects_bad_arguments(btok):
         needle.evaluate(model, trials=0, show_progress=False)
     with pytest.raises(ValueError, match="too short"):
         needle.evaluate(model, lengths=[50], show_progress=False)
+    with pytest.raises(ValueError, match="needles per document >= 1"):
+        needle.evaluate(model, needles_per_doc=0, show_progress=False)
+    with pytest.raises(ValueError, match="too short for 8 trials of single-number needles"):
+        needle.evaluate(model, ["single-number"], lengths=[400], needles_per_doc=8, show_progress=False)
+    with pytest.raises(ValueError, match="at most 48 pass keys per document"):
+        passkey.evaluate(model, [20000], 49, needles_per_doc=49, show_progress=False)
+    with pytest.raises(ValueError, match="distinct keys and values"):        # 64 value words
+        needle.evaluate(model, ["single-word"], lengths=[8000], trials=65, needles_per_doc=65, show_progress=False)
 
 
 # ---------------------------------------------------------------------- tables and plots
@@ -396,6 +404,7 @@ def _exit_code(*argv):
     (["needle", "--modes", "memory,psychic"], "unknown mode"),
     (["needle", "--lengths", "4k,lots"], "not a length"),
     (["passkey", "--trials", "0"], "must be >= 1"),
+    (["needle", "--needles-per-doc", "0"], "--needles-per-doc .* must be >= 1"),
     (["needle", "--question-blocks", "0"], "question_blocks must be >= 1"),
     (["passkey", "--block-size", "0"], "block_size must be >= 1"),
     (["ppl", "--docs", "novel"], "unknown document"),
@@ -527,6 +536,9 @@ def test_multi_needle_runner_reads_each_document_once_and_resumes_per_trial(btok
         needle.evaluate(model, **dict(kw, needles_per_doc=2), resume=True)
     with pytest.raises(ValueError, match=r"other settings \(needles_per_doc: 4 -> None\)"):
         needle.evaluate(model, **dict(kw, needles_per_doc=1), resume=True)
+    needle.evaluate(model, **dict(kw, needles_per_doc=1, variants=["single-word"], out_dir=tmp_path / "old"))
+    with pytest.raises(ValueError, match=r"needles_per_doc: None -> 4\).*resume it with --needles-per-doc 1"):
+        needle.evaluate(model, **dict(kw, variants=["single-word"], out_dir=tmp_path / "old"), resume=True)
 
 
 def test_one_needle_layout_is_unchanged(btok, monkeypatch):

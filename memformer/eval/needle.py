@@ -571,7 +571,13 @@ def evaluate(model, variants=TASKS, lengths=(4096,), trials: int = 5, modes=("me
     for v in variants:                    # a length too short fails now, not hours into the run
         build(next(j for j in jobs if j.task == v and j.length == min(lengths)))
     settings = run_settings(model, name, seed, trials, needles_per_doc)
-    log = None if out_dir is None else TrialLog(out_dir, settings, resume)
+    try:
+        log = None if out_dir is None else TrialLog(out_dir, settings, resume)
+    except ValueError as e:
+        if "needles_per_doc: None ->" in str(e):       # a run from before needles_per_doc existed
+            raise ValueError(f"{e}; its trials have one needle per document: resume it with "
+                             "--needles-per-doc 1 (needles_per_doc=1)") from None
+        raise
     try:
         return run_trials(model, jobs, build, modes, log, name, show_progress, evidence)
     finally:
