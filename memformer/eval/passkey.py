@@ -6,7 +6,10 @@ pass key is". Greedy decoding; a trial is correct when the first number generate
 
 `evaluate` runs the prompt as a document + cue through `memformer.qa.longdoc` in any of its modes
 (memory, truncate, rag, full), as task "passkey" of the needle evaluation (`memformer.eval.needle`);
-`run_trial` is the direct token-level path (memory / truncate only) the integration tests use.
+`make_document` puts several named pass keys ("The pass key of Alice is K. ...") in one prompt,
+each asked on its own ("What is the pass key of Alice? The pass key of Alice is"): one read, many
+trials (`--needles-per-doc`). `run_trial` is the direct token-level path (memory / truncate only)
+the integration tests use.
 """
 from __future__ import annotations
 
