@@ -217,6 +217,14 @@ def test_evaluate_rejects_bad_arguments(btok):
         needle.evaluate(model, trials=0, show_progress=False)
     with pytest.raises(ValueError, match="too short"):
         needle.evaluate(model, lengths=[50], show_progress=False)
+    with pytest.raises(ValueError, match="needles per document >= 1"):
+        needle.evaluate(model, needles_per_doc=0, show_progress=False)
+    with pytest.raises(ValueError, match="too short for 8 trials of single-number needles"):
+        needle.evaluate(model, ["single-number"], lengths=[400], needles_per_doc=8, show_progress=False)
+    with pytest.raises(ValueError, match="at most 48 pass keys per document"):
+        passkey.evaluate(model, [20000], 49, needles_per_doc=49, show_progress=False)
+    with pytest.raises(ValueError, match="distinct keys and values"):        # 64 value words
+        needle.evaluate(model, ["single-word"], lengths=[8000], trials=65, needles_per_doc=65, show_progress=False)
 
 
 # ---------------------------------------------------------------------- tables and plots
@@ -337,7 +345,8 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypat
     monkeypatch.setattr(MemformerForCausalLM, "ask", lambda self, *a, **kw: asked.append(kw.get("cue")) or
                         real_ask(self, *a, **kw))
     argv = ["eval", "needle", *common, "--lengths", "400,1k", "--trials", "2", "--variants",
-            "single-number,multiquery,passkey", "--modes", "memory,truncate,full", "--out", str(out)]
+            "single-number,multiquery,passkey", "--modes", "memory,truncate,full", "--out", str(out),
+            "--needles-per-doc", "1"]
     assert _main(*argv) == 0
     records = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 2 * 2 * 3
@@ -345,7 +354,7 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypat
     assert full == {400: "ok", 1024: "n/a"}                        # the tiny model's context is 512
     table = (out / "needle.md").read_text()
     assert "| single-number | 1k |" in table and evalplots.NA in table and "| all tasks | 400 |" in table
-    assert "| passkey | 1k |" in table
+    assert "| passkey | 1k |" in table and "Trials: one needle per document, 2 documents per task" in table
     assert "question reads (4 memory blocks x 64 tokens" in table and "kNN reads in 0..1" in table
     assert all((out / f).stat().st_size > 5000 for f in ("needle_heatmap.png", "needle_accuracy.png"))
     mem = [r for r in records if r["mode"] == "memory"]
@@ -359,7 +368,8 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypat
 
     pk = tmp_path / "passkey"
     assert _main("eval", "passkey", *common, "--lengths", "600", "--trials", "2", "--modes", "memory,truncate",
-                 "--out", str(pk), "--evidence", "--question-blocks", "2", "--block-size", "32") == 0
+                 "--out", str(pk), "--evidence", "--question-blocks", "2", "--block-size", "32",
+                 "--needles-per-doc", "2") == 0
     report = (pk / "passkey.md").read_text()
     assert "question reads (2 memory blocks x 32 tokens" in report
     assert json.loads((pk / "run.json").read_text())["memory_config"]["question_blocks"] == 2
@@ -367,6 +377,8 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypat
     assert "Evidence (memory trials)" in report and "| passkey | 600 |" in report.split("Evidence")[1]
     mem = [json.loads(x) for x in (pk / "trials.jsonl").read_text().splitlines() if '"memory"' in x]
     assert len(mem) == 2 and all(r["evidence"] and "evidence_top1" in r for r in mem)
+    assert [(r["index"], r["needle"]) for r in mem] == [(0, 0), (0, 1)] and mem[0]["key"] != mem[1]["key"]
+    assert "Trials: 2 needles per document, 1 document per task and length (2 trials)" in report
 
     pp = tmp_path / "ppl"
     assert _main("eval", "ppl", *common, "--docs", "pydocs,stdlib", "--tokens", "600", "--bin", "128",
@@ -392,6 +404,7 @@ def _exit_code(*argv):
     (["needle", "--modes", "memory,psychic"], "unknown mode"),
     (["needle", "--lengths", "4k,lots"], "not a length"),
     (["passkey", "--trials", "0"], "must be >= 1"),
+    (["needle", "--needles-per-doc", "0"], "--needles-per-doc .* must be >= 1"),
     (["needle", "--question-blocks", "0"], "question_blocks must be >= 1"),
     (["passkey", "--block-size", "0"], "block_size must be >= 1"),
     (["ppl", "--docs", "novel"], "unknown document"),
@@ -417,3 +430,167 @@ def test_cli_resume_refuses_other_settings(tiny_dir, tmp_path, capsys):
     assert _main(*argv) == 0
     assert _main(*argv, "--seed", "3", "--resume") == 2
     assert "other settings" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- multi-needle documents
+@pytest.mark.parametrize("task", needle.TASKS)
+def test_multi_needle_document_has_distinct_keys_and_values_at_the_planned_depths(btok, task):
+    job = needle.Job(task, 4000, 1, None, 5, 2)
+    s = needle.build_sample(btok, job, seed=0)
+    depths = needle.spread_depths(5, 1, 2, needle.trial_rng(0, task, 4000, "doc1of2x5"))
+    assert [t.depth for t in s.needles] == depths and s.depth is None and len(s.trials) == 5
+    assert all((2 * j + 1.2) / 10 <= d <= (2 * j + 1.8) / 10 for j, d in enumerate(depths))   # doc 1's slots
+    assert 3500 < s.tokens <= 4000 and s.queries == [q for t in s.needles for q in t.queries]
+    for t in s.needles:
+        assert abs(t.needle_depths[0] - t.depth) < 0.03                     # the target needle where planned
+    keys = [t.key for t in s.needles]
+    values = [v for t in s.needles for q in t.queries for v in q.expected]
+    assert len(set(keys)) == 5 and len(set(values)) == len(values)
+    lines = s.text.split("\n") if task != "passkey" else s.text.split(". ")
+    for t in s.needles:                                  # each cue's value is planted with that cue's key only
+        for q in t.queries:
+            asked = q.cue.split(" for ")[1].split(" ")[0] if task != "passkey" else t.key
+            for v in q.expected:
+                holders = [ln for ln in lines if v in ln and ("special magic" in ln or "pass key" in ln)]
+                assert holders and all(asked in ln for ln in holders)
+    per_trial = {"multikey": 4, "multivalue": 4, "multiquery": 4}.get(task, 1)
+    planted = sum(ln.count("special magic") for ln in s.text.split("\n")) if task != "passkey" \
+        else s.text.count("Remember it.")
+    assert planted == 5 * per_trial and sum(len(t.needle_depths) for t in s.needles) == 5 * per_trial
+    again = needle.build_sample(btok, job, seed=0)
+    assert again.text == s.text and again.needles == s.needles                          # seeded
+    assert needle.build_sample(btok, job._replace(index=0), seed=0).text != s.text
+
+
+def test_multi_needle_scoring_counts_only_the_trials_own_value(btok, monkeypatch):
+    """An answer giving another needle's value of the same document is wrong."""
+    def answer_cues(model, text, cues, mode, n):
+        vals = [q.expected[0] for q in sample.queries]
+        mine = [vals[[q.cue for q in sample.queries].index(c)] for c in cues]
+        return mine if mode == "memory" else mine[1:] + mine[:1]            # truncate: a neighbour's value
+    build = needle.build_sample
+    sample = build(btok, needle.Job("single-number", 3000, 0, None, 4, 1), seed=0)
+    _patch_answers(monkeypatch, answer_cues)
+    monkeypatch.setattr(needle, "build_sample", lambda tok, job, seed: sample)
+    rs = needle.evaluate(_fake_model(btok), ["single-number"], [3000], 4, ["memory", "truncate"],
+                         needles_per_doc=4, show_progress=False)
+    assert [(r["mode"], r["needle"], r["score"], r["other_needles"]) for r in rs] == \
+        [("memory", j, 1.0, []) for j in range(4)] + [("truncate", j, 0.0, [(j + 1) % 4]) for j in range(4)]
+    table = needle.other_needle_table(rs)
+    assert table.splitlines()[2:] == ["| single-number | 3000 | memory | 0/4 (0%) |",
+                                      "| single-number | 3000 | truncate | 4/4 (100%) |"]
+    assert needle.other_needle_table(_records()) == ""                      # one-needle records: no table
+    # multivalue: only the first 4 values of the answer count; an unrelated number is no other needle
+    mv = build(btok, needle.Job("multivalue", 3000, 0, None, 3, 1), seed=0)
+    own, other = mv.needles[0].queries[0].expected, mv.needles[2].queries[0].expected
+    assert needle.other_needles(mv, 0, [", ".join(own[:3] + [other[1]])]) == [2]
+    assert needle.other_needles(mv, 0, [", ".join(own + [other[1]])]) == []
+    assert needle.other_needles(mv, 1, ["1234567"]) == []
+
+
+def _counting_answers(calls):
+    """Every mode answers its cues right; calls gets (mode, text, cues) per document read."""
+    def answer_cues(model, text, cues, mode, n):
+        calls.append((mode, text, list(cues)))
+        out = []
+        for cue in cues:
+            if " of " in cue:                                           # passkey: "... pass key of NAME is"
+                name = cue.split(" of ")[-1].removesuffix(" is")
+                out.append(text.split(f"The pass key of {name} is ")[1][:5])
+            else:
+                key = cue.split(" for ")[1].split(" ")[0]
+                out.append(", ".join(ln.split(" is ")[1].rstrip(".") for ln in text.split("\n")
+                                     if f" for {key} is " in ln))
+        return out
+    return answer_cues
+
+
+def test_multi_needle_runner_reads_each_document_once_and_resumes_per_trial(btok, tmp_path, monkeypatch):
+    calls = []
+    _patch_answers(monkeypatch, _counting_answers(calls))
+    model = _fake_model(btok)
+    kw = dict(variants=["single-word", "multivalue", "passkey"], lengths=[3000], trials=6, modes=["memory", "rag"],
+              out_dir=tmp_path, show_progress=False, needles_per_doc=4)
+    rs = needle.evaluate(model, **kw)
+    # 6 trials at 4 per document -> 2 documents (8 trials) per task; one read per document and mode
+    assert len(calls) == 3 * 2 * 2 and len(rs) == 3 * 2 * 2 * 4
+    assert all(len(cues) == 4 for _, _, cues in calls) and all(r["score"] == 1.0 for r in rs)
+    assert [r["id"] for r in rs[:5]] == [f"single-word/3000/0/memory/{j}" for j in range(4)] + \
+        ["single-word/3000/0/rag/0"]
+    r = rs[0]
+    assert (r["index"], r["needle"], r["needles"], r["status"]) == (0, 0, 4, "ok")
+    assert r["key"] in calls[0][2][0] and r["expected"] == [[r["answers"][0]]]
+    assert sorted(x["depth"] for x in rs if x["task"] == "passkey" and x["mode"] == "rag") == \
+        sorted(x["depth"] for x in rs if x["task"] == "passkey" and x["mode"] == "memory")
+    assert json.loads((tmp_path / "run.json").read_text())["needles_per_doc"] == 4
+    # interrupted: two trials of one document lost -> that document is read again, only they are asked
+    lines = (tmp_path / "trials.jsonl").read_text().splitlines()
+    lost = {"multivalue/3000/1/rag/1", "multivalue/3000/1/rag/3"}
+    (tmp_path / "trials.jsonl").write_text("\n".join(x for x in lines if json.loads(x)["id"] not in lost) + "\n")
+    calls.clear()
+    again = needle.evaluate(model, **kw, resume=True)
+    assert [(m, len(c)) for m, _, c in calls] == [("rag", 2)]
+    assert [r["id"] for r in again] == [r["id"] for r in rs]
+    assert [r["answers"] for r in again] == [r["answers"] for r in rs]
+    with pytest.raises(ValueError, match=r"other settings \(needles_per_doc: 4 -> 2\)"):
+        needle.evaluate(model, **dict(kw, needles_per_doc=2), resume=True)
+    with pytest.raises(ValueError, match=r"other settings \(needles_per_doc: 4 -> None\)"):
+        needle.evaluate(model, **dict(kw, needles_per_doc=1), resume=True)
+    needle.evaluate(model, **dict(kw, needles_per_doc=1, variants=["single-word"], out_dir=tmp_path / "old"))
+    with pytest.raises(ValueError, match=r"needles_per_doc: None -> 4\).*resume it with --needles-per-doc 1"):
+        needle.evaluate(model, **dict(kw, variants=["single-word"], out_dir=tmp_path / "old"), resume=True)
+
+
+def test_one_needle_layout_is_unchanged(btok, monkeypatch):
+    """needles_per_doc=1: the documents, ids and settings of the one-needle runs before it."""
+    calls = []
+    _patch_answers(monkeypatch, _counting_answers(calls))
+    rs = needle.evaluate(_fake_model(btok), ["single-number"], [1500], 2, ["memory"], show_progress=False)
+    assert [r["id"] for r in rs] == ["single-number/1500/0/memory", "single-number/1500/1/memory"]
+    assert [r["depth"] for r in rs] == [0.25, 0.75] and not {"needle", "needles", "key", "other_needles"} & set(rs[0])
+    old = needle.make_sample(btok, "single-number", 1500, 0.75, needle.trial_rng(0, "single-number", 1500, 1), 1)
+    assert calls[1][1] == old.text
+    assert "needles_per_doc" not in needle.run_settings(_fake_model(btok), "needle", 0, 2)
+
+
+def test_cli_multi_needle_reads_each_document_once_per_mode(tiny_dir, tmp_path, capsys, monkeypatch, fake_minilm):
+    """The real tiny model: one memorize per document (mode memory), one prepare per document and
+    baseline mode, one ask per needle; the report states the layout."""
+    from memformer.qa import longdoc
+    memorized, prepared, asked = [], [], []
+    real_memorize, real_prepare, real_ask = MemformerForCausalLM.memorize, longdoc.prepare, MemformerForCausalLM.ask
+    monkeypatch.setattr(MemformerForCausalLM, "memorize", lambda self, x, **kw: memorized.append(len(x)) or
+                        real_memorize(self, x, **kw))
+    monkeypatch.setattr(longdoc, "prepare", lambda model, docs, mode, **kw: prepared.append(mode) or
+                        real_prepare(model, docs, mode, **kw))
+    monkeypatch.setattr(MemformerForCausalLM, "ask", lambda self, *a, **kw: asked.append(kw["cue"]) or
+                        real_ask(self, *a, **kw))
+    plotted = []                           # (plots of these records are tested above; they cost seconds)
+    monkeypatch.setattr(evalplots, "plot_depth_heatmaps", lambda rs, path, **kw: plotted.append((len(rs), kw)))
+    monkeypatch.setattr(evalplots, "plot_accuracy_vs_length", lambda rs, path, **kw: None)
+    out = tmp_path / "multi"
+    argv = ["eval", "needle", "--model", str(tiny_dir), "--window", "256", "--top-k", "4", "--lengths", "1200",
+            "--trials", "3", "--needles-per-doc", "3", "--variants", "single-word,passkey",
+            "--modes", "memory,truncate,rag", "--out", str(out)]
+    assert _main(*argv) == 0
+    records = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 3 * 3                       # tasks x needles x modes (one document per task)
+    assert len(memorized) == 2 and sorted(prepared) == ["rag"] * 2 + ["truncate"] * 2
+    mem = [r for r in records if r["mode"] == "memory"]
+    assert len(asked) == len(mem) == 6 and all(r["key"] in cue for r, cue in zip(mem, asked))
+    assert [r["needle"] for r in mem] == [0, 1, 2] * 2 and all(r["status"] == "ok" for r in records)
+    report = (out / "needle.md").read_text()
+    assert "Trials: 3 needles per document, 1 document per task and length (3 trials)" in report
+    assert "| single-word | 1200 |" in report and "| all tasks | 1200 | 0.8-1.0 |" in report
+    assert "| passkey | 1200 | rag |" in report.split("Wrong needle")[1]
+    assert plotted == [(18, dict(bins=5, title="needle accuracy by depth and length (3 needles per document)"))]
+    memorized.clear()
+    assert _main(*argv, "--resume") == 0 and memorized == []                # nothing left to read
+    capsys.readouterr()
+
+
+def test_depth_table_pools_tasks_by_length_and_depth():
+    table = evalplots.depth_table(_records(), bins=3)
+    assert table.splitlines()[0] == "| task | length | depth | memory | full |"
+    assert "| all tasks | 4k | 0.0-0.3 | 100% (1/1) | 100% (1/1) |" in table
+    assert f"| all tasks | 16k | 0.7-1.0 | 0% (0/1) | {evalplots.NA} |" in table

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -78,10 +79,15 @@ def load_model(args):
 ALL_MODES = "memory,truncate,rag,full"
 
 
-def add_trial_args(p: argparse.ArgumentParser, out: str, lengths: str, trials: int) -> None:
-    """--lengths --trials --modes --seed --out --resume."""
+def add_trial_args(p: argparse.ArgumentParser, out: str, lengths: str, trials: int, needles: int) -> None:
+    """--lengths --trials --needles-per-doc --modes --seed --out --resume --depth-bins --evidence."""
     p.add_argument("--lengths", default=lengths, help="comma-separated prompt lengths, e.g. 4k,16k,32000")
-    p.add_argument("--trials", type=int, default=trials, help="trials per length (needle depths spread evenly)")
+    p.add_argument("--trials", type=int, default=trials,
+                   help="trials per task and length (needle depths spread evenly); with several needles per "
+                        "document rounded up to whole documents")
+    p.add_argument("--needles-per-doc", type=int, default=needles,
+                   help=f"trials planted in one document, which is read once per mode and asked one trial at "
+                        f"a time (default {needles}); 1 = a document per trial")
     p.add_argument("--modes", default=ALL_MODES, help=f"comma-separated, from {ALL_MODES}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=out, help="folder for the table, plots and trials.jsonl")
@@ -103,8 +109,9 @@ def parse_trial_args(args, prog: str) -> tuple[list[int], list[str]] | None:
     bad = [m for m in modes if m not in qa.MODES]
     if bad or not modes:
         return _fail(prog, f"unknown mode(s) {bad or modes}; choose from {', '.join(qa.MODES)}")
-    if args.trials < 1 or args.depth_bins < 1:
-        return _fail(prog, f"--trials and --depth-bins must be >= 1, got {args.trials} and {args.depth_bins}")
+    if args.trials < 1 or args.depth_bins < 1 or args.needles_per_doc < 1:
+        return _fail(prog, f"--trials, --needles-per-doc and --depth-bins must be >= 1, got {args.trials}, "
+                           f"{args.needles_per_doc} and {args.depth_bins}")
     return lengths, modes
 
 
@@ -127,12 +134,25 @@ def describe_layers(model) -> str:
     return f"{layers} (kNN reads in {span})"
 
 
+def trial_layout(trials: int, needles_per_doc: int) -> str:
+    """How the trials sit in documents, for a report header: "8 needles per document, 2 documents
+    per task and length (16 trials), ..." (trials rounded up to whole documents, as `plan_jobs` does)."""
+    if needles_per_doc == 1:
+        return f"one needle per document, {trials} documents per task and length ({trials} trials)"
+    docs = math.ceil(trials / needles_per_doc)
+    return (f"{needles_per_doc} needles per document, {docs} document{'s' if docs != 1 else ''} per task and "
+            f"length ({docs * needles_per_doc} trials); each needle is asked on its own after one read of "
+            "its document")
+
+
 def report_header(title: str, model, args, seconds: float, what: str) -> str:
-    """Markdown title, settings and the exact command, above an evaluation's table."""
+    """Markdown title, what the evaluation does, how its trials sit in documents, the settings and
+    the exact command, above an evaluation's table."""
     cfg = model.memory_config
     layers = describe_layers(model)
-    return (f"# {title}\n\n{what}\n\nbackbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, "
+    layout = trial_layout(args.trials, getattr(args, "needles_per_doc", 1))
+    return (f"# {title}\n\n{what}\n\nTrials: {layout}.\n\nbackbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, "
             f"window {cfg.window}, top-k {cfg.top_k}, {_reads(cfg)}, memory layers: {layers}, "
-            f"sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}; {args.trials} trials per length, "
+            f"sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}; "
             f"seed {args.seed}; {seconds:.0f}s in this run{' (resumed)' if args.resume else ''}\n\n"
             f"Command: `memformer {' '.join(sys.argv[1:])}`\n\n")

@@ -6,7 +6,10 @@ pass key is". Greedy decoding; a trial is correct when the first number generate
 
 `evaluate` runs the prompt as a document + cue through `memformer.qa.longdoc` in any of its modes
 (memory, truncate, rag, full), as task "passkey" of the needle evaluation (`memformer.eval.needle`);
-`run_trial` is the direct token-level path (memory / truncate only) the integration tests use.
+`make_document` puts several named pass keys ("The pass key of Alice is K. ...") in one prompt,
+each asked on its own ("What is the pass key of Alice? The pass key of Alice is"): one read, many
+trials (`--needles-per-doc`). `run_trial` is the direct token-level path (memory / truncate only)
+the integration tests use.
 """
 from __future__ import annotations
 
@@ -16,13 +19,21 @@ from pathlib import Path
 import torch
 
 from memformer.eval.plots import accuracy_table, plot_depth_heatmaps
-from memformer.eval.needle import Query, Sample, encode
+from memformer.eval.needle import Query, Sample, Trial, encode, token_fractions
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+# several pass keys in one document (`make_document`): each has its owner's name
+NAMED_NEEDLE = "The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}."
+NAMED_QUESTION = "What is the pass key of {name}? The pass key of {name} is"
+NAMES = ("Alice", "Bruno", "Carmen", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ingrid", "Jamal", "Katya",
+         "Lars", "Mei", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Samir", "Tamsin", "Ulrich", "Vera",
+         "Wendell", "Ximena", "Yusuf", "Zora", "Anders", "Beatriz", "Cosmo", "Delia", "Emeka", "Flora",
+         "Gustav", "Hana", "Ivo", "Juno", "Kwame", "Lucia", "Milo", "Noor", "Otto", "Paloma", "Rafael",
+         "Sigrid", "Tobias", "Uma", "Viktor", "Wanda")
 
 
 def parse_length(s: str) -> int:
@@ -87,16 +98,44 @@ def make_sample(tokenizer, length: int, depth: float, key: int, index: int = 0) 
                   [round(len(enc(head)) / tokens, 4)], max_new_tokens=8)
 
 
+def make_document(tokenizer, length: int, depths: list[float], rng, index: int = 0) -> Sample:
+    """The passkey prompt with one named pass key per depth in `depths` ("The pass key of Alice is
+    K. ..."; distinct names and distinct 5-digit keys, drawn from `rng`), as a multi-needle
+    document of about `length` tokens (with the longest question): a trial per pass key, asked
+    "What is the pass key of Alice? The pass key of Alice is". Depths count filler sentences."""
+    if len(depths) > len(NAMES):
+        raise ValueError(f"at most {len(NAMES)} pass keys per document, got {len(depths)}")
+    enc = lambda t: encode(tokenizer, t)
+    names, keys = rng.sample(NAMES, len(depths)), rng.sample(range(10000, 100000), len(depths))
+    needles = [NAMED_NEEDLE.format(name=n, key=k) for n, k in zip(names, keys)]
+    questions = [NAMED_QUESTION.format(name=n) for n in names]
+    fixed = len(enc(TASK)) + sum(len(enc(" " + x)) for x in needles) + max(len(enc("\n\n" + q)) for q in questions)
+    n = max(1, (length - fixed) // len(enc(" " + FILLER)))
+    text, offsets, done = TASK, [0] * len(depths), 0
+    for j in sorted(range(len(depths)), key=lambda j: depths[j]):
+        before = int(round(depths[j] * n))
+        text += (" " + FILLER) * (before - done) + " "
+        offsets[j], done = len(text), before
+        text += needles[j]
+    text += (" " + FILLER) * (n - done)
+    tokens, measured = token_fractions(tokenizer, text, offsets)
+    trials = [Trial(d, [Query(q, [str(k)], "number")], [m], name)
+              for d, q, k, m, name in zip(depths, questions, keys, measured, names)]
+    return Sample("passkey", length, index, None, text, [t.queries[0] for t in trials], tokens, measured,
+                  max_new_tokens=8, needles=trials)
+
+
 def evaluate(model, lengths: list[int], trials: int, modes=("memory", "truncate"), seed: int = 0,
              out_dir: str | Path | None = None, resume: bool = False, show_progress: bool = True,
-             evidence: bool = False) -> list[dict]:
+             evidence: bool = False, needles_per_doc: int = 1) -> list[dict]:
     """Every (length, trial) in every mode (`memformer.qa.longdoc`); trial i of n puts the needle at depth
-    (i + 0.5) / n, its key drawn from the trial's own seeded generator. Records (see
+    (i + 0.5) / n, its key drawn from the trial's own seeded generator. needles_per_doc > 1: that
+    many named pass keys per document (`make_document`), read once per mode, asked one at a time. Records (see
     `memformer.eval.plots`) stream to out_dir/trials.jsonl; resume=True skips finished ones.
     evidence: memory trials record whether their evidence spans point at the passkey sentence."""
     from memformer.eval import needle
     return needle.evaluate(model, ["passkey"], lengths, trials, modes, seed, out_dir, resume, show_progress,
-                           name="passkey", evidence=evidence)
+                           name="passkey", evidence=evidence, needles_per_doc=needles_per_doc)
 
 
 def summary_table(results: list[dict]) -> str:
@@ -104,6 +143,6 @@ def summary_table(results: list[dict]) -> str:
     return accuracy_table(results)
 
 
-def plot_heatmap(results: list[dict], path: str | Path, bins: int = 5) -> Path:
+def plot_heatmap(results: list[dict], path: str | Path, bins: int = 5, title: str = "passkey accuracy") -> Path:
     """Depth (rows, binned) x length (columns) accuracy heatmap, one panel per mode."""
-    return plot_depth_heatmaps(results, path, bins=bins, title="passkey accuracy")
+    return plot_depth_heatmaps(results, path, bins=bins, title=title)

@@ -7,7 +7,10 @@ settings that decide a trial's outcome (seed, backbone, memory config, ...) are 
 
 A trial record is a dict with at least: `id` (unique per trial and mode), `task`, `length`,
 `depth` (0..1), `mode`, `status` ("ok", or "n/a" when the mode cannot run at that length, e.g.
-"full" beyond the native context) and `score` (0..1, None when n/a).
+"full" beyond the native context) and `score` (0..1, None when n/a). A trial of a multi-needle
+document (`memformer.eval.needle`) also has `needle` (its index in the document), `needles` (the
+document's trials), `key` and `other_needles` (the trials whose values its answer gave); its
+`index` is the document's number.
 """
 from __future__ import annotations
 
@@ -130,6 +133,21 @@ def accuracy_table(records, tasks=None) -> str:
             cells = [accuracy_cell([r for r in records if r["task"] == task and r["length"] == L
                                     and r["mode"] == m]) for m in modes]
             lines.append(f"| {task} | {length_label(L)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def depth_table(records, bins: int = 5, label: str = "all tasks") -> str:
+    """Markdown: a row per (length, depth bin) of the target needle, a column per mode; the
+    records (of every task given) pooled; cells from `accuracy_cell`."""
+    modes = ordered_modes(records)
+    lines = ["| task | length | depth | " + " | ".join(modes) + " |", "|---" * (len(modes) + 3) + "|"]
+    for L in sorted({r["length"] for r in records}):
+        for b in range(bins):
+            at = [r for r in records if r["length"] == L and depth_bin(r["depth"], bins) == b]
+            if at:
+                cells = [accuracy_cell([r for r in at if r["mode"] == m]) for m in modes]
+                lines.append(f"| {label} | {length_label(L)} | {b / bins:.1f}-{(b + 1) / bins:.1f} | "
+                             + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
