@@ -20,6 +20,15 @@ so it is never stale by more than the windows of one episode.
 Write pass: inference (`memorize`) stores the keys of a forward that does not read memory, so
 training runs a separate no-grad write-only forward per window, which also scores the window
 without memory for free.
+
+Shared frozen layers (`run_episode(fast=True)`, the default): the decoder layers below the first
+memory layer hold no memory and no trainable weight, so their output for a window is the same in
+the read and the write pass and needs no autograd. They run once per window, without a graph
+(`WindowLM(..., stop=first)`); both passes start from that state (`start=first, hidden=...`,
+`decoder_span`). The write pass stops after the last memory layer (nothing above it is stored),
+and the last window is not written (no later window reads it). Losses and gradients are those of
+the reference (`fast=False`: every pass through the whole decoder from the tokens); the saving
+grows with the number of layers below the first memory layer (none for all-layer memory).
 """
 from __future__ import annotations
 
