@@ -1,6 +1,7 @@
 """Training-step speed of the crossbatch recipe, before and after the fast episode, side by side.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_speed.py --repeats 3
+    OMP_NUM_THREADS=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \
+        .venv/bin/python benchmarks/train_speed.py --repeats 3
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_speed.py --configs sparse --sparse-layers 24,26,28
 
 One process builds the recipe from `training/configs/smollm2_cpu.yaml` (the real SmolLM2-135M
@@ -119,7 +120,8 @@ def write_readme(out: Path, rows: list[dict], args, sparse: list[int], argv) -> 
              f"Date: {datetime.date.today()}. Machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s). "
              f"Before: `training/crossbatch.py` at {args.before}; after: this tree.", "",
-             "    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_speed.py " + " ".join(argv), "",
+             "    " + " ".join(f"{k}={os.environ[k]}" for k in ENV if k in os.environ)
+             + " .venv/bin/python benchmarks/train_speed.py " + " ".join(argv), "",
              "| config | memory layers | before tokens/s | after tokens/s | speed-up | step s before / after | load (1 min) |",
              "|---|---|---|---|---|---|---|"]
     for config in dict.fromkeys(r["config"] for r in rows):
@@ -132,8 +134,15 @@ def write_readme(out: Path, rows: list[dict], args, sparse: list[int], argv) -> 
                      f"{tps['after'] / tps['before']:.2f}x | {sec['before']:.1f} / {sec['after']:.1f} | "
                      f"{min(load):.1f}-{max(load):.1f} |")
     lines += ["", "Medians over the repeats; every repeat (both paths on the same batch) is in "
-              "train_speed.csv."]
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+              "train_speed.csv.", ""]
+    # notes written by hand below the marker (profiles, conclusions) survive a re-run
+    readme = out / "README.md"
+    notes = readme.read_text().split(NOTES, 1)[1] if readme.exists() and NOTES in readme.read_text() else "\n"
+    readme.write_text("\n".join(lines) + "\n" + NOTES + notes)
+
+
+ENV = ("OMP_NUM_THREADS", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")     # shown in the command line
+NOTES = "<!-- notes: kept when the benchmark rewrites the table above -->"
 
 
 if __name__ == "__main__":
