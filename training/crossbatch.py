@@ -309,9 +309,9 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
     windows = list(model.plan_windows(batch.ids, lengths, S, batch.ids[:, :S] if S > 0 else None, None))
     # Decoder layers below `split` hold no memory and no trainable parameter: their output is the
     # same in the read and the write pass and needs no autograd. Layers from `top` on store nothing.
-    n_layers = len(model.adapter.layers(model.backbone))
-    split = min(model.memory_layer_ids) if fast else 0
-    top = max(model.memory_layer_ids) + 1 if fast and max(model.memory_layer_ids) + 1 < n_layers else None
+    n_layers, first, final = len(model.adapter.layers(model.backbone)), min(model.memory_layer_ids), max(model.memory_layer_ids)
+    split = first if fast else 0
+    top = final + 1 if fast and final + 1 < n_layers else None
     written: list[WrittenWindow] = []
     res = EpisodeResult()
     for t, (x, mask, p, start, end) in enumerate(windows):
@@ -319,18 +319,19 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         targets[:, p:] = batch.targets[:, start:end]
         scored = t >= first_loss_window
         last = t == len(windows) - 1
-        outer = window_context(t, last) if window_context is not None and scored else contextlib.nullcontext()
+        # a scored window's passes run in window_context (autocast, gradient sync)
+        context = (lambda: window_context(t, last)) if window_context is not None and scored else contextlib.nullcontext
         low = None                                       # the state entering layer `split` [B, T, H]
         if split > 0:
-            # in the read pass's context (autocast), so the read pass sees what a whole forward would
-            with outer, torch.no_grad():
+            # in the read pass's context, so the read pass sees what a whole forward would give it
+            # (under autocast the write pass then starts from this autocast state too)
+            with context(), torch.no_grad():
                 low = lm(x, mask, p, targets, stop=split)
         memories, rows = {}, None
         if written and scored:
             memories, rows = lane_memory(written, group, top_k)
         if scored:
-            outer = window_context(t, last) if window_context is not None else contextlib.nullcontext()
-            with outer, runtime_state(model, read=True, write=False, memories=memories):
+            with context(), runtime_state(model, read=True, write=False, memories=memories):
                 loss, count = lm(x, mask, p, targets, start=split, hidden=low)
                 if backward is not None:
                     backward(loss, count, t, last)
