@@ -122,19 +122,23 @@ def write_readme(out: Path, rows: list[dict], args, sparse: list[int], argv) -> 
              f"Before: `training/crossbatch.py` at {args.before}; after: this tree.", "",
              "    " + " ".join(f"{k}={os.environ[k]}" for k in ENV if k in os.environ)
              + " .venv/bin/python benchmarks/train_speed.py " + " ".join(argv), "",
-             "| config | memory layers | before tokens/s | after tokens/s | speed-up | step s before / after | load (1 min) |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | memory layers | before tokens/s | after tokens/s | speed-up | paired speed-ups | step s before / after | load (1 min) |",
+             "|---|---|---|---|---|---|---|---|"]
     for config in dict.fromkeys(r["config"] for r in rows):
         got = {p: [r for r in rows if r["config"] == config and r["path"] == p] for p in ("before", "after")}
         tps = {p: statistics.median(r["tokens_per_s"] for r in got[p]) for p in got}
         sec = {p: statistics.median(r["seconds"] for r in got[p]) for p in got}
         load = [r["load1"] for r in got["before"] + got["after"]]
+        # each repeat ran both paths back to back on one batch: its ratio shares that repeat's load
+        pairs = sorted(b["seconds"] / a["seconds"] for b, a in zip(got["before"], got["after"]))
         layers = "all 30" if config == "shipped" else ", ".join(map(str, sparse))
         lines.append(f"| {config} | {layers} | {tps['before']:.1f} | {tps['after']:.1f} | "
-                     f"{tps['after'] / tps['before']:.2f}x | {sec['before']:.1f} / {sec['after']:.1f} | "
+                     f"{tps['after'] / tps['before']:.2f}x | {', '.join(f'{x:.2f}' for x in pairs)} | "
+                     f"{sec['before']:.1f} / {sec['after']:.1f} | "
                      f"{min(load):.1f}-{max(load):.1f} |")
-    lines += ["", "Medians over the repeats; every repeat (both paths on the same batch) is in "
-              "train_speed.csv.", ""]
+    lines += ["", "tokens/s and step seconds: medians over the repeats; paired speed-ups: before / after "
+              "seconds of each repeat (both paths back to back on the same batch), sorted. Every step is "
+              "in train_speed.csv.", ""]
     # notes written by hand below the marker (profiles, conclusions) survive a re-run
     readme = out / "README.md"
     notes = readme.read_text().split(NOTES, 1)[1] if readme.exists() and NOTES in readme.read_text() else "\n"
