@@ -176,6 +176,54 @@ def test_scored_counts_match_the_episode_and_gradients_reach_only_memory_layers(
     assert any("memory_gate" in n and g.abs().sum() > 0 for n, g in grads.items())
 
 
+def _episode_with_grads(model, batch, fast, measure_no_memory=False):
+    """Per-window losses [windows, B] (and without memory), and {parameter: gradient} of one
+    episode whose backward sums every window's loss, as the recipe's does."""
+    model.zero_grad(set_to_none=True)
+    res = run_episode(model, batch, d=2, w=2, top_k=4, generator=random.Random(0), fast=fast,
+                      backward=lambda loss, count, t, last: loss.sum().backward())
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        plain = run_episode(model, batch, d=2, w=2, top_k=4, generator=random.Random(0), fast=fast,
+                            measure_no_memory=True)
+    return torch.stack(res.loss), torch.stack(plain.loss_no_memory), grads
+
+
+@pytest.mark.parametrize("layers,checkpointing", [([2, 3], False), ([2, 3], True), (None, False)])   # None: all 5, as the CPU config
+def test_fast_episode_gives_the_reference_losses_and_gradients(layers, checkpointing):
+    """The fast episode (the frozen layers below the first memory layer run once per window for
+    both passes, the write pass stops at the last memory layer, the last window is not written)
+    learns exactly what the reference (every pass through the whole decoder) learns: same losses
+    with and without memory, same gradients, on the same set of trainable parameters."""
+    mc = MemoryConfig(window=32, top_k=4, overlap=4, sink_tokens=2, memory_layers=layers,
+                      knn_layers=layers or list(range(5)))
+    model = MemformerForCausalLM(tiny_backbone(vocab_size=260, num_hidden_layers=5), ByteTokenizer(), mc)
+    model.add_lora(AdapterConfig(lora_rank=4))
+    with torch.no_grad():                     # a trained-looking adapter: B != 0, gates != 0
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+    if checkpointing:
+        model.backbone.activation_checkpointing_enable({"use_reentrant": False})
+    batch = random_batch(B=3, L=110)
+    batch.valid[2, 80:] = False                                   # a shorter document
+    batch.targets[2, 80:] = False
+    loss, plain, grads = _episode_with_grads(model, batch, fast=True)
+    ref_loss, ref_plain, ref_grads = _episode_with_grads(model, batch, fast=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, ref_plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loss, plain)                        # memory is read: it changes the loss
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() == trainable          # every adapter weight and gate, nothing else
+    for n, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert all(ref_grads[n].abs().sum() > 0 for n in trainable)
+    if layers is not None:                                        # the memory layers are 2 and 3 only
+        assert all(".layers.2." in n or ".layers.3." in n for n in trainable)
+
+
 # ---------------------------------------------------------------- data
 def test_data_split_packing_and_synthetic_samples(tmp_path):
     tok = ByteTokenizer()

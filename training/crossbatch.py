@@ -20,6 +20,15 @@ so it is never stale by more than the windows of one episode.
 Write pass: inference (`memorize`) stores the keys of a forward that does not read memory, so
 training runs a separate no-grad write-only forward per window, which also scores the window
 without memory for free.
+
+Shared frozen layers (`run_episode(fast=True)`, the default): the decoder layers below the first
+memory layer hold no memory and no trainable weight, so their output for a window is the same in
+the read and the write pass and needs no autograd. They run once per window, without a graph
+(`WindowLM(..., stop=first)`); both passes start from that state (`start=first, hidden=...`,
+`decoder_span`). The write pass stops after the last memory layer (nothing above it is stored),
+and the last window is not written (no later window reads it). Losses and gradients are those of
+the reference (`fast=False`: every pass through the whole decoder from the tokens); the saving
+grows with the number of layers below the first memory layer (none for all-layer memory).
 """
 from __future__ import annotations
 
@@ -179,7 +188,11 @@ class WindowLM(nn.Module):
     forward(x [B, T], mask [B, T] bool, p, targets [B, T] bool) -> (loss_sum [B], count [B]):
     summed cross-entropy of the tokens x[:, p:] where `targets`, each predicted from the position
     before it (tokens before p are context already scored by an earlier window). score=False runs
-    the decoder only (the write pass) and returns None."""
+    the decoder only (the write pass) and returns None.
+
+    A span of the decoder: start, hidden [B, T, H] = begin at decoder layer `start` with `hidden`
+    the state entering it (what an earlier call with stop=start returned); stop = end before
+    decoder layer `stop` and return the state entering it, [B, T, H] (no final norm, no loss)."""
 
     def __init__(self, model):
         super().__init__()
@@ -189,13 +202,18 @@ class WindowLM(nn.Module):
         bb = self.model.backbone
         return bb.get_decoder() if hasattr(bb, "get_decoder") else bb.model
 
-    def forward(self, x, mask, p: int, targets, score: bool = True):
+    def forward(self, x, mask, p: int, targets, score: bool = True, *, start: int = 0, hidden=None,
+                stop: int | None = None):
         B, T = x.shape
         dev = self.model.device
         x, mask, targets = x.to(dev), mask.to(dev), targets.to(dev)
-        hidden = self.decoder()(input_ids=x, attention_mask=mask.long(),
-                                position_ids=torch.arange(T, device=dev)[None].expand(B, -1),
-                                use_cache=False).last_hidden_state                # [B, T, H]
+        tokens = dict(input_ids=x) if hidden is None else dict(inputs_embeds=hidden)
+        dec = self.decoder()
+        with decoder_span(dec, start, stop):
+            hidden = dec(**tokens, attention_mask=mask.long(), position_ids=torch.arange(T, device=dev)[None].expand(B, -1),
+                         use_cache=False).last_hidden_state                       # [B, T, H]
+        if stop is not None:                                 # a lower span: the state entering layer `stop`
+            return hidden
         if not score:                                        # write pass: the memory layers' k/v only
             return None
         first = max(p, 1)                                    # token 0 of a window has no predictor
@@ -206,6 +224,27 @@ class WindowLM(nn.Module):
         ce = F.cross_entropy(logits, x[:, first:][tmask], reduction="none")        # [N]
         lane = torch.arange(B, device=dev)[:, None].expand_as(tmask)[tmask]        # [N]
         return torch.zeros(B, device=dev, dtype=ce.dtype).index_add(0, lane, ce), tmask.sum(1)
+
+
+@contextlib.contextmanager
+def decoder_span(decoder: nn.Module, start: int, stop: int | None):
+    """Within this block `decoder` runs only its layers [start, stop) (stop None = to the top), and
+    its final norm only when the span reaches the top: its forward then maps the state entering
+    layer `start` (given as inputs_embeds) to the state entering layer `stop`. The decoder's own
+    forward still builds the causal mask and the RoPE tables, so a span runs exactly the
+    operations the same layers run inside a whole forward."""
+    layers, norm = decoder.layers, decoder.norm
+    stop = len(layers) if stop is None else stop
+    if (start, stop) == (0, len(layers)):
+        yield
+        return
+    decoder.layers = nn.ModuleList(list(layers)[start:stop])
+    if stop < len(layers):
+        decoder.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
 
 
 @contextlib.contextmanager
@@ -244,7 +283,8 @@ class EpisodeResult:
 
 def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, generator: random.Random,
                 first_loss_window: int = 1, lm: nn.Module | None = None, backward=None,
-                window_context=None, measure_no_memory: bool = False, keep_rows: bool = False) -> EpisodeResult:
+                window_context=None, measure_no_memory: bool = False, keep_rows: bool = False,
+                fast: bool = True) -> EpisodeResult:
     """Read one batch of documents window by window with crossbatch memory.
 
     model: MemformerForCausalLM. batch: `memformer.training.data.Batch` (ids, valid, targets
@@ -257,26 +297,42 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         forward and backward (autocast, DDP's no_sync on all but the last backward).
     measure_no_memory: also score each window without memory (free when the write pass does
         not read memory, since it is exactly that forward).
+    fast: compute the frozen layers below the first memory layer once per window, shared by the
+        read and the write pass, stop the write pass after the last memory layer and skip the
+        last window's write (nothing reads it). False = the reference: every pass runs the whole
+        decoder from the tokens. Both give the same losses and gradients (tests check it).
     """
     lm = lm if lm is not None else WindowLM(model)
     S = model.memory_config.sink_tokens
     lengths = batch.valid.sum(1).tolist()
     group = negative_groups(batch.doc_ids, d, generator)
     windows = list(model.plan_windows(batch.ids, lengths, S, batch.ids[:, :S] if S > 0 else None, None))
+    # Decoder layers below `split` hold no memory and no trainable parameter: their output is the
+    # same in the read and the write pass and needs no autograd. Layers from `top` on store nothing.
+    n_layers, first, final = len(model.adapter.layers(model.backbone)), min(model.memory_layer_ids), max(model.memory_layer_ids)
+    split = first if fast else 0
+    top = final + 1 if fast and final + 1 < n_layers else None
     written: list[WrittenWindow] = []
     res = EpisodeResult()
     for t, (x, mask, p, start, end) in enumerate(windows):
         targets = torch.zeros_like(mask)
         targets[:, p:] = batch.targets[:, start:end]
         scored = t >= first_loss_window
+        last = t == len(windows) - 1
+        # a scored window's passes run in window_context (autocast, gradient sync)
+        context = (lambda: window_context(t, last)) if window_context is not None and scored else contextlib.nullcontext
+        low = None                                       # the state entering layer `split` [B, T, H]
+        if split > 0:
+            # in the read pass's context, so the read pass sees what a whole forward would give it
+            # (under autocast the write pass then starts from this autocast state too)
+            with context(), torch.no_grad():
+                low = lm(x, mask, p, targets, stop=split)
         memories, rows = {}, None
         if written and scored:
             memories, rows = lane_memory(written, group, top_k)
         if scored:
-            last = t == len(windows) - 1
-            outer = window_context(t, last) if window_context is not None else contextlib.nullcontext()
-            with outer, runtime_state(model, read=True, write=False, memories=memories):
-                loss, count = lm(x, mask, p, targets)
+            with context(), runtime_state(model, read=True, write=False, memories=memories):
+                loss, count = lm(x, mask, p, targets, start=split, hidden=low)
                 if backward is not None:
                     backward(loss, count, t, last)
             res.loss.append(loss.detach().float().cpu())
@@ -286,11 +342,13 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         # The write pass: the keys and values memory stores, from a forward without memory (as
         # `memorize` writes them), which is also the window scored without memory.
         score = scored and measure_no_memory
+        if fast and last and not score:
+            continue                                     # the last window's keys are never read
         with torch.no_grad(), runtime_state(model, read=False, write=True, write_slice=slice(p, None)) as kv:
-            out = lm(x, mask, p, targets, score=score)
+            out = lm(x, mask, p, targets, score=score, start=split, hidden=low, stop=None if score else top)
         if score:
             res.loss_no_memory.append(out[0].float().cpu())
-        if t < len(windows) - 1:
+        if not last:
             written.append(WrittenWindow(kv, mask[:, p:].clone(), t, start))
             if w:
                 written = written[-w:]

@@ -1,0 +1,95 @@
+"""Where a crossbatch training episode spends its time: seconds per pass, before and after.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_profile.py                  # memory in all 30 layers
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_profile.py --layers 24,26,28 --ops
+
+Builds the recipe of `training/configs/smollm2_cpu.yaml` (real backbone, LoRA + gates), draws one
+batch and runs its episode (one backward per window) `--repeats` times with the `run_episode` of
+`--before` (loaded from git) and of this tree, timing every `WindowLM` call by kind: prefix (the
+shared frozen layers, after only), read (with gradients), write (no gradients), and backward.
+--ops: also the torch profiler's op table of one episode of each. Prints to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import ROOT, old_crossbatch  # noqa: E402
+from memformer.training import CrossbatchRecipe, TrainConfig  # noqa: E402
+from memformer.training import crossbatch as after  # noqa: E402
+
+
+def timed(times: dict, cls) -> None:
+    """Wrap cls.forward so every call adds its seconds to times[kind]."""
+    forward = cls.forward
+
+    def wrapper(self, *args, **kw):
+        kind = "prefix" if kw.get("stop") is not None and not kw.get("start") else (
+            "read" if torch.is_grad_enabled() else "write")
+        t0 = time.perf_counter()
+        out = forward(self, *args, **kw)
+        times[kind] += time.perf_counter() - t0
+        return out
+    cls.forward = wrapper
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="all", help="'all' (the YAML) or memory layers, e.g. 24,26,28")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--before", default="9b26ee7")
+    ap.add_argument("--ops", action="store_true")
+    args = ap.parse_args(argv)
+    over = [f"output_dir={tempfile.mkdtemp()}", "eval.at_start=false", "eval.every=0", "eval.at_end=false",
+            "checkpoint.every=0", "checkpoint.resume=false", f"train.threads={args.threads}"]
+    if args.layers != "all":
+        over += [f"memory.memory_layers=[{args.layers}]", f"memory.knn_layers=[{args.layers}]"]
+    r = CrossbatchRecipe(TrainConfig.load(ROOT / "training/configs/smollm2_cpu.yaml", over))
+    r.setup()
+    model, batch = r.model, next(r.batches)
+    tokens = int(batch.valid.sum())
+    before = old_crossbatch(args.before)
+    times = collections.defaultdict(float)
+    timed(times, before.WindowLM)
+    timed(times, after.WindowLM)
+
+    def backward(loss, count, t, last):
+        t0 = time.perf_counter()
+        loss.sum().backward()
+        times["backward"] += time.perf_counter() - t0
+
+    def episode(module):
+        module.run_episode(model, batch, d=2, w=2, top_k=32, generator=random.Random(0),
+                           lm=module.WindowLM(model), backward=backward)
+        model.zero_grad(set_to_none=True)
+
+    print(f"layers {args.layers}: batch {tuple(batch.ids.shape)}, {tokens} tokens, {args.threads} thread(s)")
+    for rep in range(args.repeats):
+        for name, module in (("before", before), ("after", after)):
+            times.clear()
+            t0 = time.perf_counter()
+            episode(module)
+            total = time.perf_counter() - t0
+            parts = "  ".join(f"{k} {v:.1f}s" for k, v in sorted(times.items()))
+            print(f"rep {rep} {name:6s}: episode {total:.1f}s, {tokens / total:.1f} tokens/s | {parts}", flush=True)
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+        for name, module in (("before", before), ("after", after)):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                episode(module)
+            print(f"\n{name}: ops by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
