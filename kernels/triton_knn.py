@@ -15,15 +15,17 @@ tensor-core product. It iterates slot by slot: each step gathers one memory row 
 binary. int8 memory rows are dequantised by folding the per-row scale into the score and the
 probability (no [R, D] multiply).
 
-Offsets. All strides are declared int64 (`tl.int64` annotations), so `head * stride` and
-`row * stride` are 64-bit products: a 4M-row memory of 8 kv heads at head_dim 128 is 2^32
-elements per sequence.
+Offsets. A 4M-row memory of 8 kv heads at head_dim 128 is 2^32 elements per sequence, so the
+sequence, head and memory-row indices are int64 before they meet a stride (`hk * skm_h`,
+`rid * skm_m`), and every stride is declared `tl.int64`, which also keeps one compiled signature
+whatever the strides' values (an int argument of 2^31 or more would otherwise switch it to i64).
 
 Backward (FlashAttention-2 style, no atomics on local keys): `_bwd_dkdv_kernel` is key-major
 (one program per local key block accumulates dK/dV over all query rows of its kv group that can
-see it), `_bwd_dq_kernel` is row-major (dQ over the local keys, then dQ_mem, the memory gate's
-gradient and, only when asked, dK_mem/dV_mem by relaxed atomics since rows are shared between
-queries). Products run on tensor cores in bf16/fp16 with fp32 accumulation; fp32 inputs use exact
+see it), `_bwd_dq_kernel` is row-major (dQ over the local keys, then dQ_mem and the memory gate's
+gradient). Only when memory gradients are asked for, it also writes each slot's dS and P, and
+`_bwd_mem_scatter_kernel` adds them into dK_mem/dV_mem with relaxed atomics (memory rows are
+shared between queries); otherwise no memory-sized buffer is allocated. Products run on tensor cores in bf16/fp16 with fp32 accumulation; fp32 inputs use exact
 fp32 products (the parity path).
 
 Block sizes and pipelining depth come from `fwd_config` / `bwd_config`, per target: every
@@ -89,8 +91,8 @@ def _knn_attention_fwd_kernel(
 ):
     """One (row block, sequence x kv head, split): out/lse of that split's keys and slots."""
     pid_r, pid_bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    b = (pid_bh // HKV).to(tl.int64)              # 64-bit: head * stride can pass 2^31
+    hk = (pid_bh % HKV).to(tl.int64)
     n_rows = G * T
     r0 = pid_r * BLOCK_R
     rows = r0 + tl.arange(0, BLOCK_R)                               # [R] token-major rows of the group
@@ -163,9 +165,9 @@ def _knn_attention_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(O + split * so_sp + b * so_b + hq[:, None] * so_h + t[:, None] * so_t + d[None, :],
+    tl.store(O + split.to(tl.int64) * so_sp + b * so_b + hq[:, None] * so_h + t[:, None] * so_t + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + split * sl_sp + b * sl_b + hq * sl_h + t, lse, mask=row_ok)
+    tl.store(LSE + split.to(tl.int64) * sl_sp + b * sl_b + hq * sl_h + t, lse, mask=row_ok)
 
 
 @triton.jit
@@ -203,7 +205,7 @@ def _bwd_preprocess_kernel(O, DO, DELTA, n_rows, T,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     t = rows % T
-    bh = rows // T
+    bh = (rows // T).to(tl.int64)
     b = bh // HQ
     h = bh % HQ
     d = tl.arange(0, D)
@@ -254,8 +256,8 @@ def _bwd_dkdv_kernel(
 ):
     """One (local key block, sequence x kv head): dK, dV over the G*T rows that can see it."""
     pid_s, pid_bh = tl.program_id(0), tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    b = (pid_bh // HKV).to(tl.int64)              # 64-bit: head * stride can pass 2^31
+    hk = (pid_bh % HKV).to(tl.int64)
     n_rows = G * T
     s0 = pid_s * BLOCK_S
     ks = s0 + tl.arange(0, BLOCK_S)
@@ -308,24 +310,23 @@ def _bwd_dq_local_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, sk_s, sv_s, q_pos
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, QM, KL, VL, KM, VM, IDS, BIAS, DO, LSE, DELTA, DQ, DQM, DKM, DVM, DBIAS,
+    Q, QM, KL, VL, KM, VM, IDS, BIAS, DO, LSE, DELTA, DQ, DQM, DS, P, DBIAS,
     sq_b: tl.int64, sq_h: tl.int64, sq_t: tl.int64, sqm_b: tl.int64, sqm_h: tl.int64, sqm_t: tl.int64,
     sk_b: tl.int64, sk_h: tl.int64, sk_s: tl.int64, sv_b: tl.int64, sv_h: tl.int64, sv_s: tl.int64,
     skm_b: tl.int64, skm_h: tl.int64, skm_m: tl.int64, svm_b: tl.int64, svm_h: tl.int64, svm_m: tl.int64,
     sid_b: tl.int64, sid_h: tl.int64, sid_t: tl.int64, sdo_b: tl.int64, sdo_h: tl.int64, sdo_t: tl.int64,
     sl_b: tl.int64, sl_h: tl.int64, sdq_b: tl.int64, sdq_h: tl.int64, sdq_t: tl.int64,
-    sdqm_b: tl.int64, sdqm_h: tl.int64, sdqm_t: tl.int64,
-    sdkm_b: tl.int64, sdkm_h: tl.int64, sdkm_m: tl.int64, sdvm_b: tl.int64, sdvm_h: tl.int64, sdvm_m: tl.int64,
+    sdqm_b: tl.int64, sdqm_h: tl.int64, sdqm_t: tl.int64, sds_b: tl.int64, sds_h: tl.int64, sds_t: tl.int64,
     T, S, K, G, HKV, ID_GROUP, scale,
     HAS_MEMORY: tl.constexpr, HAS_BIAS: tl.constexpr, MEM_GRAD: tl.constexpr, SEPARATE_QM: tl.constexpr,
     D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One (row block, sequence x kv head): dQ over the local keys; with memory, dQ_mem (added to
-    dQ when q_mem is q), the gate's gradient and, with MEM_GRAD, dK_mem/dV_mem (relaxed atomics:
-    several rows may read the same memory row)."""
+    dQ when q_mem is q), the gate's gradient and, with MEM_GRAD, each slot's dS and P [B, Hq, T, K]
+    for `_bwd_mem_scatter_kernel` (kept out of this loop, whose registers are already full)."""
     pid_r, pid_bh = tl.program_id(0), tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    b = (pid_bh // HKV).to(tl.int64)              # 64-bit: head * stride can pass 2^31
+    hk = (pid_bh % HKV).to(tl.int64)
     n_rows = G * T
     r0 = pid_r * BLOCK_R
     rows = r0 + tl.arange(0, BLOCK_R)
@@ -370,6 +371,7 @@ def _bwd_dq_kernel(
         dbias = tl.zeros([BLOCK_R], tl.float32)
         do32 = do.to(tl.float32)
         id_ptrs = IDS + b * sid_b + (hq // ID_GROUP) * sid_h + t * sid_t
+        ds_off = b * sds_b + hq * sds_h + t * sds_t                                      # [R] at slot 0
         km_base = KM + b * skm_b + hk * skm_h
         vm_base = VM + b * svm_b + hk * svm_h
         for j in range(0, K):
@@ -384,10 +386,8 @@ def _bwd_dq_kernel(
             dqm += ds[:, None] * km
             dbias += ds
             if MEM_GRAD:
-                tl.atomic_add(DKM + b * sdkm_b + hk * sdkm_h + rid[:, None] * sdkm_m + d[None, :],
-                              ds[:, None] * qm * scale, mask=ok[:, None], sem="relaxed")
-                tl.atomic_add(DVM + b * sdvm_b + hk * sdvm_h + rid[:, None] * sdvm_m + d[None, :],
-                              p[:, None] * do32, mask=ok[:, None], sem="relaxed")
+                tl.store(DS + ds_off + j, ds, mask=row_ok)
+                tl.store(P + ds_off + j, p, mask=row_ok)
         if HAS_BIAS:
             tl.atomic_add(DBIAS + hq, dbias, mask=row_ok, sem="relaxed")
         if SEPARATE_QM:
@@ -396,6 +396,46 @@ def _bwd_dq_kernel(
         else:
             dq = dqm
     tl.store(DQ + b * sdq_b + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_mem_scatter_kernel(
+    QM, DO, IDS, DS, P, DKM, DVM,
+    sqm_b: tl.int64, sqm_h: tl.int64, sqm_t: tl.int64, sdo_b: tl.int64, sdo_h: tl.int64, sdo_t: tl.int64,
+    sid_b: tl.int64, sid_h: tl.int64, sid_t: tl.int64, sds_b: tl.int64, sds_h: tl.int64, sds_t: tl.int64,
+    sdkm_b: tl.int64, sdkm_h: tl.int64, sdkm_m: tl.int64, sdvm_b: tl.int64, sdvm_h: tl.int64, sdvm_m: tl.int64,
+    T, K, G, HKV, ID_GROUP, scale,
+    D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dK_mem[id] += scale * dS * q_mem and dV_mem[id] += P * dO for every (row, slot) of one row
+    block. Rows of different queries may hit the same memory row, hence atomics; their order does
+    not matter, so they are relaxed (no fences)."""
+    pid_r, pid_bh = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)              # 64-bit: head * stride can pass 2^31
+    hk = (pid_bh % HKV).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < G * T
+    t = rows // G
+    hq = hk * G + rows % G
+    d = tl.arange(0, D)
+    qm = tl.load(QM + b * sqm_b + hq[:, None] * sqm_h + t[:, None] * sqm_t + d[None, :], mask=row_ok[:, None],
+                 other=0.0).to(tl.float32) * scale
+    do = tl.load(DO + b * sdo_b + hq[:, None] * sdo_h + t[:, None] * sdo_t + d[None, :], mask=row_ok[:, None],
+                 other=0.0).to(tl.float32)
+    id_ptrs = IDS + b * sid_b + (hq // ID_GROUP) * sid_h + t * sid_t
+    ds_off = b * sds_b + hq * sds_h + t * sds_t
+    dkm_base = DKM + b * sdkm_b + hk * sdkm_h
+    dvm_base = DVM + b * sdvm_b + hk * sdvm_h
+    for j in range(0, K):
+        ids = tl.load(id_ptrs + j, mask=row_ok, other=-1)
+        ok = ids >= 0
+        rid = tl.where(ok, ids, 0).to(tl.int64)
+        ds = tl.load(DS + ds_off + j, mask=ok, other=0.0)
+        p = tl.load(P + ds_off + j, mask=ok, other=0.0)
+        tl.atomic_add(dkm_base + rid[:, None] * sdkm_m + d[None, :], ds[:, None] * qm, mask=ok[:, None],
+                      sem="relaxed")
+        tl.atomic_add(dvm_base + rid[:, None] * sdvm_m + d[None, :], p[:, None] * do, mask=ok[:, None],
+                      sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,7 +472,9 @@ def bwd_config(D: int, dtype: torch.dtype, rows: int, arch: int) -> tuple[dict, 
     """(dK/dV kernel, dQ kernel) configurations of the backward."""
     half = dtype != torch.float32
     dkdv = dict(BLOCK_S=64, BLOCK_R=16 if rows < 64 else 32, num_warps=4, num_stages=2)
-    dq = dict(BLOCK_R=16 if rows < 64 else 64, BLOCK_S=32, num_warps=8 if D == 128 else 4, num_stages=2)
+    # the dQ kernel's memory loop keeps ~7 [R, D] fp32 tiles live (dQ, q_mem, dO, a memory row, its
+    # value, the two atomic updates): 8 warps, and 32 rows at head_dim 128
+    dq = dict(BLOCK_R=16 if rows < 64 else (32 if D == 128 else 64), BLOCK_S=32, num_warps=8, num_stages=2)
     if not half and D == 128:
         dkdv["BLOCK_S"] = 32
     return dkdv, dq
@@ -451,9 +493,9 @@ def _sm_count(device: torch.device) -> int:
 
 def _splits(row_blocks: int, bh: int, S: int, K: int, block_s: int, n_sm: int) -> int:
     """Programs per row block over the keys: enough to give every SM two programs when the row
-    blocks alone do not (decoding), but no fewer than one local key tile or 8 memory slots each."""
+    blocks alone fill fewer than half the SMs (decoding), but no fewer than one local key tile or 8 memory slots each."""
     programs = row_blocks * bh
-    if programs >= n_sm:
+    if 2 * programs >= n_sm:                                        # prefill: rows fill the GPU
         return 1
     work = max(triton.cdiv(S, block_s), triton.cdiv(K, 8))          # local tiles, or 8 slots each
     return max(1, min(triton.cdiv(2 * n_sm, programs), work, 64))
@@ -556,9 +598,10 @@ def knn_attention_triton(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=No
 
 def _bwd_launches(q, k_local, v_local, k_mem, v_mem, mem_ids, q_mem, mem_bias, out, lse, d_out, scale,
                   mem_grad, arch=None):
-    """The backward's three launches [(kernel, grid, args, meta)] and its gradient tensors.
+    """The backward's launches [(kernel, grid, args, meta)] and its gradient tensors: rowsum(dO*O),
+    dK/dV (key-major), dQ and the memory part (row-major), and with mem_grad the memory-row scatter.
     Nothing is copied or converted: dQ, dK, dV are written in their inputs' dtypes; dK_mem/dV_mem
-    (fp32, the atomics' accumulator) exist only with mem_grad."""
+    (fp32, the atomics' accumulator) and the per-slot dS/P exist only with mem_grad."""
     B, Hq, T, D = q.shape
     Hkv, S = k_local.shape[1], k_local.shape[2]
     G = Hq // Hkv
@@ -585,8 +628,10 @@ def _bwd_launches(q, k_local, v_local, k_mem, v_mem, mem_ids, q_mem, mem_bias, o
     if mem_grad:
         dkm = torch.zeros(k_mem.shape, device=dev, dtype=torch.float32)
         dvm = torch.zeros(v_mem.shape, device=dev, dtype=torch.float32)
+        ds = torch.empty(B, Hq, T, K, device=dev, dtype=torch.float32)          # per-slot dS and P
+        p = torch.empty_like(ds)
     else:                                          # never written: MEM_GRAD=False
-        dkm = dvm = dq
+        dkm = dvm = ds = p = dq
     dbias = torch.zeros(Hq, device=dev, dtype=torch.float32)
     bias = mem_bias if mem_bias is not None else dbias
     lse = lse.contiguous()
@@ -602,14 +647,19 @@ def _bwd_launches(q, k_local, v_local, k_mem, v_mem, mem_ids, q_mem, mem_bias, o
           *dkl.stride()[:3], *dvl.stride()[:3], T, S, G, Hkv, scale),
          dict(D=D, PRECISION=prec, **c_kv)),
         (_bwd_dq_kernel, (triton.cdiv(G * T, c_q["BLOCK_R"]), B * Hkv),
-         (q, qm, k_local, v_local, k_mem, v_mem, mem_ids, bias, d_out, lse, delta, dq, dqm, dkm, dvm, dbias,
+         (q, qm, k_local, v_local, k_mem, v_mem, mem_ids, bias, d_out, lse, delta, dq, dqm, ds, p, dbias,
           *q.stride()[:3], *qm.stride()[:3], *k_local.stride()[:3], *v_local.stride()[:3],
           *k_mem.stride()[:3], *v_mem.stride()[:3], *mem_ids.stride()[:3], *d_out.stride()[:3], *lse.stride()[:2],
-          *dq.stride()[:3], *dqm.stride()[:3], *dkm.stride()[:3], *dvm.stride()[:3],
-          T, S, K, G, Hkv, id_group, scale),
+          *dq.stride()[:3], *dqm.stride()[:3], *ds.stride()[:3], T, S, K, G, Hkv, id_group, scale),
          dict(HAS_MEMORY=has_mem, HAS_BIAS=has_mem and mem_bias is not None, MEM_GRAD=mem_grad,
               SEPARATE_QM=has_mem and q_mem is not None, D=D, PRECISION=prec, **c_q)),
     ]
+    if mem_grad:
+        launches.append((_bwd_mem_scatter_kernel, (triton.cdiv(G * T, 32), B * Hkv),
+                         (qm, d_out, mem_ids, ds, p, dkm, dvm, *qm.stride()[:3], *d_out.stride()[:3],
+                          *mem_ids.stride()[:3], *ds.stride()[:3], *dkm.stride()[:3], *dvm.stride()[:3],
+                          T, K, G, Hkv, id_group, scale),
+                         dict(D=D, BLOCK_R=32, num_warps=4)))
     grads = dict(q=dq, q_mem=dqm if (q_mem is not None and has_mem) else None, k_local=dkl, v_local=dvl,
                  k_mem=dkm if mem_grad else None, v_mem=dvm if mem_grad else None,
                  mem_bias=dbias if (mem_bias is not None and has_mem) else None)

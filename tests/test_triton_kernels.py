@@ -122,3 +122,39 @@ def test_memory_layers_dispatch_to_the_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "_use_triton", lambda *a: False)
     with torch.no_grad():
         torch.testing.assert_close(fused, model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="uses a lazily backed CPU tensor larger than 2^31 elements")
+@pytest.mark.parametrize("B,Hkv,M", [
+    (1, 3, (1 << 23) + 64),        # kv head 2 starts at 2 * M * 128 > 2^31 elements (int32 stride)
+    (1, 1, (1 << 24) + 64),        # rows past 2^24 start beyond 2^31 elements
+])
+def test_memory_offsets_beyond_2_31(B, Hkv, M):
+    """Memory rows read at element offsets beyond 2^31 in an int8 bank of 2-3 GiB that is never
+    written except at the rows read (torch.empty maps it lazily): an int32 offset would wrap and
+    read other rows (or fault)."""
+    from memformer.kernels.triton_knn import knn_attention_triton
+    D, T, K = 128, 3, 4
+    Hq = 2 * Hkv
+    try:
+        bank = torch.empty(B, Hkv, M, D, dtype=torch.int8)     # k_mem and v_mem: the same bank
+        scales = torch.empty(B, Hkv, M)
+    except RuntimeError as e:                                   # no address space for it
+        pytest.skip(f"cannot map a {B * Hkv * M * D / 2**30:.1f} GiB bank: {e}")
+    assert (Hkv - 1) * M * D + (M - 1) * D >= 2 ** 31
+    g = torch.Generator().manual_seed(7)
+    ids = (M - 1 - torch.randint(0, 48, (B, Hq, T, K), generator=g))       # rows at the end
+    ids[..., 0] = torch.randint(0, 16, (B, Hq, T), generator=g)             # and at the start
+    used = torch.unique(ids)
+    small_k = torch.randint(-127, 128, (B, Hkv, used.numel(), D), generator=g, dtype=torch.int8)
+    small_s = torch.rand(B, Hkv, used.numel(), generator=g) / 100 + 1e-3
+    bank[:, :, used] = small_k                                  # touches only these rows' pages
+    scales[:, :, used] = small_s
+    x = dict(q=torch.randn(B, Hq, T, D, generator=g), k_local=torch.randn(B, Hkv, T, D, generator=g),
+             v_local=torch.randn(B, Hkv, T, D, generator=g))
+    out, lse = knn_attention_triton(**x, k_mem=bank, v_mem=bank, mem_ids=ids, k_scale=scales, v_scale=scales)
+    compact = torch.searchsorted(used, ids)                     # the same rows in a small bank
+    ref, ref_lse = knn_attention_reference(**x, k_mem=small_k, v_mem=small_k, mem_ids=compact,
+                                           k_scale=small_s, v_scale=small_s)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
