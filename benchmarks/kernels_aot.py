@@ -85,7 +85,7 @@ def main(argv=None):
             f"Failures: {len(failures)}\n" + "".join(f"- {f}\n" for f in failures), table(rows), ""]
     (out / "aot.md").write_text("\n".join(head))
     with open(out / "aot.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "key"] if rows else ["case"], extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
         w.writeheader()
         w.writerows(rows)
     print(f"{len(rows)} launches, {len(failures)} failures, {total:.0f} s -> {out / 'aot.md'}")

@@ -14,6 +14,7 @@ stack frame) and from SASS (local-memory stores = spills), since `CompiledKernel
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import subprocess
 import tempfile
@@ -111,6 +112,17 @@ def bind(kernel, args, meta, target: GPUTarget):
     return ASTSource(kernel, signature, constexprs, attrs), options
 
 
+def launch_id(kernel, args, meta, arch: int) -> str:
+    """What the compiled binary depends on besides the kernels' source: kernel, argument types
+    and specialisation, constexprs, warps/stages, target. Cheap (no compile): lets a test check
+    that a stored table covers every launch the launchers make now."""
+    target = GPUTarget("cuda", arch, 32)
+    src, options = bind(kernel, args, meta, target)
+    key = (kernel.__name__, sorted(src.signature.items()), sorted((str(k), str(v)) for k, v in src.constants.items()),
+           sorted((str(k), str(v)) for k, v in src.attrs.items()), options.num_warps, options.num_stages, arch)
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+
+
 def _tool(name: str) -> str:
     from triton import knobs
     return getattr(knobs.nvidia, name).path
@@ -143,8 +155,8 @@ def compile_launch(kernel, args, meta, arch: int) -> dict:
     cfg = {k: meta[k] for k in ("BLOCK_R", "BLOCK_S") if k in meta}
     return dict(kernel=kernel.__name__, arch=arch, shared=compiled.metadata.shared,
                 limit=tk.SHARED_MEMORY_LIMIT[arch], num_warps=compiled.metadata.num_warps,
-                num_stages=compiled.metadata.num_stages, compile_s=round(seconds, 1), key=src.hash(),
-                **cfg, **usage)
+                num_stages=compiled.metadata.num_stages, compile_s=round(seconds, 1),
+                launch_id=launch_id(kernel, args, meta, arch), triton=triton.__version__, **cfg, **usage)
 
 
 def compile_case(case: Case, arch: int, seen: set | None = None) -> list[dict]:

@@ -25,8 +25,10 @@ Backward (FlashAttention-2 style, no atomics on local keys): `_bwd_dkdv_kernel` 
 see it), `_bwd_dq_kernel` is row-major (dQ over the local keys, then dQ_mem and the memory gate's
 gradient). Only when memory gradients are asked for, it also writes each slot's dS and P, and
 `_bwd_mem_scatter_kernel` adds them into dK_mem/dV_mem with relaxed atomics (memory rows are
-shared between queries); otherwise no memory-sized buffer is allocated. Products run on tensor cores in bf16/fp16 with fp32 accumulation; fp32 inputs use exact
-fp32 products (the parity path).
+shared between queries); otherwise no memory-sized buffer is allocated.
+
+Products run on tensor cores: bf16/fp16 with fp32 accumulation, fp32 inputs as three TF32
+products (3xTF32, error close to fp32's).
 
 Block sizes and pipelining depth come from `fwd_config` / `bwd_config`, per target: every
 configuration they return is compiled ahead of time for sm_80 and sm_90 by tests/test_kernel_aot.py
@@ -443,8 +445,10 @@ def _bwd_mem_scatter_kernel(
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products (the parity path; no TF32); fp16/bf16 use tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp16/bf16 products run on tensor cores as they are. fp32 inputs use three TF32 products
+    (split-precision, error close to fp32's) instead of exact FMA products ("ieee"), whose
+    [R, D] x [D, BS] loops on the CUDA cores spill (7.6 KB stack frame on sm_80 at head_dim 64)."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _big_shared(arch: int) -> bool:
@@ -456,27 +460,29 @@ def fwd_config(D: int, dtype: torch.dtype, rows: int, arch: int) -> dict:
 
     Rows of a decode step (G*T < 64) fill one 16-row tile, the smallest tensor-core product. The
     per-slot memory loop keeps four [R, D] fp32 tiles live (q_mem, a memory row, its value, the
-    accumulator), so head_dim 128 runs on 8 warps to halve the registers per thread.
+    accumulator), so head_dim 128 runs on 8 warps to halve the registers per thread. fp32 inputs
+    (3xTF32: every operand held as two TF32 halves) take half-size tiles; 64-row fp32 tiles spill
+    on sm_80 whatever the warps and stages.
     """
-    half = dtype != torch.float32
+    if dtype == torch.float32:
+        return dict(BLOCK_R=16 if rows < 64 else 32, BLOCK_S=32, num_warps=8 if D == 128 else 4,
+                    num_stages=2 if D == 128 else 3)
     block_r = 16 if rows < 64 else 64
-    block_s = 64 if (half or D <= 64) else 32
-    warps = 8 if (D == 128 and block_r == 64) else 4
-    stages = 3 if _big_shared(arch) else 2
-    if not half and D == 128:
-        stages = 2                                   # fp32 tiles are twice the bytes
-    return dict(BLOCK_R=block_r, BLOCK_S=block_s, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_R=block_r, BLOCK_S=64, num_warps=8 if (D == 128 and block_r == 64) else 4,
+                num_stages=3 if _big_shared(arch) else 2)
 
 
 def bwd_config(D: int, dtype: torch.dtype, rows: int, arch: int) -> tuple[dict, dict]:
-    """(dK/dV kernel, dQ kernel) configurations of the backward."""
+    """(dK/dV kernel, dQ kernel) configurations of the backward.
+
+    dK and dV stay in registers for the whole row loop (two [BS, D] fp32 tiles), and the dQ
+    kernel's memory loop keeps ~6 [R, D] fp32 tiles live (dQ, q_mem, dO, a memory row, its value,
+    dQ_mem): 8 warps at head_dim 128, 32 rows in the dQ kernel at head_dim 128 or in fp32."""
     half = dtype != torch.float32
-    dkdv = dict(BLOCK_S=64, BLOCK_R=16 if rows < 64 else 32, num_warps=4, num_stages=2)
-    # the dQ kernel's memory loop keeps ~7 [R, D] fp32 tiles live (dQ, q_mem, dO, a memory row, its
-    # value, the two atomic updates): 8 warps, and 32 rows at head_dim 128
-    dq = dict(BLOCK_R=16 if rows < 64 else (32 if D == 128 else 64), BLOCK_S=32, num_warps=8, num_stages=2)
-    if not half and D == 128:
-        dkdv["BLOCK_S"] = 32
+    warps = 8 if D == 128 else 4
+    dkdv = dict(BLOCK_S=64 if half else 32, BLOCK_R=16 if rows < 64 else 32, num_warps=warps, num_stages=2)
+    dq = dict(BLOCK_R=16 if rows < 64 else (64 if half and D < 128 else 32), BLOCK_S=32, num_warps=8,
+              num_stages=2)
     return dkdv, dq
 
 
