@@ -477,13 +477,19 @@ def bwd_config(D: int, dtype: torch.dtype, rows: int, arch: int) -> tuple[dict, 
 
     dK and dV stay in registers for the whole row loop (two [BS, D] fp32 tiles), and the dQ
     kernel's memory loop keeps ~6 [R, D] fp32 tiles live (dQ, q_mem, dO, a memory row, its value,
-    dQ_mem): 8 warps at head_dim 128, 32 rows in the dQ kernel at head_dim 128 or in fp32."""
+    dQ_mem): 8 warps at head_dim 128, 32 dQ rows at head_dim 128. fp32 (3xTF32) at head_dim 128
+    needs 16-key dK/dV blocks and 16 dQ rows not to spill on sm_80."""
     half = dtype != torch.float32
     warps = 8 if D == 128 else 4
-    dkdv = dict(BLOCK_S=64 if half else 32, BLOCK_R=16 if rows < 64 else 32, num_warps=warps, num_stages=2)
-    dq = dict(BLOCK_R=16 if rows < 64 else (64 if half and D < 128 else 32), BLOCK_S=32, num_warps=8,
-              num_stages=2)
-    return dkdv, dq
+    small = rows < 64                                # decoding: one 16-row tile
+    if half:
+        dkdv = dict(BLOCK_S=64, BLOCK_R=16 if small else 32)
+        dq_rows = 16 if small else (32 if D == 128 else 64)
+    else:
+        dkdv = dict(BLOCK_S=16 if D == 128 else 32, BLOCK_R=16 if small else 32)
+        dq_rows = 16 if (small or D == 128) else 32
+    return (dict(dkdv, num_warps=warps, num_stages=2),
+            dict(BLOCK_R=dq_rows, BLOCK_S=32, num_warps=8, num_stages=2))
 
 
 def _arch(device: torch.device) -> int:
@@ -661,11 +667,12 @@ def _bwd_launches(q, k_local, v_local, k_mem, v_mem, mem_ids, q_mem, mem_bias, o
               SEPARATE_QM=has_mem and q_mem is not None, D=D, PRECISION=prec, **c_q)),
     ]
     if mem_grad:
-        launches.append((_bwd_mem_scatter_kernel, (triton.cdiv(G * T, 32), B * Hkv),
+        # 16 rows: each thread holds q_mem, dO and two atomic updates of [16, D] / 128 threads
+        launches.append((_bwd_mem_scatter_kernel, (triton.cdiv(G * T, 16), B * Hkv),
                          (qm, d_out, mem_ids, ds, p, dkm, dvm, *qm.stride()[:3], *d_out.stride()[:3],
                           *mem_ids.stride()[:3], *ds.stride()[:3], *dkm.stride()[:3], *dvm.stride()[:3],
                           T, K, G, Hkv, id_group, scale),
-                         dict(D=D, BLOCK_R=32, num_warps=4)))
+                         dict(D=D, BLOCK_R=16, num_warps=4)))
     grads = dict(q=dq, q_mem=dqm if (q_mem is not None and has_mem) else None, k_local=dkl, v_local=dvl,
                  k_mem=dkm if mem_grad else None, v_mem=dvm if mem_grad else None,
                  mem_bias=dbias if (mem_bias is not None and has_mem) else None)
