@@ -149,6 +149,9 @@ def _knn_attention_fwd_kernel(
             rid = tl.where(ok, ids, 0).to(tl.int64)
             km = tl.load(km_base + rid[:, None] * skm_m + d[None, :], mask=ok[:, None], other=0.0)
             s = tl.sum(qm * km.to(tl.float32), axis=1)                             # [R]
+            # the value row is loaded once the key row is consumed (prefetching the next slot's ids
+            # or loading both rows up front spills 128 B at head_dim 128 on sm_90)
+            vm = tl.load(vm_base + rid[:, None] * svm_m + d[None, :], mask=ok[:, None], other=0.0)
             if MEM_INT8:
                 s = s * tl.load(KSC + b * sks_b + hk * sks_h + rid, mask=ok, other=0.0)
             s = tl.where(ok, s * scale + bias, float("-inf"))
@@ -159,7 +162,6 @@ def _knn_attention_fwd_kernel(
             l_i = l_i * alpha + p
             if MEM_INT8:
                 p = p * tl.load(VSC + b * svs_b + hk * svs_h + rid, mask=ok, other=0.0)
-            vm = tl.load(vm_base + rid[:, None] * svm_m + d[None, :], mask=ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + p[:, None] * vm.to(tl.float32)
             m_i = m_new
 
@@ -455,19 +457,21 @@ def _big_shared(arch: int) -> bool:
     return SHARED_MEMORY_LIMIT.get(arch, 101_376) >= 160_000
 
 
-def fwd_config(D: int, dtype: torch.dtype, rows: int, arch: int) -> dict:
+def fwd_config(D: int, dtype: torch.dtype, rows: int, arch: int, int8: bool = False) -> dict:
     """Block sizes, warps and pipeline depth of the forward for one (head_dim, dtype, G*T, target).
 
     Rows of a decode step (G*T < 64) fill one 16-row tile, the smallest tensor-core product. The
     per-slot memory loop keeps four [R, D] fp32 tiles live (q_mem, a memory row, its value, the
     accumulator), so head_dim 128 runs on 8 warps to halve the registers per thread. fp32 inputs
     (3xTF32: every operand held as two TF32 halves) take half-size tiles; 64-row fp32 tiles spill
-    on sm_80 whatever the warps and stages.
+    on sm_80 whatever the warps and stages. int8 memory rows at head_dim 128 (the dequantising
+    loads) take 32-row blocks on 4 warps: 64 rows on 8 warps spill 8 B on sm_90.
     """
+    small = rows < 64
     if dtype == torch.float32:
-        return dict(BLOCK_R=16 if rows < 64 else 32, BLOCK_S=32, num_warps=8 if D == 128 else 4,
-                    num_stages=2 if D == 128 else 3)
-    block_r = 16 if rows < 64 else 64
+        return dict(BLOCK_R=16 if small else 32, BLOCK_S=32, num_warps=8 if D == 128 else 4,
+                    num_stages=3 if (D <= 64 and not small) else 2)
+    block_r = 16 if small else (32 if (int8 and D == 128) else 64)
     return dict(BLOCK_R=block_r, BLOCK_S=64, num_warps=8 if (D == 128 and block_r == 64) else 4,
                 num_stages=3 if _big_shared(arch) else 2)
 
@@ -477,8 +481,8 @@ def bwd_config(D: int, dtype: torch.dtype, rows: int, arch: int) -> tuple[dict, 
 
     dK and dV stay in registers for the whole row loop (two [BS, D] fp32 tiles), and the dQ
     kernel's memory loop keeps ~6 [R, D] fp32 tiles live (dQ, q_mem, dO, a memory row, its value,
-    dQ_mem): 8 warps at head_dim 128, 32 dQ rows at head_dim 128. fp32 (3xTF32) at head_dim 128
-    needs 16-key dK/dV blocks and 16 dQ rows not to spill on sm_80."""
+    dQ_mem): 8 warps at head_dim 128, 32 dQ rows at head_dim 128. fp32 (3xTF32) needs 16 dQ rows,
+    and at head_dim 128 16-key dK/dV blocks, not to spill."""
     half = dtype != torch.float32
     warps = 8 if D == 128 else 4
     small = rows < 64                                # decoding: one 16-row tile
@@ -487,7 +491,7 @@ def bwd_config(D: int, dtype: torch.dtype, rows: int, arch: int) -> tuple[dict, 
         dq_rows = 16 if small else (32 if D == 128 else 64)
     else:
         dkdv = dict(BLOCK_S=16 if D == 128 else 32, BLOCK_R=16 if small else 32)
-        dq_rows = 16 if (small or D == 128) else 32
+        dq_rows = 16
     return (dict(dkdv, num_warps=warps, num_stages=2),
             dict(BLOCK_R=dq_rows, BLOCK_S=32, num_warps=8, num_stages=2))
 
@@ -555,7 +559,7 @@ def _fwd_launch(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=None, *, q_
     qm = q if q_mem is None else _last_dim_contiguous(q_mem)
     ksc = k_scale if int8 else q.new_empty(1, 1, 1, dtype=torch.float32)
     vsc = v_scale if int8 else ksc
-    cfg = fwd_config(D, q.dtype, G * T, arch)
+    cfg = fwd_config(D, q.dtype, G * T, arch, int8)
     BLOCK_R, BLOCK_S = cfg["BLOCK_R"], cfg["BLOCK_S"]
     row_blocks = triton.cdiv(G * T, BLOCK_R)
     if splits is None:
