@@ -47,6 +47,8 @@ def main(argv=None):
     ap.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--phase", action="append", choices=["prefill", "decode"])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels_aot"))
+    ap.add_argument("--update", action="store_true",
+                    help="keep the stored table's rows of the cases not selected here, replace the others")
     args = ap.parse_args(argv)
     import warnings
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
@@ -75,10 +77,20 @@ def main(argv=None):
     total = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    kept = 0
+    if args.update and (out / "aot.csv").exists():
+        redone = {(c.label, a) for c in cases for a in arches}
+        with open(out / "aot.csv") as f:
+            old = [r for r in csv.DictReader(f) if (r["case"], int(r["arch"])) not in redone]
+        kept = len(old)
+        failures += [f"{r['case']} {r['launch']} sm_{r['arch']}: {r['ok']}" for r in old if r["ok"] != "ok"]
+        rows = old + rows
     import triton
     head = [f"# Ahead-of-time compile of the kNN-attention kernels (Triton {triton.__version__}, bundled ptxas)\n",
-            f"Targets: {', '.join(f'sm_{a}' for a in arches)}; {len(rows)} distinct launches compiled in "
-            f"{total:.0f} s on this machine's CPU. Budgets: forward stack {FWD_SPILL_BUDGET} B, backward stack "
+            f"Targets: {', '.join(f'sm_{a}' for a in arches)}; {len(rows)} distinct launches"
+            + (f" ({kept} kept from the previous table, the rest compiled or read from Triton's cache in "
+               f"{total:.0f} s)" if kept else f" compiled in {total:.0f} s")
+            + f" on a 2-core CPU shared with other jobs. Budgets: forward stack {FWD_SPILL_BUDGET} B, backward stack "
             f"{BWD_SPILL_BUDGET} B; shared memory limit = the target's opt-in maximum per block "
             f"(A100 166,912 B, H100 232,448 B). `stack`: ptxas stack frame (bytes); `stl`/`ldl`: local-memory "
             f"store/load instructions in SASS (spills); `shared`: dynamic shared memory Triton requests.\n",

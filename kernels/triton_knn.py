@@ -469,8 +469,9 @@ def fwd_config(D: int, dtype: torch.dtype, rows: int, arch: int, int8: bool = Fa
     """
     small = rows < 64
     if dtype == torch.float32:
-        return dict(BLOCK_R=16 if small else 32, BLOCK_S=32, num_warps=8 if D == 128 else 4,
-                    num_stages=3 if (D <= 64 and not small) else 2)
+        # decode at head_dim <= 64 on 32-key tiles compiles to 128 registers and spills 8-16 B
+        return dict(BLOCK_R=16 if small else 32, BLOCK_S=64 if (small and D <= 64) else 32,
+                    num_warps=8 if D == 128 else 4, num_stages=3 if (D <= 64 and not small) else 2)
     block_r = 16 if small else (32 if (int8 and D == 128) else 64)
     return dict(BLOCK_R=block_r, BLOCK_S=64, num_warps=8 if (D == 128 and block_r == 64) else 4,
                 num_stages=3 if _big_shared(arch) else 2)
