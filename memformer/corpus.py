@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memformer import persistence
-from memformer.fileio import read_json
+from memformer.fileio import read_json, recover_for_reading
 from memformer.qa.documents import DOC_SUFFIXES, read_document
 
 CORPUS_FILE = "corpus.json"
@@ -55,10 +55,22 @@ def read_corpus_table(path) -> list[CorpusDocument]:
     if not f.is_file():
         raise persistence.MemoryFileError(f"{path} is a memory but not a corpus memory (no {CORPUS_FILE})")
     data = read_json(f, error=persistence.MemoryFileError, format=CORPUS_FORMAT)
-    try:
-        return [CorpusDocument(**d) for d in data["documents"]]
-    except (KeyError, TypeError) as e:
-        raise persistence.MemoryFileError(f"{f} is corrupt: {e}") from None
+    rows = data.get("documents")
+    if not isinstance(rows, list):
+        raise persistence.MemoryFileError(f"{f} is corrupt: 'documents' must be a list")
+    docs, end = [], 0
+    for n, d in enumerate(rows):
+        ok = isinstance(d, dict) and set(d) == _TABLE_FIELDS and all(isinstance(d[k], str) for k in ("name", "sha256", "text")) \
+            and all(isinstance(d[k], int) and not isinstance(d[k], bool) for k in ("start", "end"))
+        if not ok or d["start"] != end or d["end"] <= d["start"]:   # contiguous, in reading order
+            raise persistence.MemoryFileError(f"{f} is corrupt: document {n} is not a document entry "
+                                              f"({', '.join(sorted(_TABLE_FIELDS))}; contiguous token ranges)")
+        docs.append(CorpusDocument(**d))
+        end = d["end"]
+    return docs
+
+
+_TABLE_FIELDS = {"name", "sha256", "start", "end", "text"}
 
 
 def _table_json(docs: list[CorpusDocument]) -> str:
@@ -72,10 +84,13 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
     every `save_every` documents, on Ctrl-C and at the end; running again with the same `out`
     loads them and continues with the next document. Returns the document table.
     """
+    if not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
     root, out = Path(docs_dir), Path(out)
     paths = find_documents(root)
     done: list[CorpusDocument] = []
     model.reset_memory()
+    recover_for_reading(out)                    # a save killed between its two renames
     if (out / "manifest.json").is_file():
         done = read_corpus_table(out)
         model.load_memory(out)                  # refuses another model's / config's memory
