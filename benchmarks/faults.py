@@ -196,13 +196,13 @@ def kill_corpus_build(work: Path, runs: int, rng: random.Random) -> dict:
     from memformer import MemformerForCausalLM, MemoryConfig, corpus, persistence
     folder = fx.tiny_model_folder(work / "tiny_model")
     docs = fx.write_docs(work / "docs", 16, words=80)
-    flags = ["--model", str(folder), "--window", "48", "--sink-tokens", "2", "--top-k", "4"]
+    flags = ["--model", str(folder), "--window", "256", "--sink-tokens", "2", "--top-k", "4"]
 
     def cli(out):
         return Child("", cmd=[sys.executable, "-m", "memformer.cli", "memory", "build", *flags, "--docs", str(docs),
                               "--out", str(out), "--save-every", "1"])
     span = timed(cli(work / "ref"), ready=None)
-    model = MemformerForCausalLM.from_pretrained(str(folder), MemoryConfig(window=48, sink_tokens=2, top_k=4))
+    model = MemformerForCausalLM.from_pretrained(str(folder), MemoryConfig(window=256, sink_tokens=2, top_k=4))
     ref_table = corpus.read_corpus_table(work / "ref")
     _, ref_tensors = persistence.read_memory(model, work / "ref")
     out = work / "mem"
@@ -483,7 +483,7 @@ def resource_faults(work: Path) -> list[dict]:
         if pre is None:
             root.chmod(0o555)
         c = Child("", cmd=[sys.executable, "-m", "memformer.cli", "memory", "build", "--model", str(folder),
-                           "--window", "48", "--docs", str(docs), "--out", str(out)], preexec=pre,
+                           "--window", "256", "--docs", str(docs), "--out", str(out)], preexec=pre,
                   env={"HOME": str(work)})
         row("memformer memory build", fault, c, out, before, root, expect_rc=2, expect_text=str(out))
         root.chmod(0o755)

@@ -48,6 +48,17 @@ def _write_error(path: Path, e: BaseException) -> WriteError:
     return WriteError(code or errno.EIO, f"could not write {path}: {reason}; nothing was changed there")
 
 
+def write_error(path, e: BaseException) -> WriteError | None:
+    """`e` as a WriteError naming `path` when it is an OS error (also one wrapped by safetensors's
+    writer); None for any other error."""
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, OSError):
+        return _write_error(Path(path), e)
+    code = _safetensors_io_error(e)
+    return None if code is None else _write_error(Path(path), OSError(code, os.strerror(code)))
+
+
 def _safetensors_io_error(e: BaseException) -> int | None:
     """The errno inside a safetensors serialization error (it wraps the OS error in its text)."""
     text = str(e)
@@ -180,14 +191,25 @@ def _clean_siblings(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- durable renames
-def _fsync_tree(folder: Path) -> None:
+_UMASK = os.umask(0)
+os.umask(_UMASK)                  # read once, at import (os.umask can only be read by setting it)
+
+
+def fsync_tree(folder: Path, *, normal_modes: bool = False) -> None:
+    """Flush every file under `folder` and the folder itself to disk (before a rename publishes it).
+    normal_modes: give files and folders the modes a plain open()/mkdir() would (some writers,
+    safetensors among them, create 0600 files: a memory others could not read)."""
     for p in sorted(folder.rglob("*"), reverse=True):
+        if normal_modes and not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~_UMASK)
         if p.is_file():
             fd = os.open(p, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+    if normal_modes:
+        folder.chmod(0o777 & ~_UMASK)
     _fsync_dir(folder)
 
 
@@ -242,14 +264,12 @@ def atomic_dir(path, fill) -> Path:
         fd = _claim(tmp)
         try:
             fill(tmp)
-            _fsync_tree(tmp)
-        except OSError as e:
-            raise _write_error(path, e) from None
-        except Exception as e:       # safetensors wraps OS errors in its own type
-            code = _safetensors_io_error(e)
-            if code is None:
+            fsync_tree(tmp, normal_modes=True)
+        except Exception as e:       # noqa: BLE001 - OS errors (also wrapped by safetensors) name the target
+            err = write_error(path, e)
+            if err is None:
                 raise
-            raise _write_error(path, OSError(code, os.strerror(code))) from None
+            raise err from None
         with dir_lock(path):
             recover_dir(path)
             try:
@@ -307,6 +327,8 @@ def read_json(path, *, error=ValueError, format: str | None = None, version=None
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{path} is corrupt: {e}") from None
+    except RecursionError:                # nesting deeper than the parser's stack
+        raise error(f"{path} is corrupt: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise error(f"{path} is corrupt: a JSON object was expected, got {type(data).__name__}")
     if format is not None and data.get("format") != format:
@@ -319,16 +341,22 @@ def read_json(path, *, error=ValueError, format: str | None = None, version=None
 
 def jsonl_objects(path, *, error=ValueError):
     """(line number, object) for each non-blank line of the JSONL file `path`, streamed; `error`
-    naming the file and line when a line is not a JSON object."""
+    naming the file and line when a line is not a JSON object or not UTF-8."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{n}: not valid UTF-8 ({e.reason})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise error(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise error(f"{path}:{n}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise error(f"{path}:{n}: a JSON object was expected, got {type(row).__name__}")
             yield n, row
