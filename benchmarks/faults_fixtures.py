@@ -11,6 +11,7 @@ import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -197,16 +198,20 @@ def op_convert(_: str = "") -> None:
     _say(f"done {default_model_dir()}")
 
 
-def op_memorize_rss(eviction: str, tokens: str, out: str) -> None:
-    """Memorize `tokens` random tokens in 4k calls into a memory of capacity 16k; RSS after each."""
+def op_memorize_rss(eviction: str, tokens: str, out: str, read: str = "write") -> None:
+    """Memorize `tokens` random tokens in 4k calls into a memory of capacity 16k, every window
+    reading the memory (so score eviction has attention mass to go by); RSS after each call."""
+    torch.set_num_threads(1)
     model = tiny_model(capacity=16384, eviction=eviction, window=256, overlap=32)
     g = torch.Generator().manual_seed(0)
-    rows, total = [], 0
+    rows, total = [{"tokens": 0, "rss_mb": rss_mb(), "memory_tokens": 0, "seconds": 0.0}], 0
+    t0 = time.monotonic()
     while total < int(tokens):
         ids = torch.randint(1, VOCAB, (1, 4096), generator=g)
-        model.memorize(ids, show_progress=False)
+        model.memorize(ids, read=(read == "read"), show_progress=False)
         total += ids.shape[1]
-        rows.append({"tokens": total, "rss_mb": rss_mb(), "memory_tokens": model.memory_size()})
+        rows.append({"tokens": total, "rss_mb": rss_mb(), "memory_tokens": model.memory_size(),
+                     "seconds": round(time.monotonic() - t0, 1)})
     Path(out).write_text(json.dumps(rows))
 
 

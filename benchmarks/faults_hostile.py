@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -47,11 +48,20 @@ def clear_errors():
 
 
 def snapshot(folder: Path, skip: Path) -> dict:
+    """Files and folders under `folder` with their modification times, except inside `skip` (the
+    case's own folder) and inside earlier cases' folders (only their names: walking them all for
+    every case would make the suite quadratic)."""
     out = {}
-    for p in folder.rglob("*"):
-        if skip in p.parents or p == skip:
-            continue
-        out[str(p)] = p.stat().st_mtime_ns if p.is_file() else "dir"
+    cases = folder / "cases"
+    for root, dirs, files in os.walk(folder):
+        r = Path(root)
+        if r == cases:
+            out.update({str(r / d): "dir" for d in dirs})
+            dirs[:] = [d for d in dirs if (r / d) in skip.parents or (r / d) == skip]
+        dirs[:] = [d for d in dirs if (r / d) != skip]
+        for f in files:
+            with contextlib.suppress(OSError):
+                out[str(r / f)] = (r / f).lstat().st_mtime_ns
     return out
 
 
@@ -272,30 +282,49 @@ def _built_memories(base: Path):
     return base / "corpus", base / "qa"
 
 
-def _loaders(folder: Path):
+class Probes:
+    """The models the memory-file loaders run on, built once (a case costs a load, not a model).
+    `own` holds a memory of its own, so a refused load can be checked to have kept it."""
+
+    def __init__(self):
+        self.own = fx.tiny_model()
+        self.own.memorize(fx.text(99), show_progress=False)
+        self.before = self.own.memory_state()
+        self.reader = fx.tiny_model()
+
+    def restore(self) -> None:
+        self.own.load_memory_state(self.before, 1)
+        self.reader.detach_corpus()
+        self.reader.reset_memory()
+
+
+def _loaders(folder: Path, probes: Probes):
     """Every reader of a memory folder; a loaded memory must then still work."""
     from memformer import corpus
     from memformer.cli.main import main
     from memformer.qa.longdoc import LongDocQA
 
     def load_memory():
-        m = fx.tiny_model()
-        m.memorize(fx.text(99), show_progress=False)
-        before = m.memory_state()
+        m = probes.own
         try:
-            m.load_memory(folder)
-        except BaseException:
-            after = m.memory_state()                  # the old memory is kept on any error
-            assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before), \
-                "a refused load changed the memory"
-            raise
-        _exercise(m)
+            try:
+                m.load_memory(folder)
+            except BaseException:
+                after = m.memory_state()                      # the old memory is kept on any error
+                assert after.keys() == probes.before.keys() and all(
+                    torch.equal(after[k], probes.before[k]) for k in after), "a refused load changed the memory"
+                raise
+            _exercise(m)
+        finally:
+            probes.restore()
 
     def attach():
-        m = fx.tiny_model()
-        m.attach_corpus(folder)
-        x = torch.tensor([fx.ByteTokenizer()("lamp north")["input_ids"]])
-        m.generate(x, max_new_tokens=2, do_sample=False)
+        try:
+            probes.reader.attach_corpus(folder)
+            x = torch.tensor([fx.ByteTokenizer()("lamp north")["input_ids"]])
+            probes.reader.generate(x, max_new_tokens=2, do_sample=False)
+        finally:
+            probes.restore()
 
     def info():
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
@@ -306,8 +335,11 @@ def _loaders(folder: Path):
         corpus.corpus_info(folder)
 
     def qa_load():
-        qa = LongDocQA.load(fx.tiny_model(), folder)
-        qa.answer("where does the lamp point?", max_new_tokens=2)
+        try:
+            qa = LongDocQA.load(probes.reader, folder)
+            qa.answer("where does the lamp point?", max_new_tokens=2)
+        finally:
+            probes.restore()
     return {"load_memory": load_memory, "attach_corpus": attach, "memory info": info, "LongDocQA.load": qa_load}
 
 
@@ -379,6 +411,7 @@ def run_memory_files(t: Tally, rng: random.Random) -> None:
     from memformer.qa.longdoc import QA_FILE
     base = t.sandbox / "built"
     corpus_dir, qa_dir = _built_memories(base)
+    probes = Probes()
 
     def variants(src: Path, file: str, data_list, fix: bool):
         for desc, data in data_list:
@@ -390,7 +423,7 @@ def run_memory_files(t: Tally, rng: random.Random) -> None:
                 if fixed:
                     with contextlib.suppress(Exception):
                         _fix_checksums(d)
-                for loader, fn in _loaders(d).items():
+                for loader, fn in _loaders(d, probes).items():
                     if src == qa_dir and loader in ("attach_corpus", "memory info"):
                         continue
                     if src == corpus_dir and loader == "LongDocQA.load":
@@ -549,7 +582,9 @@ def run_all(sandbox: Path, seed: int = 0) -> dict:
     rng = random.Random(seed)
     torch.set_num_threads(1)
     for part in (run_documents, run_memory_files, run_adapters, run_cli):
+        t0 = time.time()
         part(t, rng)
+        print(f"  {part.__name__}: {t.n} cases so far, {time.time() - t0:.0f}s", flush=True)
     total = {k: sum(f[k] for f in t.families.values()) for k in ("cases", "clear_error", "correct", "traceback",
                                                                   "hang", "outside")}
     for f in t.faults[:60]:

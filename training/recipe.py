@@ -315,8 +315,14 @@ class CrossbatchRecipe:
 
     def load_checkpoint(self, path) -> None:
         """Continue the run saved at `path` (same config and number of processes)."""
+        from memformer.fileio import read_json
         path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_json(path / "trainer_state.json", error=ConfigError)
+        ints = ("step", "data_position", "world_size")
+        if not all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool) for k in ints) \
+                or not isinstance(state.get("rng"), list) or len(state["rng"]) != 3:
+            raise ConfigError(f"{path / 'trainer_state.json'} is corrupt: expected integers {', '.join(ints)} and "
+                              f"the rng state")
         if state["world_size"] != self.accelerator.num_processes:
             raise ValueError(f"{path} was saved with {state['world_size']} process(es), this run has "
                              f"{self.accelerator.num_processes}: the data stream would not continue")
