@@ -115,6 +115,7 @@ def op_save_memory(out: str, chunks: str) -> None:
     _say(f"ready {done}")
     for i in range(done, n):
         model.memorize(text(i), show_progress=False)
+        _say(f"saving {i + 1}")
         model.save_memory(out)
         _say(f"saved {i + 1}")
 

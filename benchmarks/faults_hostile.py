@@ -41,10 +41,11 @@ def _alarm(signum, frame):
 
 def clear_errors():
     from memformer import MemoryCapacityError, MemoryFileError
-    from memformer.fileio import WriteError
     from memformer.qa.documents import DocumentError
     from memformer.training.config import ConfigError
-    return (MemoryFileError, DocumentError, WriteError, MemoryCapacityError, ConfigError, FileNotFoundError)
+    import memformer.fileio
+    write = getattr(memformer.fileio, "WriteError", FileNotFoundError)    # older versions had none
+    return (MemoryFileError, DocumentError, write, MemoryCapacityError, ConfigError, FileNotFoundError)
 
 
 def snapshot(folder: Path, skip: Path) -> dict:

@@ -161,7 +161,40 @@ def _read_memory_locked(model, path: Path) -> tuple[dict, dict]:
         tensors = load_file(str(file))
     except Exception as e:  # safetensors raises several error types for damaged headers
         raise MemoryFileError(f"{file} cannot be read: {e}") from None
+    check_token_tensors(tensors, manifest, model, file)
     return manifest, tensors
+
+
+def check_token_tensors(tensors: dict, manifest: dict, model, file) -> None:
+    """The token ids and stream offsets a memory holds are fed back to the model (the sink and
+    overlap context, question reads' passages): refuse ids that are not token ids of this
+    backbone and offsets outside the stream, instead of an index error at the next generate."""
+    vocab = model.backbone.get_input_embeddings().num_embeddings
+    batch, seen = manifest["batch"], manifest["seen"]
+
+    def bad(name, what):
+        raise MemoryFileError(f"{file} is corrupt: {name} {what}")
+    for name in ("sink_ids", "tail_ids", "stream"):
+        t = tensors.get(name)
+        if t is None:
+            if name == "stream":
+                bad(name, "is missing")
+            continue
+        if t.dtype not in (torch.int64, torch.int32) or t.dim() != 2 or t.shape[0] != batch:
+            bad(name, f"must be integer token ids [{batch}, n], got {str(t.dtype)} {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+            bad(name, f"holds ids outside this backbone's vocabulary of {vocab}")
+    t = tensors.get("seen")
+    if t is None or t.dtype not in (torch.int64, torch.int32) or t.tolist() != seen:
+        bad("seen", f"does not match the manifest's {seen}")
+    if tensors["stream"].shape[1] < max(seen, default=0):
+        bad("stream", f"holds {tensors['stream'].shape[1]} tokens, the manifest says {max(seen)} were read")
+    starts = tensors.get("doc_starts")
+    if starts is None or starts.dtype not in (torch.int64, torch.int32) or starts.dim() != 2 \
+            or starts.shape[0] != batch:
+        bad("doc_starts", "must be integer offsets [batch, documents]")
+    if starts.numel() and (int(starts.min()) < -1 or int(starts.max()) > max(seen, default=0)):
+        bad("doc_starts", "holds offsets outside the token stream")
 
 
 def fill_layer_memories(memories: dict, tensors: dict, file) -> None:

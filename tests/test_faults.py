@@ -368,3 +368,57 @@ def test_cli_bad_arguments_and_unwritable_targets_are_messages(tmp_path, capsys)
     assert str(tmp_path / "file" / "m") in err and "Traceback" not in err
     assert main(["memory", "info", str(tmp_path / "nothing")]) == 2
     assert str(tmp_path / "nothing") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, bad", [("sink_ids", lambda t: t.float()), ("sink_ids", lambda t: t + 10 ** 6),
+                                       ("tail_ids", lambda t: -t - 1), ("tail_ids", lambda t: t.reshape(-1)[:0]),
+                                       ("stream", lambda t: t[:, :3]), ("seen", lambda t: t + 1),
+                                       ("doc_starts", lambda t: t + 10 ** 6)])
+def test_token_ids_and_offsets_outside_the_backbone_are_refused(tmp_path, name, bad):
+    """Fault found: a memory whose sink / overlap ids or stream were not token ids of the backbone
+    loaded, and the next generate ended in an IndexError / RuntimeError."""
+    from safetensors.torch import load_file, save_file
+    mem = _corpus(tmp_path)
+    tensors = load_file(str(mem / "memory.safetensors"))
+    tensors[name] = bad(tensors[name]).contiguous()
+    save_file(tensors, str(mem / "memory.safetensors"))
+    hostile._fix_checksums(mem)
+    with pytest.raises(MemoryFileError, match=name):
+        _model().load_memory(mem)
+    with pytest.raises(MemoryFileError, match=name):
+        _model().attach_corpus(mem)
+
+
+@pytest.mark.parametrize("file, field, value", [("adapter_config.json", "gate_init", "x"),
+                                                ("adapter_config.json", "lora_alpha", None),
+                                                ("adapter_config.json", "lora_rank", 1.5),
+                                                ("memory_config.json", "window", 10 ** 19),
+                                                ("memory_config.json", "knn_layers", [-1]),
+                                                ("memory_config.json", "top_k", True)])
+def test_adapter_configs_with_wrong_types_are_refused(tmp_path, file, field, value):
+    """Fault found: AdapterConfig / MemoryConfig took any JSON type; loading the adapter then
+    failed deep in torch (TypeError, OverflowError)."""
+    from memformer.config import AdapterConfig
+    from memformer.persistence import read_adapter_config
+    m = _model()
+    m.add_lora(AdapterConfig(lora_rank=4))
+    m.save_pretrained(tmp_path / "a")
+    data = json.loads((tmp_path / "a" / file).read_text())
+    (tmp_path / "a" / file).write_text(json.dumps({**data, field: value}))
+    with pytest.raises(MemoryFileError, match=file):
+        cfg = read_adapter_config(tmp_path / "a")
+        MemformerForCausalLM.from_pretrained(tiny_backbone(vocab_size=fx.VOCAB), cfg, adapter=tmp_path / "a",
+                                             tokenizer=fx.ByteTokenizer())
+
+
+@pytest.mark.parametrize("flag, value", [("--threads", "-1"), ("--window", "99999999999")])
+def test_cli_numbers_out_of_range_are_messages(tmp_path, capsys, flag, value):
+    """Faults found: --threads -1 raised from torch; --window 99999999999 ran out of memory."""
+    folder = fx.tiny_model_folder(tmp_path / "model")
+    docs = fx.write_docs(tmp_path / "docs", 1, words=20)
+    argv = ["memory", "build", "--model", str(folder), "--docs", str(docs), "--out", str(tmp_path / "m"), flag, value]
+    try:
+        code = main(argv)
+    except SystemExit as e:                      # the model loader exits 2 after its message
+        code = e.code
+    assert code == 2 and flag.strip("-").replace("-", "_") in capsys.readouterr().err.replace("-", "_")
