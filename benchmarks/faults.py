@@ -657,6 +657,11 @@ def report(results: dict, out: Path) -> str:
             lines.append(f"| {name} | {rows[-1]['tokens']} | {rows[-1]['memory_tokens']} | {rss[0]:.1f} | {full:.1f} | "
                          f"{max(rss):.1f} | {rss[-1]:.1f} | {rows[-1]['seconds']} |")
         lines.append("")
+    if results.get("errors"):
+        lines += ["## Harness errors", ""] + [f"* {e}" for e in results["errors"]] + [""]
+    fails = [f"* {r['operation']}: {f}" for r in results.get("kill", []) for f in r["failures"]]
+    if fails:
+        lines += ["## Kill failures", ""] + fails + [""]
     text = "\n".join(lines)
     (out / "faults.md").write_text(text + "\n")
     return text
@@ -676,62 +681,86 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    results: dict = {}
+    # a run of some parts updates those parts of an earlier run's results
+    results: dict = json.loads((out / "faults.json").read_text()) if (out / "faults.json").is_file() else {}
+    results.pop("errors", None)
     t0 = time.time()
+    errors = []
+
+    def attempt(what, fn, *a):
+        """Run one piece; a harness error is recorded (and fails the run) instead of ending it."""
+        print(f"{what} ...", flush=True)
+        try:
+            return fn(*a)
+        except Exception as e:                                    # noqa: BLE001
+            import traceback
+            errors.append(f"{what}: {type(e).__name__}: {e}")
+            traceback.print_exc()
+            return None
+
+    def put(part, rows, key):
+        """Replace the rows of `part` that these rows redo (by `key`), keep the others."""
+        rows = [r for r in rows if r]
+        done = {r[key] for r in rows}
+        results[part] = [r for r in results.get(part, []) if r[key] not in done] + rows
+
     with tempfile.TemporaryDirectory(prefix="memformer-faults-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)
-        wheel = _wheel() if ("conversion" in ops or "concurrency" in parts) else None
+        wheel = _wheel() if "conversion" in ops else None
         ref_files = None
         if "kill" in parts:
-            results["kill"] = []
             for op, fn in (("save_memory", kill_save_memory), ("corpus", kill_corpus_build), ("qa", kill_qa_cache),
                            ("checkpoint", kill_checkpoint)):
                 if op in ops:
-                    print(f"kill: {op} ...", flush=True)
                     (work / op).mkdir()
-                    results["kill"].append(fn(work / op, args.runs, rng))
-                    print(f"  {results['kill'][-1]}", flush=True)
-            if "conversion" in ops and wheel is not None:
-                print("kill: conversion ...", flush=True)
-                ref_files = reference_conversion(work, wheel)
-                (work / "conversion").mkdir()
-                _cache_with_wheel(work / "conversion" / "cache", wheel)
-                results["kill"].append(kill_conversion(work / "conversion", args.runs, rng, dict(ref_files)))
-                print(f"  {results['kill'][-1]}", flush=True)
-        if "concurrency" in parts:
-            results["concurrency"] = []
-            for n in (2, 4):
-                print(f"concurrency: {n} processes ...", flush=True)
-                results["concurrency"] += concurrency_qa(work, n)
-                if wheel is not None:
-                    if ref_files is None:
-                        ref_files = reference_conversion(work, wheel)
-                    refs = {k: v for k, v in ref_files.items() if k != "_seconds"}
-                    results["concurrency"].append(concurrency_conversion(work, n, wheel, refs))
-                print(f"  {results['concurrency'][-3:]}", flush=True)
-        if "resources" in parts:
-            print("resources ...", flush=True)
-            (work / "res").mkdir(mode=0o755)
-            results["resources"] = resource_faults(work / "res")
+                    put("kill", [attempt(f"kill: {op}", fn, work / op, args.runs, rng)], "operation")
             if wheel is not None:
-                results["resources"].append(resource_conversion(work / "res", wheel))
+                ref_files = attempt("reference conversion", reference_conversion, work, wheel)
+                if ref_files:
+                    _cache_with_wheel(work / "conversion" / "cache", wheel)
+                    put("kill", [attempt("kill: conversion", kill_conversion, work / "conversion", args.runs, rng,
+                                         dict(ref_files))], "operation")
+        if "concurrency" in parts:
+            rows = []
+            for n in (2, 4):
+                rows += attempt(f"concurrency: {n} processes, QA cache", concurrency_qa, work, n) or []
+                if wheel is not None:
+                    ref_files = ref_files or attempt("reference conversion", reference_conversion, work, wheel)
+                    refs = {k: v for k, v in (ref_files or {}).items() if k != "_seconds"}
+                    rows.append(attempt(f"concurrency: {n} processes, default model", concurrency_conversion, work, n,
+                                        wheel, refs))
+            for r in rows:
+                if r:
+                    r["key"] = f"{r['processes']} {r['what']}"
+            put("concurrency", rows, "key")
+        if "resources" in parts:
+            (work / "res").mkdir(mode=0o755)
+            rows = attempt("resources", resource_faults, work / "res") or []
+            if wheel is not None:
+                rows.append(attempt("resources: conversion", resource_conversion, work / "res", wheel))
+            for r in rows:
+                if r:
+                    r["key"] = f"{r['operation']} {r['fault']}"
+            put("resources", rows, "key")
         if "hostile" in parts:
-            print("hostile inputs ...", flush=True)
             import faults_hostile
             (work / "hostile").mkdir()
-            results["hostile"] = faults_hostile.run_all(work / "hostile")
+            results["hostile"] = attempt("hostile inputs", faults_hostile.run_all, work / "hostile")
         if "rss" in parts:
-            print("resident memory ...", flush=True)
-            results["rss"] = rss_session(work, args.rss_tokens, args.rss_read_tokens)
-            plot_rss(results["rss"], out / "rss.png")
-    results["seconds"] = round(time.time() - t0, 1)
+            results["rss"] = attempt("resident memory", rss_session, work, args.rss_tokens, args.rss_read_tokens)
+            if results["rss"]:
+                plot_rss(results["rss"], out / "rss.png")
+    results = {k: v for k, v in results.items() if v}
+    results["errors"] = errors
+    results["seconds_last_run"] = round(time.time() - t0, 1)
     (out / "faults.json").write_text(json.dumps(results, indent=1, default=str))
     print(report(results, out))
-    bad = [r for r in results.get("kill", []) if r["data_lost"] or r["survived"] < r["runs"] or r["resumed_equal"] < r["resumed"]]
+    bad = list(errors)
+    bad += [r for r in results.get("kill", []) if r["data_lost"] or r["survived"] < r["runs"] or r["resumed_equal"] < r["resumed"]]
     bad += [r for r in results.get("concurrency", []) if not r["correct"]]
     bad += [r for r in results.get("resources", []) if not r["ok"]]
-    if "hostile" in results:
+    if results.get("hostile"):
         t = results["hostile"]["total"]
         bad += [t] if t["traceback"] or t["hang"] or t["outside"] else []
     return 1 if bad else 0
