@@ -161,8 +161,10 @@ class AdapterConfig:
 
     def __post_init__(self):
         rank = self.lora_rank
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= _MAX_SIZE:
-            raise ValueError(f"AdapterConfig: lora_rank must be an integer in [0, {_MAX_SIZE}], got {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank > _MAX_SIZE:
+            raise ValueError(f"AdapterConfig: lora_rank must be an integer <= {_MAX_SIZE}, got {rank!r}")
+        if rank < 0:
+            raise ValueError(f"AdapterConfig: lora_rank must be >= 0, got {rank}")
         for name in ("lora_alpha", "gate_init"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or abs(v) > 1e6:
