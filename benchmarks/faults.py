@@ -676,6 +676,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-read-tokens", type=int, default=49_152, help="the run whose windows also read memory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--merge", nargs="*", default=[], metavar="DIR",
+                    help="also take the parts of these earlier runs' results (parts run in parallel)")
     args = ap.parse_args(argv)
     parts, ops = args.parts.split(","), args.ops.split(",")
     out = Path(args.out)
@@ -684,6 +686,18 @@ def main(argv=None) -> int:
     # a run of some parts updates those parts of an earlier run's results
     results: dict = json.loads((out / "faults.json").read_text()) if (out / "faults.json").is_file() else {}
     results.pop("errors", None)
+    for other in args.merge:
+        theirs = json.loads((Path(other) / "faults.json").read_text())
+        for part in ("kill", "concurrency", "resources"):
+            key = "operation" if part == "kill" else "key"
+            rows = theirs.get(part, [])
+            done = {r[key] for r in rows}
+            results[part] = [r for r in results.get(part, []) if r[key] not in done] + rows
+        for part in ("hostile", "rss"):
+            if theirs.get(part):
+                results[part] = theirs[part]
+        if (Path(other) / "rss.png").is_file() and theirs.get("rss"):
+            shutil.copy(Path(other) / "rss.png", out / "rss.png")
     t0 = time.time()
     errors = []
 
