@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memformer import persistence
-from memformer.fileio import read_json, recover_for_reading
+from memformer.fileio import dir_lock, read_json, recover_for_reading
 from memformer.qa.documents import DOC_SUFFIXES, read_document
 
 CORPUS_FILE = "corpus.json"
@@ -92,8 +92,9 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
     model.reset_memory()
     recover_for_reading(out)                    # a save killed between its two renames
     if (out / "manifest.json").is_file():
-        done = read_corpus_table(out)
-        model.load_memory(out)                  # refuses another model's / config's memory
+        with dir_lock(out, shared=True):        # the table and the memory of one save
+            done = read_corpus_table(out)
+            model.load_memory(out)              # refuses another model's / config's memory
         names = [p.relative_to(root).as_posix() for p in paths]
         if [d.name for d in done] != names[:len(done)]:
             raise ValueError(f"{out} was built from other documents than {root}; use another --out")
@@ -126,8 +127,10 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
 def corpus_info(path) -> dict:
     """What a corpus memory holds (from its manifest and table; tensors are not loaded)."""
     path = Path(path)
-    manifest = persistence.read_manifest(path)
-    docs = read_corpus_table(path)
+    recover_for_reading(path)
+    with dir_lock(path, shared=True):
+        manifest = persistence.read_manifest(path)
+        docs = read_corpus_table(path)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     return {"path": str(path), "documents": len(docs), "tokens_read": int(sum(manifest["seen"])),
             "tokens_in_memory": manifest["tokens"], "memory_layers": manifest["fingerprint"]["memory_layers"],
@@ -142,8 +145,10 @@ def attach_corpus(model, path) -> list[CorpusDocument]:
     attached one). It must come from the same backbone and memory config; the model's own memory
     is untouched."""
     path = Path(path)
-    docs = read_corpus_table(path)
-    manifest, tensors = persistence.read_memory(model, path)
+    recover_for_reading(path)
+    with dir_lock(path, shared=True):            # the table and the tensors of one save
+        docs = read_corpus_table(path)
+        manifest, tensors = persistence.read_memory(model, path)
     if int(manifest["batch"]) != 1:
         raise persistence.MemoryFileError(f"{path}: a corpus memory holds one stream, this one {manifest['batch']}")
     layers = {i: model.new_layer_memory(1, bounded=False) for i in model.memory_layer_ids}   # no capacity

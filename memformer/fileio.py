@@ -10,9 +10,9 @@ renamed aside and the new one renamed in; a process killed between those two ren
 replaced siblings (`.NAME.tmp-*`, `.NAME.old-*`) left by a killed process are removed by the next
 write; a sibling still being written is recognised by the lock its writer holds on it.
 
-Concurrency. Each folder `path` has a lock file `.NAME.lock` beside it: a writer holds it
-exclusively only while swapping the finished folder in, readers share it while they read
-(`dir_lock`), so a reader never mixes files of two versions. Two writers of one folder both
+Concurrency. Each folder `path` has a lock file `.NAME.lock` beside it, created by its writers: a
+writer holds it exclusively only while swapping the finished folder in, readers share it while
+they read (`dir_lock`), so a reader never mixes files of two versions. Two writers of one folder both
 finish; the one that swaps last wins, and each version is complete.
 
 Errors. A write that fails (disk full, file-size limit, read-only or missing permission) raises
@@ -91,19 +91,16 @@ def lock_path(path) -> Path:
 @contextlib.contextmanager
 def dir_lock(path, *, shared: bool = False):
     """Hold the inter-process lock of `path` (the file `.NAME.lock` beside it): shared for
-    readers, exclusive for writers. Where the lock file cannot be created (a read-only folder,
-    which nobody can be writing into) a reader goes on without it; a writer's error is raised."""
+    readers, exclusive for writers. Writers create the lock file; readers never write: where it
+    does not exist (a folder no memformer of this version has written) they read without it."""
     lock = lock_path(path)
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDONLY) if shared else os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        try:
-            fd = os.open(lock, os.O_RDONLY)
-        except OSError:
-            if shared:
-                yield
-                return
-            raise _write_error(Path(path), e) from None
+        if shared:
+            yield
+            return
+        raise _write_error(Path(path), e) from None
     try:
         with _flock(fd, shared):
             yield

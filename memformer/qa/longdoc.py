@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from memformer.fileio import WriteError, read_json
+from memformer.fileio import WriteError, dir_lock, read_json, recover_for_reading
 from memformer.qa.documents import Corpus, Document, DocumentError, as_documents, read_document  # noqa: F401 (API)
 from memformer.qa.evidence import EvidenceSpan, answer_evidence
 
@@ -148,17 +148,19 @@ class LongDocQA:
 
     def _try_load(self, path: Path) -> bool:
         """Load the memory at `path` if it was built from exactly this corpus by this model."""
-        try:
-            saved = _read_qa_file(path)
-        except (FileNotFoundError, DocumentError):
-            return False
-        if [d["sha256"] for d in saved["documents"]] != [d.sha256 for d in self.corpus.documents]:
-            return False
-        try:
-            self.model.load_memory(path)
-        except (ValueError, FileNotFoundError):             # another model / config, or corrupt
-            self.model.reset_memory()
-            return False
+        recover_for_reading(path)
+        with dir_lock(path, shared=True):                   # the documents and the memory of one save
+            try:
+                saved = _read_qa_file(path)
+            except (FileNotFoundError, DocumentError):
+                return False
+            if [d["sha256"] for d in saved["documents"]] != [d.sha256 for d in self.corpus.documents]:
+                return False
+            try:
+                self.model.load_memory(path)
+            except (ValueError, FileNotFoundError):         # another model / config, or corrupt
+                self.model.reset_memory()
+                return False
         return True
 
     @property
@@ -186,6 +188,12 @@ class LongDocQA:
         """A LongDocQA (mode "memory") from a directory written by `save` (memory + documents);
         the memory is refused (MemoryFileError) if another model or memory config built it."""
         path = Path(path).expanduser()
+        recover_for_reading(path)
+        with dir_lock(path, shared=True):                   # the documents and the memory of one save
+            return cls._load_locked(model, path, **kwargs)
+
+    @classmethod
+    def _load_locked(cls, model, path: Path, **kwargs) -> "LongDocQA":
         saved = _read_qa_file(path)
         qa = cls(model, "memory", **kwargs)
         qa.corpus = Corpus.from_documents([Document(d["name"], d["text"]) for d in saved["documents"]],
