@@ -269,7 +269,7 @@ def kill_qa_cache(work: Path, runs: int, rng: random.Random, sets: int = 5) -> d
 
     def after_kill(c):
         ok, n = _cache_ok(cache, refs)
-        acked = sum(x.startswith("read") for x in c.lines)
+        acked = sum(x.startswith("read ") for x in c.lines)     # "read S built|cached", not "ready"
         return ok, n >= acked, leftovers(work)
 
     def after_finish():
