@@ -6,8 +6,10 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from memformer import MemformerForCausalLM, MemoryConfig, MemoryFileError, corpus
+from memformer import MemformerForCausalLM, MemoryFileError, corpus
 from memformer import fileio
 from memformer.cli.main import main
-from memformer.fileio import WriteError, atomic_dir
 from memformer.qa.longdoc import QA_FILE, LongDocQA
 from tests.conftest import HashedWords, tiny_backbone
 
@@ -98,7 +99,6 @@ def test_sigkill_during_save_memory_keeps_the_last_save_and_resumes_to_the_same_
     span = time.monotonic() - t0
     kills = 0
     for _ in range(5):
-        import shutil
         shutil.rmtree(mem, ignore_errors=True)
         pid, r = _fork(op)
         time.sleep(rng.uniform(0, span))
@@ -217,7 +217,6 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_memory(tmp_path):
 
 
 def test_read_only_folder_is_a_clear_error_naming_it(tmp_path):
-    import tempfile
     base = Path(tempfile.mkdtemp(dir=tmp_path if os.geteuid() else "/tmp"))   # the child may drop to nobody
     base.chmod(0o755)
     folder = base / "ro"
@@ -242,7 +241,6 @@ def test_read_only_folder_is_a_clear_error_naming_it(tmp_path):
         out = _read_all(r)
     finally:
         folder.chmod(0o755)
-    import shutil
     back = _model()
     back.load_memory(folder / "mem")
     assert _same(back.memory_state(), m.memory_state())
