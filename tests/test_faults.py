@@ -157,10 +157,18 @@ def test_leftovers_of_killed_writers_are_removed_but_a_live_writers_are_kept(tmp
 
 
 # ---------------------------------------------------------------- concurrency
-def test_concurrent_writers_and_readers_of_one_folder(tmp_path):
+def test_concurrent_writers_and_readers_of_one_folder(tmp_path, monkeypatch):
     """Fault found: two writers of one folder crashed (the second rename found the path taken or
-    gone), and a reader during a save could read the manifest of one version and the tensors of
-    another (a checksum error). Writers now swap under the folder's lock; readers share it."""
+    gone), and a reader during a save found no folder, or the manifest of one version and the
+    tensors of another. Writers now swap under the folder's lock; readers share it. Renames are
+    slowed down and the two-rename fallback is forced, so the race windows are wide open."""
+    real_rename = os.rename
+
+    def slow_rename(a, b):
+        real_rename(a, b)
+        time.sleep(0.02)
+    monkeypatch.setattr(os, "rename", slow_rename)
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False, raising=False)
     a, b = _memorized(1), _memorized(2)
     path = tmp_path / "mem"
     a.save_memory(path)
