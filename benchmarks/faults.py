@@ -713,10 +713,14 @@ def main(argv=None) -> int:
             return None
 
     def put(part, rows, key):
-        """Replace the rows of `part` that these rows redo (by `key`), keep the others."""
+        """Replace the rows of `part` that these rows redo (by `key`), keep the others; the
+        results so far are written at once (a long run stopped midway keeps its finished parts)."""
         rows = [r for r in rows if r]
         done = {r[key] for r in rows}
         results[part] = [r for r in results.get(part, []) if r[key] not in done] + rows
+        (out / "faults.json").write_text(json.dumps({**results, "errors": errors}, indent=1, default=str))
+        for r in rows:
+            print(f"  {json.dumps(r, default=str)[:400]}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="memformer-faults-") as tmp:
         work = Path(tmp)
