@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "faiss-ivfpq")
 EVICTIONS = ("fifo", "score", "none")
 MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+_MAX_SIZE = 1 << 20     # bound on windows, k, blocks, layers, ranks: a corrupt file or a typo, not a config
 
 
 @dataclass
@@ -60,6 +62,21 @@ class MemoryConfig:
             if not cond:
                 raise ValueError(f"MemoryConfig: {msg}")
 
+        def whole(name, high=_MAX_SIZE, optional=False):   # an int field, maybe read from a file or flag
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            need(isinstance(v, int) and not isinstance(v, bool), f"{name} must be an integer, got {v!r}")
+            need(v <= high, f"{name} must be <= {high}, got {v}")
+
+        for name in ("memory_layers", "knn_layers"):
+            v = getattr(self, name)
+            need(v is None or (isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                     and 0 <= i <= _MAX_SIZE for i in v)),
+                 f"{name} must be None or a list of layer indices >= 0, got {v!r}")
+        for name in ("top_k", "window", "sink_tokens", "overlap", "block_size", "question_blocks"):
+            whole(name)                                      # the lower bounds are checked below
+        whole("capacity", 1 << 40, optional=True)
         if self.memory_layers is not None:
             self.memory_layers = sorted({int(i) for i in self.memory_layers})
             need(len(self.memory_layers) > 0, "memory_layers is empty; use None for every layer")
@@ -143,8 +160,15 @@ class AdapterConfig:
     gate_init: float = 0.0
 
     def __post_init__(self):
-        if int(self.lora_rank) < 0:
-            raise ValueError(f"AdapterConfig: lora_rank must be >= 0, got {self.lora_rank}")
+        rank = self.lora_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank > _MAX_SIZE:
+            raise ValueError(f"AdapterConfig: lora_rank must be an integer <= {_MAX_SIZE}, got {rank!r}")
+        if rank < 0:
+            raise ValueError(f"AdapterConfig: lora_rank must be >= 0, got {rank}")
+        for name in ("lora_alpha", "gate_init"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or abs(v) > 1e6:
+                raise ValueError(f"AdapterConfig: {name} must be a finite number, got {v!r}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memformer import persistence
-from memformer.fileio import read_json
+from memformer.fileio import dir_lock, read_json, recover_for_reading
 from memformer.qa.documents import DOC_SUFFIXES, read_document
 
 CORPUS_FILE = "corpus.json"
@@ -55,10 +55,22 @@ def read_corpus_table(path) -> list[CorpusDocument]:
     if not f.is_file():
         raise persistence.MemoryFileError(f"{path} is a memory but not a corpus memory (no {CORPUS_FILE})")
     data = read_json(f, error=persistence.MemoryFileError, format=CORPUS_FORMAT)
-    try:
-        return [CorpusDocument(**d) for d in data["documents"]]
-    except (KeyError, TypeError) as e:
-        raise persistence.MemoryFileError(f"{f} is corrupt: {e}") from None
+    rows = data.get("documents")
+    if not isinstance(rows, list):
+        raise persistence.MemoryFileError(f"{f} is corrupt: 'documents' must be a list")
+    docs, end = [], 0
+    for n, d in enumerate(rows):
+        ok = isinstance(d, dict) and set(d) == _TABLE_FIELDS and all(isinstance(d[k], str) for k in ("name", "sha256", "text")) \
+            and all(isinstance(d[k], int) and not isinstance(d[k], bool) for k in ("start", "end"))
+        if not ok or d["start"] != end or d["end"] <= d["start"]:   # contiguous, in reading order
+            raise persistence.MemoryFileError(f"{f} is corrupt: document {n} is not a document entry "
+                                              f"({', '.join(sorted(_TABLE_FIELDS))}; contiguous token ranges)")
+        docs.append(CorpusDocument(**d))
+        end = d["end"]
+    return docs
+
+
+_TABLE_FIELDS = {"name", "sha256", "start", "end", "text"}
 
 
 def _table_json(docs: list[CorpusDocument]) -> str:
@@ -72,13 +84,17 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
     every `save_every` documents, on Ctrl-C and at the end; running again with the same `out`
     loads them and continues with the next document. Returns the document table.
     """
+    if not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be an integer >= 1, got {save_every!r}")
     root, out = Path(docs_dir), Path(out)
     paths = find_documents(root)
     done: list[CorpusDocument] = []
     model.reset_memory()
+    recover_for_reading(out)                    # a save killed between its two renames
     if (out / "manifest.json").is_file():
-        done = read_corpus_table(out)
-        model.load_memory(out)                  # refuses another model's / config's memory
+        with dir_lock(out, shared=True):        # the table and the memory of one save
+            done = read_corpus_table(out)
+            model.load_memory(out)              # refuses another model's / config's memory
         names = [p.relative_to(root).as_posix() for p in paths]
         if [d.name for d in done] != names[:len(done)]:
             raise ValueError(f"{out} was built from other documents than {root}; use another --out")
@@ -111,8 +127,10 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
 def corpus_info(path) -> dict:
     """What a corpus memory holds (from its manifest and table; tensors are not loaded)."""
     path = Path(path)
-    manifest = persistence.read_manifest(path)
-    docs = read_corpus_table(path)
+    recover_for_reading(path)
+    with dir_lock(path, shared=True):
+        manifest = persistence.read_manifest(path)
+        docs = read_corpus_table(path)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     return {"path": str(path), "documents": len(docs), "tokens_read": int(sum(manifest["seen"])),
             "tokens_in_memory": manifest["tokens"], "memory_layers": manifest["fingerprint"]["memory_layers"],
@@ -127,8 +145,10 @@ def attach_corpus(model, path) -> list[CorpusDocument]:
     attached one). It must come from the same backbone and memory config; the model's own memory
     is untouched."""
     path = Path(path)
-    docs = read_corpus_table(path)
-    manifest, tensors = persistence.read_memory(model, path)
+    recover_for_reading(path)
+    with dir_lock(path, shared=True):            # the table and the tensors of one save
+        docs = read_corpus_table(path)
+        manifest, tensors = persistence.read_memory(model, path)
     if int(manifest["batch"]) != 1:
         raise persistence.MemoryFileError(f"{path}: a corpus memory holds one stream, this one {manifest['batch']}")
     layers = {i: model.new_layer_memory(1, bounded=False) for i in model.memory_layer_ids}   # no capacity

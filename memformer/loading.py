@@ -152,10 +152,27 @@ def default_model_dir() -> Path:
     final = models / DEFAULT_MODEL
     if _is_complete(final):
         return final
+    try:
+        _build_default_model(models, final)
+    except Exception as e:   # noqa: BLE001 - a full disk, a file-size limit, a read-only cache: name the folder
+        from memformer.fileio import WriteError, write_error
+        err = None if isinstance(e, (WriteError, FileNotFoundError)) else write_error(models, e)
+        if err is None:
+            raise
+        raise WriteError(err.errno, f"{err.strerror}; set MEMFORMER_CACHE to a writable folder with ~1 GB free") from None
+    _log(f"default backbone cached at {final}")
+    return final
+
+
+def _build_default_model(models: Path, final: Path) -> None:
+    """Convert the default model into `final`, one process at a time (the others wait on the lock
+    and find it done). The folder is written into a staging sibling, flushed and renamed into
+    place: it is complete or absent, whenever the process is killed."""
+    from memformer.fileio import fsync_tree
     with _file_lock(models / f".{DEFAULT_MODEL}.lock"):
         if _is_complete(final):  # another process finished while we waited
-            return final
-        for stale in models.glob(f".{DEFAULT_MODEL}.*tmp*"):
+            return
+        for stale in models.glob(f".{DEFAULT_MODEL}.*tmp*"):   # left by a killed conversion
             shutil.rmtree(stale, ignore_errors=True)
         env_gguf = os.environ.get("MEMFORMER_DEFAULT_GGUF")
         if env_gguf and not Path(env_gguf).expanduser().is_file():
@@ -171,13 +188,12 @@ def default_model_dir() -> Path:
                 raise RuntimeError(f"conversion produced an incomplete folder: {sorted(os.listdir(staging))}")
             for f in (staging, *staging.iterdir()):  # mkdtemp/atomic writers leave 0700/0600
                 f.chmod(0o755 if f.is_dir() else 0o644)
+            fsync_tree(staging)
             if final.exists():  # an incomplete leftover (files deleted by hand)
                 shutil.rmtree(final)
             os.replace(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    _log(f"default backbone cached at {final}")
-    return final
 
 
 def _resolve_dtype(torch_dtype):

@@ -4,7 +4,9 @@ A memory directory holds `memory.safetensors` (per layer: keys, valid mask, valu
 window slots; the memorized token stream and its document starts; the passage embeddings of
 question reads once computed) and `manifest.json` (format version, fingerprints of the backbone / memory config / adapter
 weights, sizes, sha256 of the tensor file). Writes go to a temporary sibling and are renamed
-into place, so an interrupted save never leaves a directory that looks complete.
+into place, so an interrupted save never leaves a directory that looks complete; readers hold the
+folder's shared lock, so they never mix files of two saves (memformer/fileio.py). Every field of a
+manifest is checked for its type before use: a damaged or hostile manifest is a MemoryFileError.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memformer.config import AdapterConfig, MemoryConfig
-from memformer.fileio import atomic_dir, read_json
+from memformer.fileio import atomic_dir, dir_lock, read_json, recover_for_reading
 from memformer.index.base import sha256_file as _sha256
 
 MEMORY_FORMAT = "memformer-memory"
@@ -73,19 +75,74 @@ def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
     return atomic_dir(path, fill)
 
 
+def _is_int(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _is_plain_name(name) -> bool:
+    """A file name inside the memory folder: no separator, not "." / "..", not hidden."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and not name.startswith(".") and "\x00" not in name
+
+
+# field -> (check, what it must be); the fields of a manifest that readers use
+_MANIFEST_FIELDS = {
+    "fingerprint": (lambda v: isinstance(v, dict), "an object"),
+    "batch": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "kv_heads": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "head_dim": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "tokens": (_is_int, "an integer >= 0"),
+    "seen": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers >= 0"),
+    "dtype": (lambda v: isinstance(v, str), "a string"),
+    "sha256": (lambda v: isinstance(v, str), "a string"),
+}
+_FINGERPRINT_FIELDS = {
+    "memory_layers": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers >= 0"),
+    "window": (_is_int, "an integer >= 0"),
+}
+
+
+def check_manifest(manifest: dict, file) -> dict:
+    """`manifest` if every field readers use has the right type; else MemoryFileError naming `file`."""
+    def need(table, data, where):
+        for key, (ok, what) in table.items():
+            if key not in data:
+                raise MemoryFileError(f"{file} is corrupt: {where}{key!r} is missing")
+            if not ok(data[key]):
+                raise MemoryFileError(f"{file} is corrupt: {where}{key!r} must be {what}, got {data[key]!r:.80}")
+    need(_MANIFEST_FIELDS, manifest, "")
+    need(_FINGERPRINT_FIELDS, manifest["fingerprint"], "fingerprint.")
+    extra = manifest.get("extra_files", {})
+    if not isinstance(extra, dict) or not all(_is_plain_name(n) and isinstance(d, str) for n, d in extra.items()):
+        raise MemoryFileError(f"{file} is corrupt: 'extra_files' must map plain file names inside the "
+                              f"folder to checksums, got {extra!r:.120}")
+    if len(manifest["seen"]) != manifest["batch"]:
+        raise MemoryFileError(f"{file} is corrupt: 'seen' has {len(manifest['seen'])} entries for a batch "
+                              f"of {manifest['batch']}")
+    return manifest
+
+
 def read_manifest(path) -> dict:
     path = Path(path)
+    recover_for_reading(path)              # a writer killed between its two renames
     if not (path / "manifest.json").is_file():
         raise FileNotFoundError(f"{path} is not a memformer memory directory (no manifest.json)")
-    return read_json(path / "manifest.json", error=MemoryFileError, format=MEMORY_FORMAT,
-                     version=MEMORY_FORMAT_VERSION)
+    return check_manifest(read_json(path / "manifest.json", error=MemoryFileError, format=MEMORY_FORMAT,
+                                    version=MEMORY_FORMAT_VERSION), path / "manifest.json")
 
 
 def read_memory(model, path) -> tuple[dict, dict]:
     """Check and read a saved memory for this model without touching its own memory.
 
-    Returns (manifest, tensors); MemoryFileError if it is from another model / config or corrupt."""
+    Returns (manifest, tensors); MemoryFileError if it is from another model / config or corrupt.
+    The folder's shared lock is held while reading, so a concurrent save cannot swap it midway."""
     path = Path(path)
+    recover_for_reading(path)
+    with dir_lock(path, shared=True):
+        return _read_memory_locked(model, path)
+
+
+def _read_memory_locked(model, path: Path) -> tuple[dict, dict]:
     manifest = read_manifest(path)
     mine = memory_fingerprint(model)
     diff = {k: (manifest["fingerprint"].get(k), v) for k, v in mine.items() if manifest["fingerprint"].get(k) != v}
@@ -104,7 +161,40 @@ def read_memory(model, path) -> tuple[dict, dict]:
         tensors = load_file(str(file))
     except Exception as e:  # safetensors raises several error types for damaged headers
         raise MemoryFileError(f"{file} cannot be read: {e}") from None
+    check_token_tensors(tensors, manifest, model, file)
     return manifest, tensors
+
+
+def check_token_tensors(tensors: dict, manifest: dict, model, file) -> None:
+    """The token ids and stream offsets a memory holds are fed back to the model (the sink and
+    overlap context, question reads' passages): refuse ids that are not token ids of this
+    backbone and offsets outside the stream, instead of an index error at the next generate."""
+    vocab = model.backbone.get_input_embeddings().num_embeddings
+    batch, seen = manifest["batch"], manifest["seen"]
+
+    def bad(name, what):
+        raise MemoryFileError(f"{file} is corrupt: {name} {what}")
+    for name in ("sink_ids", "tail_ids", "stream"):
+        t = tensors.get(name)
+        if t is None:
+            if name == "stream":
+                bad(name, "is missing")
+            continue
+        if t.dtype not in (torch.int64, torch.int32) or t.dim() != 2 or t.shape[0] != batch:
+            bad(name, f"must be integer token ids [{batch}, n], got {str(t.dtype)} {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+            bad(name, f"holds ids outside this backbone's vocabulary of {vocab}")
+    t = tensors.get("seen")
+    if t is None or t.dtype not in (torch.int64, torch.int32) or t.tolist() != seen:
+        bad("seen", f"does not match the manifest's {seen}")
+    if tensors["stream"].shape[1] < max(seen, default=0):
+        bad("stream", f"holds {tensors['stream'].shape[1]} tokens, the manifest says {max(seen)} were read")
+    starts = tensors.get("doc_starts")
+    if starts is None or starts.dtype not in (torch.int64, torch.int32) or starts.dim() != 2 \
+            or starts.shape[0] != batch:
+        bad("doc_starts", "must be integer offsets [batch, documents]")
+    if starts.numel() and (int(starts.min()) < -1 or int(starts.max()) > max(seen, default=0)):
+        bad("doc_starts", "holds offsets outside the token stream")
 
 
 def fill_layer_memories(memories: dict, tensors: dict, file) -> None:

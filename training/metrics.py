@@ -10,10 +10,22 @@ resumed run equals the file of an uninterrupted one (up to the time column).
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 
+from memformer.fileio import atomic_write_text
+
 FIELDS = ["step", "name", "value", "time"]
+
+
+def _complete(row: dict) -> bool:
+    """A CSV row with every field, its step an integer and its value a number."""
+    try:
+        int(row["step"]), float(row["value"]), float(row["time"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return bool(row["name"]) and None not in row
 
 
 class MetricsLogger:
@@ -47,15 +59,20 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (they belong to the part of a run being redone)."""
+        """Drop rows logged after `step` (they belong to the part of a run being redone) and any
+        row cut short by a killed process; the file is replaced atomically."""
         if not self.enabled or not self.path.exists():
             return
-        with open(self.path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            w.writeheader()
-            w.writerows(rows)
+        with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if text and not text.endswith("\n"):         # a row cut short by a kill
+            text = text[:text.rfind("\n") + 1]
+        rows = [r for r in csv.DictReader(io.StringIO(text)) if _complete(r) and int(r["step"]) <= step]
+        out = io.StringIO()
+        w = csv.DictWriter(out, FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(self.path, out.getvalue())
 
     def close(self) -> None:
         if self.tb is not None:

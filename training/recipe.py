@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -263,8 +262,7 @@ class CrossbatchRecipe:
             if not (Path(r) / "trainer_state.json").is_file():
                 raise FileNotFoundError(f"checkpoint.resume: {r} is not a checkpoint (no trainer_state.json)")
             return Path(r)
-        found = sorted(self._ckpt_root().glob("step_*")) if self._ckpt_root().is_dir() else []
-        found = [p for p in found if (p / "trainer_state.json").is_file()]
+        found = self._checkpoints()
         if not found and r is True:
             raise FileNotFoundError(f"checkpoint.resume=true but no checkpoint under {self._ckpt_root()}")
         return found[-1] if found else None
@@ -279,40 +277,52 @@ class CrossbatchRecipe:
 
     def save_checkpoint(self) -> Path:
         """Adapter + optimizer + scheduler + RNG + data position, written atomically (a temporary
-        folder renamed into place); the newest `checkpoint.keep` are kept."""
+        folder renamed into place, memformer/fileio.py); the newest `checkpoint.keep` are kept, the
+        older ones renamed away before they are deleted (never a half-deleted `step_*`)."""
+        from memformer.fileio import atomic_dir, remove_dir
+        from memformer.persistence import save_adapter
         acc = self.accelerator
         path = self._ckpt_root() / f"step_{self.step:07d}"
-        tmp = path.parent / f".{path.name}.tmp"
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        self._write_adapter(tmp / "adapter")
-        # FSDP: the full state, keyed by parameter name, gathered on the main process
+        # every process takes part in gathering FSDP shards; the main process writes
+        adapter = sharding.gather_trainable(self.model) if self.fsdp else None
         opt = sharding.optimizer_state(self.lm, self.optimizer.optimizer) if self.fsdp else None
         if acc.is_main_process:
             opt = opt if self.fsdp else self.optimizer.state_dict()
-            torch.save({"optimizer": opt, "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       tmp / "training_state.pt")
             state = {"step": self.step, "data_position": self.batches.next_global,
                      "rng": _rng_to_json(self.rng.getstate()), "world_size": acc.num_processes,
-                     "fsdp": self.fsdp,
-                     "config": self.cfg.to_dict()}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-            for old in sorted(self._ckpt_root().glob("step_*"))[:-self.cfg.checkpoint.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                     "fsdp": self.fsdp, "config": self.cfg.to_dict()}
+
+            def fill(tmp: Path) -> None:
+                save_adapter(self.model, tmp / "adapter", state=adapter)
+                torch.save({"optimizer": opt, "scheduler": self.scheduler.state_dict(),
+                            "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                           tmp / "training_state.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, default=str))
+
+            atomic_dir(path, fill)
+            for old in self._checkpoints()[:-self.cfg.checkpoint.keep]:
+                remove_dir(old)
         acc.wait_for_everyone()
         return path
 
+    def _checkpoints(self) -> list[Path]:
+        """Complete checkpoints under output_dir/checkpoints, oldest first."""
+        root = self._ckpt_root()
+        found = sorted(root.glob("step_*")) if root.is_dir() else []
+        return [p for p in found if all((p / f).is_file() for f in _CHECKPOINT_FILES)]
+
     def load_checkpoint(self, path) -> None:
         """Continue the run saved at `path` (same config and number of processes)."""
+        from memformer.fileio import read_json
         path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_json(path / "trainer_state.json", error=ConfigError)
+        ints = ("step", "data_position", "world_size")
+        if not all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool) for k in ints) \
+                or not isinstance(state.get("rng"), list) or len(state["rng"]) != 3:
+            raise ConfigError(f"{path / 'trainer_state.json'} is corrupt: expected integers {', '.join(ints)} and "
+                              f"the rng state")
         if state["world_size"] != self.accelerator.num_processes:
             raise ValueError(f"{path} was saved with {state['world_size']} process(es), this run has "
                              f"{self.accelerator.num_processes}: the data stream would not continue")
@@ -342,6 +352,9 @@ class CrossbatchRecipe:
     def cleanup(self) -> None:
         self.metrics.close()
         self.accelerator.end_training()
+
+
+_CHECKPOINT_FILES = ("trainer_state.json", "training_state.pt", "adapter/adapter.safetensors")
 
 
 @contextlib.contextmanager

@@ -65,6 +65,9 @@ def load_model(args):
     import torch
     from memformer import MemformerForCausalLM
     from memformer.persistence import read_adapter_config
+    if args.threads is not None and args.threads < 1:
+        print(f"memformer: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        raise SystemExit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:    # bad memory settings (and a model type the adapters don't know): a message, not a trace

@@ -39,7 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from memformer.persistence import MemoryFileError
+    from memformer.qa.documents import DocumentError
+    try:
+        return args.func(args)
+    except (OSError, MemoryFileError, DocumentError) as e:
+        # a file that cannot be read or written (they name it): a message, not a traceback
+        prog = " ".join(filter(None, ["memformer", args.command, getattr(args, "memory_command", None)]))
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from memformer.fileio import atomic_write_text, read_json
+from memformer.fileio import WriteError, dir_lock, read_json, recover_for_reading
 from memformer.qa.documents import Corpus, Document, DocumentError, as_documents, read_document  # noqa: F401 (API)
 from memformer.qa.evidence import EvidenceSpan, answer_evidence
 
@@ -129,7 +130,10 @@ class LongDocQA:
             self._memorize(show_progress)
         self.memorized = True
         if path is not None and not self.from_cache and model.memory_size() > 0:
-            self.save(path)
+            try:
+                self.save(path)
+            except WriteError as e:                     # a cache that cannot be written: answer anyway
+                warnings.warn(f"memory not cached: {e}", stacklevel=2)
         return self
 
     def _memorize(self, show_progress: bool) -> None:
@@ -144,17 +148,19 @@ class LongDocQA:
 
     def _try_load(self, path: Path) -> bool:
         """Load the memory at `path` if it was built from exactly this corpus by this model."""
-        try:
-            saved = _read_qa_file(path)
-        except (FileNotFoundError, DocumentError):
-            return False
-        if [d["sha256"] for d in saved["documents"]] != [d.sha256 for d in self.corpus.documents]:
-            return False
-        try:
-            self.model.load_memory(path)
-        except (ValueError, FileNotFoundError):             # another model / config, or corrupt
-            self.model.reset_memory()
-            return False
+        recover_for_reading(path)
+        with dir_lock(path, shared=True):                   # the documents and the memory of one save
+            try:
+                saved = _read_qa_file(path)
+            except (FileNotFoundError, DocumentError):
+                return False
+            if [d["sha256"] for d in saved["documents"]] != [d.sha256 for d in self.corpus.documents]:
+                return False
+            try:
+                self.model.load_memory(path)
+            except (ValueError, FileNotFoundError):         # another model / config, or corrupt
+                self.model.reset_memory()
+                return False
         return True
 
     @property
@@ -171,17 +177,23 @@ class LongDocQA:
         path = Path(path).expanduser()
         if not self.memorized:
             raise ValueError("nothing to save: the documents were read for another mode, without memory")
-        self.model.save_memory(path)
+        from memformer.persistence import save_memory
         payload = {"format": QA_FORMAT, "format_version": QA_FORMAT_VERSION, "tokens": len(self.corpus),
                    "documents": [{"name": d.name, "sha256": d.sha256, "text": d.text} for d in self.corpus.documents]}
-        atomic_write_text(path / QA_FILE, json.dumps(payload))   # after the memory: present = complete
-        return path
+        # in the memory's own atomic write: the folder is complete (memory and documents) or absent
+        return save_memory(self.model, path, extra_files={QA_FILE: json.dumps(payload)})
 
     @classmethod
     def load(cls, model, path, **kwargs) -> "LongDocQA":
         """A LongDocQA (mode "memory") from a directory written by `save` (memory + documents);
         the memory is refused (MemoryFileError) if another model or memory config built it."""
         path = Path(path).expanduser()
+        recover_for_reading(path)
+        with dir_lock(path, shared=True):                   # the documents and the memory of one save
+            return cls._load_locked(model, path, **kwargs)
+
+    @classmethod
+    def _load_locked(cls, model, path: Path, **kwargs) -> "LongDocQA":
         saved = _read_qa_file(path)
         qa = cls(model, "memory", **kwargs)
         qa.corpus = Corpus.from_documents([Document(d["name"], d["text"]) for d in saved["documents"]],
@@ -348,4 +360,11 @@ def _read_qa_file(path: Path) -> dict:
     f = Path(path) / QA_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path} holds no QA documents ({QA_FILE}); it was not written by LongDocQA.save")
-    return read_json(f, error=DocumentError, format=QA_FORMAT, version=QA_FORMAT_VERSION)
+    data = read_json(f, error=DocumentError, format=QA_FORMAT, version=QA_FORMAT_VERSION)
+    docs, tokens = data.get("documents"), data.get("tokens")
+    ok = isinstance(docs, list) and docs and isinstance(tokens, int) and not isinstance(tokens, bool) and all(
+        isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("name", "sha256", "text")) for d in docs)
+    if not ok:
+        raise DocumentError(f"{f} is corrupt: expected 'tokens' (an integer) and 'documents' (a non-empty "
+                            f"list of {{name, sha256, text}} strings)")
+    return data
