@@ -30,7 +30,7 @@ from .base import RawKeys, load_rows, rows_state, sha256_file as _sha256
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 FORMAT, VERSION = "memformer-faiss-index", 1
 # Below this many keys per group IVF does not pay on CPU: FAISS's brute-force kernel is as fast
-# as the nprobe real SmolLM2 keys need for recall 0.95 (benchmarks/results/index_growth).
+# as the nprobe real SmolLM2 keys need for recall 0.95 (benchmarks/results/index_growth/README.md).
 DEFAULT_TRAIN_THRESHOLD = 65536
 _KMEANS_POINTS = 64             # k-means sample per centroid (faiss's own default is 256)
 _DATA = "memory.safetensors"
