@@ -84,6 +84,9 @@ class FaissIndex(RawKeys):
         self.target_recall = float(target_recall)
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"FaissIndex: target_recall {target_recall} not in (0, 1]")
+        if self.nlist_factor <= 0 or (self.retrain_growth and self.retrain_growth <= 1):
+            raise ValueError(f"FaissIndex: nlist_factor {nlist_factor} must be > 0 and retrain_growth "
+                             f"{retrain_growth} > 1 (or 0: never retrain)")
         self.m_hnsw, self.ef_search = int(m_hnsw), int(ef_search)
         self.pq_m, self.pq_bits, self.rerank = int(pq_m or max(1, self.dim // 4)), int(pq_bits), int(rerank)
         if kind == "ivfpq" and self.dim % self.pq_m:

@@ -370,3 +370,10 @@ def test_fixed_nlist_trains_once():
     for a in range(0, 6000, 500):
         idx.add(keys[:, a:a + 500])
     assert idx.nlist_trained == 16 and idx.trained_rows == 1000
+
+
+@pytest.mark.parametrize("bad", [{"target_recall": 0.0}, {"target_recall": 1.5}, {"nlist_factor": 0},
+                                 {"retrain_growth": 1.0}])
+def test_growth_settings_are_checked(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        FaissIndex((1,), 8, kind="ivf", **bad)
