@@ -108,6 +108,36 @@ def dir_lock(path, *, shared: bool = False):
         os.close(fd)
 
 
+class BusyError(RuntimeError):
+    """A folder another process is writing (its exclusive lock is held)."""
+
+
+def hold_dir_lock(path) -> int | None:
+    """Take the exclusive lock of `path` without waiting and keep it until `release_dir_lock`
+    (or the end of the process, even on SIGKILL). Raises BusyError naming the folder when another
+    process holds it: for long writers, such as a training run, that must not wait for hours."""
+    if fcntl is None:
+        return None
+    path = Path(path)
+    try:
+        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BusyError(f"{path} is in use by another process (lock {lock_path(path)} is held); "
+                        "wait for it to finish or choose another folder") from None
+    return fd
+
+
+def release_dir_lock(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- temporary siblings
 def _sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{time.monotonic_ns()}"

@@ -10,6 +10,7 @@ from conftest import tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
 from memformer.config import AdapterConfig
 from memformer.cli.main import build_parser
+from memformer.fileio import BusyError, release_dir_lock
 from memformer.training import CrossbatchRecipe, DenseMemory, TrainConfig, negative_groups, run_episode
 from memformer.training.config import ConfigError, Schedule, apply_overrides, parse_yaml
 from memformer.training import sharding
@@ -394,6 +395,7 @@ def test_kill_and_resume_continues_the_same_run(tmp_path):
     killed._train_step = dies_at_step_5
     with pytest.raises(Killed):
         killed.train()
+    release_dir_lock(killed._lock)                                # as the killed process's end would
     resumed = recipe_for(tiny_config(tmp_path / "b"))
     assert resumed.step == 4
     resumed.train()
@@ -403,6 +405,18 @@ def test_kill_and_resume_continues_the_same_run(tmp_path):
     assert a["eval/loss_memory"] == b["eval/loss_memory"]
     sa, sb = full.model.trainable_state_dict(), resumed.model.trainable_state_dict()
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
+def test_one_run_per_output_folder(tmp_path):
+    """A second run on the folder of a live one is refused (naming the folder) before it writes;
+    once the first ends, the folder is free."""
+    first = recipe_for(tiny_config(tmp_path, **{"train.max_steps": 1}))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(BusyError, match="in use by another process"):
+        recipe_for(tiny_config(tmp_path, **{"train.max_steps": 1}))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    first.cleanup()
+    recipe_for(tiny_config(tmp_path, **{"train.max_steps": 1})).cleanup()
 
 
 def test_fsdp_with_one_process_trains_unsharded_and_checkpoint_layouts_must_match(tmp_path):

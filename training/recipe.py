@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from memformer.fileio import hold_dir_lock, release_dir_lock
 from memformer.training import sharding
 from memformer.training.config import ConfigError, TrainConfig
 from memformer.training.crossbatch import WindowLM, run_episode, scored_counts
@@ -79,6 +80,10 @@ class CrossbatchRecipe:
         if acc.distributed_type == DistributedType.FSDP:
             raise ConfigError("this recipe does not use accelerate's FSDP plugin: launch with plain "
                               "`accelerate launch` / `torchrun` and set train.fsdp=true")
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            # one run per output folder: a second one would interleave checkpoints and metrics
+            self._lock = hold_dir_lock(self.out)
         self.fsdp = cfg.train.fsdp and acc.num_processes > 1
         if cfg.train.fsdp and not self.fsdp:
             tqdm.write("train.fsdp=true with one process: nothing to shard, training unsharded")
@@ -104,7 +109,6 @@ class CrossbatchRecipe:
         self._setup_data()
         self.metrics = MetricsLogger(self.out, enabled=acc.is_main_process)
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         ckpt = self._resume_path()
         if ckpt is not None:
@@ -352,6 +356,8 @@ class CrossbatchRecipe:
     def cleanup(self) -> None:
         self.metrics.close()
         self.accelerator.end_training()
+        release_dir_lock(getattr(self, "_lock", None))
+        self._lock = None
 
 
 _CHECKPOINT_FILES = ("trainer_state.json", "training_state.pt", "adapter/adapter.safetensors")

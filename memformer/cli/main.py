@@ -39,12 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from memformer.fileio import BusyError
     from memformer.persistence import MemoryFileError
     from memformer.qa.documents import DocumentError
     try:
         return args.func(args)
-    except (OSError, MemoryFileError, DocumentError) as e:
-        # a file that cannot be read or written (they name it): a message, not a traceback
+    except (OSError, MemoryFileError, DocumentError, BusyError) as e:
+        # a file that cannot be read or written, or a folder another process is writing (they
+        # name it): a message, not a traceback
         prog = " ".join(filter(None, ["memformer", args.command, getattr(args, "memory_command", None)]))
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
