@@ -15,7 +15,7 @@ from memformer.training import CrossbatchRecipe, DenseMemory, TrainConfig, negat
 from memformer.training.config import ConfigError, Schedule, apply_overrides, parse_yaml
 from memformer.training import sharding
 from memformer.training.crossbatch import scored_counts
-from memformer.training.data import (BatchStream, Sample, SampleStream, collate, held_out, kv_sample,
+from memformer.training.data import (BatchStream, Sample, SampleStream, collate, held_out, kv_sample, needles_sample,
                                      pack_document, passkey_sample)
 from memformer.training.metrics import read_metrics
 
@@ -248,6 +248,18 @@ def test_data_split_packing_and_synthetic_samples(tmp_path):
     kv = kv_sample(tok, rng, 400, local=100, answer_only=True)
     values = tok.decode([i for i, t in zip(kv.ids, kv.targets) if t]).split()
     assert values and all(tok.decode(kv.ids[:300]).count(v) for v in values)
+    text = tok("filler words of a real document. " * 20, add_special_tokens=False)["input_ids"]
+    for _ in range(20):                                           # look-alike needles in real text
+        nd = needles_sample(tok, rng, 600, local=100, answer_only=True, text=text)
+        assert len(nd.ids) <= 600 and nd.kind == "needles"
+        answers = [v.rstrip(".") for v in tok.decode([i for i, t in zip(nd.ids, nd.targets) if t]).split()]
+        early = tok.decode(nd.ids[:len(nd.ids) - 100])
+        assert len(answers) == 2 and all(f" is {a}." in early for a in answers)   # planted beyond the local 100
+        assert early.count(" is ") >= 4 and "filler words" in early
+    stream = SampleStream(**{**cfg, "seq_len": 600}, split="train", shuffle_buffer=3, synthetic_rate=0.5,
+                          synthetic_tasks=["needles"], local=20)
+    kinds = [s.kind for s, _ in zip(stream, range(30))]
+    assert "needles" in kinds and "text" in kinds
     # the stream is a function of its seed: skipping replays it
     a, b = BatchStream(train, 2, 0), BatchStream(SampleStream(**cfg, split="train", shuffle_buffer=3), 2, 0)
     [next(a) for _ in range(3)]

@@ -7,7 +7,8 @@ document (like the GitHub set of Memorizing Transformers), and Python's document
 (`pydoc_data.topics`) cut into parts. Documents are split into train / held-out *by document*
 (a hash of the name), tokenised when first read, packed into samples of `seq_len` tokens that
 never mix documents, and mixed through a seeded shuffle buffer; synthetic retrieval samples
-(passkey, key-value lookup), whose answer sits beyond the local window, are mixed in at a rate.
+(passkey, key-value lookup, look-alike needles planted in a real document), whose answer sits
+beyond the local window, are mixed in at a rate.
 Everything is a function of the seed, so a resumed run replays the same stream.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 SOURCE_TYPES = ("stdlib", "python_docs", "text", "jsonl", "hf_disk")
-SYNTHETIC_TASKS = ("passkey", "kv")
+SYNTHETIC_TASKS = ("passkey", "kv", "needles")
 STDLIB_EXCLUDE = ("test", "encodings", "pydoc_data", "__phello__", "site-packages", "idlelib", "turtledemo")
 
 
@@ -242,6 +243,51 @@ def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_on
     return Sample(ids, targets, -1, "kv")
 
 
+NEEDLE_KINDS = {
+    # kind: (statement, cue, value maker); the cue ends where the value's tokens begin
+    "number": ("The pass key of {name} is {value}.", "The pass key of {name} is",
+               lambda rng: str(rng.randint(10000, 99999))),
+    "code": ("The secret code of {name} is {value}.", "The secret code of {name} is",
+             lambda rng: "".join(rng.choice("0123456789abcdef") for _ in range(8))),
+    "word": ("The favourite word of {name} is {value}.", "The favourite word of {name} is",
+             lambda rng: "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(5, 8)))),
+}
+
+
+def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool,
+                   text: list[int], needles: int = 4, queries: int = 2) -> Sample:
+    """Look-alike needles in real text: `needles` statements of one kind ("The pass key of Alice
+    is 48213.", one name each) planted at random depths of a real document's tokens `text`, all
+    before the last `local` tokens; then `queries` of them asked as cues ("The pass key of Alice
+    is") whose values, copied exactly, are the targets. Only memory holds the values, and the
+    other needles are look-alikes that differ in the name alone."""
+    from memformer.eval.passkey import NAMES
+    kind = rng.choice(sorted(NEEDLE_KINDS))
+    statement, cue, make = NEEDLE_KINDS[kind]
+    names = rng.sample(NAMES, needles)
+    facts = [(n, make(rng)) for n in names]
+    asked = rng.sample(facts, min(queries, needles))
+    tail = [(_encode(tokenizer, "\n" + cue.format(name=n)), _encode(tokenizer, f" {v}.")) for n, v in asked]
+    planted = [_encode(tokenizer, " " + statement.format(name=n, value=v) + " ") for n, v in facts]
+    room = seq_len - sum(len(a) + len(b) for a, b in tail) - sum(len(x) for x in planted)
+    if room < local:
+        raise ValueError(f"a needles sample needs more than seq_len {seq_len} tokens; raise data.seq_len")
+    body = list(text[:room])
+    # depths in the part that lies beyond the local window of the questions
+    far = max(1, len(body) - local + sum(len(a) + len(b) for a, b in tail))
+    cuts = sorted(rng.randrange(far) for _ in planted)
+    ids, prev = [], 0
+    for at, x in zip(cuts, planted):
+        ids += body[prev:at] + x
+        prev = at
+    ids += body[prev:]
+    targets = [not answer_only] * len(ids)
+    for q, a in tail:
+        ids += q + a
+        targets += [not answer_only] * len(q) + [True] * len(a)
+    return Sample(ids, targets, -1, "needles")
+
+
 class SampleStream:
     """Samples from documents of one split, forever (epoch after epoch), deterministic in `seed`.
 
@@ -294,16 +340,20 @@ class SampleStream:
                 out, buffer[i] = buffer[i], s
                 while self.synthetic_rate > 0 and rng.random() < self.synthetic_rate:
                     synthetic += 1
-                    yield self._synthetic(rng, synthetic)
+                    yield self._synthetic(rng, synthetic, buffer)
                 yield out
             if epoch_empty:
                 raise ValueError("no training documents: every document is held out or shorter than "
                                  f"{self.min_tokens} tokens (lower data.min_doc_tokens or data.eval_fraction)")
 
-    def _synthetic(self, rng: random.Random, n: int) -> Sample:
+    def _synthetic(self, rng: random.Random, n: int, buffer: list[Sample]) -> Sample:
         task = rng.choice(self.synthetic_tasks)
-        make = passkey_sample if task == "passkey" else kv_sample
-        s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only)
+        if task == "needles":     # planted in the text of a document waiting in the buffer
+            text = buffer[rng.randrange(len(buffer))].ids
+            s = needles_sample(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, text)
+        else:
+            make = passkey_sample if task == "passkey" else kv_sample
+            s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only)
         s.doc_id = -n                    # each synthetic sample its own document
         return s
 
