@@ -235,15 +235,13 @@ def kill_corpus_build(work: Path, runs: int, rng: random.Random) -> dict:
                   ready=None)
 
 
-def _qa_refs(sets: int):
-    """Reference memories of the QA operation's document sets, keyed by their cache key."""
-    from memformer.qa.longdoc import LongDocQA, memory_key
+def _qa_refs(cache: Path) -> dict:
+    """The memories of a complete child run's QA cache, keyed by entry (the cache key). Taken from
+    a child, as the killed runs are: the parent's thread count would change the float sums."""
+    from memformer.qa.longdoc import LongDocQA
     fx.use_hashed_embedder()
-    refs = {}
-    for s in range(sets):
-        qa = LongDocQA(fx.tiny_model()).read([fx.text(2000 + 10 * s + j, 150) for j in range(3)], show_progress=False)
-        refs[memory_key(qa.corpus, qa.model)] = qa.model.memory_state()
-    return refs
+    return {p.name: LongDocQA.load(fx.tiny_model(), p).model.memory_state()
+            for p in sorted(cache.iterdir()) if p.is_dir() and not p.name.startswith(".")}
 
 
 def _cache_ok(cache: Path, refs: dict) -> tuple[bool, int]:
@@ -263,9 +261,11 @@ def _cache_ok(cache: Path, refs: dict) -> tuple[bool, int]:
 
 def kill_qa_cache(work: Path, runs: int, rng: random.Random, sets: int = 5) -> dict:
     """`LongDocQA.read(cache_dir=)` over several document sets: each memory written to the cache."""
-    refs = _qa_refs(sets)
     cache = work / "cache"
     span = timed(Child("qa_cache", work / "ref_cache", sets))
+    refs = _qa_refs(work / "ref_cache")
+    if len(refs) != sets:
+        raise RuntimeError(f"the reference run left {len(refs)} cache entries, not {sets}")
 
     def after_kill(c):
         ok, n = _cache_ok(cache, refs)
@@ -373,7 +373,10 @@ def reference_conversion(work: Path, wheel: Path) -> dict:
 def concurrency_qa(work: Path, n: int) -> dict:
     """n processes read the same documents into one QA cache at once (all build and write), then
     n/2 rewrite that entry again and again while n/2 load it again and again."""
-    refs = _qa_refs(2)
+    ref = work / f"ref_cache{n}"
+    if Child("qa_cache", ref, 2).wait(900) != 0:
+        raise RuntimeError("the reference QA cache run failed")
+    refs = _qa_refs(ref)
     cache = work / f"cache{n}"
     kids = [Child("qa_cache", cache, 2) for _ in range(n)]
     rcs = [c.wait(900) for c in kids]
