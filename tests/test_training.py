@@ -211,6 +211,8 @@ def test_fast_episode_gives_the_reference_losses_and_gradients(layers, checkpoin
     batch = random_batch(B=3, L=110)
     batch.valid[2, 80:] = False                                   # a shorter document
     batch.targets[2, 80:] = False
+    batch.targets[1, :95] = False                                 # an answer-only sample: no target before its last window
+    batch.targets[0, 40:70] = False                               # a window where only lane 2 scores
     loss, plain, grads = _episode_with_grads(model, batch, fast=True)
     ref_loss, ref_plain, ref_grads = _episode_with_grads(model, batch, fast=False)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)

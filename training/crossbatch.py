@@ -26,7 +26,8 @@ memory layer hold no memory and no trainable weight, so their output for a windo
 the read and the write pass and needs no autograd. They run once per window, without a graph
 (`WindowLM(..., stop=first)`); both passes start from that state (`start=first, hidden=...`,
 `decoder_span`). The write pass stops after the last memory layer (nothing above it is stored),
-and the last window is not written (no later window reads it). Losses and gradients are those of
+and the last window is not written (no later window reads it). A window's read pass runs only on
+the lanes with a target in it (answer-only retrieval samples score only their last window). Losses and gradients are those of
 the reference (`fast=False`: every pass through the whole decoder from the tokens); the saving
 grows with the number of layers below the first memory layer (none for all-layer memory).
 """
@@ -76,6 +77,13 @@ class DenseMemory:
         if top_k is not None and top_k < 1:
             raise ValueError(f"DenseMemory: top_k must be >= 1 or None (dense), got {top_k}")
         self._keys, self._values, self.valid, self.top_k, self.lanes = keys, values, valid, top_k, lanes
+
+    def for_lanes(self, sel: torch.Tensor) -> "DenseMemory":
+        """The memory of the reading lanes `sel` [B'] only (a pool is shared, not copied)."""
+        if self.lanes is None:
+            return DenseMemory(self._keys[sel], self._values[sel], self.valid[sel], self.top_k)
+        return DenseMemory(self._keys, self._values, self.valid[sel], self.top_k,
+                           lanes=(self.lanes[0][sel], self.lanes[1][sel]))
 
     def _rows(self, pool: torch.Tensor) -> torch.Tensor:
         if self.lanes is None:
@@ -298,8 +306,9 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
     measure_no_memory: also score each window without memory (free when the write pass does
         not read memory, since it is exactly that forward).
     fast: compute the frozen layers below the first memory layer once per window, shared by the
-        read and the write pass, stop the write pass after the last memory layer and skip the
-        last window's write (nothing reads it). False = the reference: every pass runs the whole
+        read and the write pass, stop the write pass after the last memory layer, skip the
+        last window's write (nothing reads it) and run a window's read pass only on the lanes
+        that have a target in it. False = the reference: every pass runs the whole
         decoder from the tokens. Both give the same losses and gradients (tests check it).
     """
     lm = lm if lm is not None else WindowLM(model)
@@ -331,10 +340,25 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         if written and scored:
             memories, rows = lane_memory(written, group, top_k)
         if scored:
-            with context(), runtime_state(model, read=True, write=False, memories=memories):
-                loss, count = lm(x, mask, p, targets, start=split, hidden=low)
-                if backward is not None:
-                    backward(loss, count, t, last)
+            # Only lanes with a target in this window need the read pass: an answer-only sample
+            # (passkey, needles) scores nothing before its last window. Their loss and gradient
+            # are zero anyway, so `fast` runs the read pass on the other lanes alone (none: skip).
+            lanes = (targets & mask.bool())[:, max(p, 1):].any(1).nonzero().squeeze(1)    # [B']
+            B = x.shape[0]
+            subset = fast and len(lanes) < B and (len(lanes) > 0 or not last)
+            if subset and len(lanes) == 0:
+                loss, count = torch.zeros(B), torch.zeros(B, dtype=torch.long)
+            else:
+                sub = (lambda v: v[lanes]) if subset else (lambda v: v)
+                mems = {i: m.for_lanes(lanes) for i, m in memories.items()} if subset else memories
+                with context(), runtime_state(model, read=True, write=False, memories=mems):
+                    loss, count = lm(sub(x), sub(mask), p, sub(targets), start=split,
+                                     hidden=None if low is None else sub(low))
+                    if subset:                           # back to [B], zeros for the skipped lanes
+                        loss = torch.zeros(B, dtype=loss.dtype, device=loss.device).index_add(0, lanes.to(loss.device), loss)
+                        count = torch.zeros(B, dtype=count.dtype, device=count.device).index_add(0, lanes.to(count.device), count)
+                    if backward is not None:
+                        backward(loss, count, t, last)
             res.loss.append(loss.detach().float().cpu())
             res.count.append(count.detach().cpu())
             if keep_rows:
