@@ -3,8 +3,10 @@
     OMP_NUM_THREADS=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \
         .venv/bin/python benchmarks/train_speed.py --repeats 3
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_speed.py --configs sparse --sparse-layers 24,26,28
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_speed.py --config training/configs/smollm2_cpu_sparse.yaml \
+        --configs shipped --out benchmarks/results/train_speed/sparse_yaml
 
-One process builds the recipe from `training/configs/smollm2_cpu.yaml` (the real SmolLM2-135M
+One process builds the recipe from `--config` (default `training/configs/smollm2_cpu.yaml`; the real SmolLM2-135M
 backbone, LoRA + gates, `setup()` as `memformer train` runs it; evaluation and checkpoints off)
 for each configuration, draws `--repeats` batches, and times one full training step
 (`CrossbatchRecipe._train_step`: episode with one backward per window, gradient clipping,
@@ -54,12 +56,12 @@ def old_crossbatch(rev: str):
     return module
 
 
-def build(config: str, sparse_layers: list[int], threads: int, out: Path) -> CrossbatchRecipe:
+def build(yaml: Path, config: str, sparse_layers: list[int], threads: int, out: Path) -> CrossbatchRecipe:
     over = [f"output_dir={out / config}", "eval.at_start=false", "eval.every=0", "eval.at_end=false",
             "checkpoint.every=0", "checkpoint.resume=false", f"train.threads={threads}"]
     if config == "sparse":
         over += [f"memory.memory_layers={sparse_layers}", f"memory.knn_layers={sparse_layers}"]
-    r = CrossbatchRecipe(TrainConfig.load(ROOT / "training/configs/smollm2_cpu.yaml", over))
+    r = CrossbatchRecipe(TrainConfig.load(yaml, over))
     r.setup()
     return r
 
@@ -80,7 +82,8 @@ def timed_step(r: CrossbatchRecipe, batch, path: str, before, lm_before) -> floa
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="shipped,sparse")
+    ap.add_argument("--config", default=str(ROOT / "training/configs/smollm2_cpu.yaml"), help="the training YAML")
+    ap.add_argument("--configs", default="shipped,sparse", help="shipped = the YAML as it is; sparse = with --sparse-layers")
     ap.add_argument("--sparse-layers", default="24,26,28")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -91,9 +94,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sparse = [int(x) for x in args.sparse_layers.split(",")]
     before = old_crossbatch(args.before)
-    rows = []
+    rows, layers_of = [], {}
     for config in args.configs.split(","):
-        r = build(config, sparse, args.threads, Path(tempfile.mkdtemp()))
+        r = build(Path(args.config), config, sparse, args.threads, Path(tempfile.mkdtemp()))
+        layers_of[config] = r.cfg.memory.memory_layers            # None = every layer
         lm_before = before.WindowLM(r.model)
         batches = [next(r.batches) for _ in range(args.repeats)]
         for path in ("before", "after"):                                 # warm-up (allocator, first calls)
@@ -111,14 +115,15 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    write_readme(out, rows, args, sparse, argv if argv is not None else sys.argv[1:])
+    write_readme(out, rows, args, layers_of, argv if argv is not None else sys.argv[1:])
     return 0
 
 
-def write_readme(out: Path, rows: list[dict], args, sparse: list[int], argv) -> None:
+def write_readme(out: Path, rows: list[dict], args, layers_of: dict, argv) -> None:
     lines = ["# Training-step speed: before and after the fast episode", "",
              f"Date: {datetime.date.today()}. Machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s). "
+             f"Config: `{Path(args.config).resolve().relative_to(ROOT)}`. "
              f"Before: `training/crossbatch.py` at {args.before}; after: this tree.", "",
              "    " + " ".join(f"{k}={os.environ[k]}" for k in ENV if k in os.environ)
              + " .venv/bin/python benchmarks/train_speed.py " + " ".join(argv), "",
@@ -131,7 +136,7 @@ def write_readme(out: Path, rows: list[dict], args, sparse: list[int], argv) -> 
         load = [r["load1"] for r in got["before"] + got["after"]]
         # each repeat ran both paths back to back on one batch: its ratio shares that repeat's load
         pairs = sorted(b["seconds"] / a["seconds"] for b, a in zip(got["before"], got["after"]))
-        layers = "all 30" if config == "shipped" else ", ".join(map(str, sparse))
+        layers = ", ".join(map(str, layers_of[config])) if layers_of[config] else "all 30"
         lines.append(f"| {config} | {layers} | {tps['before']:.1f} | {tps['after']:.1f} | "
                      f"{tps['after'] / tps['before']:.2f}x | {', '.join(f'{x:.2f}' for x in pairs)} | "
                      f"{sec['before']:.1f} / {sec['after']:.1f} | "

@@ -14,6 +14,7 @@ import math
 import random
 
 import torch
+from tqdm.auto import tqdm
 
 from memformer.training.crossbatch import run_episode
 
@@ -62,7 +63,7 @@ def passkey_accuracy(model, lengths: list, trials: int, seed: int = 0) -> dict:
             n = parse_length(str(text))
             rng = random.Random(f"{seed}-{n}")
             correct = 0
-            for i in range(trials):
+            for i in tqdm(range(trials), desc=f"eval passkey {text}", leave=False, disable=None):
                 key = rng.randint(10000, 99999)
                 ids, _ = make_prompt(model.tokenizer, n, (i + 0.5) / trials, key)
                 correct += run_trial(model, ids, key, "memory")[1]
