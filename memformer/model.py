@@ -30,6 +30,28 @@ from memformer import persistence
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
 
 
+@contextlib.contextmanager
+def decoder_span(decoder: nn.Module, start: int, stop: int | None):
+    """Within this block `decoder` runs only its layers [start, stop) (stop None = to the top), and
+    its final norm only when the span reaches the top: its forward then maps the state entering
+    layer `start` (given as inputs_embeds) to the state entering layer `stop`. The decoder's own
+    forward still builds the causal mask and the RoPE tables, so a span runs exactly the
+    operations the same layers run inside a whole forward."""
+    layers, norm = decoder.layers, decoder.norm
+    stop = len(layers) if stop is None else stop
+    if (start, stop) == (0, len(layers)):
+        yield
+        return
+    decoder.layers = nn.ModuleList(list(layers)[start:stop])
+    if stop < len(layers):
+        decoder.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+
 class MemformerForCausalLM(nn.Module):
     """A backbone (frozen) + memory layers (trainable adapters) + one memory per sequence."""
 
@@ -349,9 +371,11 @@ class MemformerForCausalLM(nn.Module):
             rt.write_slice = slice(p, None)
             # The base model only: memory needs keys/values, not next-token logits.
             base_model = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone.model
-            base_model(input_ids=x.to(dev), attention_mask=mask.long().to(dev),
-                       position_ids=torch.arange(x.shape[1], device=dev)[None].expand(x.shape[0], -1),
-                       use_cache=False)
+            # and only up to the last memory layer: nothing above it is stored
+            with decoder_span(base_model, 0, max(self.memory_modules) + 1):
+                base_model(input_ids=x.to(dev), attention_mask=mask.long().to(dev),
+                           position_ids=torch.arange(x.shape[1], device=dev)[None].expand(x.shape[0], -1),
+                           use_cache=False)
             slots = torch.arange(p, x.shape[1]).expand(x.shape[0], -1)         # [B, n] place in the window
             for m in self.memory_modules.values():
                 if m.pending is None:

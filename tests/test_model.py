@@ -492,3 +492,23 @@ def test_cli_memory_arguments_reach_the_memory_config():
     for removed in (["--neighbors", "2"], ["--blocks", "4"], ["--position-mode", "first"]):
         with pytest.raises(SystemExit):
             p.parse_args(removed)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_memorize_stops_at_the_last_memory_layer(model_type, monkeypatch):
+    """Writing runs the decoder only up to the last memory layer (nothing above it is stored):
+    the layers above never run, and memory holds exactly what a whole forward would write."""
+    import memformer.model as model_module
+    bb = tiny_backbone(model_type, num_hidden_layers=4)
+    twin = clone_backbone(bb)
+    cfg = MemoryConfig(window=16, top_k=4, overlap=3, memory_layers=[1])
+    model, whole = MemformerForCausalLM(bb, None, cfg), MemformerForCausalLM(twin, None, cfg)
+    calls = []
+    bb.model.layers[3].register_forward_hook(lambda *a: calls.append(3))
+    bb.model.layers[1].register_forward_hook(lambda *a: calls.append(1))
+    model.memorize(ids(64), show_progress=False)
+    assert calls and set(calls) == {1}                                  # layers 2 and 3 never ran
+    monkeypatch.setattr(model_module, "decoder_span", lambda *a: contextlib.nullcontext())
+    whole.memorize(ids(64), show_progress=False)
+    torch.testing.assert_close(model.memories[1].keys, whole.memories[1].keys, rtol=0, atol=0)
+    torch.testing.assert_close(model.memories[1].values, whole.memories[1].values, rtol=0, atol=0)

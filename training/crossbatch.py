@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memformer.model import decoder_span
+
 # Score blocks of the top-k selection are kept under this many elements (fp32: 16 MB): on CPU,
 # glibc serves blocks over 32 MB by a fresh mmap each time, whose page faults cost more than the
 # matmul that fills them (measured: a 75 MB block took 5x longer to fill than the search itself).
@@ -232,27 +234,6 @@ class WindowLM(nn.Module):
         ce = F.cross_entropy(logits, x[:, first:][tmask], reduction="none")        # [N]
         lane = torch.arange(B, device=dev)[:, None].expand_as(tmask)[tmask]        # [N]
         return torch.zeros(B, device=dev, dtype=ce.dtype).index_add(0, lane, ce), tmask.sum(1)
-
-
-@contextlib.contextmanager
-def decoder_span(decoder: nn.Module, start: int, stop: int | None):
-    """Within this block `decoder` runs only its layers [start, stop) (stop None = to the top), and
-    its final norm only when the span reaches the top: its forward then maps the state entering
-    layer `start` (given as inputs_embeds) to the state entering layer `stop`. The decoder's own
-    forward still builds the causal mask and the RoPE tables, so a span runs exactly the
-    operations the same layers run inside a whole forward."""
-    layers, norm = decoder.layers, decoder.norm
-    stop = len(layers) if stop is None else stop
-    if (start, stop) == (0, len(layers)):
-        yield
-        return
-    decoder.layers = nn.ModuleList(list(layers)[start:stop])
-    if stop < len(layers):
-        decoder.norm = nn.Identity()
-    try:
-        yield
-    finally:
-        decoder.layers, decoder.norm = layers, norm
 
 
 @contextlib.contextmanager
