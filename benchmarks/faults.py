@@ -34,13 +34,16 @@ def report(results: dict, out: Path) -> str:
     lines = ["# Fault suite", "", f"Command: `python benchmarks/faults.py {' '.join(sys.argv[1:])}`".rstrip(), ""]
     if "kill" in results:
         lines += ["## SIGKILL at random instants", "",
-                  "| operation | runs (kills) | survived | data lost | killed mid-write | resumed = uninterrupted |",
-                  "|---|---|---|---|---|---|"]
+                  "| operation | runs (kills) | aimed at a write | survived | data lost | killed mid-write | resumed = uninterrupted |",
+                  "|---|---|---|---|---|---|---|"]
         for r in results["kill"]:
-            lines.append(f"| {r['operation']} | {r['runs']} | {r['survived']} | {r['data_lost']} | "
+            lines.append(f"| {r['operation']} | {r['runs']} | {r.get('aimed_at_write', 0)} | {r['survived']} | {r['data_lost']} | "
                          f"{r['killed_mid_write']} | {r['resumed_equal']}/{r['resumed']} |")
         lines += ["", "survived: the state after the kill loads and equals the uninterrupted run's state at "
                       "that point; data lost: a state the operation had reported saved is missing or damaged; "
+                      "aimed at a write: every second kill lands at a uniform instant inside a folder write "
+                      "(the child's k-th, k and its length from the uninterrupted run; `faults_site/`), the "
+                      "others at a uniform instant of the whole run; "
                       "killed mid-write: a temporary sibling was left, or (save_memory) the child had announced "
                       "a save it had not finished; resumed: runs finished (after kills, or before their kill) "
                       "and compared bit for bit.", ""]
@@ -170,7 +173,7 @@ def main(argv=None) -> int:
                 rows += attempt(f"concurrency: {n} processes, QA cache", concurrency_qa, work, n) or []
                 if wheel is not None:
                     ref_files = ref_files or attempt("reference conversion", reference_conversion, work, wheel)
-                    refs = {k: v for k, v in (ref_files or {}).items() if k != "_seconds"}
+                    refs = {k: v for k, v in (ref_files or {}).items() if not k.startswith("_")}
                     rows.append(attempt(f"concurrency: {n} processes, default model", concurrency_conversion, work, n,
                                         wheel, refs))
             for r in rows:

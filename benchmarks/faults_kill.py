@@ -31,7 +31,10 @@ class Child:
 
     def __init__(self, op: str, *args, env: dict | None = None, preexec=None, cmd: list | None = None, cwd=None):
         argv = cmd or [sys.executable, str(HERE), "child", op, *map(str, args)]
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        site = str(Path(__file__).resolve().parent / "faults_site")          # the write-phase hook
+        path = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path,
+                    "FAULTS_TRACE": "1", **(env or {})}
         self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                                   preexec_fn=preexec, cwd=cwd)
         self.t0 = time.monotonic()
@@ -73,7 +76,18 @@ class Child:
         self.wait()
 
     def stderr(self) -> str:
-        return "\n".join(self.err)
+        return "\n".join(x for x in self.err if not x.startswith("@fault "))
+
+    def writes(self) -> list[float]:
+        """Seconds each folder write of this run took, from its temporary sibling to its end."""
+        out, begin = [], None
+        for x in self.err:
+            if x.startswith("@fault begin "):
+                begin = float(x.split()[2])
+            elif x.startswith("@fault end ") and begin is not None:
+                out.append(float(x.split()[2]) - begin)
+                begin = None
+        return out
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -95,19 +109,30 @@ def sha256(path: Path) -> str:
 
 # ---------------------------------------------------------------- kill at random instants
 def inject(name: str, runs: int, rng: random.Random, start, span: float, after_kill, after_finish,
-           reset, ready: str | None = "ready") -> dict:
-    """Start the operation (`start()` -> Child), SIGKILL it at a uniform instant in [0, span] s
-    after it reports `ready`, and check the state (`after_kill(child)` -> (intact, nothing_lost,
-    note)). A run that ends before its kill is checked by `after_finish()` and the next run starts
-    afresh (`reset()`). After `runs` kills the operation is resumed to its end and compared."""
-    row = {"operation": name, "runs": 0, "survived": 0, "data_lost": 0, "killed_mid_write": 0,
+           reset, ready: str | None = "ready", writes: list[float] | None = None) -> dict:
+    """Start the operation (`start(env)` -> Child) and SIGKILL it, then check the state
+    (`after_kill(child)` -> (intact, nothing_lost, mid_write)). Odd runs are killed at a uniform
+    instant in [0, span] s after the child reports `ready`; even runs inside a folder write: the
+    child kills itself (`faults_site/sitecustomize.py`) at a uniform instant of its k-th write, k
+    and the write's length `writes[k-1]` taken from the uninterrupted reference run. A run that
+    ends before its kill is checked by `after_finish()` and the next run starts afresh
+    (`reset()`). After `runs` kills the operation is resumed to its end and compared."""
+    row = {"operation": name, "runs": 0, "survived": 0, "data_lost": 0, "killed_mid_write": 0, "aimed_at_write": 0,
            "finished_before_kill": 0, "resumed_equal": 0, "resumed": 0, "failures": []}
     while row["runs"] < runs:
-        c = start()
-        if ready and not c.wait_line(ready, 600):
-            c.kill()
-            raise RuntimeError(f"{name}: the child never got ready:\n{c.stderr()[-3000:]}")
-        if c.wait(rng.uniform(0, span)) is not None:             # it finished first
+        aimed = bool(writes) and row["runs"] % 2 == 1
+        if aimed:
+            k = rng.randrange(len(writes))
+            c = start({"FAULTS_KILL_AT": f"{k + 1}:{rng.uniform(0, 1.1 * writes[k]):.6f}"})
+            rc = c.wait(900)
+            finished = rc != -signal.SIGKILL
+        else:
+            c = start(None)
+            if ready and not c.wait_line(ready, 600):
+                c.kill()
+                raise RuntimeError(f"{name}: the child never got ready:\n{c.stderr()[-3000:]}")
+            finished = c.wait(rng.uniform(0, span)) is not None
+        if finished:                                            # it finished first
             row["finished_before_kill"] += 1
             ok = c.p.returncode == 0 and after_finish()
             row["resumed"] += 1
@@ -118,13 +143,14 @@ def inject(name: str, runs: int, rng: random.Random, start, span: float, after_k
             continue
         c.kill()
         row["runs"] += 1
+        row["aimed_at_write"] += aimed
         intact, kept, mid = after_kill(c)
         row["killed_mid_write"] += bool(mid)
         row["survived"] += intact and kept
         row["data_lost"] += not kept
         if not (intact and kept):
             row["failures"].append(f"run {row['runs']}: intact={intact} kept={kept} lines={c.lines[-3:]}")
-    c = start()                                                    # resume to the end
+    c = start(None)                                                # resume to the end
     rc = c.wait(900)
     ok = rc == 0 and after_finish()
     row["resumed"] += 1
@@ -153,7 +179,8 @@ def kill_save_memory(work: Path, runs: int, rng: random.Random, chunks: int = 8)
         model.memorize(fx.text(i), show_progress=False)
         refs.append(model.memory_state())
     mem = work / "mem"
-    span = timed(Child("save_memory", work / "ref", chunks))
+    ref = Child("save_memory", work / "ref", chunks)
+    span = timed(ref)
 
     def after_kill(c):
         acked = max([int(x.split()[1]) for x in c.lines if x.startswith("saved")], default=0)
@@ -174,8 +201,8 @@ def kill_save_memory(work: Path, runs: int, rng: random.Random, chunks: int = 8)
         check.load_memory(mem)
         return states_equal(check.memory_state(), refs[-1])
 
-    return inject("model.save_memory", runs, rng, lambda: Child("save_memory", mem, chunks), span,
-                  after_kill, after_finish, lambda: shutil.rmtree(mem, ignore_errors=True))
+    return inject("model.save_memory", runs, rng, lambda env: Child("save_memory", mem, chunks, env=env), span,
+                  after_kill, after_finish, lambda: shutil.rmtree(mem, ignore_errors=True), writes=ref.writes())
 
 
 def kill_corpus_build(work: Path, runs: int, rng: random.Random) -> dict:
@@ -185,10 +212,11 @@ def kill_corpus_build(work: Path, runs: int, rng: random.Random) -> dict:
     docs = fx.write_docs(work / "docs", 16, words=80)
     flags = ["--model", str(folder), "--window", "256", "--sink-tokens", "2", "--top-k", "4"]
 
-    def cli(out):
+    def cli(out, env=None):
         return Child("", cmd=[sys.executable, "-m", "memformer.cli", "memory", "build", *flags, "--docs", str(docs),
-                              "--out", str(out), "--save-every", "1"])
-    span = timed(cli(work / "ref"), ready=None)
+                              "--out", str(out), "--save-every", "1"], env=env)
+    ref = cli(work / "ref")
+    span = timed(ref, ready=None)
     model = MemformerForCausalLM.from_pretrained(str(folder), MemoryConfig(window=256, sink_tokens=2, top_k=4))
     ref_table = corpus.read_corpus_table(work / "ref")
     _, ref_tensors = persistence.read_memory(model, work / "ref")
@@ -218,8 +246,8 @@ def kill_corpus_build(work: Path, runs: int, rng: random.Random) -> dict:
     def reset():
         shutil.rmtree(out, ignore_errors=True)
         seen["docs"] = 0
-    return inject("memformer memory build", runs, rng, lambda: cli(out), span, after_kill, after_finish, reset,
-                  ready=None)
+    return inject("memformer memory build", runs, rng, lambda env: cli(out, env), span, after_kill, after_finish, reset,
+                  ready=None, writes=ref.writes())
 
 
 def _qa_refs(cache: Path) -> dict:
@@ -249,7 +277,8 @@ def _cache_ok(cache: Path, refs: dict) -> tuple[bool, int]:
 def kill_qa_cache(work: Path, runs: int, rng: random.Random, sets: int = 5) -> dict:
     """`LongDocQA.read(cache_dir=)` over several document sets: each memory written to the cache."""
     cache = work / "cache"
-    span = timed(Child("qa_cache", work / "ref_cache", sets))
+    ref = Child("qa_cache", work / "ref_cache", sets)
+    span = timed(ref)
     refs = _qa_refs(work / "ref_cache")
     if len(refs) != sets:
         raise RuntimeError(f"the reference run left {len(refs)} cache entries, not {sets}")
@@ -262,15 +291,16 @@ def kill_qa_cache(work: Path, runs: int, rng: random.Random, sets: int = 5) -> d
     def after_finish():
         ok, n = _cache_ok(cache, refs)
         return ok and n == sets
-    return inject("QA cache write", runs, rng, lambda: Child("qa_cache", cache, sets), span, after_kill,
-                  after_finish, lambda: shutil.rmtree(cache, ignore_errors=True))
+    return inject("QA cache write", runs, rng, lambda env: Child("qa_cache", cache, sets, env=env), span, after_kill,
+                  after_finish, lambda: shutil.rmtree(cache, ignore_errors=True), writes=ref.writes())
 
 
 def kill_checkpoint(work: Path, runs: int, rng: random.Random, steps: int = 8) -> dict:
     """The training recipe checkpointing every 2 steps; resumed runs continue the newest checkpoint."""
     from memformer.training.metrics import read_metrics
     from safetensors.torch import load_file
-    span = timed(Child("train", work / "ref", steps))
+    ref = Child("train", work / "ref", steps)
+    span = timed(ref)
     ref_loss = read_metrics(work / "ref" / "metrics.csv")["train/loss"]
     ref_adapter = load_file(str(work / "ref" / "adapter" / "adapter.safetensors"))
     out = work / "run"
@@ -301,8 +331,8 @@ def kill_checkpoint(work: Path, runs: int, rng: random.Random, steps: int = 8) -
     def reset():
         shutil.rmtree(out, ignore_errors=True)
         seen["step"] = 0
-    return inject("training checkpoint", runs, rng, lambda: Child("train", out, steps), span, after_kill,
-                  after_finish, reset)
+    return inject("training checkpoint", runs, rng, lambda env: Child("train", out, steps, env=env), span, after_kill,
+                  after_finish, reset, writes=ref.writes())
 
 
 def _wheel() -> Path | None:
@@ -331,7 +361,7 @@ def kill_conversion(work: Path, runs: int, rng: random.Random, ref_files: dict) 
     cache = work / "cache"
     final = cache / "models" / DEFAULT_MODEL
     env = {"MEMFORMER_CACHE": str(cache)}
-    span = ref_files.pop("_seconds")
+    span, writes = ref_files.pop("_seconds"), ref_files.pop("_writes")
 
     def after_kill(c):
         mid = [p for p in (cache / "models").glob(f".{DEFAULT_MODEL}.*tmp*")] if (cache / "models").is_dir() else []
@@ -341,16 +371,17 @@ def kill_conversion(work: Path, runs: int, rng: random.Random, ref_files: dict) 
 
     def after_finish():
         return model_files(final) == ref_files
-    return inject("first-use model conversion", runs, rng, lambda: Child("convert", env=env), span, after_kill,
-                  after_finish, lambda: shutil.rmtree(cache / "models", ignore_errors=True))
+    return inject("first-use model conversion", runs, rng, lambda e: Child("convert", env={**env, **(e or {})}), span,
+                  after_kill, after_finish, lambda: shutil.rmtree(cache / "models", ignore_errors=True), writes=writes)
 
 
 def reference_conversion(work: Path, wheel: Path) -> dict:
     cache = _cache_with_wheel(work / "ref_cache", wheel)
-    span = timed(Child("convert", env={"MEMFORMER_CACHE": str(cache)}))
+    ref = Child("convert", env={"MEMFORMER_CACHE": str(cache)})
+    span = timed(ref)
     files = model_files(cache / "models" / DEFAULT_MODEL)
     user = Path.home() / ".cache" / "memformer" / "models" / DEFAULT_MODEL
-    files["_seconds"] = span
-    same = user.is_dir() and model_files(user) == {k: v for k, v in files.items() if k != "_seconds"}
+    files["_seconds"], files["_writes"] = span, ref.writes()
+    same = user.is_dir() and model_files(user) == {k: v for k, v in files.items() if not k.startswith("_")}
     print(f"  reference conversion: {span:.1f}s; equal to the user's cached conversion: {same}")
     return files
