@@ -15,6 +15,8 @@ processes hits both paths alike:
   before: `run_episode` and `WindowLM` of the commit `--before` (loaded from git), the code as
           it was;
   after:  this tree's `run_episode` (fast=True).
+`--before-config` times the before path on another YAML (the training as it was configured
+before), each path on batches of its own recipe.
 tokens/s = document tokens read per step (B x seq_len, padding excluded) / step seconds; the
 median over repeats is reported. Configurations: `shipped` (the YAML as it is: memory in all 30
 layers) and `sparse` (memory and kNN reads only in `--sparse-layers`).
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--before", default="9b26ee7", help="git revision of the code before")
+    ap.add_argument("--before-config", default=None,
+                    help="the before path trains this YAML as it is (default: the same configuration as after)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_speed"))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -97,20 +101,28 @@ def main(argv=None) -> int:
     rows, layers_of = [], {}
     for config in args.configs.split(","):
         r = build(Path(args.config), config, sparse, args.threads, Path(tempfile.mkdtemp()))
-        layers_of[config] = r.cfg.memory.memory_layers            # None = every layer
-        lm_before = before.WindowLM(r.model)
+        # the before path: the same recipe, or (--before-config) the recipe of another YAML as it is
+        rb = r if not args.before_config else build(Path(args.before_config), "shipped", sparse, args.threads,
+                                                    Path(tempfile.mkdtemp()))
+        layers_of[config] = (rb.cfg.memory.memory_layers, r.cfg.memory.memory_layers)   # None = every layer
+        lm_before = before.WindowLM(rb.model)
         batches = [next(r.batches) for _ in range(args.repeats)]
+        batches_before = batches if rb is r else [next(rb.batches) for _ in range(args.repeats)]
         for path in ("before", "after"):                                 # warm-up (allocator, first calls)
-            timed_step(r, batches[0], path, before, lm_before)
-        for i, batch in enumerate(batches):
-            tokens = int(batch.valid.sum())
+            timed_step(rb if path == "before" else r, (batches_before if path == "before" else batches)[0],
+                       path, before, lm_before)
+        for i in range(args.repeats):
             order = ("before", "after") if i % 2 == 0 else ("after", "before")
             for path in order:
-                s = timed_step(r, batch, path, before, lm_before)
+                rr, batch = (rb, batches_before[i]) if path == "before" else (r, batches[i])
+                tokens = int(batch.valid.sum())
+                s = timed_step(rr, batch, path, before, lm_before)
                 rows.append({"config": config, "repeat": i, "path": path, "tokens": tokens, "seconds": round(s, 3),
                              "tokens_per_s": round(tokens / s, 2), "load1": round(os.getloadavg()[0], 2)})
                 print(rows[-1], flush=True)
         r.cleanup()
+        if rb is not r:
+            rb.cleanup()
     with open(out / "train_speed.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -123,7 +135,9 @@ def write_readme(out: Path, rows: list[dict], args, layers_of: dict, argv) -> No
     lines = ["# Training-step speed: before and after the fast episode", "",
              f"Date: {datetime.date.today()}. Machine: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s). "
-             f"Config: `{Path(args.config).resolve().relative_to(ROOT)}`. "
+             f"Config: `{Path(args.config).resolve().relative_to(ROOT)}`"
+             + (f" (before: `{Path(args.before_config).resolve().relative_to(ROOT)}` as it is)" if args.before_config else "")
+             + ". "
              f"Before: `training/crossbatch.py` at {args.before}; after: this tree.", "",
              "    " + " ".join(f"{k}={os.environ[k]}" for k in ENV if k in os.environ)
              + " .venv/bin/python benchmarks/train_speed.py " + " ".join(argv), "",
@@ -135,15 +149,17 @@ def write_readme(out: Path, rows: list[dict], args, layers_of: dict, argv) -> No
         sec = {p: statistics.median(r["seconds"] for r in got[p]) for p in got}
         load = [r["load1"] for r in got["before"] + got["after"]]
         # each repeat ran both paths back to back on one batch: its ratio shares that repeat's load
-        pairs = sorted(b["seconds"] / a["seconds"] for b, a in zip(got["before"], got["after"]))
-        layers = ", ".join(map(str, layers_of[config])) if layers_of[config] else "all 30"
+        pairs = sorted(a["tokens_per_s"] / b["tokens_per_s"] for b, a in zip(got["before"], got["after"]))
+        name = lambda ls: ", ".join(map(str, ls)) if ls else "all 30"
+        lb, la = layers_of[config]
+        layers = name(la) if lb == la else f"{name(lb)} (before) / {name(la)} (after)"
         lines.append(f"| {config} | {layers} | {tps['before']:.1f} | {tps['after']:.1f} | "
                      f"{tps['after'] / tps['before']:.2f}x | {', '.join(f'{x:.2f}' for x in pairs)} | "
                      f"{sec['before']:.1f} / {sec['after']:.1f} | "
                      f"{min(load):.1f}-{max(load):.1f} |")
-    lines += ["", "tokens/s and step seconds: medians over the repeats; paired speed-ups: before / after "
-              "seconds of each repeat (both paths back to back on the same batch), sorted. Every step is "
-              "in train_speed.csv.", ""]
+    lines += ["", "tokens/s and step seconds: medians over the repeats; paired speed-ups: after / before "
+              "tokens/s of each repeat (both paths back to back, on the same batch unless --before-config), "
+              "sorted. Every step is in train_speed.csv.", ""]
     # notes written by hand below the marker (profiles, conclusions) survive a re-run
     readme = out / "README.md"
     notes = readme.read_text().split(NOTES, 1)[1] if readme.exists() and NOTES in readme.read_text() else "\n"
