@@ -433,6 +433,14 @@ def test_one_run_per_output_folder(tmp_path):
     recipe_for(tiny_config(tmp_path, **{"train.max_steps": 1})).cleanup()
 
 
+def test_pruned_checkpoints_leave_no_files(tmp_path):
+    """checkpoint.keep=1: only the newest step_* folder and its lock file stay."""
+    r = recipe_for(tiny_config(tmp_path, **{"train.max_steps": 4, "checkpoint.keep": 1, "eval.at_end": False}))
+    r.train()
+    r.cleanup()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [".step_0000004.lock", "step_0000004"]
+
+
 def test_fsdp_with_one_process_trains_unsharded_and_checkpoint_layouts_must_match(tmp_path):
     """train.fsdp=true with a single process has nothing to shard: it trains as usual. A checkpoint
     written by a sharded run is refused by an unsharded one (and back): optimizer layouts differ."""

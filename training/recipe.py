@@ -283,7 +283,7 @@ class CrossbatchRecipe:
         """Adapter + optimizer + scheduler + RNG + data position, written atomically (a temporary
         folder renamed into place, memformer/fileio.py); the newest `checkpoint.keep` are kept, the
         older ones renamed away before they are deleted (never a half-deleted `step_*`)."""
-        from memformer.fileio import atomic_dir, remove_dir
+        from memformer.fileio import atomic_dir, lock_path, remove_dir
         from memformer.persistence import save_adapter
         acc = self.accelerator
         path = self._ckpt_root() / f"step_{self.step:07d}"
@@ -308,6 +308,8 @@ class CrossbatchRecipe:
             atomic_dir(path, fill)
             for old in self._checkpoints()[:-self.cfg.checkpoint.keep]:
                 remove_dir(old)
+                # and its lock file: this run holds the output folder's lock, nobody else writes here
+                lock_path(old).unlink(missing_ok=True)
         acc.wait_for_everyone()
         return path
 
