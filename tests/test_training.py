@@ -433,6 +433,26 @@ def test_one_run_per_output_folder(tmp_path):
     recipe_for(tiny_config(tmp_path, **{"train.max_steps": 1})).cleanup()
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over_cleanly(tmp_path):
+    """Killed after logging step 1 but before the step-2 checkpoint: the next run starts from
+    step 0 and its metrics equal an uninterrupted run's (the killed run's rows are dropped)."""
+    full = recipe_for(tiny_config(tmp_path / "a", **{"train.max_steps": 3}))
+    full.train()
+    full.cleanup()
+    killed = recipe_for(tiny_config(tmp_path / "b", **{"train.max_steps": 3}))
+    killed.save_checkpoint = lambda: (_ for _ in ()).throw(Killed())   # dies writing its first checkpoint
+    with pytest.raises(Killed):
+        killed.train()
+    release_dir_lock(killed._lock)
+    again = recipe_for(tiny_config(tmp_path / "b", **{"train.max_steps": 3}))
+    assert again.step == 0
+    again.train()
+    again.cleanup()
+    a, b = (read_metrics(tmp_path / x / "run" / "metrics.csv") for x in "ab")
+    assert a.keys() == b.keys()
+    assert a["train/loss"] == b["train/loss"] and len(b["train/loss"]) == 3
+
+
 def test_pruned_checkpoints_leave_no_files(tmp_path):
     """checkpoint.keep=1: only the newest step_* folder and its lock file stay."""
     r = recipe_for(tiny_config(tmp_path, **{"train.max_steps": 4, "checkpoint.keep": 1, "eval.at_end": False}))

@@ -113,6 +113,8 @@ class CrossbatchRecipe:
         ckpt = self._resume_path()
         if ckpt is not None:
             self.load_checkpoint(ckpt)
+        else:      # starting over: rows of an earlier run that left no checkpoint belong to nothing
+            self.metrics.truncate_after(-1)
 
     def _param_groups(self) -> list[dict]:
         """LoRA weights at optim.lr; memory gates at optim.gate_lr without weight decay (a bias)."""
