@@ -11,9 +11,11 @@ case; then the same cue is answered `--repeats` times and the median time kept:
 
 Reading time (memorize, passage embeddings) is reported apart.
 
-    .venv/bin/python benchmarks/qa_latency.py --tokens 16k --repeats 3 --threads 1
+    .venv/bin/python benchmarks/qa_latency.py --tokens 16k,64k --repeats 3 --threads 1
+    .venv/bin/python benchmarks/qa_latency.py --tokens 16k --adapter DIR --name qa_latency_sparse
 
-Results: benchmarks/results/qa_latency.md and qa_latency.json.
+`--adapter` loads trained memory-layer weights with the memory config they were trained for.
+Results: benchmarks/results/<name>.md and <name>.json (name qa_latency by default).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import json
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +61,9 @@ def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default="16k")
+    ap.add_argument("--tokens", default="16k", help="comma-separated document lengths, e.g. 16k,64k")
+    ap.add_argument("--adapter", default=None, help="trained memory-layer weights (save_pretrained folder)")
+    ap.add_argument("--name", default="qa_latency", help="result file stem under --out")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -66,42 +71,56 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = MemformerForCausalLM.from_pretrained()
-    sample = make_sample(model.tokenizer, "single-number", parse_length(args.tokens), 0.5,
-                         random.Random(args.seed))
-    query = sample.queries[0]
-    rows = []
-    for case in CASES:
-        if case == "generate":
-            read_s, times, text, prompt = knn_reads(model, sample.text, query.cue, sample.max_new_tokens, args.repeats)
-        else:
-            t0 = time.perf_counter()
-            ctx = qa.prepare(model, [sample.text], case, show_progress=False)
-            read_s = time.perf_counter() - t0
-            times, ans = [], None
-            for _ in range(args.repeats):
-                ans = ctx.answer(cue=query.cue, max_new_tokens=sample.max_new_tokens, evidence=0)
-                times.append(ans.seconds)
-            text, prompt = ans.text, ans.prompt_tokens
-        rows.append(dict(mode=LABELS[case], read_s=round(read_s, 2), answer_s=round(statistics.median(times), 3),
-                         prompt_tokens=prompt, correct=score_query(text, query) == 1.0, answer=text[:40]))
-        print(rows[-1], flush=True)
-        model.reset_memory()
+    model = MemformerForCausalLM.from_pretrained(adapter=args.adapter)
+    rows, lengths = [], []
+    for length in args.tokens.split(","):
+        sample = make_sample(model.tokenizer, "single-number", parse_length(length), 0.5, random.Random(args.seed))
+        query = sample.queries[0]
+        lengths.append(sample.tokens)
+        for case in CASES:
+            if case == "generate":
+                read_s, times, text, prompt = knn_reads(model, sample.text, query.cue, sample.max_new_tokens,
+                                                        args.repeats)
+            else:
+                t0 = time.perf_counter()
+                ctx = qa.prepare(model, [sample.text], case, show_progress=False)
+                read_s = time.perf_counter() - t0
+                times, ans = [], None
+                for _ in range(args.repeats):
+                    ans = ctx.answer(cue=query.cue, max_new_tokens=sample.max_new_tokens, evidence=0)
+                    times.append(ans.seconds)
+                text, prompt = ans.text, ans.prompt_tokens
+            rows.append(dict(tokens=sample.tokens, mode=LABELS[case], read_s=round(read_s, 2),
+                             answer_s=round(statistics.median(times), 3), times=[round(t, 3) for t in times],
+                             prompt_tokens=prompt, correct=score_query(text, query) == 1.0, answer=text[:40]))
+            print(rows[-1], flush=True)
+            model.reset_memory()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(tokens=sample.tokens, repeats=args.repeats, threads=torch.get_num_threads(),
-                cpu=platform.processor() or platform.machine(), torch=torch.__version__)
-    (out / "qa_latency.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    lines = [f"# Answer time per QA mode ({sample.tokens} tokens, single-number needle at depth 0.5)", "",
-             f"Command: `.venv/bin/python benchmarks/qa_latency.py --tokens {args.tokens} --repeats "
-             f"{args.repeats}{f' --threads {args.threads}' if args.threads else ''}`; {meta['threads']} torch "
-             f"thread(s), {meta['cpu']}, torch {meta['torch']}; median of {args.repeats} answers "
-             f"(greedy, {sample.max_new_tokens} new tokens at most), after the document was read once.", "",
-             "| mode | prompt tokens | answer (s) | read once (s) | correct |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {r['mode']} | {r['prompt_tokens']} | {r['answer_s']:.2f} | {r['read_s']:.1f} | "
-              f"{'yes' if r['correct'] else 'no'} |" for r in rows]
-    (out / "qa_latency.md").write_text("\n".join(lines) + "\n")
+    cfg = model.memory_config
+    meta = dict(tokens=lengths, repeats=args.repeats, threads=torch.get_num_threads(), adapter=args.adapter,
+                memory_layers=list(model.memory_layer_ids), knn_layers=[i for i, m in model.memory_modules.items() if m.knn],
+                window=cfg.window, cpu=platform.processor() or platform.machine(), torch=torch.__version__)
+    (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    cmd = " ".join(["benchmarks/qa_latency.py", *sys.argv[1:]])
+    lines = [f"# Answer time per QA mode (single-number needle at depth 0.5)", "",
+             f"Command: `.venv/bin/python {cmd}`; {meta['threads']} torch thread(s), {meta['cpu']}, torch "
+             f"{meta['torch']}; {'adapter ' + args.adapter if args.adapter else 'untrained default memory'} "
+             f"(memory layers {_span(meta['memory_layers'])}, kNN reads in {_span(meta['knn_layers'])}, window "
+             f"{cfg.window}); median of {args.repeats} answers (greedy, {sample.max_new_tokens} new tokens at most), "
+             f"after the document was read once. Ratio: answer time / RAG's at the same length.", "",
+             "| tokens | mode | prompt tokens | answer (s) | vs RAG | read once (s) | correct |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    rag = {r["tokens"]: r["answer_s"] for r in rows if r["mode"] == LABELS["rag"]}
+    lines += [f"| {r['tokens']:,} | {r['mode']} | {r['prompt_tokens']} | {r['answer_s']:.2f} | "
+              f"{r['answer_s'] / rag[r['tokens']]:.2f}x | {r['read_s']:.1f} | {'yes' if r['correct'] else 'no'} |"
+              for r in rows]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if layers and layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
 
 
 if __name__ == "__main__":

@@ -178,3 +178,25 @@ def test_ask_beside_a_corpus_memory_falls_back_to_knn_reads(tmp_path):
     reader.detach_corpus()                                               # own memory alone: question reads
     reader.ask(cue="The cat is called", max_new_tokens=2, record=True)
     assert len(pinned) == 1 and set(reader.recorded_reads()) == {0, 1}
+
+
+def test_build_saves_as_the_memory_grows_by_a_quarter(tmp_path, monkeypatch):
+    """A save rewrites the whole memory: after the first, each comes once the memory has grown by
+    SAVE_GROWTH (and save_every documents), and the last document is always saved."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"d{i:02d}.txt").write_text(f"Doc {i}. " + "lorem ipsum " * 4)
+    saves = []
+    real_save = corpus.persistence.save_memory
+
+    def counting(model, path, extra_files=None):
+        saves.append(len(json.loads(extra_files[corpus.CORPUS_FILE])["documents"]))
+        return real_save(model, path, extra_files=extra_files)
+    monkeypatch.setattr(corpus.persistence, "save_memory", counting)
+    table = corpus.build_corpus(_model(), docs, tmp_path / "mem", save_every=2, show_progress=False)
+    ends = [table[n - 1].end for n in saves]
+    assert saves[0] == 2 and saves[-1] == 40
+    assert all(b - a >= corpus.SAVE_GROWTH * a for a, b in zip(ends, ends[1:-1]))
+    assert len(saves) < 20                     # every second document would be 20 saves
+    assert len(corpus.read_corpus_table(tmp_path / "mem")) == 40

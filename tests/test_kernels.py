@@ -99,6 +99,25 @@ def test_gather_memory_groups_query_heads():
             assert g[b, h, 0, :, 0].tolist() == [mem[b, h // 2, 0, 0].item(), mem[b, h // 2, 4, 0].item()]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_rows_equals_gather_then_sum(dtype):
+    """The embedding_bag path (float32 rows) and the gather path give sum_k p_k v[ids_k], with -1
+    ids carrying p = 0, rows that are a slice of a larger buffer, and the gradient w.r.t. p."""
+    torch.manual_seed(5)
+    buf = torch.randn(2, 3, 40, 16).to(dtype)
+    mem = buf[:, :, :33]                                                     # [B, Hkv, M, D], a view
+    ids = torch.randint(-1, 33, (2, 6, 7, 5))                                # [B, Hq, T, K]
+    p = torch.rand(2, 6, 7, 5).masked_fill(ids < 0, 0.0).requires_grad_(True)
+    out = ref_module.weighted_rows(mem, ids, p)                              # [B, Hq, T, D]
+    p2 = p.detach().clone().requires_grad_(True)
+    want = torch.einsum("bhtk,bhtkd->bhtd", p2, gather_memory(mem, ids).float())
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(p.grad, p2.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_memory_probs_sum_with_local_to_one():
     torch.manual_seed(3)
     q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)

@@ -15,7 +15,7 @@ def register(sub) -> None:
     add_model_args(b)
     b.add_argument("--docs", required=True, help="directory of documents (.txt .md .rst .html .pdf), read recursively")
     b.add_argument("--out", required=True, help="memory directory to write (an existing one is resumed)")
-    b.add_argument("--save-every", type=int, default=10, help="save progress every N documents")
+    b.add_argument("--save-every", type=int, default=10, help="save progress after N documents at least (and once the memory has grown by a quarter)")
     b.set_defaults(func=cmd_build)
     i = msub.add_parser("info", help="what a memory directory holds")
     i.add_argument("path")
