@@ -185,7 +185,7 @@ def main() -> int:
           f"| corpus search, one window ({res['window_queries']} queries per kv head), per layer | "
           f"{res['window_search_s_per_layer']} s |",
           f"| answer from the corpus alone (cue \"{CUE}\", 8 tokens) | {res['answer_s']} s |",
-          f"| answer / key | '{ans.text[:24]}' / {plan['key']}: {'correct' if correct else 'wrong'} |",
+          f"| answer / key | {ans.text[:24]!r} / {plan['key']}: {'correct' if correct else 'wrong'} |",
           f"| top evidence document / planted in | {top_doc} / {plan['needle_doc']} |", ""]
     (out / "corpus_1m.md").write_text("\n".join(md))
     print("\n".join(md))
