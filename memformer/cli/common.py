@@ -159,3 +159,35 @@ def report_header(title: str, model, args, seconds: float, what: str) -> str:
             f"sink tokens {cfg.sink_tokens}, overlap {cfg.overlap}; "
             f"seed {args.seed}; {seconds:.0f}s in this run{' (resumed)' if args.resume else ''}\n\n"
             f"Command: `memformer {' '.join(sys.argv[1:])}`\n\n")
+
+
+def run_trials(prog: str, args, evaluate):
+    """Load the model and run `evaluate(model, out_dir)`; returns (model, out_dir, results, seconds),
+    or None after printing the evaluation's ValueError (bad lengths, a document too short)."""
+    import time
+    from pathlib import Path
+    model = load_model(args)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    try:
+        results = evaluate(model, out)
+    except ValueError as e:
+        return _fail(prog, str(e))
+    return model, out, results, time.perf_counter() - t0
+
+
+def needle_tables(results) -> str:
+    """The tables every multi-needle report ends with (when they have rows): evidence of memory
+    trials and answers that named another needle's value."""
+    from memformer.eval.needle import evidence_table, other_needle_table
+    text = ""
+    if evidence_table(results):
+        text += "\n\nEvidence (memory trials):\n\n" + evidence_table(results)
+    if other_needle_table(results):
+        text += "\n\nWrong needle (multi-needle documents):\n\n" + other_needle_table(results)
+    return text
+
+
+def per_doc(args) -> str:
+    """A plot title's note of how many needles shared a document."""
+    return f" ({args.needles_per_doc} needles per document)" if args.needles_per_doc > 1 else ""

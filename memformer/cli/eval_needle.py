@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
-from memformer.cli.common import (add_model_args, add_trial_args, load_model as _load_model,
-                                       parse_trial_args, report_header)
+from memformer.cli.common import (add_model_args, add_trial_args, needle_tables, parse_trial_args, per_doc,
+                                  report_header, run_trials)
 
 
 def register(ev) -> None:
@@ -32,16 +30,12 @@ def cmd_eval_needle(args) -> int:
                   file=sys.stderr)
         return 2
     lengths, modes = parsed
-    model = _load_model(args)
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    try:
-        results = needle.evaluate(model, variants, lengths, args.trials, modes=modes, seed=args.seed,
-                                  out_dir=out, resume=args.resume, evidence=args.evidence,
-                                  needles_per_doc=args.needles_per_doc)
-    except ValueError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+    ran = run_trials(prog, args, lambda model, out: needle.evaluate(
+        model, variants, lengths, args.trials, modes=modes, seed=args.seed, out_dir=out, resume=args.resume,
+        evidence=args.evidence, needles_per_doc=args.needles_per_doc))
+    if ran is None:
         return 2
+    model, out, results, seconds = ran
     what = ("Haystack: Python's documentation topics (standard-library source appended for long lengths) "
             "from a seeded offset (passkey: its own grass/sky filler); needles on their own lines; each "
             "question is a sentence to complete; with several needles per document, keys and values are "
@@ -49,26 +43,18 @@ def cmd_eval_needle(args) -> int:
             "distractors; multivalue: its 4 values; multiquery: 4 keys, each asked); "
             "score = the first value(s) of the right kind in the answer are the expected ones "
             "(multivalue / multiquery: the fraction found). Cells: mean score (sum/trials).")
-    header = report_header("Needle in a haystack (RULER-style)", model, args, time.perf_counter() - t0, what)
+    header = report_header("Needle in a haystack (RULER-style)", model, args, seconds, what)
     table = evalplots.accuracy_table(results, tasks=variants) + "\n\n" + _mean_table(results)
     table += "\n\nBy depth of the target needle:\n\n" + evalplots.depth_table(results, args.depth_bins)
-    if needle.evidence_table(results):
-        table += "\n\nEvidence (memory trials):\n\n" + needle.evidence_table(results)
-    if needle.other_needle_table(results):
-        table += "\n\nWrong needle (multi-needle documents):\n\n" + needle.other_needle_table(results)
+    table += needle_tables(results)
     (out / "needle.md").write_text(header + table + "\n")
     evalplots.plot_depth_heatmaps(results, out / "needle_heatmap.png", bins=args.depth_bins,
-                                  title="needle accuracy by depth and length" + _per_doc(args))
+                                  title="needle accuracy by depth and length" + per_doc(args))
     evalplots.plot_accuracy_vs_length(results, out / "needle_accuracy.png", title="needle accuracy vs length")
     print(header + table)
     print(f"\nwritten: {out / 'needle.md'}, {out / 'needle_heatmap.png'}, {out / 'needle_accuracy.png'}, "
           f"{out / 'trials.jsonl'}")
     return 0
-
-
-def _per_doc(args) -> str:
-    """The plot titles' note of how many needles shared a document."""
-    return f" ({args.needles_per_doc} needles per document)" if args.needles_per_doc > 1 else ""
 
 
 def _mean_table(results) -> str:
