@@ -303,7 +303,7 @@ class MemformerForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- reading into memory
     @torch.no_grad()
-    def memorize(self, inputs, *, read: bool = False, show_progress: bool = True) -> int:
+    def memorize(self, inputs, *, read: bool = False, show_progress: bool = True, on_window=None) -> int:
         """Stream `inputs` through the model window by window, writing every window to memory.
 
         inputs: text, list of texts (one memory each), ids [T] / [B, T], or lists of ids.
@@ -311,6 +311,9 @@ class MemformerForCausalLM(nn.Module):
         document for question reads' passages). Returns tokens read.
         read: windows also read the memory of earlier windows (kNN reads, as `generate` does; the
         perplexity evaluation); by default they only write, at about a plain windowed forward.
+        on_window: called as on_window(x [B, T], hidden [B, T, H]) after each window's forward with
+        the window's ids and the decoder's final hidden states (the perplexity evaluation scores
+        them). Without it the forward stops at the last memory layer, whose output nothing needs.
         """
         ids, lengths = self._as_batch(inputs)                   # [B, L]
         B, L = ids.shape
@@ -329,7 +332,7 @@ class MemformerForCausalLM(nn.Module):
             self.sink_ids, first = ids[:, :S].clone(), S
         windows = list(self.plan_windows(ids, lengths, first, self.sink_ids, self.tail_ids))
         for x, mask, p, start, end in tqdm(windows, desc="memorize", unit="window", disable=not show_progress):
-            self._write_window(x, mask, p, base + torch.arange(start, end)[None, :], read)
+            self._write_window(x, mask, p, base + torch.arange(start, end)[None, :], read, on_window)
         for b, n in enumerate(lengths):
             self.doc_starts[b].append(self.seen[b])
             self.stream[b] += ids[b, :n].tolist()
@@ -363,7 +366,7 @@ class MemformerForCausalLM(nn.Module):
                                torch.arange(start, end)[None, :] < lengths_t], dim=1)
             yield torch.cat([prefix, ids[:, start:end]], dim=1), valid, prefix.shape[1], start, end
 
-    def _write_window(self, x, mask, p, positions, read: bool = False) -> None:
+    def _write_window(self, x, mask, p, positions, read: bool = False, on_window=None) -> None:
         """One forward over x = [prefix ‖ new tokens]; then the new tokens' k/v go to memory."""
         valid = mask[:, p:]
         dev = self.device
@@ -371,11 +374,15 @@ class MemformerForCausalLM(nn.Module):
             rt.write_slice = slice(p, None)
             # The base model only: memory needs keys/values, not next-token logits.
             base_model = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone.model
-            # and only up to the last memory layer: nothing above it is stored
-            with decoder_span(base_model, 0, max(self.memory_modules) + 1):
-                base_model(input_ids=x.to(dev), attention_mask=mask.long().to(dev),
-                           position_ids=torch.arange(x.shape[1], device=dev)[None].expand(x.shape[0], -1),
-                           use_cache=False)
+            # and only up to the last memory layer (nothing above it is stored), unless the
+            # caller wants the window's final hidden states
+            stop = None if on_window is not None else max(self.memory_modules) + 1
+            with decoder_span(base_model, 0, stop):
+                out = base_model(input_ids=x.to(dev), attention_mask=mask.long().to(dev),
+                                 position_ids=torch.arange(x.shape[1], device=dev)[None].expand(x.shape[0], -1),
+                                 use_cache=False)
+            if on_window is not None:
+                on_window(x, out.last_hidden_state)                            # [B, T], [B, T, H]
             slots = torch.arange(p, x.shape[1]).expand(x.shape[0], -1)         # [B, n] place in the window
             for m in self.memory_modules.values():
                 if m.pending is None:

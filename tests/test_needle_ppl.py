@@ -263,13 +263,17 @@ def test_bin_ppl_pools_segments_by_position():
     assert ppl.pooled_ppl([nll], 4) == pytest.approx(math.exp(3))
 
 
-def _tiny_mem(tiny, vocab=128, tokenizer=None):
+def _tiny_mem(tiny, vocab=128, tokenizer=None, memory_layers=None):
     return MemformerForCausalLM(tiny("llama", vocab_size=vocab), tokenizer,
-                                MemoryConfig(window=24, sink_tokens=2, overlap=4, top_k=4))
+                                MemoryConfig(window=24, sink_tokens=2, overlap=4, top_k=4,
+                                             memory_layers=memory_layers))
 
 
-def test_window_nll_without_memory_is_the_backbone_on_each_window(tiny):
-    model = _tiny_mem(tiny)
+# [0]: memory below the top layer, where ingest alone stops early; the scores must still come
+# from the whole decoder
+@pytest.mark.parametrize("memory_layers", [None, [0]])
+def test_window_nll_without_memory_is_the_backbone_on_each_window(tiny, memory_layers):
+    model = _tiny_mem(tiny, memory_layers=memory_layers)
     ids = torch.randint(0, 128, (80,), generator=torch.Generator().manual_seed(0)).tolist()
     nll = torch.tensor(ppl.window_nll(model, ids, "truncate"))
     assert nll.shape == (79,) and not nll.isnan().any()
@@ -281,8 +285,9 @@ def test_window_nll_without_memory_is_the_backbone_on_each_window(tiny):
     torch.testing.assert_close(nll[19:37], ref[5:], rtol=1e-5, atol=1e-5)   # tokens 20..37
 
 
-def test_window_nll_with_memory_changes_only_windows_after_the_first(tiny):
-    model = _tiny_mem(tiny)
+@pytest.mark.parametrize("memory_layers", [None, [0]])
+def test_window_nll_with_memory_changes_only_windows_after_the_first(tiny, memory_layers):
+    model = _tiny_mem(tiny, memory_layers=memory_layers)
     ids = torch.randint(0, 128, (80,), generator=torch.Generator().manual_seed(1)).tolist()
     trunc = torch.tensor(ppl.window_nll(model, ids, "truncate"))
     mem = torch.tensor(ppl.window_nll(model, ids, "memory"))

@@ -88,7 +88,7 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) ->
 
     Each window is one `model.memorize` call (so the windows, sink and overlap are exactly the
     model's), reading memory (`read=True`) in mode memory and with memory disabled in mode
-    truncate; a forward hook on the decoder catches the window's hidden states, which the LM
+    truncate; its `on_window` callback hands over the window's final hidden states, which the LM
     head turns into the targets' log-probabilities. Leaves the model's memory empty."""
     if mode not in MODES:
         raise ValueError(f"unknown ppl mode {mode!r}; choose from {', '.join(MODES)}")
@@ -100,9 +100,6 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) ->
     # the model's carried tail
     bounds = [0] + list(range(S + new, len(ids), new)) + [len(ids)]
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    decoder = model.backbone.get_decoder()
-    hook = decoder.register_forward_hook(
-        lambda mod, args, kwargs, out: seen.append((kwargs["input_ids"], out.last_hidden_state)), with_kwargs=True)
     nll: list[float] = []
     model.reset_memory()
     try:
@@ -110,13 +107,13 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) ->
             for a, b in tqdm(list(zip(bounds, bounds[1:])), desc=f"ppl {mode}", unit="window",
                              disable=not show_progress):
                 seen.clear()
-                model.memorize(torch.tensor([ids[a:b]]), read=mode == "memory", show_progress=False)
+                model.memorize(torch.tensor([ids[a:b]]), read=mode == "memory", show_progress=False,
+                               on_window=lambda x, h: seen.append((x, h)))
                 (x, h), = seen
                 # the new tokens are the last b - a of the window (in the first, all but token 0)
                 first = x.shape[1] - (b - a) if a else 1
                 nll += (-_target_logprobs(model, x, h, first)).tolist()
     finally:
-        hook.remove()
         model.reset_memory()
     return nll
 
