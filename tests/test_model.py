@@ -483,12 +483,13 @@ def test_cli_memory_arguments_reach_the_memory_config():
     assert memory_config_from_args(p.parse_args([])) == MemoryConfig()
     cfg = memory_config_from_args(p.parse_args(["--question-blocks", "6", "--block-size", "32", "--top-k", "8",
                                                 "--knn-layers", "10..12", "--storage-dir", "/tmp/rows",
-                                                "--sink-tokens", "2", "--memory-dtype", "int8"]))
+                                                "--sink-tokens", "2", "--memory-dtype", "int8", "--overlap", "64"]))
     assert (cfg.question_blocks, cfg.block_size, cfg.top_k, cfg.knn_layers) == (6, 32, 8, [10, 11, 12])
     assert (cfg.sink_tokens, cfg.memory_dtype, cfg.index_params) == (2, "int8", {"storage_dir": "/tmp/rows"})
+    assert cfg.overlap == 64
     base = MemoryConfig(window=16, overlap=3, top_k=4, question_blocks=2)               # an adapter's config: flags override it
     cfg = memory_config_from_args(p.parse_args(["--top-k", "8"]), base)
-    assert (cfg.window, cfg.top_k, cfg.question_blocks) == (16, 8, 2)
+    assert (cfg.window, cfg.overlap, cfg.top_k, cfg.question_blocks) == (16, 3, 8, 2)
     for removed in (["--neighbors", "2"], ["--blocks", "4"], ["--position-mode", "first"]):
         with pytest.raises(SystemExit):
             p.parse_args(removed)

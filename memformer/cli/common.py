@@ -22,6 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="memory blocks a question reads (those under the passages nearest to it; default 4)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
     p.add_argument("--sink-tokens", type=int, default=None, help="attention-sink tokens kept local (default 4)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="tokens before each window's new ones re-read as context (default 128)")
     p.add_argument("--memory-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16", "int8"])
     p.add_argument("--index", default=None, help="exact | faiss-flat | faiss-ivf | faiss-hnsw | faiss-ivfpq")
     p.add_argument("--storage-dir", default=None, help="keep memory rows in memory-mapped files here (index exact)")
@@ -49,7 +51,7 @@ def memory_config_from_args(args, base=None):
     import dataclasses
     from memformer import MemoryConfig
     given = dict(window=args.window, top_k=args.top_k, block_size=args.block_size,
-                 question_blocks=args.question_blocks, sink_tokens=args.sink_tokens,
+                 question_blocks=args.question_blocks, sink_tokens=args.sink_tokens, overlap=args.overlap,
                  memory_dtype=args.memory_dtype, index=args.index,
                  memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
                  knn_layers=parse_layers(args.knn_layers, "--knn-layers"))
