@@ -315,6 +315,8 @@ class MemformerForCausalLM(nn.Module):
         the window's ids and the decoder's final hidden states (the perplexity evaluation scores
         them). Without it the forward stops at the last memory layer, whose output nothing needs.
         """
+        if on_window is not None and not callable(on_window):   # refuse before writing anything
+            raise TypeError(f"memorize: on_window must be callable(x, hidden), got {type(on_window).__name__}")
         ids, lengths = self._as_batch(inputs)                   # [B, L]
         B, L = ids.shape
         self.ensure_memory(B)

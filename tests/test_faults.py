@@ -417,7 +417,8 @@ def test_adapter_configs_with_wrong_types_are_refused(tmp_path, file, field, val
                                              tokenizer=fx.ByteTokenizer())
 
 
-@pytest.mark.parametrize("flag, value", [("--threads", "-1"), ("--window", "99999999999")])
+@pytest.mark.parametrize("flag, value", [("--threads", "-1"), ("--window", "99999999999"), ("--overlap", "-1"),
+                                         ("--overlap", "5000")])
 def test_cli_numbers_out_of_range_are_messages(tmp_path, capsys, flag, value):
     """Faults found: --threads -1 raised from torch; --window 99999999999 ran out of memory."""
     folder = fx.tiny_model_folder(tmp_path / "model")

@@ -296,6 +296,9 @@ def test_window_nll_with_memory_changes_only_windows_after_the_first(tiny, memor
     assert model.memory_size() == 0                                  # nothing left behind
     with pytest.raises(ValueError, match="unknown ppl mode"):
         ppl.window_nll(model, ids, "full")
+    with pytest.raises(TypeError, match="on_window must be callable"):
+        model.memorize(torch.tensor([ids]), on_window="scores")
+    assert model.memory_size() == 0                                  # refused before writing
 
 
 def test_ppl_evaluate_writes_resumable_records_and_report(tiny, tmp_path):
