@@ -269,6 +269,31 @@ def test_data_split_packing_and_synthetic_samples(tmp_path):
     assert torch.equal(next(a).ids, next(b).ids)
 
 
+def test_synthetic_answers_vary_in_form_and_length():
+    """Answers of one fixed form teach the copy to stop there: numbers of 4-10 digits, hex codes,
+    UUIDs and words, under several phrasings, each asked with the cue its statement begins with."""
+    tok = ByteTokenizer()
+    rng = random.Random(0)
+    text = tok("filler words of a real document. " * 40, add_special_tokens=False)["input_ids"]
+    forms, lengths, cues = set(), set(), set()
+    for _ in range(80):
+        nd = needles_sample(tok, rng, 900, local=100, answer_only=True, text=text)
+        answers = [v.rstrip(".") for v in tok.decode([i for i, t in zip(nd.ids, nd.targets) if t]).split()]
+        early = tok.decode(nd.ids[:len(nd.ids) - 100])
+        for a in answers:
+            assert f" is {a}." in early
+            lengths.add(len(a)) if a.isdigit() else None
+            forms.add("number" if a.isdigit() else "uuid" if a.count("-") == 4 else
+                      "word" if a.isalpha() else "code")
+        cues.add(tok.decode(nd.ids[-20:]).split(" of ")[0].split("\n")[-1])
+    assert forms == {"number", "uuid", "word", "code"}
+    assert min(lengths) <= 5 and max(lengths) >= 9
+    assert len(cues) >= 5
+    keys = {tok.decode([i for i, t in zip(s.ids, s.targets) if t]).strip(" .")
+            for s in (passkey_sample(tok, rng, 400, local=100, answer_only=True) for _ in range(30))}
+    assert len({len(k) for k in keys}) >= 3
+
+
 def test_text_and_hf_disk_sources_and_bad_specs(tmp_path):
     datasets = pytest.importorskip("datasets")
     tok = ByteTokenizer()

@@ -205,7 +205,7 @@ def passkey_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answ
     """A passkey prompt (memformer.eval.passkey) followed by its answer; the needle lies before the
     last `local` tokens, so only memory can supply it."""
     from memformer.eval.passkey import make_prompt
-    key = rng.randint(10000, 99999)
+    key = int(_number(rng))
     answer = _encode(tokenizer, f" {key}.")
     max_depth = max(0.0, (seq_len - local) / seq_len - 0.05)
     ids, _ = make_prompt(tokenizer, seq_len - len(answer), rng.uniform(0.0, max_depth), key)
@@ -224,7 +224,7 @@ def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_on
     ids, targets, records = list(head), [not answer_only] * len(head), []
     while True:
         key = _encode(tokenizer, "".join(rng.choice(string.ascii_lowercase) for _ in range(5)) + ":")
-        value = _encode(tokenizer, f" {rng.randint(10000, 99999)}\n")
+        value = _encode(tokenizer, f" {_number(rng)}\n")
         # room for this line, the lookup header and `queries` lookups as long as this line
         if len(ids) + len(lookup) + (queries + 1) * (len(key) + len(value) + 2) > seq_len:
             break
@@ -243,14 +243,46 @@ def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_on
     return Sample(ids, targets, -1, "kv")
 
 
+def _number(rng: random.Random) -> str:
+    """A number of 4 to 10 digits: answers of one fixed length teach the copy to stop there."""
+    n = rng.randint(4, 10)
+    return str(rng.randint(1, 9)) + "".join(rng.choice(string.digits) for _ in range(n - 1))
+
+
+_WORDS: dict[int, list[str]] = {}
+
+
+def _word(tokenizer, rng: random.Random) -> str:
+    """A real word (a whole lowercase word of 4-10 letters in the tokenizer's vocabulary), or
+    random letters for a toy tokenizer with few such words."""
+    key = id(tokenizer)
+    if key not in _WORDS:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _WORDS[key] = sorted(w[1:] for w in vocab if w[:1] in ("\u0120", "\u2581") and w[1:].isascii()
+                             and w[1:].isalpha() and w[1:].islower() and 4 <= len(w) - 1 <= 10)
+    words = _WORDS[key]
+    if len(words) < 100:
+        return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(5, 8)))
+    return rng.choice(words)
+
+
+def _uuid(rng: random.Random) -> str:
+    h = "".join(rng.choice("0123456789abcdef") for _ in range(32))
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# kind: (statements, value maker(tokenizer, rng)); a statement's cue is its text up to " {value}",
+# so the value's tokens begin right after the cue. Several phrasings per kind, so that what is
+# learned is the copy of whatever follows the matching cue, not one sentence.
 NEEDLE_KINDS = {
-    # kind: (statement, cue, value maker); the cue ends where the value's tokens begin
-    "number": ("The pass key of {name} is {value}.", "The pass key of {name} is",
-               lambda rng: str(rng.randint(10000, 99999))),
-    "code": ("The secret code of {name} is {value}.", "The secret code of {name} is",
-             lambda rng: "".join(rng.choice("0123456789abcdef") for _ in range(8))),
-    "word": ("The favourite word of {name} is {value}.", "The favourite word of {name} is",
-             lambda rng: "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(5, 8)))),
+    "number": (("The pass key of {name} is {value}.", "The number assigned to {name} is {value}.",
+                "Note that the account number of {name} is {value}."), lambda tok, rng: _number(rng)),
+    "code": (("The secret code of {name} is {value}.", "The access token of {name} is {value}."),
+             lambda tok, rng: "".join(rng.choice("0123456789abcdef") for _ in range(rng.randint(6, 12)))),
+    "uuid": (("The identifier of {name} is {value}.", "The record id of {name} is {value}."),
+             lambda tok, rng: _uuid(rng)),
+    "word": (("The favourite word of {name} is {value}.", "The password chosen by {name} is {value}."),
+             lambda tok, rng: _word(tok, rng)),
 }
 
 
@@ -263,9 +295,11 @@ def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answ
     other needles are look-alikes that differ in the name alone."""
     from memformer.eval.passkey import NAMES
     kind = rng.choice(sorted(NEEDLE_KINDS))
-    statement, cue, make = NEEDLE_KINDS[kind]
+    statements, make = NEEDLE_KINDS[kind]
+    statement = rng.choice(statements)
+    cue = statement[:statement.index(" {value}")]
     names = rng.sample(NAMES, needles)
-    facts = [(n, make(rng)) for n in names]
+    facts = [(n, make(tokenizer, rng)) for n in names]
     asked = rng.sample(facts, min(queries, needles))
     tail = [(_encode(tokenizer, "\n" + cue.format(name=n)), _encode(tokenizer, f" {v}.")) for n, v in asked]
     planted = [_encode(tokenizer, " " + statement.format(name=n, value=v) + " ") for n, v in facts]
