@@ -225,8 +225,10 @@ def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_on
     while True:
         key = _encode(tokenizer, "".join(rng.choice(string.ascii_lowercase) for _ in range(5)) + ":")
         value = _encode(tokenizer, f" {_number(rng)}\n")
-        # room for this line, the lookup header and `queries` lookups as long as this line
-        if len(ids) + len(lookup) + (queries + 1) * (len(key) + len(value) + 2) > seq_len:
+        # room for this line, the lookup header and the lookups this many lines allow, each as
+        # long as this line (a short seq_len keeps fewer lines rather than none)
+        line = len(key) + len(value) + 2
+        if len(ids) + len(lookup) + (1 + min(queries, len(records) + 1)) * line > seq_len:
             break
         records.append((key, value, len(ids)))
         ids += key + value
