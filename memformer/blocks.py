@@ -22,7 +22,7 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
                     row_rotation, slot_rotation, local_mask=None, mem_bias=None, with_probs: bool = False):
     """Attention over [local keys ‖ rows of the pinned memory blocks], one softmax per query.
 
-    mem: LayerMemory [B, Hkv, M, D] (keys, values, positions [B, M], slots [B, M], valid [B, M]).
+    mem: LayerMemory [B or 1, Hkv, M, D] (keys, values, positions, slots, valid [B or 1, M]).
     q_rot [B, Hq, T, D]: queries rotated at their local positions.
     k_local, v_local [B, Hkv, S, D]: local keys/values (queries are the last T of S unless
         local_mask says otherwise); mem_bias [Hq]: the memory gate, added to memory logits.
@@ -37,10 +37,11 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
              probs [B, 1, T, R] their attention probability, mean over heads; None unless with_probs).
     """
     B, Hq, T, D = q_rot.shape
-    positions = mem.positions.to(q_rot.device)                                        # [B, M]
-    valid = mem.valid.to(q_rot.device)                                                # [B, M]
+    # a corpus memory (batch 1) is one stream read by every sequence
+    positions = mem.positions.to(q_rot.device).expand(B, -1)                          # [B, M]
+    valid = mem.valid.to(q_rot.device).expand(B, -1)                                  # [B, M]
     block_of_row = torch.where(valid, positions // block_size, -1)                    # [B, M]
-    top_blocks = blocks.to(q_rot.device).sort(dim=-1).values                          # [B, n] document order
+    top_blocks = blocks.to(q_rot.device).expand(B, -1).sort(dim=-1).values            # [B, n] document order
 
     # rows of the chosen blocks: [B, n*block_size], -1 where a block is short or evicted
     start = torch.searchsorted(positions.contiguous(), (top_blocks * block_size).contiguous())  # [B, n]
@@ -52,7 +53,7 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
     R = rows.shape[-1]
 
     keys, values = gather_rows(mem, rows)                                             # [B, Hkv, R, D] float
-    slots = mem.slots.to(rows.device).gather(1, rows.clamp(min=0)).clamp(min=0)      # [B, R]
+    slots = mem.slots.to(rows.device).expand(B, -1).gather(1, rows.clamp(min=0)).clamp(min=0)  # [B, R]
     cos, sin = (x[0].to(keys.device, keys.dtype)[slots] for x in slot_rotation)      # [B, R, D]
     keys = rotary_fn(keys, keys, cos, -sin)[1]                                        # un-rotated
     cos, sin = (x.to(keys.device, keys.dtype) for x in row_rotation)                 # [1, R', D]
@@ -86,24 +87,26 @@ def gather_rows(mem, rows: torch.Tensor, per_head: bool = False) -> tuple[torch.
     return out[0], out[1]
 
 
-def pinned_block_ids(model, blocks) -> torch.Tensor:
+def pinned_block_ids(model, blocks, source: str = "own") -> torch.Tensor:
     """`MemformerForCausalLM.reading_blocks`' argument checked (ValueError naming what is wrong):
-    block ids [n] or [batch, n] -> [batch, n]."""
+    block ids [n] or [batch, n] -> [batch, n] (batch 1 for the corpus: one stream for all)."""
     bs = model.memory_config.block_size
     ids = torch.as_tensor(blocks, dtype=torch.long)
     ids = ids[None] if ids.dim() == 1 else ids                                  # [B, n]
-    batch = next(iter(model.memories.values())).batch if model.memories else 0
-    if not batch or model.memory_size() == 0:
-        raise ValueError("reading_blocks: nothing is memorized")
+    memories = model.block_memories(source)
+    batch = next(iter(memories.values())).batch if memories else 0
+    if not batch or not any(len(m) for m in memories.values()):
+        raise ValueError("reading_blocks: nothing is memorized" if source == "own" else
+                         "reading_blocks: no corpus memory is attached")
     if ids.dim() != 2 or ids.shape[1] < 1 or ids.shape[0] not in (1, batch):
         raise ValueError(f"reading_blocks: blocks must be [n] or [{batch}, n] with n >= 1, got {tuple(ids.shape)}")
-    have = model.memory_blocks()
+    have = model.memory_blocks(source)
     if int(ids.min()) < 0 or int(ids.max()) >= have:
         raise ValueError(f"reading_blocks: block ids must be in [0, {have}) (memory of {have} blocks of "
                          f"{bs}), got {ids.min().item()}..{ids.max().item()}")
     if any(len(set(row)) < len(row) for row in ids.tolist()):
         raise ValueError("reading_blocks: a block id repeats (each block is read once)")
-    if any(bool((m.slots[m.valid] < 0).any()) for m in model.memories.values()):
+    if any(bool((m.slots[m.valid] < 0).any()) for m in memories.values()):
         raise ValueError("reading_blocks: memory rows without their window slot (added without `slots`) "
                          "cannot be laid out; memorize() the text")
     return ids.expand(batch, -1).contiguous()

@@ -10,6 +10,12 @@ persistence.py) with one more file in the same atomic write, `corpus.json`: the 
 reading order with their token range in the memory stream, sha256 and text (for evidence
 snippets). Documents are read one after another as one stream; no window crosses a document
 boundary (the overlap context is reset per document) and an EOS token ends each document.
+
+The memory file also holds the corpus's passages (`passage_ranges` [C, 2] in stream positions,
+`passage_embeddings` [C, E], embedded by the model's sentence embedder as the build goes), so a
+question over an attached corpus is answered by question reads, as over a memorized document:
+the passages nearest to it pick the corpus blocks every memory layer reads
+(`MemformerForCausalLM.question_read`).
 """
 from __future__ import annotations
 
@@ -111,9 +117,14 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
     todo = paths[len(done):]
 
     saved = {"docs": len(done), "tokens": done[-1].end if done else 0}
+    # passages of the documents read so far (a memory saved before passages existed has none)
+    old = model._passages if done else None
+    passages = {"ranges": list(old.ranges) if old is not None else [],
+                "embeddings": [old.embeddings] if old is not None else [], "docs": len(done) if old is not None else 0}
 
     def save():
         if done and len(done) > saved["docs"]:
+            model._passages = embed_passages(model, done, passages)
             persistence.save_memory(model, out, extra_files={CORPUS_FILE: _table_json(done)})
             saved.update(docs=len(done), tokens=done[-1].end)
 
@@ -133,6 +144,30 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
         raise
     save()
     return done
+
+
+def embed_passages(model, docs: list[CorpusDocument], passages: dict):
+    """The corpus's `PassageIndex`, after embedding the passages of `docs[passages["docs"]:]` (the
+    documents not embedded yet) with the model's sentence embedder; `passages` accumulates
+    {"ranges": [(start, end)], "embeddings": [[c, E] tensors], "docs": documents embedded}.
+    Passages are cut from the token stream per document (its EOS left out), as
+    `PassageIndex.from_stream` cuts a memorized document."""
+    from memformer.passages import PassageIndex, chunk_ranges, default_embedder, encode_texts
+    if model.embedder is None:
+        model.embedder = default_embedder()
+    new = chunk_ranges([(d.start, d.end - 1) for d in docs[passages["docs"]:] if d.end - 1 > d.start])
+    if new:
+        stream = model.stream[0]
+        emb = encode_texts(model.embedder, [model.tokenizer.decode(stream[a:b]) for a, b in new], batch_size=32)
+        if passages["embeddings"] and emb.shape[1] != passages["embeddings"][0].shape[1]:
+            raise ValueError(f"the corpus's passages were embedded {passages['embeddings'][0].shape[1]}-wide, "
+                             f"this embedder gives {emb.shape[1]}; build with the same sentence embedder")
+        passages["ranges"] += new
+        passages["embeddings"].append(emb)
+    passages["docs"] = len(docs)
+    if not passages["ranges"]:
+        return None
+    return PassageIndex(passages["ranges"], torch.cat(passages["embeddings"]), model.embedder)
 
 
 def corpus_info(path) -> dict:
@@ -164,10 +199,16 @@ def attach_corpus(model, path) -> list[CorpusDocument]:
         raise persistence.MemoryFileError(f"{path}: a corpus memory holds one stream, this one {manifest['batch']}")
     layers = {i: model.new_layer_memory(1, bounded=False) for i in model.memory_layer_ids}   # no capacity
     persistence.fill_layer_memories(layers, tensors, path / "memory.safetensors")
+    passages = None
+    if "passage_embeddings" in tensors:       # question reads over the corpus (embedder attached at search)
+        from memformer.passages import PassageIndex
+        passages = PassageIndex([tuple(r) for r in tensors["passage_ranges"].tolist()],
+                                tensors["passage_embeddings"].float(), None)
     for i, m in model.memory_modules.items():
         m.corpus = layers[i]
     model.corpus_documents = docs
     model.corpus_sink_ids = tensors.get("sink_ids")
+    model.corpus_passages = passages
     return docs
 
 
@@ -175,7 +216,7 @@ def detach_corpus(model) -> None:
     for m in model.memory_modules.values():
         m.corpus = None
         m.corpus_reads.clear()
-    model.corpus_documents, model.corpus_sink_ids = [], None
+    model.corpus_documents, model.corpus_sink_ids, model.corpus_passages = [], None, None
 
 
 def corpus_mass(model) -> dict[int, float]:

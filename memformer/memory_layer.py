@@ -30,6 +30,8 @@ class MemoryRuntime:
     top_k: keys retrieved per query head by kNN reads.
     block_size: tokens per memory block (question reads).
     pinned_blocks: None, or block ids [B, n] every memory layer reads (`reading_blocks`).
+    pinned_source: "own" (the blocks are the layer's own memory's) or "corpus" (the attached
+        corpus memory's).
     q_rotation: (cos, sin) of the window distance W: kNN reads move the query W further, so every
         memory window looks like the window just before the current one.
     row_rotation / slot_rotation: (cos, sin) of positions -R .. -1 (the pinned blocks' layout) and
@@ -43,6 +45,7 @@ class MemoryRuntime:
     top_k: int = 32
     block_size: int = 64
     pinned_blocks: torch.Tensor | None = None
+    pinned_source: str = "own"
     q_rotation: tuple | None = None
     row_rotation: tuple | None = None
     slot_rotation: tuple | None = None
@@ -102,8 +105,9 @@ class MemoryAttention(nn.Module):
             k_all, v_all = k_rot, v
 
         pinned = rt.pinned_blocks is not None
+        from_corpus = pinned and rt.pinned_source == "corpus"                  # question reads of a corpus
         reading = rt.read and rt.enabled and (pinned or self.knn)
-        mem = self.memory if reading else None
+        mem = (self.corpus if from_corpus else self.memory) if reading else None
         corpus = self.corpus if reading and not pinned else None
         mem = mem if mem is not None and len(mem) > 0 else None
         corpus = corpus if corpus is not None and len(corpus) > 0 else None
@@ -114,7 +118,7 @@ class MemoryAttention(nn.Module):
                                dropout=0.0, scaling=attn.scaling, **kwargs)   # [B, T, Hq, D]
             return attn.o_proj(out.reshape(B, T, Hq * D)), None
 
-        track = mem is not None and getattr(mem, "tracks_attention", False)    # score (H2O) eviction
+        track = mem is not None and not from_corpus and getattr(mem, "tracks_attention", False)  # H2O eviction
         if pinned:                                                             # question reads
             out, rows, probs = block_attention(mem, q_rot, k_all, v_all, rt.pinned_blocks,
                                                block_size=rt.block_size, scale=attn.scaling,
@@ -123,7 +127,7 @@ class MemoryAttention(nn.Module):
                                                mem_bias=self.memory_gate,
                                                with_probs=rt.record or track)  # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
-                self.reads.append((rows, probs))
+                (self.corpus_reads if from_corpus else self.reads).append((rows, probs))
             if track:
                 mem.record_attention(rows, probs)
             return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D)), None

@@ -96,6 +96,7 @@ class MemformerForCausalLM(nn.Module):
         self.tail_ids: torch.Tensor | None = None    # last `overlap` tokens of the previous call
         self.corpus_documents: list = []             # table of an attached corpus memory
         self.corpus_sink_ids: torch.Tensor | None = None
+        self.corpus_passages = None                  # its PassageIndex (question reads over it)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -487,22 +488,57 @@ class MemformerForCausalLM(nn.Module):
         return self.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
 
     def question_read(self, query: str):
-        """Context manager: every memory layer reads the blocks `blocks_for(query)` chooses. With
-        nothing memorized, or with a corpus memory attached (whose top-k merges with the own
-        memory's), it changes nothing: generation then uses kNN reads."""
-        if not self.memories or self.memory_size() == 0 or self.corpus_attached:
+        """Context manager: every memory layer reads the blocks the passages nearest to `query`
+        choose (`blocks_for`). With a corpus memory attached, its passages are ranked too and the
+        blocks come from the memory (own or corpus) holding the best passage. It changes nothing
+        (generation then uses kNN reads) with nothing memorized, or beside a corpus memory built
+        without passages."""
+        own = bool(self.memories) and self.memory_size() > 0
+        if self.corpus_attached:
+            if self.corpus_passages is None:
+                return contextlib.nullcontext()
+            ranked = self.corpus_passage_index.search(query)
+            if not own or ranked[0].score > self.passages.search(query)[0].score:
+                return self.reading_blocks(self.blocks_for(query, source="corpus"), source="corpus")
+        if not own:
             return contextlib.nullcontext()
         return self.reading_blocks(self.blocks_for(query))
 
-    def blocks_for(self, query: str) -> list[int]:
+    def blocks_for(self, query: str, source: str = "own") -> list[int]:
         """The memory blocks a question reads: those under the passages nearest to `query`
-        (`memformer.passages.question_blocks`), in document order. Needs a memory of one sequence."""
+        (`memformer.passages.question_blocks`), in document order. source: "own" (the memorized
+        text; needs a memory of one sequence) or "corpus" (the attached corpus memory's passages)."""
         from memformer.passages import question_blocks
+        cfg = self.memory_config
+        if source == "corpus":
+            if self.corpus_passages is None:
+                raise ValueError("no corpus memory with passages is attached")
+            limit = self.corpus_documents[-1].end
+            return question_blocks(self.corpus_passage_index.search(query), cfg.question_blocks, cfg.block_size, limit)
+        if source != "own":
+            raise ValueError(f"source must be 'own' or 'corpus', got {source!r}")
         if len(self.stream) != 1:
             raise ValueError(f"question reads need a memory of one sequence, this one holds {len(self.stream)}; "
                              f"use generate() for a batch")
-        cfg = self.memory_config
         return question_blocks(self.passages.search(query), cfg.question_blocks, cfg.block_size, self.seen[0])
+
+    @property
+    def corpus_passage_index(self):
+        """The attached corpus's `PassageIndex` with this model's sentence embedder attached (its
+        width must be the one the corpus was built with)."""
+        from memformer.passages import PassageIndex, default_embedder
+        if self.corpus_passages is None:
+            raise ValueError("no corpus memory with passages is attached")
+        if self.embedder is None:
+            self.embedder = default_embedder()
+        if self.corpus_passages.embedder is not self.embedder:
+            width = getattr(self.embedder, "get_sentence_embedding_dimension", lambda: None)()
+            if width is not None and width != self.corpus_passages.embeddings.shape[1]:
+                raise ValueError(f"the corpus's passages were embedded {self.corpus_passages.embeddings.shape[1]}-wide, "
+                                 f"this model's sentence embedder gives {width}; use the embedder it was built with")
+            p = self.corpus_passages
+            self.corpus_passages = PassageIndex(p.ranges, p.embeddings, self.embedder)
+        return self.corpus_passages
 
     @property
     def passages(self):
@@ -578,31 +614,44 @@ class MemformerForCausalLM(nn.Module):
         """Replace memory by the one saved at `path/`; refuses another model's or a corrupt file."""
         persistence.load_memory(self, path)
 
-    def memory_blocks(self) -> int:
-        """Number of memory blocks (block id = stream position // MemoryConfig.block_size)."""
-        if not self.memories:
+    def block_memories(self, source: str = "own") -> dict[int, LayerMemory]:
+        """The layer memories blocks are read from: the own memory or the attached corpus's."""
+        if source == "corpus":
+            return {i: m.corpus for i, m in self.memory_modules.items() if m.corpus is not None}
+        if source != "own":
+            raise ValueError(f"source must be 'own' or 'corpus', got {source!r}")
+        return self.memories
+
+    def memory_blocks(self, source: str = "own") -> int:
+        """Number of memory blocks (block id = stream position // MemoryConfig.block_size) of the
+        own memory or (source="corpus") of the attached corpus memory."""
+        memories = self.block_memories(source)
+        if not memories:
             return 0
-        mem = next(iter(self.memories.values()))
+        mem = next(iter(memories.values()))
         pos = mem.positions[mem.valid]                                      # [rows held]
         return int(pos.max()) // self.memory_config.block_size + 1 if pos.numel() else 0
 
     @contextlib.contextmanager
-    def reading_blocks(self, blocks):
+    def reading_blocks(self, blocks, source: str = "own"):
         """Within this block every memory layer reads exactly `blocks`, whole, in document order,
         at every query (prompt and generated tokens alike), laid out contiguously at positions
         -R .. -1 just before the local window (R = n * block_size), as a RAG prompt's passages.
 
         blocks: [n] block ids for every sequence, or [B, n]; block b holds stream positions
-        [b*block_size, (b+1)*block_size). Rows evicted or never memorized are simply not read."""
-        ids = pinned_block_ids(self, blocks)                                # [batch, n]
+        [b*block_size, (b+1)*block_size). Rows evicted or never memorized are simply not read.
+        source: "own" (the sequences' memory) or "corpus" (the attached corpus memory, one
+        stream read by every sequence; blocks [n])."""
+        ids = pinned_block_ids(self, blocks, source)                        # [batch, n]
         rt = self.runtime
         R = ids.shape[1] * self.memory_config.block_size
         rt.row_rotation = self._rotation_at(*range(-R, 0))                 # [1, R, D]
-        rt.pinned_blocks = ids
+        rt.pinned_blocks, rt.pinned_source = ids, source
         try:
             yield
         finally:
             rt.pinned_blocks = rt.row_rotation = None
+            rt.pinned_source = "own"
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}

@@ -30,7 +30,7 @@ def _cfg(**kw):
 
 
 def _model(**kw):
-    return MemformerForCausalLM(tiny_backbone(), CharTokenizer(), _cfg(**kw))
+    return MemformerForCausalLM(tiny_backbone(), CharTokenizer(), _cfg(**kw), embedder=HashedWords(64, r"\S+", eps=1e-3))
 
 
 def _docs(tmp_path, n=5):
@@ -148,36 +148,114 @@ def test_memory_info_and_cli_errors(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
-def test_ask_beside_a_corpus_memory_falls_back_to_knn_reads(tmp_path):
-    """With a corpus memory attached, `ask` pins no blocks (`question_read` changes nothing): the
-    answer reads the corpus (and the own memory, if any) with kNN reads, in the kNN layers only.
-    Without the corpus the same memory is read with question reads again."""
+def test_build_embeds_the_passages_and_a_resume_keeps_them(tmp_path, monkeypatch):
+    """The corpus memory holds its passages (per document, EOS left out, as `PassageIndex.
+    from_stream` cuts them); a resumed build embeds only the documents read after the resume and
+    ends with the same passages as one uninterrupted build; a memory saved without passages (an
+    older build) gets them on its next save."""
+    from memformer.passages import chunk_ranges
     docs = _docs(tmp_path)
-    corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
+    model = _model()
+    table = corpus.build_corpus(model, docs, tmp_path / "full", show_progress=False)
+    want = chunk_ranges([(d.start, d.end - 1) for d in table])
+    reader = _model()
+    reader.attach_corpus(tmp_path / "full")
+    got = reader.corpus_passages
+    assert got.ranges == want and got.embeddings.shape == (len(want), 64)
+    texts = [reader.tokenizer.decode(model.stream[0][a:b]) for a, b in want]
+    assert torch.allclose(got.embeddings, HashedWords(64, r"\S+", eps=1e-3).encode(texts))
+
+    calls = {"n": 0}
+    real_read = corpus.read_document
+
+    def flaky(path):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_read(path)
+    monkeypatch.setattr(corpus, "read_document", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.build_corpus(_model(), docs, tmp_path / "resumed", save_every=100, show_progress=False)
+    monkeypatch.setattr(corpus, "read_document", real_read)
+    resumed = _model()
+    corpus.build_corpus(resumed, docs, tmp_path / "resumed", show_progress=False)
+    embedded = [t for call in resumed.embedder.calls for t in call]
+    assert len(embedded) == len(chunk_ranges([(d.start, d.end - 1) for d in table[3:]]))   # only the new ones
+    again = _model()
+    again.attach_corpus(tmp_path / "resumed")
+    assert again.corpus_passages.ranges == want and torch.equal(again.corpus_passages.embeddings, got.embeddings)
+
+    # an older corpus memory (no passages) gets them all at its next save
+    monkeypatch.setattr(corpus, "embed_passages", lambda *a: None)
+    corpus.build_corpus(_model(), docs, tmp_path / "old", show_progress=False)
+    monkeypatch.undo()
+    assert "passage_ranges" not in corpus.persistence.read_memory(_model(), tmp_path / "old")[1]
+    (docs / "zz.txt").write_text("A last document. " + "lorem ipsum " * 5)
+    table = corpus.build_corpus(_model(), docs, tmp_path / "old", show_progress=False)
+    old = _model()
+    old.attach_corpus(tmp_path / "old")
+    assert old.corpus_passages.ranges == chunk_ranges([(d.start, d.end - 1) for d in table])
+
+
+def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
+    """`ask` over an attached corpus reads the corpus blocks under the passages nearest to the
+    question, in every memory layer, exactly as the same memory loaded as the model's own memory
+    is read (the oracle); beside an own memory the source of the best passage is read; a corpus
+    memory built without passages falls back to kNN reads."""
+    docs = _docs(tmp_path)
+    (docs / "zebra.txt").write_text("The zebraquartz lives in the blue cellar. " + "lorem ipsum dolor " * 6)
+    table = corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
     reader = _model(knn_layers=[1])
-    reader.embedder = HashedWords(64, r"\S+", eps=1e-3)
+    reader.attach_corpus(tmp_path / "mem")
+    cue = "The zebraquartz lives in the"
+    blocks = reader.blocks_for(cue, source="corpus")
+    zebra = next(d for d in table if d.name == "zebra.txt")
+    bs = reader.memory_config.block_size
+    assert zebra.start // bs in blocks and blocks == sorted(blocks)
     pinned = []
     real = reader.reading_blocks
-    reader.reading_blocks = lambda blocks: pinned.append(list(blocks)) or real(blocks)
-    reader.attach_corpus(tmp_path / "mem")
-    cue = "Document 3. lorem"
-    ans = reader.ask(cue=cue, max_new_tokens=3, record=True)             # no own memory at all
-    assert pinned == [] and reader.memory_size() == 0
-    assert set(reader.recorded_reads(corpus=True)) == {1}                   # kNN reads, layer 1 only
-    ev = reader.corpus_evidence(top=5)
-    assert ev and {e["doc"] for e in ev} <= {"doc0.txt", "doc2.txt", "doc4.txt", "sub/doc1.txt", "sub/doc3.txt"}
+    reader.reading_blocks = lambda b, source="own": pinned.append((list(b), source)) or real(b, source)
+    ans = reader.ask(cue=cue, max_new_tokens=3, record=True)
+    assert pinned == [(blocks, "corpus")] and reader.memory_size() == 0
+    assert set(reader.recorded_reads(corpus=True)) == {0, 1} and not reader.recorded_reads()  # every memory layer
+    assert reader.corpus_evidence(top=1)[0]["doc"] == "zebra.txt"
+    for layer, calls in reader.recorded_reads(corpus=True).items():
+        pos = reader.memory_modules[layer].corpus.positions[0]
+        for rows, _ in calls:
+            read = {int(pos[r]) // bs for r in rows[0, 0, 0].tolist() if r >= 0}
+            assert read == set(blocks)
     x = reader.prompt_ids(cue=cue)
-    plain = reader.generate(x, max_new_tokens=3, do_sample=False)        # generate: kNN reads, no question
-    assert ans == reader.tokenizer.decode(plain[0, x.shape[1]:]).strip()
-    # an own memory beside the corpus: still kNN reads over both, nothing pinned
+    with real(blocks, source="corpus"):
+        logits_corpus = reader(x).logits
+    # the oracle: the same memory loaded as the model's own memory, the same blocks read
+    own = _model(knn_layers=[1])
+    own.load_memory(tmp_path / "mem")
+    with own.reading_blocks(blocks):
+        assert torch.allclose(own(x).logits, logits_corpus, atol=1e-5)
+        out = own.generate(x, max_new_tokens=3, do_sample=False)
+    assert ans == own.tokenizer.decode(out[0, x.shape[1]:]).strip()
+
+    # an own memory beside the corpus: the source holding the best passage is read
     reader.memorize("The keeper's cat is called Marmalade. " * 4, show_progress=False)
-    assert reader.memory_size() > 0
+    pinned.clear()
+    reader.ask(cue="The keeper's cat is called", max_new_tokens=2)
+    reader.ask(cue=cue, max_new_tokens=2)
+    assert [src for _, src in pinned] == ["own", "corpus"]
+
+    # a corpus memory built without passages: kNN reads over both, nothing pinned
+    monkeypatch.setattr(corpus, "embed_passages", lambda *a: None)
+    corpus.build_corpus(_model(), docs, tmp_path / "bare", show_progress=False)
+    monkeypatch.undo()
+    reader.attach_corpus(tmp_path / "bare")
+    assert reader.corpus_passages is None
+    pinned.clear()
+    reader.clear_recorded_reads()
     reader.ask(cue="The cat is called", max_new_tokens=2, record=True)
     assert pinned == [] and set(reader.recorded_reads()) == set(reader.recorded_reads(corpus=True)) == {1}
     reader.clear_recorded_reads()
     reader.detach_corpus()                                               # own memory alone: question reads
     reader.ask(cue="The cat is called", max_new_tokens=2, record=True)
-    assert len(pinned) == 1 and set(reader.recorded_reads()) == {0, 1}
+    assert pinned == [(pinned[0][0], "own")] and set(reader.recorded_reads()) == {0, 1}
 
 
 def test_build_saves_as_the_memory_grows_by_a_quarter(tmp_path, monkeypatch):

@@ -675,8 +675,9 @@ def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsy
     code, out, err = _cli(capsys, *model, "--corpus", str(tmp_path / "mem"), "--doc", str(short), "-q", "cat?",
                           "--no-cache", "--compare")
     assert code == 0, err
-    # beside a corpus memory a question reads with kNN reads over both memories (no blocks pinned)
-    assert "evidence (memory, corpus documents attended to)" in out
+    # beside a corpus memory a question reads the memory holding the nearest passage: the document
+    # (the corpus holds the same passage; a tie reads the own memory), so its evidence is the document's
+    assert "corpus documents attended to" not in out and "Marmalade" in out
     assert "memory:" in out and "truncate:" in out and "rag:" in out
     # bad input: a memory that is not a corpus, a corpus with --save-memory and nothing to save
     code, out, err = _cli(capsys, *model, "--doc", str(short), "--save-memory", str(tmp_path / "own"), "--no-cache")
