@@ -1,7 +1,7 @@
 """A corpus memory of a million tokens on one CPU machine: build, size, search, answer.
 
-    .venv/bin/python benchmarks/corpus_1m.py --tokens 1M --adapter DIR --memory-dtype int8 \
-        --index faiss-ivf --threads 2 --out benchmarks/results/corpus_1m
+    .venv/bin/python benchmarks/corpus_1m.py --tokens 1M --adapter DIR --threads 2 \
+        --out benchmarks/results/corpus_1m
 
 1. Documents: Python's standard-library source (`.py` files, sorted by path, tests excluded)
    copied as `.txt` into `--work`/docs until `--tokens` tokens; one named pass key
@@ -11,7 +11,12 @@
    peak resident memory, bytes on disk per token.
 3. Questions: a fresh process-local model attaches the corpus read-only (time, resident memory),
    then the pass-key question is answered from the corpus alone (`CorpusQA`, cue "The pass key of
-   the archive is"), and one corpus search of a window's queries is timed per memory layer.
+   the archive is": question reads of the corpus blocks under the nearest passages), whether
+   those blocks hold the needle is checked, and one corpus kNN search of a window's queries is
+   timed per memory layer (what `generate` without a question pays).
+
+Memory: int8 (--memory-dtype; float32 would take 3.7x the disk and RAM) and the model's default
+index unless --index names one.
 
 Writes corpus_1m.md and corpus_1m.json under --out. The corpus and memory stay under --work
 (default: the memformer cache), outside the repository.
@@ -68,10 +73,10 @@ def write_corpus(tokenizer, root: Path, tokens: int, rng: random.Random) -> dict
     line = rng.randrange(len(lines) + 1)
     docs[at] = (name, "\n".join(lines[:line] + ["# " + NEEDLE.format(key=key)] + lines[line:]), None)
     out = root / "docs"
-    for name, text, _ in docs:
-        f = out / (name + ".txt")
+    for doc_name, doc_text, _ in docs:          # `name` stays the needle's document
+        f = out / (doc_name + ".txt")
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(text)
+        f.write_text(doc_text)
     info = {"documents": len(docs), "tokens_estimate": total, "key": key, "needle_doc": name + ".txt",
             "needle_line": line, "source": str(base)}
     plan.write_text(json.dumps(info, indent=1))
@@ -99,23 +104,22 @@ def main() -> int:
     ap.add_argument("--tokens", default="1M")
     ap.add_argument("--adapter", default=None)
     ap.add_argument("--memory-dtype", default="int8")
-    ap.add_argument("--index", default="faiss-ivf")
+    ap.add_argument("--index", default=None, help="kNN index (default: the memory config's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="corpus + memory folder (default: <memformer cache>/bench/corpus_1m)")
     ap.add_argument("--out", default="benchmarks/results/corpus_1m")
     args = ap.parse_args()
-    from memformer.cli.common import load_model
+    from memformer.cli.common import add_model_args, load_model
     from memformer.loading import cache_root
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else cache_root() / "bench" / f"corpus_{args.tokens}"
     work.mkdir(parents=True, exist_ok=True)
 
-    ns = argparse.Namespace(model=None, adapter=args.adapter, window=None, top_k=None, memory_layers=None,
-                            knn_layers=None, question_blocks=None, block_size=None, sink_tokens=None,
-                            memory_dtype=args.memory_dtype, index=args.index, storage_dir=None, threads=args.threads)
-    model = load_model(ns)
+    model_args = argparse.ArgumentParser()
+    add_model_args(model_args)                   # the flags `memformer memory build` takes
+    model = load_model(model_args.parse_args(model_flags(args)))
     plan = write_corpus(model.tokenizer, work, parse_length(args.tokens), random.Random(args.seed))
     print(f"corpus: {plan['documents']} documents, ~{plan['tokens_estimate']:,} tokens; needle in "
           f"{plan['needle_doc']} (key {plan['key']})", flush=True)
@@ -141,6 +145,12 @@ def main() -> int:
     ans = answers[-1]
     correct = first_number(ans.text) == plan["key"]
     top_doc = ans.corpus_evidence[0]["doc"] if ans.corpus_evidence else None
+    # the blocks the question read, and the block of the needle's first token
+    blocks = model.blocks_for(CUE, source="corpus") if model.corpus_passages is not None else []
+    doc = next(d for d in docs if d.name == plan["needle_doc"])
+    at = doc.text.index(NEEDLE.format(key=plan["key"]))
+    needle_block = (doc.start + len(model.tokenizer(doc.text[:at], add_special_tokens=False)["input_ids"])) \
+        // model.memory_config.block_size
 
     # one corpus search of a window's queries (G*T per kv head) in each memory layer
     cfg = model.memory_config
@@ -165,6 +175,8 @@ def main() -> int:
                window_search_s_per_layer=round(sum(search) / len(search), 3), window_queries=G * (cfg.window - cfg.sink_tokens),
                answer_s=[round(a.seconds, 2) for a in answers], answer=ans.text, key=plan["key"], correct=correct,
                top_evidence=top_doc, needle_doc=plan["needle_doc"], threads=torch.get_num_threads(),
+               blocks_read=blocks, needle_block=needle_block, needle_block_read=needle_block in blocks,
+               passages=len(model.corpus_passages.ranges) if model.corpus_passages is not None else 0,
                cpu=platform.processor() or platform.machine(), documents_attached=len(docs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +187,7 @@ def main() -> int:
           f"excluded), one named pass key planted at a random line.", "",
           "| what | value |", "|---|---|",
           f"| documents / tokens read | {res['documents']:,} / {tokens_read:,} |",
-          f"| memory | layers {res['memory_layers']}, {res['dtype']}, index {args.index}"
+          f"| memory | layers {res['memory_layers']}, {res['dtype']}, index {args.index or model.memory_config.index}"
           f"{', adapter ' + args.adapter if args.adapter else ''} |",
           f"| build (`memformer memory build`) | {res['build_s']:,} s, {res['tokens_per_s']:,} tokens/s, peak RSS "
           f"{res['build_peak_rss_mb']:,} MB |",
@@ -186,7 +198,9 @@ def main() -> int:
           f"{res['window_search_s_per_layer']} s |",
           f"| answer from the corpus alone (cue \"{CUE}\", 8 tokens) | {res['answer_s']} s |",
           f"| answer / key | {ans.text[:24]!r} / {plan['key']}: {'correct' if correct else 'wrong'} |",
-          f"| top evidence document / planted in | {top_doc} / {plan['needle_doc']} |", ""]
+          f"| top evidence document / planted in | {top_doc} / {plan['needle_doc']} |",
+          f"| passages / blocks the question read / the needle's block | {res['passages']:,} / {blocks} / "
+          f"{needle_block} ({'read' if res['needle_block_read'] else 'not read'}) |", ""]
     (out / "corpus_1m.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
