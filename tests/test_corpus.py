@@ -42,6 +42,22 @@ def _docs(tmp_path, n=5):
     return d
 
 
+def _interrupted_build(monkeypatch, docs, out, after: int):
+    """A build of `docs` into `out` stopped by Ctrl-C while reading document `after` + 1."""
+    calls = {"n": 0}
+    real_read = corpus.read_document
+
+    def flaky(path):
+        calls["n"] += 1
+        if calls["n"] == after + 1:
+            raise KeyboardInterrupt
+        return real_read(path)
+    monkeypatch.setattr(corpus, "read_document", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.build_corpus(_model(), docs, out, save_every=100, show_progress=False)
+    monkeypatch.setattr(corpus, "read_document", real_read)
+
+
 @pytest.mark.parametrize("with_own", [True, False])
 def test_merged_retrieval_equals_one_concatenated_memory(with_own):
     B, Hkv, G, T, D, k = 2, 2, 2, 5, 16, 4
@@ -82,19 +98,8 @@ def test_build_resume_attach_and_evidence(tmp_path, monkeypatch):
     full = dict(model.memories[0].state_dict())
 
     # interrupted after two documents (Ctrl-C while reading the third), then resumed
-    calls = {"n": 0}
-    real_read = corpus.read_document
-
-    def flaky(path):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_read(path)
-    monkeypatch.setattr(corpus, "read_document", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        corpus.build_corpus(_model(), docs, tmp_path / "resumed", save_every=100, show_progress=False)
+    _interrupted_build(monkeypatch, docs, tmp_path / "resumed", after=2)
     assert len(corpus.read_corpus_table(tmp_path / "resumed")) == 2
-    monkeypatch.setattr(corpus, "read_document", real_read)
     resumed = _model()
     corpus.build_corpus(resumed, docs, tmp_path / "resumed", show_progress=False)
     for key, t in resumed.memories[0].state_dict().items():
@@ -165,18 +170,7 @@ def test_build_embeds_the_passages_and_a_resume_keeps_them(tmp_path, monkeypatch
     texts = [reader.tokenizer.decode(model.stream[0][a:b]) for a, b in want]
     assert torch.allclose(got.embeddings, HashedWords(64, r"\S+", eps=1e-3).encode(texts))
 
-    calls = {"n": 0}
-    real_read = corpus.read_document
-
-    def flaky(path):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_read(path)
-    monkeypatch.setattr(corpus, "read_document", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        corpus.build_corpus(_model(), docs, tmp_path / "resumed", save_every=100, show_progress=False)
-    monkeypatch.setattr(corpus, "read_document", real_read)
+    _interrupted_build(monkeypatch, docs, tmp_path / "resumed", after=3)
     resumed = _model()
     corpus.build_corpus(resumed, docs, tmp_path / "resumed", show_progress=False)
     embedded = [t for call in resumed.embedder.calls for t in call]
