@@ -526,13 +526,13 @@ class MemformerForCausalLM(nn.Module):
     def corpus_passage_index(self):
         """The attached corpus's `PassageIndex` with this model's sentence embedder attached (its
         width must be the one the corpus was built with)."""
-        from memformer.passages import PassageIndex, default_embedder
+        from memformer.passages import PassageIndex, default_embedder, embedding_width
         if self.corpus_passages is None:
             raise ValueError("no corpus memory with passages is attached")
         if self.embedder is None:
             self.embedder = default_embedder()
         if self.corpus_passages.embedder is not self.embedder:
-            width = getattr(self.embedder, "get_sentence_embedding_dimension", lambda: None)()
+            width = embedding_width(self.embedder)
             if width is not None and width != self.corpus_passages.embeddings.shape[1]:
                 raise ValueError(f"the corpus's passages were embedded {self.corpus_passages.embeddings.shape[1]}-wide, "
                                  f"this model's sentence embedder gives {width}; use the embedder it was built with")
@@ -544,11 +544,11 @@ class MemformerForCausalLM(nn.Module):
     def passages(self):
         """`memformer.passages.PassageIndex` over the memorized text (sequence 0), embedded on first
         use (or loaded with the memory, when it was embedded by an embedder of the same width)."""
-        from memformer.passages import PassageIndex, default_embedder
+        from memformer.passages import PassageIndex, default_embedder, embedding_width
         if self.embedder is None:
             self.embedder = default_embedder()
         if self._passages is not None and self._passages.embedder is not self.embedder:
-            width = getattr(self.embedder, "get_sentence_embedding_dimension", lambda: None)()
+            width = embedding_width(self.embedder)
             fits = width is None or width == self._passages.embeddings.shape[1]
             self._passages = PassageIndex(self._passages.ranges, self._passages.embeddings, self.embedder) \
                 if fits else None

@@ -42,6 +42,15 @@ def default_embedder():
     return load_embedder()
 
 
+def embedding_width(embedder) -> int | None:
+    """The width of an embedder's vectors, or None when it does not say (sentence-transformers
+    renamed get_sentence_embedding_dimension to get_embedding_dimension)."""
+    for name in ("get_embedding_dimension", "get_sentence_embedding_dimension"):
+        if hasattr(embedder, name):
+            return getattr(embedder, name)()
+    return None
+
+
 def encode_texts(embedder, texts: list[str], **kw) -> torch.Tensor:
     """[n, E] float32 CPU embeddings of `texts`, L2-normalised (inner product = cosine)."""
     emb = embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True, **kw)

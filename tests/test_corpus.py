@@ -229,6 +229,13 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
         out = own.generate(x, max_new_tokens=3, do_sample=False)
     assert ans == own.tokenizer.decode(out[0, x.shape[1]:]).strip()
 
+    # CorpusQA (`memformer qa --corpus`) answers through the same question read
+    from memformer.qa.corpus_qa import CorpusQA
+    pinned.clear()
+    qa_ans = CorpusQA(reader).answer(cue=cue, max_new_tokens=3, evidence=1)
+    assert pinned == [(blocks, "corpus")] and qa_ans.text == ans
+    assert qa_ans.corpus_evidence[0]["doc"] == "zebra.txt"
+
     # an own memory beside the corpus: the source holding the best passage is read
     reader.memorize("The keeper's cat is called Marmalade. " * 4, show_progress=False)
     pinned.clear()

@@ -11,7 +11,9 @@ from memformer.qa.longdoc import Answer
 
 class CorpusQA:
     """Questions answered from an attached corpus memory alone (`model.attach_corpus`), no
-    document of their own: the local window holds only the question; mode "memory" only.
+    document of their own: the local window holds only the question, and every memory layer reads
+    the corpus blocks under the passages nearest to it (`model.question_read`; kNN reads for a
+    corpus built without passages); mode "memory" only.
     `answer` returns an `Answer` whose `corpus_evidence` names the documents drawn on."""
 
     def __init__(self, model):
@@ -31,7 +33,9 @@ class CorpusQA:
         model, t0 = self.model, time.perf_counter()
         x = (torch.tensor([model.tokenizer(cue, add_special_tokens=False)["input_ids"]]) if cue
              else model.chat_ids(question))                                  # [1, T]
-        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=evidence > 0)
+        # question reads: the corpus blocks under the passages nearest to the cue (or question)
+        with model.question_read(cue if cue else question):
+            out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=evidence > 0)
         ans = Answer("memory", model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip(),
                      prompt_tokens=x.shape[1])
         if evidence > 0:
