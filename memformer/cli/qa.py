@@ -117,6 +117,12 @@ def cmd_qa(args) -> int:
             questions += read_questions(args.questions)
         except ValueError as e:
             return _fail(str(e))
+    given = None
+    if args.doc and args.memory is None and not args.demo:
+        try:                               # bad documents are refused before the model loads
+            given = [qa_mod.Document(d, read_document(d)) for d in args.doc]
+        except (ValueError, FileNotFoundError) as e:
+            return _fail(str(e))
     model = _load_model(args)
     if args.embedder:
         from memformer.passages import load_embedder
@@ -144,7 +150,7 @@ def cmd_qa(args) -> int:
                       f"{len(demo.DEMO_FACTS)} facts planted at depths {[f.depth for f in demo.DEMO_FACTS]}; "
                       f"each question is asked as a sentence to complete")
             else:
-                docs = [qa_mod.Document(d, read_document(d)) for d in args.doc]
+                docs = given
             # the demo document is rebuilt in seconds; caching its memory would only fill the disk
             cache = None if (args.no_cache or args.demo) else args.cache_dir
             qa = qa_mod.LongDocQA(model, **opts).read(docs, cache_dir=cache)
