@@ -494,64 +494,66 @@ class MemformerForCausalLM(nn.Module):
         (generation then uses kNN reads) with nothing memorized, or beside a corpus memory built
         without passages."""
         own = bool(self.memories) and self.memory_size() > 0
-        if self.corpus_attached:
-            if self.corpus_passages is None:
-                return contextlib.nullcontext()
-            ranked = self.corpus_passage_index.search(query)
-            if not own or ranked[0].score > self.passages.search(query)[0].score:
-                return self.reading_blocks(self.blocks_for(query, source="corpus"), source="corpus")
-        if not own:
+        if self.corpus_attached and self.corpus_passages is None:
             return contextlib.nullcontext()
-        return self.reading_blocks(self.blocks_for(query))
+        ranked = {}                                    # each source's passages, ranked once
+        if self.corpus_attached:
+            ranked["corpus"] = self.corpus_passage_index.search(query)
+        if own:
+            ranked["own"] = self._own_passages().search(query)
+        if not ranked:
+            return contextlib.nullcontext()
+        source = max(ranked, key=lambda s: (ranked[s][0].score, s == "own"))   # a tie reads the own memory
+        return self.reading_blocks(self._blocks_under(ranked[source], source), source=source)
 
     def blocks_for(self, query: str, source: str = "own") -> list[int]:
         """The memory blocks a question reads: those under the passages nearest to `query`
         (`memformer.passages.question_blocks`), in document order. source: "own" (the memorized
         text; needs a memory of one sequence) or "corpus" (the attached corpus memory's passages)."""
-        from memformer.passages import question_blocks
-        cfg = self.memory_config
         if source == "corpus":
-            if self.corpus_passages is None:
-                raise ValueError("no corpus memory with passages is attached")
-            limit = self.corpus_documents[-1].end
-            return question_blocks(self.corpus_passage_index.search(query), cfg.question_blocks, cfg.block_size, limit)
+            return self._blocks_under(self.corpus_passage_index.search(query), source)
         if source != "own":
             raise ValueError(f"source must be 'own' or 'corpus', got {source!r}")
+        return self._blocks_under(self._own_passages().search(query), source)
+
+    def _own_passages(self):
         if len(self.stream) != 1:
             raise ValueError(f"question reads need a memory of one sequence, this one holds {len(self.stream)}; "
                              f"use generate() for a batch")
-        return question_blocks(self.passages.search(query), cfg.question_blocks, cfg.block_size, self.seen[0])
+        return self.passages
+
+    def _blocks_under(self, ranked, source: str) -> list[int]:
+        """`question_blocks` of ranked passages of the own memory or of the attached corpus."""
+        from memformer.passages import question_blocks
+        cfg = self.memory_config
+        limit = self.corpus_documents[-1].end if source == "corpus" else self.seen[0]
+        return question_blocks(ranked, cfg.question_blocks, cfg.block_size, limit)
 
     @property
     def corpus_passage_index(self):
         """The attached corpus's `PassageIndex` with this model's sentence embedder attached (its
         width must be the one the corpus was built with)."""
-        from memformer.passages import PassageIndex, default_embedder, embedding_width
+        from memformer.passages import default_embedder, with_embedder
         if self.corpus_passages is None:
             raise ValueError("no corpus memory with passages is attached")
         if self.embedder is None:
             self.embedder = default_embedder()
-        if self.corpus_passages.embedder is not self.embedder:
-            width = embedding_width(self.embedder)
-            if width is not None and width != self.corpus_passages.embeddings.shape[1]:
-                raise ValueError(f"the corpus's passages were embedded {self.corpus_passages.embeddings.shape[1]}-wide, "
-                                 f"this model's sentence embedder gives {width}; use the embedder it was built with")
-            p = self.corpus_passages
-            self.corpus_passages = PassageIndex(p.ranges, p.embeddings, self.embedder)
-        return self.corpus_passages
+        bound = with_embedder(self.corpus_passages, self.embedder)
+        if bound is None:
+            raise ValueError(f"the corpus's passages were embedded {self.corpus_passages.embeddings.shape[1]}-wide, "
+                             f"this model's sentence embedder gives another width; use the embedder it was built with")
+        self.corpus_passages = bound
+        return bound
 
     @property
     def passages(self):
         """`memformer.passages.PassageIndex` over the memorized text (sequence 0), embedded on first
         use (or loaded with the memory, when it was embedded by an embedder of the same width)."""
-        from memformer.passages import PassageIndex, default_embedder, embedding_width
+        from memformer.passages import PassageIndex, default_embedder, with_embedder
         if self.embedder is None:
             self.embedder = default_embedder()
-        if self._passages is not None and self._passages.embedder is not self.embedder:
-            width = embedding_width(self.embedder)
-            fits = width is None or width == self._passages.embeddings.shape[1]
-            self._passages = PassageIndex(self._passages.ranges, self._passages.embeddings, self.embedder) \
-                if fits else None
+        if self._passages is not None:                 # saved passages of another width are re-embedded
+            self._passages = with_embedder(self._passages, self.embedder)
         if self._passages is None:
             if not self.stream or not self.stream[0]:
                 raise ValueError("nothing is memorized")

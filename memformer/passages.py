@@ -51,6 +51,17 @@ def embedding_width(embedder) -> int | None:
     return None
 
 
+def with_embedder(index: "PassageIndex", embedder) -> "PassageIndex | None":
+    """`index` searched with `embedder` (the same passages and embeddings), or None when the
+    embedder's width differs from the stored embeddings' (they must be embedded again)."""
+    if index.embedder is embedder:
+        return index
+    width = embedding_width(embedder)
+    if width is not None and width != index.embeddings.shape[1]:
+        return None
+    return PassageIndex(index.ranges, index.embeddings, embedder)
+
+
 def encode_texts(embedder, texts: list[str], **kw) -> torch.Tensor:
     """[n, E] float32 CPU embeddings of `texts`, L2-normalised (inner product = cosine)."""
     emb = embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True, **kw)

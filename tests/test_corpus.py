@@ -279,3 +279,23 @@ def test_build_saves_as_the_memory_grows_by_a_quarter(tmp_path, monkeypatch):
     assert all(b - a >= corpus.SAVE_GROWTH * a for a, b in zip(ends, ends[1:-1]))
     assert len(saves) < 20                     # every second document would be 20 saves
     assert len(corpus.read_corpus_table(tmp_path / "mem")) == 40
+
+
+def test_corpus_question_reads_refuse_bad_input(tmp_path):
+    """No corpus attached, an unknown source, or a sentence embedder of another width than the
+    corpus was built with: a ValueError naming it, and nothing pinned."""
+    docs = _docs(tmp_path, n=3)
+    corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
+    reader = _model()
+    with pytest.raises(ValueError, match="no corpus memory is attached"):
+        with reader.reading_blocks([0], source="corpus"):
+            pass
+    with pytest.raises(ValueError, match="no corpus memory with passages"):
+        reader.blocks_for("lorem", source="corpus")
+    with pytest.raises(ValueError, match="source must be"):
+        reader.blocks_for("lorem", source="elsewhere")
+    reader.attach_corpus(tmp_path / "mem")
+    reader.embedder = HashedWords(32, r"\S+", eps=1e-3)              # built 64-wide
+    with pytest.raises(ValueError, match="64-wide"):
+        reader.ask(cue="Document 1. lorem", max_new_tokens=2)
+    assert reader.runtime.pinned_blocks is None and reader.runtime.pinned_source == "own"
