@@ -15,7 +15,7 @@ def test_passkey_from_memory_beyond_the_window(default_model):
     """Needle far outside the last window: memory finds it, truncation cannot."""
     model = default_model
     for depth, key in [(0.2, 48213), (0.5, 60494)]:
-        ids, at = passkey.make_prompt(model.tokenizer, 3072, depth, key)
+        ids, at = passkey.make_prompt(model.tokenizer, 2304, depth, key)
         assert at < len(ids) - model.memory_config.window                  # not in the local window
         answer, ok = passkey.run_trial(model, ids, key, "memory")
         assert ok, f"memory mode answered {answer!r} for key {key}"
@@ -54,7 +54,7 @@ def _cli(*args, timeout=600):
                           timeout=timeout)
 
 
-def test_cli_qa_end_to_end_and_bad_documents(tmp_path):
+def test_cli_qa_end_to_end_and_bad_documents(tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     filler = " ".join([passkey.FILLER] * 40)
     doc.write_text(f"{filler} The name of the lighthouse keeper's cat is Marmalade. {filler}")
@@ -63,12 +63,16 @@ def test_cli_qa_end_to_end_and_bad_documents(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout[r.stdout.index("["):])
     assert {"question", "memory", "truncate", "rag", "evidence"} <= set(out[0]) and out[0]["memory"]
-    r2 = _cli("qa", "--doc", str(doc), "-q", "What is the name of the lighthouse keeper's cat?",
-              "--window", "256", "--cache-dir", str(tmp_path / "cache"))
-    assert "loaded from cache" in r2.stdout and "truncate:" not in r2.stdout
+    # the rest in-process (`main(argv)` is what the console script calls): a second interpreter
+    # start and model load per call would only re-test Python's import machinery
+    from memformer.cli.main import main
+    assert main(["qa", "--doc", str(doc), "-q", "What is the name of the lighthouse keeper's cat?",
+                 "--window", "256", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "loaded from cache" in out and "truncate:" not in out
     empty, binary = tmp_path / "empty.txt", tmp_path / "blob.bin"
     empty.write_text("  \n")
     binary.write_bytes(b"\x00\x01\x02" * 100)
     for bad, msg in [(empty, "empty"), (binary, "binary"), (tmp_path / "missing.txt", "no such file")]:
-        r = _cli("qa", "--doc", str(bad), "-q", "x")
-        assert r.returncode == 2 and msg in r.stderr
+        assert main(["qa", "--doc", str(bad), "-q", "x"]) == 2
+        assert msg in capsys.readouterr().err
