@@ -14,6 +14,7 @@ top-k keys per query (`generate`, `forward`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -413,12 +414,17 @@ class MemformerForCausalLM(nn.Module):
         input_ids [B, T]: if T is longer than the local window, the overflow (all but the last
         window) is memorized first, then generation runs on the last window. Returns [B, T + new]
         (with return_dict_in_generate, Hugging Face's output whose `sequences` are those).
+        cache (past_key_values before transformers 5.24): a `context_cache(ctx)`; input_ids must
+        then start with ctx, and only the tokens after it are run (the cache itself is left
+        unchanged for the next call).
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        for name in ("cache", "past_key_values"):         # the KV cache's name since / before transformers 5.24
+            if hasattr(generate_kwargs.get(name), "memformer_ids"):
+                generate_kwargs = dict(generate_kwargs, **{name: self._reuse_context(generate_kwargs[name], input_ids)})
         B, T = input_ids.shape
-        S, W = self.memory_config.sink_tokens, self.memory_config.window
-        local = W - S if S > 0 else W
+        local = self.local_window
         x, mask = input_ids, attention_mask
         if T > local:
             if attention_mask is not None and not bool(attention_mask.all()):
@@ -429,12 +435,10 @@ class MemformerForCausalLM(nn.Module):
             mask = None if mask is None else mask[:, T - local:]
         if self.memories:
             self.ensure_memory(B)
-        # the sink prefix every memory window was read with (the corpus's when only it is there)
-        sink = self.sink_ids if self.sink_ids is not None else self.corpus_sink_ids
-        if S > 0 and sink is not None and sink.shape[0] in (1, B):
-            x = torch.cat([sink.expand(B, -1).to(x.device), x], dim=1)
-            if mask is not None:
-                mask = torch.cat([torch.ones(B, sink.shape[1], dtype=mask.dtype, device=mask.device), mask], dim=1)
+        n = x.shape[1]
+        x = self._with_sink(x)
+        if mask is not None and x.shape[1] > n:
+            mask = torch.cat([torch.ones(B, x.shape[1] - n, dtype=mask.dtype, device=mask.device), mask], dim=1)
         if mask is None:
             mask = torch.ones_like(x)
         kw = dict(generate_kwargs)
@@ -449,6 +453,67 @@ class MemformerForCausalLM(nn.Module):
             return full
         out.sequences = full
         return out
+
+    @property
+    def local_window(self) -> int:
+        """Tokens a prompt may hold locally: the window less the sink prefix put before it."""
+        S, W = self.memory_config.sink_tokens, self.memory_config.window
+        return W - S if S > 0 else W
+
+    @torch.no_grad()
+    def context_cache(self, input_ids: torch.Tensor):
+        """The KV cache of reading input_ids [B, T] as generate's prompt (memory read as in its
+        prefill): pass it as `generate(torch.cat([input_ids, more], 1), cache=cache)` and
+        only `more` and the new tokens are run, so the reads of a long prompt's shared part are
+        paid once for any number of continuations. T + more + new tokens must fit the local window
+        (window - sink_tokens). The cache keeps the memory as it was read: re-create it after
+        memorizing more. Returns a transformers `DynamicCache`."""
+        from transformers import DynamicCache
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        B, T = input_ids.shape
+        local = self.local_window
+        if not 0 < T < local:
+            raise ValueError(f"context_cache: the context must hold 1 to {local - 1} tokens (the local window "
+                             f"less room for the continuation), got {T}")
+        if self.memories:
+            self.ensure_memory(B)
+        x = self._with_sink(input_ids)                                         # [B, S + T]
+        cache = DynamicCache(config=self.backbone.config)
+        name = "cache" if "cache" in inspect.signature(self.backbone.forward).parameters else "past_key_values"
+        with self._mode(read=True, write=False):
+            self.backbone(input_ids=x.to(self.device), attention_mask=torch.ones_like(x).to(self.device),
+                          use_cache=True, logits_to_keep=1, **{name: cache})
+        cache.memformer_ids = x.cpu().clone()              # [sink ‖ context]: checked at reuse
+        cache.memformer_seen = list(self.seen)             # the memory it read
+        return cache
+
+    def _reuse_context(self, context, input_ids: torch.Tensor):
+        """A copy of a `context_cache` for one generate call (the call extends the cache it gets),
+        after checking that input_ids continue exactly the context it was made from, over the
+        same memory."""
+        import copy
+        ctx, x = context.memformer_ids, self._with_sink(input_ids).cpu()
+        P = ctx.shape[1]
+        if x.shape[0] != ctx.shape[0] or x.shape[1] <= P or not torch.equal(x[:, :P], ctx):
+            raise ValueError("generate: input_ids must start with the context tokens the cache was made "
+                             "from, for the same batch, and add at least one token")
+        if input_ids.shape[1] > self.local_window:
+            raise ValueError(f"generate: with a context cache the input must fit the local window "
+                             f"({self.local_window} tokens), got {input_ids.shape[1]}")
+        if context.memformer_seen != list(self.seen):
+            raise ValueError("generate: the memory changed since this context cache was made "
+                             "(memorize/reset); make a new one with context_cache()")
+        return copy.deepcopy(context)
+
+    def _with_sink(self, x: torch.Tensor) -> torch.Tensor:
+        """[sink ‖ x]: the sink prefix every memory window was read with (the corpus's when only
+        it is there), for a batch of 1 or B."""
+        S = self.memory_config.sink_tokens
+        sink = self.sink_ids if self.sink_ids is not None else self.corpus_sink_ids
+        if S > 0 and sink is not None and sink.shape[0] in (1, x.shape[0]):
+            return torch.cat([sink.expand(x.shape[0], -1).to(x.device), x], dim=1)
+        return x
 
     def chat_ids(self, question: str, system: str | None = None) -> torch.Tensor:
         """Token ids [1, T] of a question, in the tokenizer's chat template when it has one."""

@@ -1,8 +1,6 @@
 """MemoryConfig.knn_layers: which memory layers search memory themselves (kNN reads); every memory
 layer still stores memory and reads pinned blocks (question reads)."""
 import argparse
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -115,11 +113,13 @@ def test_cli_layer_lists():
     assert cfg.knn_layers == list(range(10, 30)) and cfg.memory_layers is None
 
 
-def test_cli_bad_knn_layers_exit_2_with_the_reason(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "memformer.cli", "eval", "ppl", "--knn-layers", "a..b",
-                          "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert out.returncode == 2 and "--knn-layers: expected layer indices" in out.stderr
-    assert "Traceback" not in out.stderr and not (tmp_path / "o").exists()
+def test_cli_bad_knn_layers_exit_2_with_the_reason(tmp_path, capsys):
+    from memformer.cli.main import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "ppl", "--knn-layers", "a..b", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--knn-layers: expected layer indices" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_report_headers_name_the_kNN_layers():

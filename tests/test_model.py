@@ -513,3 +513,44 @@ def test_memorize_stops_at_the_last_memory_layer(model_type, monkeypatch):
     whole.memorize(ids(64), show_progress=False)
     torch.testing.assert_close(model.memories[1].keys, whole.memories[1].keys, rtol=0, atol=0)
     torch.testing.assert_close(model.memories[1].values, whole.memories[1].values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_context_cache_continuations_equal_generating_from_the_whole_prompt(model_type):
+    """A context read once (`context_cache`) then continued twice gives the tokens and logits of
+    generating from [context ‖ continuation] each time; the cache is left as it was."""
+    model, _ = make(model_type)
+    model.memorize(ids(40), show_progress=False)                      # kNN reads have rows to find
+    ctx = ids(6, seed=2)
+    cache = model.context_cache(ctx)
+    assert cache.get_seq_length() == 4 + 6                             # [sink ‖ context]
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    for seed in (3, 4):
+        full = torch.cat([ctx, ids(2, seed=seed)], 1)
+        want = model.generate(full, **kw)
+        got = model.generate(full, cache=cache, **kw)
+        assert torch.equal(got.sequences, want.sequences)
+        assert torch.allclose(torch.stack(got.logits), torch.stack(want.logits), atol=1e-5)
+        assert cache.get_seq_length() == 4 + 6                         # unchanged for the next call
+    with model.memory_disabled():                                       # memory is read at all
+        plain = model.generate(full, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                               output_logits=True)
+    assert (torch.stack(plain.logits) - torch.stack(want.logits)).abs().max() > 1e-4
+
+
+def test_context_cache_refuses_what_it_was_not_made_for():
+    model, _ = make()
+    model.memorize(ids(40), show_progress=False)
+    ctx = ids(6, seed=2)
+    cache = model.context_cache(ctx)
+    with pytest.raises(ValueError, match="start with the context"):     # another context
+        model.generate(torch.cat([ids(6, seed=9), ctx[:, :1]], 1), cache=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="add at least one"):           # nothing to continue
+        model.generate(ctx, cache=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="local window"):              # longer than the window
+        model.generate(torch.cat([ctx, ids(8, seed=5)], 1), cache=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="1 to 11 tokens"):             # window 16 - sink 4 = 12 local
+        model.context_cache(ids(12))
+    model.memorize(ids(20, seed=6), show_progress=False)
+    with pytest.raises(ValueError, match="memory changed"):             # reads of an older memory
+        model.generate(torch.cat([ctx, ids(1)], 1), cache=cache, max_new_tokens=2)
