@@ -98,6 +98,7 @@ class MemformerForCausalLM(nn.Module):
         self.corpus_documents: list = []             # table of an attached corpus memory
         self.corpus_sink_ids: torch.Tensor | None = None
         self.corpus_passages = None                  # its PassageIndex (question reads over it)
+        self.memory_version = 0                      # +1 whenever what memory reads can find changes
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -205,17 +206,21 @@ class MemformerForCausalLM(nn.Module):
         self.clear_recorded_reads()
         self.seen, self.sink_ids, self.tail_ids = [], None, None
         self.stream, self.doc_starts, self._passages = [], [], None
+        self.memory_version += 1
 
     def attach_corpus(self, path) -> list:
         """Attach a corpus memory (built by `memformer memory build`) read-only: every memory layer
         then retrieves its top-k from the sequence's own memory and the corpus together. Returns
         the corpus's document table. See memformer/corpus.py."""
         from memformer.corpus import attach_corpus
-        return attach_corpus(self, path)
+        table = attach_corpus(self, path)
+        self.memory_version += 1
+        return table
 
     def detach_corpus(self) -> None:
         from memformer.corpus import detach_corpus
         detach_corpus(self)
+        self.memory_version += 1
 
     def corpus_evidence(self, top: int = 3) -> list[dict]:
         """Corpus documents the last `generate(..., record=True)` drew on, most attention first."""
@@ -349,6 +354,7 @@ class MemformerForCausalLM(nn.Module):
         else:
             self.tail_ids = None
         self.seen = [s + n for s, n in zip(self.seen, lengths)]
+        self.memory_version += 1
         return sum(lengths)
 
     def plan_windows(self, ids, lengths, first, sink_ids, tail_ids):
@@ -485,7 +491,7 @@ class MemformerForCausalLM(nn.Module):
             self.backbone(input_ids=x.to(self.device), attention_mask=torch.ones_like(x).to(self.device),
                           use_cache=True, logits_to_keep=1, **{name: cache})
         cache.memformer_ids = x.cpu().clone()              # [sink ‖ context]: checked at reuse
-        cache.memformer_seen = list(self.seen)             # the memory it read
+        cache.memformer_version = self.memory_version      # the memory it read
         return cache
 
     def _reuse_context(self, context, input_ids: torch.Tensor):
@@ -501,9 +507,9 @@ class MemformerForCausalLM(nn.Module):
         if input_ids.shape[1] > self.local_window:
             raise ValueError(f"generate: with a context cache the input must fit the local window "
                              f"({self.local_window} tokens), got {input_ids.shape[1]}")
-        if context.memformer_seen != list(self.seen):
-            raise ValueError("generate: the memory changed since this context cache was made "
-                             "(memorize/reset); make a new one with context_cache()")
+        if context.memformer_version != self.memory_version:
+            raise ValueError("generate: the memory changed since this context cache was made (memorize, "
+                             "reset, load or a corpus attached); make a new one with context_cache()")
         return copy.deepcopy(context)
 
     def _with_sink(self, x: torch.Tensor) -> torch.Tensor:
@@ -671,6 +677,7 @@ class MemformerForCausalLM(nn.Module):
         self.clear_recorded_reads()
         self.seen, self.stream, self.doc_starts, self._passages = seen, stream, starts, passages
         self.sink_ids, self.tail_ids = tensors.get("sink_ids"), tensors.get("tail_ids")
+        self.memory_version += 1
 
     # ---------------------------------------------------------------- persistence
     def save_memory(self, path) -> Path:

@@ -551,6 +551,11 @@ def test_context_cache_refuses_what_it_was_not_made_for():
         model.generate(torch.cat([ctx, ids(8, seed=5)], 1), cache=cache, max_new_tokens=2)
     with pytest.raises(ValueError, match="1 to 11 tokens"):             # window 16 - sink 4 = 12 local
         model.context_cache(ids(12))
+    state = model.memory_state()
+    model.load_memory_state(state, batch=1)                             # same size, read again
+    with pytest.raises(ValueError, match="memory changed"):
+        model.generate(torch.cat([ctx, ids(1)], 1), cache=cache, max_new_tokens=2)
+    cache = model.context_cache(ctx)
     model.memorize(ids(20, seed=6), show_progress=False)
     with pytest.raises(ValueError, match="memory changed"):             # reads of an older memory
         model.generate(torch.cat([ctx, ids(1)], 1), cache=cache, max_new_tokens=2)
