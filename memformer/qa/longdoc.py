@@ -66,8 +66,7 @@ class Answer:
 
 def tail_room(model, reserve: int = 96) -> int:
     """Tokens of the document kept in the local window beside the question (the rest is memory)."""
-    cfg = model.memory_config
-    return max(16, cfg.window - cfg.sink_tokens - reserve)
+    return max(16, model.local_window - reserve)
 
 
 def memory_key(corpus: Corpus, model) -> str:
@@ -316,8 +315,7 @@ class LongDocQA:
             if x.shape[1] > len(context) + self._full_prompt_room():
                 raise DoesNotFit("mode 'full': the documents and the question do not fit the native context")
             return x
-        cfg = model.memory_config
-        return x[:, -(cfg.window - cfg.sink_tokens):]
+        return x[:, -model.local_window:]
 
     def _generate(self, x: torch.Tensor, max_new_tokens: int) -> str:
         """Greedy answer of the frozen backbone on exactly x [1, T]: no sink prefix and no memory,
