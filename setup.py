@@ -11,7 +11,9 @@ setup(
     version="0.1.0",
     description="Long-term kNN memory (FoT / InfLLM style) for frozen pretrained causal LMs",
     python_requires=">=3.10",
-    packages=["memformer", "memformer.cli", "memformer.qa", "memformer.eval", "memformer.index", "memformer.kernels", "memformer.training"],
+    packages=["memformer", "memformer.cli", "memformer.qa", "memformer.eval", "memformer.index", "memformer.kernels", "memformer.training", "memformer.weights"],
+    # the trained memory adapters shipped for default backbones (safetensors + JSON configs)
+    package_data={"memformer.weights": ["*/*.safetensors", "*/*.json"]},
     package_dir={
         "memformer": "memformer",
         "memformer.index": "index",

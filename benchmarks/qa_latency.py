@@ -14,9 +14,11 @@ case; then the same cue is answered `--repeats` times and the median time kept:
 Reading time (memorize, passage embeddings) is reported apart.
 
     .venv/bin/python benchmarks/qa_latency.py --tokens 16k,64k --repeats 3 --threads 1
-    .venv/bin/python benchmarks/qa_latency.py --tokens 16k --adapter DIR --name qa_latency_sparse
+    .venv/bin/python benchmarks/qa_latency.py --tokens 16k --adapter none --name qa_latency_training_free
 
-`--adapter` loads trained memory-layer weights with the memory config they were trained for.
+By default the model is what `from_pretrained()` gives: the default backbone with its shipped trained
+sparse memory. `--adapter DIR` loads other trained weights with the memory config they were trained
+for; `--adapter none` measures training-free all-layer memory.
 Results: benchmarks/results/<name>.md and <name>.json (name qa_latency by default).
 """
 from __future__ import annotations
@@ -68,7 +70,8 @@ def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int, cac
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="16k", help="comma-separated document lengths, e.g. 16k,64k")
-    ap.add_argument("--adapter", default=None, help="trained memory-layer weights (save_pretrained folder)")
+    ap.add_argument("--adapter", default="auto",
+                    help="trained memory-layer weights (save_pretrained folder); default: the shipped adapter")
     ap.add_argument("--name", default="qa_latency", help="result file stem under --out")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
@@ -77,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = MemformerForCausalLM.from_pretrained(adapter=args.adapter)
+    model = MemformerForCausalLM.from_pretrained(adapter=None if args.adapter == "none" else args.adapter)
     rows, lengths = [], []
     for length in args.tokens.split(","):
         sample = make_sample(model.tokenizer, "single-number", parse_length(length), 0.5, random.Random(args.seed))
@@ -111,7 +114,7 @@ def main() -> None:
     cmd = " ".join(["benchmarks/qa_latency.py", *sys.argv[1:]])
     lines = [f"# Answer time per QA mode (single-number needle at depth 0.5)", "",
              f"Command: `.venv/bin/python {cmd}`; {meta['threads']} torch thread(s), {meta['cpu']}, torch "
-             f"{meta['torch']}; {'adapter ' + args.adapter if args.adapter else 'untrained default memory'} "
+             f"{meta['torch']}; {'training-free all-layer memory' if args.adapter == 'none' else 'shipped trained adapter' if args.adapter == 'auto' else 'adapter ' + args.adapter} "
              f"(memory layers {_span(meta['memory_layers'])}, kNN reads in {_span(meta['knn_layers'])}, window "
              f"{cfg.window}); median of {args.repeats} answers (greedy, {sample.max_new_tokens} new tokens at most), "
              f"after the document was read once. Ratio: answer time / RAG's at the same length.", "",

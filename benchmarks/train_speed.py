@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 \
         .venv/bin/python benchmarks/train_speed.py --repeats 3
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_speed.py --configs sparse --sparse-layers 24,26,28
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_speed.py --config training/configs/smollm2_cpu_sparse.yaml \
-        --configs shipped --out benchmarks/results/train_speed/sparse_yaml
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_speed.py --config training/configs/smollm2_cpu_induction.yaml \
+        --configs shipped --out benchmarks/results/train_speed/induction_yaml
 
 One process builds the recipe from `--config` (default `training/configs/smollm2_cpu.yaml`; the real SmolLM2-135M
 backbone, LoRA + gates, `setup()` as `memformer train` runs it; evaluation and checkpoints off)

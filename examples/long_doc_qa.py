@@ -3,14 +3,14 @@
     .venv/bin/python examples/long_doc_qa.py book.txt notes.md -q "Who wrote the preface?"
     .venv/bin/python examples/long_doc_qa.py            # Python's docs with three planted facts
 
-Memory answers are `model.ask`: every memory layer reads the memory blocks under the passages
-nearest the question. Each is shown beside the truncation (last window only) and RAG (retrieved
+Memory answers are `model.ask`: the trained memory layers shipped with the default backbone read
+the memory blocks under the passages nearest the question. Each is shown beside the truncation (last window only) and RAG (retrieved
 passages instead of memory) baselines.
 """
 import argparse
 from pathlib import Path
 
-from memformer import MemformerForCausalLM, MemoryConfig
+from memformer import MemformerForCausalLM
 from memformer.qa.demo import DEMO_FACTS, demo_document
 from memformer.qa.longdoc import Document, LongDocQA
 
@@ -19,7 +19,7 @@ parser.add_argument("docs", nargs="*", type=Path, help="text/Markdown files (def
 parser.add_argument("-q", "--question", action="append", default=[])
 args = parser.parse_args()
 
-model = MemformerForCausalLM.from_pretrained(None, MemoryConfig(window=1024, top_k=32))
+model = MemformerForCausalLM.from_pretrained()      # default backbone + its trained sparse memory
 if args.docs:
     docs, asks = args.docs, [(q, None) for q in args.question]
 else:

@@ -102,18 +102,30 @@ class MemformerForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_pretrained(cls, model=None, memory_config: MemoryConfig | None = None, *, adapter=None,
+    def from_pretrained(cls, model=None, memory_config: MemoryConfig | None = None, *, adapter="auto",
                         tokenizer=None, embedder=None, torch_dtype=None, device_map=None,
                         **kwargs) -> "MemformerForCausalLM":
         """Load a backbone (local folder, GGUF file, cached hub id, model instance, or None for the
         embedded default SmolLM2-135M-Instruct), freeze it and add memory layers.
-        adapter: a folder written by `save_pretrained` (memory-layer weights, adapter and memory
-        config). embedder: a sentence-transformers model for question reads (None: MiniLM)."""
+
+        adapter: "auto" (default) loads the trained adapter shipped for this backbone, with the
+        memory config it was trained for, when there is one and no `memory_config` is given (the
+        embedded default has one: memory in 6 of its 30 layers); otherwise memory is
+        training-free. None: always training-free (`memory_config`, or MemoryConfig(): memory in
+        every layer). A folder written by `save_pretrained`: those memory-layer weights.
+        embedder: a sentence-transformers model for question reads (None: MiniLM)."""
         from memformer.loading import load_backbone
-        if adapter is not None and memory_config is None:
-            memory_config = persistence.read_adapter_config(adapter)
+        from memformer.weights import packaged_adapter
+        auto = isinstance(adapter, str) and adapter == "auto"
+        if adapter is not None and not auto and memory_config is None:
+            memory_config = persistence.read_adapter_config(adapter)    # a bad folder fails before loading
         backbone, tok = load_backbone(model, torch_dtype=torch_dtype, device_map=device_map,
                                       tokenizer=tokenizer, **kwargs)
+        if auto:
+            adapter = None if memory_config is not None else \
+                packaged_adapter(persistence.fingerprint_backbone(backbone))
+            if adapter is not None:
+                memory_config = persistence.read_adapter_config(adapter)
         self = cls(backbone, tokenizer or tok, memory_config, embedder=embedder)
         if adapter is not None:
             self.load_adapter(adapter)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from memformer.config import AdapterConfig, MemoryConfig
@@ -258,13 +259,18 @@ def load_adapter(model, path) -> None:
     f = Path(path) / ADAPTER_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_FILE})")
+    try:
+        state = load_file(str(f))
+        with safe_open(str(f), "pt") as h:
+            trained_on = (h.metadata() or {}).get("backbone")
+    except Exception as e:
+        raise MemoryFileError(f"{f} cannot be read: {e}") from None
+    if trained_on is not None and trained_on != model.backbone_fingerprint:   # checked before any change
+        raise MemoryFileError(f"{path} was trained for another backbone (fingerprint {trained_on}, this "
+                              f"model's is {model.backbone_fingerprint})")
     lora = read_lora_config(path)
     if lora is not None and model.adapter_config is None:
         model.add_lora(lora)
-    try:
-        state = load_file(str(f))
-    except Exception as e:
-        raise MemoryFileError(f"{f} cannot be read: {e}") from None
     params = dict(model.named_parameters())
     mine = set(model.trainable_state_dict())
     if set(state) != mine:

@@ -36,7 +36,15 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def default_model():
-    """The real embedded default backbone with memory in every layer (loaded once per session)."""
+    """What `from_pretrained()` gives: the real embedded default backbone with its shipped trained
+    sparse memory (loaded once per session)."""
+    from memformer import MemformerForCausalLM
+    return MemformerForCausalLM.from_pretrained()
+
+
+@pytest.fixture(scope="session")
+def training_free_model():
+    """The real embedded default backbone with training-free memory in every layer."""
     from memformer import MemformerForCausalLM, MemoryConfig
     return MemformerForCausalLM.from_pretrained(None, MemoryConfig())
 

@@ -1,4 +1,5 @@
-"""End to end on the real default backbone (SmolLM2-135M-Instruct), training-free."""
+"""End to end on the real default backbone (SmolLM2-135M-Instruct): the shipped trained sparse
+memory, and training-free memory in every layer."""
 import json
 import subprocess
 import sys
@@ -11,9 +12,10 @@ from memformer.eval import passkey
 pytestmark = pytest.mark.integration
 
 
-def test_passkey_from_memory_beyond_the_window(default_model):
+@pytest.mark.parametrize("which", ["default_model", "training_free_model"])
+def test_passkey_from_memory_beyond_the_window(request, which):
     """Needle far outside the last window: memory finds it, truncation cannot."""
-    model = default_model
+    model = request.getfixturevalue(which)
     for depth, key in [(0.2, 48213), (0.5, 60494)]:
         ids, at = passkey.make_prompt(model.tokenizer, 2304, depth, key)
         assert at < len(ids) - model.memory_config.window                  # not in the local window
@@ -21,6 +23,43 @@ def test_passkey_from_memory_beyond_the_window(default_model):
         assert ok, f"memory mode answered {answer!r} for key {key}"
         answer, ok = passkey.run_trial(model, ids, key, "truncate")
         assert not ok
+
+
+def _bytes_per_token(model) -> float:
+    """Bytes of the stored memory tensors (keys, values, flags, positions) per memorized token."""
+    total = sum(t.numel() * t.element_size() for mem in model.memories.values() for t in mem.state_dict().values())
+    return total / model.memory_size()
+
+
+def test_shipped_default_is_the_trained_sparse_adapter(default_model, training_free_model):
+    """from_pretrained() loads the packaged adapter found by the backbone's fingerprint: memory in
+    the 6 induction-head layers with the trained LoRA and gates, 1/5 of all-layer memory's bytes
+    per token; the same weights from a folder get it too; adapter=None stays training-free."""
+    from safetensors.torch import load_file
+    from memformer import MemformerForCausalLM
+    from memformer.loading import default_model_dir
+    from memformer.weights import DEFAULT_ADAPTER
+    model = default_model
+    assert model.memory_layer_ids == [17, 18, 20, 21, 22, 23] and model.adapter_config.lora_rank == 8
+    assert model.memory_config.window == 1024
+    shipped = load_file(str(DEFAULT_ADAPTER / "adapter.safetensors"))
+    mine = model.trainable_state_dict()
+    assert shipped.keys() == mine.keys() and all(torch.equal(shipped[k], mine[k]) for k in shipped)
+    assert any(v.abs().max() > 0 for k, v in shipped.items() if k.endswith("memory_gate"))   # trained
+    text = " ".join([passkey.FILLER] * 30)
+    for m in (model, training_free_model):
+        m.reset_memory()
+        m.memorize(text, show_progress=False)
+    ratio = _bytes_per_token(model) / _bytes_per_token(training_free_model)
+    for m in (model, training_free_model):
+        m.reset_memory()
+    assert ratio <= 1 / 5 + 1e-9, ratio
+    assert len(training_free_model.memory_layer_ids) == 30 and training_free_model.adapter_config is None
+    folder = str(default_model_dir())                            # the same weights as an HF folder
+    again = MemformerForCausalLM.from_pretrained(folder)
+    assert again.memory_layer_ids == model.memory_layer_ids
+    plain = MemformerForCausalLM.from_pretrained(folder, adapter=None)
+    assert len(plain.memory_layer_ids) == 30 and plain.adapter_config is None
 
 
 def test_memory_round_trip_answers_identically(default_model, tmp_path):
@@ -39,14 +78,20 @@ def test_memory_round_trip_answers_identically(default_model, tmp_path):
     assert "31337" in model.tokenizer.decode(got[0, 1000:])
 
 
-def test_ask_uses_chat_template_and_memory(default_model):
-    model = default_model
-    model.reset_memory()
+def test_ask_uses_chat_template_and_memory(default_model, training_free_model):
+    """A free-form question (chat template) is answered from memory by training-free memory; the
+    shipped trained memory answers the same fact as a cue (it was trained on completions, and
+    free-form questions are its known weak spot: benchmarks/results/question_forms)."""
     filler = " ".join([passkey.FILLER] * 60)
-    model.memorize(f"{filler} The secret code of the blue vault is 73914. {filler}", show_progress=False)
-    answer = model.ask("What is the secret code of the blue vault?", max_new_tokens=24)
-    model.reset_memory()
-    assert "73914" in answer
+    question = "What is the secret code of the blue vault?"
+    for model in (training_free_model, default_model):
+        model.reset_memory()
+        model.memorize(f"{filler} The secret code of the blue vault is 73914. {filler}", show_progress=False)
+    free_form = training_free_model.ask(question, max_new_tokens=24)
+    completed = default_model.ask(question, cue="The secret code of the blue vault is", max_new_tokens=12)
+    for model in (training_free_model, default_model):
+        model.reset_memory()
+    assert "73914" in free_form and "73914" in completed
 
 
 def _cli(*args, timeout=600):

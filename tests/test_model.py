@@ -382,6 +382,30 @@ def test_adapter_save_load_round_trip(tmp_path, lora):
         mismatched.load_adapter(path)
 
 
+def test_adapter_of_another_backbone_is_refused_and_nothing_changes(tmp_path):
+    """An adapter's file names the backbone it was trained on; loading it into another backbone
+    (same shapes, other weights) is a MemoryFileError that leaves the model as it was."""
+    from memformer import MemoryFileError
+    model, _ = make(memory_layers=[0])
+    model.add_lora(AdapterConfig(lora_rank=2))
+    path = model.save_pretrained(tmp_path / "ad")
+    other, _ = make(seed=1, memory_layers=[0])
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    with pytest.raises(MemoryFileError, match="another backbone"):
+        other.load_adapter(path)
+    assert other.adapter_config is None
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+
+
+def test_from_pretrained_without_a_shipped_adapter_is_training_free(tmp_path):
+    """adapter="auto" (the default) finds no packaged adapter for a backbone it was not trained on:
+    memory in every layer, no LoRA; an explicit memory_config is used as given."""
+    model = MemformerForCausalLM.from_pretrained(tiny_backbone(), tokenizer=None)
+    assert model.memory_layer_ids == [0, 1] and model.adapter_config is None
+    model = MemformerForCausalLM.from_pretrained(tiny_backbone(), MemoryConfig(memory_layers=[1], window=16, overlap=3))
+    assert model.memory_layer_ids == [1] and model.memory_config.window == 16
+
+
 def test_memory_fingerprint_is_stable_across_fresh_models():
     """An untrained adapter is seeded (LoRA's random A too), so a memory saved by one process loads
     in the next; adding LoRA changes the fingerprint."""

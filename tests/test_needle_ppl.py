@@ -328,6 +328,16 @@ def test_ppl_documents_heldout_parts_and_files(tmp_path):
     assert text == "\n\n".join(parts[n] for n in held)
     for name in set(parts) - set(held):                      # no training part's text is in it
         assert parts[name][:2000] not in text
+    from memformer.training.data import stdlib_documents
+    names = [d.name for d in stdlib_documents(random.Random(0))]
+    held = sorted(n for n in names if held_out(n, ppl.HELDOUT_FRACTION))
+    code = ppl.document_text("stdlib-heldout")
+    assert held and len(held) < len(names) and code.count("# file: ") > len(held)
+    for name in held:                                        # each held-out package or module is in it ...
+        assert f"# file: {name.removeprefix('stdlib/')}" in code
+    for name in set(names) - set(held):                      # ... and no training one
+        assert f"# file: {name.removeprefix('stdlib/')}/" not in code
+        assert f"# file: {name.removeprefix('stdlib/')}\n" not in code
     f = tmp_path / "book.md"
     f.write_text("A long book. " * 50)
     assert ppl.document_text(str(f)) == f.read_text() and ppl.check_documents([str(f), "pydocs", "novel"]) == ["novel"]

@@ -10,11 +10,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --adapter and the memory settings; a memory flag left out keeps the adapter's value
     (with --adapter) or MemoryConfig's default."""
     p.add_argument("--model", default=None, help="HF folder, .gguf file or cached hub id (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", default=None, help="memory-layer weights saved by save_pretrained (with their memory config)")
+    p.add_argument("--adapter", default=None,
+                   help="memory-layer weights saved by save_pretrained (with their memory config); default: "
+                        "the trained adapter shipped for the backbone (the default backbone has one)")
+    p.add_argument("--training-free", action="store_true",
+                   help="no trained adapter: training-free memory, in every layer unless --memory-layers names some")
     p.add_argument("--window", type=int, default=None, help="local window W in tokens (default 1024)")
     p.add_argument("--top-k", type=int, default=None, help="memory keys retrieved per query head by kNN reads (default 32)")
     p.add_argument("--memory-layers", default=None,
-                   help="layer indices, comma-separated, ranges as A..B (default: all)")
+                   help="layer indices, comma-separated, ranges as A..B, for training-free memory (default: "
+                        "the adapter's; all layers when there is none)")
     p.add_argument("--knn-layers", default=None,
                    help="the memory layers that run kNN reads when no question is known, e.g. 10..29 "
                         "(default: the upper two thirds of an all-layer memory)")
@@ -63,18 +68,31 @@ def memory_config_from_args(args, base=None):
 
 
 def load_model(args):
-    """MemformerForCausalLM from the --model/--adapter/memory arguments."""
+    """MemformerForCausalLM from the --model/--adapter/memory arguments: the adapter given, else
+    the one shipped for the backbone (none with --training-free or --memory-layers), with the
+    memory flags given over its memory config."""
     import torch
     from memformer import MemformerForCausalLM
-    from memformer.persistence import read_adapter_config
+    from memformer.loading import load_backbone
+    from memformer.persistence import fingerprint_backbone, read_adapter_config
+    from memformer.weights import packaged_adapter
     if args.threads is not None and args.threads < 1:
         print(f"memformer: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        raise SystemExit(2)
+    if args.adapter and args.training_free:
+        print("memformer: --adapter and --training-free exclude each other", file=sys.stderr)
         raise SystemExit(2)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:    # bad memory settings (and a model type the adapters don't know): a message, not a trace
-        cfg = memory_config_from_args(args, read_adapter_config(args.adapter) if args.adapter else None)
-        return MemformerForCausalLM.from_pretrained(args.model, cfg, adapter=args.adapter)
+        adapter = args.adapter
+        # bad flags and a bad adapter folder fail before the backbone loads
+        memory_config_from_args(args, read_adapter_config(adapter) if adapter else None)
+        backbone, tok = load_backbone(args.model)
+        if adapter is None and not args.training_free and args.memory_layers is None:
+            adapter = packaged_adapter(fingerprint_backbone(backbone))
+        cfg = memory_config_from_args(args, read_adapter_config(adapter) if adapter else None)
+        return MemformerForCausalLM.from_pretrained(backbone, cfg, adapter=adapter, tokenizer=tok)
     except (ValueError, FileNotFoundError) as e:
         print(f"memformer: {e}", file=sys.stderr)
         raise SystemExit(2) from None

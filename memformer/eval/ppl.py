@@ -37,8 +37,10 @@ HELDOUT_FRACTION = 0.05     # data.eval_fraction of the shipped training configs
 def document_text(name: str) -> str:
     """A long real document: "pydocs" (Python's documentation topics), "pydocs-heldout" (the parts
     of them the training recipe holds out at eval_fraction 0.05, as in the shipped configs: text
-    an adapter trained by them never saw), "stdlib" (standard-library source code), or the path
-    of a document file (`memformer.qa.documents.read_document`)."""
+    an adapter trained by them never saw; about 19k tokens), "stdlib" (standard-library source
+    code), "stdlib-heldout" (the standard-library packages and modules the recipe holds out, for
+    held-out lengths beyond pydocs-heldout's), or the path of a document file
+    (`memformer.qa.documents.read_document`)."""
     if name == "pydocs":
         from memformer.qa.demo import python_docs_text
         return python_docs_text()
@@ -48,6 +50,12 @@ def document_text(name: str) -> str:
         parts = sorted((d for d in python_docs_documents(random.Random(0))
                         if held_out(d.name, HELDOUT_FRACTION)), key=lambda d: d.name)
         return "\n\n".join(d.load() for d in parts)
+    if name == "stdlib-heldout":
+        import random
+        from memformer.training.data import held_out, stdlib_documents
+        parts = sorted((d for d in stdlib_documents(random.Random(0)) if held_out(d.name, HELDOUT_FRACTION)),
+                       key=lambda d: d.name)
+        return "\n\n".join(d.load() for d in parts)
     if name == "stdlib":
         return stdlib_source_text()
     if Path(name).is_file():
@@ -56,7 +64,7 @@ def document_text(name: str) -> str:
     raise ValueError(f"unknown document {name!r}; choose from {', '.join(DOCUMENTS)} or give a file path")
 
 
-DOCUMENTS = ("pydocs", "pydocs-heldout", "stdlib")
+DOCUMENTS = ("pydocs", "pydocs-heldout", "stdlib", "stdlib-heldout")
 
 
 def check_documents(names) -> list[str]:
