@@ -15,7 +15,8 @@ from memformer.training import CrossbatchRecipe, DenseMemory, TrainConfig, negat
 from memformer.training.config import ConfigError, Schedule, apply_overrides, parse_yaml
 from memformer.training import sharding
 from memformer.training.crossbatch import scored_counts
-from memformer.training.data import (BatchStream, Sample, SampleStream, collate, held_out, kv_sample, needles_sample,
+from memformer.training.data import (BatchStream, Sample, SampleStream, collate, facts_sample, held_out, kv_sample,
+                                     needles_sample,
                                      pack_document, passkey_sample)
 from memformer.training.metrics import read_metrics
 
@@ -292,6 +293,45 @@ def test_synthetic_answers_vary_in_form_and_length():
     keys = {tok.decode([i for i, t in zip(s.ids, s.targets) if t]).strip(" .")
             for s in (passkey_sample(tok, rng, 400, local=100, answer_only=True) for _ in range(30))}
     assert len({len(k) for k in keys}) >= 3
+
+
+def test_facts_are_asked_as_ask_asks_them():
+    """Natural facts planted beyond the local window, asked as free-form questions (answered by
+    restating the fact) or as cues; the values are targets and lie only in the planted text."""
+    tok = ByteTokenizer()
+    rng = random.Random(0)
+    text = tok("filler words of a real document. " * 40, add_special_tokens=False)["input_ids"]
+    forms = set()
+    for _ in range(40):
+        s = facts_sample(tok, rng, 900, local=100, answer_only=True, text=text)
+        assert len(s.ids) <= 900 and s.kind == "facts"
+        answers = tok.decode([i for i, t in zip(s.ids, s.targets) if t])
+        early = tok.decode(s.ids[:len(s.ids) - 100])
+        assert "filler words" in early and early.count(" is ") >= 4
+        for line in filter(None, answers.replace(".", ".\n").splitlines()):
+            value = line.strip().rstrip(".").split(" is ")[-1]
+            assert value and value in early                       # planted beyond the local 100 tokens
+            forms.add("question" if " is " in line else "cue")
+    assert forms == {"question", "cue"}
+    stream = SampleStream(sources=[{"type": "python_docs"}], tokenizer=tok, seq_len=900, min_tokens=300,
+                          eval_fraction=0.05, split="train", shuffle_buffer=3, synthetic_rate=1.0,
+                          synthetic_tasks=["facts"], local=100)
+    assert {s.kind for s, _ in zip(stream, range(6))} >= {"facts"}
+
+
+def test_init_adapter_starts_from_saved_weights(tmp_path):
+    first = recipe_for(tiny_config(tmp_path / "a", **{"train.max_steps": 2, "eval.at_start": False,
+                                                      "eval.at_end": False}))
+    first.train()
+    first.cleanup()
+    saved = tmp_path / "a" / "run" / "adapter"
+    again = recipe_for(tiny_config(tmp_path / "b", **{"model.init_adapter": str(saved)}))
+    want, got = first.model.trainable_state_dict(), again.model.trainable_state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert any(t.abs().max() > 0 for n, t in got.items() if ".lora_B." in n)     # trained, not fresh
+    again.cleanup()
+    with pytest.raises(ConfigError, match="model.init_adapter"):
+        tiny_config(tmp_path / "c", **{"model.init_adapter": str(tmp_path / "nowhere")})
 
 
 def test_text_and_hf_disk_sources_and_bad_specs(tmp_path):

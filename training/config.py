@@ -125,6 +125,7 @@ def _build(cls, raw, section: str):
 class ModelSection:
     backbone: Optional[str] = None      # HF folder, .gguf, cached hub id; None = default SmolLM2-135M
     dtype: str = "float32"              # backbone weights dtype
+    init_adapter: Optional[str] = None  # start from these adapter weights (a save_pretrained folder)
 
 
 @dataclass
@@ -256,6 +257,8 @@ class TrainConfig:
 
         need(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
         need(self.model.dtype in DTYPES, f"model.dtype {self.model.dtype!r} not in {DTYPES}")
+        need(self.model.init_adapter is None or (Path(self.model.init_adapter) / "adapter.safetensors").is_file(),
+             f"model.init_adapter {self.model.init_adapter!r} is not an adapter folder (no adapter.safetensors)")
         d, m, cb, o, t, e = self.data, self.memory, self.crossbatch, self.optim, self.train, self.eval
         need(isinstance(d.sources, list) and d.sources, "data.sources must be a non-empty list")
         for spec in d.sources:

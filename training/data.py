@@ -24,7 +24,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 SOURCE_TYPES = ("stdlib", "python_docs", "text", "jsonl", "hf_disk")
-SYNTHETIC_TASKS = ("passkey", "kv", "needles")
+SYNTHETIC_TASKS = ("passkey", "kv", "needles", "facts")
 STDLIB_EXCLUDE = ("test", "encodings", "pydoc_data", "__phello__", "site-packages", "idlelib", "turtledemo")
 
 
@@ -324,6 +324,79 @@ def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answ
     return Sample(ids, targets, -1, "needles")
 
 
+# facts: (statement, question) frames over a subject and one of its attributes; the answer restates
+# the statement, so the model learns to copy the value after writing the sentence that leads to it
+FACT_FRAMES = (
+    ("The {attr} of {subject} is {value}.", "What is the {attr} of {subject}?"),
+    ("{Subject}'s {attr} is {value}.", "What is {subject}'s {attr}?"),
+    ("Everyone knows that the {attr} of {subject} is {value}.", "Do you know the {attr} of {subject}?"),
+)
+FACT_SUBJECTS = ("the {word} vault", "the old {word}", "the {word} museum", "the captain of the {word}",
+                 "the {word} company", "the {word} project", "{name}", "{name}'s brother", "the {word} tower")
+# attribute: value kind (a NEEDLE_KINDS key)
+FACT_ATTRIBUTES = {"secret code": "code", "room number": "number", "password": "word", "serial number": "number",
+                   "nickname": "word", "favourite colour": "word", "phone extension": "number",
+                   "tracking id": "uuid", "home town": "word", "access code": "code", "budget": "number"}
+
+
+def chat_turn(tokenizer, question: str, answer: str) -> tuple[str, str]:
+    """(prompt, answer): the text `MemformerForCausalLM.chat_ids` tokenizes for a question (no
+    system prompt of its own), and the assistant's answer up to the template's end of turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return question + "\n", answer
+    user = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+    if not whole.startswith(prompt):                 # a template that rewrites earlier turns
+        return prompt, answer
+    return prompt, whole[len(prompt):].rstrip("\n")
+
+
+def facts_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool,
+                 text: list[int], facts: int = 4, queries: int = 2) -> Sample:
+    """Natural facts in real text, asked as `model.ask` asks: `facts` statements ("The room number of
+    the copper vault is 4417.") planted at random depths of a real document's tokens `text`, all
+    before the last `local` tokens; then `queries` of them asked, each either as a free-form question
+    in the chat template (the answer restates the statement, whose value completes it) or as a cue
+    (the statement up to its value). The answers are the targets; only memory holds the values."""
+    from memformer.eval.passkey import NAMES
+    attrs = rng.sample(sorted(FACT_ATTRIBUTES), facts)
+    subjects = [rng.choice(FACT_SUBJECTS).format(word=_word(tokenizer, rng), name=rng.choice(NAMES))
+                for _ in range(facts)]
+    frame = rng.choice(FACT_FRAMES)
+    planted, asks = [], []
+    for attr, subject in zip(attrs, subjects):
+        value = NEEDLE_KINDS[FACT_ATTRIBUTES[attr]][1](tokenizer, rng)
+        fields = dict(attr=attr, subject=subject, Subject=subject[:1].upper() + subject[1:], value=value)
+        statement = frame[0].format(**fields)
+        planted.append(_encode(tokenizer, " " + statement + " "))
+        lead = statement[:statement.rindex(value)]
+        if rng.random() < 0.5:                       # a free-form question, answered in a sentence
+            question = frame[1].format(**fields)
+            prompt, answer = chat_turn(tokenizer, question[:1].upper() + question[1:], statement)
+            q, a = _encode(tokenizer, "\n" + prompt), _encode(tokenizer, answer)
+        else:                                        # a cue: the statement up to its value
+            q, a = _encode(tokenizer, "\n\n" + lead.rstrip()), _encode(tokenizer, " " + value + ".")
+        asks.append((q, a))
+    tail = rng.sample(asks, min(queries, facts))
+    room = seq_len - sum(len(a) + len(b) for a, b in tail) - sum(len(x) for x in planted)
+    if room < local:
+        raise ValueError(f"a facts sample needs more than seq_len {seq_len} tokens; raise data.seq_len")
+    body = list(text[:room])
+    far = max(1, len(body) - local + sum(len(a) + len(b) for a, b in tail))
+    cuts = sorted(rng.randrange(far) for _ in planted)
+    ids, prev = [], 0
+    for at, x in zip(cuts, planted):
+        ids += body[prev:at] + x
+        prev = at
+    ids += body[prev:]
+    targets = [not answer_only] * len(ids)
+    for q, a in tail:
+        ids += q + a
+        targets += [not answer_only] * len(q) + [True] * len(a)
+    return Sample(ids, targets, -1, "facts")
+
+
 class SampleStream:
     """Samples from documents of one split, forever (epoch after epoch), deterministic in `seed`.
 
@@ -384,9 +457,10 @@ class SampleStream:
 
     def _synthetic(self, rng: random.Random, n: int, buffer: list[Sample]) -> Sample:
         task = rng.choice(self.synthetic_tasks)
-        if task == "needles":     # planted in the text of a document waiting in the buffer
+        if task in ("needles", "facts"):     # planted in the text of a document waiting in the buffer
             text = buffer[rng.randrange(len(buffer))].ids
-            s = needles_sample(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, text)
+            make = needles_sample if task == "needles" else facts_sample
+            s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, text)
         else:
             make = passkey_sample if task == "passkey" else kv_sample
             s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only)

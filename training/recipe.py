@@ -136,6 +136,8 @@ class CrossbatchRecipe:
         # on its device before the memory layers are built: they cache RoPE tables there
         model = MemformerForCausalLM(backbone.to(device), tok, self.cfg.memory)
         model.add_lora(self.cfg.adapter)             # LoRA + memory gates: the trainable part
+        if self.cfg.model.init_adapter:              # continue from trained weights (same layers and rank)
+            model.load_adapter(self.cfg.model.init_adapter)
         if tok is None:
             raise ValueError("training needs a tokenizer (pass tokenizer= with a backbone instance)")
         if self.cfg.train.gradient_checkpointing:
