@@ -305,9 +305,16 @@ def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answ
     asked = rng.sample(facts, min(queries, needles))
     tail = [(_encode(tokenizer, "\n" + cue.format(name=n)), _encode(tokenizer, f" {v}.")) for n, v in asked]
     planted = [_encode(tokenizer, " " + statement.format(name=n, value=v) + " ") for n, v in facts]
+    return _plant_and_ask(rng, text, planted, tail, seq_len, local, answer_only, "needles")
+
+
+def _plant_and_ask(rng: random.Random, text: list[int], planted: list[list[int]], tail: list[tuple],
+                   seq_len: int, local: int, answer_only: bool, kind: str) -> Sample:
+    """`planted` token runs at random depths of the real tokens `text`, all before the last `local`
+    tokens, then the (question, answer) pairs of `tail`; the answers are the targets."""
     room = seq_len - sum(len(a) + len(b) for a, b in tail) - sum(len(x) for x in planted)
     if room < local:
-        raise ValueError(f"a needles sample needs more than seq_len {seq_len} tokens; raise data.seq_len")
+        raise ValueError(f"a {kind} sample needs more than seq_len {seq_len} tokens; raise data.seq_len")
     body = list(text[:room])
     # depths in the part that lies beyond the local window of the questions
     far = max(1, len(body) - local + sum(len(a) + len(b) for a, b in tail))
@@ -321,7 +328,7 @@ def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answ
     for q, a in tail:
         ids += q + a
         targets += [not answer_only] * len(q) + [True] * len(a)
-    return Sample(ids, targets, -1, "needles")
+    return Sample(ids, targets, -1, kind)
 
 
 # facts: (statement, question) frames over a subject and one of its attributes; the answer restates
@@ -379,22 +386,7 @@ def facts_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer
             q, a = _encode(tokenizer, "\n\n" + lead.rstrip()), _encode(tokenizer, " " + value + ".")
         asks.append((q, a))
     tail = rng.sample(asks, min(queries, facts))
-    room = seq_len - sum(len(a) + len(b) for a, b in tail) - sum(len(x) for x in planted)
-    if room < local:
-        raise ValueError(f"a facts sample needs more than seq_len {seq_len} tokens; raise data.seq_len")
-    body = list(text[:room])
-    far = max(1, len(body) - local + sum(len(a) + len(b) for a, b in tail))
-    cuts = sorted(rng.randrange(far) for _ in planted)
-    ids, prev = [], 0
-    for at, x in zip(cuts, planted):
-        ids += body[prev:at] + x
-        prev = at
-    ids += body[prev:]
-    targets = [not answer_only] * len(ids)
-    for q, a in tail:
-        ids += q + a
-        targets += [not answer_only] * len(q) + [True] * len(a)
-    return Sample(ids, targets, -1, "facts")
+    return _plant_and_ask(rng, text, planted, tail, seq_len, local, answer_only, "facts")
 
 
 class SampleStream:
