@@ -104,7 +104,7 @@ class MemformerForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, model=None, memory_config: MemoryConfig | None = None, *, adapter="auto",
                         tokenizer=None, embedder=None, torch_dtype=None, device_map=None,
-                        **kwargs) -> "MemformerForCausalLM":
+                        configure=None, **kwargs) -> "MemformerForCausalLM":
         """Load a backbone (local folder, GGUF file, cached hub id, model instance, or None for the
         embedded default SmolLM2-135M-Instruct), freeze it and add memory layers.
 
@@ -113,7 +113,9 @@ class MemformerForCausalLM(nn.Module):
         embedded default has one: memory in 6 of its 30 layers); otherwise memory is
         training-free. None: always training-free (`memory_config`, or MemoryConfig(): memory in
         every layer). A folder written by `save_pretrained`: those memory-layer weights.
-        embedder: a sentence-transformers model for question reads (None: MiniLM)."""
+        embedder: a sentence-transformers model for question reads (None: MiniLM).
+        configure: a function MemoryConfig -> MemoryConfig applied to the config chosen above
+        (the `memformer` command's memory flags over the adapter's or the default config)."""
         from memformer.loading import load_backbone
         from memformer.weights import packaged_adapter
         auto = isinstance(adapter, str) and adapter == "auto"
@@ -126,6 +128,8 @@ class MemformerForCausalLM(nn.Module):
                 packaged_adapter(persistence.fingerprint_backbone(backbone))
             if adapter is not None:
                 memory_config = persistence.read_adapter_config(adapter)
+        if configure is not None:
+            memory_config = configure(memory_config or MemoryConfig())
         self = cls(backbone, tokenizer or tok, memory_config, embedder=embedder)
         if adapter is not None:
             self.load_adapter(adapter)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
+from memformer.persistence import read_adapter_config
 
 
 def make(seed=0, layers=4, **cfg):
@@ -141,9 +142,11 @@ def test_load_model_passes_knn_layers_to_the_model_and_exits_2_when_bad(monkeypa
     adapter = str(tmp_path / "adapter")
     seen = []
 
-    def tiny(cls, model=None, memory_config=None, **kw):
-        seen.append(memory_config)
-        return MemformerForCausalLM(tiny_backbone(num_hidden_layers=4), None, memory_config)
+    def tiny(cls, model=None, memory_config=None, *, adapter="auto", configure=None, **kw):
+        """from_pretrained's choice of config on a tiny backbone (which has no shipped adapter)."""
+        base = read_adapter_config(adapter) if adapter not in (None, "auto") else MemoryConfig()
+        seen.append(configure(base) if configure else base)
+        return MemformerForCausalLM(tiny_backbone(num_hidden_layers=4), None, seen[-1])
 
     monkeypatch.setattr(MemformerForCausalLM, "from_pretrained", classmethod(tiny))
     model = common.load_model(p.parse_args(["--knn-layers", "2..3"]))

@@ -73,9 +73,7 @@ def load_model(args):
     memory flags given over its memory config."""
     import torch
     from memformer import MemformerForCausalLM
-    from memformer.loading import load_backbone
-    from memformer.persistence import fingerprint_backbone, read_adapter_config
-    from memformer.weights import packaged_adapter
+    from memformer.persistence import read_adapter_config
     if args.threads is not None and args.threads < 1:
         print(f"memformer: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         raise SystemExit(2)
@@ -85,14 +83,11 @@ def load_model(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     try:    # bad memory settings (and a model type the adapters don't know): a message, not a trace
-        adapter = args.adapter
         # bad flags and a bad adapter folder fail before the backbone loads
-        memory_config_from_args(args, read_adapter_config(adapter) if adapter else None)
-        backbone, tok = load_backbone(args.model)
-        if adapter is None and not args.training_free and args.memory_layers is None:
-            adapter = packaged_adapter(fingerprint_backbone(backbone))
-        cfg = memory_config_from_args(args, read_adapter_config(adapter) if adapter else None)
-        return MemformerForCausalLM.from_pretrained(backbone, cfg, adapter=adapter, tokenizer=tok)
+        memory_config_from_args(args, read_adapter_config(args.adapter) if args.adapter else None)
+        adapter = args.adapter or (None if args.training_free or args.memory_layers is not None else "auto")
+        return MemformerForCausalLM.from_pretrained(args.model, adapter=adapter,
+                                                    configure=lambda base: memory_config_from_args(args, base))
     except (ValueError, FileNotFoundError) as e:
         print(f"memformer: {e}", file=sys.stderr)
         raise SystemExit(2) from None
