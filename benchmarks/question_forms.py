@@ -3,10 +3,12 @@
 Twelve facts are planted at spread depths in `--tokens` tokens of Python's docs; the document is
 memorized once per model, then each fact is asked twice: as a free-form question (chat template,
 the model writes the whole answer) and as a cue (the sentence to complete). Correct = the answer
-contains the fact's value. Models: the default `from_pretrained()` (the shipped trained adapter)
-and `from_pretrained(adapter=None)` (training-free memory in every layer).
+contains the fact's value. Models (`--models`): `auto`, the default `from_pretrained()` (the shipped
+trained adapter); `none`, `from_pretrained(adapter=None)` (training-free memory in every layer);
+or an adapter folder.
 
     .venv/bin/python benchmarks/question_forms.py --tokens 16k --threads 2
+    .venv/bin/python benchmarks/question_forms.py --models auto,run/adapter --out benchmarks/results/question_forms_run
 
 Results: benchmarks/results/question_forms/question_forms.md and .json.
 """
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", default="16k")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--models", default="auto,none", help="comma-separated: auto, none or adapter folders")
     ap.add_argument("--out", default="benchmarks/results/question_forms")
     args = ap.parse_args(argv)
     if args.threads:
@@ -82,7 +85,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, adapter in (("trained default", "auto"), ("training-free, all layers", None)):
+    names = {"auto": "trained default", "none": "training-free, all layers"}
+    for spec in args.models.split(","):
+        name, adapter = names.get(spec, f"adapter {spec}"), None if spec == "none" else spec
         model = MemformerForCausalLM.from_pretrained(adapter=adapter)
         n = parse_length(args.tokens)
         depths = [0.04 + 0.92 * i / (len(FACTS) - 1) for i in range(len(FACTS))]
