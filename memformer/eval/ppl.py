@@ -44,16 +44,11 @@ def document_text(name: str) -> str:
     if name == "pydocs":
         from memformer.qa.demo import python_docs_text
         return python_docs_text()
-    if name == "pydocs-heldout":
+    if name in ("pydocs-heldout", "stdlib-heldout"):
         import random
-        from memformer.training.data import held_out, python_docs_documents
-        parts = sorted((d for d in python_docs_documents(random.Random(0))
-                        if held_out(d.name, HELDOUT_FRACTION)), key=lambda d: d.name)
-        return "\n\n".join(d.load() for d in parts)
-    if name == "stdlib-heldout":
-        import random
-        from memformer.training.data import held_out, stdlib_documents
-        parts = sorted((d for d in stdlib_documents(random.Random(0)) if held_out(d.name, HELDOUT_FRACTION)),
+        from memformer.training.data import held_out, python_docs_documents, stdlib_documents
+        source = python_docs_documents if name == "pydocs-heldout" else stdlib_documents
+        parts = sorted((d for d in source(random.Random(0)) if held_out(d.name, HELDOUT_FRACTION)),
                        key=lambda d: d.name)
         return "\n\n".join(d.load() for d in parts)
     if name == "stdlib":
