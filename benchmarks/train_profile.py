@@ -2,9 +2,10 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_profile.py                  # memory in all 30 layers
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_profile.py --layers 24,26,28 --ops
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_profile.py --config training/configs/smollm2_cpu_induction.yaml --ops
 
-Builds the recipe of `training/configs/smollm2_cpu.yaml` (real backbone, LoRA + gates), draws one
-batch and runs its episode (one backward per window) `--repeats` times with the `run_episode` of
+Builds the recipe of `--config` (default `training/configs/smollm2_cpu.yaml`; real backbone, LoRA + gates), draws one
+batch and runs its episode (the schedule's last d and w, one backward per window) `--repeats` times with the `run_episode` of
 `--before` (loaded from git) and of this tree, timing every `WindowLM` call by kind: prefix (the
 shared frozen layers, after only), read (with gradients), write (no gradients), and backward.
 --ops: also the torch profiler's op table of one episode of each. Prints to stdout.
@@ -43,6 +44,7 @@ def timed(times: dict, cls) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="training/configs/smollm2_cpu.yaml")
     ap.add_argument("--layers", default="all", help="'all' (the YAML) or memory layers, e.g. 24,26,28")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -53,11 +55,14 @@ def main(argv=None) -> int:
             "checkpoint.every=0", "checkpoint.resume=false", f"train.threads={args.threads}"]
     if args.layers != "all":
         over += [f"memory.memory_layers=[{args.layers}]", f"memory.knn_layers=[{args.layers}]"]
-    r = CrossbatchRecipe(TrainConfig.load(ROOT / "training/configs/smollm2_cpu.yaml", over))
+    r = CrossbatchRecipe(TrainConfig.load(ROOT / args.config, over))
     r.setup()
     model, batch = r.model, next(r.batches)
     tokens = int(batch.valid.sum())
     before = old_crossbatch(args.before)
+    cb = r.cfg.crossbatch
+    d = r.d_schedule.at(10**9, random.Random(0))               # the schedule's last d and w
+    w = r.w_schedule.at(10**9, random.Random(0))
     times = collections.defaultdict(float)
     timed(times, before.WindowLM)
     timed(times, after.WindowLM)
@@ -68,11 +73,11 @@ def main(argv=None) -> int:
         times["backward"] += time.perf_counter() - t0
 
     def episode(module):
-        module.run_episode(model, batch, d=2, w=2, top_k=32, generator=random.Random(0),
+        module.run_episode(model, batch, d=d, w=w, top_k=cb.top_k, generator=random.Random(0),
                            lm=module.WindowLM(model), backward=backward)
         model.zero_grad(set_to_none=True)
 
-    print(f"layers {args.layers}: batch {tuple(batch.ids.shape)}, {tokens} tokens, {args.threads} thread(s)")
+    print(f"{args.config}, layers {args.layers}, d {d}, w {w}: batch {tuple(batch.ids.shape)}, {tokens} tokens, {args.threads} thread(s)")
     for rep in range(args.repeats):
         for name, module in (("before", before), ("after", after)):
             times.clear()

@@ -661,3 +661,40 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes(ddp_run, tmp_path):
     assert all(i["resumed_from"] == 2 for i in info)
     resumed = load_file(tmp_path / "resumed0.safetensors")
     assert all(torch.equal(resumed[n], a[n]) for n in a)
+
+
+@pytest.mark.parametrize("N,chunk", [(1, 4), (7, 3), (37, 8), (64, 64), (65, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_equals_the_plain_loss_and_gradient(N, chunk, dtype):
+    """The chunked head + cross-entropy gives the plain path's per-token loss and input gradient,
+    across chunk boundaries (N not a multiple of chunk, one chunk, one token) and dtypes."""
+    from memformer.training.linear_ce import linear_cross_entropy
+    g = torch.Generator().manual_seed(N)
+    head = torch.nn.Linear(24, 101, bias=False).to(dtype).requires_grad_(False)
+    h = torch.randn(N, 24, generator=g).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 101, (N,), generator=g)
+    w = torch.rand(N, generator=g)                                 # per-token weights, as the episode's lane sums
+    got = linear_cross_entropy(h, head, y, chunk=chunk)
+    (got * w).sum().backward()
+    grad, h.grad = h.grad.clone(), None
+    want = torch.nn.functional.cross_entropy(head(h).float(), y, reduction="none")
+    (want * w).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(grad, h.grad, **tol)
+
+
+def test_linear_cross_entropy_without_gradient_and_fallbacks():
+    """No gradient needed: loss only. A trainable head or one with a bias takes the plain path (the
+    weight's gradient flows). No tokens: an empty loss."""
+    from memformer.training.linear_ce import linear_cross_entropy
+    head = torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
+    h, y = torch.randn(5, 8), torch.randint(0, 11, (5,))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, head, y, chunk=2),
+                                   torch.nn.functional.cross_entropy(head(h), y, reduction="none"))
+    trainable = torch.nn.Linear(8, 11, bias=True)
+    linear_cross_entropy(h, trainable, y).sum().backward()
+    assert trainable.weight.grad is not None and trainable.bias.grad is not None
+    assert linear_cross_entropy(torch.zeros(0, 8), head, torch.zeros(0, dtype=torch.long)).shape == (0,)

@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from memformer.model import decoder_span
+from memformer.training.linear_ce import linear_cross_entropy
 
 # Score blocks of the top-k selection are kept under this many elements (fp32: 16 MB): on CPU,
 # glibc serves blocks over 32 MB by a fresh mmap each time, whose page faults cost more than the
@@ -230,8 +230,8 @@ class WindowLM(nn.Module):
         tmask = (targets & mask)[:, first:]                                        # [B, T-first]
         # the vocabulary projection only at scored positions (answer-only samples score a few)
         h = hidden[:, first - 1:T - 1][tmask]                                      # [N, H]
-        logits = self.model.backbone.get_output_embeddings()(h).float()            # [N, V]
-        ce = F.cross_entropy(logits, x[:, first:][tmask], reduction="none")        # [N]
+        # [N, V] logits a chunk of tokens at a time (never all at once), straight into loss and grad
+        ce = linear_cross_entropy(h, self.model.backbone.get_output_embeddings(), x[:, first:][tmask])  # [N]
         lane = torch.arange(B, device=dev)[:, None].expand_as(tmask)[tmask]        # [N]
         return torch.zeros(B, device=dev, dtype=ce.dtype).index_add(0, lane, ce), tmask.sum(1)
 
