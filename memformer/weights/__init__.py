@@ -6,9 +6,11 @@ which is how `MemformerForCausalLM.from_pretrained` finds the adapter for a load
 
 smollm2-135m-instruct: SmolLM2-135M-Instruct (the embedded default), memory in layers 17, 18 and
 20..23 (the backbone's induction-head layers), LoRA rank 8 + memory gates, trained with crossbatch
-negatives by training/configs/smollm2_cpu_induction.yaml (300 steps; its curves and evaluations are
-in benchmarks/results/train_induction_cpu/). It was trained at window 256 and ships at window 1024
-with overlap 128, the setting its measurements were taken at.
+negatives by training/configs/smollm2_cpu_induction.yaml (300 steps, benchmarks/results/
+train_induction_cpu/), then by training/configs/smollm2_cpu_induction_qa.yaml (150 more steps with
+natural facts asked as questions; its curves and evaluations are in benchmarks/results/
+train_induction_qa_cpu/). It was trained at window 256 and ships at window 1024 with overlap 128,
+the setting its measurements were taken at.
 """
 from __future__ import annotations
 
