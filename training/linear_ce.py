@@ -3,8 +3,7 @@ linear cross-entropy, in plain torch).
 
 The plain path, `F.cross_entropy(head(h).float(), y)`, materialises [N, V] logits (SmolLM2:
 V = 49152, so 150 MB for the 750 tokens of one training window), then a log-softmax, its
-backward and the one-hot gradient, each another pass over [N, V] in memory. On CPU those passes
-cost several times the two matmuls themselves. Here the logits of `chunk` tokens at a time are
+backward and the one-hot gradient, each another pass over [N, V] in memory. Here the logits of `chunk` tokens at a time are
 turned into their loss and, when the input needs a gradient, straight into the gradient with
 respect to the input, (softmax - onehot) @ W, so no [N, V] tensor ever exists and every
 element is touched while it is in cache. Rows are independent, so the saved [N, H] gradient times
