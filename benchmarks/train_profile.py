@@ -8,7 +8,8 @@ Builds the recipe of `--config` (default `training/configs/smollm2_cpu.yaml`; re
 batch and runs its episode (the schedule's last d and w, one backward per window) `--repeats` times with the `run_episode` of
 `--before` (loaded from git) and of this tree, timing every `WindowLM` call by kind: prefix (the
 shared frozen layers, after only), read (with gradients), write (no gradients), and backward.
---ops: also the torch profiler's op table of one episode of each. Prints to stdout.
+--ops: also the torch profiler's op table of one episode of each, the matmuls' GFLOP and GFLOP/s in it, and
+one plain sgemm's GFLOP/s on the same threads (the ceiling they are read against). Prints to stdout.
 """
 from __future__ import annotations
 
@@ -88,12 +89,39 @@ def main(argv=None) -> int:
             print(f"rep {rep} {name:6s}: episode {total:.1f}s, {tokens / total:.1f} tokens/s | {parts}", flush=True)
     if args.ops:
         from torch.profiler import ProfilerActivity, profile
+        from torch.utils.flop_counter import FlopCounterMode
         for name, module in (("before", before), ("after", after)):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 episode(module)
             print(f"\n{name}: ops by self CPU time")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            ops = prof.key_averages()
+            print(ops.table(sort_by="self_cpu_time_total", row_limit=15))
+            with FlopCounterMode(display=False) as counter:         # a separate episode: counting slows it
+                episode(module)
+            flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op).split(".")[-1] in MATMULS)
+            secs = sum(e.self_cpu_time_total for e in ops if e.key.removeprefix("aten::") in MATMULS) / 1e6
+            total = sum(e.self_cpu_time_total for e in ops) / 1e6
+            print(f"{name}: matmuls {flops / 1e9:.0f} GFLOP in {secs:.1f} s of {total:.1f} s "
+                  f"({flops / max(secs, 1e-9) / 1e9:.1f} GFLOP/s)")
+        print(f"one plain sgemm [1024, 576] @ [576, 1536] on {args.threads} thread(s): {sgemm_rate():.1f} GFLOP/s")
     return 0
+
+
+MATMULS = ("mm", "addmm", "bmm")
+
+
+def sgemm_rate(m: int = 1024, k: int = 576, n: int = 1536, repeats: int = 20) -> float:
+    """GFLOP/s of one float32 matmul of the backbone's MLP shape (a window of 4 x 256 rows): what
+    the machine's BLAS reaches outside the episode, the ceiling the episode's matmuls are read against."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / sorted(times)[repeats // 2] / 1e9
 
 
 if __name__ == "__main__":
