@@ -9,6 +9,9 @@ case; then the same cue is answered `--repeats` times and the median time kept:
   `model.generate` over [last window ‖ cue] with kNN reads in the kNN layers;
 * generate, last window read once: the same, with the last window's reads done once at reading
   time (`model.context_cache`), so an answer runs the cue and its new tokens only;
+* generate over the same prompt with memory off: the same tokens without any memory read, the
+  floor of the kNN-read row (what its reads add is the difference; the search column says how
+  much of that is the index's top-k);
 * truncate (the tail) and rag (retrieved passages), memory off, the same token budget.
 
 Reading time (memorize, passage embeddings) is reported apart.
@@ -24,6 +27,7 @@ Results: benchmarks/results/<name>.md and <name>.json (name qa_latency by defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -39,16 +43,41 @@ from memformer.eval.needle import make_sample, score_query
 from memformer.eval.passkey import parse_length
 from memformer.qa import longdoc as qa
 
-CASES = ("memory", "generate", "generate-cached", "truncate", "rag")
+CASES = ("memory", "generate", "generate-off", "generate-cached", "truncate", "rag")
 LABELS = {"memory": "memory (question reads, `model.ask`)", "generate": "generate (kNN reads)",
+          "generate-off": "generate over the same prompt, memory off (no read: the floor of the row above)",
           "generate-cached": "generate (kNN reads), last window read once (`context_cache`)",
           "truncate": "truncate", "rag": "rag"}
 
 
-def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int, cached: bool = False):
+class SearchClock:
+    """Seconds spent in memory search (`LayerMemory.search`: the index's top-k over the stored keys)
+    while it is installed; `take()` returns and resets them."""
+
+    def __init__(self):
+        from memformer.index.store import LayerMemory
+        self.seconds, search = 0.0, LayerMemory.search
+
+        def timed(memory, *args, **kw):
+            t0 = time.perf_counter()
+            out = search(memory, *args, **kw)
+            self.seconds += time.perf_counter() - t0
+            return out
+        LayerMemory.search = timed
+
+    def take(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+
+def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int, cached: bool = False,
+              clock: SearchClock | None = None, memory_off: bool = False):
     """The continuation read: everything before the last window memorized, then generate over
     [last window ‖ cue]. cached: the last window (less the cue) is read once with the document
-    (`context_cache`), so an answer runs only the cue and its new tokens; same tokens, same output."""
+    (`context_cache`), so an answer runs only the cue and its new tokens; same tokens, same output.
+    memory_off: the same prompt and memory with every memory layer off (`model.memory_disabled()`):
+    what the answer costs without any memory read. Returns (read s, answer times, text, prompt
+    tokens run, median search s per answer)."""
     ids = model.tokenizer(text + "\n\n" + cue, add_special_tokens=False)["input_ids"]
     local = model.local_window
     t0 = time.perf_counter()
@@ -58,13 +87,18 @@ def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int, cac
     cue_n = len(model.tokenizer(cue, add_special_tokens=False)["input_ids"])
     kw = dict(cache=model.context_cache(x[:, :-cue_n])) if cached else {}
     read_s = time.perf_counter() - t0
-    times, text_out = [], ""
+    times, searches, text_out = [], [], ""
     for _ in range(repeats):
+        off = model.memory_disabled() if memory_off else contextlib.nullcontext()
+        clock and clock.take()
         t0 = time.perf_counter()
-        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, **kw)
+        with off:
+            out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, **kw)
         times.append(time.perf_counter() - t0)
+        searches.append(clock.take() if clock else 0.0)
         text_out = model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
-    return read_s, times, text_out, cue_n if cached else x.shape[1]     # prompt tokens an answer runs
+    prompt = cue_n if cached else x.shape[1]                      # prompt tokens an answer runs
+    return read_s, times, text_out, prompt, statistics.median(searches)
 
 
 def main() -> None:
@@ -81,26 +115,30 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = MemformerForCausalLM.from_pretrained(adapter=None if args.adapter == "none" else args.adapter)
-    rows, lengths = [], []
+    rows, lengths, clock = [], [], SearchClock()
     for length in args.tokens.split(","):
         sample = make_sample(model.tokenizer, "single-number", parse_length(length), 0.5, random.Random(args.seed))
         query = sample.queries[0]
         lengths.append(sample.tokens)
         for case in CASES:
             if case.startswith("generate"):
-                read_s, times, text, prompt = knn_reads(model, sample.text, query.cue, sample.max_new_tokens,
-                                                        args.repeats, cached=case == "generate-cached")
+                read_s, times, text, prompt, search_s = knn_reads(
+                    model, sample.text, query.cue, sample.max_new_tokens, args.repeats,
+                    cached=case == "generate-cached", clock=clock, memory_off=case == "generate-off")
             else:
                 t0 = time.perf_counter()
                 ctx = qa.prepare(model, [sample.text], case, show_progress=False)
                 read_s = time.perf_counter() - t0
-                times, ans = [], None
+                times, searches, ans = [], [], None
                 for _ in range(args.repeats):
+                    clock.take()
                     ans = ctx.answer(cue=query.cue, max_new_tokens=sample.max_new_tokens, evidence=0)
                     times.append(ans.seconds)
-                text, prompt = ans.text, ans.prompt_tokens
+                    searches.append(clock.take())
+                text, prompt, search_s = ans.text, ans.prompt_tokens, statistics.median(searches)
             rows.append(dict(tokens=sample.tokens, mode=LABELS[case], read_s=round(read_s, 2),
                              answer_s=round(statistics.median(times), 3), times=[round(t, 3) for t in times],
+                             search_s=round(search_s, 3),
                              prompt_tokens=prompt, correct=score_query(text, query) == 1.0, answer=text[:40]))
             print(rows[-1], flush=True)
             model.reset_memory()
@@ -118,14 +156,21 @@ def main() -> None:
              f"(memory layers {_span(meta['memory_layers'])}, kNN reads in {_span(meta['knn_layers'])}, window "
              f"{cfg.window}); median of {args.repeats} answers (greedy, {sample.max_new_tokens} new tokens at most), "
              f"after the document was read once. Ratio: answer time / RAG's at the same length.", "",
-             "| tokens | mode | prompt tokens run | answer (s) | vs RAG | read once (s) | correct |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+             "Search: seconds of the answer spent in memory search (`LayerMemory.search`, all layers).", "",
+             "| tokens | mode | prompt tokens run | answer (s) | of which search (s) | vs RAG | read once (s) | correct |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]
     rag = {r["tokens"]: r["answer_s"] for r in rows if r["mode"] == LABELS["rag"]}
-    lines += [f"| {r['tokens']:,} | {r['mode']} | {r['prompt_tokens']} | {r['answer_s']:.2f} | "
+    lines += [f"| {r['tokens']:,} | {r['mode']} | {r['prompt_tokens']} | {r['answer_s']:.2f} | {r['search_s']:.2f} | "
               f"{r['answer_s'] / rag[r['tokens']]:.2f}x | {r['read_s']:.1f} | {'yes' if r['correct'] else 'no'} |"
               for r in rows]
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    # notes written by hand below the marker survive a re-run
+    md = out / f"{args.name}.md"
+    notes = md.read_text().split(NOTES, 1)[1] if md.exists() and NOTES in md.read_text() else "\n"
+    md.write_text("\n".join(lines) + "\n\n" + NOTES + notes)
     print("\n".join(lines))
+
+
+NOTES = "<!-- notes: kept when the benchmark rewrites the table above -->"
 
 
 def _span(layers: list[int]) -> str:
