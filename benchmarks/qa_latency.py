@@ -90,7 +90,8 @@ def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int, cac
     times, searches, text_out = [], [], ""
     for _ in range(repeats):
         off = model.memory_disabled() if memory_off else contextlib.nullcontext()
-        clock and clock.take()
+        if clock:
+            clock.take()                                          # drop what reading the document searched
         t0 = time.perf_counter()
         with off:
             out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, **kw)
