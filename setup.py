@@ -17,7 +17,7 @@ setup(
     package_dir={
         "memformer": "memformer",
         "memformer.index": "index",
-        "memformer.kernels": "kernels",
+        "memformer.kernels": "knn_kernels",
         "memformer.training": "training",
     },
     install_requires=[

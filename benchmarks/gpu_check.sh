@@ -10,7 +10,7 @@
 # limit so one failure does not eat the others' time:
 #   1. the GPU, driver and package versions          -> env.txt
 #   2. the GPU-marked tests and the compiled Triton kernel tests -> tests.log
-#   3. benchmarks/kernels.py --quick (fused kernel vs the torch reference: prefill, decode, backward)
+#   3. benchmarks/kernel_speed.py --quick (fused kernel vs the torch reference: prefill, decode, backward)
 #   4. benchmarks/gpu_check.py index: 1M keys, exact on the GPU vs faiss IVF defaults
 #   5. benchmarks/gpu_check.py ingest: memorize 1M tokens with a SmolLM2-135M-shaped backbone
 # Results (and summary.md, one line per step with its status and seconds) go to OUT_DIR,
@@ -61,7 +61,7 @@ except Exception as e:
 PY"
 cp "$OUT_DIR/env.log" "$OUT_DIR/env.txt"
 step tests 120 $PY -m pytest -q -ra -m gpu -p no:cacheprovider tests
-step kernels 150 $PY benchmarks/kernels.py --quick --out "$OUT_DIR"
+step kernels 150 $PY benchmarks/kernel_speed.py --quick --out "$OUT_DIR"
 step index 120 $PY benchmarks/gpu_check.py index --keys 1M --out "$OUT_DIR"
 step ingest 120 $PY benchmarks/gpu_check.py ingest --tokens 1M --out "$OUT_DIR"
 cat "$SUMMARY"

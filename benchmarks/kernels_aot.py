@@ -1,6 +1,6 @@
 """Compile every launch the fused kNN-attention kernels make, ahead of time, for sm_80 and sm_90.
 
-No GPU needed: Triton's compiler and bundled ptxas run on the CPU (see memformer/kernels/aot.py).
+No GPU needed: Triton's compiler and bundled ptxas run on the CPU (see knn_kernels/aot.py).
 The matrix: heads 9/3 with head_dim 64 and 32/8 with head_dim 128; prefill T = S = 256 and decode
 T = 1 over S = 2048; fp32, bf16, fp16; forward without memory, with K = 32 memory rows, with
 int8 memory rows (bf16/fp16); backward without memory, with memory, with memory gradients.

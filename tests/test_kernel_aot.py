@@ -1,6 +1,6 @@
 """The fused kernels compiled ahead of time for A100 (sm_80) and H100 (sm_90), on a CPU machine.
 
-No GPU: Triton's compiler and bundled ptxas produce the cubin (memformer/kernels/aot.py), whose
+No GPU: Triton's compiler and bundled ptxas produce the cubin (knn_kernels/aot.py), whose
 resources are checked against the target: dynamic + static shared memory within the per-block
 opt-in limit (sm_80 166,912 B, sm_90 232,448 B), and no stack frame (= no register spills) in
 any kernel. A launch that fails here would fail at its first launch on that GPU ("out of

@@ -129,10 +129,10 @@ def test_memory_probs_sum_with_local_to_one():
 
 
 def test_kernel_benchmark_baselines_compute_the_same_attention():
-    """benchmarks/kernels.py's SDPA-over-pregathered-keys baseline is the same attention (CPU, tiny)."""
+    """benchmarks/kernel_speed.py's SDPA-over-pregathered-keys baseline is the same attention (CPU, tiny)."""
     import importlib.util
     from pathlib import Path
-    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernel_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     x = bench.make_case(1, 4, 2, 5, 7, 30, 3, 16, torch.float32, "cpu")

@@ -260,11 +260,11 @@ def test_memory_offsets_beyond_2_31(B, Hkv, M):
 
 
 def test_kernel_benchmark_sweep_runs_end_to_end(tmp_path):
-    """benchmarks/kernels.py's sweep (prefill, forward+backward, decode) on tiny shapes with a
+    """benchmarks/kernel_speed.py's sweep (prefill, forward+backward, decode) on tiny shapes with a
     stand-in timer, so the GPU script's code paths are exercised before a GPU runs them."""
     import importlib.util
     from pathlib import Path
-    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernel_speed.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     calls = []

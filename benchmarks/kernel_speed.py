@@ -1,7 +1,7 @@
 """Fused kNN attention vs the torch reference (and SDPA over pre-gathered keys), on a CUDA GPU.
 
-    .venv/bin/python benchmarks/kernels.py                    # full sweep, bf16
-    .venv/bin/python benchmarks/kernels.py --quick            # one shape per phase
+    .venv/bin/python benchmarks/kernel_speed.py                    # full sweep, bf16
+    .venv/bin/python benchmarks/kernel_speed.py --quick            # one shape per phase
 
 Phases: prefill (T = S = 2048, K = 32 retrieved rows per query, memory of M rows per kv head),
 decode (T = 1 over a 2048-key window, batch 1 and 16) and forward + backward through autograd
@@ -17,7 +17,7 @@ measured device-to-device copy:
   of the scores is not counted). Bytes are the forward's also in forward+backward rows, where
   only the FLOP columns are meaningful.
 
-Results: benchmarks/results/kernels/<gpu>/kernels.csv and kernels.md, with the GPU's name, the
+Results: benchmarks/results/kernel_speed/<gpu>/kernels.csv and kernels.md, with the GPU's name, the
 torch and triton versions and the date. Needs a CUDA GPU; exits with status 2 without one.
 """
 from __future__ import annotations
@@ -198,10 +198,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernel_speed"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (the fused kernel's speed is a GPU property); "
+        print("benchmarks/kernel_speed.py needs a CUDA GPU (the fused kernel's speed is a GPU property); "
               "correctness is covered on CPU by tests/test_triton_kernels.py and the compile for "
               "sm_80/sm_90 by tests/test_kernel_aot.py", file=sys.stderr)
         return 2

@@ -1,0 +1,29 @@
+"""The repository's own module names must not shadow installed packages.
+
+`python -m pytest`, a REPL started at the repository root and `python benchmarks/x.py` put the
+root (or the script's folder) first on sys.path, so a top-level folder or script named like a
+dependency is imported in its place — `kernels/` did that to transformers >= 5.25, which imports
+the `kernels` distribution at start-up.
+"""
+import importlib.metadata
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def _repo_module_names() -> dict[str, Path]:
+    """Module names that the repository root, benchmarks/ and examples/ make importable."""
+    names = {p.name: p for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    for folder in ("benchmarks", "examples"):
+        names.update({p.stem: p for p in (ROOT / folder).glob("*.py")})
+    return names
+
+
+def test_no_repository_module_shadows_an_installed_package():
+    installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    installed.discard("memformer")  # the project itself, installed in editable mode
+    names = _repo_module_names()
+    assert "memformer" in names and "index" in names  # the scan sees the layout
+    clashes = {n: str(p.relative_to(ROOT)) for n, p in names.items() if n in installed}
+    assert not clashes, f"rename these; they hide installed modules of the same name: {clashes}"
