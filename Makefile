@@ -6,12 +6,13 @@ STAMP := $(VENV)/.memformer-installed
 
 .PHONY: setup test test-fast demo passkey bench clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch that lies on disk; a bare `torch` could pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	# the versions the suite last passed with (constraints.txt); setup.py holds the accepted ranges
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

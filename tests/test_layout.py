@@ -27,3 +27,27 @@ def test_no_repository_module_shadows_an_installed_package():
     assert "memformer" in names and "index" in names  # the scan sees the layout
     clashes = {n: str(p.relative_to(ROOT)) for n, p in names.items() if n in installed}
     assert not clashes, f"rename these; they hide installed modules of the same name: {clashes}"
+
+
+def test_constraints_satisfy_the_declared_requirements():
+    """constraints.txt (what `make test` installs) pins versions setup.py accepts, so the tested
+    set is one a plain `pip install memformer` could also pick."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    assert "torch" in pins and "transformers" in pins
+    declared = [Requirement(r) for r in importlib.metadata.requires("memformer")]
+    checked = 0
+    for req in declared:
+        if req.marker is not None and not req.marker.evaluate({"extra": "dev"}):
+            continue                                     # train / gpu extras are not installed by make test
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is required but constraints.txt does not pin it"
+        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt pins {name}=={pins[name]}, outside {req}"
+        checked += 1
+    assert checked >= 10
