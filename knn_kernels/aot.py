@@ -91,7 +91,7 @@ def launches(case: Case, arch: int, n_sm: int = 132) -> list[tuple[str, object, 
             o, l_ = torch.zeros(B, Hq, T, D, dtype=case.dtype), torch.zeros(B, Hq, T)
             out.append(("merge", tk._merge_splits_kernel,
                         (op, lp, o, l_, B * Hq * T, sp, op.stride(0), lp.stride(0)),
-                        dict(D=D, BLOCK_R=16, BLOCK_SP=triton.next_power_of_2(sp))))
+                        dict(D=D, BLOCK_R=16, BLOCK_SP=triton.next_power_of_2(sp), **tk.COMPILE_OPTIONS)))
         return out
     T = x["q"].shape[2]
     out_t = torch.zeros_like(x["q"])

@@ -457,6 +457,11 @@ def _big_shared(arch: int) -> bool:
     return SHARED_MEMORY_LIMIT.get(arch, 101_376) >= 160_000
 
 
+# Options every launch compiles with. FMA contraction stays on explicitly: Triton 3.9 warns that its
+# default flips to off in 3.10, which would change the kernels' rounding, registers and speed.
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
+
+
 def fwd_config(D: int, dtype: torch.dtype, rows: int, arch: int, int8: bool = False) -> dict:
     """Block sizes, warps and pipeline depth of the forward for one (head_dim, dtype, G*T, target).
 
@@ -581,7 +586,8 @@ def _fwd_launch(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=None, *, q_
             *mem_ids.stride()[:3], *out.stride()[:4], *lse.stride()[:3],
             T, S, K, G, Hkv, id_group, scale, s_per, k_per)
     meta = dict(HAS_MEMORY=has_mem, HAS_BIAS=has_mem and mem_bias is not None, MEM_INT8=int8,
-                SEPARATE_QM=has_mem and q_mem is not None, D=D, PRECISION=_precision(q.dtype), **cfg)
+                SEPARATE_QM=has_mem and q_mem is not None, D=D, PRECISION=_precision(q.dtype), **cfg,
+                **COMPILE_OPTIONS)
 
     def finish():
         if splits == 1:
@@ -589,7 +595,7 @@ def _fwd_launch(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=None, *, q_
         o, l_ = torch.empty(B, Hq, T, D, device=dev, dtype=q.dtype), torch.empty(B, Hq, T, device=dev)
         n = B * Hq * T
         _merge_splits_kernel[(triton.cdiv(n, 16),)](out, lse, o, l_, n, splits, out.stride(0), lse.stride(0),
-                                                    D=D, BLOCK_R=16, BLOCK_SP=triton.next_power_of_2(splits))
+                                                    D=D, BLOCK_R=16, BLOCK_SP=triton.next_power_of_2(splits), **COMPILE_OPTIONS)
         return o, l_
 
     return grid, args, meta, finish
@@ -657,19 +663,19 @@ def _bwd_launches(q, k_local, v_local, k_mem, v_mem, mem_ids, q_mem, mem_bias, o
     n = B * Hq * T
     launches = [
         (_bwd_preprocess_kernel, (triton.cdiv(n, 64),),
-         (out, d_out, delta, n, T, *out.stride()[:3], *d_out.stride()[:3], Hq), dict(D=D, BLOCK_R=64)),
+         (out, d_out, delta, n, T, *out.stride()[:3], *d_out.stride()[:3], Hq), dict(D=D, BLOCK_R=64, **COMPILE_OPTIONS)),
         (_bwd_dkdv_kernel, (triton.cdiv(S, c_kv["BLOCK_S"]), B * Hkv),
          (q, k_local, v_local, d_out, lse, delta, dkl, dvl,
           *q.stride()[:3], *k_local.stride()[:3], *v_local.stride()[:3], *d_out.stride()[:3], *lse.stride()[:2],
           *dkl.stride()[:3], *dvl.stride()[:3], T, S, G, Hkv, scale),
-         dict(D=D, PRECISION=prec, **c_kv)),
+         dict(D=D, PRECISION=prec, **c_kv, **COMPILE_OPTIONS)),
         (_bwd_dq_kernel, (triton.cdiv(G * T, c_q["BLOCK_R"]), B * Hkv),
          (q, qm, k_local, v_local, k_mem, v_mem, mem_ids, bias, d_out, lse, delta, dq, dqm, ds, p, dbias,
           *q.stride()[:3], *qm.stride()[:3], *k_local.stride()[:3], *v_local.stride()[:3],
           *k_mem.stride()[:3], *v_mem.stride()[:3], *mem_ids.stride()[:3], *d_out.stride()[:3], *lse.stride()[:2],
           *dq.stride()[:3], *dqm.stride()[:3], *ds.stride()[:3], T, S, K, G, Hkv, id_group, scale),
          dict(HAS_MEMORY=has_mem, HAS_BIAS=has_mem and mem_bias is not None, MEM_GRAD=mem_grad,
-              SEPARATE_QM=has_mem and q_mem is not None, D=D, PRECISION=prec, **c_q)),
+              SEPARATE_QM=has_mem and q_mem is not None, D=D, PRECISION=prec, **c_q, **COMPILE_OPTIONS)),
     ]
     if mem_grad:
         # 16 rows: each thread holds q_mem, dO and two atomic updates of [16, D] / 128 threads
@@ -677,7 +683,7 @@ def _bwd_launches(q, k_local, v_local, k_mem, v_mem, mem_ids, q_mem, mem_bias, o
                          (qm, d_out, mem_ids, ds, p, dkm, dvm, *qm.stride()[:3], *d_out.stride()[:3],
                           *mem_ids.stride()[:3], *ds.stride()[:3], *dkm.stride()[:3], *dvm.stride()[:3],
                           T, K, G, Hkv, id_group, scale),
-                         dict(D=D, BLOCK_R=16, num_warps=4)))
+                         dict(D=D, BLOCK_R=16, num_warps=4, **COMPILE_OPTIONS)))
     grads = dict(q=dq, q_mem=dqm if (q_mem is not None and has_mem) else None, k_local=dkl, v_local=dvl,
                  k_mem=dkm if mem_grad else None, v_mem=dvm if mem_grad else None,
                  mem_bias=dbias if (mem_bias is not None and has_mem) else None)

@@ -85,3 +85,13 @@ def test_stored_full_matrix_covers_every_launch():
                     failed.append(f"{case.label} {name} sm_{arch}: {row['ok']}")
     assert not missing, f"not in {TABLE.name} (rerun benchmarks/kernels_aot.py): {missing[:5]} ({len(missing)})"
     assert not failed, failed
+
+
+@pytest.mark.parametrize("case", SUBSET, ids=[f"{'bwd' if c[6] else 'fwd'}-{c[3]}-{str(c[5])[6:]}" for c, _ in SUBSET])
+def test_every_launch_fixes_fp_fusion(case):
+    """Every launch states FMA contraction itself (Triton 3.10 turns its default off), so the
+    compiled kernels do not change with the Triton version's default."""
+    from memformer.kernels.aot import Case, launches
+    hq, hkv, d, phase, k, dtype, backward, mem_grad = case[0]
+    for name, _kernel, _args, meta in launches(Case(hq, hkv, d, phase, k, dtype, backward=backward, mem_grad=mem_grad), 90):
+        assert meta.get("enable_fp_fusion") is True, name
