@@ -142,6 +142,17 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     tok.save_pretrained(str(out_dir))
 
 
+def encode_text(tokenizer, text: str, **kwargs):
+    """tokenizer(text, add_special_tokens=False, **kwargs), without the Hugging Face warning that a
+    text is longer than the model's context: memory reads such texts window by window, so the
+    warning's "indexing errors" never happen. Other callables get the plain call."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        kwargs.setdefault("verbose", False)
+    return tokenizer(text, add_special_tokens=False, **kwargs)
+
+
 def default_model_dir() -> Path:
     """Return the folder of the default backbone, building it on first use (~20 s, once).
 

@@ -25,6 +25,7 @@ from memformer.adapters import get_adapter
 from memformer.blocks import pinned_block_ids
 from memformer.config import AdapterConfig, MemoryConfig
 from memformer.index import LayerMemory
+from memformer.loading import encode_text
 from memformer.memory_layer import MemoryAttention, MemoryRuntime
 from memformer import persistence
 
@@ -299,7 +300,7 @@ class MemformerForCausalLM(nn.Module):
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass token ids instead of text")
-            seqs = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            seqs = [encode_text(self.tokenizer, t)["input_ids"] for t in texts]
         elif torch.is_tensor(inputs):
             seqs = [inputs.tolist()] if inputs.dim() == 1 else inputs.tolist()
         elif isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], int):

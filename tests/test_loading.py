@@ -191,3 +191,29 @@ def test_gguf_file_loads_like_converted_folder(tmp_path):
     assert tok.chat_template
     ref, _ = load_backbone(default_model_dir())
     assert fingerprint_backbone(model) == fingerprint_backbone(ref)
+
+
+def test_encode_text_reads_long_texts_without_the_context_warning(caplog):
+    """A document longer than the backbone's context is what memory is for: `encode_text` gives
+    the same ids as the tokenizer, without transformers' "longer than the specified maximum ...
+    indexing errors" warning (which a plain call logs, so the check can fail)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    from memformer.loading import encode_text
+
+    words = [f"w{i}" for i in range(50)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    text = " ".join(words)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, model_max_length=8)
+    hf_logging.enable_propagation()                  # transformers' records reach caplog
+    try:
+        with caplog.at_level("WARNING"):
+            assert encode_text(tok, text)["input_ids"] == list(range(50))
+            assert "longer than the specified maximum" not in caplog.text
+            tok(text, add_special_tokens=False)
+            assert "longer than the specified maximum" in caplog.text
+    finally:
+        hf_logging.disable_propagation()

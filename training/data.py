@@ -23,6 +23,8 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
+from memformer.loading import encode_text
+
 SOURCE_TYPES = ("stdlib", "python_docs", "text", "jsonl", "hf_disk")
 SYNTHETIC_TASKS = ("passkey", "kv", "needles", "facts")
 STDLIB_EXCLUDE = ("test", "encodings", "pydoc_data", "__phello__", "site-packages", "idlelib", "turtledemo")
@@ -191,7 +193,7 @@ def collate(samples: list[Sample], seq_len: int, pad_id: int) -> Batch:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(encode_text(tokenizer, text)["input_ids"])
 
 
 def pack_document(ids: list[int], seq_len: int, min_tokens: int) -> list[list[int]]:

@@ -43,6 +43,7 @@ from typing import NamedTuple
 from tqdm.auto import tqdm
 
 from memformer.eval.plots import TrialLog
+from memformer.loading import encode_text
 
 VARIANTS = ("single-number", "single-word", "single-uuid", "multikey", "multivalue", "multiquery")
 TASKS = VARIANTS + ("passkey",)          # passkey (memformer.eval.passkey) can run in the same evaluation
@@ -138,7 +139,7 @@ def _corpus_ids(tokenizer, long: bool) -> list[int]:
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids without special tokens (and without the too-long-for-the-model warning)."""
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return encode_text(tokenizer, text)["input_ids"]
 
 
 def haystack(tokenizer, n_tokens: int, rng: random.Random) -> str:
@@ -303,7 +304,7 @@ def _document_groups(variant: str, n: int, rng: random.Random) -> list[_Group]:
 
 def token_fractions(tokenizer, text: str, offsets: list[int]) -> tuple[int, list[float]]:
     """(tokens of `text`, each char offset's position as a fraction of them), from one encoding."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    enc = encode_text(tokenizer, text, return_offsets_mapping=True)
     starts = [a for a, _ in enc["offset_mapping"]]
     n = len(starts)
     return n, [round(bisect.bisect_left(starts, o) / n, 4) for o in offsets]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memformer.loading import encode_text
+
 
 @dataclass
 class PlantedFact:
@@ -35,7 +37,7 @@ def python_docs_text() -> str:
 def demo_document(tokenizer, max_tokens: int, facts=DEMO_FACTS) -> str:
     """The first `max_tokens` tokens of Python's docs with `facts` planted at their depths."""
     text = python_docs_text()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    ids = encode_text(tokenizer, text)["input_ids"][:max_tokens]
     # cut at token boundaries, planting each fact between paragraphs near its depth
     text = tokenizer.decode(ids)
     out, last = [], 0

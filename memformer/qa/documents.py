@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from memformer.loading import encode_text
+
 
 class DocumentError(ValueError):
     """A document that is missing, empty, binary or not decodable as text."""
@@ -178,7 +180,7 @@ def _char_spans(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int]]:
     Fast tokenizers report offsets; for others each decoded token is searched for from where the
     previous one ended (a token that cannot be found gets an empty span there)."""
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = encode_text(tokenizer, text, return_offsets_mapping=True)
         if list(enc["input_ids"]) == list(ids):
             return [tuple(o) for o in enc["offset_mapping"]]
     except (NotImplementedError, TypeError, ValueError, KeyError):
@@ -217,7 +219,7 @@ class Corpus:
         sep = tokenizer.eos_token_id if getattr(tokenizer, "eos_token_id", None) is not None else 0
         ids, owner, spans, starts = [], [], [], []
         for d, doc in enumerate(docs):
-            toks = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+            toks = encode_text(tokenizer, doc.text)["input_ids"]
             if not toks:
                 raise DocumentError(f"{doc.name}: the tokenizer produced no tokens")
             starts.append(len(ids))
