@@ -170,6 +170,36 @@ def test_runner_streams_trials_and_resume_skips_finished_ones(btok, tmp_path, mo
     assert len(calls) == 16
 
 
+def test_resumed_progress_starts_at_the_finished_trials(btok, tmp_path, monkeypatch):
+    """The bar of a resumed run begins at the trials already logged and counts only new ones."""
+    _patch_answers(monkeypatch, _fake_answers([]))
+    bars = []
+
+    class Bar:
+        def __init__(self, total, initial=0, **kw):
+            self.total, self.n = total, initial
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    model = _fake_model(btok)
+    kw = dict(variants=["single-number"], lengths=[1500], trials=2, modes=["memory", "truncate"], out_dir=tmp_path)
+    needle.evaluate(model, **kw)
+    monkeypatch.setattr(needle, "tqdm", Bar)
+    needle.evaluate(model, **dict(kw, lengths=[1500, 2000]), resume=True)
+    assert [(b.total, b.n) for b in bars] == [(8, 8)]
+    bars.clear()
+    real_update = Bar.update
+    firsts = []
+    monkeypatch.setattr(Bar, "update", lambda self, n: (firsts.append(self.n), real_update(self, n)))
+    needle.evaluate(model, **dict(kw, lengths=[1500, 2000, 2500]), resume=True)
+    assert firsts[0] == 8 and bars[0].n == 12
+
+
 def test_passkey_is_a_task_of_the_needle_run(btok, monkeypatch):
     """`eval needle --variants passkey` and `eval passkey` run the same trials."""
     _patch_answers(monkeypatch, lambda model, text, cues, mode, n: [text.split("pass key is ")[1][:5]])

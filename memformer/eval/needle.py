@@ -485,7 +485,10 @@ def run_trials(model, jobs: list[Job], build, modes, log: TrialLog | None, desc:
     is read once per mode and only its unfinished trials are asked. Records stream to `log`
     (a document's after its read and asks); returns every trial's record, in job, mode, trial order."""
     results = []
-    bar = tqdm(total=sum(j.needles for j in jobs) * len(modes), desc=desc, unit="trial", disable=not show_progress)
+    # a resumed run starts the bar at the trials already in the log
+    done = 0 if log is None else sum(rid in log for job in jobs for mode in modes for rid in job.ids(mode))
+    bar = tqdm(total=sum(j.needles for j in jobs) * len(modes), initial=done, desc=desc, unit="trial",
+               disable=not show_progress)
     for job in jobs:
         sample = None
         for mode in modes:
@@ -499,7 +502,7 @@ def run_trials(model, jobs: list[Job], build, modes, log: TrialLog | None, desc:
                         log.append(rec)
                     new[rec["id"]] = rec
             results += [new[rid] if rid in new else log.get(rid) for rid in ids]
-            bar.update(len(ids))
+            bar.update(len(todo))
     bar.close()
     return results
 
