@@ -86,12 +86,9 @@ def launches(case: Case, arch: int, n_sm: int = 132) -> list[tuple[str, object, 
         if grid[2] > 1:                             # split decode: the merge kernel runs too
             D, sp = case.d, grid[2]
             B, Hq, T = x["q"].shape[:3]
-            op = torch.zeros(sp, B, Hq, T, D)
-            lp = torch.zeros(sp, B, Hq, T)
-            o, l_ = torch.zeros(B, Hq, T, D, dtype=case.dtype), torch.zeros(B, Hq, T)
-            out.append(("merge", tk._merge_splits_kernel,
-                        (op, lp, o, l_, B * Hq * T, sp, op.stride(0), lp.stride(0)),
-                        dict(D=D, BLOCK_R=16, BLOCK_SP=triton.next_power_of_2(sp), **tk.COMPILE_OPTIONS)))
+            _g, m_args, m_meta = tk._merge_launch(torch.zeros(sp, B, Hq, T, D), torch.zeros(sp, B, Hq, T),
+                                                  torch.zeros(B, Hq, T, D, dtype=case.dtype), torch.zeros(B, Hq, T))
+            out.append(("merge", tk._merge_splits_kernel, m_args, m_meta))
         return out
     T = x["q"].shape[2]
     out_t = torch.zeros_like(x["q"])

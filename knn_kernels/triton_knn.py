@@ -593,12 +593,19 @@ def _fwd_launch(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=None, *, q_
         if splits == 1:
             return out[0], lse[0]
         o, l_ = torch.empty(B, Hq, T, D, device=dev, dtype=q.dtype), torch.empty(B, Hq, T, device=dev)
-        n = B * Hq * T
-        _merge_splits_kernel[(triton.cdiv(n, 16),)](out, lse, o, l_, n, splits, out.stride(0), lse.stride(0),
-                                                    D=D, BLOCK_R=16, BLOCK_SP=triton.next_power_of_2(splits), **COMPILE_OPTIONS)
+        m_grid, m_args, m_meta = _merge_launch(out, lse, o, l_)
+        _merge_splits_kernel[m_grid](*m_args, **m_meta)
         return o, l_
 
     return grid, args, meta, finish
+
+
+def _merge_launch(parts, lse_parts, out, lse):
+    """(grid, args, meta) of the merge of split partials: parts [splits, B, Hq, T, D] fp32,
+    lse_parts [splits, B, Hq, T] -> out [B, Hq, T, D], lse [B, Hq, T]."""
+    splits, D, n = parts.shape[0], parts.shape[-1], out[..., 0].numel()
+    return ((triton.cdiv(n, 16),), (parts, lse_parts, out, lse, n, splits, parts.stride(0), lse_parts.stride(0)),
+            dict(D=D, BLOCK_R=16, BLOCK_SP=triton.next_power_of_2(splits), **COMPILE_OPTIONS))
 
 
 def knn_attention_triton(q, k_local, v_local, k_mem=None, v_mem=None, mem_ids=None, *, q_mem=None,
