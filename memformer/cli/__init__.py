@@ -4,4 +4,4 @@
 so adding a command is adding a module and a name here.
 """
 COMMANDS = ["qa", "memory", "train"]
-EVALS = ["eval_passkey", "eval_needle", "eval_ppl"]
+EVALS = ["eval_passkey", "eval_needle", "eval_ruler", "eval_ppl"]

@@ -1,0 +1,162 @@
+"""RULER evaluation: its templates and needles, haystack sizes, scoring, the looping check, the
+resumable runner and the CLI end to end on a tiny model + byte tokenizer."""
+import json
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from memformer import MemoryConfig
+from memformer.eval import ruler
+from test_needle_ppl import _exit_code, _main, byte_tokenizer, fake_minilm, tiny_dir  # noqa: F401 (fixtures)
+
+ESSAY = ruler.essay_words(" ".join(f"Essay sentence number {i} talks about topic {i % 7}." for i in range(400)))
+
+
+@pytest.fixture(scope="module")
+def btok():
+    return byte_tokenizer()
+
+
+def _sample(btok, task, length=2000, seed=0, index=0):
+    return ruler.make_sample(btok, task, length, ruler.trial_rng(seed, task, length, index), ESSAY, index)
+
+
+@pytest.mark.parametrize("task", list(ruler.TASKS))
+def test_samples_follow_rulers_templates_and_fill_the_length(btok, task):
+    spec = ruler.TASKS[task]
+    s = _sample(btok, task)
+    budget = 2000 - spec.tokens_to_generate
+    assert budget - 100 <= s.tokens <= budget       # fills it, to one haystack unit (a noise line is 92 bytes)
+    assert s.max_new_tokens == spec.tokens_to_generate
+    if spec.kind == "vt":
+        assert s.document.startswith(ruler.VT_HEAD[:20])             # the one-shot example comes first
+        example, _, rest = s.document.partition("\n\n" + ruler.VT_HEAD)
+        assert "are assgined the value" in example and rest.count("The grass is green.") > 1
+        value = re.search(r"assigned the value (\d+)", s.cue).group(1)
+        assert f"VAR {s.expected[0]} = {value}" in rest
+        for a, b in zip(s.expected, s.expected[1:]):                 # the chain, hop by hop, in order
+            assert rest.index(f"VAR {b} = VAR {a}") > rest.index(f"VAR {a} =")
+        assert len(s.expected) == 5 and all(re.fullmatch(r"[A-Z]{5}", v) for v in s.expected)
+        assert s.cue.endswith("they are: ") and "5 variables" in s.cue
+        return
+    one = spec.q * spec.v == 1
+    head = s.document.split("\n")[0]
+    assert head == (f"A special magic {spec.value[:-1]} is hidden within the following text." if one else
+                    f"Some special magic {spec.value} are hidden within the following text.") + \
+        head.split("text.", 1)[1]
+    needles = re.findall(r"One of the special magic (\w+) for ([a-z-]+) is: (\S+)\.", s.document)
+    assert len(needles) == spec.k * spec.v and {n[0] for n in needles} == {spec.value}
+    assert len({n[1] for n in needles}) == spec.k                    # distractors: other keys, same form
+    asked = re.search(r"for (.+) mentioned in the provided text\?", s.cue).group(1)
+    keys = [k for k in re.split(r", and |, ", asked)]
+    assert len(keys) == spec.q
+    assert sorted(s.expected) == sorted(v for _, k, v in needles if k in keys)
+    assert s.cue.endswith(f"The special magic {spec.value[:-1] if one else spec.value} for {asked} mentioned in "
+                          f"the provided text {'is' if one else 'are'}")
+    if spec.haystack == "noise":
+        assert s.document.count(ruler.NOISE) > 5 and "Essay" not in s.document
+    else:
+        assert "Essay sentence number 0 talks" in s.document and ruler.NOISE not in s.document
+    assert len(s.needle_depths) == len(needles) and all(0 < d < 1 for d in s.needle_depths)
+
+
+def test_samples_are_seeded_and_errors_are_clear(btok):
+    a, b = _sample(btok, "niah_multikey_1"), _sample(btok, "niah_multikey_1")
+    assert (a.document, a.cue, a.expected) == (b.document, b.cue, b.expected)
+    assert _sample(btok, "niah_multikey_1", seed=1).document != a.document
+    assert _sample(btok, "niah_multikey_1", index=1).expected != a.expected
+    with pytest.raises(ValueError, match="unknown RULER task"):
+        _sample(btok, "niah_single_9")
+    with pytest.raises(ValueError, match="too short for niah_multiquery"):
+        _sample(btok, "niah_multiquery", length=300)
+    with pytest.raises(ValueError, match="essay haystack is empty"):
+        ruler.essay_words(" \n ")
+
+
+def test_a_short_essay_is_repeated_to_fill_a_long_sample(btok):
+    s = ruler.make_sample(btok, "niah_single_2", 6000, random.Random(0), ruler.essay_words("One short essay. " * 20))
+    assert s.tokens > 0.97 * (6000 - 128) and s.document.count("One short essay.") > 200
+
+
+def test_keys_are_rulers_adjective_noun_pairs():
+    words = ruler.key_words()
+    assert len(words) > 100_000 and all(w.count("-") >= 1 for w in words[:100])
+    assert words == tuple(sorted(set(words)))
+
+
+def test_string_match_all_and_looping():
+    assert ruler.string_match_all("The numbers are 123, 456.", ["123", "456", "789"]) == pytest.approx(2 / 3)
+    assert ruler.string_match_all("ABCDE\x00bcdef", ["abcde", "BCDEF"]) == 1.0
+    assert ruler.string_match_all("nothing", ["1"]) == 0.0
+    for loop in ("111111111111111", "**************", "the the the the the the the the the", "1, 2, 1, 2, " * 8):
+        assert ruler.looping(loop), loop
+    for fine in ("1234567", "1111111", "The special magic number is 7654321.", "SCBJV TOERZ MGAXP PRNMM BRHVQ",
+                 "", "   " * 20):
+        assert not ruler.looping(fine), fine
+
+
+def _fake_model(btok, **cfg):
+    return SimpleNamespace(tokenizer=btok, backbone_fingerprint="fake", memory_config=MemoryConfig(**cfg))
+
+
+def test_runner_streams_records_and_resumes(btok, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(model, sample, mode):          # memory answers right, rag a loop, truncate nothing
+        calls.append(mode)
+        text = {"memory": " ".join(sample.expected), "rag": "1" * 20, "truncate": ""}[mode]
+        score = ruler.string_match_all(text, sample.expected)
+        return dict(id=ruler.record_id(sample.task, sample.length, sample.index, mode), task=sample.task,
+                    length=sample.length, index=sample.index, mode=mode, status="ok", score=score, depth=0.5,
+                    answer=text, looping=ruler.looping(text))
+    monkeypatch.setattr(ruler, "run_sample", fake_run)
+    monkeypatch.setattr(ruler, "haystack_text", lambda path=None: ("essay", " ".join(ESSAY)))
+    kw = dict(tasks=["niah_single_1", "vt"], lengths=[1500, 2000], samples=2, modes=["memory", "rag", "truncate"],
+              out_dir=tmp_path, show_progress=False)
+    rs = ruler.evaluate(_fake_model(btok), **kw)
+    assert len(rs) == len(calls) == 24
+    table = ruler.mean_table(rs)
+    assert "| 1500 | 100.0% | 0.0% | 0.0% | 0/4 | 0/4 | 4/4 |" in table      # modes: memory, truncate, rag
+    assert "1500/0/rag" in ruler.looping_examples(rs)
+    lines = (tmp_path / "trials.jsonl").read_text().splitlines()
+    (tmp_path / "trials.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:15])   # cut off
+    calls.clear()
+    again = ruler.evaluate(_fake_model(btok), **kw, resume=True)
+    assert calls == ["truncate"] and [r["id"] for r in again] == [r["id"] for r in rs]
+    with pytest.raises(ValueError, match=r"other settings \(memory_config.question_blocks"):
+        ruler.evaluate(_fake_model(btok, question_blocks=2), **kw, resume=True)
+    with pytest.raises(ValueError, match="unknown RULER task"):
+        ruler.evaluate(_fake_model(btok), **dict(kw, tasks=["qa_1"]))
+
+
+def test_cli_ruler_end_to_end(tiny_dir, tmp_path, capsys, fake_minilm):   # noqa: F811
+    hay = tmp_path / "essay.txt"
+    hay.write_text(" ".join(f"Sentence {i} of a held-out essay about rivers and {i % 5} boats." for i in range(300)))
+    out = tmp_path / "ruler"
+    argv = ["eval", "ruler", "--model", str(tiny_dir), "--window", "256", "--lengths", "1200", "--samples", "1",
+            "--tasks", "niah_single_1,niah_multikey_1,vt", "--haystack", str(hay), "--out", str(out)]
+    assert _main(*argv) == 0
+    records = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert {(r["task"], r["mode"]) for r in records} == {(t, m) for t in ("niah_single_1", "niah_multikey_1", "vt")
+                                                         for m in ("memory", "rag", "truncate")}
+    assert all(r["status"] == "ok" and isinstance(r["looping"], bool) and 0 <= r["score"] <= 1 for r in records)
+    report = (out / "ruler.md").read_text()
+    assert "essay.txt" in report and "| vt | 1200 |" in report and "memory looping" in report
+    assert (out / "ruler_accuracy.png").stat().st_size > 5000
+    assert json.loads((out / "run.json").read_text())["haystack"] == "essay.txt"
+    assert _main(*argv, "--resume") == 0
+    assert [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()] == records
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--tasks", "niah_single_1,qa_1"], "unknown task"),
+    (["--lengths", "16k,long"], "not a length"),
+    (["--samples", "0"], "--samples must be >= 1"),
+    (["--haystack", "/nonexistent/essay.txt"], "--haystack: .*no such file"),
+])
+def test_cli_ruler_rejects_bad_arguments_before_loading_a_model(argv, msg, capsys):
+    assert _exit_code("eval", "ruler", *argv, "--model", "/nonexistent/model") == 2
+    assert re.search(msg, capsys.readouterr().err)
