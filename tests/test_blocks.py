@@ -459,3 +459,145 @@ def test_question_read_without_memory_and_for_a_batch():
     model.memorize([_filler(20, 1), _filler(20, 2)], show_progress=False)
     with pytest.raises(ValueError, match="one sequence"):
         model.blocks_for("river")
+
+
+# ---------------------------------------------------------------- blocks chosen by the layers
+def test_per_head_blocks_read_each_kv_heads_own_blocks():
+    """blocks [B, Hkv, n]: the query heads of kv head h read exactly what a shared read of h's
+    blocks gives them; the same blocks on every head equal the shared read (rows and output)."""
+    g = torch.Generator().manual_seed(0)
+    Hkv, G, D, T, bs = 2, 2, 8, 3, 4
+    Hq = Hkv * G
+    for B in (1, 2):
+        mem = _memory(B, Hkv, D, torch.arange(40).expand(B, -1).contiguous(), g)
+        q = torch.randn(B, Hq, T, D, generator=g)
+        k_loc = torch.randn(B, Hkv, T + 2, D, generator=g)
+        per_head = torch.tensor([[[1, 7, 3], [0, 2, 9]], [[5, 4, 8], [1, 7, 3]]])[:B]      # [B, Hkv, 3]
+        out, rows, probs = _read(mem, q, k_loc, k_loc, per_head, bs)
+        assert rows.shape == probs.shape == (B, Hq, T, 3 * bs)
+        for h in range(Hkv):
+            want, want_rows, _ = _read(mem, q, k_loc, k_loc, per_head[:, h], bs)
+            heads = slice(h * G, (h + 1) * G)
+            torch.testing.assert_close(out[:, heads], want[:, heads], atol=1e-5, rtol=1e-5)
+            assert (rows[:, heads] == want_rows).all()
+        same = per_head[:, :1].expand(B, Hkv, 3)
+        out_same, rows_same, _ = _read(mem, q, k_loc, k_loc, same, bs)
+        shared, rows_shared, _ = _read(mem, q, k_loc, k_loc, per_head[:, 0], bs)
+        torch.testing.assert_close(out_same, shared, atol=1e-6, rtol=1e-6)
+        assert (rows_same == rows_shared).all()
+
+
+def test_block_summaries_are_the_mean_unrotated_keys_of_each_block():
+    """A block's summary per kv head is the mean of its valid rows' keys with their slot rotation
+    undone; blocks without a row are not filled; chunking changes nothing."""
+    from memformer.blocks import block_summaries
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, D, bs, W = 2, 2, 8, 4, 16
+    positions = torch.tensor([list(range(0, 10)) + list(range(16, 22)), list(range(3, 19))])   # block 2 empty in b0
+    slots = torch.randint(0, W, positions.shape, generator=g)
+    valid = torch.ones_like(positions, dtype=torch.bool)
+    valid[1, -1] = False
+    mem = _memory(B, Hkv, D, positions, g, valid, slots)
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=Hkv * D, num_attention_heads=Hkv, num_key_value_heads=Hkv))
+    cos, sin = rotary(torch.zeros(1), torch.arange(W)[None])
+    unit = (cos.pow(2) + sin.pow(2)).sqrt()
+    rot = (cos / unit, sin / unit)
+    for chunk in (1 << 16, 5):
+        S, filled = block_summaries(mem, bs, rot, apply_rotary_pos_emb, chunk=chunk)
+        assert S.shape == (B, Hkv, 6, D) and filled[0].tolist() == [True, True, True, False, True, True]
+        for b in range(B):
+            for blk in range(6):
+                rows = [r for r in range(positions.shape[1]) if valid[b, r] and int(positions[b, r]) // bs == blk]
+                if not rows:
+                    assert not filled[b, blk] and S[b, :, blk].abs().max() == 0
+                    continue
+                k = mem.keys[b:b + 1, :, rows]                                   # [1, Hkv, r, D]
+                c, s = rot[0][0][slots[b, rows]], rot[1][0][slots[b, rows]]
+                raw = apply_rotary_pos_emb(k, k, c[None], -s[None])[1]
+                torch.testing.assert_close(S[b, :, blk], raw[0].mean(1), atol=1e-5, rtol=1e-5)
+
+
+def test_choose_blocks_follows_each_groups_queries_and_keeps_the_prior():
+    from memformer.blocks import choose_blocks
+    D, nb = 16, 10
+    S = torch.randn(1, 2, nb, D) * 0.1
+    S[0, 0, 6] = S[0, 1, 2] = 0                                   # a block each head's queries point at
+    S[0, 0, 6, 0] = S[0, 1, 2, 1] = 5.0
+    filled = torch.ones(1, nb, dtype=torch.bool)
+    filled[0, 8] = False
+    q = torch.zeros(1, 4, 3, D)                                   # G = 2 query heads per kv head
+    q[0, :2, :, 0] = 4.0
+    q[0, 2:, :, 1] = 4.0
+    chosen = choose_blocks(q, S, filled, 1, 1.0)
+    assert chosen.tolist() == [[[6], [2]]]
+    both = choose_blocks(q, S, filled, 3, 1.0, prior=torch.tensor([[9, 0]]))
+    assert both[0, 0].tolist() == [0, 6, 9] and both[0, 1].tolist() == [0, 2, 9]       # prior + own, in order
+    assert 8 not in choose_blocks(q, S, filled, nb, 1.0).flatten().tolist()             # never an empty block
+    assert choose_blocks(q, S, filled, nb, 1.0).shape == (1, 2, nb - 1)
+
+
+def test_layers_choosing_every_block_read_what_reading_every_block_reads():
+    """choosing_blocks(n = every block): each layer's choice is all blocks, so the logits and the
+    generated token equal reading_blocks(all); the layers keep what they chose, the runtime is
+    restored, and n, the prior and an empty memory are validated."""
+    torch.manual_seed(0)
+    cfg = MemoryConfig(window=28, sink_tokens=4, overlap=0, top_k=4, block_size=4)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
+    with pytest.raises(ValueError, match="nothing is memorized"):
+        with model.choosing_blocks(2):
+            pass
+    ids, question = torch.randint(3, 100, (1, 28)), torch.randint(3, 100, (1, 5))
+    model.memorize(ids, show_progress=False)
+    n = model.memory_blocks()
+    local = torch.cat([ids[:, :4], question], 1)
+    with torch.no_grad():
+        with model.reading_blocks(list(range(1, n))):
+            want = model(local).logits
+        with model.choosing_blocks(n - 1):
+            got = model(local).logits
+            out = model.generate(question, max_new_tokens=2, do_sample=False)
+        with model.reading_blocks(list(range(1, n))):
+            ref = model.generate(question, max_new_tokens=2, do_sample=False)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out, ref)
+    for m in model.memory_modules.values():
+        assert m.chosen.tolist() == [[list(range(1, n))] * model.config.num_key_value_heads]   # block 0 is the sink's
+    rt = model.runtime
+    assert rt.choose_blocks == 0 and rt.pinned_blocks is None and rt.row_rotation is None
+    with torch.no_grad(), model.choosing_blocks(2, prior=[3]):
+        model(local)
+    assert all(3 in row for m in model.memory_modules.values() for row in m.chosen[0].tolist())
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        with model.choosing_blocks(0):
+            pass
+    with pytest.raises(ValueError, match="prior blocks exceed"):
+        with model.choosing_blocks(1, prior=[2, 3]):
+            pass
+
+
+@pytest.mark.parametrize("chooser", ["layers", "both"])
+def test_ask_with_blocks_chosen_by_the_layers(chooser):
+    """block_chooser "layers" / "both": ask() reads, in every memory layer, question_blocks blocks
+    per kv head that the layer chose (with "both", the embedder's best passage among them); the
+    answer is what generate gives inside the same choosing_blocks."""
+    torch.manual_seed(0)
+    bs, n = 16, 6
+    cfg = MemoryConfig(window=64, sink_tokens=2, overlap=8, top_k=4, block_size=bs, question_blocks=n,
+                       block_chooser=chooser)
+    model = MemformerForCausalLM(tiny_backbone("llama"), char_tokenizer(), cfg, embedder=HashedWords(256))
+    words = _filler(200, 3).split()
+    model.memorize(" ".join(words[:120] + [PLANT] + words[120:]) + ".", show_progress=False)
+    question = "Where is the zebraquartz?"
+    answer = model.ask(question, max_new_tokens=3, record=True)
+    Hkv = model.config.num_key_value_heads
+    chosen = {i: m.chosen for i, m in model.memory_modules.items()}
+    assert all(c.shape == (1, Hkv, n) for c in chosen.values())
+    for i, calls in model.recorded_reads().items():
+        for rows, _ in calls:
+            assert rows.shape[1] == model.config.num_attention_heads and rows.shape[-1] == n * bs
+    prior = model._blocks_under(model.passages.search(question), "own", n // 2) if chooser == "both" else []
+    assert all(set(prior) <= set(row) for c in chosen.values() for row in c[0].tolist())
+    x = model.prompt_ids(question)
+    with model.choosing_blocks(n, prior=prior or None):
+        out = model.generate(x, max_new_tokens=3, do_sample=False)
+    assert answer == model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()

@@ -104,7 +104,7 @@ def _fake_model(btok, **cfg):
 def test_runner_streams_records_and_resumes(btok, tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(model, sample, mode):          # memory answers right, rag a loop, truncate nothing
+    def fake_run(model, sample, mode, cache_dir=None):          # memory answers right, rag a loop, truncate nothing
         calls.append(mode)
         text = {"memory": " ".join(sample.expected), "rag": "1" * 20, "truncate": ""}[mode]
         score = ruler.string_match_all(text, sample.expected)
@@ -136,6 +136,7 @@ def test_cli_ruler_end_to_end(tiny_dir, tmp_path, capsys, fake_minilm):   # noqa
     hay.write_text(" ".join(f"Sentence {i} of a held-out essay about rivers and {i % 5} boats." for i in range(300)))
     out = tmp_path / "ruler"
     argv = ["eval", "ruler", "--model", str(tiny_dir), "--window", "256", "--lengths", "1200", "--samples", "1",
+            "--cache-dir", str(tmp_path / "cache"),
             "--tasks", "niah_single_1,niah_multikey_1,vt", "--haystack", str(hay), "--out", str(out)]
     assert _main(*argv) == 0
     records = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
@@ -145,6 +146,7 @@ def test_cli_ruler_end_to_end(tiny_dir, tmp_path, capsys, fake_minilm):   # noqa
     report = (out / "ruler.md").read_text()
     assert "essay.txt" in report and "| vt | 1200 |" in report and "memory looping" in report
     assert (out / "ruler_accuracy.png").stat().st_size > 5000
+    assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) == 3     # a memory per document
     assert json.loads((out / "run.json").read_text())["haystack"] == "essay.txt"
     assert _main(*argv, "--resume") == 0
     assert [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()] == records

@@ -23,6 +23,8 @@ def register(ev) -> None:
     p.add_argument("--out", default="benchmarks/results/ruler", help="folder for the tables, plot and trials.jsonl")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished samples in OUT/trials.jsonl and run only the missing ones")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep each document's memory here and reuse it (runs that differ only in read settings)")
     p.set_defaults(func=cmd_eval_ruler)
 
 
@@ -54,7 +56,7 @@ def cmd_eval_ruler(args) -> int:
     args.trials, args.needles_per_doc = args.samples, 1        # for the report header
     ran = run_trials(prog, args, lambda model, out: ruler.evaluate(
         model, tasks, lengths, args.samples, modes=modes, seed=args.seed, haystack=args.haystack, out_dir=out,
-        resume=args.resume))
+        resume=args.resume, cache_dir=args.cache_dir))
     if ran is None:
         return 2
     model, out, results, seconds = ran

@@ -312,8 +312,10 @@ def haystack_text(path=None) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------- running
-def run_sample(model, sample: RulerSample, mode: str) -> dict:
-    """Read the sample's document in `mode` and complete its cue: one record."""
+def run_sample(model, sample: RulerSample, mode: str, cache_dir=None) -> dict:
+    """Read the sample's document in `mode` and complete its cue: one record. cache_dir: mode
+    memory reuses the memory saved there for the same document and memory-writing settings
+    (`memformer.qa.longdoc.memory_key`), so runs that differ only in how memory is read share it."""
     from memformer.qa import longdoc as qa
     t0 = time.perf_counter()
     rec = dict(id=record_id(sample.task, sample.length, sample.index, mode), task=sample.task,
@@ -321,7 +323,8 @@ def run_sample(model, sample: RulerSample, mode: str) -> dict:
                depth=sample.needle_depths[0] if sample.needle_depths else 0.0,
                needle_depths=sample.needle_depths, expected=sample.expected)
     try:
-        ctx = qa.prepare(model, [sample.document], mode, show_progress=False)
+        ctx = qa.prepare(model, [sample.document], mode, show_progress=False,
+                         cache_dir=cache_dir if mode == "memory" else None)
         # evidence=0: no retrieval recording, which only costs time here
         text = qa.answer(model, ctx, cue=sample.cue, max_new_tokens=sample.max_new_tokens, evidence=0).text
     except qa.DoesNotFit:
@@ -336,11 +339,13 @@ def record_id(task: str, length: int, index: int, mode: str) -> str:
 
 
 def evaluate(model, tasks=DEFAULT_TASKS, lengths=(16384,), samples: int = 10, modes=("memory", "rag", "truncate"),
-             seed: int = 0, haystack=None, out_dir=None, resume: bool = False, show_progress: bool = True) -> list[dict]:
+             seed: int = 0, haystack=None, out_dir=None, resume: bool = False, show_progress: bool = True,
+             cache_dir=None) -> list[dict]:
     """Every task x length x sample in every mode; returns the records (task, length, index
     order, modes in the order given). haystack: a file for the essay tasks (default Python's
     documentation topics). Records stream to out_dir/trials.jsonl (resumable with resume=True
-    when the settings that decide the outcome are unchanged)."""
+    when the settings that decide the outcome are unchanged). cache_dir: memories kept there
+    (`run_sample`)."""
     from memformer.eval.needle import check_modes
     if model.tokenizer is None:
         raise ValueError("the RULER evaluation needs a model with a tokenizer")
@@ -372,7 +377,7 @@ def evaluate(model, tasks=DEFAULT_TASKS, lengths=(16384,), samples: int = 10, mo
                     results.append(log.get(rid))
                     continue
                 sample = sample or build(*job)
-                rec = run_sample(model, sample, mode)
+                rec = run_sample(model, sample, mode, cache_dir)
                 if log is not None:
                     log.append(rec)
                 results.append(rec)
