@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -562,18 +563,23 @@ class MemformerForCausalLM(nn.Module):
 
     @torch.no_grad()
     def ask(self, question: str | None = None, *, cue: str | None = None, max_new_tokens: int = 64,
-            system: str | None = None, record: bool = False, **generate_kwargs) -> str:
+            system: str | None = None, record: bool = False, return_dict: bool = False, **generate_kwargs):
         """Answer a question from memory (greedy); returns the decoded answer text.
 
-        Question reads: the passages of the memorized text nearest to the question (or cue) pick
-        `MemoryConfig.question_blocks` memory blocks, and every memory layer reads them while the
-        answer is generated (`question_read`). record: keep the attention each memory row drew
-        (`memformer.qa.evidence`)."""
+        Question reads: `MemoryConfig.question_blocks` memory blocks, chosen as
+        `MemoryConfig.block_chooser` says, are read by every memory layer while the answer is
+        generated (`question_read`). Generation stops at a degenerate loop, which is cut back to one
+        copy of its unit (`memformer.decoding`). record: keep the attention each memory row drew
+        (`memformer.qa.evidence`). return_dict: return an `AskOutput` (text, loop_cut) instead."""
+        from transformers import StoppingCriteriaList
+        from memformer.decoding import LoopStop, cut_loop
         x = self.prompt_ids(question, cue=cue, system=system)
+        stops = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), LoopStop(self.tokenizer)])
         with self.question_read(question if cue is None or not cue.strip() else cue):
             out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
-                                **generate_kwargs)
-        return self.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+                                stopping_criteria=stops, **generate_kwargs)
+        text, cut = cut_loop(self.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip())
+        return AskOutput(text, cut) if return_dict else text
 
     def question_read(self, query: str):
         """Context manager: every memory layer reads `MemoryConfig.question_blocks` memory blocks
@@ -794,6 +800,13 @@ class MemformerForCausalLM(nn.Module):
 
     def load_adapter(self, path) -> None:
         persistence.load_adapter(self, path)
+
+
+@dataclass
+class AskOutput:
+    """`ask(..., return_dict=True)`: the answer text and whether a degenerate loop was cut from it."""
+    text: str
+    loop_cut: bool
 
 
 def _is_memory_param(name: str) -> bool:

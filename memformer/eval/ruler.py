@@ -46,6 +46,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from memformer.decoding import looping  # noqa: F401 (re-exported: the eval's loop check)
 from memformer.eval.plots import TrialLog, length_label, ordered_modes
 from memformer.loading import encode_text
 
@@ -134,15 +135,6 @@ def string_match_all(answer: str, expected: list[str]) -> float:
     characters read as newlines, as RULER's post-processing does)."""
     pred = re.sub(r"[\x00-\x1f]", "\n", answer).strip().lower()
     return sum(r.lower() in pred for r in expected) / len(expected)
-
-
-_LOOP = re.compile(r"(\S.{0,15}?)\1{7,}", re.DOTALL)
-
-
-def looping(answer: str) -> bool:
-    """A degenerate answer: some unit of 1-16 characters (not blank) repeated 8 or more times in
-    a row ("1111111111", "*****...", "the the the ..."), which no RULER answer holds."""
-    return _LOOP.search(answer) is not None
 
 
 # ---------------------------------------------------------------------- haystacks
@@ -326,11 +318,14 @@ def run_sample(model, sample: RulerSample, mode: str, cache_dir=None) -> dict:
         ctx = qa.prepare(model, [sample.document], mode, show_progress=False,
                          cache_dir=cache_dir if mode == "memory" else None)
         # evidence=0: no retrieval recording, which only costs time here
-        text = qa.answer(model, ctx, cue=sample.cue, max_new_tokens=sample.max_new_tokens, evidence=0).text
+        ans = qa.answer(model, ctx, cue=sample.cue, max_new_tokens=sample.max_new_tokens, evidence=0)
     except qa.DoesNotFit:
         return dict(rec, status="n/a", score=None, correct=None, answer=None, looping=None, seconds=0.0)
+    text = ans.text
     score = string_match_all(text, sample.expected)
-    return dict(rec, status="ok", score=score, correct=score == 1.0, answer=text, looping=looping(text),
+    # looping: generation ran into a loop (cut back by the library's loop stop) or still holds one
+    return dict(rec, status="ok", score=score, correct=score == 1.0, answer=text,
+                looping=ans.loop_cut or looping(text),
                 seconds=round(time.perf_counter() - t0, 2))
 
 

@@ -51,7 +51,8 @@ class Answer:
     best-scoring passages (the first ones put in the prompt); truncate, full — none.
     memory_share (memory mode): mean fraction of attention, over layers, heads and answer
     tokens, that went to memory. corpus_evidence (memory mode with a corpus memory attached):
-    the corpus documents drawn on, `memformer.corpus.corpus_evidence` dicts."""
+    the corpus documents drawn on, `memformer.corpus.corpus_evidence` dicts. loop_cut: generation
+    ran into a degenerate loop, cut back to one copy of its unit (`memformer.decoding`)."""
     mode: str
     text: str
     evidence: list[EvidenceSpan] = field(default_factory=list)
@@ -59,6 +60,7 @@ class Answer:
     memory_share: float | None = None
     prompt_tokens: int = 0
     seconds: float = 0.0
+    loop_cut: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,7 +232,8 @@ class LongDocQA:
             else:
                 context = self.corpus.ids if mode == "full" else self.tail
             x = self._prompt(context, question, cue, full=mode == "full")
-            ans = Answer(mode, self._generate(x, max_new_tokens), prompt_tokens=x.shape[1])
+            text, cut = self._generate(x, max_new_tokens)
+            ans = Answer(mode, text, prompt_tokens=x.shape[1], loop_cut=cut)
             if mode == "rag" and evidence > 0:              # the best passages, as embedded (unmerged)
                 ans.evidence = [self._span(p.start, p.end, p.score) for p in ranked[:evidence]]
         ans.seconds = time.perf_counter() - t0
@@ -241,8 +244,9 @@ class LongDocQA:
         self._check_memory()
         model = self.model
         corpus = evidence > 0 and model.corpus_attached
-        text = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0)
-        ans = Answer("memory", text, prompt_tokens=model.prompt_ids(question, cue=cue).shape[1])
+        out = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0, return_dict=True)
+        ans = Answer("memory", out.text, prompt_tokens=model.prompt_ids(question, cue=cue).shape[1],
+                     loop_cut=out.loop_cut)
         if corpus:
             ans.corpus_evidence = model.corpus_evidence(top=evidence)
         if evidence > 0:          # (drops the recordings, own and corpus, once read)
@@ -317,17 +321,20 @@ class LongDocQA:
             return x
         return x[:, -model.local_window:]
 
-    def _generate(self, x: torch.Tensor, max_new_tokens: int) -> str:
+    def _generate(self, x: torch.Tensor, max_new_tokens: int) -> tuple[str, bool]:
         """Greedy answer of the frozen backbone on exactly x [1, T]: no sink prefix and no memory,
         however the context was prepared (model.generate would also move all but the last window
-        to memory)."""
+        to memory). Stops at a degenerate loop as `ask` does; returns (text, whether one was cut)."""
+        from transformers import StoppingCriteriaList
+        from memformer.decoding import LoopStop, cut_loop
         model = self.model
         with model.memory_disabled():
             dev = model.device
             out = model.backbone.generate(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev),
                                           pad_token_id=model._pad_id(), max_new_tokens=max_new_tokens,
-                                          do_sample=False).cpu()
-        return model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+                                          do_sample=False,
+                                          stopping_criteria=StoppingCriteriaList([LoopStop(model.tokenizer)])).cpu()
+        return cut_loop(model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip())
 
 
 def _check_mode(mode: str) -> str:

@@ -1,0 +1,51 @@
+"""Answers that end where a degenerate loop would begin.
+
+A greedy 135M backbone that does not find what it is asked for tends to repeat one short unit
+until the token budget runs out ("1111111…", "*****…"): its prior for the next token after an
+unanswerable "…is" is a digit or a reST underline, and greedy decoding never leaves it. The same
+happens with RAG and truncation, whatever the memory read. Every answer memformer generates
+(`MemformerForCausalLM.ask`, the baselines of `memformer.qa.longdoc`) therefore stops as soon as
+its text holds a unit of 1-16 characters repeated 8 or more times in a row (`LoopStop`), and the
+loop is cut back to one copy of its unit (`cut_loop`): the user gets a short answer, and the
+caller is told that it was cut.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers import StoppingCriteria
+
+LOOP = re.compile(r"(\S.{0,15}?)\1{7,}", re.DOTALL)
+TAIL_TOKENS = 64            # generated tokens decoded at each step to look for a loop
+
+
+def looping(text: str) -> bool:
+    """True when some unit of 1-16 characters (not blank) repeats 8+ times in a row."""
+    return LOOP.search(text) is not None
+
+
+def cut_loop(text: str) -> tuple[str, bool]:
+    """(text with its first loop cut back to one copy of the unit, whether a loop was cut)."""
+    m = LOOP.search(text)
+    if m is None:
+        return text, False
+    return (text[:m.start()] + m.group(1)).strip(), True
+
+
+class LoopStop(StoppingCriteria):
+    """Stops a sequence once its generated text (the last `TAIL_TOKENS` tokens of it) loops.
+
+    The prompt's length is taken at the first call, which comes after the first new token, so a
+    prompt that itself holds a repeated unit (a Markdown rule, say) stops nothing."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.prompt_len: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1] - 1
+        new = input_ids[:, self.prompt_len:][:, -TAIL_TOKENS:]                 # [B, <= TAIL_TOKENS]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return torch.tensor([looping(t) for t in texts], dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,70 @@
+"""Answers stop at a degenerate loop (memformer.decoding): the check, the cut, the stopping
+criterion, and ask / LongDocQA answers on a tiny model whose greedy output loops."""
+import torch
+
+from conftest import HashedWords, tiny_backbone
+from memformer import MemformerForCausalLM, MemoryConfig
+from memformer.decoding import LoopStop, cut_loop, looping
+from test_blocks import _filler, char_tokenizer
+
+
+def test_looping_and_cut_loop():
+    for loop in ("111111111111111", "**************", "the the the the the the the the the", "1, 2, " * 8):
+        assert looping(loop), loop
+    for fine in ("1234567", "1111111", "The special magic number is 7654321.", "SCBJV TOERZ MGAXP", "", "   " * 20):
+        assert not looping(fine) and cut_loop(fine) == (fine, False), fine
+    assert cut_loop("**8041831.** The number is **1111111111111111111") == ("**8041831.** The number is **1", True)
+    assert cut_loop("1111111111111") == ("1", True)
+    assert cut_loop("zebra zebra zebra zebra zebra zebra zebra zebra zebra") == ("zebra", True)
+
+
+def test_loop_stop_looks_at_the_generated_tokens_only():
+    tok = char_tokenizer()
+    ids = lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]])
+    stop = LoopStop(tok)
+    prompt = "---------------- rule, then a cue:"                 # the prompt itself repeats a unit
+    assert not stop(ids(prompt + "4"), None).item()               # first call: prompt + one new token
+    assert stop.prompt_len == ids(prompt).shape[1]
+    assert not stop(ids(prompt + "4211"), None).item()
+    assert stop(ids(prompt + "42" + "1" * 9), None).item()
+    both = torch.cat([ids("ab" + "x" * 10), ids("ab" + "xyz" * 3 + "q")])
+    s2 = LoopStop(tok)
+    s2.prompt_len = 2
+    assert s2(both, None).tolist() == [True, False]
+
+
+def _always(model, token: int) -> None:
+    """Make the backbone's head always prefer `token`: its greedy answers are that token repeated."""
+    head = model.backbone.lm_head
+    fixed = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        fixed.weight.zero_()
+        fixed.bias.zero_()
+        fixed.bias[token] = 10.0
+    model.backbone.lm_head = fixed
+
+
+def test_ask_and_baselines_stop_at_a_loop_and_say_so():
+    """A backbone whose greedy answer is "1111…": ask stops after the loop shows (not at the
+    token budget) and returns one "1" with loop_cut True; a LongDocQA baseline answer does the
+    same; without the loop, nothing is cut."""
+    from memformer.qa import longdoc as qa
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = MemformerForCausalLM(tiny_backbone("llama"), tok,
+                                 MemoryConfig(window=64, sink_tokens=2, overlap=8, block_size=16, question_blocks=2),
+                                 embedder=HashedWords(256))
+    model.memorize(_filler(60, 1), show_progress=False)
+    one = tok("1", add_special_tokens=False)["input_ids"][0]
+    _always(model, one)
+    steps = []
+    real = model.backbone.forward
+    model.backbone.forward = lambda *a, **kw: steps.append(1) or real(*a, **kw)
+    out = model.ask(cue="The river is", max_new_tokens=80, return_dict=True)
+    assert out.loop_cut and out.text == "1" and len(steps) < 20            # stopped at 8 repeats, not at 80
+    assert model.ask(cue="The river is", max_new_tokens=80) == "1"
+    ctx = qa.prepare(model, [_filler(60, 1)], "truncate", show_progress=False)
+    ans = qa.answer(model, ctx, cue="The river is", max_new_tokens=80, evidence=0)
+    assert ans.loop_cut and ans.text == "1"
+    short = model.ask(cue="The river is", max_new_tokens=5, return_dict=True)   # 5 ones: no loop yet
+    assert short.text == "11111" and not short.loop_cut
