@@ -698,3 +698,24 @@ def test_linear_cross_entropy_without_gradient_and_fallbacks():
     linear_cross_entropy(h, trainable, y).sum().backward()
     assert trainable.weight.grad is not None and trainable.bias.grad is not None
     assert linear_cross_entropy(torch.zeros(0, 8), head, torch.zeros(0, dtype=torch.long)).shape == (0,)
+
+
+def test_the_curriculum_holds_no_evaluation_format():
+    """Every synthetic task's text is the curriculum's own: no RULER template, needle or noise
+    haystack, no prompt, filler or name of the passkey / needle evaluations (they stay held out)."""
+    from memformer.eval import needle as needle_eval, passkey as passkey_eval, ruler
+    from training import data
+    tok = ByteTokenizer()
+    rng = random.Random(0)
+    text = tok("filler words of a real document. " * 60, add_special_tokens=False)["input_ids"]
+    samples = [data.passkey_sample(tok, rng, 600, local=100, answer_only=False) for _ in range(20)]
+    samples += [data.kv_sample(tok, rng, 600, local=100, answer_only=False) for _ in range(10)]
+    samples += [data.needles_sample(tok, rng, 900, local=100, answer_only=False, text=text) for _ in range(40)]
+    samples += [data.facts_sample(tok, rng, 1200, local=100, answer_only=False, text=text) for _ in range(40)]
+    decoded = "\n".join(tok.decode(s.ids) for s in samples).lower()
+    banned = ["special magic", "provided text", "variables are assgined", "var ", ruler.NOISE, passkey_eval.TASK,
+              passkey_eval.FILLER, "pass key", "the grass is green", "the sky is blue"]
+    banned += passkey_eval.NAMED_QUESTION.split("{")[:1] + [needle_eval.VARIANTS[0]]
+    assert not [b for b in banned if b.lower() in decoded]
+    assert not set(data.NAMES) & set(passkey_eval.NAMES)
+    assert "the code to keep in mind is" in decoded and "locker combination" in decoded

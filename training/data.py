@@ -203,17 +203,46 @@ def pack_document(ids: list[int], seq_len: int, min_tokens: int) -> list[list[in
     return [c for c in chunks if len(c) >= min_tokens]
 
 
+# The training curriculum's own formats. None of them is a prompt, needle, filler or name of the
+# evaluations (memformer.eval: the passkey prompt and its grass/sky filler, which is also RULER's
+# noise haystack; RULER's "special magic" needles; the needle eval's names), so that the
+# evaluations stay held out.
+KEY_HEAD = "Somewhere in the notes below a code is written down. Keep it in mind.\n"
+KEY_FILLER = ("Rain fell on the hills all morning.", "A cart rolled slowly down the lane.",
+              "Bread was cooling on the window sill.", "The clock in the hall kept ticking.",
+              "Small boats rocked at the pier.", "Snow lay thin on the roofs.", "A dog barked twice, then slept.",
+              "Lamps came on along the street.", "The kettle began to whistle.", "Leaves gathered by the gate.")
+KEY_NEEDLE = " The code to keep in mind is {key}. Once more, the code is {key}."
+KEY_QUESTION = "\nWhich code was written down in the notes? The code is"
+NAMES = ("Abel", "Bianca", "Cyrus", "Dagny", "Elio", "Fenna", "Gideon", "Hester", "Ilse", "Joaquin", "Kirsi",
+         "Leopold", "Maren", "Nils", "Odile", "Pietro", "Rhea", "Soren", "Thea", "Ugo", "Valeska", "Wim", "Xenia",
+         "Yorick", "Zelda", "Alma", "Bertil", "Clio", "Dorian", "Edda", "Florin", "Gisela", "Hamish", "Inka",
+         "Jasper", "Kaija", "Lorcan", "Minna", "Nestor", "Olwen", "Pavel", "Roisin", "Silas", "Tove", "Ulla",
+         "Vito", "Wren", "Yvette")
+
+
 def passkey_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool) -> Sample:
-    """A passkey prompt (memformer.eval.passkey) followed by its answer; the needle lies before the
-    last `local` tokens, so only memory can supply it."""
-    from memformer.eval.passkey import make_prompt
-    key = int(_number(rng))
-    answer = _encode(tokenizer, f" {key}.")
-    max_depth = max(0.0, (seq_len - local) / seq_len - 0.05)
-    ids, _ = make_prompt(tokenizer, seq_len - len(answer), rng.uniform(0.0, max_depth), key)
-    if len(ids) + len(answer) > seq_len:
-        raise ValueError(f"a passkey sample needs {len(ids) + len(answer)} tokens, more than seq_len {seq_len}; "
-                         f"raise data.seq_len or drop passkey from data.synthetic_tasks")
+    """A code in filler text (the training curriculum's own format: `KEY_HEAD`, sentences drawn from
+    `KEY_FILLER`, `KEY_NEEDLE` at a random depth, `KEY_QUESTION`), followed by the code; the
+    needle lies before the last `local` tokens, so only memory can supply it."""
+    key = _number(rng)
+    head, question = _encode(tokenizer, KEY_HEAD), _encode(tokenizer, KEY_QUESTION)
+    needle, answer = _encode(tokenizer, KEY_NEEDLE.format(key=key)), _encode(tokenizer, f" {key}.")
+    room = seq_len - len(head) - len(needle) - len(question) - len(answer)
+    if room < local:
+        raise ValueError(f"a passkey sample needs more than seq_len {seq_len} tokens; raise data.seq_len "
+                         f"or drop passkey from data.synthetic_tasks")
+    filler: list[int] = []
+    while True:
+        sentence = _encode(tokenizer, " " + rng.choice(KEY_FILLER))
+        if len(filler) + len(sentence) > room:
+            break
+        filler += sentence
+    # the needle goes between sentences, beyond the local window of the question
+    bounds = [0] + [i + 1 for i, t in enumerate(filler) if tokenizer.decode([t]).endswith(".")]
+    far = [b for b in bounds if len(filler) - b + len(question) >= local] or [0]
+    at = rng.choice(far)
+    ids = head + filler[:at] + needle + filler[at:] + question
     targets = [not answer_only] * len(ids) + [True] * len(answer)
     return Sample(ids + answer, targets, -1, "passkey")
 
@@ -279,7 +308,7 @@ def _uuid(rng: random.Random) -> str:
 # so the value's tokens begin right after the cue. Several phrasings per kind, so that what is
 # learned is the copy of whatever follows the matching cue, not one sentence.
 NEEDLE_KINDS = {
-    "number": (("The pass key of {name} is {value}.", "The number assigned to {name} is {value}.",
+    "number": (("The locker combination of {name} is {value}.", "The number assigned to {name} is {value}.",
                 "Note that the account number of {name} is {value}."), lambda tok, rng: _number(rng)),
     "code": (("The secret code of {name} is {value}.", "The access token of {name} is {value}."),
              lambda tok, rng: "".join(rng.choice("0123456789abcdef") for _ in range(rng.randint(6, 12)))),
@@ -292,12 +321,11 @@ NEEDLE_KINDS = {
 
 def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool,
                    text: list[int], needles: int = 4, queries: int = 2) -> Sample:
-    """Look-alike needles in real text: `needles` statements of one kind ("The pass key of Alice
-    is 48213.", one name each) planted at random depths of a real document's tokens `text`, all
-    before the last `local` tokens; then `queries` of them asked as cues ("The pass key of Alice
-    is") whose values, copied exactly, are the targets. Only memory holds the values, and the
-    other needles are look-alikes that differ in the name alone."""
-    from memformer.eval.passkey import NAMES
+    """Look-alike needles in real text: `needles` statements of one kind ("The locker combination
+    of Abel is 48213.", one name each) planted at random depths of a real document's tokens `text`,
+    all before the last `local` tokens; then `queries` of them asked as cues ("The locker
+    combination of Abel is") whose values, copied exactly, are the targets. Only memory holds the
+    values, and the other needles are look-alikes that differ in the name alone."""
     kind = rng.choice(sorted(NEEDLE_KINDS))
     statements, make = NEEDLE_KINDS[kind]
     statement = rng.choice(statements)
@@ -368,7 +396,6 @@ def facts_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer
     before the last `local` tokens; then `queries` of them asked, each either as a free-form question
     in the chat template (the answer restates the statement, whose value completes it) or as a cue
     (the statement up to its value). The answers are the targets; only memory holds the values."""
-    from memformer.eval.passkey import NAMES
     attrs = rng.sample(sorted(FACT_ATTRIBUTES), facts)
     subjects = [rng.choice(FACT_SUBJECTS).format(word=_word(tokenizer, rng), name=rng.choice(NAMES))
                 for _ in range(facts)]
