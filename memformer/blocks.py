@@ -20,76 +20,55 @@ from memformer.kernels import knn_attention
 
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,
                     row_rotation, slot_rotation, local_mask=None, mem_bias=None, with_probs: bool = False):
-    """Attention over [local keys ‖ rows of the memory blocks read], one softmax per query.
+    """Attention over [local keys ‖ rows of the pinned memory blocks], one softmax per query.
 
     mem: LayerMemory [B or 1, Hkv, M, D] (keys, values, positions, slots, valid [B or 1, M]).
     q_rot [B, Hq, T, D]: queries rotated at their local positions.
     k_local, v_local [B, Hkv, S, D]: local keys/values (queries are the last T of S unless
         local_mask says otherwise); mem_bias [Hq]: the memory gate, added to memory logits.
-    blocks: [B, n] block ids read by every head (`MemformerForCausalLM.reading_blocks`), or
-        [B, Hkv, n]: each kv head (and the G query heads of its group) reads its own blocks
-        (`choose_blocks`).
+    blocks [B, n]: block ids read by every query (`MemformerForCausalLM.reading_blocks`).
     row_rotation: (cos, sin) [1, R', D] of positions -R' .. -1, R' >= n*block_size: rows are
         rotated by their slot in the contiguous layout (the last R slots when fewer rows exist)
         with `rotary_fn` (the backbone's apply_rotary_pos_emb).
     slot_rotation: (cos, sin) [1, W, D] of positions 0 .. W-1 with unit scale: undoes the rotation
         each row was stored with, at its window slot (`mem.slots`).
     returns (out [B, Hq, T, D] in q_rot's dtype,
-             rows: memory rows read (-1 = none), [B, 1, T, R] for shared blocks (the same for every
-                 head), [B, Hq, T, R] for per-head blocks,
-             probs: their attention probability, same shape (shared blocks: mean over heads); None
-                 unless with_probs).
+             rows [B, 1, T, R] memory rows read (-1 = none; same for all heads),
+             probs [B, 1, T, R] their attention probability, mean over heads; None unless with_probs).
     """
     B, Hq, T, D = q_rot.shape
-    dev = q_rot.device
-    per_head = blocks.dim() == 3
-    Hb = blocks.shape[1] if per_head else 1                                           # heads with their own blocks
     # a corpus memory (batch 1) is one stream read by every sequence
-    positions = mem.positions.to(dev).expand(B, -1)                                   # [B, M]
-    valid = mem.valid.to(dev).expand(B, -1)                                           # [B, M]
+    positions = mem.positions.to(q_rot.device).expand(B, -1)                          # [B, M]
+    valid = mem.valid.to(q_rot.device).expand(B, -1)                                  # [B, M]
     block_of_row = torch.where(valid, positions // block_size, -1)                    # [B, M]
-    top = (blocks if per_head else blocks[:, None]).to(dev).expand(B, Hb, -1)         # [B, Hb, n]
-    top = top.sort(dim=-1).values                                                     # document order
-    n = top.shape[-1]
+    top_blocks = blocks.to(q_rot.device).expand(B, -1).sort(dim=-1).values            # [B, n] document order
 
-    # rows of the chosen blocks: [B, Hb, n*block_size], -1 where a block is short or evicted
-    start = torch.searchsorted(positions.contiguous(), (top * block_size).reshape(B, -1).contiguous())
-    rows = start.view(B, Hb, n, 1) + torch.arange(block_size, device=dev)             # [B, Hb, n, bs]
+    # rows of the chosen blocks: [B, n*block_size], -1 where a block is short or evicted
+    start = torch.searchsorted(positions.contiguous(), (top_blocks * block_size).contiguous())  # [B, n]
+    rows = start[..., None] + torch.arange(block_size, device=q_rot.device)           # [B, n, bs]
     M = positions.shape[1]
-    rc = rows.clamp(max=max(M - 1, 0)).reshape(B, -1)                                 # [B, Hb*n*bs]
-    same = block_of_row.gather(1, rc).view_as(rows) == top[..., None]
-    rows = torch.where((rows < M) & same, rows, -1).view(B, Hb, -1)                   # [B, Hb, R]
+    rc = rows.clamp(max=max(M - 1, 0)).reshape(B, -1)
+    same = block_of_row.gather(1, rc).view_as(rows) == top_blocks[..., None]
+    rows = torch.where((rows < M) & same, rows, -1).view(B, -1)                       # [B, R]
     R = rows.shape[-1]
 
-    if per_head:
-        keys, values = gather_rows(mem, rows, per_head=True)                          # [B, Hkv, R, D] float
-    else:
-        keys, values = gather_rows(mem, rows[:, 0])                                   # [B, Hkv, R, D] float
-    Hkv = keys.shape[1]
-    slots = mem.slots.to(dev).expand(B, -1).gather(1, rows.clamp(min=0).view(B, -1)).clamp(min=0)
-    cos, sin = (x[0].to(keys.device, keys.dtype)[slots.view(B * Hb, R)] for x in slot_rotation)  # [B*Hb, R, D]
-    # undo each row's rotation at its slot: [B*Hb, Hkv/Hb, R, D] against [B*Hb, R, D] rotations
-    keys = rotary_fn(keys.view(B * Hb, Hkv // Hb, R, D), keys.view(B * Hb, Hkv // Hb, R, D), cos, -sin)[1]
-    keys = keys.view(B, Hkv, R, D)                                                    # un-rotated
+    keys, values = gather_rows(mem, rows)                                             # [B, Hkv, R, D] float
+    slots = mem.slots.to(rows.device).expand(B, -1).gather(1, rows.clamp(min=0)).clamp(min=0)  # [B, R]
+    cos, sin = (x[0].to(keys.device, keys.dtype)[slots] for x in slot_rotation)      # [B, R, D]
+    keys = rotary_fn(keys, keys, cos, -sin)[1]                                        # un-rotated
     cos, sin = (x.to(keys.device, keys.dtype) for x in row_rotation)                 # [1, R', D]
     if cos.shape[1] < R:
         raise ValueError(f"row_rotation covers {cos.shape[1]} slots, the blocks read {R}")
     keys = rotary_fn(keys, keys, cos[:, -R:], sin[:, -R:])[1]                         # at -R .. -1
 
-    # the one softmax over [local keys ‖ block rows] is the kNN-attention kernel's: every query of
-    # a kv group reads the same R rows, so its ids are 0 .. R-1 (-1 where a row is missing)
-    G = Hq // Hkv
-    slot_ids = torch.where(rows < 0, -1, torch.arange(R, device=dev))                # [B, Hb, R]
-    head_ids = slot_ids.repeat_interleave(Hq // Hb, dim=1)                            # [B, Hq or 1.., R]
-    ids = head_ids[:, :, None, :].expand(B, Hq, T, R).contiguous()                    # [B, Hq, T, R]
+    # the one softmax over [local keys ‖ block rows] is the kNN-attention kernel's: every query reads
+    # the same R rows, so its ids are 0 .. R-1 (-1 where a row is missing)
+    slot_ids = torch.where(rows < 0, -1, torch.arange(R, device=rows.device))        # [B, R]
+    ids = slot_ids[:, None, None, :].expand(B, Hq, T, R).contiguous()
     res = knn_attention(q_rot, k_local, v_local, keys.to(q_rot.dtype), values.to(q_rot.dtype), ids,
                         scale=scale, local_mask=local_mask, mem_bias=mem_bias, return_mem_probs=with_probs)
-    if per_head:
-        read = rows.repeat_interleave(G, dim=1)[:, :, None, :].expand(B, Hq, T, R)    # [B, Hq, T, R]
-        probs = res[2].detach() if with_probs else None                               # [B, Hq, T, R]
-    else:
-        read = rows[:, :, None, :].expand(B, 1, T, R)                                 # [B, 1, T, R]
-        probs = res[2].mean(dim=1, keepdim=True).detach() if with_probs else None     # [B, 1, T, R]
+    read = rows[:, None, None, :].expand(B, 1, T, R)                                  # [B, 1, T, R]
+    probs = res[2].mean(dim=1, keepdim=True).detach() if with_probs else None         # [B, 1, T, R]
     return res[0], read, probs
 
 
@@ -131,54 +110,3 @@ def pinned_block_ids(model, blocks, source: str = "own") -> torch.Tensor:
         raise ValueError("reading_blocks: memory rows without their window slot (added without `slots`) "
                          "cannot be laid out; memorize() the text")
     return ids.expand(batch, -1).contiguous()
-
-
-def block_summaries(mem, block_size: int, slot_rotation, rotary_fn, chunk: int = 1 << 16):
-    """Each memory block's summary per kv head: the mean of its keys with their rotation undone
-    (a position-free centroid, so a query scores a block by content alone).
-
-    mem: LayerMemory [b, Hkv, M, D]; slot_rotation: (cos, sin) [1, W, D] at unit scale.
-    returns (summaries [b, Hkv, NB, D] float32, filled [b, NB] bool: the block holds a row),
-    NB = highest block id + 1. Rows are summed `chunk` at a time, so a large memory never exists
-    whole in float32."""
-    b, Hkv, M, D = mem.keys.shape
-    dev = mem.keys.device
-    valid, positions = mem.valid.to(dev), mem.positions.to(dev)                      # [b, M]
-    blk = torch.where(valid, positions // block_size, 0)                              # [b, M]
-    nb = int(blk.max()) + 1 if M else 0
-    sums = torch.zeros(b, Hkv, nb, D, device=dev)
-    count = torch.zeros(b, nb, device=dev)
-    count.scatter_add_(1, blk, valid.float())
-    for a in range(0, M, chunk):
-        rows = torch.arange(a, min(a + chunk, M), device=dev).expand(b, -1)           # [b, m]
-        keys, _ = gather_rows(mem, rows)                                              # [b, Hkv, m, D] float
-        slots = mem.slots.to(dev)[:, a:a + chunk].clamp(min=0)                        # [b, m]
-        cos, sin = (x[0].to(dev, keys.dtype)[slots] for x in slot_rotation)          # [b, m, D]
-        keys = rotary_fn(keys, keys, cos, -sin)[1] * valid[:, None, a:a + chunk, None]   # un-rotated, pads 0
-        idx = blk[:, None, a:a + chunk, None].expand(b, Hkv, -1, D)                   # [b, Hkv, m, D]
-        sums.scatter_add_(2, idx, keys)
-    return sums / count.clamp(min=1)[:, None, :, None], count > 0
-
-
-def choose_blocks(q: torch.Tensor, summaries: torch.Tensor, filled: torch.Tensor, n: int, scale: float,
-                  prior: torch.Tensor | None = None) -> torch.Tensor:
-    """The n blocks each kv head reads, chosen by the layer's own queries.
-
-    q [B, Hq, T, D]: the query chunk, not rotated (block summaries are position-free).
-    summaries [b, Hkv, NB, D], filled [b, NB] (`block_summaries`, b = B or 1).
-    prior [B, p] or None: blocks read whatever the queries say (the sentence embedder's, when a
-        question is known); they count towards n.
-    Each query's softmax over the blocks' summaries is averaged over the chunk and the G query
-    heads of a kv group: the blocks that group's attention would favour. returns [B, Hkv, n'] block
-    ids in document order, n' = min(n, filled blocks)."""
-    B, Hq, T, D = q.shape
-    b, Hkv, nb, _ = summaries.shape
-    G = Hq // Hkv
-    qg = q.float().reshape(B, Hkv, G * T, D)                                          # [B, Hkv, G*T, D]
-    logits = qg @ summaries.transpose(-1, -2).to(qg.device) * scale                   # [B, Hkv, G*T, NB]
-    logits = logits.masked_fill(~filled.to(qg.device)[:, None, None, :], float("-inf"))
-    relevance = logits.softmax(dim=-1).mean(dim=2)                                    # [B, Hkv, NB]
-    if prior is not None and prior.numel():
-        relevance = relevance.scatter(-1, prior.to(qg.device)[:, None, :].expand(B, Hkv, -1), 2.0)  # above any mean
-    k = min(n, int(filled.sum(dim=-1).min()))
-    return relevance.topk(k, dim=-1).indices.sort(dim=-1).values                      # [B, Hkv, k]

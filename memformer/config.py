@@ -14,7 +14,6 @@ from typing import Optional
 
 INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "faiss-ivfpq")
 EVICTIONS = ("fifo", "score", "none")
-BLOCK_CHOOSERS = ("embedder", "layers", "both")
 MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 _MAX_SIZE = 1 << 20     # bound on windows, k, blocks, layers, ranks: a corrupt file or a typo, not a config
 
@@ -34,11 +33,7 @@ class MemoryConfig:
         attention sink; they stay local and are never written to memory.
     overlap: tokens before each window's new tokens re-read as context (not written again).
     block_size: tokens per memory block (block b holds stream positions [b*size, (b+1)*size)).
-    question_blocks: blocks a question reads (`ask`), per kv head: the read budget in blocks.
-    block_chooser: who chooses them: "embedder" (the blocks under the passages the sentence
-        embedder finds nearest the question, the same for every layer and head), "layers" (each
-        memory layer's own queries score every block's summary, per kv head), or "both" (the
-        embedder's best passages fill half the budget, the layers choose the rest).
+    question_blocks: blocks a question reads (`ask`): those under the passages nearest the question.
     index: kNN backend over memory keys: "exact" (torch), or FAISS "faiss-flat", "faiss-ivf",
         "faiss-hnsw", "faiss-ivfpq". index_params go to the backend (e.g. {"nprobe": 32}, or
         {"storage_dir": path}: memory-mapped rows for memories larger than RAM, index "exact").
@@ -56,7 +51,6 @@ class MemoryConfig:
     overlap: int = 128
     block_size: int = 64
     question_blocks: int = 4
-    block_chooser: str = "embedder"
     index: str = "exact"
     index_params: dict = field(default_factory=dict)
     capacity: Optional[int] = None
@@ -102,7 +96,6 @@ class MemoryConfig:
              f"{self.sink_tokens} - overlap {self.overlap} < 1")
         need(int(self.block_size) >= 1, f"block_size must be >= 1, got {self.block_size}")
         need(int(self.question_blocks) >= 1, f"question_blocks must be >= 1, got {self.question_blocks}")
-        need(self.block_chooser in BLOCK_CHOOSERS, f"block_chooser {self.block_chooser!r} not in {BLOCK_CHOOSERS}")
         need(self.index in INDEX_KINDS, f"index {self.index!r} not in {INDEX_KINDS}")
         need(isinstance(self.index_params, dict), "index_params must be a dict")
         need(self.index_params.get("storage_dir") is None or self.index == "exact",

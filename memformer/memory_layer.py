@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from memformer.blocks import block_attention, block_summaries, choose_blocks, gather_rows
+from memformer.blocks import block_attention, gather_rows
 from memformer.kernels import knn_attention
 
 
@@ -29,11 +29,7 @@ class MemoryRuntime:
     record: each layer keeps the attention mass its memory rows received (evidence spans).
     top_k: keys retrieved per query head by kNN reads.
     block_size: tokens per memory block (question reads).
-    pinned_blocks: None, or block ids [B, n] every memory layer reads (`reading_blocks`; with
-        choose_blocks, the blocks read whatever the layers choose).
-    choose_blocks: 0, or the blocks each memory layer reads per kv head, chosen by its own queries
-        (`choosing_blocks`): the first call's queries past `choose_skip` (the sink) choose, and
-        later calls (generated tokens) read the same blocks.
+    pinned_blocks: None, or block ids [B, n] every memory layer reads (`reading_blocks`).
     pinned_source: "own" (the blocks are the layer's own memory's) or "corpus" (the attached
         corpus memory's).
     q_rotation: (cos, sin) of the window distance W: kNN reads move the query W further, so every
@@ -50,8 +46,6 @@ class MemoryRuntime:
     block_size: int = 64
     pinned_blocks: torch.Tensor | None = None
     pinned_source: str = "own"
-    choose_blocks: int = 0
-    choose_skip: int = 0
     q_rotation: tuple | None = None
     row_rotation: tuple | None = None
     slot_rotation: tuple | None = None
@@ -64,8 +58,7 @@ class MemoryAttention(nn.Module):
     Per layer: `memory` (this layer's LayerMemory, None until something is memorized), `corpus`
     (an attached read-only corpus memory, batch 1, shared by every sequence), `knn` (whether this
     layer runs kNN reads when no blocks are pinned), `pending` ((k, v) of the last writing pass,
-    which the model appends to `memory`), `chosen` (the blocks it chose to read, [B, Hkv, n],
-    under `choosing_blocks`), and with `runtime.record` the reads it made:
+    which the model appends to `memory`), and with `runtime.record` the reads it made:
     `reads` / `corpus_reads`, a list of (row ids, probs) [B, Hq or 1, T, K] per forward call."""
 
     def __init__(self, attn: nn.Module, layer_idx: int, rotary_fn, eager_fn, runtime: MemoryRuntime,
@@ -87,8 +80,6 @@ class MemoryAttention(nn.Module):
         self.memory = None
         self.corpus = None
         self.pending = None
-        self.chosen = None
-        self._summary = None       # (memory stamp, block summaries, filled): recomputed when memory changes
         self.reads: list = []
         self.corpus_reads: list = []
 
@@ -113,7 +104,7 @@ class MemoryAttention(nn.Module):
         else:
             k_all, v_all = k_rot, v
 
-        pinned = rt.pinned_blocks is not None or rt.choose_blocks > 0
+        pinned = rt.pinned_blocks is not None
         from_corpus = pinned and rt.pinned_source == "corpus"                  # question reads of a corpus
         reading = rt.read and rt.enabled and (pinned or self.knn)
         mem = (self.corpus if from_corpus else self.memory) if reading else None
@@ -129,15 +120,7 @@ class MemoryAttention(nn.Module):
 
         track = mem is not None and not from_corpus and getattr(mem, "tracks_attention", False)  # H2O eviction
         if pinned:                                                             # question reads
-            blocks = rt.pinned_blocks                                          # [B, n]
-            if rt.choose_blocks:
-                if self.chosen is None:                                        # the prompt chooses
-                    summaries, filled = self.block_summary(mem)
-                    chunk = q[:, :, rt.choose_skip:] if T > rt.choose_skip else q  # not the sink's queries
-                    self.chosen = choose_blocks(chunk, summaries, filled, rt.choose_blocks, attn.scaling,
-                                                prior=rt.pinned_blocks)        # [B, Hkv, n]
-                blocks = self.chosen
-            out, rows, probs = block_attention(mem, q_rot, k_all, v_all, blocks,
+            out, rows, probs = block_attention(mem, q_rot, k_all, v_all, rt.pinned_blocks,
                                                block_size=rt.block_size, scale=attn.scaling,
                                                rotary_fn=self.rotary_fn, row_rotation=rt.row_rotation,
                                                slot_rotation=rt.slot_rotation, local_mask=attention_mask,
@@ -176,15 +159,6 @@ class MemoryAttention(nn.Module):
             mem.record_attention(own_ids, res[2].detach())
         out = out.transpose(1, 2).reshape(B, T, Hq * D)                        # [B, T, Hq*D]
         return attn.o_proj(out), None
-
-
-    def block_summary(self, mem):
-        """`memformer.blocks.block_summaries` of `mem`, kept until the memory changes."""
-        rt = self.runtime
-        stamp = (id(mem), len(mem), int(mem.positions.max()) if len(mem) else -1, rt.block_size)
-        if self._summary is None or self._summary[0] != stamp:
-            self._summary = (stamp, *block_summaries(mem, rt.block_size, rt.slot_rotation, self.rotary_fn))
-        return self._summary[1], self._summary[2]
 
 
 def merged_retrieval(mem, corpus, queries: torch.Tensor, k: int, G: int, T: int):

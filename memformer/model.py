@@ -566,9 +566,9 @@ class MemformerForCausalLM(nn.Module):
             system: str | None = None, record: bool = False, return_dict: bool = False, **generate_kwargs):
         """Answer a question from memory (greedy); returns the decoded answer text.
 
-        Question reads: `MemoryConfig.question_blocks` memory blocks, chosen as
-        `MemoryConfig.block_chooser` says, are read by every memory layer while the answer is
-        generated (`question_read`). Generation stops at a degenerate loop, which is cut back to one
+        Question reads: the passages of the memorized text nearest to the question (or cue) pick
+        `MemoryConfig.question_blocks` memory blocks, and every memory layer reads them while the
+        answer is generated (`question_read`). Generation stops at a degenerate loop, which is cut back to one
         copy of its unit (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`). return_dict: return an `AskOutput` (text, loop_cut) instead."""
         from transformers import StoppingCriteriaList
@@ -582,19 +582,12 @@ class MemformerForCausalLM(nn.Module):
         return AskOutput(text, cut) if return_dict else text
 
     def question_read(self, query: str):
-        """Context manager: every memory layer reads `MemoryConfig.question_blocks` memory blocks
-        chosen by `MemoryConfig.block_chooser`: the blocks under the passages nearest to `query`
-        ("embedder", `blocks_for`), the blocks each layer's own queries choose ("layers",
-        `choosing_blocks`), or half of each ("both"). With a corpus memory attached, the embedder
-        ranks its passages too and the blocks come from the memory (own or corpus) holding the best
-        passage. It changes nothing (generation then uses kNN reads) with nothing memorized, or
-        beside a corpus memory built without passages."""
-        cfg = self.memory_config
+        """Context manager: every memory layer reads the blocks the passages nearest to `query`
+        choose (`blocks_for`). With a corpus memory attached, its passages are ranked too and the
+        blocks come from the memory (own or corpus) holding the best passage. It changes nothing
+        (generation then uses kNN reads) with nothing memorized, or beside a corpus memory built
+        without passages."""
         own = bool(self.memories) and self.memory_size() > 0
-        if cfg.block_chooser == "layers":
-            if not own and not self.corpus_attached:
-                return contextlib.nullcontext()
-            return self.choosing_blocks(cfg.question_blocks, source="own" if own else "corpus")
         if self.corpus_attached and self.corpus_passages is None:
             return contextlib.nullcontext()
         ranked = {}                                    # each source's passages, ranked once
@@ -605,10 +598,7 @@ class MemformerForCausalLM(nn.Module):
         if not ranked:
             return contextlib.nullcontext()
         source = max(ranked, key=lambda s: (ranked[s][0].score, s == "own"))   # a tie reads the own memory
-        if cfg.block_chooser == "embedder":
-            return self.reading_blocks(self._blocks_under(ranked[source], source), source=source)
-        prior = self._blocks_under(ranked[source], source, max(1, cfg.question_blocks // 2))
-        return self.choosing_blocks(cfg.question_blocks, prior=prior, source=source)
+        return self.reading_blocks(self._blocks_under(ranked[source], source), source=source)
 
     def blocks_for(self, query: str, source: str = "own") -> list[int]:
         """The memory blocks a question reads: those under the passages nearest to `query`
@@ -626,13 +616,12 @@ class MemformerForCausalLM(nn.Module):
                              f"use generate() for a batch")
         return self.passages
 
-    def _blocks_under(self, ranked, source: str, n: int | None = None) -> list[int]:
-        """n (default `question_blocks`) blocks of ranked passages of the own memory or of the
-        attached corpus."""
+    def _blocks_under(self, ranked, source: str) -> list[int]:
+        """`question_blocks` of ranked passages of the own memory or of the attached corpus."""
         from memformer.passages import question_blocks
         cfg = self.memory_config
         limit = self.corpus_documents[-1].end if source == "corpus" else self.seen[0]
-        return question_blocks(ranked, cfg.question_blocks if n is None else n, cfg.block_size, limit)
+        return question_blocks(ranked, cfg.question_blocks, cfg.block_size, limit)
 
     @property
     def corpus_passage_index(self):
@@ -760,35 +749,6 @@ class MemformerForCausalLM(nn.Module):
         finally:
             rt.pinned_blocks = rt.row_rotation = None
             rt.pinned_source = "own"
-
-    @contextlib.contextmanager
-    def choosing_blocks(self, n: int, prior=None, source: str = "own"):
-        """Within this block each memory layer reads n whole blocks per kv head that its own
-        queries choose (`memformer.blocks.choose_blocks` over the blocks' summaries): the first
-        forward call's queries past the sink choose, and later calls (the generated tokens) read
-        the same blocks, laid out like `reading_blocks`' at -R .. -1 (R = n * block_size).
-        prior: block ids [n'] or [B, n'] every layer reads whatever it chooses (counted in n).
-        What each layer chose stays in its `chosen` [B, Hkv, n] until the next such block."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"choosing_blocks: n must be an integer >= 1, got {n!r}")
-        memories = self.block_memories(source)
-        if not memories or not any(len(m) for m in memories.values()):
-            raise ValueError("choosing_blocks: nothing is memorized" if source == "own" else
-                             "choosing_blocks: no corpus memory is attached")
-        ids = None if prior is None or len(prior) == 0 else pinned_block_ids(self, prior, source)   # [B, n']
-        if ids is not None and ids.shape[1] > n:
-            raise ValueError(f"choosing_blocks: {ids.shape[1]} prior blocks exceed the {n} read")
-        rt, S = self.runtime, self.memory_config.sink_tokens
-        rt.row_rotation = self._rotation_at(*range(-n * self.memory_config.block_size, 0))   # [1, R, D]
-        rt.pinned_blocks, rt.pinned_source, rt.choose_blocks = ids, source, n
-        rt.choose_skip = S if (self.sink_ids if source == "own" else self.corpus_sink_ids) is not None else 0
-        for m in self.memory_modules.values():
-            m.chosen = None
-        try:
-            yield
-        finally:
-            rt.pinned_blocks = rt.row_rotation = None
-            rt.pinned_source, rt.choose_blocks, rt.choose_skip = "own", 0, 0
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if _is_memory_param(n)}

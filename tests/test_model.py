@@ -252,9 +252,9 @@ REMOVED_FIELDS = ["neighbors", "read_blocks", "read_during_ingest", "position_mo
                   "index_device", "storage_dir", "lora_rank", "lora_alpha", "gate_init"]
 
 
-def test_memory_config_has_at_most_14_fields():
+def test_memory_config_has_at_most_13_fields():
     names = [f.name for f in dataclasses.fields(MemoryConfig)]
-    assert len(names) <= 14, names
+    assert len(names) <= 13, names
     assert not set(names) & set(REMOVED_FIELDS)
     cfg = MemoryConfig(window=16, overlap=3, knn_layers=[1], index_params={"nprobe": 4})
     assert MemoryConfig.from_dict(json.loads(cfg.to_json())) == cfg

@@ -25,9 +25,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the upper two thirds of an all-layer memory)")
     p.add_argument("--question-blocks", type=int, default=None,
                    help="memory blocks a question reads (those under the passages nearest to it; default 4)")
-    p.add_argument("--block-chooser", default=None, choices=["embedder", "layers", "both"],
-                   help="who chooses the blocks a question reads: the sentence embedder, each memory layer's "
-                        "own queries, or both (half each)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
     p.add_argument("--sink-tokens", type=int, default=None, help="attention-sink tokens kept local (default 4)")
     p.add_argument("--overlap", type=int, default=None,
@@ -59,7 +56,7 @@ def memory_config_from_args(args, base=None):
     import dataclasses
     from memformer import MemoryConfig
     given = dict(window=args.window, top_k=args.top_k, block_size=args.block_size,
-                 question_blocks=args.question_blocks, block_chooser=args.block_chooser, sink_tokens=args.sink_tokens, overlap=args.overlap,
+                 question_blocks=args.question_blocks, sink_tokens=args.sink_tokens, overlap=args.overlap,
                  memory_dtype=args.memory_dtype, index=args.index,
                  memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
                  knn_layers=parse_layers(args.knn_layers, "--knn-layers"))
@@ -142,12 +139,8 @@ def _fail(prog: str, msg: str) -> None:
 
 
 def _reads(cfg) -> str:
-    who = {"embedder": "under the passages MiniLM finds nearest the question",
-           "layers": "chosen per kv head by each memory layer's own queries",
-           "both": "half under MiniLM's nearest passages, the rest chosen per kv head by each layer's queries",
-           }[cfg.block_chooser]
-    return (f"question reads ({cfg.question_blocks} memory blocks x {cfg.block_size} tokens {who}, laid out "
-            f"contiguously before it)")
+    return (f"question reads ({cfg.question_blocks} memory blocks x {cfg.block_size} tokens under the passages "
+            f"MiniLM finds nearest the question, laid out contiguously before it)")
 
 
 def describe_layers(model) -> str:
