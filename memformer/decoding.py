@@ -47,5 +47,5 @@ class LoopStop(StoppingCriteria):
         if self.prompt_len is None:
             self.prompt_len = input_ids.shape[1] - 1
         new = input_ids[:, self.prompt_len:][:, -TAIL_TOKENS:]                 # [B, <= TAIL_TOKENS]
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
         return torch.tensor([looping(t) for t in texts], dtype=torch.bool, device=input_ids.device)

@@ -5,7 +5,9 @@ import torch
 from conftest import HashedWords, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
 from memformer.decoding import LoopStop, cut_loop, looping
-from test_blocks import _filler, char_tokenizer
+from test_qa import char_tokenizer
+
+TEXT = " ".join(["river stone cloud maple lantern copper meadow harbor"] * 8)
 
 
 def test_looping_and_cut_loop():
@@ -54,7 +56,7 @@ def test_ask_and_baselines_stop_at_a_loop_and_say_so():
     model = MemformerForCausalLM(tiny_backbone("llama"), tok,
                                  MemoryConfig(window=64, sink_tokens=2, overlap=8, block_size=16, question_blocks=2),
                                  embedder=HashedWords(256))
-    model.memorize(_filler(60, 1), show_progress=False)
+    model.memorize(TEXT, show_progress=False)
     one = tok("1", add_special_tokens=False)["input_ids"][0]
     _always(model, one)
     steps = []
@@ -63,7 +65,7 @@ def test_ask_and_baselines_stop_at_a_loop_and_say_so():
     out = model.ask(cue="The river is", max_new_tokens=80, return_dict=True)
     assert out.loop_cut and out.text == "1" and len(steps) < 20            # stopped at 8 repeats, not at 80
     assert model.ask(cue="The river is", max_new_tokens=80) == "1"
-    ctx = qa.prepare(model, [_filler(60, 1)], "truncate", show_progress=False)
+    ctx = qa.prepare(model, [TEXT], "truncate", show_progress=False)
     ans = qa.answer(model, ctx, cue="The river is", max_new_tokens=80, evidence=0)
     assert ans.loop_cut and ans.text == "1"
     short = model.ask(cue="The river is", max_new_tokens=5, return_dict=True)   # 5 ones: no loop yet
