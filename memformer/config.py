@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -179,3 +180,11 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"AdapterConfig: unknown fields {sorted(unknown)}")
         return cls(**d)
+
+
+def parse_length(s: str) -> int:
+    """'4k' -> 4096, '16K' -> 16384, '1000' -> 1000, '1m' -> 1048576."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", s)
+    if not m:
+        raise ValueError(f"not a length: {s!r} (use e.g. 4k, 16k, 32000)")
+    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]

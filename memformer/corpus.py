@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from memformer import persistence
 from memformer.fileio import dir_lock, read_json, recover_for_reading
-from memformer.qa.documents import DOC_SUFFIXES, read_document
+from memformer.documents import DOC_SUFFIXES, read_document
 
 CORPUS_FILE = "corpus.json"
 CORPUS_FORMAT = "memformer-corpus"

@@ -297,7 +297,7 @@ class TrainConfig:
         need(t.log_every >= 1, "train.log_every must be >= 1")
         need(e.every >= 0 and e.batch_size >= 1 and e.batches >= 1 and e.per_doc >= 1 and e.passkey_trials >= 0,
              "eval: every >= 0, batch_size/batches/per_doc >= 1, passkey_trials >= 0")
-        from memformer.eval.passkey import parse_length
+        from memformer.config import parse_length
         for length in e.passkey_lengths:
             try:
                 parse_length(str(length))

@@ -55,7 +55,7 @@ def stdlib_documents(rng: random.Random, exclude=STDLIB_EXCLUDE, root: str | Non
 
 
 def python_docs_documents(rng: random.Random, parts: int = 8) -> Iterator[LazyDoc]:
-    """Python's documentation topics (memformer.qa.demo.python_docs_text) cut into `parts` documents
+    """Python's documentation topics (`pydoc_data.topics`) cut into `parts` documents
     of consecutive topics, so the held-out split can take some of them."""
     from pydoc_data.topics import topics
     keys = sorted(topics)
@@ -69,7 +69,7 @@ def python_docs_documents(rng: random.Random, parts: int = 8) -> Iterator[LazyDo
 
 def text_documents(rng: random.Random, paths) -> Iterator[LazyDoc]:
     """Each file a document; a folder means its *.txt / *.md / *.rst / *.py files, recursively."""
-    from memformer.qa.longdoc import read_document
+    from memformer.documents import read_document
     files = []
     for p in map(Path, [paths] if isinstance(paths, str) else paths):
         if p.is_dir():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from memformer.config import parse_length  # noqa: F401 (the evaluations' length flags)
 from memformer.eval.plots import accuracy_table, plot_depth_heatmaps
 from memformer.eval.needle import Query, Sample, Trial, encode, token_fractions
 
@@ -34,14 +35,6 @@ NAMES = ("Alice", "Bruno", "Carmen", "Dmitri", "Elena", "Farid", "Greta", "Hiro"
          "Wendell", "Ximena", "Yusuf", "Zora", "Anders", "Beatriz", "Cosmo", "Delia", "Emeka", "Flora",
          "Gustav", "Hana", "Ivo", "Juno", "Kwame", "Lucia", "Milo", "Noor", "Otto", "Paloma", "Rafael",
          "Sigrid", "Tobias", "Uma", "Viktor", "Wanda")
-
-
-def parse_length(s: str) -> int:
-    """'4k' -> 4096, '16K' -> 16384, '1000' -> 1000, '1m' -> 1048576."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", s)
-    if not m:
-        raise ValueError(f"not a length: {s!r} (use e.g. 4k, 16k, 32000)")
-    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
 
 
 def make_prompt(tokenizer, length: int, depth: float, key: int) -> tuple[list[int], int]:
