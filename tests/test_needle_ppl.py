@@ -200,12 +200,41 @@ def test_resumed_progress_starts_at_the_finished_trials(btok, tmp_path, monkeypa
     assert firsts[0] == 8 and bars[0].n == 12
 
 
+def test_the_evaluation_modules_import_each_other_without_a_cycle():
+    """Every import between memformer.eval modules, at the top or inside a function, points one
+    way: the runner (needle) imports the tasks (passkey) and what they share (samples)."""
+    import ast
+    from pathlib import Path
+    folder = Path(needle.__file__).parent
+    graph = {}
+    for f in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "memformer.eval":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memformer.eval."):
+                deps.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[2] for a in node.names if a.name.startswith("memformer.eval.")}
+        graph[f.stem] = deps - {f.stem}
+    assert "passkey" in graph["needle"] and "needle" not in graph["passkey"]
+
+    def reach(m, seen):
+        for d in graph.get(m, ()):
+            if d not in seen:
+                seen.add(d)
+                reach(d, seen)
+        return seen
+    assert not [m for m in graph if m in reach(m, set())], graph
+
+
 def test_passkey_is_a_task_of_the_needle_run(btok, monkeypatch):
-    """`eval needle --variants passkey` and `eval passkey` run the same trials."""
+    """`eval needle --variants passkey` and `eval passkey` run the same trials: the needle runner's
+    task "passkey" (`memformer.eval.passkey` builds its documents and imports nothing of the runner)."""
     _patch_answers(monkeypatch, lambda model, text, cues, mode, n: [text.split("pass key is ")[1][:5]])
     model = _fake_model(btok)
     a = needle.evaluate(model, ["passkey"], [1200], 3, show_progress=False)
-    b = passkey.evaluate(model, [1200], 3, show_progress=False)
+    b = needle.evaluate(model, ["passkey"], [1200], 3, show_progress=False, name="passkey")
     assert [(r["id"], r["expected"], r["score"]) for r in a] == [(r["id"], r["expected"], r["score"]) for r in b]
     assert [r["score"] for r in a] == [1.0] * 6 and len({r["expected"][0][0] for r in a}) == 3
 
@@ -226,8 +255,8 @@ def test_evidence_records_whether_the_top_span_holds_the_needle(btok, monkeypatc
         return [Answer("memory", key, evidence=order)]
     monkeypatch.setattr(needle, "memory_answers", memory_answers)
     monkeypatch.setattr(needle, "answer_cues", lambda model, text, cues, mode, n: ["00000"])
-    rs = passkey.evaluate(_fake_model(btok), [1200], 3, modes=["memory", "truncate"], show_progress=False,
-                          evidence=True)
+    rs = needle.evaluate(_fake_model(btok), ["passkey"], [1200], 3, modes=["memory", "truncate"],
+                         show_progress=False, evidence=True)
     mem = [r for r in rs if r["mode"] == "memory"]
     assert [(r["evidence_top1"], r["evidence_top3"]) for r in mem] == [(True, True), (False, True), (False, False)]
     assert all(r["correct"] for r in mem) and "evidence_top1" not in rs[1]     # truncate records none
@@ -252,7 +281,7 @@ def test_evaluate_rejects_bad_arguments(btok):
     with pytest.raises(ValueError, match="too short for 8 trials of single-number needles"):
         needle.evaluate(model, ["single-number"], lengths=[400], needles_per_doc=8, show_progress=False)
     with pytest.raises(ValueError, match="at most 48 pass keys per document"):
-        passkey.evaluate(model, [20000], 49, needles_per_doc=49, show_progress=False)
+        needle.evaluate(model, ["passkey"], [20000], 49, needles_per_doc=49, show_progress=False)
     with pytest.raises(ValueError, match="distinct keys and values"):        # 64 value words
         needle.evaluate(model, ["single-word"], lengths=[8000], trials=65, needles_per_doc=65, show_progress=False)
 

@@ -1,7 +1,7 @@
 """Passkey prompt generation/scoring and document reading, without a model."""
 import pytest
 
-from memformer.eval import passkey
+from memformer.eval import passkey, plots as evalplots
 from memformer.qa.demo import DEMO_FACTS
 from memformer.qa.longdoc import DocumentError, read_document
 
@@ -37,10 +37,10 @@ def test_scoring_and_lengths():
 def test_summary_table_and_heatmap(tmp_path):
     rs = [dict(id=f"passkey/4096/{d}/{m}", task="passkey", length=4096, depth=d, mode=m, status="ok",
                score=float(ok)) for d, ok in [(0.1, True), (0.9, False)] for m in ("truncate", "memory")]
-    table = passkey.summary_table(rs)
+    table = evalplots.accuracy_table(rs)
     assert "| passkey | 4k | 50% (1/2) | 50% (1/2) |" in table
     assert table.splitlines()[0] == "| task | length | memory | truncate |"
-    assert passkey.plot_heatmap(rs, tmp_path / "h.png").stat().st_size > 1000
+    assert evalplots.plot_depth_heatmaps(rs, tmp_path / "h.png").stat().st_size > 1000
 
 
 def test_read_document_errors(tmp_path):

@@ -13,15 +13,15 @@ def register(ev) -> None:
 
 
 def cmd_eval_passkey(args) -> int:
-    from memformer.eval import plots as evalplots, passkey
+    from memformer.eval import needle, plots as evalplots
     prog = "memformer eval passkey"
     parsed = parse_trial_args(args, prog)
     if parsed is None:
         return 2
     lengths, modes = parsed
-    ran = run_trials(prog, args, lambda model, out: passkey.evaluate(
-        model, lengths, args.trials, modes=modes, seed=args.seed, out_dir=out, resume=args.resume,
-        evidence=args.evidence, needles_per_doc=args.needles_per_doc))
+    ran = run_trials(prog, args, lambda model, out: needle.evaluate(     # task "passkey" of the needle runner
+        model, ["passkey"], lengths, args.trials, modes=modes, seed=args.seed, out_dir=out, resume=args.resume,
+        name="passkey", evidence=args.evidence, needles_per_doc=args.needles_per_doc))
     if ran is None:
         return 2
     model, out, results, seconds = ran
@@ -30,12 +30,12 @@ def cmd_eval_passkey(args) -> int:
                            "first number generated is the key. With several needles per document each pass "
                            "key has its owner's name (\"The pass key of Alice is K.\"), keys and names "
                            "distinct, and the question names the owner.")
-    table = passkey.summary_table(results)
+    table = evalplots.accuracy_table(results)
     table += "\n\nBy depth of the needle:\n\n" + evalplots.depth_table(results, args.depth_bins, "passkey")
     table += needle_tables(results)
     (out / "passkey.md").write_text(header + table + "\n")
-    passkey.plot_heatmap(results, out / "passkey_heatmap.png", bins=args.depth_bins,
-                         title="passkey accuracy" + per_doc(args))
+    evalplots.plot_depth_heatmaps(results, out / "passkey_heatmap.png", bins=args.depth_bins,
+                                  title="passkey accuracy" + per_doc(args))
     evalplots.plot_accuracy_vs_length(results, out / "passkey_accuracy.png", title="passkey accuracy vs length")
     print(header + table)
     print(f"\nwritten: {out / 'passkey.md'}, {out / 'passkey_heatmap.png'}, {out / 'passkey_accuracy.png'}, "

@@ -27,7 +27,6 @@ value(s) of the right kind in the answer must be the expected ones.
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 import random
@@ -36,14 +35,14 @@ import sys
 import sysconfig
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
+from memformer.eval import passkey
 from memformer.eval.plots import TrialLog
-from memformer.loading import encode_text
+from memformer.eval.samples import Query, Sample, Trial, encode, token_fractions  # noqa: F401 (re-exported)
 
 VARIANTS = ("single-number", "single-word", "single-uuid", "multikey", "multivalue", "multiquery")
 TASKS = VARIANTS + ("passkey",)          # passkey (memformer.eval.passkey) can run in the same evaluation
@@ -78,45 +77,6 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 _STDLIB_CHARS = 2_000_000     # how much standard-library source the long haystack corpus holds
 
 
-@dataclass
-class Query:
-    """One cue to complete and the value(s) its answer must start with, in any order."""
-    cue: str
-    expected: list[str]
-    kind: str                     # "number" | "word" | "uuid": what counts as a value in the answer
-
-
-@dataclass
-class Trial:
-    """One scored trial inside a multi-needle document: its needle(s) and the cue(s) that ask for
-    them, each asked on its own after the document's one read."""
-    depth: float                  # requested depth of the target needle, 0..1
-    queries: list[Query]
-    needle_depths: list[float] = field(default_factory=list)   # measured, in tokens, target first
-    key: str = ""                 # what the cues ask about: the needle key(s), or the pass key's name
-
-
-@dataclass
-class Sample:
-    """One document (without the cue) and its queries: one trial (`needles` empty), or a
-    multi-needle document whose `needles` are its trials, in depth order."""
-    task: str
-    length: int                   # requested length in tokens (document + cue)
-    index: int                    # trial number at this length (multi-needle: document number)
-    depth: float | None           # requested depth of the target needle, 0..1 (multi-needle: None)
-    text: str
-    queries: list[Query]          # every cue of the document, in trial order
-    tokens: int = 0               # tokens of `text`
-    needle_depths: list[float] = field(default_factory=list)   # measured, in tokens, target first
-    max_new_tokens: int = 16
-    needles: list[Trial] = field(default_factory=list)
-
-    @property
-    def trials(self) -> list[Trial]:
-        """The document's trials: its `needles`, or the whole sample as one trial."""
-        return self.needles or [Trial(self.depth, self.queries, self.needle_depths)]
-
-
 # ---------------------------------------------------------------------- corpora
 def stdlib_source_text() -> str:
     """The standard library's top-level modules (`*.py`, sorted), each under a header line."""
@@ -135,11 +95,6 @@ def _corpus_ids(tokenizer, long: bool) -> list[int]:
     if long:
         text += "\n\n" + stdlib_source_text()[:_STDLIB_CHARS]
     return encode(tokenizer, text)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids without special tokens (and without the too-long-for-the-model warning)."""
-    return encode_text(tokenizer, text)["input_ids"]
 
 
 def haystack(tokenizer, n_tokens: int, rng: random.Random) -> str:
@@ -300,14 +255,6 @@ def _document_groups(variant: str, n: int, rng: random.Random) -> list[_Group]:
         raise ValueError(f"cannot draw {n} {variant} trials with distinct keys and values for one document; "
                          "use fewer needles per document")
     return groups
-
-
-def token_fractions(tokenizer, text: str, offsets: list[int]) -> tuple[int, list[float]]:
-    """(tokens of `text`, each char offset's position as a fraction of them), from one encoding."""
-    enc = encode_text(tokenizer, text, return_offsets_mapping=True)
-    starts = [a for a, _ in enc["offset_mapping"]]
-    n = len(starts)
-    return n, [round(bisect.bisect_left(starts, o) / n, 4) for o in offsets]
 
 
 def make_document(tokenizer, variant: str, length: int, depths: list[float], rng: random.Random,
@@ -532,13 +479,11 @@ def build_sample(tokenizer, job: Job, seed: int) -> Sample:
     if job.needles == 1:                      # the one-needle layout, drawn exactly as before
         rng = trial_rng(seed, task, length, index)
         if task == "passkey":
-            from memformer.eval import passkey
             return passkey.make_sample(tokenizer, length, job.depth, rng.randint(10000, 99999), index)
         return make_sample(tokenizer, task, length, job.depth, rng, index=index)
     rng = trial_rng(seed, task, length, f"doc{index}of{job.docs}x{job.needles}")
     depths = spread_depths(job.needles, index, job.docs, rng)
     if task == "passkey":
-        from memformer.eval import passkey
         return passkey.make_document(tokenizer, length, depths, rng, index)
     return make_document(tokenizer, task, length, depths, rng, index)
 

@@ -4,23 +4,21 @@ The prompt: a task line, the filler "The grass is green. ..." repeated, the need
 key is K. Remember it. K is the pass key." at a chosen depth, and "What is the pass key? The
 pass key is". Greedy decoding; a trial is correct when the first number generated equals K.
 
-`evaluate` runs the prompt as a document + cue through `memformer.qa.longdoc` in any of its modes
-(memory, truncate, rag, full), as task "passkey" of the needle evaluation (`memformer.eval.needle`);
-`make_document` puts several named pass keys ("The pass key of Alice is K. ...") in one prompt,
-each asked on its own ("What is the pass key of Alice? The pass key of Alice is"): one read, many
-trials (`--needles-per-doc`). `run_trial` is the direct token-level path (memory / truncate only)
+`make_sample` builds the prompt as a document + cue, which the needle runner reads in any of its
+modes (memory, truncate, rag, full): `memformer.eval.needle.evaluate(model, ["passkey"], ...)`, what
+`memformer eval passkey` runs. `make_document` puts several named pass keys ("The pass key of Alice
+is K. ...") in one prompt, each asked on its own ("What is the pass key of Alice? The pass key of
+Alice is"): one read, many trials (`--needles-per-doc`). `run_trial` is the direct token-level path (memory / truncate only)
 the integration tests use.
 """
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
 from memformer.config import parse_length  # noqa: F401 (the evaluations' length flags)
-from memformer.eval.plots import accuracy_table, plot_depth_heatmaps
-from memformer.eval.needle import Query, Sample, Trial, encode, token_fractions
+from memformer.eval.samples import Query, Sample, Trial, encode, token_fractions
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.")
@@ -116,26 +114,3 @@ def make_document(tokenizer, length: int, depths: list[float], rng, index: int =
               for d, q, k, m, name in zip(depths, questions, keys, measured, names)]
     return Sample("passkey", length, index, None, text, [t.queries[0] for t in trials], tokens, measured,
                   max_new_tokens=8, needles=trials)
-
-
-def evaluate(model, lengths: list[int], trials: int, modes=("memory", "truncate"), seed: int = 0,
-             out_dir: str | Path | None = None, resume: bool = False, show_progress: bool = True,
-             evidence: bool = False, needles_per_doc: int = 1) -> list[dict]:
-    """Every (length, trial) in every mode (`memformer.qa.longdoc`); trial i of n puts the needle at depth
-    (i + 0.5) / n, its key drawn from the trial's own seeded generator. needles_per_doc > 1: that
-    many named pass keys per document (`make_document`), read once per mode, asked one at a time. Records (see
-    `memformer.eval.plots`) stream to out_dir/trials.jsonl; resume=True skips finished ones.
-    evidence: memory trials record whether their evidence spans point at the passkey sentence."""
-    from memformer.eval import needle
-    return needle.evaluate(model, ["passkey"], lengths, trials, modes, seed, out_dir, resume, show_progress,
-                           name="passkey", evidence=evidence, needles_per_doc=needles_per_doc)
-
-
-def summary_table(results: list[dict]) -> str:
-    """Markdown: one row per length, accuracy (correct/total) per mode."""
-    return accuracy_table(results)
-
-
-def plot_heatmap(results: list[dict], path: str | Path, bins: int = 5, title: str = "passkey accuracy") -> Path:
-    """Depth (rows, binned) x length (columns) accuracy heatmap, one panel per mode."""
-    return plot_depth_heatmaps(results, path, bins=bins, title=title)
