@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/index.py --sizes 100k,1M,4M --out benchmarks/results/index
 
 For each memory size N (keys of head_dim D in one (sequence, kv head) group) and one window of
-queries: time to add all keys (IVF/PQ training included), time of one search call for the whole
+queries: time to add all keys (IVF training included), time of one search call for the whole
 window (top-k), recall@k against ExactIndex, and bytes per stored token for each memory dtype.
 
 --data real (default): the keys a memory layer of the default backbone (SmolLM2-135M) really
@@ -136,7 +136,7 @@ def recall(ids: torch.Tensor, truth: torch.Tensor) -> float:
 def bytes_per_token(dim: int, kv_heads: int) -> dict[str, tuple[float, float]]:
     """(values only, whole memory) bytes per token of one layer for each memory dtype, from the
     tensors a save writes: values (+ int8 scales), and all of keys, values, scales, positions,
-    padding flags and attention mass."""
+    window slots and padding flags."""
     out = {}
     for name, dt in [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.int8)]:
         mem = LayerMemory(1, kv_heads, dim, dtype=dt)
@@ -155,12 +155,6 @@ def configs(n: int, args) -> list[tuple[str, dict, list[tuple[str, dict]]]]:
     ivf = {"nlist": nlist, "train_threshold": n}
     rows = [("exact", {}, [("exact (torch)", {})]), ("faiss-flat", {}, [("faiss-flat", {})]),
             ("faiss-ivf", ivf, [(f"faiss-ivf nlist={nlist} nprobe={p}", {"nprobe": p}) for p in args.nprobe])]
-    if n <= args.hnsw_max:
-        rows.append(("faiss-hnsw", {"m_hnsw": 32},
-                     [(f"faiss-hnsw M=32 ef={ef}", {"ef_search": ef}) for ef in args.ef_search]))
-    rows.append(("faiss-ivfpq", {**ivf, "rerank": 4},
-                 [(f"faiss-ivfpq nlist={nlist} nprobe={p} m={args.dim // 4} rerank=4", {"nprobe": p})
-                  for p in args.nprobe[-2:]]))
     return [r for r in rows if r[0] in args.backends]
 
 
@@ -209,10 +203,8 @@ def main(argv=None) -> int:
     # exact (nprobe 256) where 4*sqrt(N) needed nprobe 256 for 0.972 at 4.5x (both measured)
     ap.add_argument("--nlist-factor", type=float, default=16.0)
     ap.add_argument("--nprobe", default="64,128,256,512", help="IVF lists visited per query (comma list)")
-    ap.add_argument("--ef-search", default="64,128,256", help="HNSW search beams (comma list)")
-    ap.add_argument("--hnsw-max", default="1M", help="skip HNSW above this size (its build is the slowest)")
     ap.add_argument("--chunk", type=int, default=65536, help="keys per add call")
-    ap.add_argument("--backends", default="exact,faiss-flat,faiss-ivf,faiss-hnsw,faiss-ivfpq",
+    ap.add_argument("--backends", default="exact,faiss-flat,faiss-ivf",
                     help="comma list; exact is always measured first (it is the reference)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -221,8 +213,6 @@ def main(argv=None) -> int:
     ap.add_argument("--replot", action="store_true", help="only redraw index.png from --out/index.csv")
     args = ap.parse_args(argv)
     args.nprobe = [int(x) for x in args.nprobe.split(",")]
-    args.ef_search = [int(x) for x in args.ef_search.split(",")]
-    args.hnsw_max = parse_length(args.hnsw_max)
     args.backends = {"exact", *args.backends.split(",")}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,7 +264,7 @@ def main(argv=None) -> int:
           f"head_dim {args.dim}, one window of {args.queries} queries per search call, "
           f"{data_note}, seed {args.seed}. Search time = best of {args.repeats} calls; "
           f"recall = fraction of the exact top-{args.k} found; add = adding all keys in chunks of "
-          f"{args.chunk} (IVF/PQ: training on all keys included).\n",
+          f"{args.chunk} (IVF: training on all keys included).\n",
           "| keys | backend | add (s) | search (ms) | recall@k | speed-up vs exact |",
           "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -282,7 +272,7 @@ def main(argv=None) -> int:
                   f"{r['speedup_vs_exact']}x |")
     md += ["", f"Bytes per stored token of one memory layer with {args.kv_heads} kv heads of dim {args.dim} "
            f"(SmolLM2-135M's shape), as saved: values alone (int8: + a float32 scale per row), and the "
-           f"whole memory (keys, values, scales, positions, padding flags, attention mass):", "",
+           f"whole memory (keys, values, scales, positions, window slots, padding flags):", "",
            "| memory dtype | values B/token | vs float32 | whole memory B/token | vs float32 |",
            "|---|---:|---:|---:|---:|"]
     f32v, f32a = bpt["float32"]

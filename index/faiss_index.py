@@ -1,20 +1,24 @@
-"""FaissIndex: the KNNIndex protocol over FAISS (flat / IVF / HNSW / IVF-PQ), one faiss index per group.
+"""FaissIndex: the KNNIndex protocol over FAISS (flat / IVF), one faiss index per group.
 
 The raw keys stay in a GrowingBuffer as in ExactIndex (`.vectors` / `.valid`): attention reads the keys
 of the retrieved ids, and rebuilds and training need them. A row id is the position in that buffer,
-shared by all groups. Approximate indexes (ivf / ivfpq once trained, hnsw) hold the keys minus a
-per-group center c (the training keys' mean; for hnsw the first keys added): q.(k - c) ranks keys
-exactly as q.k does (q.c is the same for every key), but attention keys share a large common
-component (SmolLM2: norms 17-25, 10-16 once centered), and inner-product IVF / HNSW find
-neighbours much better around the origin (measured on real keys, HNSW recall@32 0.59 -> 0.80,
-IVF 0.87 -> 0.94). Search adds q.c back, so scores stay exact inner products.
+shared by all groups. A trained IVF index holds the keys minus a per-group center c (the training
+keys' mean): q.(k - c) ranks keys exactly as q.k does (q.c is the same for every key), but attention
+keys share a large common component (SmolLM2: norms 17-25, 10-16 once centered), and inner-product
+IVF finds neighbours much better around the origin (measured on real keys, recall@32 0.87 -> 0.94).
+Search adds q.c back, so scores stay exact inner products.
 Inside faiss a row carries the id `row + base` (base = rows evicted so far), so
 FIFO eviction removes one contiguous id range and never renumbers what stays; callers still see ids
 that shift down by n, as with ExactIndex. Padding rows (valid=False) are never added to faiss, so they
 can never be returned.
 
 faiss is imported lazily (`pip install faiss-cpu`, or `memformer[gpu]` for faiss-gpu). With faiss-gpu
-and a cuda device, flat / IVF / IVF-PQ indexes live on the GPU (faiss has no GPU HNSW: it stays on CPU).
+and a cuda device, the indexes live on the GPU.
+
+HNSW and IVF-PQ were removed: on real SmolLM2 keys they found fewer of the exact top-32 than IVF at
+every speed measured (1M keys: HNSW ef=256 recall 0.574 at 13.7x exact's speed, IVF-PQ 0.634 at
+14.3x, IVF nprobe=64 0.852 at 28.8x; benchmarks/results/index/index.md), and since attention
+gathers the raw keys, which every backend keeps, neither made the memory smaller.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 
 from .base import RawKeys, load_rows, rows_state, sha256_file as _sha256
 
-KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+KINDS = ("flat", "ivf")      # saved as their index here: 2 and 3 were HNSW and IVF-PQ
 FORMAT, VERSION = "memformer-faiss-index", 1
 # Below this many keys per group IVF does not pay on CPU: FAISS's brute-force kernel is as fast
 # as the nprobe real SmolLM2 keys need for recall 0.95 (benchmarks/results/index_growth/README.md).
@@ -54,26 +58,20 @@ class FaissIndex(RawKeys):
     """Approximate (or, kind="flat", exact) inner-product top-k over one faiss index per group.
 
     group_shape: leading dims of every call, e.g. (batch, kv_heads). dim: vector size D.
-    kind: "flat" (exact), "ivf" (IVF-Flat), "hnsw" (HNSW-Flat), "ivfpq" (IVF-PQ, scores re-computed
-        exactly from the raw keys, since attention uses them as logits).
-    ivf / ivfpq search exactly until every group holds `train_threshold` valid rows (default
-        max(65536, 39*nlist), and 39*2**pq_bits for PQ), then train on the stored keys and switch.
+    kind: "flat" (exact) or "ivf" (IVF-Flat).
+    ivf searches exactly until every group holds `train_threshold` valid rows (default
+        max(65536, 39*nlist)), then trains on the stored keys and switches.
         nlist=None picks nlist_factor*sqrt(n) at each training (at most n/39) and retrains (k-means
         on a sample, every row re-added, none lost) each time the memory has grown `retrain_growth`
         times since the last training; a fixed nlist trains once.
     nprobe: IVF lists visited per query; None = calibrated after each training on the first search
         call's queries: the smallest power of two whose recall@k against exact search reaches
-        `target_recall` (for ivfpq: exact top-k found among the k*rerank candidates).
-    m_hnsw / ef_search: HNSW graph degree and search beam. pq_m: sub-quantizers (default D/4).
-    rerank: ivfpq fetches k*rerank PQ candidates and keeps the k best exact scores (PQ distances
-        alone are coarse: recall@10 0.59 -> 0.97 with rerank=4, measured on clustered D=32 keys).
+        `target_recall`.
     """
 
     def __init__(self, group_shape, dim: int, kind: str = "flat", dtype=torch.float32, device="cpu",
                  nlist: int | None = None, nprobe: int | None = None, train_threshold: int | None = None,
-                 m_hnsw: int = 32, ef_search: int = 64, pq_m: int | None = None, pq_bits: int = 8,
-                 rerank: int = 4, nlist_factor: float = 4.0, retrain_growth: float = 4.0,
-                 target_recall: float = 0.95):
+                 nlist_factor: float = 4.0, retrain_growth: float = 4.0, target_recall: float = 0.95):
         if kind not in KINDS:
             raise ValueError(f"FaissIndex: kind {kind!r} not in {KINDS}")
         self.faiss = _faiss()
@@ -87,17 +85,11 @@ class FaissIndex(RawKeys):
         if self.nlist_factor <= 0 or (self.retrain_growth and self.retrain_growth <= 1):
             raise ValueError(f"FaissIndex: nlist_factor {nlist_factor} must be > 0 and retrain_growth "
                              f"{retrain_growth} > 1 (or 0: never retrain)")
-        self.m_hnsw, self.ef_search = int(m_hnsw), int(ef_search)
-        self.pq_m, self.pq_bits, self.rerank = int(pq_m or max(1, self.dim // 4)), int(pq_bits), int(rerank)
-        if kind == "ivfpq" and self.dim % self.pq_m:
-            raise ValueError(f"FaissIndex: pq_m={self.pq_m} must divide dim={self.dim}")
         if train_threshold is None:
-            train_threshold = max(DEFAULT_TRAIN_THRESHOLD, 39 * (nlist or 0),
-                                  39 * 2 ** self.pq_bits if kind == "ivfpq" else 0)
+            train_threshold = max(DEFAULT_TRAIN_THRESHOLD, 39 * (nlist or 0))
         self.train_threshold = int(train_threshold)
         dev = torch.device(device)
-        # Only flat/IVF/IVF-PQ have GPU versions; HNSW silently stays on CPU.
-        self._gpu = (dev.type == "cuda" and kind != "hnsw" and hasattr(self.faiss, "StandardGpuResources")
+        self._gpu = (dev.type == "cuda" and hasattr(self.faiss, "StandardGpuResources")
                      and self.faiss.get_num_gpus() > 0)
         self._gpu_id = dev.index if dev.index is not None else 0
         if self._gpu and dev.index is None:
@@ -108,18 +100,17 @@ class FaissIndex(RawKeys):
     # -- protocol ---------------------------------------------------------------------------
     @property
     def trained(self) -> bool:
-        """True once an ivf / ivfpq index has switched from exact to approximate search."""
+        """True once an ivf index has switched from exact to approximate search."""
         return self._trained[0] is not None
 
     def reset(self) -> None:
-        """Empty the index; an ivf / ivfpq index forgets its training (a new document retrains)."""
+        """Empty the index; an ivf index forgets its training (a new document retrains)."""
         self._keys.reset()
         self._valid.reset()
         self._base, self.nlist_trained, self.trained_rows = 0, 0, 0
         self._probe = [self.nprobe or 1] * self.G    # nprobe in effect per group
         self._calibrated = False
         self._nvalid = np.zeros(self.G, np.int64)   # valid rows per group (training trigger)
-        self._dead = np.zeros(self.G, np.int64)     # evicted rows still inside an HNSW graph
         self._trained: list = [None] * self.G        # serialized trained-but-empty IVF per group
         self._center: np.ndarray | None = None       # [G, D] subtracted inside approximate indexes
         self._indexes = [self._empty(g) for g in range(self.G)]
@@ -142,8 +133,6 @@ class FaissIndex(RawKeys):
         if not self._maybe_train():  # training re-adds every row itself
             # faiss gets the rows as stored (e.g. rounded to bf16), so its scores equal q . vectors[id]
             x = _f32(self.float_vectors(start, n).reshape(self.G, n, self.dim))
-            if self.kind == "hnsw" and self._center is None and v.any(1).all():
-                self._center = np.stack([x[gi, v[gi]].mean(0) for gi in range(self.G)]).astype(np.float32)
             if self._center is not None:
                 x = x - self._center[:, None, :]
             for gi, index in enumerate(self._indexes):
@@ -161,23 +150,17 @@ class FaissIndex(RawKeys):
         if tuple(queries.shape[:g]) != self.group_shape or queries.shape[-1] != self.dim:
             raise ValueError(f"FaissIndex.search: queries {tuple(queries.shape)} do not match "
                              f"[*{self.group_shape}, q, {self.dim}]")
-        nq, f = queries.shape[g], self.faiss
-        pq = self.kind == "ivfpq" and self.trained
-        kf = k * max(1, self.rerank) if pq else k
-        out_s = np.full((self.G, nq, kf), -np.inf, np.float32)
-        out_i = np.full((self.G, nq, kf), -1, np.int64)
+        nq = queries.shape[g]
+        out_s = np.full((self.G, nq, k), -np.inf, np.float32)
+        out_i = np.full((self.G, nq, k), -1, np.int64)
         q = _f32(queries.reshape(self.G, nq, self.dim))
         if self.trained and self.nprobe is None and not self._calibrated and nq:
-            self._calibrate(q, k, kf)
+            self._calibrate(q, k)
         for gi, index in enumerate(self._indexes):
-            kk = min(kf, index.ntotal)   # faiss-gpu caps k; nothing beyond ntotal exists anyway
+            kk = min(k, index.ntotal)    # faiss-gpu caps k; nothing beyond ntotal exists anyway
             if kk == 0 or nq == 0:
                 continue
-            params = None
-            if self._dead[gi]:          # evicted rows still in the HNSW graph: filter them out
-                live = f.IDSelectorRange(self._base, 2 ** 62)
-                params = f.SearchParametersHNSW(sel=live, efSearch=self.ef_search)
-            s, i = index.search(q[gi], kk, params=params)
+            s, i = index.search(q[gi], kk)
             out_s[gi, :, :kk], out_i[gi, :, :kk] = s, i
         missing = out_i < 0
         if self._center is not None:    # faiss scored q.(k - c): add q.c back
@@ -185,20 +168,14 @@ class FaissIndex(RawKeys):
         out_i = np.where(missing, -1, out_i - self._base)
         out_s[missing] = -np.inf        # faiss pads with -FLT_MAX, the protocol says -inf
         scores, ids = torch.from_numpy(out_s).to(queries.device), torch.from_numpy(out_i).to(queries.device)
-        if pq:
-            if len(self):
-                scores, ids = self._rescore(queries.reshape(self.G, nq, self.dim), ids)
-            scores, ids = scores[..., :k].contiguous(), ids[..., :k].contiguous()
         shape = (*self.group_shape, nq, k)
         return scores.reshape(shape), ids.reshape(shape)
 
     def remove_oldest(self, n: int) -> None:
         """FIFO: drop the n oldest rows of every group; ids shift down by n.
 
-        flat / ivf / ivfpq: faiss remove_ids of the id range, O(n) (a scan, no re-training).
-        hnsw cannot delete: evicted rows stay in the graph, filtered at search time, and the graph is
-        rebuilt (O(n log n)) once they outnumber the live rows. GPU indexes cannot delete either and
-        are rebuilt from the kept keys, O(n)."""
+        faiss remove_ids of the id range, O(n) (a scan, no re-training). GPU indexes cannot delete
+        and are rebuilt from the kept keys, O(n)."""
         n = min(int(n), len(self))
         if n <= 0:
             return
@@ -209,11 +186,6 @@ class FaissIndex(RawKeys):
         self._base += n
         self._nvalid -= dropped
         for gi, index in enumerate(self._indexes):
-            if self.kind == "hnsw":
-                self._dead[gi] += dropped[gi]
-                if 2 * self._dead[gi] > index.ntotal:
-                    self._rebuild(gi)
-                continue
             try:
                 index.remove_ids(self.faiss.IDSelectorRange(lo, lo + n))
             except RuntimeError:        # GPU indexes do not implement remove_ids
@@ -231,18 +203,13 @@ class FaissIndex(RawKeys):
         for g in range(self.G):
             self._rebuild(g)
 
-    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Change the search effort of a built index without rebuilding it: IVF lists visited
-        (ivf / ivfpq) or HNSW beam width."""
+    def set_search_params(self, nprobe: int | None = None) -> None:
+        """Change the search effort of a built index without rebuilding it: IVF lists visited."""
         if nprobe is not None:
             self.nprobe = int(nprobe)
             self._probe = [self.nprobe] * self.G
-        if ef_search is not None:
-            self.ef_search = int(ef_search)
-        for g, index in enumerate(self._indexes):
-            if self.kind == "hnsw":
-                self.faiss.downcast_index(index.index).hnsw.efSearch = self.ef_search
-            elif self._trained[g] is not None:
+        for g in range(self.G):
+            if self._trained[g] is not None:
                 self._set_nprobe(g, self._probe[g])
 
     @property
@@ -258,7 +225,7 @@ class FaissIndex(RawKeys):
         else:
             index.nprobe = self._probe[g]
 
-    def _calibrate(self, q: np.ndarray, k: int, kf: int, sample: int = 256) -> None:
+    def _calibrate(self, q: np.ndarray, k: int, sample: int = 256) -> None:
         """Per group, the smallest power-of-two nprobe whose recall@k on (up to `sample` of) these
         queries reaches target_recall; truth = FAISS brute force over the group's stored keys."""
         f = self.faiss
@@ -275,7 +242,7 @@ class FaissIndex(RawKeys):
             nprobe, top = 1, self.nlist_trained
             while nprobe < top:
                 self._set_nprobe(g, nprobe)
-                _, ids = index.search(qs, min(kf, index.ntotal))
+                _, ids = index.search(qs, min(k, index.ntotal))
                 hits = (ids[:, :, None] == truth[:, None, :]).any(1).mean()
                 if hits >= self.target_recall:
                     break
@@ -290,11 +257,7 @@ class FaissIndex(RawKeys):
         if self._trained[g] is not None:
             index = f.deserialize_index(self._trained[g])
             index.nprobe = self._probe[g]
-        elif self.kind == "hnsw":
-            sub = f.IndexHNSWFlat(self.dim, self.m_hnsw, f.METRIC_INNER_PRODUCT)
-            sub.hnsw.efSearch = self.ef_search
-            index = f.IndexIDMap(sub)
-        else:                           # flat, and ivf / ivfpq before training: exact search
+        else:                           # flat, and ivf before training: exact search
             index = f.IndexIDMap(f.IndexFlatIP(self.dim))
         return self._to_gpu(index)
 
@@ -319,22 +282,17 @@ class FaissIndex(RawKeys):
     def _rebuild(self, g: int) -> None:
         """Re-create group g's faiss index from the kept keys (keeps IVF training and the center)."""
         self._indexes[g] = self._empty(g)
-        self._dead[g] = 0
         x, rows = self._group_rows(g)
-        if self.kind == "hnsw" and self._center is None and rows.size:
-            self._center = np.zeros((self.G, self.dim), np.float32)
-        if self._center is not None and (self.kind == "hnsw" or self._trained[g] is not None):
-            if self.kind == "hnsw" and not self._center.any(1)[g] and rows.size:
-                self._center[g] = x.mean(0)
+        if self._center is not None and self._trained[g] is not None:
             x = np.ascontiguousarray(x - self._center[g])
         if rows.size:
             self._indexes[g].add_with_ids(x, rows + self._base)
 
     def _maybe_train(self) -> bool:
-        """ivf / ivfpq: once every group holds train_threshold valid rows, train and re-add them;
+        """ivf: once every group holds train_threshold valid rows, train and re-add them;
         with an automatic nlist, train again each time the memory has grown retrain_growth times."""
         n = int(self._nvalid.min())
-        if self.kind not in ("ivf", "ivfpq"):
+        if self.kind != "ivf":
             return False
         if not self.trained:
             if n < self.train_threshold:
@@ -352,42 +310,17 @@ class FaissIndex(RawKeys):
             if len(x) > _KMEANS_POINTS * nlist:   # k-means on a sample: training cost stays O(nlist^2)
                 x = x[np.sort(rng.choice(len(x), _KMEANS_POINTS * nlist, replace=False))]
             x = np.ascontiguousarray(x - self._center[g])
-            quantizer = f.IndexFlatIP(self.dim)
-            if self.kind == "ivf":
-                ivf = f.IndexIVFFlat(quantizer, self.dim, nlist, ip)
-            else:
-                ivf = f.IndexIVFPQ(quantizer, self.dim, nlist, self.pq_m, self.pq_bits, ip)
+            ivf = f.IndexIVFFlat(f.IndexFlatIP(self.dim), self.dim, nlist, ip)
             ivf.train(x)                # k-means seed is fixed in faiss: deterministic for the same keys
             self._trained[g] = f.serialize_index(ivf)
             self._rebuild(g)
         self.nlist_trained, self.trained_rows, self._calibrated = nlist, n, False
         return True
 
-    @torch.no_grad()
-    def _rescore(self, q: torch.Tensor, ids: torch.Tensor, chunk: int = 1024):
-        """Exact q.k for PQ candidates, re-sorted: attention uses the scores as logits.
-
-        q [G, nq, D], ids [G, nq, k] -> (scores, ids) [G, nq, k]."""
-        keys = self.vectors.reshape(self.G, len(self), self.dim)
-        ks = None if self.key_scales is None else self.key_scales.reshape(self.G, len(self))
-        ids = ids.to(keys.device)
-        scores = torch.empty(ids.shape, dtype=torch.float32, device=keys.device)
-        for g in range(self.G):
-            for a in range(0, ids.shape[1], chunk):
-                i = ids[g, a:a + chunk]                                      # [c, k]
-                kg = keys[g][i.clamp(min=0)].float()                         # [c, k, D]
-                if ks is not None:                                           # int8 keys
-                    kg = kg * ks[g][i.clamp(min=0)][..., None]
-                s = torch.einsum("cd,ckd->ck", q[g, a:a + chunk].to(keys.device).float(), kg)
-                scores[g, a:a + chunk] = s.masked_fill(i < 0, float("-inf"))
-        scores, order = scores.sort(dim=-1, descending=True)
-        return scores.to(q.device), ids.gather(-1, order).to(q.device)
-
     # -- persistence ------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        """keys, valid, meta (int64: version, kind, trained, nlist, pq_m, pq_bits, base), trained.<g>."""
-        meta = [VERSION, KINDS.index(self.kind), int(self.trained), self.nlist_trained,
-                self.pq_m, self.pq_bits, self._base]
+        """keys, valid, meta (int64: version, kind, trained, nlist, 0, 0 (were IVF-PQ's), base), trained.<g>."""
+        meta = [VERSION, KINDS.index(self.kind), int(self.trained), self.nlist_trained, 0, 0, self._base]
         state = {**rows_state(self._keys, "keys"), "valid": self.valid.contiguous(),
                  "meta": torch.tensor(meta, dtype=torch.int64)}
         if self._center is not None:
@@ -398,14 +331,9 @@ class FaissIndex(RawKeys):
         return state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only. flat / ivf / ivfpq are rebuilt on load from the keys (and the trained, empty
-        IVF as uint8 bytes); an HNSW graph built by several threads is not reproducible, so hnsw also
-        stores each group's serialized index as graph.<g> (uint8)."""
-        state = self._tensors()
-        if self.kind == "hnsw":
-            for g, index in enumerate(self._indexes):
-                state[f"graph.{g}"] = torch.from_numpy(self.faiss.serialize_index(index))
-        return state
+        """Tensors only: the index is rebuilt on load from the keys (and the trained, empty IVF as
+        uint8 bytes)."""
+        return self._tensors()
 
     def _parse(self, state: dict) -> tuple:
         """Validate a state without changing self -> (keys, valid, meta or None, trained blobs)."""
@@ -439,8 +367,7 @@ class FaissIndex(RawKeys):
         """Install a parsed state; indexes = saved CPU faiss indexes, else rebuild from the keys."""
         nvalid = valid.reshape(self.G, -1).sum(1).cpu().numpy().astype(np.int64)
         for g, index in enumerate(indexes or []):   # check everything before changing anything
-            if index.d != self.dim or index.ntotal < nvalid[g] or (
-                    self.kind != "hnsw" and index.ntotal != nvalid[g]):
+            if index.d != self.dim or index.ntotal != nvalid[g]:
                 raise ValueError(f"FaissIndex: saved faiss index {g} (d={index.d}, ntotal={index.ntotal}) "
                                  f"does not match {nvalid[g]} valid keys of dim {self.dim}")
         load_rows(self._keys, rows, "keys")
@@ -451,7 +378,6 @@ class FaissIndex(RawKeys):
         self.nlist_trained = int(meta[3]) if meta is not None and trained[0] is not None else 0
         self.trained_rows = int(nvalid.min()) if self.nlist_trained else 0
         self._calibrated = False
-        self._dead = np.zeros(self.G, np.int64)
         if indexes is None:
             self._base = 0
             for g in range(self.G):
@@ -460,23 +386,12 @@ class FaissIndex(RawKeys):
             return
         self._base = int(meta[6])
         for g, index in enumerate(indexes):
-            if self.kind == "hnsw":
-                self.faiss.downcast_index(index.index).hnsw.efSearch = self.ef_search
-            elif trained[g] is not None:
+            if trained[g] is not None:
                 index.nprobe = self._probe[g]
-            self._dead[g] = index.ntotal - self._nvalid[g]
             self._indexes[g] = self._to_gpu(index)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        rows, valid, meta, trained = self._parse(state)
-        indexes = None
-        if meta is not None and self.kind == "hnsw" and "graph.0" in state:
-            try:
-                blobs = [state[f"graph.{g}"].cpu().numpy().astype(np.uint8) for g in range(self.G)]
-                indexes = [self.faiss.deserialize_index(b) for b in blobs]
-            except (KeyError, RuntimeError) as e:
-                raise ValueError(f"FaissIndex: saved HNSW graph unreadable: {e}") from None
-        self._commit(rows, valid, meta, trained, indexes)
+        self._commit(*self._parse(state))
 
     def save(self, path) -> None:
         """Write <path>/ {manifest.json, memory.safetensors, group_<g>.faiss} atomically: into a temp

@@ -16,7 +16,7 @@ from .exact import ExactIndex
 from .faiss_index import FaissIndex
 
 # MemoryConfig.index name -> FaissIndex kind
-FAISS_KINDS = {"faiss-flat": "flat", "faiss-ivf": "ivf", "faiss-hnsw": "hnsw", "faiss-ivfpq": "ivfpq"}
+FAISS_KINDS = {"faiss-flat": "flat", "faiss-ivf": "ivf"}
 
 
 class MemoryCapacityError(RuntimeError):

@@ -13,7 +13,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw", "faiss-ivfpq")
+INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf")
+# removed backends -> why (a config that names one fails with this)
+_REMOVED_INDEXES = {"faiss-hnsw": "HNSW lost recall to faiss-ivf at every speed measured",
+                    "faiss-ivfpq": "IVF-PQ lost recall to faiss-ivf at every speed measured"}
 EVICTIONS = ("fifo", "score", "none")
 MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 _MAX_SIZE = 1 << 20     # bound on windows, k, blocks, layers, ranks: a corrupt file or a typo, not a config
@@ -35,8 +38,8 @@ class MemoryConfig:
     overlap: tokens before each window's new tokens re-read as context (not written again).
     block_size: tokens per memory block (block b holds stream positions [b*size, (b+1)*size)).
     question_blocks: blocks a question reads (`ask`): those under the passages nearest the question.
-    index: kNN backend over memory keys: "exact" (torch), or FAISS "faiss-flat", "faiss-ivf",
-        "faiss-hnsw", "faiss-ivfpq". index_params go to the backend (e.g. {"nprobe": 32}, or
+    index: kNN backend over memory keys: "exact" (torch), or FAISS "faiss-flat", "faiss-ivf".
+        index_params go to the backend (e.g. {"nprobe": 32}, or
         {"storage_dir": path}: memory-mapped rows for memories larger than RAM, index "exact").
     capacity: max tokens of memory per sequence (None = unbounded); eviction when it is reached:
         "fifo" drops the oldest, "score" (H2O) the least attended, "none" raises.
@@ -97,7 +100,10 @@ class MemoryConfig:
              f"{self.sink_tokens} - overlap {self.overlap} < 1")
         need(int(self.block_size) >= 1, f"block_size must be >= 1, got {self.block_size}")
         need(int(self.question_blocks) >= 1, f"question_blocks must be >= 1, got {self.question_blocks}")
-        need(self.index in INDEX_KINDS, f"index {self.index!r} not in {INDEX_KINDS}")
+        need(self.index in INDEX_KINDS,
+             f"index {self.index!r} is not one of {', '.join(INDEX_KINDS)}"
+             + (f" ({self.index} was removed: {_REMOVED_INDEXES[self.index]}; use faiss-ivf)"
+                if self.index in _REMOVED_INDEXES else ""))
         need(isinstance(self.index_params, dict), "index_params must be a dict")
         need(self.index_params.get("storage_dir") is None or self.index == "exact",
              f"index_params storage_dir (memory-mapped rows) needs index='exact', got {self.index!r}")

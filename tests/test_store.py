@@ -91,7 +91,7 @@ def _consistent(mem, keys, values):
     return torch.allclose(got_k, want_k, atol=1e-5) and torch.allclose(mem.values.float(), want_v, atol=1e-5)
 
 
-@pytest.mark.parametrize("index", ["exact", "faiss-flat", "faiss-hnsw", "faiss-ivf"])
+@pytest.mark.parametrize("index", ["exact", "faiss-flat", "faiss-ivf"])
 def test_score_eviction_keeps_heavy_hitters_and_index_store_consistent(index):
     B, H, D, cap = 2, 2, 16, 64
     params = {"train_threshold": 40, "nlist": 2} if index == "faiss-ivf" else {}

@@ -5,6 +5,8 @@ import argparse
 import math
 import sys
 
+from memformer.config import INDEX_KINDS
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """--model, --adapter and the memory settings; a memory flag left out keeps the adapter's value
@@ -30,7 +32,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=None,
                    help="tokens before each window's new ones re-read as context (default 128)")
     p.add_argument("--memory-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16", "int8"])
-    p.add_argument("--index", default=None, help="exact | faiss-flat | faiss-ivf | faiss-hnsw | faiss-ivfpq")
+    p.add_argument("--index", default=None, choices=INDEX_KINDS, help="kNN backend over memory keys (default exact)")
     p.add_argument("--storage-dir", default=None, help="keep memory rows in memory-mapped files here (index exact)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
