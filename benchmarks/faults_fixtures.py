@@ -200,8 +200,8 @@ def op_convert(_: str = "") -> None:
 
 
 def op_memorize_rss(eviction: str, tokens: str, out: str, read: str = "write") -> None:
-    """Memorize `tokens` random tokens in 4k calls into a memory of capacity 16k, every window
-    reading the memory (so score eviction has attention mass to go by); RSS after each call."""
+    """Memorize `tokens` random tokens in 4k calls into a memory of capacity 16k (with read="read"
+    every window also reads the memory); RSS after each call."""
     torch.set_num_threads(1)
     model = tiny_model(capacity=16384, eviction=eviction, window=256, overlap=32)
     g = torch.Generator().manual_seed(0)

@@ -226,12 +226,12 @@ def resource_conversion(work: Path, wheel: Path) -> dict:
 
 # ---------------------------------------------------------------- resident memory
 def rss_session(work: Path, tokens: int, read_tokens: int) -> dict:
-    """RSS while memorizing `tokens` into a capacity of 16k (FIFO, score eviction), windows only
-    writing; and `read_tokens` with every window also reading the memory (kNN reads, which give
-    score eviction its attention mass; about 50x slower on a CPU)."""
+    """RSS while memorizing `tokens` into a capacity of 16k (FIFO eviction), windows only
+    writing; and `read_tokens` with every window also reading the memory (kNN reads, about 50x
+    slower on a CPU)."""
     out = {}
-    for name, eviction, n, read in (("fifo", "fifo", tokens, "write"), ("score", "score", tokens, "write"),
-                                    ("score, windows read memory", "score", read_tokens, "read")):
+    for name, eviction, n, read in (("fifo", "fifo", tokens, "write"),
+                                    ("fifo, windows read memory", "fifo", read_tokens, "read")):
         if n <= 0:
             continue
         f = work / f"rss_{eviction}_{read}.json"

@@ -33,10 +33,6 @@ class KNNIndex(Protocol):
     def remove_oldest(self, n: int) -> None:
         """Drop the n oldest rows of every group (FIFO eviction); later ids shift down by n."""
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only rows [*G, m] (ascending row ids per group) and drop the rest (score
-        eviction); kept rows are renumbered 0..m-1 in order."""
-
     def reset(self) -> None: ...
 
     def __len__(self) -> int: ...
@@ -114,16 +110,6 @@ class GrowingBuffer:
     def reset(self) -> None:
         self.length = 0
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` [*G, m] (int64, ascending, per group) of every group, in that order.
-
-        Groups may keep different rows but keep the same number (score eviction)."""
-        idx = rows.to(self._buf.device)
-        idx = idx.view(*idx.shape, *([1] * len(self.tail_shape))).expand(*idx.shape, *self.tail_shape)
-        kept = self.data.gather(self.dim, idx)                                  # [*G, m, *tail]
-        self._buf.narrow(self.dim, 0, kept.shape[self.dim]).copy_(kept)
-        self.length = kept.shape[self.dim]
-
     def load(self, x: torch.Tensor) -> None:
         n = x.shape[self.dim]
         self._buf = self._empty(max(n, 1), self._buf.dtype, self._buf.device)
@@ -179,10 +165,6 @@ class QuantizedBuffer:
     def drop_front(self, n: int) -> None:
         self.rows.drop_front(n)
         self._scales.drop_front(n)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        self.rows.keep(rows)
-        self._scales.keep(rows)
 
     def reset(self) -> None:
         self.rows.reset()

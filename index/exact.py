@@ -138,11 +138,6 @@ class ExactIndex(RawKeys):
         self._keys.drop_front(n)
         self._valid.drop_front(n)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep rows [*G, m] (ascending) of each group; the others are evicted, ids renumber."""
-        self._keys.keep(rows)
-        self._valid.keep(rows)
-
     def reset(self) -> None:
         self._keys.reset()
         self._valid.reset()

@@ -191,18 +191,6 @@ class FaissIndex(RawKeys):
             except RuntimeError:        # GPU indexes do not implement remove_ids
                 self._rebuild(gi)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep rows [*G, m] (ascending) of each group, evict the rest (score eviction); ids
-        renumber 0..m-1. faiss ids are positions, so every group's index is rebuilt from the kept
-        keys (IVF keeps its training): O(n) for flat / ivf / ivfpq, O(n log n) for hnsw — callers
-        evict in batches."""
-        self._keys.keep(rows)
-        self._valid.keep(rows)
-        self._base = 0
-        self._nvalid = self.valid.reshape(self.G, len(self)).sum(1).cpu().numpy().astype(np.int64)
-        for g in range(self.G):
-            self._rebuild(g)
-
     def set_search_params(self, nprobe: int | None = None) -> None:
         """Change the search effort of a built index without rebuilding it: IVF lists visited."""
         if nprobe is not None:

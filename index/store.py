@@ -7,8 +7,6 @@ row (`QuantizedBuffer`).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .base import GrowingBuffer, QuantizedBuffer, load_rows, row_buffer, rows_state
@@ -25,15 +23,13 @@ class MemoryCapacityError(RuntimeError):
 
 class MemoryStore:
     """Values [B, Hkv, M, D] (int8 + scales [B, Hkv, M] when dtype is torch.int8), document token
-    positions [B, M] (int64), the window slot each row's key was computed at [B, M] (int64, -1 =
-    unknown: memory files from before slots were kept) and the attention mass each row has
-    received so far [B, M] (float32, what score eviction ranks by)."""
+    positions [B, M] (int64) and the window slot each row's key was computed at [B, M] (int64, -1 =
+    unknown: memory files from before slots were kept)."""
 
     def __init__(self, batch: int, kv_heads: int, dim: int, dtype=torch.float32, device="cpu", mmap_dir=None):
         self.values = row_buffer((batch, kv_heads), dim, dtype, device, mmap_dir)
         self.positions = GrowingBuffer((batch,), (), torch.long, device)
         self.slots = GrowingBuffer((batch,), (), torch.long, device)
-        self.mass = GrowingBuffer((batch,), (), torch.float32, device)
 
     def __len__(self) -> int:
         return self.values.length
@@ -42,22 +38,13 @@ class MemoryStore:
         self.values.append(values)
         self.positions.append(positions)
         self.slots.append(torch.full_like(positions, -1) if slots is None else slots.to(positions))
-        self.mass.append(torch.zeros(positions.shape, dtype=torch.float32, device=positions.device))
 
     def _buffers(self):
-        return self.values, self.positions, self.slots, self.mass
+        return self.values, self.positions, self.slots
 
     def remove_oldest(self, n: int) -> None:
         for buf in self._buffers():
             buf.drop_front(n)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """rows [B, m] ascending: keep those rows of each sequence (all kv heads)."""
-        B, m = rows.shape
-        self.values.keep(rows[:, None, :].expand(B, self.values.data.shape[1], m))
-        self.positions.keep(rows)
-        self.slots.keep(rows)
-        self.mass.keep(rows)
 
     def reset(self) -> None:
         for buf in self._buffers():
@@ -76,10 +63,8 @@ def make_index(kind: str, group_shape, dim: int, dtype, device, **params):
 class LayerMemory:
     """Memory of one layer: keys in a KNNIndex, values + positions in a MemoryStore.
 
-    capacity: max tokens per sequence (None = unbounded). eviction: "fifo" (drop the oldest rows),
-    "score" (H2O: drop the rows that received the least attention mass so far, oldest first among
-    equals — so it is FIFO until memory is read; it evicts at least capacity/16 rows at a time so
-    index rebuilds are amortised), or "none" (MemoryCapacityError when full).
+    capacity: max tokens per sequence (None = unbounded). eviction: "fifo" (drop the oldest rows)
+    or "none" (MemoryCapacityError when full).
     mmap_dir: keep keys and values in memory-mapped files there instead of RAM (exact index only:
         FAISS indexes hold their own copy of the keys).
     """
@@ -123,23 +108,6 @@ class LayerMemory:
         return v.scales if isinstance(v, QuantizedBuffer) else None
 
     @property
-    def mass(self) -> torch.Tensor:
-        """[B, M] attention mass each row has received (summed over heads, queries and reads)."""
-        return self.store.mass.data
-
-    @property
-    def tracks_attention(self) -> bool:
-        """True when reads must report attention mass (score eviction ranks by it)."""
-        return self.capacity is not None and self.eviction == "score"
-
-    def record_attention(self, ids: torch.Tensor, probs: torch.Tensor) -> None:
-        """Add the attention mass of one read. ids/probs [B, H, T, K] (id -1 = empty slot)."""
-        B = ids.shape[0]
-        idx = ids.reshape(B, -1).to(self.mass.device)                           # [B, H*T*K]
-        w = probs.reshape(B, -1).float().to(self.mass.device) * (idx >= 0)
-        self.store.mass.data.scatter_add_(1, idx.clamp(min=0), w)
-
-    @property
     def positions(self) -> torch.Tensor:
         """[B, M] document token position of every stored row."""
         return self.store.positions.data
@@ -181,11 +149,7 @@ class LayerMemory:
             valid = None if valid is None else valid[:, -self.capacity:]
             n = self.capacity
         if self.capacity is not None and len(self) + n > self.capacity:
-            over = len(self) + n - self.capacity
-            if self.eviction == "score":
-                self.evict_lowest_mass(min(len(self), max(over, math.ceil(self.capacity / 16))))
-            else:
-                self.remove_oldest(over)
+            self.remove_oldest(len(self) + n - self.capacity)
         kvalid = None if valid is None else valid[:, None, :].expand(B, H, n)
         self.index.add(keys, kvalid)
         self.store.add(values, positions, slots)
@@ -198,20 +162,6 @@ class LayerMemory:
         self.index.remove_oldest(n)
         self.store.remove_oldest(n)
 
-    def evict_lowest_mass(self, n: int) -> None:
-        """Drop, per sequence, the n rows with the least attention mass (padding rows first, then
-        the oldest among equal mass); index and store keep the same rows, so no id can point at
-        an evicted row."""
-        M = len(self)
-        n = min(int(n), M)
-        if n <= 0:
-            return
-        mass = self.mass.masked_fill(~self.valid, float("-inf"))               # [B, M]
-        order = torch.sort(mass, dim=1, stable=True).indices                    # ties: oldest first
-        keep = order[:, n:].sort(dim=1).values                                  # [B, M - n] ascending
-        self.index.keep(keep[:, None, :].expand(self.batch, self.kv_heads, M - n))
-        self.store.keep(keep)
-
     def reset(self) -> None:
         self.index.reset()
         self.store.reset()
@@ -221,7 +171,6 @@ class LayerMemory:
         state.update(rows_state(self.store.values, "values"))
         state["positions"] = self.positions.contiguous()
         state["slots"] = self.slots.contiguous()
-        state["mass"] = self.mass.contiguous()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -231,14 +180,13 @@ class LayerMemory:
                              f"[{self.batch}, {self.kv_heads}, M, {self.dim}]")
         if tuple(positions.shape) != (self.batch, values.shape[2]):
             raise ValueError("saved positions do not match saved values")
-        mass = state.get("mass", torch.zeros(positions.shape))
         slots = state["slots"]                          # where each key was rotated: question reads need it
-        if tuple(mass.shape) != tuple(positions.shape) or tuple(slots.shape) != tuple(positions.shape):
-            raise ValueError("saved attention mass or slots do not match saved positions")
+        if tuple(slots.shape) != tuple(positions.shape):
+            raise ValueError("saved slots do not match saved positions")
+        # memories saved before score eviction was removed also hold "mass": not needed, ignored
         self.index.load_state_dict({k[len("index."):]: v for k, v in state.items() if k.startswith("index.")})
         if len(self.index) != values.shape[2]:
             raise ValueError("saved index and values hold different numbers of rows")
         load_rows(self.store.values, state, "values")
         self.store.positions.load(positions)
         self.store.slots.load(slots.long())
-        self.store.mass.load(mass)

@@ -17,7 +17,7 @@ INDEX_KINDS = ("exact", "faiss-flat", "faiss-ivf")
 # removed backends -> why (a config that names one fails with this)
 _REMOVED_INDEXES = {"faiss-hnsw": "HNSW lost recall to faiss-ivf at every speed measured",
                     "faiss-ivfpq": "IVF-PQ lost recall to faiss-ivf at every speed measured"}
-EVICTIONS = ("fifo", "score", "none")
+EVICTIONS = ("fifo", "none")
 MEMORY_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 _MAX_SIZE = 1 << 20     # bound on windows, k, blocks, layers, ranks: a corrupt file or a typo, not a config
 
@@ -42,7 +42,7 @@ class MemoryConfig:
         index_params go to the backend (e.g. {"nprobe": 32}, or
         {"storage_dir": path}: memory-mapped rows for memories larger than RAM, index "exact").
     capacity: max tokens of memory per sequence (None = unbounded); eviction when it is reached:
-        "fifo" drops the oldest, "score" (H2O) the least attended, "none" raises.
+        "fifo" drops the oldest, "none" raises (MemoryCapacityError) and writes nothing.
     memory_dtype: dtype of stored keys/values ("auto" = backbone dtype; "int8" = int8 rows with a
         float32 scale per row, 3.76x smaller than float32 at head_dim 64).
     """
@@ -109,7 +109,10 @@ class MemoryConfig:
              f"index_params storage_dir (memory-mapped rows) needs index='exact', got {self.index!r}")
         need(self.capacity is None or int(self.capacity) >= 1,
              f"capacity must be >= 1 or None, got {self.capacity}")
-        need(self.eviction in EVICTIONS, f"eviction {self.eviction!r} not in {EVICTIONS}")
+        need(self.eviction in EVICTIONS,
+             f"eviction {self.eviction!r} is not one of {', '.join(EVICTIONS)}"
+             + (" (score eviction was removed: never measured to help answers, and it cost a branch "
+                "on every attention call; use fifo)" if self.eviction == "score" else ""))
         need(self.memory_dtype in MEMORY_DTYPES,
              f"memory_dtype {self.memory_dtype!r} not in {MEMORY_DTYPES}")
 

@@ -118,18 +118,15 @@ class MemoryAttention(nn.Module):
                                dropout=0.0, scaling=attn.scaling, **kwargs)   # [B, T, Hq, D]
             return attn.o_proj(out.reshape(B, T, Hq * D)), None
 
-        track = mem is not None and not from_corpus and getattr(mem, "tracks_attention", False)  # H2O eviction
         if pinned:                                                             # question reads
             out, rows, probs = block_attention(mem, q_rot, k_all, v_all, rt.pinned_blocks,
                                                block_size=rt.block_size, scale=attn.scaling,
                                                rotary_fn=self.rotary_fn, row_rotation=rt.row_rotation,
                                                slot_rotation=rt.slot_rotation, local_mask=attention_mask,
                                                mem_bias=self.memory_gate,
-                                               with_probs=rt.record or track)  # [B, Hq, T, D]; [B, 1, T, R]
+                                               with_probs=rt.record)           # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
                 (self.corpus_reads if from_corpus else self.reads).append((rows, probs))
-            if track:
-                mem.record_attention(rows, probs)
             return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D)), None
 
         # kNN reads: the query moved a window further against keys rotated at their window slot
@@ -147,7 +144,7 @@ class MemoryAttention(nn.Module):
             k_scale = v_scale = None
         res = knn_attention(q_rot, k_all, v_all, k_mem, v_mem, ids, q_mem=q_mem, mem_scores=scores,
                             scale=attn.scaling, local_mask=attention_mask, mem_bias=self.memory_gate,
-                            k_scale=k_scale, v_scale=v_scale, return_mem_probs=rt.record or track)
+                            k_scale=k_scale, v_scale=v_scale, return_mem_probs=rt.record)
         out = res[0]                                                           # [B, Hq, T, D]
         if rt.record:  # attention mass of each retrieved row (evidence; tests)
             probs = res[2].detach()
@@ -155,8 +152,6 @@ class MemoryAttention(nn.Module):
                 self.reads.append((own_ids, probs))
             if corpus_ids is not None:
                 self.corpus_reads.append((corpus_ids, probs))
-        if track:
-            mem.record_attention(own_ids, res[2].detach())
         out = out.transpose(1, 2).reshape(B, T, Hq * D)                        # [B, T, Hq*D]
         return attn.o_proj(out), None
 

@@ -336,7 +336,7 @@ def test_window_slots_survive_save_load_and_eviction(tmp_path):
     full = next(iter(slots.values()))
     assert mem.slots.shape == mem.positions.shape == (1, 30)
     assert torch.equal(mem.slots, full[:, -30:])                # slots stay with their rows
-    mem.evict_lowest_mass(5)
+    mem.remove_oldest(5)                                        # FIFO eviction below capacity
     assert torch.equal(mem.slots, full[:, -25:])
 
 
