@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,12 +41,14 @@ class MemoryConfig:
     block_size: tokens per memory block (block b holds stream positions [b*size, (b+1)*size)).
     question_blocks: blocks a question reads (`ask`): those under the passages nearest the question.
     index: kNN backend over memory keys: "exact" (torch), or FAISS "faiss-flat", "faiss-ivf".
-        index_params go to the backend (e.g. {"nprobe": 32}, or
-        {"storage_dir": path}: memory-mapped rows for memories larger than RAM, index "exact").
+        index_params go to the backend (e.g. {"nprobe": 32}).
     capacity: max tokens of memory per sequence (None = unbounded); eviction when it is reached:
         "fifo" drops the oldest, "none" raises (MemoryCapacityError) and writes nothing.
     memory_dtype: dtype of stored keys/values ("auto" = backbone dtype; "int8" = int8 rows with a
         float32 scale per row, 3.76x smaller than float32 at head_dim 64).
+    storage_dir: None = memory rows in RAM (or on the model's device); a folder = keys and values
+        in memory-mapped files there, so a memory can be larger than RAM (CPU, index "exact").
+        The files are unlinked at once: nothing to clean up, nothing reusable after the process.
     """
 
     memory_layers: Optional[list[int]] = None
@@ -60,6 +64,7 @@ class MemoryConfig:
     capacity: Optional[int] = None
     eviction: str = "fifo"
     memory_dtype: str = "auto"
+    storage_dir: Optional[str] = None
 
     def __post_init__(self):
         def need(cond, msg):
@@ -105,8 +110,24 @@ class MemoryConfig:
              + (f" ({self.index} was removed: {_REMOVED_INDEXES[self.index]}; use faiss-ivf)"
                 if self.index in _REMOVED_INDEXES else ""))
         need(isinstance(self.index_params, dict), "index_params must be a dict")
-        need(self.index_params.get("storage_dir") is None or self.index == "exact",
-             f"index_params storage_dir (memory-mapped rows) needs index='exact', got {self.index!r}")
+        if "storage_dir" in self.index_params:       # the form before storage_dir was a field
+            params = dict(self.index_params)
+            old = params.pop("storage_dir")
+            need(self.storage_dir is None or old is None or str(old) == str(self.storage_dir),
+                 f"storage_dir {self.storage_dir!r} and index_params storage_dir {old!r} differ; "
+                 f"give storage_dir only")
+            warnings.warn("MemoryConfig: index_params={'storage_dir': ...} is deprecated and will be "
+                          "refused in the next release; use MemoryConfig(storage_dir=...)",
+                          FutureWarning, stacklevel=3)
+            self.index_params = params
+            self.storage_dir = self.storage_dir if old is None else (self.storage_dir or old)
+        if isinstance(self.storage_dir, os.PathLike):
+            self.storage_dir = os.fspath(self.storage_dir)
+        need(self.storage_dir is None or (isinstance(self.storage_dir, str) and self.storage_dir.strip() != ""),
+             f"storage_dir must be None (memory in RAM) or a folder path, got {self.storage_dir!r}")
+        need(self.storage_dir is None or self.index == "exact",
+             f"storage_dir (memory-mapped rows) needs index='exact', got {self.index!r}: FAISS keeps "
+             f"its own in-RAM copy of the keys")
         need(self.capacity is None or int(self.capacity) >= 1,
              f"capacity must be >= 1 or None, got {self.capacity}")
         need(self.eviction in EVICTIONS,

@@ -250,11 +250,10 @@ class MemformerForCausalLM(nn.Module):
         storage; with `bounded`, its capacity and eviction: a read-only corpus has none)."""
         cfg, bcfg = self.memory_config, self.backbone.config
         head_dim = getattr(bcfg, "head_dim", None) or bcfg.hidden_size // bcfg.num_attention_heads
-        params = dict(cfg.index_params)
-        storage = params.pop("storage_dir", None)
         dtype = next(self.backbone.parameters()).dtype if cfg.memory_dtype == "auto" else _DTYPES[cfg.memory_dtype]
         return LayerMemory(batch, bcfg.num_key_value_heads, head_dim, dtype=dtype, device=self.device,
-                           index=cfg.index, index_params=params, mmap_dir=storage if bounded else None,
+                           index=cfg.index, index_params=cfg.index_params,
+                           mmap_dir=cfg.storage_dir if bounded else None,
                            capacity=cfg.capacity if bounded else None, eviction=cfg.eviction if bounded else "fifo")
 
     def ensure_memory(self, batch: int) -> None:

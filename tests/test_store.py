@@ -1,4 +1,6 @@
 """Compressed memory (int8 / bf16 / fp16 rows) and memory-mapped rows, index and store together."""
+import json
+
 import pytest
 import torch
 
@@ -147,15 +149,32 @@ def test_model_with_memory_mapped_storage_equals_ram(tmp_path):
     backbone = tiny_backbone()
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
     logits = []
-    for storage in (None, str(tmp_path)):
-        params = {} if storage is None else {"storage_dir": storage}    # memory-mapped rows
-        cfg = MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, index_params=params)
+    for storage in (None, tmp_path):                                   # RAM, then memory-mapped rows
+        cfg = MemoryConfig(window=32, sink_tokens=2, overlap=4, top_k=4, storage_dir=storage)
+        assert cfg.storage_dir == (None if storage is None else str(tmp_path)) and cfg.index_params == {}
         model = MemformerForCausalLM(backbone, None, cfg)
         model.memorize(ids[:, :180], show_progress=False)
-        assert model.memories[0].store.values.mmap_dir == storage          # index_params reached the store
+        assert model.memories[0].store.values.mmap_dir == cfg.storage_dir  # the field reached the store
         logits.append(model(ids[:, 180:]).logits)
         for layer in backbone.model.layers:
             layer.self_attn = layer.self_attn.attn
     assert torch.equal(logits[0], logits[1])
-    with pytest.raises(ValueError, match="storage_dir"):
+    assert MemoryConfig.from_dict(json.loads(cfg.to_json())) == cfg   # saved and loaded with the config
+
+
+def test_storage_dir_is_validated_and_its_old_form_translated_with_a_warning(tmp_path):
+    with pytest.raises(ValueError, match="storage_dir .memory-mapped rows. needs index='exact'"):
+        MemoryConfig(storage_dir=str(tmp_path), index="faiss-ivf")
+    for bad in ("", "  ", 3, ["a"]):
+        with pytest.raises(ValueError, match="storage_dir must be None .memory in RAM. or a folder path"):
+            MemoryConfig(storage_dir=bad)
+    # the form before it was a field: translated for one release, with a FutureWarning
+    with pytest.warns(FutureWarning, match="use MemoryConfig\\(storage_dir=...\\)"):
+        cfg = MemoryConfig(index_params={"storage_dir": str(tmp_path), "key_chunk": 8})
+    assert cfg.storage_dir == str(tmp_path) and cfg.index_params == {"key_chunk": 8}
+    with pytest.warns(FutureWarning):                                   # a config file of the old form too
+        assert MemoryConfig.from_dict({"index_params": {"storage_dir": str(tmp_path)}}).storage_dir == str(tmp_path)
+    with pytest.raises(ValueError, match="needs index='exact'"), pytest.warns(FutureWarning):
         MemoryConfig(index_params={"storage_dir": str(tmp_path)}, index="faiss-ivf")
+    with pytest.raises(ValueError, match="differ; give storage_dir only"):
+        MemoryConfig(storage_dir="/a", index_params={"storage_dir": "/b"})

@@ -59,13 +59,11 @@ def memory_config_from_args(args, base=None):
     from memformer import MemoryConfig
     given = dict(window=args.window, top_k=args.top_k, block_size=args.block_size,
                  question_blocks=args.question_blocks, sink_tokens=args.sink_tokens, overlap=args.overlap,
-                 memory_dtype=args.memory_dtype, index=args.index,
+                 memory_dtype=args.memory_dtype, index=args.index, storage_dir=args.storage_dir,
                  memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
                  knn_layers=parse_layers(args.knn_layers, "--knn-layers"))
     base = base or MemoryConfig()
     changes = {k: v for k, v in given.items() if v is not None}
-    if args.storage_dir:
-        changes["index_params"] = dict(base.index_params, storage_dir=args.storage_dir)
     return dataclasses.replace(base, **changes)                      # validates
 
 
