@@ -10,12 +10,16 @@ blocks read are laid out contiguously just before the local window (slot j of R 
 j - R), as retrieved passages sit before the question in a RAG prompt: each row's rotation at its
 recorded slot is undone first (RoPE rotations compose, so R(j - R) R(slot)^-1 R(slot) k =
 R(j - R) k), and memory logits use the query at its local position.
+
+Every query reads the same rows, so the memory logits are one matmul per kv group
+(`shared_rows_attention`), differentiable: crossbatch training reads blocks through the same code
+(`memformer.training.crossbatch.lane_blocks`).
 """
 from __future__ import annotations
 
 import torch
 
-from memformer.kernels import knn_attention
+from memformer.kernels.reference import local_attention
 
 
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,
@@ -61,15 +65,43 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
         raise ValueError(f"row_rotation covers {cos.shape[1]} slots, the blocks read {R}")
     keys = rotary_fn(keys, keys, cos[:, -R:], sin[:, -R:])[1]                         # at -R .. -1
 
-    # the one softmax over [local keys ‖ block rows] is the kNN-attention kernel's: every query reads
-    # the same R rows, so its ids are 0 .. R-1 (-1 where a row is missing)
-    slot_ids = torch.where(rows < 0, -1, torch.arange(R, device=rows.device))        # [B, R]
-    ids = slot_ids[:, None, None, :].expand(B, Hq, T, R).contiguous()
-    res = knn_attention(q_rot, k_local, v_local, keys.to(q_rot.dtype), values.to(q_rot.dtype), ids,
-                        scale=scale, local_mask=local_mask, mem_bias=mem_bias, return_mem_probs=with_probs)
+    out, probs = shared_rows_attention(q_rot, k_local, v_local, keys, values, rows >= 0, scale=scale,
+                                       local_mask=local_mask, mem_bias=mem_bias, with_probs=with_probs)
     read = rows[:, None, None, :].expand(B, 1, T, R)                                  # [B, 1, T, R]
-    probs = res[2].mean(dim=1, keepdim=True).detach() if with_probs else None         # [B, 1, T, R]
-    return res[0], read, probs
+    probs = probs.mean(dim=1, keepdim=True).detach() if with_probs else None          # [B, 1, T, R]
+    return out, read, probs
+
+
+def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale: float, local_mask=None,
+                          mem_bias=None, with_probs: bool = False):
+    """One softmax of every query over [its local keys ‖ the same R memory rows] (fp32 inside).
+
+    Every query of a block read reads the same rows, so the memory logits are one matmul per kv
+    group, [B, Hq, T, R], never the per-query gather [B, Hq, T, R, D] of the kNN kernel (which
+    needs per-query ids); differentiable, as training reads blocks through it too.
+    q [B, Hq, T, D]; k_local, v_local [B, Hkv, S, D] (queries are the last T of S unless
+    local_mask says otherwise); k_rows, v_rows [B, Hkv, R, D] already at their layout positions;
+    row_ok [B, R] bool (False = no row); mem_bias [Hq] (the memory gate) or None.
+    returns (out [B, Hq, T, D] in q's dtype, probs [B, Hq, T, R] each row's share of the one
+    softmax, or None unless with_probs)."""
+    B, Hq, T, D = q.shape
+    Hkv, R = k_rows.shape[1], k_rows.shape[2]
+    G = Hq // Hkv
+    out_loc, lse_loc = local_attention(q, k_local, v_local, scale, local_mask)       # [B, Hq, T, D], [B, Hq, T]
+    qg = q.float().reshape(B, Hkv, G * T, D)                                          # query heads of a kv group
+    s = (qg @ k_rows.float().transpose(-1, -2)).view(B, Hq, T, R) * scale            # [B, Hq, T, R]
+    if mem_bias is not None:
+        s = s + mem_bias.float().view(1, Hq, 1, 1)
+    s = s.masked_fill(~row_ok.to(s.device)[:, None, None, :], float("-inf"))
+    lse_mem = torch.logsumexp(s, dim=-1)                                              # [B, Hq, T]
+    p = torch.nan_to_num(torch.exp(s - lse_mem[..., None]), nan=0.0)                 # softmax within memory
+    out_mem = (p.view(B, Hkv, G * T, R) @ v_rows.float()).view(B, Hq, T, D)          # [B, Hq, T, D]
+    # merge the two partial softmaxes by their log-sum-exp
+    lse = torch.logaddexp(lse_loc, lse_mem)                                           # [B, Hq, T]
+    w_loc = torch.nan_to_num(torch.exp(lse_loc - lse), nan=0.0)[..., None]
+    w_mem = torch.nan_to_num(torch.exp(lse_mem - lse), nan=0.0)[..., None]
+    out = torch.nan_to_num(w_loc * out_loc + w_mem * out_mem, nan=0.0).to(q.dtype)
+    return out, (p * w_mem if with_probs else None)
 
 
 def gather_rows(mem, rows: torch.Tensor, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

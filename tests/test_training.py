@@ -719,3 +719,78 @@ def test_the_curriculum_holds_no_evaluation_format():
     assert not [b for b in banned if b.lower() in decoded]
     assert not set(data.NAMES) & set(passkey_eval.NAMES)
     assert "the code to keep in mind is" in decoded and "locker combination" in decoded
+
+
+# ---------------------------------------------------------------- block reads (question reads) in training
+def test_block_episode_equals_the_question_read_path():
+    """d = 1, a budget that holds every earlier block: each window's loss is what memorize + a
+    forward reading all memorized blocks (`reading_blocks`, as `ask` reads) give."""
+    model = tiny_model(block_size=8)
+    batch = random_batch(B=1, L=100)
+    with torch.no_grad():
+        res = run_episode(model, batch, d=1, w=None, top_k=4, generator=random.Random(0), read_blocks=64)
+        windows = list(model.plan_windows(batch.ids, [100], 2, batch.ids[:, :2], None))
+        for t, (x, mask, p, start, end) in enumerate(windows[1:], start=1):
+            model.reset_memory()
+            model.memorize(batch.ids[:, :start], show_progress=False)
+            with model.reading_blocks(list(range(model.memory_blocks()))):
+                logits = model(x).logits[0, p - 1:-1]
+            want = torch.nn.functional.cross_entropy(logits, x[0, p:], reduction="sum")
+            torch.testing.assert_close(res.loss[t - 1][0], want, rtol=1e-4, atol=1e-4)
+    model.reset_memory()
+
+
+@pytest.mark.parametrize("d,budget", [(1, 64), (3, 64), (3, 5)])
+def test_block_reads_hold_own_blocks_in_order_and_negatives_within_budget(d, budget):
+    model = tiny_model(block_size=8)
+    batch = random_batch(B=3, L=100)
+    with torch.no_grad():
+        res = run_episode(model, batch, d=d, w=None, top_k=None, generator=random.Random(0), keep_rows=True,
+                          read_blocks=budget)
+    group = negative_groups(batch.doc_ids, d, random.Random(0))
+    step = 32 - 2 - 4
+    for t, rows in enumerate(res.rows, start=1):
+        for b in range(3):
+            r = rows[b][rows[b, :, 0] >= 0]                       # [rows read, 3] (lane, window, position)
+            blocks = {(int(c), int(pos) // 8) for c, _, pos in r.tolist()}
+            assert len(blocks) <= budget
+            assert (r[:, 1] < t).all() and (r[:, 2] < 2 + t * step).all()     # earlier windows only
+            assert {c for c, _ in blocks} <= set(group[b].nonzero().flatten().tolist())
+            own = r[r[:, 0] == b, 2]
+            assert torch.equal(own, own.sort().values)           # own rows in document order
+            mine = {k for c, k in blocks if c == b}
+            written = set(range((2 + t * step - 1) // 8 + 1))
+            assert mine == (written if budget >= len(written) else set(sorted(written)[-budget:]))
+            if d > 1 and budget > len(written):
+                assert len(blocks) > len(mine)                    # negatives fill the budget
+
+
+def test_block_reads_train_only_the_memory_layers_fast_as_the_reference():
+    mc = MemoryConfig(window=32, top_k=4, overlap=4, sink_tokens=2, memory_layers=[2, 3], block_size=8)
+    model = MemformerForCausalLM(tiny_backbone(vocab_size=260, num_hidden_layers=5), ByteTokenizer(), mc)
+    model.add_lora(AdapterConfig(lora_rank=4))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model.train()
+    batch = random_batch(B=3, L=110)
+    batch.targets[1, :95] = False                                 # an answer-only sample
+
+    def episode(fast):
+        model.zero_grad(set_to_none=True)
+        res = run_episode(model, batch, d=2, w=None, top_k=4, generator=random.Random(0), fast=fast,
+                          read_blocks=6, backward=lambda loss, count, t, last: loss.sum().backward())
+        return torch.stack(res.loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = episode(True)
+    ref_loss, ref_grads = episode(False)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads.keys() == ref_grads.keys() == trainable
+    for n, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert all(ref_grads[n].abs().sum() > 0 for n in trainable)
+    knn = torch.stack(run_episode(model, batch, d=2, w=None, top_k=4, generator=random.Random(0)).loss)
+    assert not torch.allclose(loss.detach(), knn)                  # block reads are not the kNN reads
