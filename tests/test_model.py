@@ -2,6 +2,7 @@
 import contextlib
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -263,12 +264,11 @@ def test_memory_config_has_at_most_14_fields():
     assert MemoryConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
-@pytest.mark.parametrize("name", REMOVED_FIELDS)
-def test_unknown_memory_config_fields_are_refused_with_a_message(name):
+def test_unknown_memory_config_fields_are_refused_with_a_message():
     """A config file of an older memformer (a removed read-path switch, LoRA settings) fails
-    at once, naming the field, not with a bare TypeError."""
-    with pytest.raises(ValueError, match=rf"MemoryConfig: unknown fields \['{name}'\]"):
-        MemoryConfig.from_dict({"window": 16, name: 1})
+    at once, naming the fields, not with a bare TypeError."""
+    with pytest.raises(ValueError, match=re.escape(f"MemoryConfig: unknown fields {sorted(REMOVED_FIELDS)}")):
+        MemoryConfig.from_dict({"window": 16, **dict.fromkeys(REMOVED_FIELDS, 1)})
 
 
 def test_adapter_config_validation():

@@ -493,14 +493,6 @@ def test_cli_rejects_bad_arguments_before_loading_a_model(argv, msg, capsys):
     assert re.search(msg, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("cmd", ["needle", "passkey", "ppl"])
-@pytest.mark.parametrize("flag", [["--sink-prefix", "auto"], ["--context-blocks", "2"], ["--question-margin", "8"],
-                                  ["--memory-reads", "knn"], ["--position-mode", "first"], ["--neighbors", "1"]])
-def test_cli_rejects_removed_flags(cmd, flag, capsys):
-    assert _exit_code("eval", cmd, *flag, "--model", "/nonexistent/model") == 2      # argparse: usage error
-    assert f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
-
-
 def test_cli_resume_refuses_other_settings(tiny_dir, tmp_path, capsys):
     argv = ["eval", "passkey", "--model", str(tiny_dir), "--window", "256", "--lengths", "300", "--trials", "1",
             "--modes", "truncate", "--out", str(tmp_path)]

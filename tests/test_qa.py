@@ -554,14 +554,47 @@ def test_cli_answers_from_memory_with_evidence_and_reuses_saved_memory(tmp_path,
     assert code == 0 and "loaded from cache" in out                     # no question: builds/loads only
 
 
-@pytest.mark.parametrize("flag", [["--sink-prefix", "off"], ["--memory-reads", "knn"], ["--no-rag"],
-                                  ["--no-compare"], ["--question-margin", "3"], ["--neighbors", "2"],
-                                  ["--blocks", "4"], ["--position-mode", "first"], ["--context-blocks", "2"]])
-def test_cli_removed_flags_are_rejected_by_argparse(flag, tmp_path, capsys):
-    doc = tmp_path / "d.txt"
-    doc.write_text(DOC_A)
-    code, out, err = _cli(capsys, "--model", "/nonexistent/model", "--doc", str(doc), "-q", "x", *flag)
-    assert code == 2 and f"unrecognized arguments: {' '.join(flag)}" in err
+def _leaf_parsers(parser, path=()):
+    """(sub-command path, parser) of every command the `memformer` CLI runs."""
+    import argparse
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    assert parser.allow_abbrev is False, path
+    for name, sub in subs[0].choices.items():
+        yield from _leaf_parsers(sub, (*path, name))
+
+
+def test_every_cli_command_refuses_abbreviated_and_unknown_flags(capsys):
+    """No parser accepts a prefix of a flag (a deleted flag such as --rag must fail, not match
+    --rag-chunk-tokens) or a flag it does not define: exit status 2, argparse's message."""
+    from memformer.cli.main import build_parser
+    root = build_parser()
+    leaves = dict(_leaf_parsers(root))
+    assert set(leaves) == {("qa",), ("memory", "build"), ("memory", "info"), ("train",), ("eval", "passkey"),
+                           ("eval", "needle"), ("eval", "ruler"), ("eval", "ppl")}
+    checked = 0
+    for path, parser in leaves.items():
+        assert parser.allow_abbrev is False, path
+        needed = []                                   # the smallest command line that parses
+        for a in parser._actions:
+            if a.required:
+                needed += [*a.option_strings[:1], "x"]
+            elif not a.option_strings and a.nargs not in ("?", "*"):
+                needed.append("x")
+        root.parse_args([*path, *needed])
+        flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        for flag in sorted(flags):
+            prefix = flag[:-1]
+            if prefix in flags or len(prefix) < 3:
+                continue
+            for bad in (prefix, "--no-such-flag"):
+                with pytest.raises(SystemExit) as e:
+                    root.parse_args([*path, *needed, bad, "1"])
+                assert e.value.code == 2 and f"unrecognized arguments: {bad}" in capsys.readouterr().err, (path, bad)
+            checked += 1
+    assert checked > 50
 
 
 def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_model_dir, fake_minilm):
