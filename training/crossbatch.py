@@ -70,7 +70,6 @@ class DenseMemory:
 
     key_scales = None        # full-precision rows: no int8 scales
     value_scales = None
-    tracks_attention = False
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, top_k: int | None = None,
                  lanes: tuple | None = None):
@@ -209,7 +208,6 @@ class BlockMemory:
 
     key_scales = None
     value_scales = None
-    tracks_attention = False
 
     def __init__(self, keys, values, positions, slots, valid):
         self.keys, self.values, self.positions, self.slots, self.valid = keys, values, positions, slots, valid
