@@ -29,7 +29,7 @@ demo: setup
 	$(VENV)/bin/memformer qa --demo --compare
 
 passkey: setup
-	$(VENV)/bin/memformer eval passkey --lengths 4k,16k,32k --trials 10 --out benchmarks/results/passkey_question_reads
+	$(VENV)/bin/memformer eval passkey --lengths 4k,16k,32k --trials 10 --out runs/passkey
 
 bench: setup
 	$(PY) benchmarks/ingest.py

@@ -81,7 +81,7 @@ def test_memory_round_trip_answers_identically(default_model, tmp_path):
 def test_ask_uses_chat_template_and_memory(default_model, training_free_model):
     """A free-form question (chat template) is answered from memory by training-free memory; the
     shipped trained memory answers the same fact as a cue (it was trained on completions, and
-    free-form questions are its known weak spot: benchmarks/results/question_forms)."""
+    free-form questions are its known weak spot: benchmarks/results/question_forms_default)."""
     filler = " ".join([passkey.FILLER] * 60)
     question = "What is the secret code of the blue vault?"
     for model in (training_free_model, default_model):

@@ -58,8 +58,9 @@ class RetrievalMass:
 
         Some memory rows draw attention from every query (punctuation, section starts: secondary
         sinks); they dominate `answer` whatever the question. Measured on SmolLM2 (8 facts planted
-        in 8k tokens of Python's docs, benchmarks/results/qa_evidence.md): the top-1 span was the
-        planted fact for 7 of 8 answers ranked by `lift`, 3 of 8 ranked by `answer`."""
+        in 8k tokens of Python's docs; git tag results-archive-2026-12-04, benchmarks/results/
+        qa_evidence.md): the top-1 span was the planted fact for 7 of 8 answers ranked by `lift`,
+        3 of 8 ranked by `answer`."""
         return (self.answer - self.prompt).clamp(min=0)
 
 
