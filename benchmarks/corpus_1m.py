@@ -155,7 +155,7 @@ def main() -> int:
     correct = first_number(ans.text) == plan["key"]
     top_doc = ans.corpus_evidence[0]["doc"] if ans.corpus_evidence else None
     # the blocks the question read, and the block of the needle's first token
-    blocks = model.blocks_for(CUE, source="corpus") if model.corpus_passages is not None else []
+    blocks = model.questions.blocks_for(CUE, source="corpus") if model.state.corpus_passages is not None else []
     doc = next(d for d in docs if d.name == plan["needle_doc"])
     at = doc.text.index(NEEDLE.format(key=plan["key"]))
     needle_block = (doc.start + len(model.tokenizer(doc.text[:at], add_special_tokens=False)["input_ids"])) \
@@ -185,7 +185,7 @@ def main() -> int:
                answer_s=[round(a.seconds, 2) for a in answers], answer=ans.text, key=plan["key"], correct=correct,
                top_evidence=top_doc, needle_doc=plan["needle_doc"], threads=torch.get_num_threads(),
                blocks_read=blocks, needle_block=needle_block, needle_block_read=needle_block in blocks,
-               passages=len(model.corpus_passages.ranges) if model.corpus_passages is not None else 0,
+               passages=len(model.state.corpus_passages.ranges) if model.state.corpus_passages is not None else 0,
                cpu=platform.processor() or platform.machine(), documents_attached=len(docs))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ def op_save_memory(out: str, chunks: str) -> None:
     done = 0
     if (out / "manifest.json").is_file() or any(out.parent.glob(f".{out.name}.old-*")):
         model.load_memory(out)
-        done = len(model.doc_starts[0])
+        done = len(model.state.doc_starts[0])
     _say(f"ready {done}")
     for i in range(done, n):
         model.memorize(text(i), show_progress=False)
@@ -150,11 +150,11 @@ def op_qa_load_loop(path: str, rounds: str) -> None:
     use_hashed_embedder()
     model = tiny_model()
     ref = LongDocQA(tiny_model()).read([text(2000 + j, 150) for j in range(3)], show_progress=False)
-    want = ref.model.memory_state()
+    want = ref.model.state.to_tensors()
     _say("ready")
     for r in range(int(rounds)):
         qa = LongDocQA.load(model, path)
-        got = qa.model.memory_state()
+        got = qa.model.state.to_tensors()
         same = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want
                                                  if not k.startswith("passage"))
         _say(f"loaded {r} {'ok' if same else 'MISMATCH'}")

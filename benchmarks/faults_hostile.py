@@ -290,11 +290,11 @@ class Probes:
     def __init__(self):
         self.own = fx.tiny_model()
         self.own.memorize(fx.text(99), show_progress=False)
-        self.before = self.own.memory_state()
+        self.before = self.own.state.to_tensors()
         self.reader = fx.tiny_model()
 
     def restore(self) -> None:
-        self.own.load_memory_state(self.before, 1)
+        self.own.state.load_tensors(self.before, 1)
         self.reader.detach_corpus()
         self.reader.reset_memory()
 
@@ -311,7 +311,7 @@ def _loaders(folder: Path, probes: Probes):
             try:
                 m.load_memory(folder)
             except BaseException:
-                after = m.memory_state()                      # the old memory is kept on any error
+                after = m.state.to_tensors()                      # the old memory is kept on any error
                 assert after.keys() == probes.before.keys() and all(
                     torch.equal(after[k], probes.before[k]) for k in after), "a refused load changed the memory"
                 raise

@@ -177,7 +177,7 @@ def kill_save_memory(work: Path, runs: int, rng: random.Random, chunks: int = 8)
     model = fx.tiny_model()
     for i in range(chunks):
         model.memorize(fx.text(i), show_progress=False)
-        refs.append(model.memory_state())
+        refs.append(model.state.to_tensors())
     mem = work / "mem"
     ref = Child("save_memory", work / "ref", chunks)
     span = timed(ref)
@@ -193,13 +193,13 @@ def kill_save_memory(work: Path, runs: int, rng: random.Random, chunks: int = 8)
         except Exception as e:                                # noqa: BLE001 - any other failure is a fault
             print(f"  save_memory: not loadable after a kill: {e!r}")
             return False, False, mid
-        k = len(check.doc_starts[0])
-        return states_equal(check.memory_state(), refs[k - 1]), k >= acked, mid
+        k = len(check.state.doc_starts[0])
+        return states_equal(check.state.to_tensors(), refs[k - 1]), k >= acked, mid
 
     def after_finish():
         check = fx.tiny_model()
         check.load_memory(mem)
-        return states_equal(check.memory_state(), refs[-1])
+        return states_equal(check.state.to_tensors(), refs[-1])
 
     return inject("model.save_memory", runs, rng, lambda env: Child("save_memory", mem, chunks, env=env), span,
                   after_kill, after_finish, lambda: shutil.rmtree(mem, ignore_errors=True), writes=ref.writes())
@@ -255,7 +255,7 @@ def _qa_refs(cache: Path) -> dict:
     a child, as the killed runs are: the parent's thread count would change the float sums."""
     from memformer.qa.longdoc import LongDocQA
     fx.use_hashed_embedder()
-    return {p.name: LongDocQA.load(fx.tiny_model(), p).model.memory_state()
+    return {p.name: LongDocQA.load(fx.tiny_model(), p).model.state.to_tensors()
             for p in sorted(cache.iterdir()) if p.is_dir() and not p.name.startswith(".")}
 
 
@@ -269,7 +269,7 @@ def _cache_ok(cache: Path, refs: dict) -> tuple[bool, int]:
         except Exception as e:                                # noqa: BLE001
             print(f"  QA cache entry {p.name} not loadable: {e!r}")
             return False, len(entries)
-        if p.name not in refs or not states_equal(qa.model.memory_state(), refs[p.name]):
+        if p.name not in refs or not states_equal(qa.model.state.to_tensors(), refs[p.name]):
             return False, len(entries)
     return True, len(entries)
 

@@ -147,7 +147,7 @@ def resource_faults(work: Path) -> list[dict]:
             r = row("model.save_memory", fault, c, mem, before, root)
         again = fx.tiny_model()                                  # and the previous memory still loads
         again.load_memory(mem)
-        r["ok"] = r["ok"] and states_equal(again.memory_state(), m.memory_state())
+        r["ok"] = r["ok"] and states_equal(again.state.to_tensors(), m.state.to_tensors())
 
     # memory build (CLI) into a folder that cannot be written
     for fault, pre in faults:
@@ -206,7 +206,7 @@ def resource_faults(work: Path) -> list[dict]:
     again.load_memory(missing)
     rows.append({"operation": "model.save_memory", "fault": "missing parent folders", "exit": None,
                  "clear_error_naming_target": None, "previous_state_intact": True,
-                 "ok": states_equal(again.memory_state(), m.memory_state()), "message": "parents created, saved"})
+                 "ok": states_equal(again.state.to_tensors(), m.state.to_tensors()), "message": "parents created, saved"})
     return rows
 
 

@@ -114,7 +114,7 @@ def check_ingest(args, device) -> dict:
     model.memorize(ids.to(device), show_progress=True)
     sync(device)
     sec = time.perf_counter() - t0
-    stored = sum(t.numel() * t.element_size() for t in model.memory_state().values())
+    stored = sum(t.numel() * t.element_size() for t in model.state.to_tensors().values())
     return dict(part="ingest", gpu=device_name(device), backbone=label, tokens=n, seconds=round(sec, 1),
                 tokens_per_s=round(n / sec), memory_bytes_per_token=round(stored / n),
                 peak_gpu_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None)

@@ -16,6 +16,9 @@ The memory file also holds the corpus's passages (`passage_ranges` [C, 2] in str
 question over an attached corpus is answered by question reads, as over a memorized document:
 the passages nearest to it pick the corpus blocks every memory layer reads
 (`MemformerForCausalLM.question_read`).
+
+The model's memory state changes only through `model.state` (`memformer.memory_state`): a build
+memorizes document after document, and attaching puts the corpus beside the own memory there.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 from memformer import persistence
 from memformer.fileio import dir_lock, read_json, recover_for_reading
 from memformer.documents import DOC_SUFFIXES, read_document
+from memformer.memory_state import saved_passages
 
 CORPUS_FILE = "corpus.json"
 CORPUS_FORMAT = "memformer-corpus"
@@ -118,13 +122,13 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
 
     saved = {"docs": len(done), "tokens": done[-1].end if done else 0}
     # passages of the documents read so far (a memory saved before passages existed has none)
-    old = model._passages if done else None
+    old = model.state.passages if done else None
     passages = {"ranges": list(old.ranges) if old is not None else [],
                 "embeddings": [old.embeddings] if old is not None else [], "docs": len(done) if old is not None else 0}
 
     def save():
         if done and len(done) > saved["docs"]:
-            model._passages = embed_passages(model, done, passages)
+            model.state.set_passages(embed_passages(model, done, passages))
             persistence.save_memory(model, out, extra_files={CORPUS_FILE: _table_json(done)})
             saved.update(docs=len(done), tokens=done[-1].end)
 
@@ -132,8 +136,8 @@ def build_corpus(model, docs_dir, out, *, save_every: int = 10, show_progress: b
         for path in tqdm(todo, desc="corpus", unit="doc", disable=not show_progress):
             text = read_document(path)
             ids = tok(text, add_special_tokens=False)["input_ids"] + [eos]
-            model.tail_ids = None               # no overlap context from the previous document
-            start = model.seen[0] if model.seen else 0
+            model.state.break_context()         # no overlap context from the previous document
+            start = model.state.seen[0] if model.state.seen else 0
             model.memorize(torch.tensor([ids]), show_progress=False)
             done.append(CorpusDocument(path.relative_to(root).as_posix(),
                                        hashlib.sha256(text.encode()).hexdigest(), start, start + len(ids), text))
@@ -152,13 +156,12 @@ def embed_passages(model, docs: list[CorpusDocument], passages: dict):
     {"ranges": [(start, end)], "embeddings": [[c, E] tensors], "docs": documents embedded}.
     Passages are cut from the token stream per document (its EOS left out), as
     `PassageIndex.from_stream` cuts a memorized document."""
-    from memformer.passages import PassageIndex, chunk_ranges, default_embedder, encode_texts
-    if model.embedder is None:
-        model.embedder = default_embedder()
+    from memformer.passages import PassageIndex, chunk_ranges, encode_texts
+    embedder = model.questions.embedder
     new = chunk_ranges([(d.start, d.end - 1) for d in docs[passages["docs"]:] if d.end - 1 > d.start])
     if new:
-        stream = model.stream[0]
-        emb = encode_texts(model.embedder, [model.tokenizer.decode(stream[a:b]) for a, b in new], batch_size=32)
+        stream = model.state.stream[0]
+        emb = encode_texts(embedder, [model.tokenizer.decode(stream[a:b]) for a, b in new], batch_size=32)
         if passages["embeddings"] and emb.shape[1] != passages["embeddings"][0].shape[1]:
             raise ValueError(f"the corpus's passages were embedded {passages['embeddings'][0].shape[1]}-wide, "
                              f"this embedder gives {emb.shape[1]}; build with the same sentence embedder")
@@ -167,7 +170,7 @@ def embed_passages(model, docs: list[CorpusDocument], passages: dict):
     passages["docs"] = len(docs)
     if not passages["ranges"]:
         return None
-    return PassageIndex(passages["ranges"], torch.cat(passages["embeddings"]), model.embedder)
+    return PassageIndex(passages["ranges"], torch.cat(passages["embeddings"]), embedder)
 
 
 def corpus_info(path) -> dict:
@@ -197,26 +200,12 @@ def attach_corpus(model, path) -> list[CorpusDocument]:
         manifest, tensors = persistence.read_memory(model, path)
     if int(manifest["batch"]) != 1:
         raise persistence.MemoryFileError(f"{path}: a corpus memory holds one stream, this one {manifest['batch']}")
-    layers = {i: model.new_layer_memory(1, bounded=False) for i in model.memory_layer_ids}   # no capacity
+    state = model.state
+    layers = {i: state.new_layer_memory(1, bounded=False) for i in model.memory_layer_ids}   # no capacity
     persistence.fill_layer_memories(layers, tensors, path / "memory.safetensors")
-    passages = None
-    if "passage_embeddings" in tensors:       # question reads over the corpus (embedder attached at search)
-        from memformer.passages import PassageIndex
-        passages = PassageIndex([tuple(r) for r in tensors["passage_ranges"].tolist()],
-                                tensors["passage_embeddings"].float(), None)
-    for i, m in model.memory_modules.items():
-        m.corpus = layers[i]
-    model.corpus_documents = docs
-    model.corpus_sink_ids = tensors.get("sink_ids")
-    model.corpus_passages = passages
+    # question reads over the corpus, when it was built with passages (embedder attached at search)
+    state.attach_corpus(layers, docs, tensors.get("sink_ids"), saved_passages(tensors))
     return docs
-
-
-def detach_corpus(model) -> None:
-    for m in model.memory_modules.values():
-        m.corpus = None
-        m.corpus_reads.clear()
-    model.corpus_documents, model.corpus_sink_ids, model.corpus_passages = [], None, None
 
 
 def corpus_mass(model) -> dict[int, float]:
@@ -240,7 +229,7 @@ def corpus_evidence(model, top: int = 3, context_tokens: int = 24) -> list[dict]
     """The corpus documents the last recorded generation drew on, most attention mass first:
     [{"doc", "mass", "share", "position", "snippet"}] (`position` = the token, within the
     document, that received the most mass; `snippet` = the text around it)."""
-    docs = getattr(model, "corpus_documents", [])
+    docs = model.state.corpus_documents
     if not docs:
         raise ValueError("no corpus memory attached (attach_corpus first)")
     starts = [d.start for d in docs]

@@ -9,6 +9,7 @@ to memory after the window (so a token never retrieves itself or anything after 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +51,28 @@ class MemoryRuntime:
     row_rotation: tuple | None = None
     slot_rotation: tuple | None = None
     write_slice: slice = field(default_factory=lambda: slice(None))
+
+
+@contextlib.contextmanager
+def memory_pass(runtime: MemoryRuntime, layers: dict, *, read: bool | None = None, write: bool | None = None,
+                record: bool | None = None, enabled: bool | None = None, write_slice: slice | None = None):
+    """Within this block the memory layers run one pass in the mode given (None: as it is) and
+    yield `runtime`; on leaving, the mode is restored and the keys the pass kept for writing
+    (`pending` of every layer in `layers`, {index: MemoryAttention}) are dropped, so whoever
+    writes them does so inside the block. The model's passes (memorize, forward, generate) and
+    training's (`memformer.training.crossbatch.runtime_state`) all go through it."""
+    rt = runtime
+    old = (rt.read, rt.write, rt.record, rt.enabled, rt.write_slice)
+    for name, value in (("read", read), ("write", write), ("record", record), ("enabled", enabled),
+                        ("write_slice", write_slice)):
+        if value is not None:
+            setattr(rt, name, value)
+    try:
+        yield rt
+    finally:
+        rt.read, rt.write, rt.record, rt.enabled, rt.write_slice = old
+        for m in layers.values():
+            m.pending = None
 
 
 class MemoryAttention(nn.Module):

@@ -58,7 +58,7 @@ def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
     into the same directory in the same rename (e.g. a corpus's document table)."""
     if not model.memories or model.memory_size() == 0:
         raise ValueError("save_memory: the memory is empty; memorize() something first")
-    tensors = model.memory_state()
+    tensors = model.state.to_tensors()
     first = next(iter(model.memories.values()))
 
     def fill(tmp: Path):
@@ -66,7 +66,7 @@ def save_memory(model, path, extra_files: dict[str, str] | None = None) -> Path:
         manifest = {"format": MEMORY_FORMAT, "format_version": MEMORY_FORMAT_VERSION,
                     "fingerprint": memory_fingerprint(model), "batch": first.batch,
                     "kv_heads": first.kv_heads, "head_dim": first.dim, "tokens": model.memory_size(),
-                    "seen": list(model.seen), "dtype": str(first.keys.dtype).replace("torch.", ""),
+                    "seen": list(model.state.seen), "dtype": str(first.keys.dtype).replace("torch.", ""),
                     "sha256": _sha256(tmp / "memory.safetensors")}
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
@@ -213,7 +213,7 @@ def load_memory(model, path) -> None:
     path = Path(path)
     manifest, tensors = read_memory(model, path)
     try:
-        model.load_memory_state(tensors, int(manifest["batch"]))
+        model.state.load_tensors(tensors, int(manifest["batch"]))
     except (KeyError, ValueError, RuntimeError, IndexError, TypeError) as e:
         raise MemoryFileError(f"{path / 'memory.safetensors'} does not fit this model's memory layers: {e}") from None
 

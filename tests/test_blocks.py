@@ -200,7 +200,7 @@ def test_question_reads_after_the_sink_are_the_backbone_over_sink_text_sink_ques
     model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
     ids, question = torch.randint(3, 100, (1, S + L)), torch.randint(3, 100, (1, 5))
     model.memorize(ids, show_progress=False)
-    assert model.memory_size() == L and torch.equal(model.sink_ids, ids[:, :S])
+    assert model.memory_size() == L and torch.equal(model.state.sink_ids, ids[:, :S])
     local = torch.cat([ids[:, :S], question], 1)
     full = torch.cat([ids, local], 1)
     N = full.shape[1]
@@ -303,7 +303,7 @@ def test_pinned_blocks_over_rotated_keys_are_laid_out_like_unrotated_ones():
     assert mem.slots[0, :3].tolist() == [2, 3, 4] and int(mem.slots.max()) == 23
     assert mem.slots[0, 18:21].tolist() == [6, 7, 8]               # window 2 after its 4 tokens of context
     twin = MemformerForCausalLM(twin_backbone, None, cfg)
-    twin.ensure_memory(1)
+    twin.state.ensure(1)
     D = model.config.hidden_size // model.config.num_attention_heads
     rotary = model.backbone.model.rotary_emb
     for i, m in model.memories.items():
@@ -364,9 +364,9 @@ def test_question_read_records_only_the_pinned_blocks():
             assert rows.shape[1] == 1 and rows.shape[-1] == 16 and probs.shape == rows.shape
             for t in range(rows.shape[2]):
                 assert _read_rows(rows, 0, t) == want
-    mass = retrieval_mass(model, model.seen[0])
+    mass = retrieval_mass(model, model.state.seen[0])
     assert float(mass.answer.sum()) > 0
-    inside = torch.zeros(model.seen[0], dtype=torch.bool)
+    inside = torch.zeros(model.state.seen[0], dtype=torch.bool)
     for b in blocks:
         inside[b * 8:(b + 1) * 8] = True
     assert float(mass.answer[~inside].abs().sum()) == 0 and float(mass.prompt[~inside].abs().sum()) == 0
@@ -417,14 +417,14 @@ def test_ask_reads_the_blocks_under_the_passage_holding_the_answer(where):
     doc_b = " ".join(words[:cut] + [PLANT] + words[cut:]) + "."
     model.memorize(doc_a, show_progress=False)
     model.memorize(doc_b, show_progress=False)
-    assert model.doc_starts == [[0, len(doc_a)]]
+    assert model.state.doc_starts == [[0, len(doc_a)]]
     p0 = len(doc_a) + doc_b.index(PLANT)                            # char tokenizer: stream position = char
     p1 = p0 + len(PLANT)
     question = "Where is the zebraquartz?"
-    top = model.passages.search(question)[0]
+    top = model.questions.passages.search(question)[0]
     assert top.start <= p0 and p1 <= top.end and top.score > 0
-    blocks = model.blocks_for(question)
-    a, b, limit = max(0, top.start - QUESTION_MARGIN), min(top.end + QUESTION_MARGIN, model.seen[0]), model.seen[0]
+    blocks = model.questions.blocks_for(question)
+    a, b, limit = max(0, top.start - QUESTION_MARGIN), min(top.end + QUESTION_MARGIN, model.state.seen[0]), model.state.seen[0]
     under = list(range(a // bs, (b - 1) // bs + 1))
     if len(under) > n_blocks:
         under = list(range(top.start // bs, (top.end - 1) // bs + 1))[:n_blocks]
@@ -441,7 +441,7 @@ def test_ask_reads_the_blocks_under_the_passage_holding_the_answer(where):
         for rows, _ in calls:
             assert rows.shape[-1] == len(blocks) * bs
             assert all(_read_rows(rows, 0, t) == want for t in range(rows.shape[2]))
-    x = model.prompt_ids(question)
+    x = model.questions.prompt_ids(question)
     with model.reading_blocks(blocks):
         out = model.generate(x, max_new_tokens=3, do_sample=False)
     assert answer == model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
@@ -458,4 +458,4 @@ def test_question_read_without_memory_and_for_a_batch():
     assert isinstance(model.ask("river?", max_new_tokens=2), str)
     model.memorize([_filler(20, 1), _filler(20, 2)], show_progress=False)
     with pytest.raises(ValueError, match="one sequence"):
-        model.blocks_for("river")
+        model.questions.blocks_for("river")

@@ -128,7 +128,7 @@ def test_corpus_from_another_config_or_corrupt_is_refused(tmp_path):
     other = _model(window=64)
     with pytest.raises(MemoryFileError, match="window"):
         other.attach_corpus(tmp_path / "mem")
-    assert not other.corpus_attached
+    assert not other.state.corpus_attached
     table = tmp_path / "mem" / corpus.CORPUS_FILE
     table.write_text(table.read_text()[:-20])                    # truncated table
     with pytest.raises(MemoryFileError):
@@ -165,19 +165,19 @@ def test_build_embeds_the_passages_and_a_resume_keeps_them(tmp_path, monkeypatch
     want = chunk_ranges([(d.start, d.end - 1) for d in table])
     reader = _model()
     reader.attach_corpus(tmp_path / "full")
-    got = reader.corpus_passages
+    got = reader.state.corpus_passages
     assert got.ranges == want and got.embeddings.shape == (len(want), 64)
-    texts = [reader.tokenizer.decode(model.stream[0][a:b]) for a, b in want]
+    texts = [reader.tokenizer.decode(model.state.stream[0][a:b]) for a, b in want]
     assert torch.allclose(got.embeddings, HashedWords(64, r"\S+", eps=1e-3).encode(texts))
 
     _interrupted_build(monkeypatch, docs, tmp_path / "resumed", after=3)
     resumed = _model()
     corpus.build_corpus(resumed, docs, tmp_path / "resumed", show_progress=False)
-    embedded = [t for call in resumed.embedder.calls for t in call]
+    embedded = [t for call in resumed.questions.embedder.calls for t in call]
     assert len(embedded) == len(chunk_ranges([(d.start, d.end - 1) for d in table[3:]]))   # only the new ones
     again = _model()
     again.attach_corpus(tmp_path / "resumed")
-    assert again.corpus_passages.ranges == want and torch.equal(again.corpus_passages.embeddings, got.embeddings)
+    assert again.state.corpus_passages.ranges == want and torch.equal(again.state.corpus_passages.embeddings, got.embeddings)
 
     # an older corpus memory (no passages) gets them all at its next save
     monkeypatch.setattr(corpus, "embed_passages", lambda *a: None)
@@ -188,7 +188,7 @@ def test_build_embeds_the_passages_and_a_resume_keeps_them(tmp_path, monkeypatch
     table = corpus.build_corpus(_model(), docs, tmp_path / "old", show_progress=False)
     old = _model()
     old.attach_corpus(tmp_path / "old")
-    assert old.corpus_passages.ranges == chunk_ranges([(d.start, d.end - 1) for d in table])
+    assert old.state.corpus_passages.ranges == chunk_ranges([(d.start, d.end - 1) for d in table])
 
 
 def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
@@ -202,7 +202,7 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
     reader = _model(knn_layers=[1])
     reader.attach_corpus(tmp_path / "mem")
     cue = "The zebraquartz lives in the"
-    blocks = reader.blocks_for(cue, source="corpus")
+    blocks = reader.questions.blocks_for(cue, source="corpus")
     zebra = next(d for d in table if d.name == "zebra.txt")
     bs = reader.memory_config.block_size
     assert zebra.start // bs in blocks and blocks == sorted(blocks)
@@ -218,7 +218,7 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
         for rows, _ in calls:
             read = {int(pos[r]) // bs for r in rows[0, 0, 0].tolist() if r >= 0}
             assert read == set(blocks)
-    x = reader.prompt_ids(cue=cue)
+    x = reader.questions.prompt_ids(cue=cue)
     with real(blocks, source="corpus"):
         logits_corpus = reader(x).logits
     # the oracle: the same memory loaded as the model's own memory, the same blocks read
@@ -248,7 +248,7 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
     corpus.build_corpus(_model(), docs, tmp_path / "bare", show_progress=False)
     monkeypatch.undo()
     reader.attach_corpus(tmp_path / "bare")
-    assert reader.corpus_passages is None
+    assert reader.state.corpus_passages is None
     pinned.clear()
     reader.clear_recorded_reads()
     reader.ask(cue="The cat is called", max_new_tokens=2, record=True)
@@ -291,11 +291,11 @@ def test_corpus_question_reads_refuse_bad_input(tmp_path):
         with reader.reading_blocks([0], source="corpus"):
             pass
     with pytest.raises(ValueError, match="no corpus memory with passages"):
-        reader.blocks_for("lorem", source="corpus")
+        reader.questions.blocks_for("lorem", source="corpus")
     with pytest.raises(ValueError, match="source must be"):
-        reader.blocks_for("lorem", source="elsewhere")
+        reader.questions.blocks_for("lorem", source="elsewhere")
     reader.attach_corpus(tmp_path / "mem")
-    reader.embedder = HashedWords(32, r"\S+", eps=1e-3)              # built 64-wide
+    reader.questions.use_embedder(HashedWords(32, r"\S+", eps=1e-3))              # built 64-wide
     with pytest.raises(ValueError, match="64-wide"):
         reader.ask(cue="Document 1. lorem", max_new_tokens=2)
     assert reader.runtime.pinned_blocks is None and reader.runtime.pinned_source == "own"

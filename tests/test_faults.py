@@ -78,7 +78,7 @@ def _read_all(r) -> list[str]:
 def test_sigkill_during_save_memory_keeps_the_last_save_and_resumes_to_the_same_memory(tmp_path):
     torch.set_num_threads(1)
     chunks = 5
-    refs = [_memorized(k).memory_state() for k in range(1, chunks + 1)]
+    refs = [_memorized(k).state.to_tensors() for k in range(1, chunks + 1)]
     mem = tmp_path / "mem"
     rng = random.Random(0)
 
@@ -87,7 +87,7 @@ def test_sigkill_during_save_memory_keeps_the_last_save_and_resumes_to_the_same_
         done = 0
         if (mem / "manifest.json").is_file():
             model.load_memory(mem)
-            done = len(model.doc_starts[0])
+            done = len(model.state.doc_starts[0])
         for i in range(done, chunks):
             model.memorize(fx.text(i), show_progress=False)
             model.save_memory(mem)
@@ -110,14 +110,14 @@ def test_sigkill_during_save_memory_keeps_the_last_save_and_resumes_to_the_same_
         if acked == 0 and not mem.exists():
             continue
         check.load_memory(mem)                                     # intact, whatever instant the kill hit
-        k = len(check.doc_starts[0])
-        assert k >= acked and _same(check.memory_state(), refs[k - 1])
+        k = len(check.state.doc_starts[0])
+        assert k >= acked and _same(check.state.to_tensors(), refs[k - 1])
         pid, r = _fork(op)                                         # resume to the end
         os.waitpid(pid, 0)
         assert not [x for x in _read_all(r) if x.startswith("error")]
         final = _model()
         final.load_memory(mem)
-        assert _same(final.memory_state(), refs[-1])
+        assert _same(final.state.to_tensors(), refs[-1])
     assert kills == 5
 
 
@@ -131,13 +131,13 @@ def test_a_writer_killed_between_its_two_renames_loses_nothing(tmp_path, monkeyp
     os.rename(tmp_path / "mem", stranded)                          # the state a kill there leaves
     back = _model()
     back.load_memory(tmp_path / "mem")
-    assert _same(back.memory_state(), old.memory_state()) and not stranded.exists()
+    assert _same(back.state.to_tensors(), old.state.to_tensors()) and not stranded.exists()
     # the fallback path (no exchange) still replaces correctly
     monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
     new.save_memory(tmp_path / "mem")
     got = _model()
     got.load_memory(tmp_path / "mem")
-    assert _same(got.memory_state(), new.memory_state())
+    assert _same(got.state.to_tensors(), new.state.to_tensors())
     assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".tmp-" in p.name]
 
 
@@ -172,7 +172,7 @@ def test_concurrent_writers_and_readers_of_one_folder(tmp_path, monkeypatch):
     a, b = _memorized(1), _memorized(2)
     path = tmp_path / "mem"
     a.save_memory(path)
-    states = [a.memory_state(), b.memory_state()]
+    states = [a.state.to_tensors(), b.state.to_tensors()]
     errors = []
 
     def write(model):
@@ -188,7 +188,7 @@ def test_concurrent_writers_and_readers_of_one_folder(tmp_path, monkeypatch):
         try:
             for _ in range(6):
                 m.load_memory(path)
-                assert any(_same(m.memory_state(), s) for s in states)
+                assert any(_same(m.state.to_tensors(), s) for s in states)
         except Exception as e:                                     # noqa: BLE001
             errors.append(repr(e))
     threads = [threading.Thread(target=write, args=(m,)) for m in (a, b)] + [threading.Thread(target=read, args=(m,))
@@ -221,7 +221,7 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_memory(tmp_path):
     assert sorted(os.listdir(tmp_path)) == before                 # nothing half-written beside it
     back = _model()
     back.load_memory(tmp_path / "mem")
-    assert _same(back.memory_state(), old.memory_state())
+    assert _same(back.state.to_tensors(), old.state.to_tensors())
 
 
 def test_read_only_folder_is_a_clear_error_naming_it(tmp_path):
@@ -251,7 +251,7 @@ def test_read_only_folder_is_a_clear_error_naming_it(tmp_path):
         folder.chmod(0o755)
     back = _model()
     back.load_memory(folder / "mem")
-    assert _same(back.memory_state(), m.memory_state())
+    assert _same(back.state.to_tensors(), m.state.to_tensors())
     shutil.rmtree(base)
     assert out[0] == "loaded", out
     assert out[1].startswith("error WriteError") and str(folder / "mem") in out[1], out
@@ -262,7 +262,7 @@ def test_qa_cache_that_cannot_be_written_warns_and_answers(tmp_path):
     cache that could not be written stopped the whole QA. Now one atomic write, and a warning."""
     emb = HashedWords()
     model = _model()
-    model.embedder = emb
+    model.questions.use_embedder(emb)
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache folder should be")
     with pytest.warns(UserWarning, match="memory not cached"):
@@ -322,12 +322,12 @@ def test_manifest_with_wrong_types_or_names_leaving_the_folder_is_a_memory_file_
     manifest = json.loads((mem / "manifest.json").read_text())
     _rewrite(mem, "manifest.json", json.dumps({**manifest, **change}).encode(), fix=False)
     model = _memorized(1)
-    before = model.memory_state()
+    before = model.state.to_tensors()
     with pytest.raises(MemoryFileError, match="manifest.json"):
         model.load_memory(mem)
     with pytest.raises(MemoryFileError):
         corpus.corpus_info(mem)
-    assert _same(model.memory_state(), before)
+    assert _same(model.state.to_tensors(), before)
 
 
 @pytest.mark.parametrize("data", [b"[" * 100000 + b"]" * 100000, b"\xff\xfe", b"{\"format\": 1e999999}"])

@@ -143,7 +143,7 @@ def test_ragged_batch_writes_only_real_tokens():
     model, _ = make()
     model.memorize([list(range(1, 30)), list(range(1, 12))], show_progress=False)
     mem = next(iter(model.memories.values()))
-    assert model.seen == [29, 11]
+    assert model.state.seen == [29, 11]
     S = model.memory_config.sink_tokens                         # the first S stay local as the sink
     assert mem.valid[0].sum() == 29 - S and mem.valid[1].sum() == 11 - S
     assert mem.positions[1][mem.valid[1]].tolist() == list(range(S, 11))
@@ -198,7 +198,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     model.load_memory(path)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, want)
-    assert model.seen == [40]
+    assert model.state.seen == [40]
 
     from memformer import MemoryFileError
     other, _ = make(seed=123)                                           # another backbone
@@ -291,7 +291,7 @@ def test_sink_tokens_prefix_every_window_and_never_enter_memory():
     model.memorize(ids(50), show_progress=False)
     mem = next(iter(model.memories.values()))
     assert model.memory_size() == 48 and mem.positions[0].tolist() == list(range(2, 50))
-    assert torch.equal(model.sink_ids, ids(50)[:, :2])
+    assert torch.equal(model.state.sink_ids, ids(50)[:, :2])
     out = model.generate(ids(5, seed=3), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
 
@@ -309,7 +309,7 @@ def test_overlap_gives_context_without_writing_twice(overlap):
         mem = m.memories[0]
         assert mem.positions[0].tolist() == list(range(4, 70))          # sinks stay local
     if overlap:                                       # the next call starts with the carried context
-        assert torch.equal(pieces.tail_ids, x[:, -overlap:])
+        assert torch.equal(pieces.state.tail_ids, x[:, -overlap:])
 
 
 def test_generate_memorizes_overflow_and_reads_memory():
@@ -338,7 +338,7 @@ def test_cached_generation_equals_an_uncached_greedy_loop(model_type, reads):
         with reading():
             out = torch.cat([x[:, :28], model.generate(x[:, 28:], max_new_tokens=6, do_sample=False)], 1)
     assert model.memory_size() == 28 - 4
-    local = torch.cat([model.sink_ids, x[:, 40 - (16 - 4):]], 1)      # [sink ‖ last W - S tokens]
+    local = torch.cat([model.state.sink_ids, x[:, 40 - (16 - 4):]], 1)      # [sink ‖ last W - S tokens]
     with reading(), torch.no_grad():
         for _ in range(6):
             nxt = model(local).logits[:, -1].argmax(-1, keepdim=True)
@@ -491,7 +491,7 @@ def test_first_memorize_shorter_than_the_sink_is_all_sink():
     model, oracle = make(sink_tokens=4)
     first = ids(2, seed=3)
     assert model.memorize(first, show_progress=False) == 2
-    assert model.memory_size() == 0 and model.seen == [2] and torch.equal(model.sink_ids, first)
+    assert model.memory_size() == 0 and model.state.seen == [2] and torch.equal(model.state.sink_ids, first)
     x = ids(5, seed=6)
     out = model.generate(x, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9) and torch.equal(out[:, :5], x)
@@ -575,8 +575,8 @@ def test_context_cache_refuses_what_it_was_not_made_for():
         model.generate(torch.cat([ctx, ids(8, seed=5)], 1), cache=cache, max_new_tokens=2)
     with pytest.raises(ValueError, match="1 to 11 tokens"):             # window 16 - sink 4 = 12 local
         model.context_cache(ids(12))
-    state = model.memory_state()
-    model.load_memory_state(state, batch=1)                             # same size, read again
+    state = model.state.to_tensors()
+    model.state.load_tensors(state, batch=1)                             # same size, read again
     with pytest.raises(ValueError, match="memory changed"):
         model.generate(torch.cat([ctx, ids(1)], 1), cache=cache, max_new_tokens=2)
     cache = model.context_cache(ctx)

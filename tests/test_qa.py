@@ -56,10 +56,10 @@ def tiny_model(seed=0, native=512, chat=False, **cfg):
 def held_memory(model) -> dict:
     """Everything the model's memory holds (per layer rows, the stream, document starts, sink)."""
     state = {f"{i}.{k}": v.clone() for i, mem in model.memories.items() for k, v in mem.state_dict().items()}
-    return dict(seen=list(model.seen), stream=[list(s) for s in model.stream],
-                doc_starts=[list(d) for d in model.doc_starts],
-                sink=None if model.sink_ids is None else model.sink_ids.tolist(),
-                tail=None if model.tail_ids is None else model.tail_ids.tolist(), state=state)
+    return dict(seen=list(model.state.seen), stream=[list(s) for s in model.state.stream],
+                doc_starts=[list(d) for d in model.state.doc_starts],
+                sink=None if model.state.sink_ids is None else model.state.sink_ids.tolist(),
+                tail=None if model.state.tail_ids is None else model.state.tail_ids.tolist(), state=state)
 
 
 def assert_same_memory(a: dict, b: dict) -> None:
@@ -147,12 +147,12 @@ def test_read_memorizes_every_document_with_one_memorize_call_each():
     n, room = len(qa.corpus), 16                                     # tail room: max(16, 64 - 2 - 96)
     b = qa.corpus.starts[1]
     assert calls == [qa.corpus.ids[:b], qa.corpus.ids[b:n - 1]]      # doc a + its separator, doc b alone
-    assert model.seen == [n - 1] and model.stream == [qa.corpus.ids[:n - 1]] and model.doc_starts == [[0, b]]
+    assert model.state.seen == [n - 1] and model.state.stream == [qa.corpus.ids[:n - 1]] and model.state.doc_starts == [[0, b]]
     mem = next(iter(model.memories.values()))
     # every memorized stream token but the 2 sink tokens, each at its own stream position
     assert mem.positions[0].tolist() == list(range(2, n - 1))
     assert qa.tail == qa.corpus.ids[-room:]
-    assert model._passages is not None                               # embedded in read, not at the first answer
+    assert model.state.passages is not None                               # embedded in read, not at the first answer
     cue = "The cat is"                                               # one token per character, after "\n\n"
     assert qa.answer(cue=cue, max_new_tokens=2, evidence=0).prompt_tokens == len(cue) + 2
     assert qa.answer(cue=cue, mode="truncate", max_new_tokens=2).prompt_tokens == len(cue) + 2 + room
@@ -182,15 +182,15 @@ def test_one_read_path_longdocqa_evaluations_and_ask_agree(chat):
     assert via_qa.text == via_eval.text == via_ask and asked_qa == asked
     assert via_qa.evidence == via_eval.evidence and via_qa.evidence
     assert via_qa.memory_share == pytest.approx(via_eval.memory_share, abs=1e-6)
-    assert model.stream == [model.tokenizer(DOC_B, add_special_tokens=False)["input_ids"]]
+    assert model.state.stream == [model.tokenizer(DOC_B, add_special_tokens=False)["input_ids"]]
     assert_same_memory(held_qa, held_eval)
     assert_same_memory(held_qa, held_ask)
     # the same blocks read each time (cue: qa, eval, ask; question: qa, ask), from memory
     assert reads[0] == reads[2] == reads[3] and reads[1] == reads[4] and len(reads) == 5 and reads[0]
-    prompt = model.prompt_ids(question)[0].tolist()
+    prompt = model.questions.prompt_ids(question)[0].tolist()
     assert (model.tokenizer.decode(prompt).startswith("[user] ")) == chat
     with model.memory_disabled():                                    # memory changes the answer
-        x = model.prompt_ids(cue=cue)
+        x = model.questions.prompt_ids(cue=cue)
         plain = model.backbone.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=1)
     assert model.tokenizer.decode(plain[0, x.shape[1]:], skip_special_tokens=True).strip() != via_ask
 
@@ -200,7 +200,7 @@ def test_a_document_shorter_than_the_sink_writes_nothing():
     the answer reads no memory (no evidence) and there is nothing to save."""
     model = tiny_model(sink_tokens=4)
     qa = LongDocQA(model).read(["Hi."], show_progress=False)
-    assert model.memory_size() == 0 and model.sink_ids.tolist() == [qa.corpus.ids[:3]]
+    assert model.memory_size() == 0 and model.state.sink_ids.tolist() == [qa.corpus.ids[:3]]
     assert qa.tail == qa.corpus.ids
     reads = spy_reading_blocks(model)
     ans = qa.answer("what?", max_new_tokens=3)
@@ -216,13 +216,13 @@ def test_cache_reuses_memory_and_passages_and_answers_identically(tmp_path):
     assert not qa.from_cache and (tmp_path / memory_key(qa.corpus, model) / QA_FILE).is_file()
     want = qa.answer("What is the cat's name?", max_new_tokens=6)
     held = held_memory(model)
-    model.embedder.calls.clear()
+    model.questions.embedder.calls.clear()
     again = LongDocQA(model).read(docs, cache_dir=tmp_path, show_progress=False)
-    assert again.from_cache and model.embedder.calls == []           # the passages were saved, not re-embedded
+    assert again.from_cache and model.questions.embedder.calls == []           # the passages were saved, not re-embedded
     assert_same_memory(held_memory(model), held)
     got = again.answer("What is the cat's name?", max_new_tokens=6)
     assert got.text == want.text and got.evidence == want.evidence
-    assert model.embedder.calls == [["What is the cat's name?"]]     # only the question is embedded
+    assert model.questions.embedder.calls == [["What is the cat's name?"]]     # only the question is embedded
     changed = LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B + "More.")],
                                     cache_dir=tmp_path, show_progress=False)
     assert not changed.from_cache
@@ -250,17 +250,17 @@ def test_save_load_round_trip_keeps_stream_and_passages_and_refusals(tmp_path):
     cue = "The name of the keeper's cat is"
     want = qa.answer(cue=cue, max_new_tokens=5)
     asked = qa.answer("Where does the cat sleep?", max_new_tokens=5)
-    held, ranges = held_memory(model), list(model.passages.ranges)
+    held, ranges = held_memory(model), list(model.questions.passages.ranges)
     qa.save(tmp_path / "mem")
     fresh = tiny_model()                                   # same weights, nothing memorized, nothing embedded
     loaded = LongDocQA.load(fresh, tmp_path / "mem")
     assert [d.name for d in loaded.corpus.documents] == ["a.txt", "b.txt"]
     assert_same_memory(held_memory(fresh), held)          # rows, stream, document starts, sink, tail
-    assert fresh._passages is not None and fresh.passages.ranges == ranges
+    assert fresh.state.passages is not None and fresh.questions.passages.ranges == ranges
     got = loaded.answer(cue=cue, max_new_tokens=5)
     assert got.text == want.text and got.evidence == want.evidence
     assert loaded.answer("Where does the cat sleep?", max_new_tokens=5).text == asked.text
-    assert fresh.embedder.calls == [[cue], ["Where does the cat sleep?"]]      # no passage re-embedded
+    assert fresh.questions.embedder.calls == [[cue], ["Where does the cat sleep?"]]      # no passage re-embedded
     with pytest.raises(MemoryFileError, match="another model"):
         LongDocQA.load(tiny_model(seed=1), tmp_path / "mem")
     with pytest.raises(FileNotFoundError, match="holds no QA documents"):
@@ -324,7 +324,7 @@ def test_prepare_and_answer_functions_in_every_mode():
     assert ans.mode == "full" and ans.prompt_tokens == len(full.corpus) + len("\n\nThe cat is")
     assert model.memory_size() == 0                                         # full never writes memory
     mem = qa_api.prepare(model, docs, "memory", show_progress=False)
-    assert model.seen == [len(mem.corpus) - 1] and model.memory_size() == len(mem.corpus) - 1 - 2
+    assert model.state.seen == [len(mem.corpus) - 1] and model.memory_size() == len(mem.corpus) - 1 - 2
     ans = qa_api.answer(model, mem, cue="The cat is", max_new_tokens=3)
     # the truncate answer of a memory context is the one of a truncate context
     assert ans.mode == "memory" and qa_api.answer(model, mem, cue="The cat is", mode="truncate",
@@ -411,11 +411,11 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     model = tiny_model(block_size=8, question_blocks=24)
     LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     query = "What is the name of the keeper's cat?"
-    blocks = model.blocks_for(query)
+    blocks = model.questions.blocks_for(query)
     assert blocks == sorted(set(blocks)) and 0 < len(blocks) <= 24
-    assert max(blocks) * 8 < model.seen[0]                                   # memorized blocks only
-    best = model.passages.search(query)[0]
-    assert "Marmalade" in model.tokenizer.decode(model.stream[0][best.start:best.end])
+    assert max(blocks) * 8 < model.state.seen[0]                                   # memorized blocks only
+    best = model.questions.passages.search(query)[0]
+    assert "Marmalade" in model.tokenizer.decode(model.state.stream[0][best.start:best.end])
     assert set(range(best.start // 8, (best.end - 1) // 8 + 1)) <= set(blocks)
     reads = spy_reading_blocks(model)
     pinned = []
@@ -425,10 +425,10 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     assert reads == [blocks] and pinned == [[blocks]] and model.runtime.pinned_blocks is None
     model.generate = real_generate
     model.memory_config.question_blocks = 1
-    one = model.blocks_for(query)
+    one = model.questions.blocks_for(query)
     assert len(one) == 1 and best.start // 8 <= one[0] <= (best.end - 1) // 8     # the best passage, cut
     reads.clear()
-    model.generate(model.prompt_ids(query), max_new_tokens=2, do_sample=False, record=True)
+    model.generate(model.questions.prompt_ids(query), max_new_tokens=2, do_sample=False, record=True)
     assert reads == [] and set(model.recorded_reads()) == set(model.knn_layer_ids)   # kNN reads pin nothing
     model.clear_recorded_reads()
 
@@ -623,7 +623,7 @@ def test_evidence_points_at_the_planted_fact(default_model):
     fact = "The secret code of the blue vault is 73914."
     text = FILLER * 20 + fact + " " + FILLER * 45
     ctx = qa_api.prepare(default_model, [Document("story.txt", text)], "memory", show_progress=False)
-    assert default_model.seen == [len(ctx.corpus) - 1]                        # all of it in memory
+    assert default_model.state.seen == [len(ctx.corpus) - 1]                        # all of it in memory
     ans = qa_api.answer(default_model, ctx, cue="The secret code of the blue vault is", max_new_tokens=6)
     default_model.reset_memory()
     assert "73914" in ans.text

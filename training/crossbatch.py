@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from memformer.model import decoder_span
+from memformer.memory_layer import memory_pass
+from memformer.windows import base_decoder, decoder_span
 from memformer.training.linear_ce import linear_cross_entropy
 
 # Score blocks of the top-k selection are kept under this many elements (fp32: 16 MB): on CPU,
@@ -314,8 +315,7 @@ class WindowLM(nn.Module):
         self.model = model
 
     def decoder(self):
-        bb = self.model.backbone
-        return bb.get_decoder() if hasattr(bb, "get_decoder") else bb.model
+        return base_decoder(self.model.backbone)
 
     def forward(self, x, mask, p: int, targets, score: bool = True, *, start: int = 0, hidden=None,
                 stop: int | None = None):
@@ -343,22 +343,22 @@ class WindowLM(nn.Module):
 
 @contextlib.contextmanager
 def runtime_state(model, *, read: bool, write: bool, memories: dict | None = None, write_slice=slice(None)):
-    """Set the memory runtime for one pass (and its backward, which recomputes layers under
-    gradient checkpointing), each memory layer holding `memories[i]` (or none); yields the
-    {layer: (k, v)} the pass wrote (filled once it has run); restores the model's own memories."""
-    rt, layers = model.runtime, model.memory_modules
-    saved = (rt.read, rt.write, rt.enabled, rt.write_slice, {i: m.memory for i, m in layers.items()})
-    rt.read, rt.write, rt.enabled, rt.write_slice = read, write, True, write_slice
+    """The memory runtime set for one pass (and its backward, which recomputes layers under
+    gradient checkpointing) by `memory_pass`, as the model's own passes set it, each memory layer
+    holding `memories[i]` (or none); yields the {layer: (k, v)} the pass wrote (filled once it
+    has run); restores the model's own memories."""
+    layers = model.memory_modules
+    saved = {i: m.memory for i, m in layers.items()}
     for i, m in layers.items():
         m.memory, m.pending = (memories or {}).get(i), None
     written: dict = {}
     try:
-        yield written
-        written.update({i: m.pending for i, m in layers.items() if m.pending is not None})
+        with memory_pass(model.runtime, layers, read=read, write=write, enabled=True, write_slice=write_slice):
+            yield written
+            written.update({i: m.pending for i, m in layers.items() if m.pending is not None})
     finally:
-        rt.read, rt.write, rt.enabled, rt.write_slice = saved[:4]
         for i, m in layers.items():
-            m.memory, m.pending = saved[4][i], None
+            m.memory = saved[i]
 
 
 @dataclass

@@ -377,7 +377,7 @@ FACT_ATTRIBUTES = {"secret code": "code", "room number": "number", "password": "
 
 
 def chat_turn(tokenizer, question: str, answer: str) -> tuple[str, str]:
-    """(prompt, answer): the text `MemformerForCausalLM.chat_ids` tokenizes for a question (no
+    """(prompt, answer): the text `memformer.question_reads.chat_ids` tokenizes for a question (no
     system prompt of its own), and the assistant's answer up to the template's end of turn."""
     if not getattr(tokenizer, "chat_template", None):
         return question + "\n", answer

@@ -156,7 +156,7 @@ class CrossbatchRecipe:
         train = SampleStream(d.sources, tok, split="train", shuffle_buffer=d.shuffle_buffer,
                              synthetic_rate=d.synthetic_rate, synthetic_tasks=d.synthetic_tasks,
                              synthetic_answer_only=d.synthetic_loss == "answer", local=m.window, **common)
-        pad = self.model._pad_id()
+        pad = self.model.pad_token_id
         acc = self.accelerator
         self.batches = BatchStream(train, cfg.crossbatch.batch_size, pad, acc.process_index, acc.num_processes)
         held = SampleStream(d.sources, tok, split="eval", per_doc=cfg.eval.per_doc, **common)

@@ -37,7 +37,7 @@ def cmd_build(args) -> int:
     except (ValueError, MemoryFileError) as e:       # unreadable document, memory from another model
         print(f"memformer memory build: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {len(docs)} documents, {model.seen[0]} tokens read, {model.memory_size()} in memory "
+    print(f"{args.out}: {len(docs)} documents, {model.state.seen[0]} tokens read, {model.memory_size()} in memory "
           f"x {len(model.memory_layer_ids)} layers ({time.perf_counter() - t0:.1f}s this run)")
     return 0
 

@@ -126,7 +126,7 @@ def cmd_qa(args) -> int:
     model = _load_model(args)
     if args.embedder:
         from memformer.passages import load_embedder
-        model.embedder = load_embedder(args.embedder)
+        model.questions.use_embedder(load_embedder(args.embedder))
     if args.corpus is not None:
         try:
             docs = model.attach_corpus(args.corpus)

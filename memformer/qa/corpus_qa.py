@@ -17,7 +17,7 @@ class CorpusQA:
     `answer` returns an `Answer` whose `corpus_evidence` names the documents drawn on."""
 
     def __init__(self, model):
-        if not getattr(model, "corpus_documents", None):
+        if not model.state.corpus_documents:
             raise ValueError("CorpusQA needs a corpus memory attached (model.attach_corpus(path))")
         if model.tokenizer is None:
             raise ValueError("CorpusQA needs a model with a tokenizer")
@@ -32,7 +32,7 @@ class CorpusQA:
             raise ValueError("give a question or a cue")
         model, t0 = self.model, time.perf_counter()
         x = (torch.tensor([model.tokenizer(cue, add_special_tokens=False)["input_ids"]]) if cue
-             else model.chat_ids(question))                                  # [1, T]
+             else model.questions.chat_ids(question))                                  # [1, T]
         # question reads: the corpus blocks under the passages nearest to the cue (or question)
         with model.question_read(cue if cue else question):
             out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=evidence > 0)

@@ -145,7 +145,7 @@ class LongDocQA:
         bounds = self.corpus.starts + [len(self.corpus) - 1]
         for a, b in zip(bounds, bounds[1:]):
             self.model.memorize(torch.tensor([self.corpus.ids[a:b]]), show_progress=show_progress)
-        self.model.passages                                 # noqa: B018 (embeds them)
+        self.model.questions.passages                       # noqa: B018 (embeds them)
 
     def _try_load(self, path: Path) -> bool:
         """Load the memory at `path` if it was built from exactly this corpus by this model."""
@@ -243,9 +243,9 @@ class LongDocQA:
         """`model.ask` (question reads), with the evidence its reads recorded."""
         self._check_memory()
         model = self.model
-        corpus = evidence > 0 and model.corpus_attached
+        corpus = evidence > 0 and model.state.corpus_attached
         out = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0, return_dict=True)
-        ans = Answer("memory", out.text, prompt_tokens=model.prompt_ids(question, cue=cue).shape[1],
+        ans = Answer("memory", out.text, prompt_tokens=model.questions.prompt_ids(question, cue=cue).shape[1],
                      loop_cut=out.loop_cut)
         if corpus:
             ans.corpus_evidence = model.corpus_evidence(top=evidence)
@@ -260,11 +260,11 @@ class LongDocQA:
 
     def rag(self):
         """The RAG baseline over this corpus (`memformer.qa.rag.RAGBaseline`, embedded on first use)."""
-        from memformer.qa.rag import RAGBaseline, default_embedder
+        from memformer.qa.rag import RAGBaseline
         self._need_corpus()
         if self._rag is None:
             if self.embedder is None:
-                self.embedder = self.model.embedder or default_embedder()
+                self.embedder = self.model.questions.embedder
             self._rag = RAGBaseline(self.corpus, self.embedder, chunk_tokens=self.rag_chunk_tokens,
                                     overlap=self.rag_overlap)
         return self._rag
@@ -278,7 +278,7 @@ class LongDocQA:
         if not self.memorized:
             raise RuntimeError(f"the documents were read for mode {self.mode!r}, without memory; "
                                f"prepare them with mode 'memory' to answer from memory")
-        held = self.model.seen if self.model.memories else []
+        held = self.model.state.seen if self.model.memories else []
         if held != [len(self.corpus) - 1]:
             raise RuntimeError(f"the model's memory changed since read() (it holds {held} tokens per sequence, "
                                f"the documents need [{len(self.corpus) - 1}]); call read() again")
@@ -314,7 +314,7 @@ class LongDocQA:
         if cue:
             x = torch.tensor([context + tok("\n\n" + cue, add_special_tokens=False)["input_ids"]])
         else:
-            x = model.chat_ids(f"{tok.decode(context)}\n\n{question}" if context else question)
+            x = model.questions.chat_ids(f"{tok.decode(context)}\n\n{question}" if context else question)
         if full:
             if x.shape[1] > len(context) + self._full_prompt_room():
                 raise DoesNotFit("mode 'full': the documents and the question do not fit the native context")
@@ -331,7 +331,7 @@ class LongDocQA:
         with model.memory_disabled():
             dev = model.device
             out = model.backbone.generate(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev),
-                                          pad_token_id=model._pad_id(), max_new_tokens=max_new_tokens,
+                                          pad_token_id=model.pad_token_id, max_new_tokens=max_new_tokens,
                                           do_sample=False,
                                           stopping_criteria=StoppingCriteriaList([LoopStop(model.tokenizer)])).cpu()
         return cut_loop(model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip())

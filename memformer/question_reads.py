@@ -1,0 +1,148 @@
+"""Question reads: the prompt `ask` generates after, and the memory blocks a question reads.
+
+    reads = model.questions
+    reads.prompt_ids("What is the pass key?")        # [1, T] ids, in the chat template
+    reads.blocks_for("What is the pass key?")        # [n] block ids under the nearest passages
+    reads.passages                                    # PassageIndex over the memorized text
+
+A sentence embedder (default all-MiniLM-L6-v2, `memformer.passages`) ranks the passages of the
+memorized text (embedded on first use, kept with a saved memory) and of an attached corpus memory
+(embedded as it was built). The blocks under the best of them (`passages.question_blocks`) are
+what every memory layer then reads (`MemformerForCausalLM.reading_blocks`).
+"""
+from __future__ import annotations
+
+import torch
+
+from memformer.config import MemoryConfig
+from memformer.memory_state import MemoryState
+from memformer.passages import PassageIndex, question_blocks, with_embedder
+
+
+def chat_ids(tokenizer, question: str, system: str | None = None) -> torch.Tensor:
+    """Token ids [1, T] of a question, in the tokenizer's chat template when it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    else:
+        text = (system + "\n" if system else "") + question
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def prompt_ids(tokenizer, question: str | None = None, *, cue: str | None = None,
+               system: str | None = None) -> torch.Tensor:
+    """[1, T] ids that `ask` generates after: the question in the chat template, or a cue (a
+    sentence for the model to complete, "The code is") as plain text after a blank line."""
+    if tokenizer is None:
+        raise ValueError("ask() needs a tokenizer")
+    if cue is not None and cue.strip():
+        return torch.tensor([tokenizer("\n\n" + cue, add_special_tokens=False)["input_ids"]])
+    if question is None or not question.strip():
+        raise ValueError("ask: give a question or a cue")
+    return chat_ids(tokenizer, question, system)
+
+
+def read_query(question: str | None, cue: str | None) -> str | None:
+    """What a question read ranks passages by: the cue when one is given, else the question."""
+    return question if cue is None or not cue.strip() else cue
+
+
+class QuestionReads:
+    """The question reads of one model: its sentence embedder, the passages of its memory and of
+    an attached corpus, and the blocks a question reads. state: the model's `MemoryState`
+    (passages are kept there, so they are saved with the memory)."""
+
+    def __init__(self, state: MemoryState, tokenizer, memory_config: MemoryConfig, embedder=None):
+        self.state, self.tokenizer, self.memory_config = state, tokenizer, memory_config
+        self._embedder = embedder
+
+    @property
+    def embedder(self):
+        """The sentence embedder (all-MiniLM-L6-v2 unless one was given), loaded on first use."""
+        if self._embedder is None:
+            from memformer.passages import default_embedder
+            self._embedder = default_embedder()
+        return self._embedder
+
+    def use_embedder(self, embedder) -> None:
+        """Rank passages with `embedder` from now on (passages of another width are re-embedded)."""
+        self._embedder = embedder
+
+    def chat_ids(self, question: str, system: str | None = None) -> torch.Tensor:
+        """[1, T] ids of a question in the chat template (`chat_ids`)."""
+        return chat_ids(self.tokenizer, question, system)
+
+    def prompt_ids(self, question: str | None = None, *, cue: str | None = None,
+                   system: str | None = None) -> torch.Tensor:
+        """[1, T] ids that `ask` generates after (`prompt_ids`)."""
+        return prompt_ids(self.tokenizer, question, cue=cue, system=system)
+
+    @property
+    def passages(self) -> PassageIndex:
+        """`PassageIndex` over the memorized text (sequence 0), embedded on first use (or loaded
+        with the memory, when it was embedded by an embedder of the same width)."""
+        state = self.state
+        index = state.passages
+        if index is not None:                         # saved passages of another width are re-embedded
+            index = with_embedder(index, self.embedder)
+        if index is None:
+            if not state.stream or not state.stream[0]:
+                raise ValueError("nothing is memorized")
+            index = PassageIndex.from_stream(state.stream[0], state.doc_starts[0], self.tokenizer, self.embedder)
+        state.set_passages(index)
+        return index
+
+    @property
+    def corpus_passages(self) -> PassageIndex:
+        """The attached corpus's `PassageIndex` with this embedder attached (its width must be the
+        one the corpus was built with)."""
+        saved = self.state.corpus_passages
+        if saved is None:
+            raise ValueError("no corpus memory with passages is attached")
+        bound = with_embedder(saved, self.embedder)
+        if bound is None:
+            raise ValueError(f"the corpus's passages were embedded {saved.embeddings.shape[1]}-wide, "
+                             f"this model's sentence embedder gives another width; use the embedder it was built with")
+        self.state.set_corpus_passages(bound)
+        return bound
+
+    def blocks_for(self, query: str, source: str = "own") -> list[int]:
+        """The memory blocks a question reads: those under the passages nearest to `query`
+        (`memformer.passages.question_blocks`), in document order. source: "own" (the memorized
+        text; needs a memory of one sequence) or "corpus" (the attached corpus memory's passages)."""
+        if source == "corpus":
+            return self._blocks_under(self.corpus_passages.search(query), source)
+        if source != "own":
+            raise ValueError(f"source must be 'own' or 'corpus', got {source!r}")
+        return self._blocks_under(self._own_passages().search(query), source)
+
+    def choose(self, query: str) -> tuple[list[int], str] | None:
+        """(blocks, source) a question `query` reads: with a corpus memory attached its passages
+        are ranked too, and the blocks come from the memory (own or corpus) holding the best
+        passage, a tie going to the own one. None (kNN reads instead) with nothing memorized, or
+        beside a corpus memory built without passages."""
+        state = self.state
+        own = bool(state.memories) and state.size() > 0
+        if state.corpus_attached and state.corpus_passages is None:
+            return None
+        ranked = {}                                    # each source's passages, ranked once
+        if state.corpus_attached:
+            ranked["corpus"] = self.corpus_passages.search(query)
+        if own:
+            ranked["own"] = self._own_passages().search(query)
+        if not ranked:
+            return None
+        source = max(ranked, key=lambda s: (ranked[s][0].score, s == "own"))
+        return self._blocks_under(ranked[source], source), source
+
+    def _own_passages(self) -> PassageIndex:
+        if len(self.state.stream) != 1:
+            raise ValueError(f"question reads need a memory of one sequence, this one holds "
+                             f"{len(self.state.stream)}; use generate() for a batch")
+        return self.passages
+
+    def _blocks_under(self, ranked, source: str) -> list[int]:
+        """`question_blocks` of ranked passages of the own memory or of the attached corpus."""
+        cfg = self.memory_config
+        limit = self.state.corpus_documents[-1].end if source == "corpus" else self.state.seen[0]
+        return question_blocks(ranked, cfg.question_blocks, cfg.block_size, limit)
