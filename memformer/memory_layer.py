@@ -75,6 +75,21 @@ def memory_pass(runtime: MemoryRuntime, layers: dict, *, read: bool | None = Non
             m.pending = None
 
 
+@contextlib.contextmanager
+def pinned_reads(runtime: MemoryRuntime, blocks: torch.Tensor, source: str, row_rotation: tuple):
+    """Within this block every memory layer reads the blocks `blocks` [B or 1, n] of its memory
+    (source "own") or of the attached corpus ("corpus"), laid out at positions -R .. -1 whose
+    rotation `row_rotation` (cos, sin) [1, R, D] gives (`MemformerForCausalLM.reading_blocks`;
+    training's block reads, `memformer.training.crossbatch.reading_layout`)."""
+    rt = runtime
+    old = (rt.pinned_blocks, rt.pinned_source, rt.row_rotation)
+    rt.pinned_blocks, rt.pinned_source, rt.row_rotation = blocks, source, row_rotation
+    try:
+        yield rt
+    finally:
+        rt.pinned_blocks, rt.pinned_source, rt.row_rotation = old
+
+
 class MemoryAttention(nn.Module):
     """A backbone attention module with kNN memory. Drop-in: same forward signature and outputs.
 

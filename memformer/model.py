@@ -34,7 +34,7 @@ from memformer.config import AdapterConfig, MemoryConfig
 from memformer.context_cache import make_context_cache, reuse_context
 from memformer.index import LayerMemory
 from memformer.lora import inject_lora, is_memory_param
-from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass
+from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
 from memformer.question_reads import QuestionReads, read_query
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
@@ -77,8 +77,8 @@ class MemformerForCausalLM(nn.Module):
             setattr(layers[i], attn_attr, self.memory_modules[i])
         self.adapter_config: AdapterConfig | None = None    # LoRA on the memory layers: add_lora()
         self._set_trainable()
-        self.runtime.q_rotation = self._rotation_at(cfg.window)
-        cos, sin = self._rotation_at(*range(cfg.window))                      # [1, W, D]
+        self.runtime.q_rotation = self.rotation_at(cfg.window)
+        cos, sin = self.rotation_at(*range(cfg.window))                      # [1, W, D]
         unit = cos[0, 0, 0]                      # position 0: cos = the rotary's attention scaling
         self.runtime.slot_rotation = (cos / unit, sin / unit)
         # what is memorized, per sequence (the layer memories live on memory_modules)
@@ -140,7 +140,8 @@ class MemformerForCausalLM(nn.Module):
         for name, p in self.named_parameters():            # trainable = found by structure
             p.requires_grad_(is_memory_param(name))
 
-    def _rotation_at(self, *positions: int):
+    def rotation_at(self, *positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone's RoPE (cos, sin) [1, len(positions), D] at `positions`."""
         rotary = self.adapter.rotary_emb(self.backbone)
         dev = next(self.backbone.parameters()).device
         x = torch.zeros(1, 1, 1, dtype=torch.float32, device=dev)
@@ -390,15 +391,9 @@ class MemformerForCausalLM(nn.Module):
         source: "own" (the sequences' memory) or "corpus" (the attached corpus memory, one
         stream read by every sequence; blocks [n])."""
         ids = pinned_block_ids(self, blocks, source)                        # [batch, n]
-        rt = self.runtime
         R = ids.shape[1] * self.memory_config.block_size
-        rt.row_rotation = self._rotation_at(*range(-R, 0))                 # [1, R, D]
-        rt.pinned_blocks, rt.pinned_source = ids, source
-        try:
+        with pinned_reads(self.runtime, ids, source, self.rotation_at(*range(-R, 0))):   # [1, R, D]
             yield
-        finally:
-            rt.pinned_blocks = rt.row_rotation = None
-            rt.pinned_source = "own"
 
     # ---------------------------------------------------------------- adapter weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

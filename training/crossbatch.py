@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from memformer.memory_layer import memory_pass
+from memformer.memory_layer import memory_pass, pinned_reads
 from memformer.windows import base_decoder, decoder_span
 from memformer.training.linear_ce import linear_cross_entropy
 
@@ -284,17 +284,9 @@ def reading_layout(model, n_blocks: int | None):
     if not n_blocks:
         yield
         return
-    rt = model.runtime
     R = n_blocks * model.memory_config.block_size
-    saved = (rt.pinned_blocks, rt.pinned_source, rt.row_rotation)
-    rt.pinned_blocks, rt.pinned_source = torch.arange(n_blocks)[None], "own"
-    rotary = model.adapter.rotary_emb(model.backbone)
-    x = torch.zeros(1, 1, 1, device=model.device)
-    rt.row_rotation = rotary(x, torch.arange(-R, 0, device=model.device)[None])   # (cos, sin) [1, R, D]
-    try:
+    with pinned_reads(model.runtime, torch.arange(n_blocks)[None], "own", model.rotation_at(*range(-R, 0))):
         yield
-    finally:
-        rt.pinned_blocks, rt.pinned_source, rt.row_rotation = saved
 
 
 class WindowLM(nn.Module):
