@@ -51,3 +51,25 @@ def test_constraints_satisfy_the_declared_requirements():
         assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt pins {name}=={pins[name]}, outside {req}"
         checked += 1
     assert checked >= 10
+
+
+# private members of third-party objects the code must reach (transformers' attention choice,
+# torch FSDP's lazy initialisation)
+THIRD_PARTY_PRIVATE = {"_attn_implementation", "_get_fsdp_state", "_lazy_init"}
+
+
+def test_no_private_member_is_used_across_modules():
+    """memformer/ and training/ use no other module's or object's private member (`x._name`,
+    `from m import _name`): what another module needs is public (issue 40)."""
+    import ast
+    found = []
+    for path in sorted([*(ROOT / "memformer").rglob("*.py"), *(ROOT / "training").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) \
+                    and node.attr not in THIRD_PARTY_PRIVATE:
+                found.append(f"{where} .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("memformer"):
+                found += [f"{where} import {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, f"private members used across modules: {found}"
