@@ -15,6 +15,7 @@ installs, replaces and drops them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -182,6 +183,20 @@ class MemoryState:
         self.seen, self.sink_ids, self.tail_ids = [], None, None
         self.stream, self.doc_starts, self.passages = [], [], None
         self.version += 1
+
+    @contextlib.contextmanager
+    def lent(self, memories: dict | None):
+        """Within this block memory layer i holds `memories[i]` (or none) in place of its own
+        memory, which is back afterwards (training reads its lanes' memories through the layers:
+        `memformer.training.crossbatch.runtime_state`)."""
+        own = {i: m.memory for i, m in self.layers.items()}
+        for i, m in self.layers.items():
+            m.memory, m.pending = (memories or {}).get(i), None
+        try:
+            yield
+        finally:
+            for i, m in self.layers.items():
+                m.memory = own[i]
 
     # ---------------------------------------------------------------- a corpus memory
     def attach_corpus(self, memories: dict[int, LayerMemory], documents: list, sink_ids, passages) -> None:

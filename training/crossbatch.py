@@ -338,19 +338,13 @@ def runtime_state(model, *, read: bool, write: bool, memories: dict | None = Non
     """The memory runtime set for one pass (and its backward, which recomputes layers under
     gradient checkpointing) by `memory_pass`, as the model's own passes set it, each memory layer
     holding `memories[i]` (or none); yields the {layer: (k, v)} the pass wrote (filled once it
-    has run); restores the model's own memories."""
+    has run); restores the model's own memories (`MemoryState.lent`)."""
     layers = model.memory_modules
-    saved = {i: m.memory for i, m in layers.items()}
-    for i, m in layers.items():
-        m.memory, m.pending = (memories or {}).get(i), None
     written: dict = {}
-    try:
-        with memory_pass(model.runtime, layers, read=read, write=write, enabled=True, write_slice=write_slice):
-            yield written
-            written.update({i: m.pending for i, m in layers.items() if m.pending is not None})
-    finally:
-        for i, m in layers.items():
-            m.memory = saved[i]
+    with model.state.lent(memories), \
+            memory_pass(model.runtime, layers, read=read, write=write, enabled=True, write_slice=write_slice):
+        yield written
+        written.update({i: m.pending for i, m in layers.items() if m.pending is not None})
 
 
 @dataclass
