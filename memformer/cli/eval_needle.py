@@ -11,7 +11,7 @@ def register(ev) -> None:
     from memformer.eval.needle import TASKS
     p = ev.add_parser("needle", help="RULER-style needle variants on a real-text haystack (and passkey)")
     add_model_args(p)
-    add_trial_args(p, "benchmarks/results/needle", "4k,8k,16k", 5, needles=8)
+    add_trial_args(p, "runs/needle", "4k,8k,16k", 5, needles=8)
     p.add_argument("--variants", default="all,passkey",
                    help=f"comma-separated, from {','.join(TASKS)}; all = every needle variant")
     p.set_defaults(func=cmd_eval_needle)

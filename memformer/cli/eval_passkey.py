@@ -8,7 +8,7 @@ from memformer.cli.common import (add_model_args, add_trial_args, needle_tables,
 def register(ev) -> None:
     p = ev.add_parser("passkey", help="passkey retrieval, the modes side by side")
     add_model_args(p)
-    add_trial_args(p, "benchmarks/results/passkey", "4k,8k,16k", 10, needles=10)
+    add_trial_args(p, "runs/passkey", "4k,8k,16k", 10, needles=10)
     p.set_defaults(func=cmd_eval_passkey)
 
 

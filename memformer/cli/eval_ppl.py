@@ -17,7 +17,7 @@ def register(ev) -> None:
     p.add_argument("--segments", type=int, default=1, help="segments per document, spread evenly through it")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     p.add_argument("--bin", type=int, default=1024, help="tokens per position bin of the table and plot")
-    p.add_argument("--out", default="benchmarks/results/ppl")
+    p.add_argument("--out", default="runs/ppl")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished segments in OUT/trials.jsonl and run only the missing ones")
     p.set_defaults(func=cmd_eval_ppl)

@@ -20,7 +20,7 @@ def register(ev) -> None:
                    help="text file for the essay tasks (default: Python's documentation topics)")
     p.add_argument("--modes", default=MODES, help="comma-separated, from memory,truncate,rag,full")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results/ruler", help="folder for the tables, plot and trials.jsonl")
+    p.add_argument("--out", default="runs/ruler", help="folder for the tables, plot and trials.jsonl")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished samples in OUT/trials.jsonl and run only the missing ones")
     p.add_argument("--cache-dir", default=None,
