@@ -146,7 +146,6 @@ class CrossbatchSection:
     d: Any = 2                          # lanes each lane reads (1 = own document only); schedule
     w: Any = 2                          # earlier windows kept per lane (null = all); schedule
     top_k: Optional[int] = 32           # rows attended per query (null = dense, tiny models only)
-    read_blocks: Optional[int] = None   # null = kNN reads; n = block reads of n blocks (question reads)
     first_loss_window: int = 1          # windows before it only write memory (FoT's C_prev)
 
 
@@ -287,8 +286,6 @@ class TrainConfig:
         need(cb.top_k is None or (isinstance(cb.top_k, int) and cb.top_k >= 1),
              f"crossbatch.top_k must be an int >= 1 or null (dense), got {cb.top_k!r}")
         need(cb.first_loss_window >= 0, "crossbatch.first_loss_window must be >= 0")
-        need(cb.read_blocks is None or (isinstance(cb.read_blocks, int) and cb.read_blocks >= 1),
-             f"crossbatch.read_blocks must be an int >= 1 or null (kNN reads), got {cb.read_blocks!r}")
         need(o.lr > 0 and (o.gate_lr is None or o.gate_lr > 0), "optim.lr and gate_lr must be > 0")
         need(o.scheduler in SCHEDULERS, f"optim.scheduler {o.scheduler!r} not in {SCHEDULERS}")
         need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")

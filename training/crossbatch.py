@@ -9,10 +9,6 @@ inference, so training runs the exact inference code path: same window layout
 (`MemformerForCausalLM.plan_windows`), memory keys rotated at their own in-window position and
 queries moved to the fixed memory position, the memory gate, `knn_attention`.
 
-Block reads (`read_blocks=n`, the config's `crossbatch.read_blocks`) train the read a question
-makes at inference instead: every query of a window reads the same n blocks of 64 positions, laid
-out before the window (`memformer.blocks.block_attention`), its own earlier blocks in document
-order among blocks of its negatives (`lane_blocks`, a `BlockMemory` per layer).
 
 Memory keys and values carry no gradient (Memorizing Transformer practice): they are the keys the
 write pass stores, detached, exactly what `memorize` stores at inference. Gradients reach the
@@ -45,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from memformer.memory_layer import memory_pass, pinned_reads
+from memformer.memory_layer import memory_pass
 from memformer.windows import base_decoder, decoder_span
 from memformer.training.linear_ce import linear_cross_entropy
 
@@ -160,13 +156,11 @@ def negative_groups(doc_ids: torch.Tensor, d: int, generator: random.Random) -> 
 @dataclass
 class WrittenWindow:
     """Keys/values one window wrote, per memory layer: k, v [B, Hkv, n, D]; valid [B, n]; the
-    window's index; start (the document position of its first new token); and slot (its slot in
-    the window, where its key was rotated: the write slice starts there)."""
+    window's index; and start (the document position of its first new token)."""
     kv: dict
     valid: torch.Tensor
     index: int
     start: int
-    slot: int = 0
 
 
 def lane_memory(written: list[WrittenWindow], group: torch.Tensor, top_k: int | None):
@@ -196,97 +190,6 @@ def lane_memory(written: list[WrittenWindow], group: torch.Tensor, top_k: int | 
             lanes = (lane_of.to(k.device), r_of.to(k.device))
         memories[layer] = DenseMemory(k, v, row_ok.to(k.device), top_k, lanes=lanes)
     return memories, rows
-
-
-class BlockMemory:
-    """One memory layer's crossbatch memory for block reads, read by `memformer.blocks.block_attention`
-    as the model reads a question's blocks at inference.
-
-    The blocks a lane reads are laid out one after another: block j of the layout holds layout
-    positions [j*block_size, (j+1)*block_size), so pinning blocks 0 .. n-1 reads them all.
-    keys, values [B, Hkv, M, D] (detached); positions [B, M] layout positions, ascending; slots
-    [B, M] the window slot each key was rotated at; valid [B, M] (False: a row a block lacks)."""
-
-    key_scales = None
-    value_scales = None
-
-    def __init__(self, keys, values, positions, slots, valid):
-        self.keys, self.values, self.positions, self.slots, self.valid = keys, values, positions, slots, valid
-        self.batch = keys.shape[0]
-
-    def for_lanes(self, sel: torch.Tensor) -> "BlockMemory":
-        return BlockMemory(self.keys[sel], self.values[sel], self.positions[sel], self.slots[sel], self.valid[sel])
-
-    def __len__(self) -> int:
-        return self.valid.shape[1]
-
-
-def lane_blocks(written: list[WrittenWindow], group: torch.Tensor, n_blocks: int, block_size: int,
-                generator: random.Random):
-    """Per-lane block-read memories from the windows written so far (FoT's crossbatch, by blocks).
-
-    Lane b reads up to `n_blocks` blocks of `block_size` document positions: every block of its own
-    earlier windows (the positives, in document order as a question reads them; the latest ones
-    when they alone exceed the budget) and blocks of its negatives' windows drawn at random to fill
-    the budget, each inserted at a random place among them. At inference a sentence embedder picks
-    blocks of one document; here the layers must find what they need among other documents' blocks.
-    With d = 1 (no negatives) a window reads exactly what `reading_blocks` over all earlier blocks reads.
-
-    Returns ({layer: BlockMemory}, n, rows) with n the blocks to pin (0 .. n-1) and rows [B, M, 3]
-    long = (lane, window index, document position) of every memory row (-1 for padding)."""
-    B = group.shape[0]
-    valid = torch.cat([w.valid for w in written], dim=1)                          # [B, R]
-    window = torch.cat([torch.full((w.valid.shape[1],), w.index) for w in written])          # [R]
-    pos = torch.cat([torch.arange(w.start, w.start + w.valid.shape[1]) for w in written])    # [R]
-    slot = torch.cat([torch.arange(w.slot, w.slot + w.valid.shape[1]) for w in written])    # [R]
-    block = pos // block_size                                                     # [R]
-    chosen = []                                                                   # per lane: [(lane, block)]
-    for b in range(B):
-        have = lambda c: sorted({int(x) for x in block[valid[c]].tolist()})
-        own = [(b, k) for k in have(b)][-n_blocks:]
-        others = [(c, k) for c in group[b].nonzero().flatten().tolist() if c != b for k in have(c)]
-        pick = list(own)
-        for neg in generator.sample(others, min(len(others), n_blocks - len(own))):
-            pick.insert(generator.randint(0, len(pick)), neg)   # own blocks keep document order
-        chosen.append(pick)
-    n = max(1, max(len(c) for c in chosen))
-    M = n * block_size
-    lane_of = torch.zeros(B, M, dtype=torch.long)
-    r_of = torch.zeros(B, M, dtype=torch.long)
-    ok = torch.zeros(B, M, dtype=torch.bool)
-    for b, pick in enumerate(chosen):
-        for j, (c, k) in enumerate(pick):
-            r = ((block == k) & valid[c]).nonzero().flatten()                    # rows of block k, in order
-            lane_of[b, j * block_size: j * block_size + len(r)] = c
-            r_of[b, j * block_size: j * block_size + len(r)] = r
-            ok[b, j * block_size: j * block_size + len(r)] = True
-    # row j*block_size + i holds row i of block j at that layout position (ascending, as
-    # block_attention's search needs; the rows a short block lacks are invalid, never read)
-    positions = torch.arange(M).expand(B, M)                                      # [B, M]
-    slots = slot[r_of].masked_fill(~ok, 0)                                        # [B, M]
-    rows = torch.stack([lane_of, window[r_of], pos[r_of]], dim=-1).masked_fill(~ok[..., None], -1)
-    memories = {}
-    for layer in written[0].kv:
-        k = torch.cat([w.kv[layer][0] for w in written], dim=2)                   # [B, Hkv, R, D]
-        v = torch.cat([w.kv[layer][1] for w in written], dim=2)
-        dev = k.device
-        li, ri = lane_of.to(dev), r_of.to(dev)
-        # [B, Hkv, R, D] -> [B, R, Hkv, D] indexed [B, M] -> [B, M, Hkv, D] -> [B, Hkv, M, D]
-        gather = lambda x: x.permute(0, 2, 1, 3)[li, ri].permute(0, 2, 1, 3).contiguous()
-        memories[layer] = BlockMemory(gather(k), gather(v), positions.to(dev), slots.to(dev), ok.to(dev))
-    return memories, n, rows
-
-
-@contextlib.contextmanager
-def reading_layout(model, n_blocks: int | None):
-    """Pin blocks 0 .. n_blocks-1 of every lane's `BlockMemory` (None: nothing pinned, kNN reads),
-    laid out at positions -R .. -1 before the window as `MemformerForCausalLM.reading_blocks` does."""
-    if not n_blocks:
-        yield
-        return
-    R = n_blocks * model.memory_config.block_size
-    with pinned_reads(model.runtime, torch.arange(n_blocks)[None], "own", model.rotation_at(*range(-R, 0))):
-        yield
 
 
 class WindowLM(nn.Module):
@@ -364,7 +267,7 @@ class EpisodeResult:
 def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, generator: random.Random,
                 first_loss_window: int = 1, lm: nn.Module | None = None, backward=None,
                 window_context=None, measure_no_memory: bool = False, keep_rows: bool = False,
-                fast: bool = True, read_blocks: int | None = None) -> EpisodeResult:
+                fast: bool = True) -> EpisodeResult:
     """Read one batch of documents window by window with crossbatch memory.
 
     model: MemformerForCausalLM. batch: `memformer.training.data.Batch` (ids, valid, targets
@@ -377,8 +280,6 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         forward and backward (autocast, DDP's no_sync on all but the last backward).
     measure_no_memory: also score each window without memory (free when the write pass does
         not read memory, since it is exactly that forward).
-    read_blocks: None = kNN reads (each query's `top_k` rows); n = block reads, as a question
-        reads at inference: every query of a window reads the same n blocks (`lane_blocks`).
     fast: compute the frozen layers below the first memory layer once per window, shared by the
         read and the write pass, stop the write pass after the last memory layer, skip the
         last window's write (nothing reads it) and run a window's read pass only on the lanes
@@ -410,10 +311,8 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
             # (under autocast the write pass then starts from this autocast state too)
             with context(), torch.no_grad():
                 low = lm(x, mask, p, targets, stop=split)
-        memories, rows, pinned = {}, None, None
-        if written and scored and read_blocks:
-            memories, pinned, rows = lane_blocks(written, group, read_blocks, model.memory_config.block_size, generator)
-        elif written and scored:
+        memories, rows = {}, None
+        if written and scored:
             memories, rows = lane_memory(written, group, top_k)
         if scored:
             # Only lanes with a target in this window need the read pass: an answer-only sample
@@ -427,8 +326,7 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
             else:
                 sub = (lambda v: v[lanes]) if subset else (lambda v: v)
                 mems = {i: m.for_lanes(lanes) for i, m in memories.items()} if subset else memories
-                with context(), runtime_state(model, read=True, write=False, memories=mems), \
-                        reading_layout(model, pinned):
+                with context(), runtime_state(model, read=True, write=False, memories=mems):
                     loss, count = lm(sub(x), sub(mask), p, sub(targets), start=split,
                                      hidden=None if low is None else sub(low))
                     if subset:                           # back to [B], zeros for the skipped lanes
@@ -450,7 +348,7 @@ def run_episode(model, batch, *, d: int, w: int | None, top_k: int | None, gener
         if score:
             res.loss_no_memory.append(out[0].float().cpu())
         if not last:
-            written.append(WrittenWindow(kv, mask[:, p:].clone(), t, start, p))
+            written.append(WrittenWindow(kv, mask[:, p:].clone(), t, start))
             if w:
                 written = written[-w:]
     return res

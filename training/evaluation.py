@@ -20,9 +20,8 @@ from memformer.training.crossbatch import run_episode
 
 
 @torch.no_grad()
-def heldout_loss(model, batches, lm=None, read_blocks: int | None = None) -> dict:
-    """Token-weighted mean cross-entropy over the held-out batches' memory windows, read as in
-    training (kNN reads, or `read_blocks` blocks of each document's own earlier windows).
+def heldout_loss(model, batches, lm=None) -> dict:
+    """Token-weighted mean cross-entropy over the held-out batches' memory windows.
 
     Returns {"loss_memory", "loss_no_memory", "memory_gain" (no_memory - memory), "tokens"}."""
     total = {"memory": 0.0, "no_memory": 0.0}
@@ -32,8 +31,7 @@ def heldout_loss(model, batches, lm=None, read_blocks: int | None = None) -> dic
     try:
         for batch in batches:
             res = run_episode(model, batch, d=1, w=None, top_k=model.memory_config.top_k,
-                              generator=random.Random(0), first_loss_window=1, lm=lm, measure_no_memory=True,
-                              read_blocks=read_blocks)
+                              generator=random.Random(0), first_loss_window=1, lm=lm, measure_no_memory=True)
             total["memory"] += res.total()[0]
             total["no_memory"] += res.total(no_memory=True)[0]
             tokens += res.total()[1]
@@ -77,11 +75,11 @@ def passkey_accuracy(model, lengths: list, trials: int, seed: int = 0) -> dict:
 
 
 def evaluate(model, batches, passkey_lengths, passkey_trials: int, passkey_seed: int = 0, lm=None,
-             direct_calls=contextlib.nullcontext, read_blocks: int | None = None) -> dict:
+             direct_calls=contextlib.nullcontext) -> dict:
     """The evaluation hook: held-out losses (+ perplexity with memory) and passkey accuracies.
     direct_calls: a context manager factory entered while passkey generation calls `model` itself
     rather than `lm` (FSDP gathers the root unit's weights there)."""
-    out = heldout_loss(model, batches, lm=lm, read_blocks=read_blocks)
+    out = heldout_loss(model, batches, lm=lm)
     out["ppl_memory"] = math.exp(min(out["loss_memory"], 50.0))
     with direct_calls():
         out.update(passkey_accuracy(model, passkey_lengths, passkey_trials, passkey_seed))

@@ -217,7 +217,6 @@ class CrossbatchRecipe:
 
             res = run_episode(self.model, batch, d=d, w=w, top_k=cfg.crossbatch.top_k, generator=self.rng,
                               first_loss_window=cfg.crossbatch.first_loss_window, lm=self.lm,
-                              read_blocks=cfg.crossbatch.read_blocks,
                               backward=backward, window_context=window_context)
             per_lane = torch.stack(res.loss).sum(0) / norm.cpu().clamp(min=1)
             lane_losses.append(float(per_lane[norm.cpu() > 0].mean()))
@@ -251,7 +250,7 @@ class CrossbatchRecipe:
         direct = (lambda: sharding.unsharded_root(self.lm)) if self.fsdp else contextlib.nullcontext
         with self.accelerator.autocast():
             out = evaluate(self.model, self.eval_set, e.passkey_lengths, e.passkey_trials, e.passkey_seed,
-                           lm=self.lm, direct_calls=direct, read_blocks=self.cfg.crossbatch.read_blocks)
+                           lm=self.lm, direct_calls=direct)
         out["seconds"] = time.perf_counter() - t0
         self.metrics.log(self.step, out, "eval")
         if self.accelerator.is_main_process:
