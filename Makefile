@@ -11,8 +11,9 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch that lies on disk; a bare `torch` could pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	# the versions the suite last passed with (constraints.txt); setup.py holds the accepted ranges
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	# the versions the suite last passed with (constraints.txt); setup.py holds the accepted ranges;
+	# `scale` (Ray, Lance) so the suite runs the distributed build and Lance store tests too
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,scale]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -48,6 +48,9 @@ setup(
         # FAISS on CUDA 12 GPUs; it ships the same `faiss` module as faiss-cpu, so
         # `pip uninstall faiss-cpu` after installing it or the two overwrite each other
         "gpu": ["faiss-gpu-cu12"],
+        # corpus memories beyond one machine (docs/scale.md): built with Ray Data, stored as a Lance
+        # dataset (local folder or object storage), searched with LanceDB (imported lazily)
+        "scale": ["ray[data]>=2.40", "lancedb>=0.20", "pylance>=0.30", "pyarrow>=15"],
     },
     entry_points={"console_scripts": ["memformer=memformer.cli.main:main"]},
 )
