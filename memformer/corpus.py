@@ -5,7 +5,12 @@ disk, and attached read-only beside any sequence's own memory.
     model.attach_corpus("MEM")                        # every memory layer now also searches MEM
     model.ask("...");  model.corpus_evidence()        # which documents the answer drew on
 
-A corpus memory is a memory directory (`memory.safetensors` + `manifest.json`, see
+`memformer memory build` writes a Lance store (memformer/corpus_store.py, built by
+memformer/corpus_build.py, in one process or on a Ray cluster); this module keeps the memory
+directory: `build_corpus` writes one, `attach_corpus` and `corpus_info` read both kinds, and
+`memformer memory convert` turns a directory into a store (one way).
+
+A corpus memory directory is a memory directory (`memory.safetensors` + `manifest.json`, see
 persistence.py) with one more file in the same atomic write, `corpus.json`: the documents in
 reading order with their token range in the memory stream, sha256 and text (for evidence
 snippets). Documents are read one after another as one stream; no window crosses a document
@@ -175,6 +180,9 @@ def embed_passages(model, docs: list[CorpusDocument], passages: dict):
 
 def corpus_info(path) -> dict:
     """What a corpus memory holds (from its manifest and table; tensors are not loaded)."""
+    from memformer import corpus_store
+    if corpus_store.is_store(path):
+        return corpus_store.store_info(path)
     path = Path(path)
     recover_for_reading(path)
     with dir_lock(path, shared=True):
@@ -192,7 +200,11 @@ def corpus_info(path) -> dict:
 def attach_corpus(model, path) -> list[CorpusDocument]:
     """Attach the corpus memory at `path` read-only to every memory layer of `model` (replacing an
     attached one). It must come from the same backbone and memory config; the model's own memory
-    is untouched."""
+    is untouched. A Lance store (a folder or object-storage URI, `memformer.corpus_store`) is
+    opened, not loaded: question reads fetch the blocks they read."""
+    from memformer import corpus_store
+    if corpus_store.is_store(path):
+        return corpus_store.attach_store(model, path)
     path = Path(path)
     recover_for_reading(path)
     with dir_lock(path, shared=True):            # the table and the tensors of one save
@@ -213,7 +225,7 @@ def corpus_mass(model) -> dict[int, float]:
     the last generation run with record=True."""
     pos_all, w_all = [], []
     for layer, records in model.recorded_reads(corpus=True).items():
-        positions = model.memory_modules[layer].corpus.positions[0]                # [M]
+        positions = model.state.corpus_rows(layer).positions[0]                   # [M]
         for ids, probs in records:
             ok = ids >= 0
             pos_all.append(positions.to(ids.device)[ids.clamp(min=0)][ok].cpu())
@@ -232,7 +244,8 @@ def corpus_evidence(model, top: int = 3, context_tokens: int = 24) -> list[dict]
     docs = model.state.corpus_documents
     if not docs:
         raise ValueError("no corpus memory attached (attach_corpus first)")
-    starts = [d.start for d in docs]
+    starts = getattr(docs, "starts", None)          # a store's table has them without fetching text
+    starts = [d.start for d in docs] if starts is None else starts.tolist()
     per_doc: dict[int, dict[int, float]] = {}
     for pos, m in corpus_mass(model).items():
         i = bisect.bisect_right(starts, pos) - 1

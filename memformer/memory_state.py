@@ -64,6 +64,8 @@ class MemoryState:
         self.corpus_documents: list = []
         self.corpus_sink_ids: torch.Tensor | None = None
         self.corpus_passages = None
+        self.corpus_store = None                 # a Lance store attached (memformer.corpus_store)
+        self.corpus_last_read: dict[int, LayerMemory] = {}
         self.version = 0
 
     # ---------------------------------------------------------------- reading the state
@@ -74,7 +76,13 @@ class MemoryState:
 
     @property
     def corpus_attached(self) -> bool:
-        return any(m.corpus is not None for m in self.layers.values())
+        return self.corpus_store is not None or any(m.corpus is not None for m in self.layers.values())
+
+    def corpus_rows(self, layer: int) -> LayerMemory | None:
+        """The corpus rows layer `layer` read last: the attached in-RAM corpus memory, or the blocks
+        the last question read fetched from an attached store (recorded row ids index them)."""
+        m = self.layers[layer].corpus
+        return m if m is not None else self.corpus_last_read.get(layer)
 
     def size(self) -> int:
         """Tokens currently held per sequence (rows in each layer's memory)."""
@@ -162,6 +170,16 @@ class MemoryState:
             dev = mem.keys.device
             mem.add(k.to(dt), v.to(dt), positions.to(dev), valid.to(dev), slots.to(dev))
 
+    def begin_shard(self, seen: int, sink_ids: torch.Tensor | None) -> None:
+        """Forget everything memorized and continue one sequence's stream at position `seen`, with
+        `sink_ids` [1, S] as its sink (None: the next memorize call takes it): a corpus build's
+        worker memorizes a document alone where it sits in the corpus. The stream then holds
+        only what is memorized from here."""
+        self.clear()
+        self.ensure(1)
+        self.seen = [seen]
+        self.sink_ids = None if sink_ids is None else sink_ids.clone()
+
     def break_context(self) -> None:
         """The next memorize call starts without overlap context (a corpus's next document)."""
         self.tail_ids = None
@@ -205,8 +223,43 @@ class MemoryState:
         `PassageIndex` (or None: the corpus was built without passages)."""
         for i, m in self.layers.items():
             m.corpus = memories[i]
+        self.corpus_store, self.corpus_last_read = None, {}
         self.corpus_documents, self.corpus_sink_ids, self.corpus_passages = documents, sink_ids, passages
         self.version += 1
+
+    def attach_corpus_store(self, store, documents, sink_ids, passages) -> None:
+        """Attach a Lance corpus store read-only (replacing an attached corpus): nothing of its
+        rows is loaded; a question read fetches the blocks it reads (`fetched_corpus_blocks`).
+        kNN reads (`generate` without a question) do not search a store."""
+        for m in self.layers.values():
+            m.corpus = None
+        self.corpus_store, self.corpus_last_read = store, {}
+        self.corpus_documents, self.corpus_sink_ids, self.corpus_passages = documents, sink_ids, passages
+        self.version += 1
+
+    @contextlib.contextmanager
+    def fetched_corpus_blocks(self, blocks, device):
+        """Within this block each memory layer's corpus is a LayerMemory of just the rows of
+        `blocks` [n] (block ids), fetched from the attached store; afterwards they stay readable
+        as `corpus_rows` (evidence of the read) and the layers hold no corpus again. Without a
+        store attached, nothing changes."""
+        store = self.corpus_store
+        if store is None:
+            yield
+            return
+        ids = sorted({int(b) for b in torch.as_tensor(blocks).reshape(-1).tolist()})
+        if not ids or ids[0] < 0 or ids[-1] >= store.blocks:
+            raise ValueError(f"reading_blocks: block ids must be in [0, {store.blocks}) (corpus of {store.blocks} "
+                             f"blocks of {store.block_size}), got {ids[:1] + ids[-1:]}")
+        fetched = store.fetch_blocks(ids, device)
+        for i, m in self.layers.items():
+            m.corpus = fetched[i]
+        try:
+            yield
+        finally:
+            for m in self.layers.values():
+                m.corpus = None
+            self.corpus_last_read = fetched
 
     def set_corpus_passages(self, passages) -> None:
         """The attached corpus's `PassageIndex`, now with a sentence embedder attached."""
@@ -216,6 +269,7 @@ class MemoryState:
         for m in self.layers.values():
             m.corpus = None
             m.corpus_reads.clear()
+        self.corpus_store, self.corpus_last_read = None, {}
         self.corpus_documents, self.corpus_sink_ids, self.corpus_passages = [], None, None
         self.version += 1
 

@@ -195,9 +195,11 @@ class MemformerForCausalLM(nn.Module):
         persistence.load_memory(self, path)
 
     def attach_corpus(self, path) -> list:
-        """Attach a corpus memory (built by `memformer memory build`) read-only: every memory layer
-        then retrieves its top-k from the sequence's own memory and the corpus together. Returns
-        the corpus's document table. See memformer/corpus.py."""
+        """Attach a corpus memory (built by `memformer memory build`) read-only: questions read its
+        blocks; a memory directory is also searched by kNN reads (every memory layer then
+        retrieves its top-k from the own memory and the corpus together), a Lance store (a folder
+        or object-storage URI) is read by question reads only, a few blocks fetched at a time.
+        Returns the corpus's document table. See memformer/corpus.py, memformer/corpus_store.py."""
         from memformer.corpus import attach_corpus
         return attach_corpus(self, path)
 
@@ -390,10 +392,13 @@ class MemformerForCausalLM(nn.Module):
         [b*block_size, (b+1)*block_size). Rows evicted or never memorized are simply not read.
         source: "own" (the sequences' memory) or "corpus" (the attached corpus memory, one
         stream read by every sequence; blocks [n])."""
-        ids = pinned_block_ids(self, blocks, source)                        # [batch, n]
-        R = ids.shape[1] * self.memory_config.block_size
-        with pinned_reads(self.runtime, ids, source, self.rotation_at(*range(-R, 0))):   # [1, R, D]
-            yield
+        # an attached Lance store: its layers hold just these blocks' rows while they are read
+        fetched = self.state.fetched_corpus_blocks(blocks, self.device) if source == "corpus" else contextlib.nullcontext()
+        with fetched:
+            ids = pinned_block_ids(self, blocks, source)                    # [batch, n]
+            R = ids.shape[1] * self.memory_config.block_size
+            with pinned_reads(self.runtime, ids, source, self.rotation_at(*range(-R, 0))):   # [1, R, D]
+                yield
 
     # ---------------------------------------------------------------- adapter weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
