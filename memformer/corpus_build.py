@@ -24,6 +24,7 @@ sharded over the workers of a Ray cluster with Ray Data.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -101,6 +102,21 @@ def shards_of(docs: list[PlannedDocument], shard_tokens: int) -> list[list[Plann
     return shards + ([cur] if cur else [])
 
 
+def cut_pieces(mems: dict, doc: int, first: int, end: int, row0: int, block_size: int) -> list[dict]:
+    """The block pieces of one document whose stored positions [first, end) are rows row0.. of
+    the LayerMemories `mems` {layer: [1, Hkv, M, D]}: dicts for `corpus_store.block_table`."""
+    m0 = next(iter(mems.values()))
+    pieces = []
+    for b in range(first // block_size, (end - 1) // block_size + 1) if end > first else ():
+        a, e = row0 + max(first, b * block_size) - first, row0 + min(end, (b + 1) * block_size) - first
+        layers = {i: (m.keys[0, :, a:e], m.values[0, :, a:e],
+                      None if m.key_scales is None else m.key_scales[0, :, a:e],
+                      None if m.value_scales is None else m.value_scales[0, :, a:e]) for i, m in mems.items()}
+        pieces.append({"doc": doc, "block": b, "start": first + a - row0, "end": first + e - row0,
+                       "slots": m0.slots[0, a:e].int(), "layers": layers})
+    return pieces
+
+
 def document_rows(model, d: PlannedDocument, sink: list[int]) -> tuple[list[dict], list, torch.Tensor | None]:
     """Memorize document `d` alone where it sits in the stream; returns (its block pieces for
     `corpus_store.block_table`, its passage ranges, their embeddings [C, E] or None)."""
@@ -110,18 +126,11 @@ def document_rows(model, d: PlannedDocument, sink: list[int]) -> tuple[list[dict
     model.memorize(torch.from_numpy(d.ids.astype(np.int64))[None], show_progress=False)
     pieces = []
     if d.end > d.first:
-        mems = state.memories
-        positions, slots = next(iter(mems.values())).positions[0], next(iter(mems.values())).slots[0]
+        positions = next(iter(state.memories.values())).positions[0]
         if positions[0].item() != d.first or len(positions) != d.end - d.first:   # the plan is the model's
             raise RuntimeError(f"{d.name}: stored positions {positions[0].item()}.. ({len(positions)}) differ from "
                                f"the plan {d.first}..{d.end}")
-        for b in range(d.first // bs, (d.end - 1) // bs + 1):
-            a, e = max(d.first, b * bs) - d.first, min(d.end, (b + 1) * bs) - d.first
-            layers = {i: (m.keys[0, :, a:e], m.values[0, :, a:e],
-                          None if m.key_scales is None else m.key_scales[0, :, a:e],
-                          None if m.value_scales is None else m.value_scales[0, :, a:e]) for i, m in mems.items()}
-            pieces.append({"doc": d.doc, "block": b, "start": d.first + a, "end": d.first + e,
-                           "slots": slots[a:e].int(), "layers": layers})
+        pieces = cut_pieces(state.memories, d.doc, d.first, d.end, 0, bs)
     state.clear()
     ranges = chunk_ranges([(d.start, d.end - 1)]) if d.end - 1 > d.start else []
     emb = None
@@ -187,23 +196,28 @@ def build_store(model, docs_dir, uri, *, ray_address: str | None = None, workers
     docs, sink = plan_documents(model, root, paths, manifest)
     writer = corpus_store.StoreWriter(uri, fingerprint, layout, width, sink)   # refuses an unwritable URI
     shards = shards_of(docs, shard_tokens)
-    by_doc = {d.doc: d for d in docs}
-    total = sum(d.end - d.start for d in docs)
-    bar = tqdm(total=len(docs), desc="corpus", unit="doc", disable=not show_progress)
-    done_tokens = 0
     results = (ray_results(shards, sink, uri, layout, fingerprint, ray_address, workers, model_factory)
                if ray_address is not None else (run_shard(model, s, sink, uri, layout) for s in shards))
     try:
-        for res in results:                      # in stream order
-            rows = [by_doc[res["first_doc"] + k].row_dict() for k in range(res["docs"])]
-            writer.commit(res["blocks"], res["passages"], rows, res["block_rows"], res["n_passages"])
-            done_tokens += res["tokens"]
-            bar.update(res["docs"])
-            bar.set_postfix(tokens=f"{done_tokens:,}/{total:,}")
+        commit_in_order(writer, docs, results, show_progress)
     finally:
-        bar.close()
         model.state.clear()
     return writer.manifest
+
+
+def commit_in_order(writer, docs: list[PlannedDocument], results, show_progress: bool) -> None:
+    """Commit each shard's result (`run_shard`), as they come in stream order, showing documents
+    and tokens done across the cluster."""
+    by_doc = {d.doc: d for d in docs}
+    total = sum(d.end - d.start for d in docs)
+    done = 0
+    with tqdm(total=len(docs), desc="corpus", unit="doc", disable=not show_progress) as bar:
+        for res in results:
+            rows = [by_doc[res["first_doc"] + k].row_dict() for k in range(res["docs"])]
+            writer.commit(res["blocks"], res["passages"], rows, res["block_rows"], res["n_passages"])
+            done += res["tokens"]
+            bar.update(res["docs"])
+            bar.set_postfix(tokens=f"{done:,}/{total:,}")
 
 
 def new_documents(uri: str, root: Path, paths: list[Path]) -> list[Path]:
@@ -223,6 +237,67 @@ def new_documents(uri: str, root: Path, paths: list[Path]) -> list[Path]:
             raise ValueError(f"{name} changed since {uri} read it; a store only appends documents: build into "
                              f"another --out")
     return out
+
+
+# ---------------------------------------------------------------- conversion
+def convert_directory(old, uri, *, block_size: int = 64, shard_tokens: int = SHARD_TOKENS,
+                      show_progress: bool = True) -> dict:
+    """Write the corpus memory directory `old` (`corpus.build_corpus`) as a Lance store at `uri`,
+    with the blocks of `block_size` the reading model uses: the same rows, passages, sink and
+    fingerprint. One way: the directory is only read. Returns the store's manifest."""
+    from safetensors.torch import load_file
+    from memformer.corpus import read_corpus_table
+    from memformer.fileio import dir_lock, recover_for_reading
+    from memformer.index import LayerMemory
+    from memformer.index.base import sha256_file
+    old = Path(old)
+    recover_for_reading(old)
+    with dir_lock(old, shared=True):
+        table = read_corpus_table(old)
+        manifest = persistence.read_manifest(old)
+        if sha256_file(old / "memory.safetensors") != manifest["sha256"]:
+            raise persistence.MemoryFileError(f"{old / 'memory.safetensors'} is corrupt or truncated (checksum mismatch)")
+        tensors = load_file(str(old / "memory.safetensors"))
+    fp = manifest["fingerprint"]
+    layout = {"memory_layers": fp["memory_layers"], "block_size": block_size, "kv_heads": manifest["kv_heads"],
+              "head_dim": manifest["head_dim"], "dtype": manifest["dtype"]}
+    mems = {i: LayerMemory(1, manifest["kv_heads"], manifest["head_dim"], dtype=corpus_store.DTYPES[manifest["dtype"]])
+            for i in fp["memory_layers"]}
+    persistence.fill_layer_memories(mems, tensors, old / "memory.safetensors")
+    positions = next(iter(mems.values())).positions[0]
+    if len(positions) and not torch.equal(positions, torch.arange(int(positions[0]), int(positions[0]) + len(positions))):
+        raise persistence.MemoryFileError(f"{old}: the rows are not one contiguous stream (evicted rows?)")
+    sink = tensors["sink_ids"][0].tolist() if "sink_ids" in tensors else []
+    docs, row = [], 0
+    for n, d in enumerate(table):
+        first = min(d.start + (len(sink) if d.start == 0 else 0), d.end)
+        docs.append(PlannedDocument(n, d.name, d.sha256, d.start, d.end, first, row, d.text, np.zeros(0, np.int32)))
+        row += docs[-1].pieces(block_size)
+    ranges = tensors["passage_ranges"].tolist() if "passage_ranges" in tensors else []
+    emb = tensors.get("passage_embeddings")
+    if emb is None:                                 # a store is read by question reads alone
+        raise persistence.MemoryFileError(f"{old} holds no passages (built before corpus memories kept them); "
+                                          f"build the documents again with `memformer memory build`")
+    width = emb.shape[1]
+    starts = [d.start for d in docs]
+    writer = corpus_store.StoreWriter(uri, fp, layout, width, sink)
+    if writer.documents:
+        raise ValueError(f"{uri} already holds a corpus memory; convert into a new URI")
+    row0 = int(positions[0]) if len(positions) else 0
+
+    def results():
+        for shard in shards_of(docs, shard_tokens):
+            pieces = [p for d in shard for p in cut_pieces(mems, d.doc, d.first, d.end, d.first - row0, block_size)]
+            lo, hi = shard[0].start, shard[-1].end
+            sel = [c for c, (a, _) in enumerate(ranges) if lo <= a < hi]
+            p_docs = [bisect.bisect_right(starts, ranges[c][0]) - 1 for c in sel]
+            frags = (corpus_store.write_fragments(writer.uri, "passages", corpus_store.passage_table(
+                p_docs, [tuple(ranges[c]) for c in sel], emb[sel])) if sel else [])
+            yield {"first_doc": shard[0].doc, "docs": len(shard), "tokens": hi - lo,
+                   "blocks": corpus_store.write_fragments(writer.uri, "blocks", corpus_store.block_table(pieces, layout)),
+                   "passages": frags, "block_rows": len(pieces), "n_passages": len(sel)}
+    commit_in_order(writer, docs, results(), show_progress)
+    return writer.manifest
 
 
 # ---------------------------------------------------------------- Ray

@@ -207,7 +207,7 @@ class StoreWriter:
             if "://" not in self.uri:
                 Path(self.uri).mkdir(parents=True, exist_ok=True)
             versions = {name: lance.write_dataset(pa.Table.from_pylist([], schema=s), table_uri(self.uri, name),
-                                                  mode="overwrite", storage_options=self.opts).version
+                                                  mode=self._mode(name), storage_options=self.opts).version
                         for name, s in schemas.items()}
         except OSError as e:
             raise write_error(self.uri, e) from None
@@ -244,11 +244,17 @@ class StoreWriter:
         self.manifest["passages"] += n_passages
         self._write_manifest()
 
+    def _mode(self, name: str) -> str:
+        """"create" for a table not there yet (Lance warns when "overwrite" creates one)."""
+        local = "://" not in self.uri
+        return "create" if local and not Path(table_uri(self.uri, name)).exists() else "overwrite"
+
     def _write_manifest(self) -> None:
         lance, pa = _lance()
         table = pa.table({"json": [json.dumps(self.manifest)]}, schema=manifest_schema())
         try:
-            lance.write_dataset(table, table_uri(self.uri, "manifest"), mode="overwrite", storage_options=self.opts)
+            lance.write_dataset(table, table_uri(self.uri, "manifest"), mode=self._mode("manifest"),
+                                storage_options=self.opts)
         except OSError as e:
             raise write_error(self.uri, e) from None
 

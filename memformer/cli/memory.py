@@ -1,6 +1,13 @@
-"""`memformer memory build --docs DIR --out MEM` and `memformer memory info MEM`: corpus memories."""
+"""`memformer memory build|info|convert`: corpus memories.
+
+    memformer memory build --docs DIR --out URI [--ray [ADDRESS]]   # a Lance store (docs/scale.md)
+    memformer memory build --docs DIR --out MEM --format dir        # a memory directory (older readers)
+    memformer memory info MEM_OR_URI
+    memformer memory convert MEM URI                                # directory -> Lance store, one way
+"""
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -9,36 +16,71 @@ from memformer.cli.common import add_model_args, load_model
 
 
 def register(sub) -> None:
-    p = sub.add_parser("memory", help="build / inspect corpus memories")
+    p = sub.add_parser("memory", help="build / inspect / convert corpus memories")
     msub = p.add_subparsers(dest="memory_command", required=True)
-    b = msub.add_parser("build", help="read a directory of documents into a memory once (resumable)")
+    b = msub.add_parser("build", help="read a directory of documents into a corpus memory (resumable; "
+                                      "documents added later are appended)")
     add_model_args(b)
     b.add_argument("--docs", required=True, help="directory of documents (.txt .md .rst .html .pdf), read recursively")
-    b.add_argument("--out", required=True, help="memory directory to write (an existing one is resumed)")
-    b.add_argument("--save-every", type=int, default=10, help="save progress after N documents at least (and once the memory has grown by a quarter)")
+    b.add_argument("--out", required=True, help="Lance store to write or extend: a folder or an object-storage URI "
+                                                "(s3://, gs://, az://); with --format dir, a memory directory")
+    b.add_argument("--format", choices=["lance", "dir"], default="lance",
+                   help="lance (default): a Lance store (needs memformer[scale]); dir: a memory directory")
+    b.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="shard the documents over a Ray cluster: without ADDRESS a local one on this machine, "
+                        "else the running cluster at ADDRESS (host:port, ray://host:port or auto)")
+    b.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per GPU, else per CPU)")
+    b.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard of work (default 32768)")
+    b.add_argument("--save-every", type=int, default=10, help="--format dir: save progress after N documents at "
+                                                              "least (and once the memory has grown by a quarter)")
     b.set_defaults(func=cmd_build)
-    i = msub.add_parser("info", help="what a memory directory holds")
+    i = msub.add_parser("info", help="what a corpus memory (directory or Lance store) holds")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+    c = msub.add_parser("convert", help="write a corpus memory directory as a Lance store (one way)")
+    c.add_argument("old", help="corpus memory directory (memformer memory build --format dir)")
+    c.add_argument("new", help="Lance store to create: a folder or an object-storage URI")
+    c.add_argument("--block-size", type=int, default=64, help="tokens per memory block of the reading model (default 64)")
+    c.set_defaults(func=cmd_convert)
+
+
+def _fail(what: str, e: BaseException) -> int:
+    print(f"memformer memory {what}: {e}", file=sys.stderr)
+    return 2
 
 
 def cmd_build(args) -> int:
     from memformer import MemoryFileError, corpus
+    from memformer.fileio import WriteError
     try:
         corpus.find_documents(args.docs)
     except (FileNotFoundError, ValueError) as e:
-        print(f"memformer memory build: {e}", file=sys.stderr)
-        return 2
+        return _fail("build", e)
+    if args.ray is not None and args.format == "dir":
+        return _fail("build", ValueError("--ray builds a Lance store; leave out --format dir"))
+    if args.format == "lance":
+        from memformer import corpus_build
+        if args.ray not in (None, "local"):
+            try:                                      # before the model is loaded
+                corpus_build.check_reachable(args.ray)
+            except ConnectionError as e:
+                return _fail("build", e)
     model = load_model(args)
     t0 = time.perf_counter()
     try:
-        docs = corpus.build_corpus(model, args.docs, args.out, save_every=args.save_every)
-    except (ValueError, MemoryFileError) as e:       # unreadable document, memory from another model
-        print(f"memformer memory build: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {len(docs)} documents, {model.state.seen[0]} tokens read, {model.memory_size()} in memory "
-          f"x {len(model.memory_layer_ids)} layers ({time.perf_counter() - t0:.1f}s this run)")
+        if args.format == "dir":
+            docs = corpus.build_corpus(model, args.docs, args.out, save_every=args.save_every)
+            print(f"{args.out}: {len(docs)} documents, {model.state.seen[0]} tokens read, {model.memory_size()} in "
+                  f"memory x {len(model.memory_layer_ids)} layers ({time.perf_counter() - t0:.1f}s this run)")
+            return 0
+        kw = {} if args.shard_tokens is None else {"shard_tokens": args.shard_tokens}
+        manifest = corpus_build.build_store(model, args.docs, args.out, ray_address=args.ray, workers=args.workers,
+                                            model_factory=functools.partial(load_model, args), **kw)
+    except (ValueError, MemoryFileError, WriteError, ConnectionError, ImportError) as e:
+        return _fail("build", e)            # unreadable document, another model's memory, unwritable URI
+    print(f"{args.out}: {manifest['documents']} documents, {manifest['tokens']} tokens, {manifest['block_rows']} "
+          f"block rows x {len(model.memory_layer_ids)} layers ({time.perf_counter() - t0:.1f}s this run)")
     return 0
 
 
@@ -46,12 +88,24 @@ def cmd_info(args) -> int:
     from memformer import MemoryFileError, corpus
     try:
         info = corpus.corpus_info(args.path)
-    except (FileNotFoundError, MemoryFileError) as e:
-        print(f"memformer memory info: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, MemoryFileError, ImportError) as e:
+        return _fail("info", e)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for k, v in info.items():
             print(f"{k:18} {v}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from memformer import MemoryFileError, corpus_build
+    from memformer.fileio import WriteError
+    t0 = time.perf_counter()
+    try:
+        manifest = corpus_build.convert_directory(args.old, args.new, block_size=args.block_size)
+    except (FileNotFoundError, ValueError, MemoryFileError, WriteError, ImportError) as e:
+        return _fail("convert", e)
+    print(f"{args.new}: {manifest['documents']} documents, {manifest['tokens']} tokens, {manifest['block_rows']} "
+          f"block rows ({time.perf_counter() - t0:.1f}s)")
     return 0
