@@ -5,9 +5,10 @@ until the token budget runs out ("1111111…", "*****…"): its prior for the ne
 unanswerable "…is" is a digit or a reST underline, and greedy decoding never leaves it. The same
 happens with RAG and truncation, whatever the memory read. Every answer memformer generates
 (`MemformerForCausalLM.ask`, the baselines of `memformer.qa.longdoc`) therefore stops as soon as
-its text holds a unit of 1-16 characters repeated 8 or more times in a row (`LoopStop`), and the
-loop is cut back to one copy of its unit (`cut_loop`): the user gets a short answer, and the
-caller is told that it was cut.
+its text holds a unit of 1-16 characters repeated 8 or more times in a row, or a longer unit (a
+sentence and the cue that leads back into it: "a secret code. The secret code of the red vault is
+a secret code. …") repeated 3 or more times (`LoopStop`), and the loop is cut back to one copy of
+its unit (`cut_loop`): the user gets a short answer, and the caller is told that it was cut.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import re
 import torch
 from transformers import StoppingCriteria
 
-LOOP = re.compile(r"(\S.{0,15}?)\1{7,}", re.DOTALL)
-TAIL_TOKENS = 64            # generated tokens decoded at each step to look for a loop
+# a short unit repeated 8+ times, or a unit of 17-200 characters repeated 3+ times (a number may
+# legitimately hold "1111111"; no answer repeats a whole sentence three times)
+LOOP = re.compile(r"(\S.{0,15}?)\1{7,}|(\S.{16,199}?)\2{2,}", re.DOTALL)
+TAIL_TOKENS = 160           # generated tokens decoded at each step to look for a loop (3 units of 200 characters)
 
 
 def looping(text: str) -> bool:
-    """True when some unit of 1-16 characters (not blank) repeats 8+ times in a row."""
+    """True when some unit of 1-16 characters (not blank) repeats 8+ times in a row, or one of
+    17-200 characters 3+ times."""
     return LOOP.search(text) is not None
 
 
@@ -30,7 +34,11 @@ def cut_loop(text: str) -> tuple[str, bool]:
     m = LOOP.search(text)
     if m is None:
         return text, False
-    return (text[:m.start()] + m.group(1)).strip(), True
+    unit = m.group(1) or m.group(2)
+    if m.group(2) is not None:                 # a sentence loop: keep its unit up to the first sentence end
+        end = re.search(r"[.!?](?=\s)", unit)
+        unit = unit[:end.end()] if end else unit
+    return (text[:m.start()] + unit).strip(), True
 
 
 class LoopStop(StoppingCriteria):

@@ -18,6 +18,14 @@ def test_looping_and_cut_loop():
     assert cut_loop("**8041831.** The number is **1111111111111111111") == ("**8041831.** The number is **1", True)
     assert cut_loop("1111111111111") == ("1", True)
     assert cut_loop("zebra zebra zebra zebra zebra zebra zebra zebra zebra") == ("zebra", True)
+    # a sentence and the cue leading back into it, 3 times: cut to the sentence
+    sentence_loop = "a secret code. \nThe secret code of the red vault is " * 3 + "a secret"
+    assert looping(sentence_loop) and cut_loop(sentence_loop) == ("a secret code.", True)
+    assert cut_loop("Yes. " + "and then it went on and on " * 3) == ("Yes. and then it went on and on", True)
+    for fine in ("The special magic numbers are 1234567, 2345678, 3456789 and 4567890.",
+                 "The code of the red vault is 4417. The code of the blue vault is 9921.",
+                 "a secret code. \nThe secret code of the red vault is " * 2):      # twice is not a loop yet
+        assert not looping(fine), fine
 
 
 def test_loop_stop_looks_at_the_generated_tokens_only():

@@ -94,6 +94,25 @@ def test_ask_uses_chat_template_and_memory(default_model, training_free_model):
     assert "73914" in free_form and "73914" in completed
 
 
+def test_an_answer_absent_from_memory_is_short_and_not_a_loop(default_model):
+    """Asked for a fact the memory does not hold, the shipped default completes the cue with a
+    short plain answer: the sentence loop greedy decoding falls into ("a secret code. The secret
+    code of the red vault is a secret code. ...") is stopped and cut, and the digit loop of an
+    unanswerable number ("1111...") too."""
+    from memformer.decoding import looping
+    from memformer.qa.demo import python_docs_text
+    model = default_model
+    model.reset_memory()
+    model.memorize(python_docs_text()[:12000], show_progress=False)
+    try:
+        for cue in ("The secret code of the red vault is", "The special magic number for tidy-violin is"):
+            out = model.ask(cue=cue, max_new_tokens=64, return_dict=True)
+            assert not looping(out.text), (cue, out.text)
+            assert len(model.tokenizer(out.text)["input_ids"]) <= 24, (cue, out.text)
+    finally:
+        model.reset_memory()
+
+
 def _cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "memformer.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
