@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from memformer import corpus_store, persistence
 from memformer.corpus import find_documents
 from memformer.documents import read_document
+from memformer.fileio import hold_dir_lock, release_dir_lock, write_error
 
 SHARD_TOKENS = 32_768     # tokens per shard: a retry redoes at most this; ~85 MB of int8 rows in RAM
 
@@ -194,15 +195,33 @@ def build_store(model, docs_dir, uri, *, ray_address: str | None = None, workers
     if manifest:
         paths = new_documents(uri, root, paths)
     docs, sink = plan_documents(model, root, paths, manifest)
-    writer = corpus_store.StoreWriter(uri, fingerprint, layout, width, sink)   # refuses an unwritable URI
+    # a second build of a local store stops at once (BusyError); on object storage the commit checks
+    lock = lock_store(uri)
+    try:
+        writer = corpus_store.StoreWriter(uri, fingerprint, layout, width, sink)   # refuses an unwritable URI
+    except BaseException:
+        release_dir_lock(lock)
+        raise
     shards = shards_of(docs, shard_tokens)
     results = (ray_results(shards, sink, uri, layout, fingerprint, ray_address, workers, model_factory)
                if ray_address is not None else (run_shard(model, s, sink, uri, layout) for s in shards))
     try:
         commit_in_order(writer, docs, results, show_progress)
     finally:
+        release_dir_lock(lock)
         model.state.clear()
     return writer.manifest
+
+
+def lock_store(uri: str):
+    """The exclusive lock of a local store's folder (`fileio.hold_dir_lock`), None on object storage."""
+    if "://" in uri:
+        return None
+    try:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(uri, e) from None
+    return hold_dir_lock(uri)
 
 
 def commit_in_order(writer, docs: list[PlannedDocument], results, show_progress: bool) -> None:
@@ -280,9 +299,18 @@ def convert_directory(old, uri, *, block_size: int = 64, shard_tokens: int = SHA
                                           f"build the documents again with `memformer memory build`")
     width = emb.shape[1]
     starts = [d.start for d in docs]
-    writer = corpus_store.StoreWriter(uri, fp, layout, width, sink)
-    if writer.documents:
-        raise ValueError(f"{uri} already holds a corpus memory; convert into a new URI")
+    if "://" in str(uri) or Path(uri).exists():
+        try:
+            corpus_store.read_manifest(uri)
+            raise ValueError(f"{uri} already holds a corpus memory; convert into a new URI")
+        except FileNotFoundError:
+            pass
+    lock = lock_store(corpus_store.normalize_uri(uri))
+    try:
+        writer = corpus_store.StoreWriter(uri, fp, layout, width, sink)
+    except BaseException:
+        release_dir_lock(lock)
+        raise
     row0 = int(positions[0]) if len(positions) else 0
 
     def results():
@@ -296,7 +324,10 @@ def convert_directory(old, uri, *, block_size: int = 64, shard_tokens: int = SHA
             yield {"first_doc": shard[0].doc, "docs": len(shard), "tokens": hi - lo,
                    "blocks": corpus_store.write_fragments(writer.uri, "blocks", corpus_store.block_table(pieces, layout)),
                    "passages": frags, "block_rows": len(pieces), "n_passages": len(sel)}
-    commit_in_order(writer, docs, results(), show_progress)
+    try:
+        commit_in_order(writer, docs, results(), show_progress)
+    finally:
+        release_dir_lock(lock)
     return writer.manifest
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from memformer import persistence
-from memformer.fileio import write_error
+from memformer.fileio import BusyError, write_error
 
 STORE_FORMAT = "memformer-lance-corpus"
 STORE_VERSION = 1
@@ -227,6 +227,10 @@ class StoreWriter:
         lance, pa = _lance()
         from lance.fragment import FragmentMetadata
         v = self.manifest["versions"]
+        for name in TABLES:                      # one writer at a time (object storage has no lock file)
+            if lance.dataset(table_uri(self.uri, name), storage_options=self.opts).version != v[name]:
+                raise BusyError(f"{self.uri} was written by another build meanwhile ({name} moved past version "
+                                f"{v[name]}); run one build per store at a time")
         try:
             for name, frags in (("blocks", blocks), ("passages", passages)):
                 if frags:

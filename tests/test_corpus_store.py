@@ -16,7 +16,7 @@ pytest.importorskip("lancedb", reason="the scale extra (pip install 'memformer[s
 
 from memformer import MemoryFileError, corpus, corpus_build, corpus_store  # noqa: E402
 from memformer.cli.main import main  # noqa: E402
-from memformer.fileio import WriteError  # noqa: E402
+from memformer.fileio import BusyError, WriteError, hold_dir_lock, release_dir_lock  # noqa: E402
 from tests.test_corpus import _docs, _model  # noqa: E402
 
 CUE = "The zebraquartz lives in the"
@@ -144,6 +144,10 @@ def test_another_models_store_unwritable_uri_and_unreachable_cluster_are_refused
     with pytest.raises(MemoryFileError, match="window"):                 # nothing written into it
         corpus_build.build_store(_model(window=64), docs, tmp_path / "a", show_progress=False)
     assert corpus_store.read_manifest(tmp_path / "a")["versions"] == versions
+    held = hold_dir_lock(tmp_path / "a")                                 # another build is writing it
+    with pytest.raises(BusyError, match="in use by another process"):
+        corpus_build.build_store(_model(), docs, tmp_path / "a", show_progress=False)
+    release_dir_lock(held)
     (tmp_path / "file").write_text("")
     with pytest.raises(WriteError, match="could not write .*file/store"):
         corpus_build.build_store(_model(), docs, tmp_path / "file" / "store", show_progress=False)
