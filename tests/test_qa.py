@@ -572,7 +572,7 @@ def test_every_cli_command_refuses_abbreviated_and_unknown_flags(capsys):
     from memformer.cli.main import build_parser
     root = build_parser()
     leaves = dict(_leaf_parsers(root))
-    assert set(leaves) == {("qa",), ("memory", "build"), ("memory", "info"), ("train",), ("eval", "passkey"),
+    assert set(leaves) == {("qa",), ("memory", "build"), ("memory", "info"), ("memory", "convert"), ("train",), ("eval", "passkey"),
                            ("eval", "needle"), ("eval", "ruler"), ("eval", "ppl")}
     checked = 0
     for path, parser in leaves.items():

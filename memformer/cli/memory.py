@@ -57,6 +57,9 @@ def cmd_build(args) -> int:
         corpus.find_documents(args.docs)
     except (FileNotFoundError, ValueError) as e:
         return _fail("build", e)
+    if args.save_every < 1 or (args.shard_tokens is not None and args.shard_tokens < 1):
+        return _fail("build", ValueError(f"save_every and shard_tokens must be integers >= 1, got "
+                                         f"{args.save_every}, {args.shard_tokens}"))
     if args.ray is not None and args.format == "dir":
         return _fail("build", ValueError("--ray builds a Lance store; leave out --format dir"))
     if args.format == "lance":
