@@ -693,9 +693,12 @@ def test_cli_reads_pdf_and_html_and_answers_from_a_corpus_memory(tmp_path, capsy
     for span in row["evidence"]["memory"]:
         text = read_document(span["document"])
         assert "hidden()" not in text and span["text"] == text[span["start"]:span["end"]]
-    # a corpus memory of the same folder, then questions from it alone and beside a document
+    # a corpus memory of the same folder (a Lance store; a memory directory without the scale
+    # extra), then questions from it alone and beside a document
+    import importlib.util
+    fmt = [] if importlib.util.find_spec("lance") else ["--format", "dir"]
     assert main(["memory", "build", "--docs", str(docs), "--out", str(tmp_path / "mem"),
-                 "--model", str(tiny_model_dir), "--window", "256"]) == 0
+                 "--model", str(tiny_model_dir), "--window", "256", *fmt]) == 0
     capsys.readouterr()
     code, out, err = _cli(capsys, *model, "--corpus", str(tmp_path / "mem"), "-q", "cat?", "--json")
     assert code == 0, err
