@@ -207,6 +207,7 @@ def build_store(model, docs_dir, uri, *, ray_address: str | None = None, workers
                if ray_address is not None else (run_shard(model, s, sink, uri, layout) for s in shards))
     try:
         commit_in_order(writer, docs, results, show_progress)
+        writer.index_passages()
     finally:
         release_dir_lock(lock)
         model.state.clear()

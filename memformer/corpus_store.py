@@ -46,6 +46,11 @@ TABLES = ("documents", "blocks", "passages")
 FAISS_MAX_PASSAGES = 16_384
 # passages a LanceDB search returns, best first; question_blocks stops long before this many
 SEARCH_DEPTH = 256
+# Past this many passages (25M tokens; a scan then takes ~0.3 s on one core) a build ends by
+# training LanceDB's IVF-PQ index over them, again whenever they have doubled since. Searches
+# probe NPROBES lists and re-rank REFINE x the depth by exact distance.
+INDEX_MIN_PASSAGES = 262_144
+NPROBES, REFINE = 32, 4
 
 
 def needs_scale_extra(e: ImportError) -> ImportError:
@@ -248,6 +253,26 @@ class StoreWriter:
         self.manifest["passages"] += n_passages
         self._write_manifest()
 
+    def index_passages(self) -> bool:
+        """Train LanceDB's IVF-PQ index over the passages when there are INDEX_MIN_PASSAGES of them
+        and they have doubled since the last index (rows added after it are scanned meanwhile).
+        Returns True when it trained one."""
+        lance, _ = _lance()
+        import lancedb
+        n, last = self.manifest["passages"], self.manifest.get("passage_index_rows", 0)
+        if n < INDEX_MIN_PASSAGES or n < 2 * last:
+            return False
+        table = lancedb.connect(self.uri, storage_options=self.opts).open_table("passages")
+        try:
+            table.create_index(metric="dot", vector_column_name="vector", index_type="IVF_PQ", replace=True)
+        except OSError as e:
+            raise write_error(self.uri, e) from None
+        self.manifest["versions"]["passages"] = lance.dataset(table_uri(self.uri, "passages"),
+                                                              storage_options=self.opts).version
+        self.manifest["passage_index_rows"] = n
+        self._write_manifest()
+        return True
+
     def _mode(self, name: str) -> str:
         """"create" for a table not there yet (Lance warns when "overwrite" creates one)."""
         local = "://" not in self.uri
@@ -346,8 +371,8 @@ class StorePassages:
     ANN index when the table has one). Duck-types `memformer.passages.PassageIndex.search`; the
     query is embedded by `embedder()`, the model's sentence embedder of the moment."""
 
-    def __init__(self, table, width: int, embedder):
-        self.table, self.width, self._embedder = table, width, embedder
+    def __init__(self, table, width: int, embedder, indexed: bool = False):
+        self.table, self.width, self._embedder, self.indexed = table, width, embedder, indexed
 
     @property
     def embedder(self):
@@ -361,8 +386,10 @@ class StorePassages:
         if q.shape[0] != self.width:
             raise ValueError(f"the corpus's passages were embedded {self.width}-wide, this model's sentence "
                              f"embedder gives {q.shape[0]}; use the embedder it was built with")
-        hits = (self.table.search(q.numpy(), vector_column_name="vector").metric("dot").limit(depth)
-                .select(["start", "end"]).to_arrow())
+        query = self.table.search(q.numpy(), vector_column_name="vector").metric("dot").limit(depth)
+        if self.indexed:
+            query = query.nprobes(NPROBES).refine_factor(REFINE)
+        hits = query.select(["start", "end"]).to_arrow()
         # LanceDB's "dot" distance is 1 - q.v
         return [Passage(int(a), int(b), 1.0 - float(d)) for a, b, d in
                 zip(hits["start"].to_pylist(), hits["end"].to_pylist(), hits["_distance"].to_pylist())]
@@ -412,7 +439,8 @@ class CorpusStore:
         import lancedb
         table = lancedb.connect(self.uri, storage_options=storage_options()).open_table("passages")
         table.checkout(self.manifest["versions"]["passages"])
-        return StorePassages(table, int(self.manifest["passage_width"]), embedder)
+        return StorePassages(table, int(self.manifest["passage_width"]), embedder,
+                             indexed=self.manifest.get("passage_index_rows", 0) > 0)
 
     def block_rows(self, blocks) -> list[int]:
         """Row offsets in the blocks table of every piece of memory blocks `blocks` [n], in stream

@@ -81,6 +81,27 @@ def test_store_holds_the_directory_rows_and_answers_the_same(tmp_path, monkeypat
             pass
 
 
+def test_past_index_min_passages_lancedb_ranks_with_its_ivf_pq_index(tmp_path, monkeypatch):
+    """A build with INDEX_MIN_PASSAGES passages ends by training LanceDB's IVF-PQ index; the
+    question's passage is still found first and its block read."""
+    docs = _zebra_docs(tmp_path, n=2)
+    for i in range(12):
+        words = " ".join(f"w{i}x{j}" for j in range(400))                # distinct words per document
+        (docs / f"many{i:02d}.txt").write_text(f"Many {i}. {words}")
+    monkeypatch.setattr(corpus_store, "INDEX_MIN_PASSAGES", 256)
+    monkeypatch.setattr(corpus_store, "FAISS_MAX_PASSAGES", 0)
+    manifest = corpus_build.build_store(_model(window=256), docs, tmp_path / "store", show_progress=False)
+    assert manifest["passages"] >= 256 and manifest["passage_index_rows"] == manifest["passages"]
+    reader = _model(window=256)
+    table = reader.attach_corpus(tmp_path / "store")
+    passages = reader.state.corpus_passages
+    assert passages.indexed and list(passages.table.list_indices())
+    best = passages.search(CUE)[0]
+    zebra = next(d for d in table if d.name == "zebra.txt")
+    assert zebra.start <= best.start < zebra.end
+    assert zebra.start // reader.memory_config.block_size in reader.questions.blocks_for(CUE, source="corpus")
+
+
 def test_adding_documents_appends_and_a_changed_one_is_refused(tmp_path):
     """A second build of a folder with more documents appends them (the first write's fragments
     stay as they were) and ends with the rows of one build of all of them."""
