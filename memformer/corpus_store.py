@@ -171,7 +171,7 @@ def passage_table(docs: list[int], ranges: list[tuple[int, int]], embeddings: to
 # ---------------------------------------------------------------- writing
 def write_fragments(uri: str, name: str, table) -> list[str]:
     """Write `table` as new data files of table `name` of the store at `uri` without committing
-    them (any worker may do this); returns the fragments' metadata as JSON, for `commit_write`.
+    them (any worker may do this); returns the fragments' metadata as JSON, for `StoreWriter.commit`.
     A worker killed before its fragments are committed leaves files no version refers to."""
     lance, _ = _lance()
     if table.num_rows == 0:
@@ -184,9 +184,11 @@ def write_fragments(uri: str, name: str, table) -> list[str]:
 class StoreWriter:
     """Appends documents to a store (created when missing), one complete write at a time.
 
-    `manifest` must say the store's format, fingerprint and layout; a store built by another model
-    or layout is refused (MemoryFileError) before anything is written. Rows a killed write left
-    (committed to a table but not named by the manifest) are dropped first."""
+    fingerprint, layout: the building model's (`persistence.memory_fingerprint`, `layout_of`);
+    width: its passage embeddings' width; sink: the corpus's sink ids (kept when creating). A store
+    built by another model or layout is refused (MemoryFileError) before anything is written; rows
+    a killed write left (committed to a table, not named by the manifest) are dropped first.
+    Callers hold the store's lock (`corpus_build.lock_store`)."""
 
     def __init__(self, uri, fingerprint: dict, layout: dict, width: int, sink: list[int]):
         lance, pa = _lance()
