@@ -1,7 +1,7 @@
 """Lance corpus stores at growing size with a tiny random backbone: bytes, build time, attach RSS
 and answer latency (docs/scale.md).
 
-    python benchmarks/scale_store.py --tokens 1M,10M --work DIR --out benchmarks/results/scale
+    python benchmarks/scale_store.py --tokens 1M,10M --ray-workers 2 --work DIR --out benchmarks/results/scale
 
 The backbone is a 2-layer hidden-64 random Llama (the tests' tiny model, int8 memory in both
 layers, window 1024), the tokenizer one token per character, the sentence embedder hashed word
@@ -121,12 +121,28 @@ def attach_and_ask(store: str, key: str, faiss_max: int) -> dict:
             "passages_by": "faiss" if faiss_max > 0 else "lancedb"}
 
 
+def ray_compare(docs: Path, single: Path, out: Path, workers: int, single_s: float) -> dict:
+    """Build `docs` again on a local Ray cluster of `workers` workers (started here, so its start
+    counts); wall time against the single-process build, and whether every table is equal."""
+    import lance
+    from memformer import corpus_build, corpus_store
+    t0 = time.perf_counter()
+    corpus_build.build_store(tiny_model(), docs, out, ray_address="local", workers=workers,
+                             model_factory=tiny_model, show_progress=False)
+    wall = time.perf_counter() - t0
+    a, b = corpus_store.CorpusStore(single), corpus_store.CorpusStore(out)
+    same = {name: a.datasets[name].to_table().equals(b.datasets[name].to_table()) for name in corpus_store.TABLES}
+    return {"workers": workers, "build_s": round(wall, 1), "vs_single": round(wall / single_s, 3), "same_rows": same}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="1M,10M")
     ap.add_argument("--work", required=True, help="scratch folder for documents and stores")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scale"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ray-workers", type=int, default=0,
+                    help="also build the first size on a local Ray cluster of this many workers and compare")
     ap.add_argument("--attach", default=None, help=argparse.SUPPRESS)      # child: STORE,KEY,FAISS_MAX
     args = ap.parse_args(argv)
     if args.attach:
@@ -154,6 +170,8 @@ def main(argv=None) -> int:
             child = subprocess.run([sys.executable, __file__, "--work", str(work), "--attach",
                                     f"{store},{key},{faiss_max}"], capture_output=True, text=True, check=True)
             row["faiss" if faiss_max else "lancedb"] = json.loads(child.stdout.strip().splitlines()[-1])
+        if args.ray_workers and not results:
+            row["ray"] = ray_compare(docs, store, work / f"store_{label}_ray", args.ray_workers, build_s)
         results[label] = row
         print(label, json.dumps(row), flush=True)
     (out / "scale_store.json").write_text(json.dumps(results, indent=2))
