@@ -5,13 +5,15 @@ case; then the same cue is answered `--repeats` times and the median time kept:
 
 * memory (question reads): `memformer qa`'s memory mode, i.e. `model.ask` — the whole document
   memorized, only the cue in the window, every memory layer reading the question's blocks;
-* generate (kNN reads): the continuation read — all but the last window memorized, then
-  `model.generate` over [last window ‖ cue] with kNN reads in the kNN layers;
-* generate, last window read once: the same, with the last window's reads done once at reading
-  time (`model.context_cache`), so an answer runs the cue and its new tokens only;
+* generate: the continuation read — all but the last window memorized, then `model.generate`
+  over [last window ‖ cue], each chunk of queries reading the blocks its layer chooses (the
+  default, `MemoryConfig.layer_blocks`);
+* generate (kNN reads): the same with `layer_blocks=0`, each query reading its top-k keys;
+* generate, last window read once: the default read, with the last window's reads done once at
+  reading time (`model.context_cache`), so an answer runs the cue and its new tokens only;
 * generate over the same prompt with memory off: the same tokens without any memory read, the
-  floor of the kNN-read row (what its reads add is the difference; the search column says how
-  much of that is the index's top-k);
+  floor of the rows above (what their reads add is the difference; the search column says how
+  much of that is the search: the index's top-k, or the layers' block choice);
 * truncate (the tail) and rag (retrieved passages), memory off, the same token budget.
 
 Reading time (memorize, passage embeddings) is reported apart.
@@ -41,42 +43,51 @@ import torch
 from memformer import MemformerForCausalLM
 from memformer.eval.needle import make_sample, score_query
 from memformer.eval.passkey import parse_length
+from memformer.memory_layer import memory_pass
 from memformer.qa import longdoc as qa
 
-CASES = ("memory", "generate", "generate-off", "generate-cached", "truncate", "rag")
-LABELS = {"memory": "memory (question reads, `model.ask`)", "generate": "generate (kNN reads)",
-          "generate-off": "generate over the same prompt, memory off (no read: the floor of the row above)",
-          "generate-cached": "generate (kNN reads), last window read once (`context_cache`)",
+CASES = ("memory", "generate", "generate-knn", "generate-off", "generate-cached", "truncate", "rag")
+LABELS = {"memory": "memory (question reads, `model.ask`)",
+          "generate": "generate (block reads chosen by the layers, the default)",
+          "generate-knn": "generate (kNN reads, `layer_blocks=0`)",
+          "generate-off": "generate over the same prompt, memory off (no read: the floor of the rows above)",
+          "generate-cached": "generate (block reads), last window read once (`context_cache`)",
           "truncate": "truncate", "rag": "rag"}
 
 
 class SearchClock:
-    """Seconds spent in memory search (`LayerMemory.search`: the index's top-k over the stored keys)
-    while it is installed; `take()` returns and resets them."""
+    """Seconds spent in memory search while it is installed: `LayerMemory.search` (the index's
+    top-k over the stored keys, kNN reads) and `memformer.blocks.chosen_blocks` (each layer's
+    block choice, block reads); `take()` returns and resets them."""
 
     def __init__(self):
+        from memformer import blocks
         from memformer.index.store import LayerMemory
-        self.seconds, search = 0.0, LayerMemory.search
+        self.seconds = 0.0
 
-        def timed(memory, *args, **kw):
-            t0 = time.perf_counter()
-            out = search(memory, *args, **kw)
-            self.seconds += time.perf_counter() - t0
-            return out
-        LayerMemory.search = timed
+        def timed(fn):
+            def run(*args, **kw):
+                t0 = time.perf_counter()
+                out = fn(*args, **kw)
+                self.seconds += time.perf_counter() - t0
+                return out
+            return run
+        LayerMemory.search = timed(LayerMemory.search)
+        blocks.chosen_blocks = timed(blocks.chosen_blocks)
 
     def take(self) -> float:
         s, self.seconds = self.seconds, 0.0
         return s
 
 
-def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int, cached: bool = False,
-              clock: SearchClock | None = None, memory_off: bool = False):
+def continuation(model, text: str, cue: str, max_new_tokens: int, repeats: int, cached: bool = False,
+                 clock: SearchClock | None = None, memory_off: bool = False, knn: bool = False):
     """The continuation read: everything before the last window memorized, then generate over
     [last window ‖ cue]. cached: the last window (less the cue) is read once with the document
     (`context_cache`), so an answer runs only the cue and its new tokens; same tokens, same output.
     memory_off: the same prompt and memory with every memory layer off (`model.memory_disabled()`):
-    what the answer costs without any memory read. Returns (read s, answer times, text, prompt
+    what the answer costs without any memory read. knn: kNN reads (`layer_blocks=0`) instead of
+    the layers' block reads. Returns (read s, answer times, text, prompt
     tokens run, median search s per answer)."""
     ids = model.tokenizer(text + "\n\n" + cue, add_special_tokens=False)["input_ids"]
     local = model.local_window
@@ -89,7 +100,8 @@ def knn_reads(model, text: str, cue: str, max_new_tokens: int, repeats: int, cac
     read_s = time.perf_counter() - t0
     times, searches, text_out = [], [], ""
     for _ in range(repeats):
-        off = model.memory_disabled() if memory_off else contextlib.nullcontext()
+        off = (model.memory_disabled() if memory_off else
+               memory_pass(model.runtime, model.memory_modules, layer_blocks=0) if knn else contextlib.nullcontext())
         if clock:
             clock.take()                                          # drop what reading the document searched
         t0 = time.perf_counter()
@@ -123,9 +135,10 @@ def main() -> None:
         lengths.append(sample.tokens)
         for case in CASES:
             if case.startswith("generate"):
-                read_s, times, text, prompt, search_s = knn_reads(
+                read_s, times, text, prompt, search_s = continuation(
                     model, sample.text, query.cue, sample.max_new_tokens, args.repeats,
-                    cached=case == "generate-cached", clock=clock, memory_off=case == "generate-off")
+                    cached=case == "generate-cached", clock=clock, memory_off=case == "generate-off",
+                    knn=case == "generate-knn")
             else:
                 t0 = time.perf_counter()
                 ctx = qa.prepare(model, [sample.text], case, show_progress=False)
@@ -148,16 +161,19 @@ def main() -> None:
     cfg = model.memory_config
     meta = dict(tokens=lengths, repeats=args.repeats, threads=torch.get_num_threads(), adapter=args.adapter,
                 memory_layers=list(model.memory_layer_ids), knn_layers=[i for i, m in model.memory_modules.items() if m.knn],
-                window=cfg.window, cpu=platform.processor() or platform.machine(), torch=torch.__version__)
+                window=cfg.window, layer_blocks=cfg.layer_blocks, cpu=platform.processor() or platform.machine(),
+                torch=torch.__version__)
     (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     cmd = " ".join(["benchmarks/qa_latency.py", *sys.argv[1:]])
     lines = [f"# Answer time per QA mode (single-number needle at depth 0.5)", "",
              f"Command: `.venv/bin/python {cmd}`; {meta['threads']} torch thread(s), {meta['cpu']}, torch "
              f"{meta['torch']}; {'training-free all-layer memory' if args.adapter == 'none' else 'shipped trained adapter' if args.adapter == 'auto' else 'adapter ' + args.adapter} "
-             f"(memory layers {_span(meta['memory_layers'])}, kNN reads in {_span(meta['knn_layers'])}, window "
+             f"(memory layers {_span(meta['memory_layers'])}, own reads with no question in {_span(meta['knn_layers'])}: "
+             f"{cfg.layer_blocks} blocks chosen per chunk of queries, window "
              f"{cfg.window}); median of {args.repeats} answers (greedy, {sample.max_new_tokens} new tokens at most), "
              f"after the document was read once. Ratio: answer time / RAG's at the same length.", "",
-             "Search: seconds of the answer spent in memory search (`LayerMemory.search`, all layers).", "",
+             "Search: seconds of the answer spent in memory search, all layers: the index's top-k "
+             "(`LayerMemory.search`, kNN reads) or the layers' block choice (`chosen_blocks`, block reads).", "",
              "| tokens | mode | prompt tokens run | answer (s) | of which search (s) | vs RAG | read once (s) | correct |",
              "|---:|---|---:|---:|---:|---:|---:|---|"]
     rag = {r["tokens"]: r["answer_s"] for r in rows if r["mode"] == LABELS["rag"]}

@@ -1,6 +1,6 @@
-"""Question reads: every memory layer attends to whole memory blocks chosen outside the model.
+"""Block reads: memory layers attend to whole memory blocks, chosen by a question or by the layer.
 
-A question picks `question_blocks` blocks of `block_size` consecutive stream positions (the
+Question reads: a question picks `question_blocks` blocks of `block_size` consecutive stream positions (the
 blocks under the passages a sentence embedder finds nearest to it, `memformer.passages`); every
 memory layer then reads all rows of those blocks, the same contiguous text for every head, in one
 softmax with its local keys, for every query (prompt and generated tokens alike).
@@ -11,9 +11,13 @@ j - R), as retrieved passages sit before the question in a RAG prompt: each row'
 recorded slot is undone first (RoPE rotations compose, so R(j - R) R(slot)^-1 R(slot) k =
 R(j - R) k), and memory logits use the query at its local position.
 
-Every query reads the same rows, so the memory logits are one matmul per kv group
-(`shared_rows_attention`), differentiable: crossbatch training reads blocks through the same code
-(`memformer.training.crossbatch.lane_blocks`).
+Layer reads (no question known: `generate`, `forward`, perplexity): each chunk of `block_size`
+queries reads the `MemoryConfig.layer_blocks` blocks its layer's own queries choose
+(`chosen_blocks`: a block's best key against the mean query of the chunk before), laid out the
+same way (`chosen_block_attention`).
+
+Every query of a chunk reads the same rows, so the memory logits are one matmul per kv group
+(`shared_rows_attention`), differentiable.
 """
 from __future__ import annotations
 
@@ -142,3 +146,71 @@ def pinned_block_ids(model, blocks, source: str = "own") -> torch.Tensor:
         raise ValueError("reading_blocks: memory rows without their window slot (added without `slots`) "
                          "cannot be laid out; memorize() the text")
     return ids.expand(batch, -1).contiguous()
+
+
+def chosen_blocks(mem, q_mem, n: int, block_size: int, chunk: int) -> torch.Tensor:
+    """The `n` memory blocks each chunk of queries reads, chosen by this layer's own queries.
+
+    Chunk c (queries [c*chunk, (c+1)*chunk)) is chosen by the mean query of chunk c-1 (chunk 0 by
+    its first query), so no query's read depends on a later token. A block's score is the largest
+    logit of the chooser against any of its keys, summed over kv heads (one layout per layer).
+    mem: LayerMemory [b, Hkv, M, D]; q_mem [B, Hq, T, D]: queries as kNN reads rotate them (one
+    window further than their local position, against keys at their window slot).
+    returns blocks [B, C, n] (C = ceil(T / chunk)); ids of blocks without rows read nothing."""
+    B, Hq, T, D = q_mem.shape
+    Hkv = mem.keys.shape[1]
+    G = Hq // Hkv
+    C = -(-T // chunk)
+    qg = q_mem.float().view(B, Hkv, G, T, D).mean(2)                                  # [B, Hkv, T, D]
+    first = qg[:, :, :1]                                                              # chunk 0's chooser
+    if C > 1:
+        pad = C * chunk - T
+        full = torch.nn.functional.pad(qg, (0, 0, 0, pad)).view(B, Hkv, C, chunk, D)  # [B, Hkv, C, chunk, D]
+        count = torch.full((C,), chunk, device=qg.device)
+        count[-1] = chunk - pad
+        means = full.sum(3) / count.view(1, 1, C, 1)                                  # [B, Hkv, C, D]
+        choosers = torch.cat([first, means[:, :, :-1]], dim=2)                        # [B, Hkv, C, D]
+    else:
+        choosers = first                                                              # [B, Hkv, 1, D]
+    keys = mem.keys.float()
+    if mem.key_scales is not None:
+        keys = keys * mem.key_scales[..., None]
+    keys = keys.to(qg.device)                                                         # [b, Hkv, M, D]
+    s = choosers @ keys.transpose(-1, -2)                                             # [B, Hkv, C, M]
+    valid = mem.valid.to(qg.device)                                                   # [b, M]
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    block = (mem.positions.to(qg.device) // block_size).clamp(min=0)                  # [b, M]
+    nb = int(block.max()) + 1
+    per_block = torch.full((B, Hkv, C, nb), float("-inf"), device=qg.device)
+    per_block = per_block.scatter_reduce(3, block[:, None, None, :].expand_as(s), s, reduce="amax")
+    score = per_block.sum(1)                                                          # [B, C, nb]
+    return score.topk(min(n, nb), dim=-1).indices                                     # [B, C, n]
+
+
+def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block_size: int, scale: float,
+                           rotary_fn, row_rotation, slot_rotation, local_mask=None, mem_bias=None,
+                           with_probs: bool = False):
+    """Block reads with no question: every chunk of `block_size` queries reads the `n` blocks its
+    layer's queries choose (`chosen_blocks`), laid out before the local window as question reads
+    lay them out, in one softmax with its local keys (`block_attention`).
+    q_rot [B, Hq, T, D] (local positions), q_mem [B, Hq, T, D] (the chooser's rotation);
+    k_local, v_local [B, Hkv, S, D]; local_mask as HF gives it (None = causal, queries last T of S).
+    returns (out [B, Hq, T, D], rows [B, 1, T, R], probs [B, 1, T, R] or None)."""
+    from memformer.kernels.reference import additive_mask
+    B, Hq, T, D = q_rot.shape
+    S = k_local.shape[2]
+    blocks = chosen_blocks(mem, q_mem, n, block_size, block_size)                     # [B, C, n]
+    mask = additive_mask(local_mask, T, S, q_rot.device)                             # [.., T, S]
+    outs, rows, probs = [], [], []
+    for c in range(blocks.shape[1]):
+        a, b = c * block_size, min((c + 1) * block_size, T)
+        o, r, p = block_attention(mem, q_rot[:, :, a:b], k_local, v_local, blocks[:, c], block_size=block_size,
+                                  scale=scale, rotary_fn=rotary_fn, row_rotation=row_rotation,
+                                  slot_rotation=slot_rotation, local_mask=mask[..., a:b, :], mem_bias=mem_bias,
+                                  with_probs=with_probs)
+        outs.append(o), rows.append(r), probs.append(p)
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim=2)
+    width = max(r.shape[-1] for r in rows)
+    rows = [torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=-1) for r in rows]
+    probs = probs if probs[0] is None else [torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs]
+    return torch.cat(outs, dim=2), cat(rows), cat(probs)

@@ -33,6 +33,12 @@ class MemoryConfig:
     knn_layers: the memory layers that search memory themselves when no question is known
         (`generate`, perplexity): None = the upper two thirds of an all-layer memory (kNN reads in
         the lowest third hurt a frozen backbone), or every layer of an explicit `memory_layers`.
+    layer_blocks: memory blocks each chunk of `block_size` queries reads when no question is known
+        (`generate`, `forward`, perplexity), chosen by the layer's own queries: each block scored by
+        its best key against the mean query of the chunk before (so no read depends on a later
+        token), the top ones read whole, laid out as question reads lay out theirs. 32 blocks =
+        2,048 tokens. 0 = kNN reads instead (`top_k` keys per query and token); an attached corpus
+        memory is always read by kNN when no question is known.
     top_k: keys retrieved per query head and token by kNN reads.
     window: local context W; long inputs are read in windows of W tokens.
     sink_tokens: the first tokens of a memory, prepended to every window and to generation as the
@@ -53,6 +59,7 @@ class MemoryConfig:
 
     memory_layers: Optional[list[int]] = None
     knn_layers: Optional[list[int]] = None
+    layer_blocks: int = 32
     top_k: int = 32
     window: int = 1024
     sink_tokens: int = 4
@@ -83,7 +90,7 @@ class MemoryConfig:
             need(v is None or (isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
                                                                      and 0 <= i <= _MAX_SIZE for i in v)),
                  f"{name} must be None or a list of layer indices >= 0, got {v!r}")
-        for name in ("top_k", "window", "sink_tokens", "overlap", "block_size", "question_blocks"):
+        for name in ("layer_blocks", "top_k", "window", "sink_tokens", "overlap", "block_size", "question_blocks"):
             whole(name)                                      # the lower bounds are checked below
         whole("capacity", 1 << 40, optional=True)
         if self.memory_layers is not None:
@@ -96,6 +103,7 @@ class MemoryConfig:
             need(self.memory_layers is None or set(self.knn_layers) <= set(self.memory_layers),
                  f"knn_layers {sorted(set(self.knn_layers) - set(self.memory_layers or []))} are not "
                  f"memory layers ({self.memory_layers})")
+        need(int(self.layer_blocks) >= 0, f"layer_blocks must be >= 0 (0 = kNN reads), got {self.layer_blocks}")
         need(int(self.top_k) >= 1, f"top_k must be >= 1, got {self.top_k}")
         need(int(self.window) >= 2, f"window must be >= 2, got {self.window}")
         need(0 <= int(self.sink_tokens) < int(self.window),

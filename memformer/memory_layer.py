@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from memformer.blocks import block_attention, gather_rows
+from memformer.blocks import block_attention, chosen_block_attention, gather_rows
 from memformer.kernels import knn_attention
 
 
@@ -29,6 +29,8 @@ class MemoryRuntime:
     read: memory layers read memory. write: they keep (k, v) of this pass in `pending`.
     record: each layer keeps the attention mass its memory rows received (evidence spans).
     top_k: keys retrieved per query head by kNN reads.
+    layer_blocks: blocks each chunk of queries reads by the layer's own choice when no blocks are
+        pinned (0 = kNN reads); layer_rotation: (cos, sin) of positions -R .. -1 of their layout.
     block_size: tokens per memory block (question reads).
     pinned_blocks: None, or block ids [B, n] every memory layer reads (`reading_blocks`).
     pinned_source: "own" (the blocks are the layer's own memory's) or "corpus" (the attached
@@ -51,26 +53,29 @@ class MemoryRuntime:
     row_rotation: tuple | None = None
     slot_rotation: tuple | None = None
     write_slice: slice = field(default_factory=lambda: slice(None))
+    layer_blocks: int = 0
+    layer_rotation: tuple | None = None
 
 
 @contextlib.contextmanager
 def memory_pass(runtime: MemoryRuntime, layers: dict, *, read: bool | None = None, write: bool | None = None,
-                record: bool | None = None, enabled: bool | None = None, write_slice: slice | None = None):
+                record: bool | None = None, enabled: bool | None = None, write_slice: slice | None = None,
+                layer_blocks: int | None = None):
     """Within this block the memory layers run one pass in the mode given (None: as it is) and
     yield `runtime`; on leaving, the mode is restored and the keys the pass kept for writing
     (`pending` of every layer in `layers`, {index: MemoryAttention}) are dropped, so whoever
     writes them does so inside the block. The model's passes (memorize, forward, generate) and
     training's (`memformer.training.crossbatch.runtime_state`) all go through it."""
     rt = runtime
-    old = (rt.read, rt.write, rt.record, rt.enabled, rt.write_slice)
+    old = (rt.read, rt.write, rt.record, rt.enabled, rt.write_slice, rt.layer_blocks)
     for name, value in (("read", read), ("write", write), ("record", record), ("enabled", enabled),
-                        ("write_slice", write_slice)):
+                        ("write_slice", write_slice), ("layer_blocks", layer_blocks)):
         if value is not None:
             setattr(rt, name, value)
     try:
         yield rt
     finally:
-        rt.read, rt.write, rt.record, rt.enabled, rt.write_slice = old
+        rt.read, rt.write, rt.record, rt.enabled, rt.write_slice, rt.layer_blocks = old
         for m in layers.values():
             m.pending = None
 
@@ -170,6 +175,15 @@ class MemoryAttention(nn.Module):
         # kNN reads: the query moved a window further against keys rotated at their window slot
         q_mem = self.rotary_fn(q_rot, q_rot, *rt.q_rotation)[0]                 # [B, Hq, T, D]
         G = Hq // Hkv
+        if rt.layer_blocks and corpus is None:                                 # block reads chosen by this layer
+            out, rows, probs = chosen_block_attention(mem, q_rot, q_mem, k_all, v_all, n=rt.layer_blocks,
+                                                      block_size=rt.block_size, scale=attn.scaling,
+                                                      rotary_fn=self.rotary_fn, row_rotation=rt.layer_rotation,
+                                                      slot_rotation=rt.slot_rotation, local_mask=attention_mask,
+                                                      mem_bias=self.memory_gate, with_probs=rt.record)
+            if rt.record:
+                self.reads.append((rows, probs))
+            return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D)), None
         queries = q_mem.reshape(B, Hkv, G * T, D)                              # query heads of a kv group
         to_heads = lambda x: x.view(B, Hkv, G, T, -1).reshape(B, Hq, T, -1)   # [B, Hkv, G*T, K] -> [B, Hq, T, K]
         if corpus is None:

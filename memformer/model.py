@@ -81,6 +81,9 @@ class MemformerForCausalLM(nn.Module):
         cos, sin = self.rotation_at(*range(cfg.window))                      # [1, W, D]
         unit = cos[0, 0, 0]                      # position 0: cos = the rotary's attention scaling
         self.runtime.slot_rotation = (cos / unit, sin / unit)
+        if cfg.layer_blocks:                     # the layout of the blocks a layer chooses: -R .. -1
+            self.runtime.layer_blocks = cfg.layer_blocks
+            self.runtime.layer_rotation = self.rotation_at(*range(-cfg.layer_blocks * cfg.block_size, 0))
         # what is memorized, per sequence (the layer memories live on memory_modules)
         self.state = MemoryState(self.memory_modules, functools.partial(empty_layer_memory, cfg, backbone))
         # question reads: the sentence embedder (None: MiniLM), passages, prompts

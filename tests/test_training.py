@@ -574,7 +574,7 @@ def test_evaluation_hook_reports_memory_and_passkey(tmp_path):
 def test_evaluation_episode_equals_the_inference_path():
     """d = 1, w = all, inference top-k: each window's loss is what memorize + forward give (the
     episode writes from a forward without memory, as memorize does)."""
-    model = tiny_model(top_k=4)
+    model = tiny_model(top_k=4, layer_blocks=0)              # the inference path with kNN reads, as training reads
     batch = random_batch(B=1, L=100)
     with torch.no_grad():
         res = run_episode(model, batch, d=1, w=None, top_k=4, generator=random.Random(0))

@@ -244,8 +244,11 @@ def runtime_state(model, *, read: bool, write: bool, memories: dict | None = Non
     has run); restores the model's own memories (`MemoryState.lent`)."""
     layers = model.memory_modules
     written: dict = {}
+    # layer_blocks=0: a training pass reads its lanes' rows by kNN (FoT: the batch's other
+    # documents are the negatives), whatever the model's own reads with no question are
     with model.state.lent(memories), \
-            memory_pass(model.runtime, layers, read=read, write=write, enabled=True, write_slice=write_slice):
+            memory_pass(model.runtime, layers, read=read, write=write, enabled=True, write_slice=write_slice,
+                        layer_blocks=0):
         yield written
         written.update({i: m.pending for i, m in layers.items() if m.pending is not None})
 

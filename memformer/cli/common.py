@@ -18,6 +18,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--training-free", action="store_true",
                    help="no trained adapter: training-free memory, in every layer unless --memory-layers names some")
     p.add_argument("--window", type=int, default=None, help="local window W in tokens (default 1024)")
+    p.add_argument("--layer-blocks", type=int, default=None,
+                   help="memory blocks each chunk of queries reads by its layer's own choice when no question "
+                        "is known (generate, perplexity; default 32 = 2,048 tokens; 0 = kNN reads)")
     p.add_argument("--top-k", type=int, default=None, help="memory keys retrieved per query head by kNN reads (default 32)")
     p.add_argument("--memory-layers", default=None,
                    help="layer indices, comma-separated, ranges as A..B, for training-free memory (default: "
@@ -57,7 +60,7 @@ def memory_config_from_args(args, base=None):
     """`base` (default MemoryConfig()) with the memory flags that were given; ValueError if invalid."""
     import dataclasses
     from memformer import MemoryConfig
-    given = dict(window=args.window, top_k=args.top_k, block_size=args.block_size,
+    given = dict(window=args.window, layer_blocks=args.layer_blocks, top_k=args.top_k, block_size=args.block_size,
                  question_blocks=args.question_blocks, sink_tokens=args.sink_tokens, overlap=args.overlap,
                  memory_dtype=args.memory_dtype, index=args.index, storage_dir=args.storage_dir,
                  memory_layers=parse_layers(args.memory_layers, "--memory-layers"),

@@ -1,0 +1,72 @@
+"""Block reads with no question (memformer.blocks.chosen_blocks / chosen_block_attention): each
+chunk of queries reads the blocks its layer's own queries choose, causally, in one softmax."""
+import torch
+
+from conftest import tiny_backbone
+from index.store import LayerMemory
+from memformer import MemformerForCausalLM, MemoryConfig
+from memformer.blocks import chosen_blocks
+
+
+def _model(n_blocks, W=32, bs=8):
+    torch.manual_seed(0)
+    return MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(window=W, sink_tokens=2, overlap=4, top_k=4,
+                                                                           block_size=bs, layer_blocks=n_blocks))
+
+
+def test_chooser_scores_blocks_by_their_best_key_and_lags_one_chunk():
+    """Block 2 holds a key along e0, block 5 one along e1; queries of chunk 0 point at e0, of
+    chunk 1 at e1: chunk 0 reads block 2 (its first query chooses), chunk 1 reads block 2 too (its
+    choice is chunk 0's mean query), chunk 2 reads block 5 (chunk 1's)."""
+    B, Hkv, D, bs, M = 1, 2, 8, 4, 32
+    mem = LayerMemory(B, Hkv, D)
+    keys = torch.randn(B, Hkv, M, D) * 0.01
+    keys[:, :, 2 * bs + 1, 0] = 5.0                       # block 2
+    keys[:, :, 5 * bs + 3, 1] = 5.0                       # block 5
+    mem.add(keys, torch.randn(B, Hkv, M, D), torch.arange(M)[None], None, torch.arange(M)[None] % 16)
+    q = torch.zeros(B, 2 * Hkv, 3 * bs, D)                # 3 chunks of bs queries, 2 query heads per kv head
+    q[:, :, :bs, 0] = 1.0
+    q[:, :, bs:2 * bs, 1] = 1.0
+    q[:, :, 2 * bs:, 2] = 1.0
+    blocks = chosen_blocks(mem, q, 1, bs, bs)             # [B, 3, 1]
+    assert blocks[0, :, 0].tolist() == [2, 2, 5]
+    two = chosen_blocks(mem, q, 2, bs, bs)                 # [B, 3, 2]: best first, then another block
+    assert two.shape == (1, 3, 2) and two[0, :, 0].tolist() == [2, 2, 5]
+    assert all(len(set(row)) == 2 for row in two[0].tolist())
+
+
+def test_reading_every_block_equals_the_pinned_read_of_every_block():
+    """With a budget of every block, a generation step (one query) reads exactly what a question
+    read of all blocks reads: same layout, same softmax."""
+    model = _model(n_blocks=19)
+    model.memorize(torch.randint(3, 100, (1, 150)), show_progress=False)
+    n = model.memory_blocks()
+    assert n == 19                                        # 150 tokens less the 2 sink tokens, blocks of 8
+    x = torch.randint(3, 100, (1, 1))
+    with torch.no_grad():
+        chosen = model(x).logits
+        with model.reading_blocks(list(range(n))):
+            pinned = model(x).logits
+        with model.memory_disabled():
+            plain = model(x).logits
+    torch.testing.assert_close(chosen, pinned, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(chosen, plain, atol=1e-3)
+
+
+def test_chosen_reads_are_causal_and_read_a_few_blocks():
+    """A token's logits do not depend on later tokens (each chunk's blocks are chosen by the chunk
+    before it), and a budget of 2 blocks reads 2 blocks of rows, not the whole memory."""
+    model = _model(n_blocks=2)
+    model.memorize(torch.randint(3, 100, (1, 150)), show_progress=False)
+    a = torch.randint(3, 100, (1, 30))
+    b = torch.cat([a[:, :20], torch.randint(3, 100, (1, 10))], 1)
+    model.runtime.record = False
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+    torch.testing.assert_close(la[:, :20], lb[:, :20], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(la[:, 20:], lb[:, 20:], atol=1e-3)
+    out = model.generate(a[:, :12], max_new_tokens=3, do_sample=False, record=True)
+    assert out.shape == (1, 15)
+    for reads in model.recorded_reads().values():
+        for rows, _ in reads:
+            assert ((rows >= 0).sum(-1) <= 2 * 8).all()
