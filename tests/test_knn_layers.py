@@ -125,10 +125,11 @@ def test_cli_bad_knn_layers_exit_2_with_the_reason(tmp_path, capsys):
 
 def test_report_headers_name_the_kNN_layers():
     from memformer.cli.common import describe_layers
-    assert describe_layers(make()) == "all 4 (kNN reads in 1..3)"
-    assert describe_layers(make(knn_layers=[0, 1, 2, 3])) == "all 4 (kNN reads in 0..3)"
-    assert describe_layers(make(knn_layers=[1, 3])) == "all 4 (kNN reads in [1, 3])"
-    assert describe_layers(make(memory_layers=[0, 2, 3], knn_layers=[0, 3])) == "[0, 2, 3] (kNN reads in [0, 3])"
+    assert describe_layers(make()) == "all 4 (own reads in 1..3: 32 blocks per query chunk)"
+    assert describe_layers(make(knn_layers=[0, 1, 2, 3])) == "all 4 (own reads in 0..3: 32 blocks per query chunk)"
+    assert describe_layers(make(knn_layers=[1, 3], layer_blocks=0)) == "all 4 (own reads in [1, 3]: kNN, top-4)"
+    assert describe_layers(make(memory_layers=[0, 2, 3], knn_layers=[0, 3], layer_blocks=8)) == \
+        "[0, 2, 3] (own reads in [0, 3]: 8 blocks per query chunk)"
 
 
 def test_load_model_passes_knn_layers_to_the_model_and_exits_2_when_bad(monkeypatch, capsys, tmp_path):

@@ -432,7 +432,7 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypat
     table = (out / "needle.md").read_text()
     assert "| single-number | 1k |" in table and evalplots.NA in table and "| all tasks | 400 |" in table
     assert "| passkey | 1k |" in table and "Trials: one needle per document, 2 documents per task" in table
-    assert "question reads (4 memory blocks x 64 tokens" in table and "kNN reads in 0..1" in table
+    assert "question reads (4 memory blocks x 64 tokens" in table and "own reads in 0..1" in table
     assert all((out / f).stat().st_size > 5000 for f in ("needle_heatmap.png", "needle_accuracy.png"))
     mem = [r for r in records if r["mode"] == "memory"]
     assert all(r["status"] == "ok" and len(r["answers"]) == len(r["expected"]) for r in mem)
@@ -461,7 +461,7 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypat
     assert _main("eval", "ppl", *common, "--docs", "pydocs,stdlib", "--tokens", "600", "--bin", "128",
                  "--out", str(pp)) == 0
     text = (pp / "ppl.md").read_text()
-    assert "### stdlib" in text and "kNN reads in 0..1" in text and (pp / "ppl_position.png").is_file()
+    assert "### stdlib" in text and "own reads in 0..1" in text and (pp / "ppl_position.png").is_file()
     rs = [json.loads(x) for x in (pp / "trials.jsonl").read_text().splitlines()]
     assert {(r["task"], r["mode"]) for r in rs} == {(d, m) for d in ("pydocs", "stdlib") for m in ("memory", "truncate")}
     assert all(len(r["nll"]) == 599 for r in rs)

@@ -147,12 +147,14 @@ def _reads(cfg) -> str:
 
 
 def describe_layers(model) -> str:
-    """The memory layers for a report header: "all 30 (kNN reads in 10..29)", "[10, 11] (kNN reads in [10, 11])"."""
+    """The memory layers for a report header: "all 30 (own reads in 10..29: 32 blocks per query chunk)",
+    "[10, 11] (own reads in [10, 11]: kNN, top-32)"."""
     cfg = model.memory_config
     layers = f"all {len(model.memory_layer_ids)}" if cfg.memory_layers is None else str(cfg.memory_layers)
     knn = model.knn_layer_ids
     span = f"{knn[0]}..{knn[-1]}" if knn and knn == list(range(knn[0], knn[-1] + 1)) else str(knn)
-    return f"{layers} (kNN reads in {span})"
+    how = f"{cfg.layer_blocks} blocks per query chunk" if cfg.layer_blocks else f"kNN, top-{cfg.top_k}"
+    return f"{layers} (own reads in {span}: {how})"
 
 
 def trial_layout(trials: int, needles_per_doc: int) -> str:

@@ -4,8 +4,8 @@ The document is cut into the model's own ingest windows (`MemformerForCausalLM.p
 [sink ‖ `overlap` tokens of context ‖ new tokens], local positions 0..W-1); every new token is
 predicted exactly once, in its window:
 
-* memory   — the window also reads the memory of all earlier windows (kNN reads, the continuation
-             read: no question is known); then it is written to memory. One forward per window
+* memory   — the window also reads the memory of all earlier windows (the layers' own reads, as
+             `generate` reads: no question is known); then it is written to memory. One forward per window
              does both: `memorize(..., read=True)` (the Memorizing Transformer's setting: the
              keys stored are those of a memory-reading pass), its decoder output scored by the
              LM head; the window's keys/values are appended after the forward, so no token sees
