@@ -36,7 +36,7 @@ from memformer.index import LayerMemory
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
-from memformer.question_reads import QuestionReads, read_query
+from memformer.question_reads import QuestionReads, read_query, verified_blocks
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
 
 
@@ -362,19 +362,25 @@ class MemformerForCausalLM(nn.Module):
         from memformer.decoding import LoopStop, cut_loop
         x = self.questions.prompt_ids(question, cue=cue, system=system)              # [1, T]
         stops = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), LoopStop(self.tokenizer)])
-        with self.question_read(read_query(question, cue)):
+        with self.question_read(read_query(question, cue), prompt_ids=x):
             out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
                                 stopping_criteria=stops, **generate_kwargs)
         text, cut = cut_loop(self.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip())
         return AskOutput(text, cut) if return_dict else text
 
-    def question_read(self, query: str):
+    def question_read(self, query: str, prompt_ids: torch.Tensor | None = None):
         """Context manager: every memory layer reads the blocks the passages nearest to `query`
-        choose (`QuestionReads.choose`: the own memory's or an attached corpus's). It changes
-        nothing (generation then uses kNN reads) with nothing memorized, or beside a corpus
-        memory built without passages."""
-        chosen = self.questions.choose(query)
-        return contextlib.nullcontext() if chosen is None else self.reading_blocks(*chosen)
+        choose (`QuestionReads.candidates`: the own memory's or an attached corpus's). With the
+        prompt ids [1, T] that will be continued, the memory layers check the candidates first
+        (`question_reads.verified_blocks`). It changes nothing (generation then uses the layers'
+        own reads) with nothing memorized, or beside a corpus memory built without passages."""
+        found = self.questions.candidates(query)
+        if found is None:
+            return contextlib.nullcontext()
+        candidates, source = found
+        if prompt_ids is None or len(candidates) == 1:
+            return self.reading_blocks(candidates[0][0], source)
+        return self.reading_blocks(verified_blocks(self, candidates, source, prompt_ids), source)
 
     def block_memories(self, source: str = "own") -> dict[int, LayerMemory]:
         """The layer memories blocks are read from: the own memory or the attached corpus's."""

@@ -9,6 +9,13 @@ A sentence embedder (default all-MiniLM-L6-v2, `memformer.passages`) ranks the p
 memorized text (embedded on first use, kept with a saved memory) and of an attached corpus memory
 (embedded as it was built). The blocks under the best of them (`passages.question_blocks`) are
 what every memory layer then reads (`MemformerForCausalLM.reading_blocks`).
+
+When the prompt is known (`ask`), the memory layers check the ranking: the blocks of each of the
+`CANDIDATES` best passages are read alone and the prompt is continued greedily for
+`VERIFY_TOKENS` tokens; a candidate's score is its passage's cosine plus `VERIFY_WEIGHT` times
+the mean log-probability of those tokens (`verified_blocks`). A read that holds the answer is
+continued with confidence; one that does not (the document's own instruction line, a passage
+that only paraphrases the question) is not, whatever the embedder thought of it.
 """
 from __future__ import annotations
 
@@ -17,6 +24,10 @@ import torch
 from memformer.config import MemoryConfig
 from memformer.memory_state import MemoryState
 from memformer.passages import PassageIndex, question_blocks, with_embedder
+
+CANDIDATES = 3          # passages a question read tries, each read alone
+VERIFY_TOKENS = 4       # greedy tokens a candidate read is scored by
+VERIFY_WEIGHT = 0.2     # weight of their mean log-probability (<= 0) beside the passage's cosine
 
 
 def chat_ids(tokenizer, question: str, system: str | None = None) -> torch.Tensor:
@@ -117,10 +128,17 @@ class QuestionReads:
         return self._blocks_under(self._own_passages().search(query), source)
 
     def choose(self, query: str) -> tuple[list[int], str] | None:
-        """(blocks, source) a question `query` reads: with a corpus memory attached its passages
-        are ranked too, and the blocks come from the memory (own or corpus) holding the best
-        passage, a tie going to the own one. None (kNN reads instead) with nothing memorized, or
-        beside a corpus memory built without passages."""
+        """(blocks, source) a question `query` reads, unverified: the first of `candidates`."""
+        found = self.candidates(query, 1)
+        return None if found is None else (found[0][0][0], found[1])
+
+    def candidates(self, query: str, n: int = CANDIDATES) -> tuple[list[tuple[list[int], float]], str] | None:
+        """([(blocks, cosine)] of up to `n` passages, best first, source) a question `query` may
+        read: with a corpus memory attached its passages are ranked too, and the candidates come
+        from the memory (own or corpus) holding the best passage, a tie going to the own one. The
+        first candidate is `question_blocks` of the whole ranking; each next one, the blocks of
+        the next passage whose blocks none of the earlier candidates holds. None (the layers' own
+        reads instead) with nothing memorized, or beside a corpus memory built without passages."""
         state = self.state
         own = bool(state.memories) and state.size() > 0
         if state.corpus_attached and state.corpus_passages is None:
@@ -133,7 +151,17 @@ class QuestionReads:
         if not ranked:
             return None
         source = max(ranked, key=lambda s: (ranked[s][0].score, s == "own"))
-        return self._blocks_under(ranked[source], source), source
+        passages = ranked[source]
+        found = [(self._blocks_under(passages, source), passages[0].score)]
+        taken = set(found[0][0])
+        for i, p in enumerate(passages[1:], start=1):
+            if len(found) >= n:
+                break
+            blocks = self._blocks_under(passages[i:], source)
+            if blocks and not taken & set(blocks):
+                found.append((blocks, p.score))
+                taken |= set(blocks)
+        return found, source
 
     def _own_passages(self) -> PassageIndex:
         if len(self.state.stream) != 1:
@@ -146,3 +174,20 @@ class QuestionReads:
         cfg = self.memory_config
         limit = self.state.corpus_documents[-1].end if source == "corpus" else self.state.seen[0]
         return question_blocks(ranked, cfg.question_blocks, cfg.block_size, limit)
+
+
+def verified_blocks(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
+                    tokens: int = VERIFY_TOKENS, weight: float = VERIFY_WEIGHT) -> list[int]:
+    """The candidate blocks whose read best supports a continuation of `prompt_ids` [1, T]: each
+    candidate read alone (`model.reading_blocks`), `tokens` greedy tokens generated, scored by
+    cosine + weight * mean max log-probability; the first candidate wins a tie."""
+    best, best_score = candidates[0][0], float("-inf")
+    for blocks, cosine in candidates:
+        with model.reading_blocks(blocks, source):
+            out = model.generate(prompt_ids, max_new_tokens=tokens, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        logp = [torch.log_softmax(s[0].float(), -1).max().item() for s in out.scores]   # per new token
+        score = cosine + weight * sum(logp) / max(1, len(logp))
+        if score > best_score:
+            best, best_score = blocks, score
+    return best

@@ -210,7 +210,13 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
     real = reader.reading_blocks
     reader.reading_blocks = lambda b, source="own": pinned.append((list(b), source)) or real(b, source)
     ans = reader.ask(cue=cue, max_new_tokens=3, record=True)
-    assert pinned == [(blocks, "corpus")] and reader.memory_size() == 0
+    # the candidates are checked one by one (`verified_blocks`), the embedder's first among them,
+    # then the answer reads the one chosen
+    candidates, source = reader.questions.candidates(cue)
+    assert source == "corpus" and candidates[0][0] == blocks
+    assert pinned[:-1] == [(c, "corpus") for c, _ in candidates] and pinned[-1] in pinned[:-1]
+    blocks = pinned[-1][0]
+    assert reader.memory_size() == 0
     assert set(reader.recorded_reads(corpus=True)) == {0, 1} and not reader.recorded_reads()  # every memory layer
     assert reader.corpus_evidence(top=1)[0]["doc"] == "zebra.txt"
     for layer, calls in reader.recorded_reads(corpus=True).items():
@@ -233,7 +239,7 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
     from memformer.qa.corpus_qa import CorpusQA
     pinned.clear()
     qa_ans = CorpusQA(reader).answer(cue=cue, max_new_tokens=3, evidence=1)
-    assert pinned == [(blocks, "corpus")] and qa_ans.text == ans
+    assert pinned[-1] == (blocks, "corpus") and qa_ans.text == ans
     assert qa_ans.corpus_evidence[0]["doc"] == "zebra.txt"
 
     # an own memory beside the corpus: the source holding the best passage is read
@@ -241,7 +247,8 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
     pinned.clear()
     reader.ask(cue="The keeper's cat is called", max_new_tokens=2)
     reader.ask(cue=cue, max_new_tokens=2)
-    assert [src for _, src in pinned] == ["own", "corpus"]
+    sources = [src for _, src in pinned]                 # each answer's candidate checks, then its read
+    assert sources[0] == "own" and sources[-1] == "corpus" and sources == sorted(sources, key=lambda s: s != "own")
 
     # a corpus memory built without passages: kNN reads over both, nothing pinned
     monkeypatch.setattr(corpus, "embed_passages", lambda *a: None)

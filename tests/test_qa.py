@@ -185,8 +185,12 @@ def test_one_read_path_longdocqa_evaluations_and_ask_agree(chat):
     assert model.state.stream == [model.tokenizer(DOC_B, add_special_tokens=False)["input_ids"]]
     assert_same_memory(held_qa, held_eval)
     assert_same_memory(held_qa, held_ask)
-    # the same blocks read each time (cue: qa, eval, ask; question: qa, ask), from memory
-    assert reads[0] == reads[2] == reads[3] and reads[1] == reads[4] and len(reads) == 5 and reads[0]
+    # the same blocks read each time (cue: qa, eval, ask; question: qa, ask), from memory: each
+    # answer reads its candidates one by one (`verified_blocks`), then the one chosen
+    k = len(reads) // 5
+    assert k >= 1 and len(reads) == 5 * k
+    per = [reads[i * k:(i + 1) * k] for i in range(5)]
+    assert per[0] == per[2] == per[3] and per[1] == per[4] and per[0][-1] and per[0][-1] in per[0][:-1] + [per[0][0]]
     prompt = model.questions.prompt_ids(question)[0].tolist()
     assert (model.tokenizer.decode(prompt).startswith("[user] ")) == chat
     with model.memory_disabled():                                    # memory changes the answer
@@ -422,7 +426,12 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     real_generate = model.generate
     model.generate = lambda *a, **kw: pinned.append(model.runtime.pinned_blocks.tolist()) or real_generate(*a, **kw)
     model.ask(query, max_new_tokens=3)
-    assert reads == [blocks] and pinned == [[blocks]] and model.runtime.pinned_blocks is None
+    # the candidates are read one by one (`verified_blocks`), the first being blocks_for's; then
+    # the answer is generated reading the one chosen
+    candidates, source = model.questions.candidates(query)
+    assert source == "own" and candidates[0][0] == blocks and len(candidates) > 1
+    assert reads[:-1] == [c for c, _ in candidates] and reads[-1] in reads[:-1]
+    assert pinned == [[r] for r in reads] and model.runtime.pinned_blocks is None
     model.generate = real_generate
     model.memory_config.question_blocks = 1
     one = model.questions.blocks_for(query)
@@ -739,3 +748,38 @@ def test_generate_returns_full_sequences_and_the_logits_of_a_forward(tok):
     got = torch.stack([torch.log_softmax(step[0].float(), -1) for step in out.logits])          # [5, V]
     torch.testing.assert_close(got, logp, atol=1e-4, rtol=1e-4)
     assert torch.equal(logp.argmax(-1), new)                                                    # greedy
+
+
+def test_verified_blocks_weighs_the_embedder_against_the_read():
+    """`verified_blocks`: each candidate read alone, scored by cosine + VERIFY_WEIGHT * the mean
+    log-probability of its greedy continuation; a confident read beats a slightly better cosine,
+    not a much better one, and a tie keeps the embedder's order."""
+    import contextlib
+    import math
+    from types import SimpleNamespace
+    from memformer.question_reads import VERIFY_TOKENS, VERIFY_WEIGHT, verified_blocks
+
+    class Reader:                                     # generate's confidence depends on the blocks read
+        def __init__(self, confidence):
+            self.confidence, self.current, self.calls = confidence, None, []
+
+        @contextlib.contextmanager
+        def reading_blocks(self, blocks, source):
+            self.current = tuple(blocks)
+            self.calls.append((tuple(blocks), source))
+            yield
+            self.current = None
+
+        def generate(self, ids, max_new_tokens, **kw):
+            p = self.confidence[self.current]          # probability of the greedy token
+            logits = torch.log(torch.tensor([[p, (1 - p) / 2, (1 - p) / 2]]))
+            return SimpleNamespace(scores=[logits] * max_new_tokens)
+
+    x = torch.zeros(1, 3, dtype=torch.long)
+    sure, unsure = 0.99, math.exp(-2.0)
+    reader = Reader({(0, 1): unsure, (5, 6): sure})
+    assert verified_blocks(reader, [([0, 1], 0.50), ([5, 6], 0.45)], "own", x) == [5, 6]
+    assert reader.calls == [((0, 1), "own"), ((5, 6), "own")]
+    assert 0.50 + VERIFY_WEIGHT * -2.0 < 0.45 + VERIFY_WEIGHT * math.log(sure) and VERIFY_TOKENS >= 1
+    assert verified_blocks(Reader({(0, 1): unsure, (5, 6): sure}), [([0, 1], 0.90), ([5, 6], 0.30)], "corpus", x) == [0, 1]
+    assert verified_blocks(Reader({(0, 1): sure, (5, 6): sure}), [([0, 1], 0.40), ([5, 6], 0.40)], "own", x) == [0, 1]

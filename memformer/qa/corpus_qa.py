@@ -34,7 +34,7 @@ class CorpusQA:
         x = (torch.tensor([model.tokenizer(cue, add_special_tokens=False)["input_ids"]]) if cue
              else model.questions.chat_ids(question))                                  # [1, T]
         # question reads: the corpus blocks under the passages nearest to the cue (or question)
-        with model.question_read(cue if cue else question):
+        with model.question_read(cue if cue else question, prompt_ids=x):
             out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=evidence > 0)
         ans = Answer("memory", model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip(),
                      prompt_tokens=x.shape[1])
