@@ -246,7 +246,8 @@ def local_ray():
     ray = pytest.importorskip("ray", reason="the scale extra (pip install 'memformer[scale]') is not installed")
     repo = str(Path(__file__).resolve().parents[1])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": repo, "MEMFORMER_TEST_PIDS": str(_PIDS)}})
+             runtime_env={"env_vars": {"PYTHONPATH": f"{repo}{os.pathsep}{repo}/tests",
+                                          "MEMFORMER_TEST_PIDS": str(_PIDS)}})
     yield ray
     ray.shutdown()
 
