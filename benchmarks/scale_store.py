@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ray-workers", type=int, default=0,
                     help="also build the first size on a local Ray cluster of this many workers and compare")
+    ap.add_argument("--build-on-ray", type=int, default=0,
+                    help="build every size on a local Ray cluster of this many workers (the same rows, faster)")
     ap.add_argument("--attach", default=None, help=argparse.SUPPRESS)      # child: STORE,KEY,FAISS_MAX
     args = ap.parse_args(argv)
     if args.attach:
@@ -160,11 +162,13 @@ def main(argv=None) -> int:
         docs, store = work / f"docs_{label}", work / f"store_{label}"
         key = write_docs(docs, n)
         t0 = time.perf_counter()
-        manifest = corpus_build.build_store(tiny_model(), docs, store, show_progress=False)
+        ray = dict(ray_address="local", workers=args.build_on_ray, model_factory=tiny_model) if args.build_on_ray else {}
+        manifest = corpus_build.build_store(tiny_model(), docs, store, show_progress=False, **ray)
         build_s = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
         row = {"tokens": manifest["tokens"], "documents": manifest["documents"], "passages": manifest["passages"],
-               "block_rows": manifest["block_rows"], "build_s": round(build_s, 1), "bytes": size,
+               "block_rows": manifest["block_rows"], "build_s": round(build_s, 1),
+               "built_by": f"ray, {args.build_on_ray} workers" if args.build_on_ray else "one process", "bytes": size,
                "bytes_per_token": round(size / manifest["tokens"], 1), "key": key}
         for faiss_max in (1 << 40, 0):
             child = subprocess.run([sys.executable, __file__, "--work", str(work), "--attach",
