@@ -204,7 +204,7 @@ def build_store(model, docs_dir, uri, *, ray_address: str | None = None, workers
         raise
     shards = shards_of(docs, shard_tokens)
     results = (ray_results(shards, sink, uri, layout, fingerprint, ray_address, workers, model_factory)
-               if ray_address is not None else (run_shard(model, s, sink, uri, layout) for s in shards))
+               if ray_address is not None and shards else (run_shard(model, s, sink, uri, layout) for s in shards))
     try:
         commit_in_order(writer, docs, results, show_progress)
         writer.index_passages()
