@@ -27,7 +27,8 @@ from memformer.kernels.reference import local_attention
 
 
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,
-                    row_rotation, slot_rotation, local_mask=None, mem_bias=None, with_probs: bool = False):
+                    row_rotation, slot_rotation, local_mask=None, mem_bias=None, with_probs: bool = False,
+                    local=None):
     """Attention over [local keys ‖ rows of the pinned memory blocks], one softmax per query.
 
     mem: LayerMemory [B or 1, Hkv, M, D] (keys, values, positions, slots, valid [B or 1, M]).
@@ -35,6 +36,7 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
     k_local, v_local [B, Hkv, S, D]: local keys/values (queries are the last T of S unless
         local_mask says otherwise); mem_bias [Hq]: the memory gate, added to memory logits.
     blocks [B, n]: block ids read by every query (`MemformerForCausalLM.reading_blocks`).
+    local: (out [B, Hq, T, D], lse [B, Hq, T]) of the local attention when the caller has it.
     row_rotation: (cos, sin) [1, R', D] of positions -R' .. -1, R' >= n*block_size: rows are
         rotated by their slot in the contiguous layout (the last R slots when fewer rows exist)
         with `rotary_fn` (the backbone's apply_rotary_pos_emb).
@@ -70,14 +72,15 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
     keys = rotary_fn(keys, keys, cos[:, -R:], sin[:, -R:])[1]                         # at -R .. -1
 
     out, probs = shared_rows_attention(q_rot, k_local, v_local, keys, values, rows >= 0, scale=scale,
-                                       local_mask=local_mask, mem_bias=mem_bias, with_probs=with_probs)
+                                       local_mask=local_mask, mem_bias=mem_bias, with_probs=with_probs,
+                                       local=local)
     read = rows[:, None, None, :].expand(B, 1, T, R)                                  # [B, 1, T, R]
     probs = probs.mean(dim=1, keepdim=True).detach() if with_probs else None          # [B, 1, T, R]
     return out, read, probs
 
 
 def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale: float, local_mask=None,
-                          mem_bias=None, with_probs: bool = False):
+                          mem_bias=None, with_probs: bool = False, local=None):
     """One softmax of every query over [its local keys ‖ the same R memory rows] (fp32 inside).
 
     Every query of a block read reads the same rows, so the memory logits are one matmul per kv
@@ -85,13 +88,14 @@ def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale:
     needs per-query ids); differentiable, as training reads blocks through it too.
     q [B, Hq, T, D]; k_local, v_local [B, Hkv, S, D] (queries are the last T of S unless
     local_mask says otherwise); k_rows, v_rows [B, Hkv, R, D] already at their layout positions;
-    row_ok [B, R] bool (False = no row); mem_bias [Hq] (the memory gate) or None.
+    row_ok [B, R] bool (False = no row); mem_bias [Hq] (the memory gate) or None; local: the local
+    attention's (out, lse) already computed for these queries, or None.
     returns (out [B, Hq, T, D] in q's dtype, probs [B, Hq, T, R] each row's share of the one
     softmax, or None unless with_probs)."""
     B, Hq, T, D = q.shape
     Hkv, R = k_rows.shape[1], k_rows.shape[2]
     G = Hq // Hkv
-    out_loc, lse_loc = local_attention(q, k_local, v_local, scale, local_mask)       # [B, Hq, T, D], [B, Hq, T]
+    out_loc, lse_loc = local if local is not None else local_attention(q, k_local, v_local, scale, local_mask)  # [B, Hq, T, D], [B, Hq, T]
     qg = q.float().reshape(B, Hkv, G * T, D)                                          # query heads of a kv group
     s = (qg @ k_rows.float().transpose(-1, -2)).view(B, Hq, T, R) * scale            # [B, Hq, T, R]
     if mem_bias is not None:
@@ -196,18 +200,17 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     q_rot [B, Hq, T, D] (local positions), q_mem [B, Hq, T, D] (the chooser's rotation);
     k_local, v_local [B, Hkv, S, D]; local_mask as HF gives it (None = causal, queries last T of S).
     returns (out [B, Hq, T, D], rows [B, 1, T, R], probs [B, 1, T, R] or None)."""
-    from memformer.kernels.reference import additive_mask
     B, Hq, T, D = q_rot.shape
-    S = k_local.shape[2]
     blocks = chosen_blocks(mem, q_mem, n, block_size, block_size)                     # [B, C, n]
-    mask = additive_mask(local_mask, T, S, q_rot.device)                             # [.., T, S]
+    # the local part once for every query (one causal call), the memory part chunk by chunk
+    out_loc, lse_loc = local_attention(q_rot, k_local, v_local, scale, local_mask)   # [B, Hq, T, D], [B, Hq, T]
     outs, rows, probs = [], [], []
     for c in range(blocks.shape[1]):
         a, b = c * block_size, min((c + 1) * block_size, T)
         o, r, p = block_attention(mem, q_rot[:, :, a:b], k_local, v_local, blocks[:, c], block_size=block_size,
                                   scale=scale, rotary_fn=rotary_fn, row_rotation=row_rotation,
-                                  slot_rotation=slot_rotation, local_mask=mask[..., a:b, :], mem_bias=mem_bias,
-                                  with_probs=with_probs)
+                                  slot_rotation=slot_rotation, mem_bias=mem_bias, with_probs=with_probs,
+                                  local=(out_loc[:, :, a:b], lse_loc[:, :, a:b]))
         outs.append(o), rows.append(r), probs.append(p)
     cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim=2)
     width = max(r.shape[-1] for r in rows)
