@@ -45,13 +45,13 @@ TABLES = ("documents", "blocks", "passages")
 # LanceDB searches the table, so RSS at attach does not grow with the corpus.
 FAISS_MAX_PASSAGES = 16_384
 # passages a LanceDB search returns, best first; question_blocks stops long before this many
-SEARCH_DEPTH = 256
+SEARCH_DEPTH = 64
 # Past this many passages (6.3M tokens; a scan then takes ~80 ms on one core, and at 10M tokens
 # made answers 2x slower than at 1M, benchmarks/results/scale) a build ends by training LanceDB's
 # IVF-PQ index over them, again whenever they have doubled since. Searches probe NPROBES lists
 # and re-rank REFINE x the depth by exact distance.
 INDEX_MIN_PASSAGES = 65_536
-NPROBES, REFINE = 32, 4
+NPROBES, REFINE = 20, 2
 
 
 def needs_scale_extra(e: ImportError) -> ImportError:
