@@ -209,7 +209,7 @@ def test_memory_layers_dispatch_to_the_kernel(monkeypatch):
     import memformer.kernels as kernels
     from conftest import tiny_backbone
     from memformer import MemformerForCausalLM, MemoryConfig
-    model = MemformerForCausalLM(tiny_backbone(head_dim=16), None, MemoryConfig(window=16, top_k=4, overlap=3))
+    model = MemformerForCausalLM(tiny_backbone(head_dim=16), None, MemoryConfig(window=16, top_k=4, overlap=3, layer_blocks=0))   # kNN reads: the kernel
     model.memorize(torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(0)), show_progress=False)
     x = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     calls = []
