@@ -25,7 +25,7 @@ from memformer.config import MemoryConfig
 from memformer.memory_state import MemoryState
 from memformer.passages import PassageIndex, question_blocks, with_embedder
 
-CANDIDATES = 3          # passages a question read tries, each read alone
+CANDIDATES = 2          # passages a question read tries, each read alone
 VERIFY_TOKENS = 4       # greedy tokens a candidate read is scored by
 VERIFY_WEIGHT = 0.2     # weight of their mean log-probability (<= 0) beside the passage's cosine
 
