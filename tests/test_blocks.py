@@ -372,7 +372,8 @@ def test_question_read_records_only_the_pinned_blocks():
     assert float(mass.answer[~inside].abs().sum()) == 0 and float(mass.prompt[~inside].abs().sum()) == 0
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(block_size=0), "block_size"), (dict(question_blocks=0), "question_blocks")])
+@pytest.mark.parametrize("kw,msg", [(dict(block_size=0), "block_size"), (dict(question_blocks=0), "question_blocks"),
+                                    (dict(layer_blocks=-1), "layer_blocks"), (dict(layer_blocks="32"), "layer_blocks")])
 def test_block_read_settings_are_validated(kw, msg):
     with pytest.raises(ValueError, match=msg):
         MemoryConfig(**kw)
