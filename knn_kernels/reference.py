@@ -51,7 +51,7 @@ def weighted_rows(mem: torch.Tensor, ids: torch.Tensor, p: torch.Tensor, scale: 
     return out.view(B, Hq, T, D)
 
 
-def additive_mask(mask, T: int, S: int, device, dtype=torch.float32) -> torch.Tensor:
+def _additive_mask(mask, T: int, S: int, device, dtype=torch.float32) -> torch.Tensor:
     """An additive [.., T, S] mask from None (causal, queries = last T of S), bool or float."""
     if mask is None:
         q_pos = torch.arange(S - T, S, device=device)[:, None]                  # [T, 1]
@@ -78,7 +78,7 @@ def local_attention(q, k_local, v_local, scale: float, local_mask=None):
         if local_mask is None and T == S:
             out, lse = _CPU_FLASH(q, k, v, 0.0, True, scale=scale)
         else:
-            mask = None if (local_mask is None and T == 1) else additive_mask(local_mask, T, S, q.device)
+            mask = None if (local_mask is None and T == 1) else _additive_mask(local_mask, T, S, q.device)
             out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
             if mask is not None:  # rows with no visible key: nothing attended (the op leaves junk)
                 dead = torch.isneginf(mask).all(-1).expand(B, Hq, T)                     # [B, Hq, T]
@@ -88,7 +88,7 @@ def local_attention(q, k_local, v_local, scale: float, local_mask=None):
         return out, lse
     qg = q.float().view(B, Hkv, G, T, D)                                          # query heads grouped
     s = (qg @ k_local.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, S) * scale   # [B, Hq, T, S]
-    s = s + additive_mask(local_mask, T, S, q.device)
+    s = s + _additive_mask(local_mask, T, S, q.device)
     lse = torch.logsumexp(s, dim=-1)                                              # [B, Hq, T]
     p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0).view(B, Hkv, G, T, S)
     return (p @ v_local.float()[:, :, None]).view(B, Hq, T, D), lse

@@ -212,8 +212,5 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
                                   slot_rotation=slot_rotation, mem_bias=mem_bias, with_probs=with_probs,
                                   local=(out_loc[:, :, a:b], lse_loc[:, :, a:b]))
         outs.append(o), rows.append(r), probs.append(p)
-    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim=2)
-    width = max(r.shape[-1] for r in rows)
-    rows = [torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=-1) for r in rows]
-    probs = probs if probs[0] is None else [torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs]
-    return torch.cat(outs, dim=2), cat(rows), cat(probs)
+    # every chunk reads n blocks of block_size rows (-1 where missing): the same R for all
+    return torch.cat(outs, dim=2), torch.cat(rows, dim=2), None if probs[0] is None else torch.cat(probs, dim=2)
