@@ -120,11 +120,16 @@ def main() -> None:
     ap.add_argument("--adapter", default="auto",
                     help="trained memory-layer weights (save_pretrained folder); default: the shipped adapter")
     ap.add_argument("--name", default="qa_latency", help="result file stem under --out")
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated cases to run (default all: {','.join(CASES)}); RAG is the ratio's base")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    cases = [c for c in CASES if c in args.cases.split(",")]
+    if "rag" not in cases or set(args.cases.split(",")) - set(CASES):
+        ap.error(f"--cases: choose among {','.join(CASES)}, rag included (the ratio's base)")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = MemformerForCausalLM.from_pretrained(adapter=None if args.adapter == "none" else args.adapter)
@@ -133,7 +138,7 @@ def main() -> None:
         sample = make_sample(model.tokenizer, "single-number", parse_length(length), 0.5, random.Random(args.seed))
         query = sample.queries[0]
         lengths.append(sample.tokens)
-        for case in CASES:
+        for case in cases:
             if case.startswith("generate"):
                 read_s, times, text, prompt, search_s = continuation(
                     model, sample.text, query.cue, sample.max_new_tokens, args.repeats,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-# PyTorch's fused CPU attention that also returns the log-sum-exp (natural log); private, so
-# every use has an explicit fallback.
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# PyTorch's fused CPU attention that also returns the log-sum-exp (natural log); a private op
+# (None where this torch lacks it), so every use has an explicit fallback.
+CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def gather_memory(mem: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -72,14 +72,14 @@ def local_attention(q, k_local, v_local, scale: float, local_mask=None):
     # The fused op does not propagate gradients through its lse output, which the merge with
     # memory needs: use it only when no gradient is wanted.
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_local, v_local))
-    if _CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32 and not needs_grad:
+    if CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32 and not needs_grad:
         k = k_local.float().repeat_interleave(G, dim=1) if G > 1 else k_local.float()   # [B, Hq, S, D]
         v = v_local.float().repeat_interleave(G, dim=1) if G > 1 else v_local.float()
         if local_mask is None and T == S:
-            out, lse = _CPU_FLASH(q, k, v, 0.0, True, scale=scale)
+            out, lse = CPU_FLASH(q, k, v, 0.0, True, scale=scale)
         else:
             mask = None if (local_mask is None and T == 1) else _additive_mask(local_mask, T, S, q.device)
-            out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+            out, lse = CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
             if mask is not None:  # rows with no visible key: nothing attended (the op leaves junk)
                 dead = torch.isneginf(mask).all(-1).expand(B, Hq, T)                     # [B, Hq, T]
                 if bool(dead.any()):

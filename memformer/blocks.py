@@ -14,16 +14,22 @@ R(j - R) k), and memory logits use the query at its local position.
 Layer reads (no question known: `generate`, `forward`, perplexity): each chunk of `block_size`
 queries reads the `MemoryConfig.layer_blocks` blocks its layer's own queries choose
 (`chosen_blocks`: a block's best key against the mean query of the chunk before), laid out the
-same way (`chosen_block_attention`).
+same way (`chosen_block_attention`). Chunks count positions from the start of the local window, so
+generating with a KV cache reads what one forward over the whole sequence reads: the cache keeps
+each layer's chooser queries and the current chunk's laid-out rows (`LayerReads`), and a new token
+chooses and gathers only when it starts a chunk.
 
 Every query of a chunk reads the same rows, so the memory logits are one matmul per kv group
-(`shared_rows_attention`), differentiable.
+(`shared_rows_attention`), differentiable; without a gradient on the CPU they go through
+PyTorch's fused attention, which gives the log-sum-exp the merge with the local part needs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from memformer.kernels.reference import local_attention
+from memformer.kernels.reference import CPU_FLASH, local_attention
 
 
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,
@@ -46,16 +52,28 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
              rows [B, 1, T, R] memory rows read (-1 = none; same for all heads),
              probs [B, 1, T, R] their attention probability, mean over heads; None unless with_probs).
     """
-    B, Hq, T, D = q_rot.shape
+    B = q_rot.shape[0]
+    rows, keys, values = block_rows(mem, blocks, B, block_size=block_size, rotary_fn=rotary_fn,
+                                    row_rotation=row_rotation, slot_rotation=slot_rotation, device=q_rot.device)
+    return rows_attention(q_rot, k_local, v_local, rows, keys, values, scale=scale, local_mask=local_mask,
+                          mem_bias=mem_bias, with_probs=with_probs, local=local)
+
+
+def block_rows(mem, blocks, B: int, *, block_size: int, rotary_fn, row_rotation, slot_rotation, device):
+    """The rows of memory blocks laid out contiguously, as `block_attention` reads them.
+
+    mem: LayerMemory [b, Hkv, M, D]; blocks [B or 1, n] block ids; row_rotation / slot_rotation as
+    in `block_attention`. returns (rows [B, R] memory row ids in layout order, -1 where a block is
+    short or evicted; keys, values [B, Hkv, R, D] float, keys rotated at layout positions -R .. -1)."""
     # a corpus memory (batch 1) is one stream read by every sequence
-    positions = mem.positions.to(q_rot.device).expand(B, -1)                          # [B, M]
-    valid = mem.valid.to(q_rot.device).expand(B, -1)                                  # [B, M]
+    positions = mem.positions.to(device).expand(B, -1)                                # [B, M]
+    valid = mem.valid.to(device).expand(B, -1)                                        # [B, M]
     block_of_row = torch.where(valid, positions // block_size, -1)                    # [B, M]
-    top_blocks = blocks.to(q_rot.device).expand(B, -1).sort(dim=-1).values            # [B, n] document order
+    top_blocks = blocks.to(device).expand(B, -1).sort(dim=-1).values                  # [B, n] document order
 
     # rows of the chosen blocks: [B, n*block_size], -1 where a block is short or evicted
     start = torch.searchsorted(positions.contiguous(), (top_blocks * block_size).contiguous())  # [B, n]
-    rows = start[..., None] + torch.arange(block_size, device=q_rot.device)           # [B, n, bs]
+    rows = start[..., None] + torch.arange(block_size, device=device)                 # [B, n, bs]
     M = positions.shape[1]
     rc = rows.clamp(max=max(M - 1, 0)).reshape(B, -1)
     same = block_of_row.gather(1, rc).view_as(rows) == top_blocks[..., None]
@@ -64,13 +82,26 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
 
     keys, values = gather_rows(mem, rows)                                             # [B, Hkv, R, D] float
     slots = mem.slots.to(rows.device).expand(B, -1).gather(1, rows.clamp(min=0)).clamp(min=0)  # [B, R]
-    cos, sin = (x[0].to(keys.device, keys.dtype)[slots] for x in slot_rotation)      # [B, R, D]
-    keys = rotary_fn(keys, keys, cos, -sin)[1]                                        # un-rotated
-    cos, sin = (x.to(keys.device, keys.dtype) for x in row_rotation)                 # [1, R', D]
-    if cos.shape[1] < R:
-        raise ValueError(f"row_rotation covers {cos.shape[1]} slots, the blocks read {R}")
-    keys = rotary_fn(keys, keys, cos[:, -R:], sin[:, -R:])[1]                         # at -R .. -1
+    cos_s, sin_s = (x[0].to(keys.device, keys.dtype)[slots] for x in slot_rotation)  # [B, R, D] at each row's slot
+    cos_r, sin_r = (x.to(keys.device, keys.dtype) for x in row_rotation)             # [1, R', D]
+    if cos_r.shape[1] < R:
+        raise ValueError(f"row_rotation covers {cos_r.shape[1]} slots, the blocks read {R}")
+    cos_r, sin_r = cos_r[:, -R:], sin_r[:, -R:]                                       # [1, R, D] at -R .. -1
+    # one rotation by the difference of the two angles (undo the slot's, apply the layout's):
+    # cos(a - b) = cos a cos b + sin a sin b, sin(a - b) = sin a cos b - cos a sin b, per row, so
+    # the heads' keys are rotated once
+    cos = cos_r * cos_s + sin_r * sin_s                                               # [B, R, D]
+    sin = sin_r * cos_s - cos_r * sin_s
+    keys = rotary_fn(keys, keys, cos, sin)[1]                                         # at -R .. -1
+    return rows, keys, values
 
+
+def rows_attention(q_rot, k_local, v_local, rows, keys, values, *, scale: float, local_mask=None, mem_bias=None,
+                   with_probs: bool = False, local=None):
+    """`shared_rows_attention` over laid-out rows (`block_rows`: rows [B, R], keys, values
+    [B, Hkv, R, D]), returning what `block_attention` returns."""
+    B, Hq, T, D = q_rot.shape
+    R = rows.shape[-1]
     out, probs = shared_rows_attention(q_rot, k_local, v_local, keys, values, rows >= 0, scale=scale,
                                        local_mask=local_mask, mem_bias=mem_bias, with_probs=with_probs,
                                        local=local)
@@ -93,23 +124,61 @@ def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale:
     returns (out [B, Hq, T, D] in q's dtype, probs [B, Hq, T, R] each row's share of the one
     softmax, or None unless with_probs)."""
     B, Hq, T, D = q.shape
-    Hkv, R = k_rows.shape[1], k_rows.shape[2]
-    G = Hq // Hkv
     out_loc, lse_loc = local if local is not None else local_attention(q, k_local, v_local, scale, local_mask)  # [B, Hq, T, D], [B, Hq, T]
-    qg = q.float().reshape(B, Hkv, G * T, D)                                          # query heads of a kv group
-    s = (qg @ k_rows.float().transpose(-1, -2)).view(B, Hq, T, R) * scale            # [B, Hq, T, R]
-    if mem_bias is not None:
-        s = s + mem_bias.float().view(1, Hq, 1, 1)
-    s = s.masked_fill(~row_ok.to(s.device)[:, None, None, :], float("-inf"))
-    lse_mem = torch.logsumexp(s, dim=-1)                                              # [B, Hq, T]
-    p = torch.nan_to_num(torch.exp(s - lse_mem[..., None]), nan=0.0)                 # softmax within memory
-    out_mem = (p.view(B, Hkv, G * T, R) @ v_rows.float()).view(B, Hq, T, D)          # [B, Hq, T, D]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_rows, v_rows, mem_bias) if x is not None)
+    if with_probs or needs_grad or CPU_FLASH is None or q.device.type != "cpu" or q.dtype != torch.float32:
+        out_mem, lse_mem, p = _rows_softmax(q, k_rows, v_rows, row_ok, scale, mem_bias)
+    else:
+        out_mem, lse_mem = _rows_flash(q, k_rows, v_rows, row_ok, scale, mem_bias)
+        p = None
     # merge the two partial softmaxes by their log-sum-exp
     lse = torch.logaddexp(lse_loc, lse_mem)                                           # [B, Hq, T]
     w_loc = torch.nan_to_num(torch.exp(lse_loc - lse), nan=0.0)[..., None]
     w_mem = torch.nan_to_num(torch.exp(lse_mem - lse), nan=0.0)[..., None]
     out = torch.nan_to_num(w_loc * out_loc + w_mem * out_mem, nan=0.0).to(q.dtype)
     return out, (p * w_mem if with_probs else None)
+
+
+def _rows_softmax(q, k_rows, v_rows, row_ok, scale: float, mem_bias):
+    """The memory part of `shared_rows_attention` by plain matmuls (differentiable; gives the
+    probabilities): (out [B, Hq, T, D], lse [B, Hq, T], probs within memory [B, Hq, T, R])."""
+    B, Hq, T, D = q.shape
+    Hkv, R = k_rows.shape[1], k_rows.shape[2]
+    G = Hq // Hkv
+    qg = q.float().reshape(B, Hkv, G * T, D)                                          # query heads of a kv group
+    s = (qg @ k_rows.float().transpose(-1, -2)).view(B, Hq, T, R) * scale            # [B, Hq, T, R]
+    if mem_bias is not None:
+        s = s + mem_bias.float().view(1, Hq, 1, 1)
+    s = s.masked_fill(~row_ok.to(s.device)[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                                  # [B, Hq, T]
+    p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)                     # softmax within memory
+    out = (p.view(B, Hkv, G * T, R) @ v_rows.float()).view(B, Hq, T, D)              # [B, Hq, T, D]
+    return out, lse, p
+
+
+def _rows_flash(q, k_rows, v_rows, row_ok, scale: float, mem_bias):
+    """The memory part of `shared_rows_attention` by PyTorch's fused CPU attention (no gradient,
+    fp32), about 4x faster than `_rows_softmax` at 64 queries x 2,048 rows: the G query heads of
+    a kv group are one query axis (every query reads the same rows, so no mask but the missing
+    rows'). The memory gate adds a constant to every memory logit of a head, so it moves only
+    the head's lse. Returns (out [B, Hq, T, D], lse [B, Hq, T])."""
+    B, Hq, T, D = q.shape
+    Hkv, R = k_rows.shape[1], k_rows.shape[2]
+    qg = q.reshape(B, Hkv, (Hq // Hkv) * T, D)                                        # [B, Hkv, G*T, D]
+    ok = row_ok.to(q.device)                                                          # [B, R]
+    mask = None
+    if not bool(ok.all()):
+        mask = torch.zeros(B, 1, 1, R, device=q.device).masked_fill_(~ok[:, None, None, :], float("-inf"))
+        mask = mask.expand(B, Hkv, qg.shape[2], R)
+    out, lse = CPU_FLASH(qg, k_rows.float(), v_rows.float(), 0.0, False, attn_mask=mask, scale=scale)
+    out, lse = out.reshape(B, Hq, T, D), lse.reshape(B, Hq, T)                             # [B, Hq, T, D], [B, Hq, T]
+    dead = ~ok.any(-1)                                                                # [B]: no row at all
+    if bool(dead.any()):                                                              # the op leaves junk there
+        lse = lse.masked_fill(dead[:, None, None], float("-inf"))
+        out = out.masked_fill(dead[:, None, None, None], 0.0)
+    if mem_bias is not None:
+        lse = lse + mem_bias.float().view(1, Hq, 1)
+    return out, lse
 
 
 def gather_rows(mem, rows: torch.Tensor, per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,65 +221,110 @@ def pinned_block_ids(model, blocks, source: str = "own") -> torch.Tensor:
     return ids.expand(batch, -1).contiguous()
 
 
-def chosen_blocks(mem, q_mem, n: int, block_size: int, chunk: int) -> torch.Tensor:
-    """The `n` memory blocks each chunk of queries reads, chosen by this layer's own queries.
+@dataclass
+class LayerReads:
+    """What one layer's chosen block reads keep between the forward calls of one generation, so
+    that a token read with a KV cache reads exactly the blocks a forward over the whole sequence
+    gives it (kept on the cache, `reads_on_cache`, so a copied cache carries it).
 
-    Chunk c (queries [c*chunk, (c+1)*chunk)) is chosen by the mean query of chunk c-1 (chunk 0 by
-    its first query), so no query's read depends on a later token. A block's score is the largest
-    logit of the chooser against any of its keys, summed over kv heads (one layout per layer).
-    mem: LayerMemory [b, Hkv, M, D]; q_mem [B, Hq, T, D]: queries as kNN reads rotate them (one
-    window further than their local position, against keys at their window slot).
-    returns blocks [B, C, n] (C = ceil(T / chunk)); ids of blocks without rows read nothing."""
-    B, Hq, T, D = q_mem.shape
-    Hkv = mem.keys.shape[1]
-    G = Hq // Hkv
-    C = -(-T // chunk)
-    qg = q_mem.float().view(B, Hkv, G, T, D).mean(2)                                  # [B, Hkv, T, D]
-    first = qg[:, :, :1]                                                              # chunk 0's chooser
-    if C > 1:
-        pad = C * chunk - T
-        full = torch.nn.functional.pad(qg, (0, 0, 0, pad)).view(B, Hkv, C, chunk, D)  # [B, Hkv, C, chunk, D]
-        count = torch.full((C,), chunk, device=qg.device)
-        count[-1] = chunk - pad
-        means = full.sum(3) / count.view(1, 1, C, 1)                                  # [B, Hkv, C, D]
-        choosers = torch.cat([first, means[:, :, :-1]], dim=2)                        # [B, Hkv, C, D]
-    else:
-        choosers = first                                                              # [B, Hkv, 1, D]
+    queries [B, Hkv, P, D]: the chooser queries (mean over each kv group) of positions 0 .. P-1;
+    chunk: the chunk whose laid-out rows are kept; rows: (rows, keys, values) of it (`block_rows`);
+    memory_rows: len(memory) when they were read (a grown memory is chosen from again)."""
+    queries: torch.Tensor
+    chunk: int = -1
+    rows: tuple | None = None
+    memory_rows: int = -1
+
+
+def reads_on_cache(cache) -> dict | None:
+    """{layer index: LayerReads} kept on a transformers KV cache (None without a cache, or one
+    that takes no attribute)."""
+    if cache is None:
+        return None
+    store = getattr(cache, "memformer_reads", None)
+    if store is None:
+        try:
+            cache.memformer_reads = store = {}
+        except AttributeError:
+            return None
+    return store
+
+
+def chosen_blocks(mem, choosers, n: int, block_size: int) -> torch.Tensor:
+    """The `n` memory blocks each chooser query picks: a block's score is the largest logit of the
+    chooser against any of its keys, summed over kv heads (one layout per layer).
+    mem: LayerMemory [b, Hkv, M, D]; choosers [B, Hkv, C, D]: one query per chunk, rotated as kNN
+    reads rotate them (one window further than their local position, against keys at their
+    window slot). returns blocks [B, C, n], best first; ids of blocks without rows read nothing."""
+    B, Hkv, C, D = choosers.shape
     keys = mem.keys.float()
     if mem.key_scales is not None:
         keys = keys * mem.key_scales[..., None]
-    keys = keys.to(qg.device)                                                         # [b, Hkv, M, D]
-    s = choosers @ keys.transpose(-1, -2)                                             # [B, Hkv, C, M]
-    valid = mem.valid.to(qg.device)                                                   # [b, M]
+    keys = keys.to(choosers.device)                                                   # [b, Hkv, M, D]
+    s = choosers.float() @ keys.transpose(-1, -2)                                     # [B, Hkv, C, M]
+    valid = mem.valid.to(choosers.device)                                             # [b, M]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    block = (mem.positions.to(qg.device) // block_size).clamp(min=0)                  # [b, M]
+    block = (mem.positions.to(choosers.device) // block_size).clamp(min=0)            # [b, M]
     nb = int(block.max()) + 1
-    per_block = torch.full((B, Hkv, C, nb), float("-inf"), device=qg.device)
+    per_block = torch.full((B, Hkv, C, nb), float("-inf"), device=choosers.device)
     per_block = per_block.scatter_reduce(3, block[:, None, None, :].expand_as(s), s, reduce="amax")
     score = per_block.sum(1)                                                          # [B, C, nb]
     return score.topk(min(n, nb), dim=-1).indices                                     # [B, C, n]
 
 
+def chunk_chooser(queries: torch.Tensor, c: int, chunk: int, known: int = 0) -> torch.Tensor:
+    """The query that chooses chunk c's blocks: the mean query of chunk c-1, so no query's read
+    depends on a later token (chunk 0: its first query). queries [B, Hkv, P, D] of positions
+    0 .. P-1, of which those before `known` are unknown (a cache made without memory reads): a
+    chunk with no known query before it is chosen by its first known query. -> [B, Hkv, D]"""
+    lo, hi = max((c - 1) * chunk, known), c * chunk
+    if c > 0 and hi > lo:
+        return queries[:, :, lo:hi].mean(2)
+    return queries[:, :, max(c * chunk, known)]
+
+
 def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block_size: int, scale: float,
                            rotary_fn, row_rotation, slot_rotation, local_mask=None, mem_bias=None,
-                           with_probs: bool = False):
-    """Block reads with no question: every chunk of `block_size` queries reads the `n` blocks its
-    layer's queries choose (`chosen_blocks`), laid out before the local window as question reads
-    lay them out, in one softmax with its local keys (`block_attention`).
-    q_rot [B, Hq, T, D] (local positions), q_mem [B, Hq, T, D] (the chooser's rotation);
-    k_local, v_local [B, Hkv, S, D]; local_mask as HF gives it (None = causal, queries last T of S).
-    returns (out [B, Hq, T, D], rows [B, 1, T, R], probs [B, 1, T, R] or None)."""
+                           with_probs: bool = False, offset: int = 0, reads: LayerReads | None = None):
+    """Block reads with no question: every chunk of `block_size` positions reads the `n` blocks its
+    layer's queries choose (`chunk_chooser`, `chosen_blocks`), laid out before the local window as
+    question reads lay them out, in one softmax with its local keys (`rows_attention`).
+
+    q_rot [B, Hq, T, D] (local positions), q_mem [B, Hq, T, D] (the chooser's rotation): queries
+    at positions offset .. offset+T-1 (offset: tokens already in the KV cache); k_local, v_local
+    [B, Hkv, S, D]; local_mask as HF gives it (None = causal, queries last T of S).
+    reads: the `LayerReads` the calls before this one left (None at offset 0 or when unknown); a
+    chunk whose rows it holds is not chosen or gathered again.
+    returns (out [B, Hq, T, D], rows [B, 1, T, R], probs [B, 1, T, R] or None, LayerReads after)."""
     B, Hq, T, D = q_rot.shape
-    blocks = chosen_blocks(mem, q_mem, n, block_size, block_size)                     # [B, C, n]
+    Hkv, bs = k_local.shape[1], block_size
+    qg = q_mem.float().view(B, Hkv, Hq // Hkv, T, D).mean(2)                          # [B, Hkv, T, D]
+    past = reads.queries if reads is not None else None
+    if past is not None and past.shape[:2] == qg.shape[:2] and past.shape[2] >= offset:
+        queries, known = torch.cat([past[:, :, :offset], qg], dim=2), 0               # [B, Hkv, offset + T, D]
+    else:
+        queries, known, reads = torch.cat([qg.new_zeros(B, Hkv, offset, D), qg], dim=2), offset, None
+    first, last = offset // bs, (offset + T - 1) // bs
+    size = len(mem)
+    kept = reads is not None and reads.rows is not None and reads.chunk == first and reads.memory_rows == size
+    todo = [c for c in range(first, last + 1) if not (kept and c == first)]
+    blocks = {}
+    if todo:                                                                          # [B, len(todo), n]
+        choosers = torch.stack([chunk_chooser(queries, c, bs, known) for c in todo], dim=2)   # [B, Hkv, C, D]
+        blocks = dict(zip(todo, chosen_blocks(mem, choosers, n, bs).unbind(1)))
     # the local part once for every query (one causal call), the memory part chunk by chunk
     out_loc, lse_loc = local_attention(q_rot, k_local, v_local, scale, local_mask)   # [B, Hq, T, D], [B, Hq, T]
+    laid = reads.rows if kept else None
     outs, rows, probs = [], [], []
-    for c in range(blocks.shape[1]):
-        a, b = c * block_size, min((c + 1) * block_size, T)
-        o, r, p = block_attention(mem, q_rot[:, :, a:b], k_local, v_local, blocks[:, c], block_size=block_size,
-                                  scale=scale, rotary_fn=rotary_fn, row_rotation=row_rotation,
-                                  slot_rotation=slot_rotation, mem_bias=mem_bias, with_probs=with_probs,
-                                  local=(out_loc[:, :, a:b], lse_loc[:, :, a:b]))
+    for c in range(first, last + 1):
+        a, b = max(c * bs, offset) - offset, min((c + 1) * bs, offset + T) - offset
+        if c in blocks:
+            laid = block_rows(mem, blocks[c], B, block_size=bs, rotary_fn=rotary_fn, row_rotation=row_rotation,
+                              slot_rotation=slot_rotation, device=q_rot.device)    # rows [B, R], keys, values
+        o, r, p = rows_attention(q_rot[:, :, a:b], k_local, v_local, *laid, scale=scale, mem_bias=mem_bias,
+                                 with_probs=with_probs, local=(out_loc[:, :, a:b], lse_loc[:, :, a:b]))
         outs.append(o), rows.append(r), probs.append(p)
+    after = LayerReads(queries, last, laid, size)
     # every chunk reads n blocks of block_size rows (-1 where missing): the same R for all
-    return torch.cat(outs, dim=2), torch.cat(rows, dim=2), None if probs[0] is None else torch.cat(probs, dim=2)
+    return (torch.cat(outs, dim=2), torch.cat(rows, dim=2), None if probs[0] is None else torch.cat(probs, dim=2),
+            after)

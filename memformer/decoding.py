@@ -45,11 +45,12 @@ class LoopStop(StoppingCriteria):
     """Stops a sequence once its generated text (the last `TAIL_TOKENS` tokens of it) loops.
 
     The prompt's length is taken at the first call, which comes after the first new token, so a
-    prompt that itself holds a repeated unit (a Markdown rule, say) stops nothing."""
+    prompt that itself holds a repeated unit (a Markdown rule, say) stops nothing; a generation
+    that continues tokens already generated (`ask` after its verified read) gives it instead."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, prompt_len: int | None = None):
         self.tokenizer = tokenizer
-        self.prompt_len: int | None = None
+        self.prompt_len = prompt_len                 # None: taken at the first call
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         if self.prompt_len is None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from memformer.blocks import block_attention, chosen_block_attention, gather_rows
+from memformer.blocks import block_attention, chosen_block_attention, gather_rows, reads_on_cache
 from memformer.kernels import knn_attention
 
 
@@ -142,7 +142,9 @@ class MemoryAttention(nn.Module):
         if rt.write and rt.enabled:
             # rotated at their window position: memory keeps the order of its tokens
             self.pending = (k_rot[:, :, rt.write_slice].detach(), v[:, :, rt.write_slice].detach())
+        offset = 0                                                             # tokens already in the KV cache
         if past_key_values is not None:
+            offset = past_key_values.get_seq_length(self.layer_idx)
             k_all, v_all = past_key_values.update(k_rot, v, self.layer_idx)
         else:
             k_all, v_all = k_rot, v
@@ -176,11 +178,14 @@ class MemoryAttention(nn.Module):
         q_mem = self.rotary_fn(q_rot, q_rot, *rt.q_rotation)[0]                 # [B, Hq, T, D]
         G = Hq // Hkv
         if rt.layer_blocks and corpus is None:                                 # block reads chosen by this layer
-            out, rows, probs = chosen_block_attention(mem, q_rot, q_mem, k_all, v_all, n=rt.layer_blocks,
-                                                      block_size=rt.block_size, scale=attn.scaling,
-                                                      rotary_fn=self.rotary_fn, row_rotation=rt.layer_rotation,
-                                                      slot_rotation=rt.slot_rotation, local_mask=attention_mask,
-                                                      mem_bias=self.memory_gate, with_probs=rt.record)
+            kept = reads_on_cache(past_key_values)                             # what earlier calls chose
+            out, rows, probs, after = chosen_block_attention(
+                mem, q_rot, q_mem, k_all, v_all, n=rt.layer_blocks, block_size=rt.block_size, scale=attn.scaling,
+                rotary_fn=self.rotary_fn, row_rotation=rt.layer_rotation, slot_rotation=rt.slot_rotation,
+                local_mask=attention_mask, mem_bias=self.memory_gate, with_probs=rt.record, offset=offset,
+                reads=kept.get(self.layer_idx) if kept is not None else None)
+            if kept is not None:
+                kept[self.layer_idx] = after
             if rt.record:
                 self.reads.append((rows, probs))
             return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D)), None

@@ -177,17 +177,33 @@ class QuestionReads:
 
 
 def verified_blocks(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
-                    tokens: int = VERIFY_TOKENS, weight: float = VERIFY_WEIGHT) -> list[int]:
+                    tokens: int = VERIFY_TOKENS, weight: float = VERIFY_WEIGHT, return_output: bool = False,
+                    record: bool = False):
     """The candidate blocks whose read best supports a continuation of `prompt_ids` [1, T]: each
     candidate read alone (`model.reading_blocks`), `tokens` greedy tokens generated, scored by
-    cosine + weight * mean max log-probability; the first candidate wins a tie."""
-    best, best_score = candidates[0][0], float("-inf")
+    cosine + weight * mean max log-probability; the first candidate wins a tie.
+    return_output: also return the winner's generate output (its `sequences` [1, T + tokens] and
+    KV cache), from which `ask` continues the answer instead of generating those tokens again.
+    record: the reads are recorded (`generate(record=True)`), and the winner's recordings are
+    the ones left on the layers, for the continuation to add to."""
+    best, best_score, best_out, best_reads = candidates[0][0], float("-inf"), None, None
     for blocks, cosine in candidates:
         with model.reading_blocks(blocks, source):
             out = model.generate(prompt_ids, max_new_tokens=tokens, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
+                                 return_dict_in_generate=True, record=record)
         logp = [torch.log_softmax(s[0].float(), -1).max().item() for s in out.scores]   # per new token
         score = cosine + weight * sum(logp) / max(1, len(logp))
         if score > best_score:
-            best, best_score = blocks, score
-    return best
+            best, best_score, best_out = blocks, score, out
+            if record:
+                best_reads = {i: (list(m.reads), list(m.corpus_reads)) for i, m in model.memory_modules.items()}
+    if best_reads is not None:
+        for i, m in model.memory_modules.items():
+            m.reads, m.corpus_reads = best_reads[i]
+    return (best, best_out) if return_output else best
+
+
+def output_cache(out):
+    """The KV cache of a generate output (`cache` since transformers 5.24, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

@@ -460,3 +460,22 @@ def test_question_read_without_memory_and_for_a_batch():
     model.memorize([_filler(20, 1), _filler(20, 2)], show_progress=False)
     with pytest.raises(ValueError, match="one sequence"):
         model.questions.blocks_for("river")
+
+
+@pytest.mark.parametrize("T,R,G", [(1, 7, 1), (5, 33, 3), (64, 130, 2)])
+def test_fused_memory_part_equals_the_matmul_one(T, R, G):
+    """The fused CPU path of shared_rows_attention (no gradient) gives the matmul path's output,
+    with missing rows, a sequence with no row at all, and a memory gate."""
+    from memformer.blocks import _rows_flash, _rows_softmax
+    torch.manual_seed(T + R)
+    B, Hkv, D = 2, 2, 16
+    q = torch.randn(B, Hkv * G, T, D)
+    k, v = torch.randn(B, Hkv, R, D), torch.randn(B, Hkv, R, D)
+    ok = torch.rand(B, R) > 0.3
+    ok[1] = False                                          # sequence 1 reads nothing
+    bias = torch.randn(Hkv * G)
+    want_out, want_lse, _ = _rows_softmax(q, k, v, ok, 0.25, bias)
+    out, lse = _rows_flash(q, k, v, ok, 0.25, bias)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_backbone
 from index.store import LayerMemory
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.blocks import chosen_blocks
+from memformer.blocks import chosen_blocks, chunk_chooser
 
 
 def _model(n_blocks, W=32, bs=8):
@@ -28,9 +28,11 @@ def test_chooser_scores_blocks_by_their_best_key_and_lags_one_chunk():
     q[:, :, :bs, 0] = 1.0
     q[:, :, bs:2 * bs, 1] = 1.0
     q[:, :, 2 * bs:, 2] = 1.0
-    blocks = chosen_blocks(mem, q, 1, bs, bs)             # [B, 3, 1]
+    qg = q.view(B, Hkv, 2, 3 * bs, D).mean(2)             # [B, Hkv, T, D]: the choosers' queries
+    choosers = torch.stack([chunk_chooser(qg, c, bs) for c in range(3)], dim=2)   # [B, Hkv, 3, D]
+    blocks = chosen_blocks(mem, choosers, 1, bs)          # [B, 3, 1]
     assert blocks[0, :, 0].tolist() == [2, 2, 5]
-    two = chosen_blocks(mem, q, 2, bs, bs)                 # [B, 3, 2]: best first, then another block
+    two = chosen_blocks(mem, choosers, 2, bs)              # [B, 3, 2]: best first, then another block
     assert two.shape == (1, 3, 2) and two[0, :, 0].tolist() == [2, 2, 5]
     assert all(len(set(row)) == 2 for row in two[0].tolist())
 
@@ -70,3 +72,40 @@ def test_chosen_reads_are_causal_and_read_a_few_blocks():
     for reads in model.recorded_reads().values():
         for rows, _ in reads:
             assert ((rows >= 0).sum(-1) <= 2 * 8).all()
+
+
+def test_generating_with_a_cache_reads_what_one_forward_reads():
+    """Chunks count positions from the start of the window, and the cache keeps each layer's
+    chooser queries and current rows: greedy generation (one token per call, crossing several
+    chunks of 4) gives every token the logits a single forward over the whole sequence gives it,
+    and a context cache continued twice gives the same tokens both times."""
+    torch.manual_seed(0)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(window=64, sink_tokens=2, overlap=4,
+                                                                           top_k=4, block_size=4, layer_blocks=3))
+    model.memorize(torch.randint(3, 100, (1, 200)), show_progress=False)
+    x = torch.randint(3, 100, (1, 9))
+    out = model.generate(x, max_new_tokens=14, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    full = model.state.with_sink(out.sequences, model.memory_config.sink_tokens)     # [1, S + 9 + 14]
+    with torch.no_grad():
+        logits = model(full).logits[0, -15:-1]                                         # [14, V]: the new tokens'
+    torch.testing.assert_close(torch.stack([s[0] for s in out.scores]), logits, atol=1e-4, rtol=1e-4)
+    ctx = model.context_cache(x[:, :6])
+    first = model.generate(x, max_new_tokens=10, do_sample=False, cache=ctx)
+    second = model.generate(x, max_new_tokens=10, do_sample=False, cache=ctx)
+    assert torch.equal(first, second) and torch.equal(first, out.sequences[:, :19])
+
+
+def test_a_chunk_is_chosen_once_while_generating(monkeypatch):
+    """A new token chooses and gathers blocks only when it starts a chunk: 12 new tokens after a
+    5-token prompt (sink 2, chunks of 4: positions 0..18) choose in 5 calls per layer, not 13."""
+    import memformer.blocks as blocks
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(window=64, sink_tokens=2, overlap=4,
+                                                                           top_k=4, block_size=4, layer_blocks=2))
+    model.memorize(torch.randint(3, 100, (1, 120)), show_progress=False)
+    calls = []
+    real = blocks.chosen_blocks
+    monkeypatch.setattr(blocks, "chosen_blocks", lambda *a, **k: calls.append(a[1].shape[2]) or real(*a, **k))
+    model.generate(torch.randint(3, 100, (1, 5)), max_new_tokens=12, do_sample=False)
+    per_layer = len(calls) // len(model.knn_layer_ids)
+    # the prefill chooses chunks 0 and 1 in one call; then chunks 2, 3 and 4 start at new tokens
+    assert per_layer == 4 and sum(calls) // len(model.knn_layer_ids) == 5

@@ -427,11 +427,12 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     model.generate = lambda *a, **kw: pinned.append(model.runtime.pinned_blocks.tolist()) or real_generate(*a, **kw)
     model.ask(query, max_new_tokens=3)
     # the candidates are read one by one (`verified_blocks`), the first being blocks_for's; then
-    # the answer is generated reading the one chosen
+    # the answer reads the one chosen: 3 tokens are all in the chosen read's first VERIFY_TOKENS,
+    # so nothing is generated again
     candidates, source = model.questions.candidates(query)
     assert source == "own" and candidates[0][0] == blocks and len(candidates) > 1
     assert reads[:-1] == [c for c, _ in candidates] and reads[-1] in reads[:-1]
-    assert pinned == [[r] for r in reads] and model.runtime.pinned_blocks is None
+    assert pinned == [[r] for r in reads[:-1]] and model.runtime.pinned_blocks is None
     model.generate = real_generate
     model.memory_config.question_blocks = 1
     one = model.questions.blocks_for(query)
@@ -783,3 +784,37 @@ def test_verified_blocks_weighs_the_embedder_against_the_read():
     assert 0.50 + VERIFY_WEIGHT * -2.0 < 0.45 + VERIFY_WEIGHT * math.log(sure) and VERIFY_TOKENS >= 1
     assert verified_blocks(Reader({(0, 1): unsure, (5, 6): sure}), [([0, 1], 0.90), ([5, 6], 0.30)], "corpus", x) == [0, 1]
     assert verified_blocks(Reader({(0, 1): sure, (5, 6): sure}), [([0, 1], 0.40), ([5, 6], 0.40)], "own", x) == [0, 1]
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_ask_continues_the_verified_read(record):
+    """`ask` continues the winning candidate's first tokens from its KV cache: the answer, and with
+    `record` the reads recorded (evidence), are those of generating the whole answer afresh
+    reading the chosen blocks; the first tokens are not generated again."""
+    from memformer.question_reads import VERIFY_TOKENS, verified_blocks
+    model = tiny_model(block_size=8, question_blocks=4)
+    LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    query = "What is the name of the keeper's cat?"
+    x = model.questions.prompt_ids(query)
+    candidates, source = model.questions.candidates(query)
+    assert len(candidates) > 1
+    chosen = verified_blocks(model, candidates, source, x)
+    with model.reading_blocks(chosen, source):
+        fresh = model.generate(x, max_new_tokens=12, do_sample=False, record=record)
+    want_reads = {i: list(r) for i, r in model.recorded_reads().items()}
+    model.clear_recorded_reads()
+    steps = []
+    real_generate = model.generate
+    model.generate = lambda ids, **kw: steps.append(ids.shape[1]) or real_generate(ids, **kw)
+    answer = model.ask(query, max_new_tokens=12, record=record)
+    model.generate = real_generate
+    assert answer == model.tokenizer.decode(fresh[0, x.shape[1]:], skip_special_tokens=True).strip()
+    # two candidate reads from the prompt, then the continuation from the chosen one's tokens
+    assert steps == [x.shape[1]] * len(candidates) + [x.shape[1] + VERIFY_TOKENS]
+    got = model.recorded_reads()
+    assert set(got) == set(want_reads) and bool(got) == record
+    for i, calls in want_reads.items():
+        assert len(got[i]) == len(calls)
+        for (rows, probs), (want_rows, want_probs) in zip(got[i], calls):
+            assert torch.equal(rows, want_rows)
+            torch.testing.assert_close(probs, want_probs, atol=1e-5, rtol=1e-5)
