@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-# PyTorch's fused CPU attention that also returns the log-sum-exp (natural log); a private op
-# (None where this torch lacks it), so every use has an explicit fallback.
-CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# PyTorch's fused CPU attention that also returns the log-sum-exp (natural log); private, so
+# every use has an explicit fallback (`can_fuse`, `fused_attention`).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def gather_memory(mem: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,30 @@ def _additive_mask(mask, T: int, S: int, device, dtype=torch.float32) -> torch.T
     return mask.to(dtype)
 
 
+def can_fuse(*tensors) -> bool:
+    """Whether `fused_attention` may run on these tensors (None entries are skipped): the op
+    exists, they are fp32 on the CPU, and no gradient is wanted (the op does not propagate
+    gradients through its lse output, which every merge with memory needs)."""
+    xs = [x for x in tensors if x is not None]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+    return _CPU_FLASH is not None and not needs_grad and all(x.device.type == "cpu" for x in xs) \
+        and xs[0].dtype == torch.float32
+
+
+def fused_attention(q, k, v, scale: float, mask=None, causal: bool = False):
+    """PyTorch's fused CPU attention with its log-sum-exp (check `can_fuse` first).
+    q [B, H, T, D]; k, v [B, H, S, D]; mask: additive, broadcastable to [B, H, T, S], or None.
+    returns (out [B, H, T, D], lse [B, H, T]); a query whose mask hides every key attends
+    nothing: out 0, lse -inf (the op leaves junk there)."""
+    out, lse = _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+    if mask is not None:
+        dead = torch.isneginf(mask).all(-1).expand(lse.shape)                       # [B, H, T]
+        if bool(dead.any()):
+            lse = lse.masked_fill(dead, float("-inf"))
+            out = out.masked_fill(dead[..., None], 0.0)
+    return out, lse
+
+
 def local_attention(q, k_local, v_local, scale: float, local_mask=None):
     """Causal attention over the local window with its log-sum-exp.
 
@@ -69,23 +93,13 @@ def local_attention(q, k_local, v_local, scale: float, local_mask=None):
     B, Hq, T, D = q.shape
     Hkv, S = k_local.shape[1], k_local.shape[2]
     G = Hq // Hkv
-    # The fused op does not propagate gradients through its lse output, which the merge with
-    # memory needs: use it only when no gradient is wanted.
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_local, v_local))
-    if CPU_FLASH is not None and q.device.type == "cpu" and q.dtype == torch.float32 and not needs_grad:
+    if can_fuse(q, k_local, v_local):
         k = k_local.float().repeat_interleave(G, dim=1) if G > 1 else k_local.float()   # [B, Hq, S, D]
         v = v_local.float().repeat_interleave(G, dim=1) if G > 1 else v_local.float()
         if local_mask is None and T == S:
-            out, lse = CPU_FLASH(q, k, v, 0.0, True, scale=scale)
-        else:
-            mask = None if (local_mask is None and T == 1) else _additive_mask(local_mask, T, S, q.device)
-            out, lse = CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-            if mask is not None:  # rows with no visible key: nothing attended (the op leaves junk)
-                dead = torch.isneginf(mask).all(-1).expand(B, Hq, T)                     # [B, Hq, T]
-                if bool(dead.any()):
-                    lse = lse.masked_fill(dead, float("-inf"))
-                    out = out.masked_fill(dead[..., None], 0.0)
-        return out, lse
+            return fused_attention(q, k, v, scale, causal=True)
+        mask = None if (local_mask is None and T == 1) else _additive_mask(local_mask, T, S, q.device)
+        return fused_attention(q, k, v, scale, mask)
     qg = q.float().view(B, Hkv, G, T, D)                                          # query heads grouped
     s = (qg @ k_local.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, S) * scale   # [B, Hq, T, S]
     s = s + _additive_mask(local_mask, T, S, q.device)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memformer.kernels.reference import CPU_FLASH, local_attention
+from memformer.kernels.reference import can_fuse, fused_attention, local_attention
 
 
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,
@@ -125,8 +125,7 @@ def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale:
     softmax, or None unless with_probs)."""
     B, Hq, T, D = q.shape
     out_loc, lse_loc = local if local is not None else local_attention(q, k_local, v_local, scale, local_mask)  # [B, Hq, T, D], [B, Hq, T]
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_rows, v_rows, mem_bias) if x is not None)
-    if with_probs or needs_grad or CPU_FLASH is None or q.device.type != "cpu" or q.dtype != torch.float32:
+    if with_probs or not can_fuse(q, k_rows, v_rows, mem_bias):
         out_mem, lse_mem, p = _rows_softmax(q, k_rows, v_rows, row_ok, scale, mem_bias)
     else:
         out_mem, lse_mem = _rows_flash(q, k_rows, v_rows, row_ok, scale, mem_bias)
@@ -167,15 +166,11 @@ def _rows_flash(q, k_rows, v_rows, row_ok, scale: float, mem_bias):
     qg = q.reshape(B, Hkv, (Hq // Hkv) * T, D)                                        # [B, Hkv, G*T, D]
     ok = row_ok.to(q.device)                                                          # [B, R]
     mask = None
-    if not bool(ok.all()):
+    if not bool(ok.all()):                                                            # [B, Hkv, G*T, R]
         mask = torch.zeros(B, 1, 1, R, device=q.device).masked_fill_(~ok[:, None, None, :], float("-inf"))
         mask = mask.expand(B, Hkv, qg.shape[2], R)
-    out, lse = CPU_FLASH(qg, k_rows.float(), v_rows.float(), 0.0, False, attn_mask=mask, scale=scale)
-    out, lse = out.reshape(B, Hq, T, D), lse.reshape(B, Hq, T)                             # [B, Hq, T, D], [B, Hq, T]
-    dead = ~ok.any(-1)                                                                # [B]: no row at all
-    if bool(dead.any()):                                                              # the op leaves junk there
-        lse = lse.masked_fill(dead[:, None, None], float("-inf"))
-        out = out.masked_fill(dead[:, None, None, None], 0.0)
+    out, lse = fused_attention(qg, k_rows.float(), v_rows.float(), scale, mask)
+    out, lse = out.reshape(B, Hq, T, D), lse.reshape(B, Hq, T)                        # [B, Hq, T, D], [B, Hq, T]
     if mem_bias is not None:
         lse = lse + mem_bias.float().view(1, Hq, 1)
     return out, lse

@@ -13,7 +13,7 @@ from memformer.kernels import reference as ref_module
 def local_path(request, monkeypatch):
     """Run every test with torch's fused CPU local attention and with the explicit fallback."""
     if request.param == "explicit-local":
-        monkeypatch.setattr(ref_module, "CPU_FLASH", None)
+        monkeypatch.setattr(ref_module, "_CPU_FLASH", None)
     return request.param
 
 
