@@ -18,14 +18,21 @@ import torch
 from memformer.memory_layer import memory_pass
 
 
+def cache_argument(backbone) -> str:
+    """The name the backbone takes a KV cache by: `cache` since transformers 5.24, else
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
-def make_context_cache(model, input_ids: torch.Tensor):
+def make_context_cache(model, input_ids: torch.Tensor, return_logits: bool = False):
     """The KV cache of reading input_ids [B, T] as `model.generate`'s prompt: pass it as
     `generate(torch.cat([input_ids, more], 1), cache=cache)` and only `more` and the new tokens
     are run, so the reads of a long prompt's shared part are paid once for any number of
     continuations. T + more + new tokens must fit the local window (window - sink_tokens). The
     cache keeps the memory as it was read: re-create it after memorizing more. Returns a
-    transformers `DynamicCache`."""
+    transformers `DynamicCache`; with return_logits, (cache, logits [B, T, V]) where logits[:, t]
+    predict the token after input_ids[:, t]."""
     from transformers import DynamicCache
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -39,13 +46,13 @@ def make_context_cache(model, input_ids: torch.Tensor):
         state.ensure(B)
     x = state.with_sink(input_ids, model.memory_config.sink_tokens)      # [B, S + T]
     cache = DynamicCache(config=backbone.config)
-    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    name = cache_argument(backbone)
     with memory_pass(model.runtime, model.memory_modules, read=True, write=False):
-        backbone(input_ids=x.to(model.device), attention_mask=torch.ones_like(x).to(model.device),
-                 use_cache=True, logits_to_keep=1, **{name: cache})
+        out = backbone(input_ids=x.to(model.device), attention_mask=torch.ones_like(x).to(model.device),
+                       use_cache=True, logits_to_keep=T if return_logits else 1, **{name: cache})
     cache.memformer_ids = x.cpu().clone()              # [sink ‖ context]: checked at reuse
     cache.memformer_version = state.version            # the memory it read
-    return cache
+    return (cache, out.logits) if return_logits else cache
 
 
 def reuse_context(model, context, input_ids: torch.Tensor):

@@ -31,12 +31,12 @@ from memformer import persistence
 from memformer.adapters import get_adapter
 from memformer.blocks import pinned_block_ids
 from memformer.config import AdapterConfig, MemoryConfig
-from memformer.context_cache import make_context_cache, reuse_context
+from memformer.context_cache import cache_argument, make_context_cache, reuse_context
 from memformer.index import LayerMemory
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
-from memformer.question_reads import QuestionReads, output_cache, read_query, verified_blocks
+from memformer.question_reads import QuestionReads, read_query, verified_blocks
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
 
 
@@ -364,23 +364,14 @@ class MemformerForCausalLM(nn.Module):
         T = x.shape[1]
         prompt_len = self.state.with_sink(x, self.memory_config.sink_tokens).shape[1]   # as generate runs it
         stops = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), LoopStop(self.tokenizer, prompt_len)])
-        # the answer continues the winning verified read, unless it is generated with settings of its own
-        read, start = self._question_read(read_query(question, cue), x, continued=not generate_kwargs, record=record)
+        # the winning verified read's prompt cache: the answer does not run the prompt again
+        # (a recorded answer runs it, so that the recordings cover the prompt)
+        read, cache = self._question_read(read_query(question, cue), x)
+        if cache is not None and not record:
+            generate_kwargs[cache_argument(self.backbone)] = cache
         with read:
-            if start is None:
-                out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
-                                    stopping_criteria=stops, **generate_kwargs)
-            else:                              # the verified read's first tokens are the answer's first
-                out = start.sequences[:, :T + max_new_tokens]                     # [1, T + k]
-                eos = self.backbone.generation_config.eos_token_id
-                eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-                k = out.shape[1] - T
-                if k < max_new_tokens and not eos & set(out[0, T:].tolist()):
-                    # continue them from the read's KV cache (it holds all but the last token)
-                    # (recording adds to what the verified read recorded)
-                    with memory_pass(self.runtime, self.memory_modules, record=record or None):
-                        out = self.generate(out, max_new_tokens=max_new_tokens - k, do_sample=False,
-                                            stopping_criteria=stops, cache=output_cache(start))
+            out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
+                                stopping_criteria=stops, **generate_kwargs)
         text, cut = cut_loop(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip())
         return AskOutput(text, cut) if return_dict else text
 
@@ -392,19 +383,16 @@ class MemformerForCausalLM(nn.Module):
         own reads) with nothing memorized, or beside a corpus memory built without passages."""
         return self._question_read(query, prompt_ids)[0]
 
-    def _question_read(self, query: str, prompt_ids: torch.Tensor | None, continued: bool = False,
-                       record: bool = False):
-        """(`question_read`'s context manager, the winning verified read's generate output when
-        the answer is `continued` from it, else None); record: the verified reads are recorded."""
+    def _question_read(self, query: str, prompt_ids: torch.Tensor | None):
+        """(`question_read`'s context manager, the winning verified read's prompt cache or None)."""
         found = self.questions.candidates(query)
         if found is None:
             return contextlib.nullcontext(), None
         candidates, source = found
         if prompt_ids is None or len(candidates) == 1:
             return self.reading_blocks(candidates[0][0], source), None
-        blocks, out = verified_blocks(self, candidates, source, prompt_ids, return_output=True,
-                                      record=record and continued)
-        return self.reading_blocks(blocks, source), out if continued else None
+        blocks, cache = verified_blocks(self, candidates, source, prompt_ids, return_cache=True)
+        return self.reading_blocks(blocks, source), cache
 
     def block_memories(self, source: str = "own") -> dict[int, LayerMemory]:
         """The layer memories blocks are read from: the own memory or the attached corpus's."""

@@ -11,23 +11,24 @@ memorized text (embedded on first use, kept with a saved memory) and of an attac
 what every memory layer then reads (`MemformerForCausalLM.reading_blocks`).
 
 When the prompt is known (`ask`), the memory layers check the ranking: the blocks of each of the
-`CANDIDATES` best passages are read alone and the prompt is continued greedily for
-`VERIFY_TOKENS` tokens; a candidate's score is its passage's cosine plus `VERIFY_WEIGHT` times
-the mean log-probability of those tokens (`verified_blocks`). A read that holds the answer is
-continued with confidence; one that does not (the document's own instruction line, a passage
-that only paraphrases the question) is not, whatever the embedder thought of it.
+`CANDIDATES` best passages are read alone under the prompt, and a candidate's score is its
+passage's cosine plus `PROMPT_WEIGHT` times the mean log-probability of the prompt's own tokens
+under that read (`verified_blocks`). The read that holds the question's words (the key of a
+needle among look-alikes, the name asked about) predicts them; the document's instruction line
+or a passage that only paraphrases the question does not, whatever the embedder thought of it.
+The winner's prompt cache is kept, and the answer is generated from it.
 """
 from __future__ import annotations
 
 import torch
 
 from memformer.config import MemoryConfig
+from memformer.context_cache import make_context_cache
 from memformer.memory_state import MemoryState
 from memformer.passages import PassageIndex, question_blocks, with_embedder
 
-CANDIDATES = 2          # passages a question read tries, each read alone
-VERIFY_TOKENS = 4       # greedy tokens a candidate read is scored by
-VERIFY_WEIGHT = 0.2     # weight of their mean log-probability (<= 0) beside the passage's cosine
+CANDIDATES = 4          # passages a question read tries, each read alone
+PROMPT_WEIGHT = 1.0     # weight of the prompt's mean token log-probability (<= 0) beside the cosine
 
 
 def chat_ids(tokenizer, question: str, system: str | None = None) -> torch.Tensor:
@@ -176,34 +177,33 @@ class QuestionReads:
         return question_blocks(ranked, cfg.question_blocks, cfg.block_size, limit)
 
 
+def candidate_read(model, prompt_ids: torch.Tensor):
+    """One candidate read (inside `model.reading_blocks`): (KV cache of the prompt but its last
+    token, for `model.generate(prompt_ids, cache=...)`; log-probabilities [T - 1] of the prompt's
+    own tokens 1..T-1 under the read) for prompt_ids [1, T], T >= 2. One forward of T - 1 tokens
+    (`make_context_cache`) gives both, so the winner's answer does not run its prompt again."""
+    cache, logits = make_context_cache(model, prompt_ids[:, :-1], return_logits=True)    # [1, T-1, V]
+    logp = torch.log_softmax(logits[0].float(), -1)                                       # [T-1, V]
+    return cache, logp.gather(1, prompt_ids[0, 1:, None].to(logp.device))[:, 0].cpu()   # [T-1]
+
+
 def verified_blocks(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
-                    tokens: int = VERIFY_TOKENS, weight: float = VERIFY_WEIGHT, return_output: bool = False,
-                    record: bool = False):
-    """The candidate blocks whose read best supports a continuation of `prompt_ids` [1, T]: each
-    candidate read alone (`model.reading_blocks`), `tokens` greedy tokens generated, scored by
-    cosine + weight * mean max log-probability; the first candidate wins a tie.
-    return_output: also return the winner's generate output (its `sequences` [1, T + tokens] and
-    KV cache), from which `ask` continues the answer instead of generating those tokens again.
-    record: the reads are recorded (`generate(record=True)`), and the winner's recordings are
-    the ones left on the layers, for the continuation to add to."""
-    best, best_score, best_out, best_reads = candidates[0][0], float("-inf"), None, None
+                    weight: float = PROMPT_WEIGHT, return_cache: bool = False):
+    """The candidate blocks under whose read the prompt prompt_ids [1, T] is likeliest: each
+    candidate is read alone (`model.reading_blocks`, `candidate_read`) and scored by its
+    passage's cosine + weight * the mean log-probability of the prompt's own tokens. A read
+    that holds the question's own words (a key among look-alike needles, a name) predicts them;
+    a look-alike passage or the document's instruction line does not. The first candidate wins
+    a tie; a prompt of one token is scored by cosine alone.
+    return_cache: also return the winner's `candidate_read` cache (None for a one-token prompt),
+    from which `ask` generates the answer without running the prompt again."""
+    if prompt_ids.shape[1] < 2:
+        return (candidates[0][0], None) if return_cache else candidates[0][0]
+    best, best_score, best_cache = candidates[0][0], float("-inf"), None
     for blocks, cosine in candidates:
         with model.reading_blocks(blocks, source):
-            out = model.generate(prompt_ids, max_new_tokens=tokens, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True, record=record)
-        logp = [torch.log_softmax(s[0].float(), -1).max().item() for s in out.scores]   # per new token
-        score = cosine + weight * sum(logp) / max(1, len(logp))
+            cache, logp = candidate_read(model, prompt_ids)
+        score = cosine + weight * logp.mean().item()
         if score > best_score:
-            best, best_score, best_out = blocks, score, out
-            if record:
-                best_reads = {i: (list(m.reads), list(m.corpus_reads)) for i, m in model.memory_modules.items()}
-    if best_reads is not None:
-        for i, m in model.memory_modules.items():
-            m.reads, m.corpus_reads = best_reads[i]
-    return (best, best_out) if return_output else best
-
-
-def output_cache(out):
-    """The KV cache of a generate output (`cache` since transformers 5.24, `past_key_values` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+            best, best_score, best_cache = blocks, score, cache
+    return (best, best_cache) if return_cache else best

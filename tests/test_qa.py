@@ -426,13 +426,12 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     real_generate = model.generate
     model.generate = lambda *a, **kw: pinned.append(model.runtime.pinned_blocks.tolist()) or real_generate(*a, **kw)
     model.ask(query, max_new_tokens=3)
-    # the candidates are read one by one (`verified_blocks`), the first being blocks_for's; then
-    # the answer reads the one chosen: 3 tokens are all in the chosen read's first VERIFY_TOKENS,
-    # so nothing is generated again
+    # the candidates are read one by one under the prompt (`verified_blocks`), the first being
+    # blocks_for's; then the answer is generated reading the one chosen
     candidates, source = model.questions.candidates(query)
     assert source == "own" and candidates[0][0] == blocks and len(candidates) > 1
     assert reads[:-1] == [c for c, _ in candidates] and reads[-1] in reads[:-1]
-    assert pinned == [[r] for r in reads[:-1]] and model.runtime.pinned_blocks is None
+    assert pinned == [[reads[-1]]] and model.runtime.pinned_blocks is None
     model.generate = real_generate
     model.memory_config.question_blocks = 1
     one = model.questions.blocks_for(query)
@@ -751,47 +750,92 @@ def test_generate_returns_full_sequences_and_the_logits_of_a_forward(tok):
     assert torch.equal(logp.argmax(-1), new)                                                    # greedy
 
 
-def test_verified_blocks_weighs_the_embedder_against_the_read():
-    """`verified_blocks`: each candidate read alone, scored by cosine + VERIFY_WEIGHT * the mean
-    log-probability of its greedy continuation; a confident read beats a slightly better cosine,
-    not a much better one, and a tie keeps the embedder's order."""
-    import contextlib
-    import math
-    from types import SimpleNamespace
-    from memformer.question_reads import VERIFY_TOKENS, VERIFY_WEIGHT, verified_blocks
+class _FakeReads:
+    """Stands in for `candidate_read`: the prompt's log-probabilities depend on the blocks read
+    (`reading_blocks`)."""
+    def __init__(self, prompt):
+        self.prompt, self.current, self.calls = prompt, None, []
 
-    class Reader:                                     # generate's confidence depends on the blocks read
-        def __init__(self, confidence):
-            self.confidence, self.current, self.calls = confidence, None, []
+    def reading_blocks(self, blocks, source):
+        import contextlib
 
         @contextlib.contextmanager
-        def reading_blocks(self, blocks, source):
+        def pinned():
             self.current = tuple(blocks)
             self.calls.append((tuple(blocks), source))
             yield
             self.current = None
+        return pinned()
 
-        def generate(self, ids, max_new_tokens, **kw):
-            p = self.confidence[self.current]          # probability of the greedy token
-            logits = torch.log(torch.tensor([[p, (1 - p) / 2, (1 - p) / 2]]))
-            return SimpleNamespace(scores=[logits] * max_new_tokens)
+    def read(self, model, ids):
+        return f"cache of {self.current}", torch.full((ids.shape[1] - 1,), self.prompt[self.current])
 
-    x = torch.zeros(1, 3, dtype=torch.long)
-    sure, unsure = 0.99, math.exp(-2.0)
-    reader = Reader({(0, 1): unsure, (5, 6): sure})
-    assert verified_blocks(reader, [([0, 1], 0.50), ([5, 6], 0.45)], "own", x) == [5, 6]
-    assert reader.calls == [((0, 1), "own"), ((5, 6), "own")]
-    assert 0.50 + VERIFY_WEIGHT * -2.0 < 0.45 + VERIFY_WEIGHT * math.log(sure) and VERIFY_TOKENS >= 1
-    assert verified_blocks(Reader({(0, 1): unsure, (5, 6): sure}), [([0, 1], 0.90), ([5, 6], 0.30)], "corpus", x) == [0, 1]
-    assert verified_blocks(Reader({(0, 1): sure, (5, 6): sure}), [([0, 1], 0.40), ([5, 6], 0.40)], "own", x) == [0, 1]
+
+def test_verified_blocks_binds_the_prompt_to_the_read(monkeypatch):
+    """`verified_blocks`: each candidate read alone under the prompt, scored by cosine +
+    PROMPT_WEIGHT * the mean log-probability of the prompt's tokens: a read that predicts the
+    prompt (it holds the question's words) beats a look-alike with a better cosine, not one with
+    a much better cosine at a small difference; a tie keeps the embedder's order; a one-token
+    prompt is scored by cosine alone."""
+    from memformer import question_reads
+    from memformer.question_reads import PROMPT_WEIGHT, verified_blocks
+
+    def reader(prompt):
+        fake = _FakeReads(prompt)
+        monkeypatch.setattr(question_reads, "candidate_read", fake.read)
+        return fake
+
+    x = torch.zeros(1, 5, dtype=torch.long)
+    fake = reader({(0, 1): -3.5, (5, 6): -1.5})                       # look-alike, then the key's own read
+    assert verified_blocks(fake, [([0, 1], 0.50), ([5, 6], 0.40)], "own", x) == [5, 6]
+    assert fake.calls == [((0, 1), "own"), ((5, 6), "own")]
+    assert 0.50 + PROMPT_WEIGHT * -3.5 < 0.40 + PROMPT_WEIGHT * -1.5
+    assert verified_blocks(fake, [([0, 1], 0.50), ([5, 6], 0.40)], "own", x, return_cache=True) == ([5, 6], "cache of (5, 6)")
+    fake = reader({(0, 1): -2.0, (5, 6): -1.9})                       # a small difference: the cosine decides
+    assert verified_blocks(fake, [([0, 1], 0.90), ([5, 6], 0.30)], "corpus", x) == [0, 1]
+    fake = reader({(0, 1): -2.0, (5, 6): -2.0})
+    assert verified_blocks(fake, [([0, 1], 0.40), ([5, 6], 0.40)], "own", x) == [0, 1]
+    fake = reader({(0, 1): -9.0, (5, 6): -1.0})
+    assert verified_blocks(fake, [([0, 1], 0.40), ([5, 6], 0.60)], "own", x, weight=0.0) == [5, 6]
+    one = torch.zeros(1, 1, dtype=torch.long)
+    fake = reader({(0, 1): -9.0, (5, 6): -1.0})
+    assert verified_blocks(fake, [([0, 1], 0.40), ([5, 6], 0.30)], "own", one, return_cache=True) == ([0, 1], None)
+    assert fake.calls == []
+
+
+def test_candidate_read_is_one_forward_and_its_cache_continues_it():
+    """`candidate_read`: the prompt's log-probabilities are a plain forward's over [sink ‖ prompt]
+    reading the same blocks, and generate from its cache gives plain generate's tokens and
+    scores (the prompt's last token run then, the rest not again)."""
+    from memformer.memory_layer import memory_pass
+    from memformer.question_reads import candidate_read
+    model = tiny_model(block_size=8, question_blocks=4)
+    LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    x = model.questions.prompt_ids("What is the name of the keeper's cat?")          # [1, T]
+    blocks = model.questions.blocks_for("keeper's cat")
+    kw = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with model.reading_blocks(blocks, "own"):
+        cache, prompt_logp = candidate_read(model, x)
+        out = model.generate(x, cache=cache, **kw)
+        plain = model.generate(x, **kw)
+        xs = model.state.with_sink(x, model.memory_config.sink_tokens)                # [1, S + T]
+        with memory_pass(model.runtime, model.memory_modules, read=True, write=False):
+            logits = model.backbone(input_ids=xs, attention_mask=torch.ones_like(xs)).logits
+    S = xs.shape[1] - x.shape[1]
+    want = torch.log_softmax(logits[0, S:-1].float(), -1).gather(1, x[0, 1:, None])[:, 0]   # [T - 1]
+    assert prompt_logp.shape == (x.shape[1] - 1,)
+    torch.testing.assert_close(prompt_logp, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out.sequences, plain.sequences)
+    for a, b in zip(out.scores, plain.scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("record", [False, True])
-def test_ask_continues_the_verified_read(record):
-    """`ask` continues the winning candidate's first tokens from its KV cache: the answer, and with
-    `record` the reads recorded (evidence), are those of generating the whole answer afresh
-    reading the chosen blocks; the first tokens are not generated again."""
-    from memformer.question_reads import VERIFY_TOKENS, verified_blocks
+def test_ask_generates_from_the_verified_read(record):
+    """`ask` generates from the winning candidate's prompt cache: the answer, and with `record`
+    the reads recorded (evidence; the whole prompt is run again so that they cover it), are
+    those of generating the whole answer afresh reading the chosen blocks."""
+    from memformer.question_reads import verified_blocks
     model = tiny_model(block_size=8, question_blocks=4)
     LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     query = "What is the name of the keeper's cat?"
@@ -803,14 +847,13 @@ def test_ask_continues_the_verified_read(record):
         fresh = model.generate(x, max_new_tokens=12, do_sample=False, record=record)
     want_reads = {i: list(r) for i, r in model.recorded_reads().items()}
     model.clear_recorded_reads()
-    steps = []
+    cached = []
     real_generate = model.generate
-    model.generate = lambda ids, **kw: steps.append(ids.shape[1]) or real_generate(ids, **kw)
+    model.generate = lambda ids, **kw: cached.append("cache" in kw or "past_key_values" in kw) or real_generate(ids, **kw)
     answer = model.ask(query, max_new_tokens=12, record=record)
     model.generate = real_generate
     assert answer == model.tokenizer.decode(fresh[0, x.shape[1]:], skip_special_tokens=True).strip()
-    # two candidate reads from the prompt, then the continuation from the chosen one's tokens
-    assert steps == [x.shape[1]] * len(candidates) + [x.shape[1] + VERIFY_TOKENS]
+    assert cached == [not record]                  # one generate call: from the cache unless recorded
     got = model.recorded_reads()
     assert set(got) == set(want_reads) and bool(got) == record
     for i, calls in want_reads.items():
