@@ -9,6 +9,11 @@ its text holds a unit of 1-16 characters repeated 8 or more times in a row, or a
 sentence and the cue that leads back into it: "a secret code. The secret code of the red vault is
 a secret code. …") repeated 3 or more times (`LoopStop`), and the loop is cut back to one copy of
 its unit (`cut_loop`): the user gets a short answer, and the caller is told that it was cut.
+
+A completion that states its own cue again ("1. The special magic number for tidy-violin is 1.
+The special magic number for …") is starting over, whether or not it would loop: it stops there
+too, and the answer ends before the restated cue (`end_at_cue`). That is the end of an answer,
+not a loop, so it is not reported as one.
 """
 from __future__ import annotations
 
@@ -29,6 +34,14 @@ def looping(text: str) -> bool:
     return LOOP.search(text) is not None
 
 
+def end_at_cue(text: str, cue: str | None) -> str:
+    """text up to where it states `cue` again after some answer of its own (stripped); text
+    unchanged without a cue, when it never restates it, or when it opens with it."""
+    cue = (cue or "").strip()
+    at = text.find(cue, 1) if cue else -1
+    return text if at < 0 else text[:at].strip()
+
+
 def cut_loop(text: str) -> tuple[str, bool]:
     """(text with its first loop cut back to one copy of the unit, whether a loop was cut)."""
     m = LOOP.search(text)
@@ -42,19 +55,23 @@ def cut_loop(text: str) -> tuple[str, bool]:
 
 
 class LoopStop(StoppingCriteria):
-    """Stops a sequence once its generated text (the last `TAIL_TOKENS` tokens of it) loops.
+    """Stops a sequence once its generated text (the last `TAIL_TOKENS` tokens of it) loops, or
+    states `cue` again after some text of its own (`end_at_cue`).
 
     The prompt's length is taken at the first call, which comes after the first new token, so a
     prompt that itself holds a repeated unit (a Markdown rule, say) stops nothing; a generation
-    that continues tokens already generated (`ask` after its verified read) gives it instead."""
+    that continues tokens already generated gives it instead."""
 
-    def __init__(self, tokenizer, prompt_len: int | None = None):
+    def __init__(self, tokenizer, prompt_len: int | None = None, cue: str | None = None):
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len                 # None: taken at the first call
+        self.cue = (cue or "").strip()
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         if self.prompt_len is None:
             self.prompt_len = input_ids.shape[1] - 1
         new = input_ids[:, self.prompt_len:][:, -TAIL_TOKENS:]                 # [B, <= TAIL_TOKENS]
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
-        return torch.tensor([looping(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+        restated = [bool(self.cue) and t.lstrip().find(self.cue, 1) >= 0 for t in texts]
+        return torch.tensor([looping(t) or r for t, r in zip(texts, restated)], dtype=torch.bool,
+                            device=input_ids.device)

@@ -356,14 +356,14 @@ class MemformerForCausalLM(nn.Module):
         Question reads: the passages of the memorized text nearest to the question (or cue) pick
         `MemoryConfig.question_blocks` memory blocks, and every memory layer reads them while the
         answer is generated (`question_read`). Generation stops at a degenerate loop, which is cut back to one
-        copy of its unit (`memformer.decoding`). record: keep the attention each memory row drew
+        copy of its unit, or where the answer states its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`). return_dict: return an `AskOutput` (text, loop_cut) instead."""
         from transformers import StoppingCriteriaList
-        from memformer.decoding import LoopStop, cut_loop
+        from memformer.decoding import LoopStop, cut_loop, end_at_cue
         x = self.questions.prompt_ids(question, cue=cue, system=system)              # [1, T]
         T = x.shape[1]
         prompt_len = self.state.with_sink(x, self.memory_config.sink_tokens).shape[1]   # as generate runs it
-        stops = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), LoopStop(self.tokenizer, prompt_len)])
+        stops = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), LoopStop(self.tokenizer, prompt_len, cue)])
         # the winning verified read's prompt cache: the answer does not run the prompt again
         # (a recorded answer runs it, so that the recordings cover the prompt)
         read, cache = self._question_read(read_query(question, cue), x)
@@ -372,7 +372,7 @@ class MemformerForCausalLM(nn.Module):
         with read:
             out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
                                 stopping_criteria=stops, **generate_kwargs)
-        text, cut = cut_loop(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip())
+        text, cut = cut_loop(end_at_cue(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip(), cue))
         return AskOutput(text, cut) if return_dict else text
 
     def question_read(self, query: str, prompt_ids: torch.Tensor | None = None):

@@ -4,7 +4,7 @@ import torch
 
 from conftest import HashedWords, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.decoding import LoopStop, cut_loop, looping
+from memformer.decoding import LoopStop, cut_loop, end_at_cue, looping
 from test_qa import char_tokenizer
 
 TEXT = " ".join(["river stone cloud maple lantern copper meadow harbor"] * 8)
@@ -41,6 +41,26 @@ def test_loop_stop_looks_at_the_generated_tokens_only():
     s2 = LoopStop(tok)
     s2.prompt_len = 2
     assert s2(both, None).tolist() == [True, False]
+
+
+def test_an_answer_ends_where_it_states_its_cue_again():
+    """`end_at_cue`: a completion that restates its cue after some text of its own is starting over
+    (twice is not a loop yet, so `cut_loop` alone keeps it); it ends before the restated cue.
+    One that opens with the cue, never restates it, or has no cue is kept whole."""
+    cue = "The special magic number for tidy-violin is"
+    again = "1.\n\nThe special magic number for tidy-violin is 1.\n\nThe special magic number for tidy-violin is"
+    assert not looping(again) and end_at_cue(again, cue) == "1."
+    assert end_at_cue("6332596. " + cue + " 6332596.", " " + cue + " ") == "6332596."
+    for kept in (cue + " 4417.", "4417.", "4417. The special magic number for other-key is 1."):
+        assert end_at_cue(kept, cue) == kept
+    assert end_at_cue(again, None) == end_at_cue(again, "  ") == again
+    tok = char_tokenizer()
+    ids = lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]])
+    stop = LoopStop(tok, prompt_len=ids("x: ").shape[1], cue="code is")
+    assert not stop(ids("x: code is 4417"), None).item()         # opens with its cue: an answer
+    assert not stop(ids("x: 4417. The code i"), None).item()
+    assert stop(ids("x: 4417. The code is"), None).item()
+    assert not LoopStop(tok, prompt_len=3)(ids("x: 4417. The code is"), None).item()
 
 
 def _always(model, token: int) -> None:

@@ -232,7 +232,7 @@ class LongDocQA:
             else:
                 context = self.corpus.ids if mode == "full" else self.tail
             x = self._prompt(context, question, cue, full=mode == "full")
-            text, cut = self._generate(x, max_new_tokens)
+            text, cut = self._generate(x, max_new_tokens, cue)
             ans = Answer(mode, text, prompt_tokens=x.shape[1], loop_cut=cut)
             if mode == "rag" and evidence > 0:              # the best passages, as embedded (unmerged)
                 ans.evidence = [self._span(p.start, p.end, p.score) for p in ranked[:evidence]]
@@ -321,20 +321,21 @@ class LongDocQA:
             return x
         return x[:, -model.local_window:]
 
-    def _generate(self, x: torch.Tensor, max_new_tokens: int) -> tuple[str, bool]:
+    def _generate(self, x: torch.Tensor, max_new_tokens: int, cue: str | None = None) -> tuple[str, bool]:
         """Greedy answer of the frozen backbone on exactly x [1, T]: no sink prefix and no memory,
         however the context was prepared (model.generate would also move all but the last window
-        to memory). Stops at a degenerate loop as `ask` does; returns (text, whether one was cut)."""
+        to memory). Stops at a degenerate loop or a restated cue as `ask` does; returns (text,
+        whether a loop was cut)."""
         from transformers import StoppingCriteriaList
-        from memformer.decoding import LoopStop, cut_loop
+        from memformer.decoding import LoopStop, cut_loop, end_at_cue
         model = self.model
         with model.memory_disabled():
             dev = model.device
             out = model.backbone.generate(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev),
                                           pad_token_id=model.pad_token_id, max_new_tokens=max_new_tokens,
                                           do_sample=False,
-                                          stopping_criteria=StoppingCriteriaList([LoopStop(model.tokenizer)])).cpu()
-        return cut_loop(model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip())
+                                          stopping_criteria=StoppingCriteriaList([LoopStop(model.tokenizer, cue=cue)])).cpu()
+        return cut_loop(end_at_cue(model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip(), cue))
 
 
 def _check_mode(mode: str) -> str:
