@@ -37,9 +37,14 @@ def looping(text: str) -> bool:
 def end_at_cue(text: str, cue: str | None) -> str:
     """text up to where it states `cue` again after some answer of its own (stripped); text
     unchanged without a cue, when it never restates it, or when it opens with it."""
-    cue = (cue or "").strip()
-    at = text.find(cue, 1) if cue else -1
+    at = restated_at(text, cue)
     return text if at < 0 else text[:at].strip()
+
+
+def restated_at(text: str, cue: str | None) -> int:
+    """Where `text` states `cue` (stripped) again after some text of its own, else -1."""
+    cue = (cue or "").strip()
+    return text.find(cue, 1) if cue else -1
 
 
 def cut_loop(text: str) -> tuple[str, bool]:
@@ -72,6 +77,6 @@ class LoopStop(StoppingCriteria):
             self.prompt_len = input_ids.shape[1] - 1
         new = input_ids[:, self.prompt_len:][:, -TAIL_TOKENS:]                 # [B, <= TAIL_TOKENS]
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
-        restated = [bool(self.cue) and t.lstrip().find(self.cue, 1) >= 0 for t in texts]
+        restated = [restated_at(t.lstrip(), self.cue) >= 0 for t in texts]
         return torch.tensor([looping(t) or r for t, r in zip(texts, restated)], dtype=torch.bool,
                             device=input_ids.device)
