@@ -125,6 +125,10 @@ def test_runner_streams_records_and_resumes(btok, tmp_path, monkeypatch):
     calls.clear()
     again = ruler.evaluate(_fake_model(btok), **kw, resume=True)
     assert calls == ["truncate"] and [r["id"] for r in again] == [r["id"] for r in rs]
+    calls.clear()                                            # more samples: only the new ones run
+    grown = ruler.evaluate(_fake_model(btok), **dict(kw, samples=3), resume=True)
+    assert len(calls) == 12 and len(grown) == 36
+    assert [r for r in grown if r["index"] < 2] == again
     with pytest.raises(ValueError, match=r"other settings \(memory_config.question_blocks"):
         ruler.evaluate(_fake_model(btok, question_blocks=2), **kw, resume=True)
     with pytest.raises(ValueError, match="unknown RULER task"):

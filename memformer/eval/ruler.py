@@ -339,7 +339,8 @@ def evaluate(model, tasks=DEFAULT_TASKS, lengths=(16384,), samples: int = 10, mo
     """Every task x length x sample in every mode; returns the records (task, length, index
     order, modes in the order given). haystack: a file for the essay tasks (default Python's
     documentation topics). Records stream to out_dir/trials.jsonl (resumable with resume=True
-    when the settings that decide the outcome are unchanged). cache_dir: memories kept there
+    when the settings that decide the outcome are unchanged; a larger `samples` adds samples to a
+    finished run). cache_dir: memories kept there
     (`run_sample`)."""
     from memformer.eval.needle import check_modes
     if model.tokenizer is None:
@@ -355,7 +356,9 @@ def evaluate(model, tasks=DEFAULT_TASKS, lengths=(16384,), samples: int = 10, mo
     build = lambda task, L, i: make_sample(model.tokenizer, task, L, trial_rng(seed, task, L, i), essay, i)
     for t in tasks:                        # a length too short fails now, not hours into the run
         build(t, min(lengths), 0)
-    settings = {"eval": "ruler", "seed": seed, "samples": samples, "haystack": name,
+    # sample i is drawn from its own generator (`trial_rng`), so the number of samples decides no
+    # outcome: a finished run grows with resume=True and a larger `samples`
+    settings = {"eval": "ruler", "seed": seed, "haystack": name,
                 "haystack_words": len(essay), "backbone": model.backbone_fingerprint,
                 "memory_config": model.memory_config.to_dict()}
     log = None if out_dir is None else TrialLog(out_dir, settings, resume)
