@@ -416,8 +416,11 @@ class CorpusStore:
         self.blocks = int(self.ends[-1] - 1) // self.block_size + 1 if len(self.ends) else 0
 
     def check(self, model) -> None:
-        """Refuse (MemoryFileError) a store of another model, memory config or layout."""
-        check_compatible(self.manifest, persistence.memory_fingerprint(model), layout_of(model), self.uri)
+        """Refuse (MemoryFileError) a store of another model, memory config or layout. The dtype
+        the rows are stored in may differ from the model's `memory_dtype`: fetched blocks keep the
+        store's dtype and are dequantised when read (building into a store checks it too)."""
+        layout = {**layout_of(model), "dtype": self.layout.get("dtype")}
+        check_compatible(self.manifest, persistence.memory_fingerprint(model), layout, self.uri)
 
     @property
     def sink_ids(self) -> torch.Tensor | None:

@@ -181,6 +181,32 @@ def test_another_models_store_unwritable_uri_and_unreachable_cluster_are_refused
     assert not (tmp_path / "c").exists()
 
 
+def test_an_int8_store_is_read_by_any_memory_dtype_and_the_cli_builds_int8(tmp_path, monkeypatch, capsys):
+    """Attaching reads the rows in the dtype the store holds: a float32 reader of an int8 store
+    reads the blocks and gives the answer an int8 reader gives; building into it is refused.
+    `memformer memory build` writes int8 rows unless --memory-dtype says otherwise."""
+    docs = _zebra_docs(tmp_path, n=2)
+    corpus_build.build_store(_model(memory_dtype="int8"), docs, tmp_path / "q", show_progress=False)
+    assert corpus_store.read_manifest(tmp_path / "q")["layout"]["dtype"] == "int8"
+    f32, q8 = _model(), _model(memory_dtype="int8")
+    f32.attach_corpus(tmp_path / "q")
+    q8.attach_corpus(tmp_path / "q")
+    fetched = f32.state.corpus_store.fetch_blocks([0])
+    assert all(m.keys.dtype == torch.int8 and m.key_scales is not None for m in fetched.values())
+    assert f32.ask(cue=CUE, max_new_tokens=4, record=True) == q8.ask(cue=CUE, max_new_tokens=4, record=True)
+    assert f32.corpus_evidence(top=1)[0]["doc"] == "zebra.txt"
+    with pytest.raises(MemoryFileError, match="dtype"):
+        corpus_build.build_store(_model(), docs, tmp_path / "q", show_progress=False)
+
+    from memformer.cli import memory as memory_cli
+    monkeypatch.setattr(memory_cli, "load_model", lambda args: _model(memory_dtype=args.memory_dtype or "auto"))
+    for flags, dtype in (([], "int8"), (["--memory-dtype", "float32"], "float32")):
+        out = tmp_path / f"cli_{dtype}"
+        assert main(["memory", "build", "--docs", str(docs), "--out", str(out), *flags]) == 0
+        assert corpus_store.read_manifest(out)["layout"]["dtype"] == dtype
+    capsys.readouterr()
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
