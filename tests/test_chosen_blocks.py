@@ -109,3 +109,56 @@ def test_a_chunk_is_chosen_once_while_generating(monkeypatch):
     per_layer = len(calls) // len(model.knn_layer_ids)
     # the prefill chooses chunks 0 and 1 in one call; then chunks 2, 3 and 4 start at new tokens
     assert per_layer == 4 and sum(calls) // len(model.knn_layer_ids) == 5
+
+
+def test_a_trained_chooser_maps_the_queries_and_travels_with_the_adapter(tmp_path):
+    """A layer's `block_chooser` [Hkv, D, D] maps its chooser queries: the identity reads what no
+    chooser reads, another map other blocks. save_pretrained writes it beside the adapter and
+    load_adapter reads it back (an adapter without one clears it); it changes no memory
+    fingerprint, and a chooser file that does not fit is refused before anything changes."""
+    import pytest
+    from safetensors.torch import save_file
+    from memformer import persistence
+    from memformer.memory_layer import memory_pass
+    from memformer.persistence import MemoryFileError
+    model = _model(n_blocks=2)
+    model.memorize(torch.randint(3, 100, (1, 150)), show_progress=False)
+    x = torch.randint(3, 100, (1, 40))
+
+    def read(m):
+        m.clear_recorded_reads()
+        with torch.no_grad(), memory_pass(m.runtime, m.memory_modules, record=True):
+            logits = m(x).logits
+        return logits, [r for layer in m.recorded_reads().values() for r, _ in layer]
+    plain, rows = read(model)
+    layers = model.memory_modules.values()
+    Hkv, D = next(iter(layers)).num_kv_heads, next(iter(layers)).head_dim
+    for m in layers:
+        m.block_chooser = torch.eye(D).expand(Hkv, D, D).clone()
+    same, same_rows = read(model)
+    torch.testing.assert_close(same, plain)
+    assert all(torch.equal(a, b) for a, b in zip(rows, same_rows))
+    fp = persistence.memory_fingerprint(model)
+    g = torch.Generator().manual_seed(1)
+    for m in layers:
+        m.block_chooser = torch.randn(Hkv, D, D, generator=g)
+    other, other_rows = read(model)
+    assert not all(torch.equal(a, b) for a, b in zip(rows, other_rows))
+    assert persistence.memory_fingerprint(model) == fp
+
+    model.save_pretrained(tmp_path / "with")
+    assert (tmp_path / "with" / persistence.CHOOSER_FILE).is_file()
+    fresh = _model(n_blocks=2)
+    persistence.load_adapter(fresh, tmp_path / "with")
+    assert all(torch.equal(fresh.memory_modules[i].block_chooser, m.block_chooser) for i, m in model.memory_modules.items())
+    for m in layers:
+        m.block_chooser = None
+    model.save_pretrained(tmp_path / "without")
+    assert not (tmp_path / "without" / persistence.CHOOSER_FILE).exists()
+    save_file({"layer.0": torch.zeros(Hkv, D, D + 1)}, str(tmp_path / "with" / persistence.CHOOSER_FILE))
+    kept = {i: m.block_chooser for i, m in fresh.memory_modules.items()}
+    with pytest.raises(MemoryFileError, match="does not fit"):
+        persistence.load_adapter(fresh, tmp_path / "with")
+    assert all(fresh.memory_modules[i].block_chooser is t for i, t in kept.items())
+    persistence.load_adapter(fresh, tmp_path / "without")
+    assert all(m.block_chooser is None for m in fresh.memory_modules.values())
