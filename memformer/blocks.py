@@ -280,8 +280,7 @@ def chunk_chooser(queries: torch.Tensor, c: int, chunk: int, known: int = 0) -> 
 
 def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block_size: int, scale: float,
                            rotary_fn, row_rotation, slot_rotation, local_mask=None, mem_bias=None,
-                           with_probs: bool = False, offset: int = 0, reads: LayerReads | None = None,
-                           chooser: torch.Tensor | None = None):
+                           with_probs: bool = False, offset: int = 0, reads: LayerReads | None = None):
     """Block reads with no question: every chunk of `block_size` positions reads the `n` blocks its
     layer's queries choose (`chunk_chooser`, `chosen_blocks`), laid out before the local window as
     question reads lay them out, in one softmax with its local keys (`rows_attention`).
@@ -291,8 +290,6 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     [B, Hkv, S, D]; local_mask as HF gives it (None = causal, queries last T of S).
     reads: the `LayerReads` the calls before this one left (None at offset 0 or when unknown); a
     chunk whose rows it holds is not chosen or gathered again.
-    chooser: [Hkv, D, D] a trained map applied to each chooser query before it scores the blocks
-        (`MemoryAttention.block_chooser`; None = the mean query itself).
     returns (out [B, Hq, T, D], rows [B, 1, T, R], probs [B, 1, T, R] or None, LayerReads after)."""
     B, Hq, T, D = q_rot.shape
     Hkv, bs = k_local.shape[1], block_size
@@ -309,8 +306,6 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     blocks = {}
     if todo:                                                                          # [B, len(todo), n]
         choosers = torch.stack([chunk_chooser(queries, c, bs, known) for c in todo], dim=2)   # [B, Hkv, C, D]
-        if chooser is not None:
-            choosers = torch.einsum("bhcd,hde->bhce", choosers, chooser.to(choosers))      # [B, Hkv, C, D]
         blocks = dict(zip(todo, chosen_blocks(mem, choosers, n, bs).unbind(1)))
     # the local part once for every query (one causal call), the memory part chunk by chunk
     out_loc, lse_loc = local_attention(q_rot, k_local, v_local, scale, local_mask)   # [B, Hq, T, D], [B, Hq, T]

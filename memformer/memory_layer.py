@@ -120,10 +120,6 @@ class MemoryAttention(nn.Module):
         # local keys compete in one plain softmax (what works training-free).
         self.memory_gate = nn.Parameter(torch.full((self.num_heads,), float(gate_init)))
         self.knn = knn
-        # [Hkv, D, D]: a trained map of the chooser queries of layer block reads (an adapter's
-        # chooser.safetensors); None = the mean query chooses. It changes what is read, never
-        # what is stored, so it is no part of the adapter weights a memory's fingerprint hashes.
-        self.block_chooser: torch.Tensor | None = None
         self.memory = None
         self.corpus = None
         self.pending = None
@@ -187,7 +183,7 @@ class MemoryAttention(nn.Module):
                 mem, q_rot, q_mem, k_all, v_all, n=rt.layer_blocks, block_size=rt.block_size, scale=attn.scaling,
                 rotary_fn=self.rotary_fn, row_rotation=rt.layer_rotation, slot_rotation=rt.slot_rotation,
                 local_mask=attention_mask, mem_bias=self.memory_gate, with_probs=rt.record, offset=offset,
-                reads=kept.get(self.layer_idx) if kept is not None else None, chooser=self.block_chooser)
+                reads=kept.get(self.layer_idx) if kept is not None else None)
             if kept is not None:
                 kept[self.layer_idx] = after
             if rt.record:

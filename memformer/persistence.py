@@ -25,7 +25,6 @@ from memformer.index.base import sha256_file as _sha256
 MEMORY_FORMAT = "memformer-memory"
 MEMORY_FORMAT_VERSION = 2        # 2: the token stream and passages are kept (question reads)
 ADAPTER_FILE, ADAPTER_CONFIG, LORA_CONFIG = "adapter.safetensors", "memory_config.json", "adapter_config.json"
-CHOOSER_FILE = "chooser.safetensors"     # optional: trained block choosers, "layer.<i>" -> [Hkv, D, D]
 
 
 class MemoryFileError(ValueError):
@@ -223,13 +222,8 @@ def save_adapter(model, path, state: dict | None = None) -> Path:
     """state: the adapter tensors when they are not the model's own (gathered from FSDP shards)."""
     state = {n: t.cpu().contiguous() for n, t in (state or model.trainable_state_dict()).items()}
 
-    choosers = {f"layer.{i}": m.block_chooser.detach().cpu().contiguous()
-                for i, m in model.memory_modules.items() if m.block_chooser is not None}
-
     def fill(tmp: Path):
         save_file(state, str(tmp / ADAPTER_FILE), metadata={"backbone": model.backbone_fingerprint})
-        if choosers:
-            save_file(choosers, str(tmp / CHOOSER_FILE), metadata={"backbone": model.backbone_fingerprint})
         (tmp / ADAPTER_CONFIG).write_text(model.memory_config.to_json())
         if model.adapter_config is not None:
             (tmp / LORA_CONFIG).write_text(model.adapter_config.to_json())
@@ -285,30 +279,6 @@ def load_adapter(model, path) -> None:
     for name, t in state.items():  # check everything before changing anything
         if params[name].shape != t.shape:
             raise MemoryFileError(f"{f}: {name} has shape {tuple(t.shape)}, model has {tuple(params[name].shape)}")
-    choosers = read_choosers(model, Path(path) / CHOOSER_FILE)
     with torch.no_grad():
         for name, t in state.items():
             params[name].copy_(t)
-    for i, m in model.memory_modules.items():           # an adapter without choosers: the mean query
-        m.block_chooser = choosers.get(i)
-
-
-def read_choosers(model, f: Path) -> dict:
-    """{layer: [Hkv, D, D]} from an adapter's chooser file ({} without one); MemoryFileError when it
-    cannot be read or does not fit the model's memory layers."""
-    if not f.is_file():
-        return {}
-    try:
-        raw = load_file(str(f))
-    except Exception as e:
-        raise MemoryFileError(f"{f} cannot be read: {e}") from None
-    out = {}
-    for name, t in raw.items():
-        layer = int(name.split(".")[1]) if name.startswith("layer.") and name.split(".")[1].isdigit() else None
-        m = model.memory_modules.get(layer)
-        want = None if m is None else (m.num_kv_heads, m.head_dim, m.head_dim)
-        if want is None or tuple(t.shape) != want:
-            raise MemoryFileError(f"{f}: {name} {tuple(t.shape)} does not fit this model's memory layers "
-                                  f"{sorted(model.memory_modules)} ([Hkv, D, D] = {want})")
-        out[layer] = t.float()
-    return out
