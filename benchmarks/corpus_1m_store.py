@@ -35,12 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from corpus_1m import CUE, NEEDLE, write_corpus  # noqa: E402
-
-
-def statm_mb() -> float:
-    """Resident memory of this process now, MB."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+from corpus_1m import CUE, needle_block, rss_mb, write_corpus  # noqa: E402
 
 
 def timed_build(name: str, work: Path, flags: list[str]) -> dict:
@@ -65,7 +60,7 @@ def timed_build(name: str, work: Path, flags: list[str]) -> dict:
     return res
 
 
-def same_rows(a: Path, b: Path) -> dict:
+def same_rows(a, b) -> dict:
     """Whether every table of store a equals that of store b."""
     from memformer import corpus_store
     x, y = corpus_store.CorpusStore(str(a)), corpus_store.CorpusStore(str(b))
@@ -80,28 +75,18 @@ def attach_and_answer(store: str, key: int, threads: int) -> dict:
     from memformer.qa.corpus_qa import CorpusQA
     torch.set_num_threads(threads)
     model = MemformerForCausalLM.from_pretrained()
-    before = statm_mb()
+    before = rss_mb()
     t0 = time.perf_counter()
     model.attach_corpus(store)
     attach_s = time.perf_counter() - t0
-    attached = statm_mb()
+    attached = rss_mb()
     qa = CorpusQA(model)
     answers = [qa.answer(cue=CUE, max_new_tokens=8, evidence=0) for _ in range(3)]
     blocks = [int(b) for b in model.questions.blocks_for(CUE, source="corpus")]
     return {"attach_s": round(attach_s, 2), "rss_before_attach_mb": round(before), "rss_attached_mb": round(attached),
-            "attach_rss_growth_mb": round(attached - before), "rss_after_answers_mb": round(statm_mb()),
+            "attach_rss_growth_mb": round(attached - before), "rss_after_answers_mb": round(rss_mb()),
             "answer_s": [round(a.seconds, 2) for a in answers], "answer": answers[-1].text,
             "correct": first_number(answers[-1].text) == key, "blocks_read": blocks, "threads": threads}
-
-
-def needle_block(model, plan: dict, store: Path) -> int:
-    """The memory block of the needle's first token in the store's stream."""
-    from memformer import corpus_store
-    docs = corpus_store.CorpusStore(str(store)).documents()
-    doc = next(d for d in docs if d.name == plan["needle_doc"])
-    at = doc.text.index(NEEDLE.format(key=plan["key"]))
-    return (doc.start + len(model.tokenizer(doc.text[:at], add_special_tokens=False)["input_ids"])) \
-        // model.memory_config.block_size
 
 
 def main() -> int:
@@ -139,7 +124,8 @@ def main() -> int:
         res["same_rows"] = same_rows(work / "single", work / "ray")
     from memformer import corpus
     res["store"] = corpus.corpus_info(str(work / "single"))
-    res["needle_block"] = needle_block(model, plan, work / "single")
+    from memformer import corpus_store
+    res["needle_block"] = needle_block(model, plan, corpus_store.CorpusStore(str(work / "single")).documents())
     del model
     for name in ["single"] + (["ray"] if args.workers else []):
         child = subprocess.run([sys.executable, __file__, "--attach", f"{work / name},{plan['key']},{args.answer_threads}"],

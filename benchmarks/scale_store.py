@@ -124,14 +124,13 @@ def attach_and_ask(store: str, key: str, faiss_max: int) -> dict:
 def ray_compare(docs: Path, single: Path, out: Path, workers: int, single_s: float) -> dict:
     """Build `docs` again on a local Ray cluster of `workers` workers (started here, so its start
     counts); wall time against the single-process build, and whether every table is equal."""
-    import lance
-    from memformer import corpus_build, corpus_store
+    from corpus_1m_store import same_rows
+    from memformer import corpus_build
     t0 = time.perf_counter()
     corpus_build.build_store(tiny_model(), docs, out, ray_address="local", workers=workers,
                              model_factory=tiny_model, show_progress=False)
     wall = time.perf_counter() - t0
-    a, b = corpus_store.CorpusStore(single), corpus_store.CorpusStore(out)
-    same = {name: a.datasets[name].to_table().equals(b.datasets[name].to_table()) for name in corpus_store.TABLES}
+    same = same_rows(single, out)
     return {"workers": workers, "build_s": round(wall, 1), "vs_single": round(wall / single_s, 3), "same_rows": same}
 
 
