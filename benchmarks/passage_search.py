@@ -21,7 +21,7 @@ import lancedb
 import numpy as np
 import pyarrow as pa
 
-from memformer.corpus_store import SEARCH_DEPTH
+from memformer.passages import SEARCH_DEPTH
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,7 @@ import torch
 
 from memformer import persistence
 from memformer.fileio import BusyError, write_error
+from memformer.passages import SEARCH_DEPTH
 
 STORE_FORMAT = "memformer-lance-corpus"
 STORE_VERSION = 1
@@ -44,8 +45,6 @@ TABLES = ("documents", "blocks", "passages")
 # attach (measured faster than a LanceDB scan at that size, benchmarks/results/scale); beyond it
 # LanceDB searches the table, so RSS at attach does not grow with the corpus.
 FAISS_MAX_PASSAGES = 16_384
-# passages a LanceDB search returns, best first; question_blocks stops long before this many
-SEARCH_DEPTH = 64
 # Past this many passages (6.3M tokens; a scan then takes ~80 ms on one core, and at 10M tokens
 # made answers 2x slower than at 1M, benchmarks/results/scale) a build ends by training LanceDB's
 # IVF-PQ index over them, again whenever they have doubled since. Searches probe NPROBES lists

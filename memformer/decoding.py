@@ -11,8 +11,9 @@ a secret code. …") repeated 3 or more times (`LoopStop`), and the loop is cut 
 its unit (`cut_loop`): the user gets a short answer, and the caller is told that it was cut.
 
 A completion that states its own cue again ("1. The special magic number for tidy-violin is 1.
-The special magic number for …") is starting over, whether or not it would loop: it stops there
-too, and the answer ends before the restated cue (`end_at_cue`). That is the end of an answer,
+The special magic number for …"), or the last sentence of a cue that asks a question first, is
+starting over, whether or not it would loop: it stops there too, and the answer ends before the
+restated cue (`end_at_cue`). That is the end of an answer,
 not a loop, so it is not reported as one.
 """
 from __future__ import annotations
@@ -41,10 +42,23 @@ def end_at_cue(text: str, cue: str | None) -> str:
     return text if at < 0 else text[:at].strip()
 
 
+MIN_RESTATED_CHARS = 16     # a cue's last sentence shorter than this ("It is") may recur in any answer
+
+
 def restated_at(text: str, cue: str | None) -> int:
-    """Where `text` states `cue` (stripped) again after some text of its own, else -1."""
+    """Where `text` states `cue` (stripped) again after some text of its own, else -1. A cue of
+    several sentences (a question, then the answer's first words) counts as restated when its
+    last sentence of at least `MIN_RESTATED_CHARS` characters is: a completion that repeats the
+    answer's opening without the question is starting over all the same."""
     cue = (cue or "").strip()
-    return text.find(cue, 1) if cue else -1
+    if not cue:
+        return -1
+    found = [text.find(cue, 1)]
+    last = re.split(r"(?<=[.!?:])\s+|\n+", cue)[-1].strip()
+    if last != cue and len(last) >= MIN_RESTATED_CHARS:
+        found.append(text.find(last, 1))
+    found = [at for at in found if at > 0]
+    return min(found) if found else -1
 
 
 def cut_loop(text: str) -> tuple[str, bool]:

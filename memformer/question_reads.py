@@ -25,7 +25,7 @@ import torch
 from memformer.config import MemoryConfig
 from memformer.context_cache import make_context_cache
 from memformer.memory_state import MemoryState
-from memformer.passages import PassageIndex, question_blocks, with_embedder
+from memformer.passages import SEARCH_DEPTH, PassageIndex, question_blocks, with_embedder
 
 CANDIDATES = 4          # passages a question read tries, each read alone
 PROMPT_WEIGHT = 1.0     # weight of the prompt's mean token log-probability (<= 0) beside the cosine
@@ -123,10 +123,10 @@ class QuestionReads:
         (`memformer.passages.question_blocks`), in document order. source: "own" (the memorized
         text; needs a memory of one sequence) or "corpus" (the attached corpus memory's passages)."""
         if source == "corpus":
-            return self._blocks_under(self.corpus_passages.search(query), source)
+            return self._blocks_under(self.corpus_passages.search(query, SEARCH_DEPTH), source)
         if source != "own":
             raise ValueError(f"source must be 'own' or 'corpus', got {source!r}")
-        return self._blocks_under(self._own_passages().search(query), source)
+        return self._blocks_under(self._own_passages().search(query, SEARCH_DEPTH), source)
 
     def choose(self, query: str) -> tuple[list[int], str] | None:
         """(blocks, source) a question `query` reads, unverified: the first of `candidates`."""
@@ -146,9 +146,9 @@ class QuestionReads:
             return None
         ranked = {}                                    # each source's passages, ranked once
         if state.corpus_attached:
-            ranked["corpus"] = self.corpus_passages.search(query)
+            ranked["corpus"] = self.corpus_passages.search(query, SEARCH_DEPTH)
         if own:
-            ranked["own"] = self._own_passages().search(query)
+            ranked["own"] = self._own_passages().search(query, SEARCH_DEPTH)
         if not ranked:
             return None
         source = max(ranked, key=lambda s: (ranked[s][0].score, s == "own"))

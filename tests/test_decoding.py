@@ -63,6 +63,25 @@ def test_an_answer_ends_where_it_states_its_cue_again():
     assert not LoopStop(tok, prompt_len=3)(ids("x: 4417. The code is"), None).item()
 
 
+def test_an_answer_ends_where_it_restates_the_last_sentence_of_its_cue():
+    """A cue that asks first and then opens the answer: a completion that restates the opening
+    alone is starting over too. A short last sentence ("It is") or one that only opens the
+    answer is not taken for a restatement."""
+    cue = ("What are all the special magic numbers for humorous-bride mentioned in the provided text? "
+           "The special magic numbers for humorous-bride mentioned in the provided text are")
+    text = ": 4444674. The special magic numbers for humorous-bride mentioned in the provided text are: 4"
+    assert end_at_cue(text, cue) == ": 4444674."
+    assert end_at_cue("The special magic numbers for humorous-bride mentioned in the provided text are 1.", cue) \
+        == "The special magic numbers for humorous-bride mentioned in the provided text are 1."
+    short = "Which colour is the door?\nIt is"
+    assert end_at_cue("red. It is red.", short) == "red. It is red."
+    tok = char_tokenizer()
+    ids = lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]])
+    stop = LoopStop(tok, prompt_len=ids("x: ").shape[1], cue="What is the code?\nThe code of the vault is")
+    assert not stop(ids("x: 4417. The code of the vault i"), None).item()
+    assert stop(ids("x: 4417. The code of the vault is"), None).item()
+
+
 def _always(model, token: int) -> None:
     """Make the backbone's head always prefer `token`: its greedy answers are that token repeated."""
     head = model.backbone.lm_head

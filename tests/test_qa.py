@@ -484,6 +484,18 @@ def test_rag_retrieves_the_passage_within_the_budget(tok):
         rag.retrieve("cat", 0)
 
 
+def test_passage_search_depth_returns_the_head_of_the_full_ranking(tok):
+    """`PassageIndex.search(query, depth)` gives the first `depth` passages of the full ranking, in
+    its order (question reads rank SEARCH_DEPTH of them; RAG ranks all)."""
+    c = Corpus.from_documents([Document("a", DOC_A), Document("b", DOC_B)], tok)
+    index = RAGBaseline(c, HashedWords(512), chunk_tokens=16, overlap=4).passages
+    full = index.search("name of the keeper's cat Marmalade")
+    assert len(full) == len(index.ranges) > 3
+    assert index.search("name of the keeper's cat Marmalade", 3) == full[:3]
+    assert index.search("cat", 10 ** 6) == index.search("cat")
+    assert len(index.search("cat", 0)) == 1
+
+
 def test_rag_mode_puts_retrieved_passages_in_the_prompt():
     model = tiny_model(window=160)                          # RAG budget = tail room = 160 - 2 - 96 = 62 tokens
     qa = LongDocQA(model, embedder=HashedWords(512), rag_chunk_tokens=24, rag_overlap=4)
