@@ -14,7 +14,8 @@ sharded over the workers of a Ray cluster with Ray Data.
    with the corpus's sink (`MemoryState.begin_shard`). No window crosses a document and writing
    reads no memory, so a document's rows depend on its tokens and the sink only: any sharding
    gives the rows of one process, bit for bit. Its rows are cut into block pieces, its passages
-   embedded (one document at a time, so batching cannot change them), and both written as
+   embedded (one document at a time and on one torch thread, so neither batching nor a worker's
+   thread count can change them), and both written as
    uncommitted Lance fragments.
 3. Commit (here), shard after shard in stream order as they finish: the fragments, the document
    rows and the manifest. A worker killed mid-shard is restarted by Ray and its shard run again;
@@ -43,6 +44,7 @@ from memformer.documents import read_document
 from memformer.fileio import hold_dir_lock, release_dir_lock, write_error
 
 SHARD_TOKENS = 32_768     # tokens per shard: a retry redoes at most this; ~85 MB of int8 rows in RAM
+BUILD_ENCODE_THREADS = 1  # torch threads while embedding passages (passages.encode_texts says why)
 
 
 @dataclass
@@ -138,7 +140,9 @@ def document_rows(model, d: PlannedDocument, sink: list[int]) -> tuple[list[dict
     if ranges:
         ids = d.ids.tolist()
         texts = [model.tokenizer.decode(ids[a - d.start:b - d.start]) for a, b in ranges]
-        emb = encode_texts(model.questions.embedder, texts, batch_size=32)
+        # one thread, whatever the process runs: a 2-thread build and 1-thread Ray workers must
+        # write the same vectors (the build does not depend on how it is sharded)
+        emb = encode_texts(model.questions.embedder, texts, batch_size=32, threads=BUILD_ENCODE_THREADS)
     return pieces, ranges, emb
 
 

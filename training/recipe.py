@@ -361,6 +361,11 @@ class CrossbatchRecipe:
 
     def cleanup(self) -> None:
         self.metrics.close()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every process must be past its last collective before the group is torn down: a
+            # process that closes its gloo connections while a peer's send to it is still in
+            # flight can abort at exit ("terminate called without an active exception")
+            torch.distributed.barrier()
         self.accelerator.end_training()
         release_dir_lock(getattr(self, "_lock", None))
         self._lock = None
