@@ -12,7 +12,12 @@ Ray cluster of 2 workers, then attach and answer (issue 39's figures; docs/scale
    torch thread per worker). Wall time and the child's peak RSS. A finished build is not run
    again: its figures are kept in --work/<name>.json. A build that was interrupted and continued
    is marked `resumed`, since its wall time then covers only the last part.
-3. Equal rows: every table of the two stores, compared whole (`pyarrow.Table.equals`).
+3. Equal rows: every table of the two stores, compared whole (`pyarrow.Table.equals`), and the
+   rows of each table that differ. The rows are a function of the documents, the model and the
+   torch thread count of the process that runs it (a matrix product over few rows splits its
+   sums by thread count), not of the sharding. So when --threads is not 1, a third build runs
+   in one process at the Ray workers' one thread (--work/single_t1): its rows must equal the Ray
+   build's bit for bit. Its wall time is recorded but is not part of the comparison.
 4. Attach and answer, each store in a fresh process (the shipped default model, --answer-threads
    threads): RSS before and after `attach_corpus`, then the pass-key cue answered 3 times from the
    corpus alone (`CorpusQA`), with its time, and whether the blocks read hold the needle.
@@ -31,6 +36,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,10 +68,23 @@ def timed_build(name: str, work: Path, flags: list[str]) -> dict:
 
 
 def same_rows(a, b) -> dict:
-    """Whether every table of store a equals that of store b."""
+    """Per table of stores a and b: the number of rows that differ in any column (0: equal)."""
     from memformer import corpus_store
     x, y = corpus_store.CorpusStore(str(a)), corpus_store.CorpusStore(str(b))
-    return {t: x.datasets[t].to_table().equals(y.datasets[t].to_table()) for t in corpus_store.TABLES}
+    out = {}
+    for t in corpus_store.TABLES:
+        ta, tb = x.datasets[t].to_table(), y.datasets[t].to_table()
+        if ta.equals(tb):
+            out[t] = 0
+        elif ta.num_rows != tb.num_rows or ta.schema != tb.schema:
+            out[t] = max(ta.num_rows, tb.num_rows)
+        else:
+            differ = np.zeros(ta.num_rows, dtype=bool)
+            for name in ta.schema.names:
+                if not ta[name].equals(tb[name]):
+                    differ |= np.array([p != q for p, q in zip(ta[name].to_pylist(), tb[name].to_pylist())])
+            out[t] = int(differ.sum())
+    return out
 
 
 def attach_and_answer(store: str, key: int, threads: int) -> dict:
@@ -121,7 +141,10 @@ def main() -> int:
     if args.workers:
         res["ray"] = timed_build("ray", work, ["--ray", "--workers", str(args.workers), *shards])
         res["ray_vs_single"] = round(res["ray"]["build_s"] / res["single"]["build_s"], 3)
-        res["same_rows"] = same_rows(work / "single", work / "ray")
+        res["rows_differing"] = same_rows(work / "single", work / "ray")
+        if args.threads != 1:          # the Ray workers' thread count, in one process
+            res["single_t1"] = timed_build("single_t1", work, ["--threads", "1", *shards])
+            res["rows_differing_t1"] = same_rows(work / "single_t1", work / "ray")
     from memformer import corpus
     res["store"] = corpus.corpus_info(str(work / "single"))
     from memformer import corpus_store
@@ -162,8 +185,13 @@ def report(res: dict) -> str:
             f"{res['documents']} documents, {res['store'].get('tokens_read', 'n/a')} tokens.", ""]
     tail = []
     if "ray" in res:
-        tail = ["", f"Ray build / one-process build: {res['ray_vs_single']}x. Equal tables: "
-                    + ", ".join(f"{t} {'yes' if ok else 'NO'}" for t, ok in res["same_rows"].items()) + "."]
+        differing = lambda d: ", ".join(f"{t} {n:,}" for t, n in d.items())
+        tail = ["", f"Ray build / one-process build: {res['ray_vs_single']}x.", "",
+                f"Rows that differ from the Ray build's, per table: one process at {res['single']['flags'][1]} "
+                f"threads: {differing(res['rows_differing'])}."]
+        if "single_t1" in res:
+            tail.append(f"One process at 1 thread (as each Ray worker; built in {res['single_t1']['build_s']:,} s): "
+                        f"{differing(res['rows_differing_t1'])}.")
     return "\n".join(head + rows + tail) + "\n"
 
 

@@ -8,6 +8,13 @@ seeds never used either) are the held-out report.
     apt-get download debian-handbook
     python benchmarks/heldout_haystack.py debian-handbook_*.deb runs/haystacks/debian-handbook.txt
     memformer eval ruler --haystack runs/haystacks/debian-handbook.txt --seed 31337 ...
+
+A second development haystack with numbered sections, as the handbook has, is its sister manual,
+the Debian Reference (never used for a held-out number):
+
+    apt-get download debian-reference-en
+    python benchmarks/heldout_haystack.py debian-reference-en_*.deb runs/haystacks/debian-reference.txt \
+        --html usr/share/debian-reference --index index.en.html
 """
 from __future__ import annotations
 
@@ -22,9 +29,9 @@ from memformer.documents import read_document
 HTML = "usr/share/doc/debian-handbook/html/en-US"
 
 
-def reading_order(root: Path) -> list[Path]:
-    """The chapter and section pages in the order index.html's table of contents links them."""
-    index = (root / "index.html").read_text(encoding="utf-8")
+def reading_order(root: Path, index_name: str = "index.html") -> list[Path]:
+    """The chapter and section pages in the order the index page's table of contents links them."""
+    index = (root / index_name).read_text(encoding="utf-8")
     seen, pages = set(), []
     for name in re.findall(r'href="([^"#/]+\.html)', index):
         if name not in seen and (root / name).is_file():
@@ -37,10 +44,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("deb", help="debian-handbook_*.deb (apt-get download debian-handbook)")
     p.add_argument("out", help="text file to write")
+    p.add_argument("--html", default=HTML, help="folder of the HTML pages inside the package")
+    p.add_argument("--index", default="index.html", help="the page whose links give the reading order")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["dpkg-deb", "-x", args.deb, tmp], check=True)
-        pages = reading_order(Path(tmp) / HTML)
+        pages = reading_order(Path(tmp) / args.html, args.index)
         text = "\n\n".join(read_document(page) for page in pages)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

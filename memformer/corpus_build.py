@@ -13,10 +13,12 @@ sharded over the workers of a Ray cluster with Ray Data.
    when the cluster has them): every document is memorized alone, where it sits in the stream,
    with the corpus's sink (`MemoryState.begin_shard`). No window crosses a document and writing
    reads no memory, so a document's rows depend on its tokens and the sink only: any sharding
-   gives the rows of one process, bit for bit. Its rows are cut into block pieces, its passages
-   embedded (one document at a time and on one torch thread, so neither batching nor a worker's
-   thread count can change them), and both written as
-   uncommitted Lance fragments.
+   gives the rows of one process, bit for bit, when the processes run the model at the same
+   torch thread count (a Ray worker runs one thread per CPU it is given). At another count a
+   CPU matrix product over few rows splits its sums differently, and the rows of a short
+   document or of a document's short last window can differ by float rounding (an int8 value by
+   one step). Its rows are cut into block pieces, its passages embedded (one document at a
+   time, so batching cannot change them), and both written as uncommitted Lance fragments.
 3. Commit (here), shard after shard in stream order as they finish: the fragments, the document
    rows and the manifest. A worker killed mid-shard is restarted by Ray and its shard run again;
    the files of the lost attempt are never committed, so nothing is lost or written twice. A
@@ -44,7 +46,6 @@ from memformer.documents import read_document
 from memformer.fileio import hold_dir_lock, release_dir_lock, write_error
 
 SHARD_TOKENS = 32_768     # tokens per shard: a retry redoes at most this; ~85 MB of int8 rows in RAM
-BUILD_ENCODE_THREADS = 1  # torch threads while embedding passages (passages.encode_texts says why)
 
 
 @dataclass
@@ -140,9 +141,7 @@ def document_rows(model, d: PlannedDocument, sink: list[int]) -> tuple[list[dict
     if ranges:
         ids = d.ids.tolist()
         texts = [model.tokenizer.decode(ids[a - d.start:b - d.start]) for a, b in ranges]
-        # one thread, whatever the process runs: a 2-thread build and 1-thread Ray workers must
-        # write the same vectors (the build does not depend on how it is sharded)
-        emb = encode_texts(model.questions.embedder, texts, batch_size=32, threads=BUILD_ENCODE_THREADS)
+        emb = encode_texts(model.questions.embedder, texts, batch_size=32)
     return pieces, ranges, emb
 
 

@@ -9,7 +9,6 @@ best passages into memory blocks (`question_blocks`); RAG pastes their text into
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -66,29 +65,10 @@ def with_embedder(index: "PassageIndex", embedder) -> "PassageIndex | None":
     return PassageIndex(index.ranges, index.embeddings, embedder)
 
 
-def encode_texts(embedder, texts: list[str], *, threads: int | None = None, **kw) -> torch.Tensor:
-    """[n, E] float32 CPU embeddings of `texts`, L2-normalised (inner product = cosine).
-
-    threads: torch's intra-op thread count while encoding (None: as set). A CPU matrix product
-    with few rows (a short text alone in its batch) splits its sums by the thread count, so the
-    same text embeds ~1e-7 apart at 1 and 2 threads; a fixed count makes the vectors independent
-    of the process that computes them."""
-    with torch_threads(threads):
-        emb = embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True, **kw)
+def encode_texts(embedder, texts: list[str], **kw) -> torch.Tensor:
+    """[n, E] float32 CPU embeddings of `texts`, L2-normalised (inner product = cosine)."""
+    emb = embedder.encode(texts, convert_to_tensor=True, normalize_embeddings=True, **kw)
     return torch.as_tensor(emb).float().cpu()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """torch's intra-op thread count set to `n` inside the block (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 @dataclass

@@ -318,25 +318,3 @@ def test_two_ray_workers_one_killed_build_the_rows_of_one_process(tmp_path, loca
     assert manifest["documents"] == 16
     _same_rows(tmp_path / "ray", tmp_path / "one")
 
-
-def test_the_rows_do_not_depend_on_the_builders_thread_count(tmp_path):
-    """A build at 2 torch threads writes the rows of one at 1 (a Ray worker's), passage vectors
-    included: with the real sentence embedder, a short text alone in its batch embeds ~1e-7 apart
-    at 1 and 2 threads unless the build fixes the count (`BUILD_ENCODE_THREADS`)."""
-    from memformer import MemformerForCausalLM
-    from memformer.passages import default_embedder
-    from tests.conftest import tiny_backbone
-    from tests.test_corpus import CharTokenizer, _cfg
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "a.txt").write_text("# This directory is a Python package.\n")          # one short passage
-    (docs / "b.txt").write_text("The special magic number is 60494. " + "lorem ipsum dolor " * 12)
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            model = MemformerForCausalLM(tiny_backbone(), CharTokenizer(), _cfg(), embedder=default_embedder())
-            corpus_build.build_store(model, docs, tmp_path / f"t{threads}", shard_tokens=300, show_progress=False)
-    finally:
-        torch.set_num_threads(before)
-    _same_rows(tmp_path / "t1", tmp_path / "t2")
