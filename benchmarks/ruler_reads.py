@@ -14,7 +14,9 @@ One JSON line per sample:
 - candidates: per candidate of `QuestionReads.candidates` (best first) its blocks, cosine, mean
   log-probability of the cue's tokens under its read alone, score (`verified_blocks`' rule),
   whether its blocks hold an expected value, and the first 160 characters of its text;
-- chosen: the index of the winner; answer: `ask`'s answer; score: string_match_all.
+- chosen: the index of the default's winner (among the first `CANDIDATES`); answer: `ask`'s
+  answer; score: string_match_all. --candidates N scores N candidates, to see what a deeper
+  check would choose.
 """
 from __future__ import annotations
 
@@ -43,13 +45,15 @@ def main() -> int:
     ap.add_argument("--haystack", default=None, help="essay haystack file (default: Python's documentation topics)")
     ap.add_argument("--cache-dir", default="runs/ruler_cache")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--candidates", type=int, default=None,
+                    help="candidates to score (default: question_reads.CANDIDATES); the answer is always the default's")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     from memformer import MemformerForCausalLM
     from memformer.eval import ruler
     from memformer.qa import longdoc as qa
-    from memformer.question_reads import PROMPT_WEIGHT, candidate_read, read_query
+    from memformer.question_reads import CANDIDATES, PROMPT_WEIGHT, candidate_read, read_query
 
     torch.set_num_threads(args.threads)
     length = parse_length(args.length)
@@ -70,7 +74,7 @@ def main() -> int:
             ranked = model.questions.passages.search(query)                        # every passage, best first
             needle_rank = next((r for r, p in enumerate(ranked) if s.expected[0] in tok.decode(stream[p.start:p.end])), None)
             x = model.questions.prompt_ids(None, cue=s.cue)                         # [1, T]
-            cands, source = model.questions.candidates(query)
+            cands, source = model.questions.candidates(query, args.candidates or CANDIDATES)
             rows = []
             for blocks, cos in cands:
                 with model.reading_blocks(blocks, source):
@@ -78,7 +82,7 @@ def main() -> int:
                 t = block_text(blocks)
                 rows.append(dict(blocks=blocks, cos=round(cos, 4), prompt_logp=round(logp.mean().item(), 4),
                                  score=round(cos + PROMPT_WEIGHT * logp.mean().item(), 4), holds=holds(t), text=t[:160]))
-            chosen = max(range(len(rows)), key=lambda j: (rows[j]["score"], -j))
+            chosen = max(range(min(len(rows), CANDIDATES)), key=lambda j: (rows[j]["score"], -j))
             ans = qa.answer(model, ctx, cue=s.cue, max_new_tokens=s.max_new_tokens, evidence=0).text
             rec = dict(task=task, length=length, seed=args.seed, index=i, expected=s.expected,
                        needle_depths=s.needle_depths, needle_rank=needle_rank, passages=len(ranked),
