@@ -67,7 +67,7 @@ def timed_build(name: str, work: Path, flags: list[str]) -> dict:
     return res
 
 
-def same_rows(a, b) -> dict:
+def rows_differing(a, b) -> dict:
     """Per table of stores a and b: the number of rows that differ in any column (0: equal)."""
     from memformer import corpus_store
     x, y = corpus_store.CorpusStore(str(a)), corpus_store.CorpusStore(str(b))
@@ -141,10 +141,10 @@ def main() -> int:
     if args.workers:
         res["ray"] = timed_build("ray", work, ["--ray", "--workers", str(args.workers), *shards])
         res["ray_vs_single"] = round(res["ray"]["build_s"] / res["single"]["build_s"], 3)
-        res["rows_differing"] = same_rows(work / "single", work / "ray")
+        res["rows_differing"] = rows_differing(work / "single", work / "ray")
         if args.threads != 1:          # the Ray workers' thread count, in one process
             res["single_t1"] = timed_build("single_t1", work, ["--threads", "1", *shards])
-            res["rows_differing_t1"] = same_rows(work / "single_t1", work / "ray")
+            res["rows_differing_t1"] = rows_differing(work / "single_t1", work / "ray")
     from memformer import corpus
     res["store"] = corpus.corpus_info(str(work / "single"))
     from memformer import corpus_store

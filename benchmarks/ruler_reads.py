@@ -31,11 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def parse_length(s: str) -> int:
-    s = s.strip().lower()
-    return int(float(s[:-1]) * 1024) if s.endswith("k") else int(s)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", default="64k")
@@ -52,16 +47,24 @@ def main() -> int:
 
     from memformer import MemformerForCausalLM
     from memformer.eval import ruler
-    from memformer.qa import longdoc as qa
-    from memformer.question_reads import CANDIDATES, PROMPT_WEIGHT, candidate_read, read_query
+    from memformer.eval.passkey import parse_length
 
     torch.set_num_threads(args.threads)
     length = parse_length(args.length)
     model = MemformerForCausalLM.from_pretrained()
-    tok = model.tokenizer
     _, text = ruler.haystack_text(args.haystack)
     essay = ruler.essay_words(text)
-    out = open(args.out, "a")
+    with open(args.out, "a") as out:
+        run(args, model, essay, length, out)
+    return 0
+
+
+def run(args, model, essay, length: int, out) -> None:
+    """One JSON line per sample of every task (the module docstring lists its fields)."""
+    from memformer.eval import ruler
+    from memformer.qa import longdoc as qa
+    from memformer.question_reads import CANDIDATES, candidate_read, candidate_score, read_query
+    tok = model.tokenizer
     for task in args.tasks.split(","):
         for i in range(args.samples):
             s = ruler.make_sample(tok, task, length, ruler.trial_rng(args.seed, task, length, i), essay, i)
@@ -81,7 +84,7 @@ def main() -> int:
                     _, logp = candidate_read(model, x)                              # [T - 1]
                 t = block_text(blocks)
                 rows.append(dict(blocks=blocks, cos=round(cos, 4), prompt_logp=round(logp.mean().item(), 4),
-                                 score=round(cos + PROMPT_WEIGHT * logp.mean().item(), 4), holds=holds(t), text=t[:160]))
+                                 score=round(candidate_score(cos, logp), 4), holds=holds(t), text=t[:160]))
             chosen = max(range(min(len(rows), CANDIDATES)), key=lambda j: (rows[j]["score"], -j))
             ans = qa.answer(model, ctx, cue=s.cue, max_new_tokens=s.max_new_tokens, evidence=0).text
             rec = dict(task=task, length=length, seed=args.seed, index=i, expected=s.expected,
@@ -91,7 +94,6 @@ def main() -> int:
             out.flush()
             print(task, i, "needle rank", needle_rank, "chosen", chosen,
                   [(r["cos"], r["prompt_logp"], r["holds"]) for r in rows], repr(ans[:40]), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -124,13 +124,13 @@ def attach_and_ask(store: str, key: str, faiss_max: int) -> dict:
 def ray_compare(docs: Path, single: Path, out: Path, workers: int, single_s: float) -> dict:
     """Build `docs` again on a local Ray cluster of `workers` workers (started here, so its start
     counts); wall time against the single-process build, and whether every table is equal."""
-    from corpus_1m_store import same_rows
+    from corpus_1m_store import rows_differing
     from memformer import corpus_build
     t0 = time.perf_counter()
     corpus_build.build_store(tiny_model(), docs, out, ray_address="local", workers=workers,
                              model_factory=tiny_model, show_progress=False)
     wall = time.perf_counter() - t0
-    same = same_rows(single, out)
+    same = {t: n == 0 for t, n in rows_differing(single, out).items()}
     return {"workers": workers, "build_s": round(wall, 1), "vs_single": round(wall / single_s, 3), "same_rows": same}
 
 

@@ -187,6 +187,12 @@ def candidate_read(model, prompt_ids: torch.Tensor):
     return cache, logp.gather(1, prompt_ids[0, 1:, None].to(logp.device))[:, 0].cpu()   # [T-1]
 
 
+def candidate_score(cosine: float, prompt_logp: torch.Tensor, weight: float = PROMPT_WEIGHT) -> float:
+    """A candidate read's score in the check: its passage's cosine + weight * the mean
+    log-probability of the prompt's own tokens under the read (prompt_logp [T - 1])."""
+    return cosine + weight * prompt_logp.mean().item()
+
+
 def verified_blocks(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
                     weight: float = PROMPT_WEIGHT, return_cache: bool = False):
     """The candidate blocks under whose read the prompt prompt_ids [1, T] is likeliest: each
@@ -203,7 +209,7 @@ def verified_blocks(model, candidates: list[tuple[list[int], float]], source: st
     for blocks, cosine in candidates:
         with model.reading_blocks(blocks, source):
             cache, logp = candidate_read(model, prompt_ids)
-        score = cosine + weight * logp.mean().item()
+        score = candidate_score(cosine, logp, weight)
         if score > best_score:
             best, best_score, best_cache = blocks, score, cache
     return (best, best_cache) if return_cache else best

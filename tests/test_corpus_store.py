@@ -317,4 +317,3 @@ def test_two_ray_workers_one_killed_build_the_rows_of_one_process(tmp_path, loca
     assert len(list(_PIDS.iterdir())) >= 3                    # the killed actor was restarted
     assert manifest["documents"] == 16
     _same_rows(tmp_path / "ray", tmp_path / "one")
-
