@@ -63,7 +63,7 @@ def run(args, model, essay, length: int, out) -> None:
     """One JSON line per sample of every task (the module docstring lists its fields)."""
     from memformer.eval import ruler
     from memformer.qa import longdoc as qa
-    from memformer.question_reads import CANDIDATES, candidate_read, candidate_score, read_query
+    from memformer.question_reads import CANDIDATES, candidate_reads, candidate_score, read_query
     tok = model.tokenizer
     for task in args.tasks.split(","):
         for i in range(args.samples):
@@ -79,9 +79,8 @@ def run(args, model, essay, length: int, out) -> None:
             x = model.questions.prompt_ids(None, cue=s.cue)                         # [1, T]
             cands, source = model.questions.candidates(query, args.candidates or CANDIDATES)
             rows = []
-            for blocks, cos in cands:
-                with model.reading_blocks(blocks, source):
-                    _, logp = candidate_read(model, x)                              # [T - 1]
+            _, logps = candidate_reads(model, [b for b, _ in cands], source, x)     # [K, T - 1]
+            for (blocks, cos), logp in zip(cands, logps):
                 t = block_text(blocks)
                 rows.append(dict(blocks=blocks, cos=round(cos, 4), prompt_logp=round(logp.mean().item(), 4),
                                  score=round(candidate_score(cos, logp), 4), holds=holds(t), text=t[:160]))

@@ -62,21 +62,27 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
 def block_rows(mem, blocks, B: int, *, block_size: int, rotary_fn, row_rotation, slot_rotation, device):
     """The rows of memory blocks laid out contiguously, as `block_attention` reads them.
 
-    mem: LayerMemory [b, Hkv, M, D]; blocks [B or 1, n] block ids; row_rotation / slot_rotation as
-    in `block_attention`. returns (rows [B, R] memory row ids in layout order, -1 where a block is
-    short or evicted; keys, values [B, Hkv, R, D] float, keys rotated at layout positions -R .. -1)."""
-    # a corpus memory (batch 1) is one stream read by every sequence
-    positions = mem.positions.to(device).expand(B, -1)                                # [B, M]
-    valid = mem.valid.to(device).expand(B, -1)                                        # [B, M]
-    block_of_row = torch.where(valid, positions // block_size, -1)                    # [B, M]
+    mem: LayerMemory [b, Hkv, M, D]; blocks [B or 1, n] block ids (-1 pads: a padded row's blocks
+    sort first, so its real blocks take the same layout slots as unpadded); row_rotation /
+    slot_rotation as in `block_attention`. returns (rows [B, R] memory row ids in layout order, -1
+    where a block is short, evicted or padding; keys, values [B, Hkv, R, D] float, keys rotated at layout positions -R .. -1)."""
+    # a memory of one stream (a corpus, or a question's candidates) is read by every row; only
+    # the rows found are touched, never all M (this runs at every generated token)
+    positions, valid = mem.positions.to(device), mem.valid.to(device)                 # [b, M]
     top_blocks = blocks.to(device).expand(B, -1).sort(dim=-1).values                  # [B, n] document order
+    first = (top_blocks.clamp(min=0) * block_size).contiguous()                       # [B, n] first position
+    if positions.shape[0] == 1:
+        start = torch.searchsorted(positions[0].contiguous(), first)                  # [B, n]
+    else:
+        start = torch.searchsorted(positions.contiguous(), first)
 
-    # rows of the chosen blocks: [B, n*block_size], -1 where a block is short or evicted
-    start = torch.searchsorted(positions.contiguous(), (top_blocks * block_size).contiguous())  # [B, n]
+    # rows of the chosen blocks: [B, n*block_size], -1 where a block is short, evicted or padding
     rows = start[..., None] + torch.arange(block_size, device=device)                 # [B, n, bs]
     M = positions.shape[1]
-    rc = rows.clamp(max=max(M - 1, 0)).reshape(B, -1)
-    same = block_of_row.gather(1, rc).view_as(rows) == top_blocks[..., None]
+    rc = rows.clamp(max=max(M - 1, 0)).reshape(B, -1)                                 # [B, R]
+    at = positions.expand(B, -1).gather(1, rc).view_as(rows)                          # [B, n, bs]
+    same = valid.expand(B, -1).gather(1, rc).view_as(rows) & (at // block_size == top_blocks[..., None])
+    same = same & (top_blocks[..., None] >= 0)
     rows = torch.where((rows < M) & same, rows, -1).view(B, -1)                       # [B, R]
     R = rows.shape[-1]
 
@@ -193,7 +199,11 @@ def gather_rows(mem, rows: torch.Tensor, per_head: bool = False) -> tuple[torch.
 
 def pinned_block_ids(model, blocks, source: str = "own") -> torch.Tensor:
     """`MemformerForCausalLM.reading_blocks`' argument checked (ValueError naming what is wrong):
-    block ids [n] or [batch, n] -> [batch, n] (batch 1 for the corpus: one stream for all)."""
+    block ids [n] or [batch, n] -> [batch, n] (batch 1 for the corpus: one stream for all).
+
+    A memory of one sequence (and the corpus) also takes [K, n]: K reads of the same memory by a
+    batch of K, as a question's candidate reads are scored in one forward (`question_reads`).
+    -1 pads a row that reads fewer blocks than the longest; every row reads at least one."""
     bs = model.memory_config.block_size
     ids = torch.as_tensor(blocks, dtype=torch.long)
     ids = ids[None] if ids.dim() == 1 else ids                                  # [B, n]
@@ -202,18 +212,21 @@ def pinned_block_ids(model, blocks, source: str = "own") -> torch.Tensor:
     if not batch or not any(len(m) for m in memories.values()):
         raise ValueError("reading_blocks: nothing is memorized" if source == "own" else
                          "reading_blocks: no corpus memory is attached")
-    if ids.dim() != 2 or ids.shape[1] < 1 or ids.shape[0] not in (1, batch):
-        raise ValueError(f"reading_blocks: blocks must be [n] or [{batch}, n] with n >= 1, got {tuple(ids.shape)}")
+    if ids.dim() != 2 or ids.shape[1] < 1 or (ids.shape[0] not in (1, batch) and batch != 1):
+        shape = "[n] or [K, n]" if batch == 1 else f"[n] or [{batch}, n]"
+        raise ValueError(f"reading_blocks: blocks must be {shape} with n >= 1, got {tuple(ids.shape)}")
     have = model.memory_blocks(source)
-    if int(ids.min()) < 0 or int(ids.max()) >= have:
+    if int(ids.min()) < -1 or int(ids.max()) >= have:
         raise ValueError(f"reading_blocks: block ids must be in [0, {have}) (memory of {have} blocks of "
-                         f"{bs}), got {ids.min().item()}..{ids.max().item()}")
-    if any(len(set(row)) < len(row) for row in ids.tolist()):
+                         f"{bs}; -1 pads a shorter row), got {ids.min().item()}..{ids.max().item()}")
+    if bool((ids < 0).all(dim=1).any()):
+        raise ValueError("reading_blocks: every row must read at least one block (-1 only pads a shorter row)")
+    if any(len(set(row) - {-1}) < sum(b >= 0 for b in row) for row in ids.tolist()):
         raise ValueError("reading_blocks: a block id repeats (each block is read once)")
     if any(bool((m.slots[m.valid] < 0).any()) for m in memories.values()):
         raise ValueError("reading_blocks: memory rows without their window slot (added without `slots`) "
                          "cannot be laid out; memorize() the text")
-    return ids.expand(batch, -1).contiguous()
+    return ids.expand(batch, -1).contiguous() if ids.shape[0] == 1 else ids
 
 
 @dataclass

@@ -30,7 +30,8 @@ def make_context_cache(model, input_ids: torch.Tensor, return_logits: bool = Fal
     `generate(torch.cat([input_ids, more], 1), cache=cache)` and only `more` and the new tokens
     are run, so the reads of a long prompt's shared part are paid once for any number of
     continuations. T + more + new tokens must fit the local window (window - sink_tokens). The
-    cache keeps the memory as it was read: re-create it after memorizing more. Returns a
+    cache keeps the memory as it was read: re-create it after memorizing more. Inside
+    `reading_blocks` of [K, n] over a memory of one sequence, B = K reads of it. Returns a
     transformers `DynamicCache`; with return_logits, (cache, logits [B, T, V]) where logits[:, t]
     predict the token after input_ids[:, t]."""
     from transformers import DynamicCache
@@ -43,13 +44,16 @@ def make_context_cache(model, input_ids: torch.Tensor, return_logits: bool = Fal
                          f"less room for the continuation), got {T}")
     state, backbone = model.state, model.backbone
     if state.memories:
-        state.ensure(B)
+        state.ensure(B, model.runtime.pinned_blocks)
     x = state.with_sink(input_ids, model.memory_config.sink_tokens)      # [B, S + T]
     cache = DynamicCache(config=backbone.config)
     name = cache_argument(backbone)
+    # the context's positions by index (a copy): a batch's last T of S + T positions by a slice are
+    # no one matrix, and the head over them runs as a batched matmul several times slower
+    keep = torch.arange(x.shape[1] - T, x.shape[1], device=model.device) if return_logits else 1
     with memory_pass(model.runtime, model.memory_modules, read=True, write=False):
         out = backbone(input_ids=x.to(model.device), attention_mask=torch.ones_like(x).to(model.device),
-                       use_cache=True, logits_to_keep=T if return_logits else 1, **{name: cache})
+                       use_cache=True, logits_to_keep=keep, **{name: cache})
     cache.memformer_ids = x.cpu().clone()              # [sink ‖ context]: checked at reuse
     cache.memformer_version = state.version            # the memory it read
     return (cache, out.logits) if return_logits else cache

@@ -116,9 +116,13 @@ class MemoryState:
         return x
 
     # ---------------------------------------------------------------- memorizing
-    def ensure(self, batch: int) -> None:
+    def ensure(self, batch: int, pinned: torch.Tensor | None = None) -> None:
         """Give every memory layer an empty memory for `batch` sequences, unless it has one (then
-        the batch must match: ValueError)."""
+        the batch must match: ValueError). pinned: the block ids [K, n] being read
+        (`reading_blocks`, checked against the memory there): a batch of K rows, each reading
+        its own blocks of a memory of one sequence, is a match."""
+        if pinned is not None and pinned.shape[0] == batch:
+            return
         if self.memories:
             have = next(iter(self.memories.values())).batch
             if have != batch:
@@ -240,14 +244,14 @@ class MemoryState:
     @contextlib.contextmanager
     def fetched_corpus_blocks(self, blocks, device):
         """Within this block each memory layer's corpus is a LayerMemory of just the rows of
-        `blocks` [n] (block ids), fetched from the attached store; afterwards they stay readable
+        `blocks` [n] or [K, n] (block ids, -1 padding), fetched from the attached store; afterwards they stay readable
         as `corpus_rows` (evidence of the read) and the layers hold no corpus again. Without a
         store attached, nothing changes."""
         store = self.corpus_store
         if store is None:
             yield
             return
-        ids = sorted({int(b) for b in torch.as_tensor(blocks).reshape(-1).tolist()})
+        ids = sorted({int(b) for b in torch.as_tensor(blocks).reshape(-1).tolist() if b >= 0})   # -1 pads
         if not ids or ids[0] < 0 or ids[-1] >= store.blocks:
             raise ValueError(f"reading_blocks: block ids must be in [0, {store.blocks}) (corpus of {store.blocks} "
                              f"blocks of {store.block_size}), got {ids[:1] + ids[-1:]}")

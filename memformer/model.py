@@ -291,7 +291,7 @@ class MemformerForCausalLM(nn.Module):
 
         input_ids [B, T] are one local window (positions 0..T-1); memory is not written."""
         if self.memories and input_ids is not None:
-            self.state.ensure(input_ids.shape[0])
+            self.state.ensure(input_ids.shape[0], self.runtime.pinned_blocks)
         with memory_pass(self.runtime, self.memory_modules, read=True, write=False):
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -323,7 +323,7 @@ class MemformerForCausalLM(nn.Module):
             x = input_ids[:, T - local:]
             mask = None if mask is None else mask[:, T - local:]
         if self.memories:
-            self.state.ensure(B)
+            self.state.ensure(B, self.runtime.pinned_blocks)
         n = x.shape[1]
         x = self.state.with_sink(x, self.memory_config.sink_tokens)
         if mask is not None and x.shape[1] > n:
@@ -411,12 +411,15 @@ class MemformerForCausalLM(nn.Module):
 
         blocks: [n] block ids for every sequence, or [B, n]; block b holds stream positions
         [b*block_size, (b+1)*block_size). Rows evicted or never memorized are simply not read.
+        A memory of one sequence (and the corpus) also takes [K, n]: a batch of K inputs, each
+        reading its own blocks of that one memory (a question's candidates, scored in one
+        forward); -1 pads a row that reads fewer blocks.
         source: "own" (the sequences' memory) or "corpus" (the attached corpus memory, one
-        stream read by every sequence; blocks [n])."""
+        stream read by every sequence)."""
         # an attached Lance store: its layers hold just these blocks' rows while they are read
         fetched = self.state.fetched_corpus_blocks(blocks, self.device) if source == "corpus" else contextlib.nullcontext()
         with fetched:
-            ids = pinned_block_ids(self, blocks, source)                    # [batch, n]
+            ids = pinned_block_ids(self, blocks, source)                    # [batch or K, n]
             R = ids.shape[1] * self.memory_config.block_size
             with pinned_reads(self.runtime, ids, source, self.rotation_at(*range(-R, 0))):   # [1, R, D]
                 yield

@@ -20,6 +20,8 @@ The winner's prompt cache is kept, and the answer is generated from it.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from memformer.config import MemoryConfig
@@ -27,7 +29,8 @@ from memformer.context_cache import make_context_cache
 from memformer.memory_state import MemoryState
 from memformer.passages import SEARCH_DEPTH, PassageIndex, question_blocks, with_embedder
 
-CANDIDATES = 4          # passages a question read tries, each read alone
+CANDIDATES = 12         # passages a question read tries, each read alone (in one batched forward)
+CANDIDATE_TOKENS = 1024 # prompt tokens of candidate reads per batched forward (bounds the logits kept)
 PROMPT_WEIGHT = 1.0     # weight of the prompt's mean token log-probability (<= 0) beside the cosine
 
 
@@ -133,8 +136,8 @@ class QuestionReads:
         found = self.candidates(query, 1)
         return None if found is None else (found[0][0][0], found[1])
 
-    def candidates(self, query: str, n: int = CANDIDATES) -> tuple[list[tuple[list[int], float]], str] | None:
-        """([(blocks, cosine)] of up to `n` passages, best first, source) a question `query` may
+    def candidates(self, query: str, n: int | None = None) -> tuple[list[tuple[list[int], float]], str] | None:
+        """([(blocks, cosine)] of up to `n` (default `CANDIDATES`) passages, best first, source) a question `query` may
         read: with a corpus memory attached its passages are ranked too, and the candidates come
         from the memory (own or corpus) holding the best passage, a tie going to the own one. The
         first candidate is `question_blocks` of the whole ranking; each next one, the blocks of
@@ -152,7 +155,7 @@ class QuestionReads:
         if not ranked:
             return None
         source = max(ranked, key=lambda s: (ranked[s][0].score, s == "own"))
-        passages = ranked[source]
+        passages, n = ranked[source], CANDIDATES if n is None else n
         found = [(self._blocks_under(passages, source), passages[0].score)]
         taken = set(found[0][0])
         for i, p in enumerate(passages[1:], start=1):
@@ -177,14 +180,50 @@ class QuestionReads:
         return question_blocks(ranked, cfg.question_blocks, cfg.block_size, limit)
 
 
-def candidate_read(model, prompt_ids: torch.Tensor):
-    """One candidate read (inside `model.reading_blocks`): (KV cache of the prompt but its last
-    token, for `model.generate(prompt_ids, cache=...)`; log-probabilities [T - 1] of the prompt's
-    own tokens 1..T-1 under the read) for prompt_ids [1, T], T >= 2. One forward of T - 1 tokens
-    (`make_context_cache`) gives both, so the winner's answer does not run its prompt again."""
-    cache, logits = make_context_cache(model, prompt_ids[:, :-1], return_logits=True)    # [1, T-1, V]
-    logp = torch.log_softmax(logits[0].float(), -1)                                       # [T-1, V]
-    return cache, logp.gather(1, prompt_ids[0, 1:, None].to(logp.device))[:, 0].cpu()   # [T-1]
+def candidate_reads(model, blocks: list[list[int]], source: str, prompt_ids: torch.Tensor):
+    """Reads of K candidates under one prompt, in one forward: row k reads blocks[k] alone
+    (`model.reading_blocks` of [K, n], -1 padding the shorter rows, which changes no row's
+    layout). The layers below the first memory layer never read memory, so they run the prompt
+    once and the batch of K starts at that layer (`_widened_at`). prompt_ids [1, T], T >= 2.
+    Returns (the prompt's KV cache but its last token, batch K from the first memory layer on:
+    `keep_row` cuts it to one read for `model.generate(prompt_ids, cache=...)`;
+    log-probabilities [K, T - 1] of the prompt's own tokens 1..T-1 under each read). The forward
+    that scores a read also makes its cache, so the winner's answer does not run its prompt again."""
+    K, n = len(blocks), max(len(b) for b in blocks)
+    padded = torch.full((K, n), -1, dtype=torch.long)                                     # [K, n]
+    for k, b in enumerate(blocks):
+        padded[k, n - len(b):] = torch.as_tensor(b, dtype=torch.long)
+    first = model.adapter.layers(model.backbone)[min(model.memory_modules)]
+    with model.reading_blocks(padded, source), _widened_at(first, K):
+        cache, logits = make_context_cache(model, prompt_ids[:, :-1], return_logits=True)   # [K, T-1, V]
+    logp = torch.log_softmax(logits.float(), -1)                                          # [K, T-1, V]
+    target = prompt_ids[:, 1:].expand(K, -1).to(logp.device)                             # [K, T-1]
+    return cache, logp.gather(2, target[..., None])[..., 0].cpu()                        # [K, T-1]
+
+
+@contextlib.contextmanager
+def _widened_at(layer, K: int):
+    """Within this block `layer` takes its input hidden states [1, T, H] as K copies [K, T, H]
+    (the layers below it run once; from it on, each row reads its own blocks)."""
+    def widen(module, args, kwargs):
+        if args:
+            return (args[0].expand(K, -1, -1).contiguous(), *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=kwargs["hidden_states"].expand(K, -1, -1).contiguous())
+    handle = layer.register_forward_pre_hook(widen, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def keep_row(cache, k: int):
+    """`candidate_reads`' cache cut to its row k (in place): the cache of that read alone (the
+    layers below the first memory layer hold one row already)."""
+    index = torch.tensor([k])
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[0] > 1:
+            layer.batch_select_indices(index)
+    return cache
 
 
 def candidate_score(cosine: float, prompt_logp: torch.Tensor, weight: float = PROMPT_WEIGHT) -> float:
@@ -196,20 +235,25 @@ def candidate_score(cosine: float, prompt_logp: torch.Tensor, weight: float = PR
 def verified_blocks(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
                     weight: float = PROMPT_WEIGHT, return_cache: bool = False):
     """The candidate blocks under whose read the prompt prompt_ids [1, T] is likeliest: each
-    candidate is read alone (`model.reading_blocks`, `candidate_read`) and scored by its
-    passage's cosine + weight * the mean log-probability of the prompt's own tokens. A read
-    that holds the question's own words (a key among look-alike needles, a name) predicts them;
-    a look-alike passage or the document's instruction line does not. The first candidate wins
-    a tie; a prompt of one token is scored by cosine alone.
-    return_cache: also return the winner's `candidate_read` cache (None for a one-token prompt),
-    from which `ask` generates the answer without running the prompt again."""
+    candidate is read alone (`candidate_reads`: up to `CANDIDATE_TOKENS` prompt tokens of reads
+    per batched forward) and scored by its passage's cosine + weight * the mean log-probability
+    of the prompt's own tokens. A read that holds the question's own words (a key among
+    look-alike needles, a name) predicts them; a look-alike passage or the document's
+    instruction line does not. The first candidate wins a tie; a prompt of one token is scored
+    by cosine alone.
+    return_cache: also return the winner's prompt cache (`keep_row`; None for a one-token
+    prompt), from which `ask` generates the answer without running the prompt again."""
     if prompt_ids.shape[1] < 2:
         return (candidates[0][0], None) if return_cache else candidates[0][0]
-    best, best_score, best_cache = candidates[0][0], float("-inf"), None
-    for blocks, cosine in candidates:
-        with model.reading_blocks(blocks, source):
-            cache, logp = candidate_read(model, prompt_ids)
-        score = candidate_score(cosine, logp, weight)
-        if score > best_score:
-            best, best_score, best_cache = blocks, score, cache
-    return (best, best_cache) if return_cache else best
+    per = max(1, CANDIDATE_TOKENS // (prompt_ids.shape[1] - 1))          # reads per forward
+    best, best_score, best_cache = None, float("-inf"), None
+    for at in range(0, len(candidates), per):
+        group = candidates[at:at + per]
+        cache, logp = candidate_reads(model, [b for b, _ in group], source, prompt_ids)   # [k, T-1]
+        scores = [candidate_score(cos, lp, weight) for (_, cos), lp in zip(group, logp)]
+        k = max(range(len(group)), key=lambda j: (scores[j], -j))
+        if scores[k] > best_score:
+            best, best_score, best_cache = group[k][0], scores[k], (cache, k)
+    if not return_cache:
+        return best
+    return best, keep_row(*best_cache)

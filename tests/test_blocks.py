@@ -254,8 +254,9 @@ def test_reading_blocks_is_validated_and_scoped():
             pinned = model(q).logits
         assert restored()
         assert not torch.allclose(pinned, knn, atol=1e-3)
-        for bad, msg in (([4], r"in \[0, 4\)"), ([-1], r"in \[0, 4\)"), ([1, 1], "repeats"),
-                         ([[0], [1]], r"must be \[n\] or \[1, n\]"), ([], "must be"), ([[[0]]], "must be")):
+        for bad, msg in (([4], r"in \[0, 4\)"), ([-2], r"in \[0, 4\)"), ([1, 1], "repeats"),
+                         ([1, -1, 1], "repeats"), ([-1], "at least one block"),
+                         ([[0, 1], [-1, -1]], "at least one block"), ([], "must be"), ([[[0]]], "must be")):
             with pytest.raises(ValueError, match=msg):
                 with model.reading_blocks(bad):
                     pass
@@ -266,6 +267,14 @@ def test_reading_blocks_is_validated_and_scoped():
                 raise RuntimeError("inside")
         assert restored()
         torch.testing.assert_close(model(q).logits, knn)
+        # a memory of one sequence read by a batch of K, each row its own blocks (-1 pads)
+        with model.reading_blocks([[-1, 2], [0, 3], [-1, 1]]):
+            assert rt.pinned_blocks.tolist() == [[-1, 2], [0, 3], [-1, 1]]
+            rows = model(q.expand(3, -1)).logits
+        with model.reading_blocks([2]):
+            torch.testing.assert_close(rows[0], model(q).logits[0], atol=1e-5, rtol=1e-5)
+        with model.reading_blocks([3, 0]):
+            torch.testing.assert_close(rows[1], model(q).logits[0], atol=1e-5, rtol=1e-5)
 
     two = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)   # a batch of two memories
     two.memorize(torch.randint(3, 100, (2, 2 + W)), show_progress=False)

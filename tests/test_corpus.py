@@ -208,13 +208,14 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
     assert zebra.start // bs in blocks and blocks == sorted(blocks)
     pinned = []
     real = reader.reading_blocks
-    reader.reading_blocks = lambda b, source="own": pinned.append((list(b), source)) or real(b, source)
+    reader.reading_blocks = lambda b, source="own": pinned.append((torch.as_tensor(b).tolist(), source)) or real(b, source)
     ans = reader.ask(cue=cue, max_new_tokens=3, record=True)
-    # the candidates are checked one by one (`verified_blocks`), the embedder's first among them,
-    # then the answer reads the one chosen
+    # the candidates are checked in one batch (`verified_blocks`: [K, n], -1 padding), the
+    # embedder's first among them, then the answer reads the one chosen
     candidates, source = reader.questions.candidates(cue)
-    assert source == "corpus" and candidates[0][0] == blocks
-    assert pinned[:-1] == [(c, "corpus") for c, _ in candidates] and pinned[-1] in pinned[:-1]
+    assert source == "corpus" and candidates[0][0] == blocks and len(pinned) == 2
+    assert pinned[0] == ([[-1] * (max(len(c) for c, _ in candidates) - len(c)) + c for c, _ in candidates], "corpus")
+    assert pinned[1] in [(c, "corpus") for c, _ in candidates]
     blocks = pinned[-1][0]
     assert reader.memory_size() == 0
     assert set(reader.recorded_reads(corpus=True)) == {0, 1} and not reader.recorded_reads()  # every memory layer

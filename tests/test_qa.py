@@ -186,11 +186,14 @@ def test_one_read_path_longdocqa_evaluations_and_ask_agree(chat):
     assert_same_memory(held_qa, held_eval)
     assert_same_memory(held_qa, held_ask)
     # the same blocks read each time (cue: qa, eval, ask; question: qa, ask), from memory: each
-    # answer reads its candidates one by one (`verified_blocks`), then the one chosen
+    # answer reads its candidates in one batch ([K, n], -1 padding; `verified_blocks`), then the
+    # one chosen
     k = len(reads) // 5
-    assert k >= 1 and len(reads) == 5 * k
+    assert k in (1, 2) and len(reads) == 5 * k
     per = [reads[i * k:(i + 1) * k] for i in range(5)]
-    assert per[0] == per[2] == per[3] and per[1] == per[4] and per[0][-1] and per[0][-1] in per[0][:-1] + [per[0][0]]
+    assert per[0] == per[2] == per[3] and per[1] == per[4] and per[0][-1]
+    if k == 2:
+        assert [b for b in per[0][-1] if b >= 0] in [[b for b in row if b >= 0] for row in per[0][0]]
     prompt = model.questions.prompt_ids(question)[0].tolist()
     assert (model.tokenizer.decode(prompt).startswith("[user] ")) == chat
     with model.memory_disabled():                                    # memory changes the answer
@@ -398,7 +401,7 @@ def test_memory_answer_returns_valid_evidence_from_the_blocks_read():
     assert ans.mode == "memory" and 0 < ans.memory_share < 1 and ans.prompt_tokens <= 62
     assert 1 <= len(ans.evidence) <= 3
     assert [s.score for s in ans.evidence] == sorted((s.score for s in ans.evidence), reverse=True)
-    covered = {b * 8 + i for b in reads[0] for i in range(8)}
+    covered = {b * 8 + i for b in reads[-1] for i in range(8)}   # the read chosen
     for s in ans.evidence:
         doc = qa.corpus.documents[s.doc_index]
         assert s.document == doc.name and s.text == doc.text[s.start:s.end] and 0 < s.score <= 1
@@ -426,11 +429,13 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     real_generate = model.generate
     model.generate = lambda *a, **kw: pinned.append(model.runtime.pinned_blocks.tolist()) or real_generate(*a, **kw)
     model.ask(query, max_new_tokens=3)
-    # the candidates are read one by one under the prompt (`verified_blocks`), the first being
-    # blocks_for's; then the answer is generated reading the one chosen
+    # the candidates are read under the prompt in one batch (`verified_blocks`: [K, n], a shorter
+    # row padded by -1 in front), the first being blocks_for's; then the answer is generated
+    # reading the one chosen
     candidates, source = model.questions.candidates(query)
-    assert source == "own" and candidates[0][0] == blocks and len(candidates) > 1
-    assert reads[:-1] == [c for c, _ in candidates] and reads[-1] in reads[:-1]
+    assert source == "own" and candidates[0][0] == blocks and len(candidates) > 1 and len(reads) == 2
+    assert [[b for b in row if b >= 0] for row in reads[0]] == [c for c, _ in candidates]
+    assert reads[1] in [c for c, _ in candidates]
     assert pinned == [[reads[-1]]] and model.runtime.pinned_blocks is None
     model.generate = real_generate
     model.memory_config.question_blocks = 1
@@ -763,24 +768,14 @@ def test_generate_returns_full_sequences_and_the_logits_of_a_forward(tok):
 
 
 class _FakeReads:
-    """Stands in for `candidate_read`: the prompt's log-probabilities depend on the blocks read
-    (`reading_blocks`)."""
+    """Stands in for `candidate_reads`: the prompt's log-probabilities depend on the blocks read."""
     def __init__(self, prompt):
-        self.prompt, self.current, self.calls = prompt, None, []
+        self.prompt, self.calls = prompt, []
 
-    def reading_blocks(self, blocks, source):
-        import contextlib
-
-        @contextlib.contextmanager
-        def pinned():
-            self.current = tuple(blocks)
-            self.calls.append((tuple(blocks), source))
-            yield
-            self.current = None
-        return pinned()
-
-    def read(self, model, ids):
-        return f"cache of {self.current}", torch.full((ids.shape[1] - 1,), self.prompt[self.current])
+    def reads(self, model, blocks, source, ids):
+        self.calls.append(([tuple(b) for b in blocks], source))
+        logp = torch.stack([torch.full((ids.shape[1] - 1,), self.prompt[tuple(b)]) for b in blocks])   # [K, T-1]
+        return [f"cache of {tuple(b)}" for b in blocks], logp
 
 
 def test_verified_blocks_binds_the_prompt_to_the_read(monkeypatch):
@@ -794,13 +789,20 @@ def test_verified_blocks_binds_the_prompt_to_the_read(monkeypatch):
 
     def reader(prompt):
         fake = _FakeReads(prompt)
-        monkeypatch.setattr(question_reads, "candidate_read", fake.read)
+        monkeypatch.setattr(question_reads, "candidate_reads", fake.reads)
+        monkeypatch.setattr(question_reads, "keep_row", lambda caches, k: caches[k])
         return fake
 
     x = torch.zeros(1, 5, dtype=torch.long)
     fake = reader({(0, 1): -3.5, (5, 6): -1.5})                       # look-alike, then the key's own read
     assert verified_blocks(fake, [([0, 1], 0.50), ([5, 6], 0.40)], "own", x) == [5, 6]
-    assert fake.calls == [((0, 1), "own"), ((5, 6), "own")]
+    assert fake.calls == [([(0, 1), (5, 6)], "own")]                  # one batch
+    monkeypatch.setattr(question_reads, "CANDIDATE_TOKENS", 4)         # one read per forward (T - 1 = 4)
+    fake = reader({(0, 1): -3.5, (5, 6): -1.5, (7,): -2.0})
+    assert verified_blocks(fake, [([0, 1], 0.50), ([5, 6], 0.40), ([7], 0.1)], "own", x, return_cache=True) \
+        == ([5, 6], "cache of (5, 6)")
+    assert fake.calls == [([(0, 1)], "own"), ([(5, 6)], "own"), ([(7,)], "own")]
+    monkeypatch.setattr(question_reads, "CANDIDATE_TOKENS", 1024)
     assert 0.50 + PROMPT_WEIGHT * -3.5 < 0.40 + PROMPT_WEIGHT * -1.5
     assert verified_blocks(fake, [([0, 1], 0.50), ([5, 6], 0.40)], "own", x, return_cache=True) == ([5, 6], "cache of (5, 6)")
     fake = reader({(0, 1): -2.0, (5, 6): -1.9})                       # a small difference: the cosine decides
@@ -815,28 +817,35 @@ def test_verified_blocks_binds_the_prompt_to_the_read(monkeypatch):
     assert fake.calls == []
 
 
-def test_candidate_read_is_one_forward_and_its_cache_continues_it():
-    """`candidate_read`: the prompt's log-probabilities are a plain forward's over [sink ‖ prompt]
-    reading the same blocks, and generate from its cache gives plain generate's tokens and
-    scores (the prompt's last token run then, the rest not again)."""
+def test_candidate_reads_are_one_forward_and_a_kept_row_continues_it():
+    """`candidate_reads`: K reads of one memory in one batched forward (rows of different
+    lengths padded by -1): each row's prompt log-probabilities are a plain forward's over
+    [sink ‖ prompt] reading that row's blocks alone, and generate from the row kept of its cache
+    (`keep_row`) gives plain generate's tokens and scores (the prompt's last token run then,
+    the rest not again)."""
     from memformer.memory_layer import memory_pass
-    from memformer.question_reads import candidate_read
+    from memformer.question_reads import candidate_reads, keep_row
     model = tiny_model(block_size=8, question_blocks=4)
     LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     x = model.questions.prompt_ids("What is the name of the keeper's cat?")          # [1, T]
-    blocks = model.questions.blocks_for("keeper's cat")
+    have = model.memory_blocks()
+    blocks = [model.questions.blocks_for("keeper's cat"), [have - 1], [5, 2, 9], [0]]
+    cache, prompt_logp = candidate_reads(model, blocks, "own", x)
+    assert prompt_logp.shape == (4, x.shape[1] - 1)
     kw = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with model.reading_blocks(blocks, "own"):
-        cache, prompt_logp = candidate_read(model, x)
-        out = model.generate(x, cache=cache, **kw)
-        plain = model.generate(x, **kw)
-        xs = model.state.with_sink(x, model.memory_config.sink_tokens)                # [1, S + T]
-        with memory_pass(model.runtime, model.memory_modules, read=True, write=False):
-            logits = model.backbone(input_ids=xs, attention_mask=torch.ones_like(xs)).logits
+    xs = model.state.with_sink(x, model.memory_config.sink_tokens)                    # [1, S + T]
     S = xs.shape[1] - x.shape[1]
-    want = torch.log_softmax(logits[0, S:-1].float(), -1).gather(1, x[0, 1:, None])[:, 0]   # [T - 1]
-    assert prompt_logp.shape == (x.shape[1] - 1,)
-    torch.testing.assert_close(prompt_logp, want, atol=1e-4, rtol=1e-4)
+    for k, read in enumerate(blocks):
+        with model.reading_blocks(read, "own"), memory_pass(model.runtime, model.memory_modules, read=True, write=False):
+            logits = model.backbone(input_ids=xs, attention_mask=torch.ones_like(xs)).logits
+        want = torch.log_softmax(logits[0, S:-1].float(), -1).gather(1, x[0, 1:, None])[:, 0]   # [T - 1]
+        torch.testing.assert_close(prompt_logp[k], want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(prompt_logp[0], prompt_logp[1], atol=1e-3)          # the reads differ
+    kept = keep_row(cache, 2)                                                       # the padded row
+    assert kept.memformer_ids.shape[0] == 1
+    with model.reading_blocks(blocks[2], "own"):
+        out = model.generate(x, cache=kept, **kw)
+        plain = model.generate(x, **kw)
     assert torch.equal(out.sequences, plain.sequences)
     for a, b in zip(out.scores, plain.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
