@@ -817,21 +817,24 @@ def test_verified_blocks_binds_the_prompt_to_the_read(monkeypatch):
     assert fake.calls == []
 
 
-def test_candidate_reads_are_one_forward_and_a_kept_row_continues_it():
+@pytest.mark.parametrize("memory_layers", [None, [1]])
+def test_candidate_reads_are_one_forward_and_a_kept_row_continues_it(memory_layers):
     """`candidate_reads`: K reads of one memory in one batched forward (rows of different
-    lengths padded by -1): each row's prompt log-probabilities are a plain forward's over
-    [sink ‖ prompt] reading that row's blocks alone, and generate from the row kept of its cache
-    (`keep_row`) gives plain generate's tokens and scores (the prompt's last token run then,
-    the rest not again)."""
+    lengths padded by -1; with memory in layer 1 only, layer 0 runs the prompt once): each
+    row's prompt log-probabilities are a plain forward's over [sink ‖ prompt] reading that row's
+    blocks alone, and generate from the row kept of its cache (`keep_row`) gives plain
+    generate's tokens and scores (the prompt's last token run then, the rest not again)."""
     from memformer.memory_layer import memory_pass
     from memformer.question_reads import candidate_reads, keep_row
-    model = tiny_model(block_size=8, question_blocks=4)
+    model = tiny_model(block_size=8, question_blocks=4, memory_layers=memory_layers)
     LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     x = model.questions.prompt_ids("What is the name of the keeper's cat?")          # [1, T]
     have = model.memory_blocks()
     blocks = [model.questions.blocks_for("keeper's cat"), [have - 1], [5, 2, 9], [0]]
     cache, prompt_logp = candidate_reads(model, blocks, "own", x)
     assert prompt_logp.shape == (4, x.shape[1] - 1)
+    below = [layer.keys.shape[0] for layer in cache.layers[:min(model.memory_modules)]]
+    assert below == [1] * min(model.memory_modules) and cache.layers[-1].keys.shape[0] == 4
     kw = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
     xs = model.state.with_sink(x, model.memory_config.sink_tokens)                    # [1, S + T]
     S = xs.shape[1] - x.shape[1]
