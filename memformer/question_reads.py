@@ -16,7 +16,9 @@ passage's cosine plus `PROMPT_WEIGHT` times the mean log-probability of the prom
 under that read (`verified_blocks`). The read that holds the question's words (the key of a
 needle among look-alikes, the name asked about) predicts them; the document's instruction line
 or a passage that only paraphrases the question does not, whatever the embedder thought of it.
-The winner's prompt cache is kept, and the answer is generated from it.
+All candidates are read in one forward, a batch of K rows over the one memory
+(`candidate_reads`); the winner's row of that prompt cache is kept, and the answer is generated
+from it.
 """
 from __future__ import annotations
 
