@@ -198,9 +198,11 @@ def candidate_reads(model, blocks: list[list[int]], source: str, prompt_ids: tor
     first = model.adapter.layers(model.backbone)[min(model.memory_modules)]
     with model.reading_blocks(padded, source), _widened_at(first, K):
         cache, logits = make_context_cache(model, prompt_ids[:, :-1], return_logits=True)   # [K, T-1, V]
-    logp = torch.log_softmax(logits.float(), -1)                                          # [K, T-1, V]
-    target = prompt_ids[:, 1:].expand(K, -1).to(logp.device)                             # [K, T-1]
-    return cache, logp.gather(2, target[..., None])[..., 0].cpu()                        # [K, T-1]
+    logits = logits.float()                                                               # [K, T-1, V]
+    target = prompt_ids[:, 1:].expand(K, -1).to(logits.device)                           # [K, T-1]
+    # log-softmax at the targets only: the whole [K, T-1, V] of it is never needed
+    logp = logits.gather(2, target[..., None])[..., 0] - torch.logsumexp(logits, -1)     # [K, T-1]
+    return cache, logp.cpu()
 
 
 @contextlib.contextmanager
