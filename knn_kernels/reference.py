@@ -94,11 +94,18 @@ def local_attention(q, k_local, v_local, scale: float, local_mask=None):
     Hkv, S = k_local.shape[1], k_local.shape[2]
     G = Hq // Hkv
     if can_fuse(q, k_local, v_local):
+        mask = None if local_mask is None else _additive_mask(local_mask, T, S, q.device)
+        if T == 1 and G > 1 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1)):
+            # one query per head (a generated token): the G query heads of a kv group are one
+            # query axis over the group's keys, which are then never copied per query head
+            out, lse = fused_attention(q.reshape(B, Hkv, G, D), k_local.float(), v_local.float(), scale, mask)
+            return out.reshape(B, Hq, 1, D), lse.reshape(B, Hq, 1)                  # [B, Hq, 1, D], [B, Hq, 1]
         k = k_local.float().repeat_interleave(G, dim=1) if G > 1 else k_local.float()   # [B, Hq, S, D]
         v = v_local.float().repeat_interleave(G, dim=1) if G > 1 else v_local.float()
         if local_mask is None and T == S:
             return fused_attention(q, k, v, scale, causal=True)
-        mask = None if (local_mask is None and T == 1) else _additive_mask(local_mask, T, S, q.device)
+        if local_mask is None and T > 1:
+            mask = _additive_mask(None, T, S, q.device)                             # causal, queries last T of S
         return fused_attention(q, k, v, scale, mask)
     qg = q.float().view(B, Hkv, G, T, D)                                          # query heads grouped
     s = (qg @ k_local.float()[:, :, None].transpose(-1, -2)).view(B, Hq, T, S) * scale   # [B, Hq, T, S]

@@ -98,7 +98,8 @@ def block_rows(mem, blocks, B: int, *, block_size: int, rotary_fn, row_rotation,
     # the heads' keys are rotated once
     cos = cos_r * cos_s + sin_r * sin_s                                               # [B, R, D]
     sin = sin_r * cos_s - cos_r * sin_s
-    keys = rotary_fn(keys, keys, cos, sin)[1]                                         # at -R .. -1
+    # the backbone's RoPE function rotates (q, k); a query of no heads leaves it only the keys' work
+    keys = rotary_fn(keys[:, :0], keys, cos, sin)[1]                                  # at -R .. -1
     return rows, keys, values
 
 

@@ -175,7 +175,7 @@ class MemoryAttention(nn.Module):
             return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D)), None
 
         # kNN reads: the query moved a window further against keys rotated at their window slot
-        q_mem = self.rotary_fn(q_rot, q_rot, *rt.q_rotation)[0]                 # [B, Hq, T, D]
+        q_mem = self.rotary_fn(q_rot, q_rot[:, :0], *rt.q_rotation)[0]          # [B, Hq, T, D] (no key to rotate)
         G = Hq // Hkv
         if rt.layer_blocks and corpus is None:                                 # block reads chosen by this layer
             kept = reads_on_cache(past_key_values)                             # what earlier calls chose

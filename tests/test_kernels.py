@@ -140,3 +140,26 @@ def test_kernel_benchmark_baselines_compute_the_same_attention():
     got = bench.sdpa_pregathered(x)().view(1, 4, 5, 16)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert bench.bytes_moved(1, 4, 2, 5, 7, 3, 16, 2) > 0
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("Hq,Hkv,S", [(9, 3, 1), (9, 3, 37), (4, 1, 12), (2, 2, 5)])
+def test_one_query_local_attention_matches_the_explicit_softmax(mask_kind, Hq, Hkv, S, local_path):
+    """A generated token's local attention (T = 1): the fused path groups a kv group's query heads
+    on one axis instead of copying the keys per head; out and lse equal the explicit softmax."""
+    torch.manual_seed(3)
+    B, D = 2, 16
+    q, k, v = torch.randn(B, Hq, 1, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    mask = None
+    if mask_kind != "none":
+        keep = torch.rand(B, 1, 1, S) > 0.4
+        keep[..., -1] = True                                      # the token itself
+        mask = keep if mask_kind == "bool" else torch.zeros(B, 1, 1, S).masked_fill(~keep, float("-inf"))
+    out, lse = ref_module.local_attention(q, k, v, 0.25, mask)
+    s = torch.einsum("bhd,bhsd->bhs", q[:, :, 0], k.repeat_interleave(Hq // Hkv, 1)) * 0.25   # [B, Hq, S]
+    if mask is not None:
+        s = s + ref_module._additive_mask(mask, 1, S, q.device)[:, :, 0]
+    want_lse = torch.logsumexp(s, -1)                                                         # [B, Hq]
+    want = torch.einsum("bhs,bhsd->bhd", torch.softmax(s, -1), v.repeat_interleave(Hq // Hkv, 1))
+    torch.testing.assert_close(out[:, :, 0], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[:, :, 0], want_lse, atol=1e-5, rtol=1e-5)
