@@ -166,3 +166,43 @@ def test_cli_ruler_end_to_end(tiny_dir, tmp_path, capsys, fake_minilm):   # noqa
 def test_cli_ruler_rejects_bad_arguments_before_loading_a_model(argv, msg, capsys):
     assert _exit_code("eval", "ruler", *argv, "--model", "/nonexistent/model") == 2
     assert re.search(msg, capsys.readouterr().err)
+
+
+def _ruler_run(folder, length, seed=7, records=None):
+    """A run folder as `memformer eval ruler` leaves it: run.json and trials.jsonl."""
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"eval": "ruler", "backbone": "b", "haystack": "h.txt",
+                                                 "seed": seed, "memory_config": {"top_k": 32}}))
+    records = records if records is not None else [
+        {"id": f"{t}/{length}/0/{m}", "task": t, "length": length, "index": 0, "mode": m, "status": "ok",
+         "score": s, "looping": False, "answer": "x"}
+        for t, m, s in [("vt", "memory", 0.0), ("vt", "rag", 0.2), ("niah_single_1", "memory", 1.0),
+                        ("niah_single_1", "rag", 1.0)]]
+    (folder / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_ruler_lengths_merges_runs_of_one_configuration(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ruler_lengths
+
+    a, b = _ruler_run(tmp_path / "a", 16384), _ruler_run(tmp_path / "b", 32768)
+    records, shared = ruler_lengths.load_runs([a, b])
+    assert len(records) == 8 and shared["seed"] == 7
+    assert ruler_lengths.main([str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "ruler_lengths.md").read_text()
+    assert "| 16k | 50.0% | 60.0% |" in text and "| 32k | 50.0% | 60.0% |" in text
+    assert "16k: 1, 32k: 1" in text
+    assert (tmp_path / "out" / "ruler_lengths.png").stat().st_size > 0
+
+    other_seed = _ruler_run(tmp_path / "c", 65536, seed=8)
+    with pytest.raises(ValueError, match="differs .* in seed"):
+        ruler_lengths.load_runs([a, other_seed])
+    with pytest.raises(ValueError, match="also in"):
+        ruler_lengths.load_runs([a, _ruler_run(tmp_path / "d", 16384)])
+    with pytest.raises(ValueError, match="run.json and trials.jsonl"):
+        ruler_lengths.load_runs([tmp_path / "missing"])
+    assert ruler_lengths.main([str(a), str(other_seed), "--out", str(tmp_path / "o2")]) == 2
+    assert "differs" in capsys.readouterr().err
