@@ -5,10 +5,12 @@ until the token budget runs out ("1111111…", "*****…"): its prior for the ne
 unanswerable "…is" is a digit or a reST underline, and greedy decoding never leaves it. The same
 happens with RAG and truncation, whatever the memory read. Every answer memformer generates
 (`MemformerForCausalLM.ask`, the baselines of `memformer.qa.longdoc`) therefore stops as soon as
-its text holds a unit of 1-16 characters repeated 8 or more times in a row, or a longer unit (a
+its text holds a unit of 1-16 characters repeated 8 or more times in a row, a longer unit (a
 sentence and the cue that leads back into it: "a secret code. The secret code of the red vault is
-a secret code. …") repeated 3 or more times (`LoopStop`), and the loop is cut back to one copy of
-its unit (`cut_loop`): the user gets a short answer, and the caller is told that it was cut.
+a secret code. …") repeated 3 or more times, or one line repeated as the next 2 or more lines (a
+list that names one value again and again: "* 9021980." on every line) (`LoopStop`), and the
+loop is cut back to one copy of its unit (`cut_loop`): the user gets a short answer, and the
+caller is told that it was cut.
 
 A completion that states its own cue again ("1. The special magic number for tidy-violin is 1.
 The special magic number for …"), or the last sentence of a cue that asks a question first, is
@@ -26,13 +28,17 @@ from transformers import StoppingCriteria
 # a short unit repeated 8+ times, or a unit of 17-200 characters repeated 3+ times (a number may
 # legitimately hold "1111111"; no answer repeats a whole sentence three times)
 LOOP = re.compile(r"(\S.{0,15}?)\1{7,}|(\S.{16,199}?)\2{2,}", re.DOTALL)
+# a line with a letter or digit that the next 2+ lines repeat exactly ("* 9021980." x 3): too short
+# for the 8 repeats of a short unit once its line break is counted, and no answer lists an item
+# three times in a row
+LINE_LOOP = re.compile(r"^([^\n]{0,200}?\w[^\n]{0,200}?)(?:\n\1){2,}$", re.MULTILINE)
 TAIL_TOKENS = 160           # generated tokens decoded at each step to look for a loop (3 units of 200 characters)
 
 
 def looping(text: str) -> bool:
-    """True when some unit of 1-16 characters (not blank) repeats 8+ times in a row, or one of
-    17-200 characters 3+ times."""
-    return LOOP.search(text) is not None
+    """True when some unit of 1-16 characters (not blank) repeats 8+ times in a row, one of
+    17-200 characters 3+ times, or a line (with a letter or digit) 3+ times in a row."""
+    return LOOP.search(text) is not None or LINE_LOOP.search(text) is not None
 
 
 def end_at_cue(text: str, cue: str | None) -> str:
@@ -63,7 +69,9 @@ def restated_at(text: str, cue: str | None) -> int:
 
 def cut_loop(text: str) -> tuple[str, bool]:
     """(text with its first loop cut back to one copy of the unit, whether a loop was cut)."""
-    m = LOOP.search(text)
+    m, line = LOOP.search(text), LINE_LOOP.search(text)
+    if line is not None and (m is None or line.start() <= m.start()):   # a repeated line: keep one
+        return text[:line.start(1) + len(line.group(1))].strip(), True
     if m is None:
         return text, False
     unit = m.group(1) or m.group(2)

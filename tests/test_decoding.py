@@ -22,6 +22,14 @@ def test_looping_and_cut_loop():
     sentence_loop = "a secret code. \nThe secret code of the red vault is " * 3 + "a secret"
     assert looping(sentence_loop) and cut_loop(sentence_loop) == ("a secret code.", True)
     assert cut_loop("Yes. " + "and then it went on and on " * 3) == ("Yes. and then it went on and on", True)
+    # a list naming one value on line after line: cut to one line, once the third copy is complete
+    listed = ":\n\n* 9021980.\n* 9021980.\n* 9021980.\n* 9021980.\n* "
+    assert looping(listed) and cut_loop(listed) == (":\n\n* 9021980.", True)
+    assert looping(":\n\n* 9021980.\n* 9021980.\n* 9021980.")
+    assert cut_loop("x\ny\ny\ny") == ("x\ny", True)
+    for fine in (":\n\n* 9021980.\n* 9021980.\n* 9021980",        # the third copy is not complete yet
+                 "* 1\n* 1\n", "- a\n- b\n- c", "|---|\n|---|\n|---|", "ok\n\n\n\n"):
+        assert not looping(fine) and cut_loop(fine) == (fine, False), fine
     for fine in ("The special magic numbers are 1234567, 2345678, 3456789 and 4567890.",
                  "The code of the red vault is 4417. The code of the blue vault is 9921.",
                  "a secret code. \nThe secret code of the red vault is " * 2):      # twice is not a loop yet
@@ -37,6 +45,8 @@ def test_loop_stop_looks_at_the_generated_tokens_only():
     assert stop.prompt_len == ids(prompt).shape[1]
     assert not stop(ids(prompt + "4211"), None).item()
     assert stop(ids(prompt + "42" + "1" * 9), None).item()
+    assert not stop(ids(prompt + "\n* 42.\n* 42.\n* 4"), None).item()
+    assert stop(ids(prompt + "\n* 42.\n* 42.\n* 42."), None).item()      # a line listed three times
     both = torch.cat([ids("ab" + "x" * 10), ids("ab" + "xyz" * 3 + "q")])
     s2 = LoopStop(tok)
     s2.prompt_len = 2
