@@ -206,3 +206,23 @@ def test_ruler_lengths_merges_runs_of_one_configuration(tmp_path, capsys):
         ruler_lengths.load_runs([tmp_path / "missing"])
     assert ruler_lengths.main([str(a), str(other_seed), "--out", str(tmp_path / "o2")]) == 2
     assert "differs" in capsys.readouterr().err
+
+
+def test_copy_repeats_values_documents_and_verdicts(btok):
+    import random
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import copy_repeats
+
+    rng = random.Random(3)
+    for _ in range(200):
+        d, n = copy_repeats.value(rng, True), copy_repeats.value(rng, False)
+        assert len(d) == len(n) == 7 and d[0] != "0" and n[0] != "0"
+        assert d[-1] == d[-2] and len(set(d)) == 6 and len(set(n)) == 7
+    text, facts = copy_repeats.make_document(btok, ESSAY * 3, 1500, 4, random.Random(0))
+    assert len(facts) == 4 and sum(dbl for _, _, dbl, _ in facts) == 2
+    assert all(copy_repeats.STATEMENT.format(key=k, value=v) in text for k, v, _, _ in facts)
+    assert 1400 <= len(btok(text, add_special_tokens=False)["input_ids"]) <= 1650   # re-decoding adds a few
+    assert [copy_repeats.verdict(a, "9622344") for a in ("9622344.", ": 962234.", "1.", "")] == \
+        ["exact", "short", "other", "other"]
