@@ -2,12 +2,14 @@
 table and one plot (accuracy per task against length, memory beside RAG).
 
 Each run folder holds `run.json` (its settings) and `trials.jsonl` (one record per task, length,
-sample and mode). The runs must share the backbone, haystack, seed and memory settings, so the
+sample and mode). A record's loop flag is recounted by today's loop rule
+(`memformer.decoding.looping` on its stored answer, or the run's own flag), so runs made under
+an older rule count loops alike. The runs must share the backbone, haystack, seed and memory settings, so the
 merged table compares one configuration; a folder that differs is refused.
 
     python benchmarks/ruler_lengths.py benchmarks/results/ruler_heldout_16k/seed_27182 \
         benchmarks/results/ruler_heldout_32k/seed_27182 benchmarks/results/ruler_heldout_64k/seed_27182 \
-        --out benchmarks/results/ruler_heldout_lengths
+        benchmarks/results/ruler_heldout_128k/seed_27182 --out benchmarks/results/ruler_heldout_lengths
 
 writes OUT/ruler_lengths.md and OUT/ruler_lengths.png.
 """
@@ -18,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from memformer.decoding import looping
 from memformer.eval import plots, ruler
 
 SHARED = ("backbone", "haystack", "seed", "memory_config")   # settings the merged runs must share
@@ -44,6 +47,8 @@ def load_runs(folders: list[Path]) -> tuple[list[dict], dict]:
             if rid in seen:
                 raise ValueError(f"{folder}: record {rid} is also in {seen[rid]}")
             seen[rid] = folder
+            if rec.get("answer") is not None:          # today's rule on the stored answer, or the run's flag
+                rec["looping"] = bool(rec.get("looping")) or looping(rec["answer"])
             records.append(rec)
     if not records:
         raise ValueError("no trials in the given folders")
@@ -78,7 +83,8 @@ def main(argv=None) -> int:
     sources = "\n".join(f"- `{f}`" for f in args.folders)
     text = (f"# RULER across lengths\n\nHaystack {shared['haystack']!r}, seed {shared['seed']}; "
             f"samples per task: {samples_line(records)}.\n\nRuns merged:\n\n{sources}\n\n"
-            + plots.accuracy_table(records, tasks=tasks) + "\n\nMean over tasks:\n\n" + ruler.mean_table(records) + "\n")
+            + plots.accuracy_table(records, tasks=tasks) + "\n\nMean over tasks (looping: the run's own flag, or today's "
+            "loop rule on the stored answer):\n\n" + ruler.mean_table(records) + "\n")
     (args.out / "ruler_lengths.md").write_text(text)
     plots.plot_accuracy_vs_length(records, args.out / "ruler_lengths.png",
                                   title=f"RULER per task and length ({shared['haystack']}, seed {shared['seed']})")

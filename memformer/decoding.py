@@ -7,8 +7,9 @@ happens with RAG and truncation, whatever the memory read. Every answer memforme
 (`MemformerForCausalLM.ask`, the baselines of `memformer.qa.longdoc`) therefore stops as soon as
 its text holds a unit of 1-16 characters repeated 8 or more times in a row, a longer unit (a
 sentence and the cue that leads back into it: "a secret code. The secret code of the red vault is
-a secret code. …") repeated 3 or more times, or one line repeated as the next 2 or more lines (a
-list that names one value again and again: "* 9021980." on every line) (`LoopStop`), and the
+a secret code. …") repeated 3 or more times, one line repeated as the next 2 or more lines (a
+list that names one value again and again: "* 9021980." on every line), or a word group of 3-16
+characters said 4 or more times in a row apart by spaces ("VQQ VQQ VQQ VQQ") (`LoopStop`), and the
 loop is cut back to one copy of its unit (`cut_loop`): the user gets a short answer, and the
 caller is told that it was cut.
 
@@ -32,13 +33,18 @@ LOOP = re.compile(r"(\S.{0,15}?)\1{7,}|(\S.{16,199}?)\2{2,}", re.DOTALL)
 # for the 8 repeats of a short unit once its line break is counted, and no answer lists an item
 # three times in a row
 LINE_LOOP = re.compile(r"^([^\n]{0,200}?\w[^\n]{0,200}?)(?:\n\1){2,}$", re.MULTILINE)
+# a word or words of 3-16 characters said 4+ times in a row, apart by spaces ("VQQ VQQ VQQ VQQ",
+# "5434657. 5434657. 5434657. 5434657."): the space between copies hides them from LOOP until the
+# 8th, and no answer names one value four times running
+WORD_LOOP = re.compile(r"(?<!\S)(\w[^\n]{2,15}?)(?:[ \t]+\1(?!\S)){3,}")
 TAIL_TOKENS = 160           # generated tokens decoded at each step to look for a loop (3 units of 200 characters)
 
 
 def looping(text: str) -> bool:
     """True when some unit of 1-16 characters (not blank) repeats 8+ times in a row, one of
-    17-200 characters 3+ times, or a line (with a letter or digit) 3+ times in a row."""
-    return LOOP.search(text) is not None or LINE_LOOP.search(text) is not None
+    17-200 characters 3+ times, a line (with a letter or digit) 3+ times in a row, or a word
+    group of 3-16 characters 4+ times in a row apart by spaces."""
+    return any(p.search(text) is not None for p in (LOOP, LINE_LOOP, WORD_LOOP))
 
 
 def end_at_cue(text: str, cue: str | None) -> str:
@@ -69,11 +75,14 @@ def restated_at(text: str, cue: str | None) -> int:
 
 def cut_loop(text: str) -> tuple[str, bool]:
     """(text with its first loop cut back to one copy of the unit, whether a loop was cut)."""
-    m, line = LOOP.search(text), LINE_LOOP.search(text)
-    if line is not None and (m is None or line.start() <= m.start()):   # a repeated line: keep one
-        return text[:line.start(1) + len(line.group(1))].strip(), True
-    if m is None:
+    m, line, word = LOOP.search(text), LINE_LOOP.search(text), WORD_LOOP.search(text)
+    first = min((x.start() for x in (m, line, word) if x is not None), default=None)
+    if first is None:
         return text, False
+    if line is not None and line.start() == first:                 # a repeated line: keep one
+        return text[:line.start(1) + len(line.group(1))].strip(), True
+    if word is not None and word.start() == first and (m is None or m.start() > first):
+        return (text[:word.start()] + word.group(1)).strip(), True      # a repeated word group: keep one
     unit = m.group(1) or m.group(2)
     if m.group(2) is not None:                 # a sentence loop: keep its unit up to the first sentence end
         end = re.search(r"[.!?](?=\s)", unit)

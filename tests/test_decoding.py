@@ -30,6 +30,13 @@ def test_looping_and_cut_loop():
     for fine in (":\n\n* 9021980.\n* 9021980.\n* 9021980",        # the third copy is not complete yet
                  "* 1\n* 1\n", "- a\n- b\n- c", "|---|\n|---|\n|---|", "ok\n\n\n\n"):
         assert not looping(fine) and cut_loop(fine) == (fine, False), fine
+    # a word group said 4 times running, apart by spaces: cut to one copy
+    assert cut_loop("KXA ZQV TQQ VQQ VQQ VQQ VQQ VQQ") == ("KXA ZQV TQQ VQQ", True)
+    assert cut_loop(": 5434657. 5434657. 5434657. 5434657. 54") == (": 5434657.", True)
+    assert cut_loop("LPB DVT ZSQ IGI ZSQ IGI ZSQ IGI ZSQ IGI ZSQ I") == ("LPB DVT ZSQ IGI", True)
+    for fine in ("5434657. 5434657. 5434657.", "0 0 0 0 0 0", "1.0 2.0 1.0 1.0", "VQQ VQQ VQQ VQQX",
+                 "He said no, no, no, no."):
+        assert not looping(fine) and cut_loop(fine) == (fine, False), fine
     for fine in ("The special magic numbers are 1234567, 2345678, 3456789 and 4567890.",
                  "The code of the red vault is 4417. The code of the blue vault is 9921.",
                  "a secret code. \nThe secret code of the red vault is " * 2):      # twice is not a loop yet

@@ -196,6 +196,12 @@ def test_ruler_lengths_merges_runs_of_one_configuration(tmp_path, capsys):
     assert "| 16k | 50.0% | 60.0% |" in text and "| 32k | 50.0% | 60.0% |" in text
     assert "16k: 1, 32k: 1" in text
     assert (tmp_path / "out" / "ruler_lengths.png").stat().st_size > 0
+    # loops are recounted by today's rule on the stored answer; the run's own flag stays
+    looped = [dict(id=f"vt/65536/{i}/memory", task="vt", length=65536, index=i, mode="memory", status="ok",
+                   score=0.0, looping=flag, answer=ans)
+              for i, (flag, ans) in enumerate([(False, "KXA VQQ VQQ VQQ VQQ"), (True, "1"), (False, "KXA VQQ")])]
+    recs, _ = ruler_lengths.load_runs([_ruler_run(tmp_path / "e", 65536, records=looped)])
+    assert [r["looping"] for r in recs] == [True, True, False]
 
     other_seed = _ruler_run(tmp_path / "c", 65536, seed=8)
     with pytest.raises(ValueError, match="differs .* in seed"):
