@@ -295,31 +295,6 @@ def test_synthetic_answers_vary_in_form_and_length():
     assert len({len(k) for k in keys}) >= 3
 
 
-def test_repeats_task_asks_values_that_repeat_a_character():
-    """The `repeats` task: look-alike needles whose values double or triple one character, at the
-    end in about half of them ("4047844"), copied exactly as the targets."""
-    from memformer.training import data
-    rng = random.Random(1)
-    values = [data._repeating(rng, "0123456789", rng.randint(5, 10)) for _ in range(400)]
-    assert all(5 <= len(v) <= 10 and v[0] != "0" for v in values)
-    assert all(any(a == b for a, b in zip(v, v[1:])) for v in values)          # every one repeats
-    at_end = sum(v[-1] == v[-2] for v in values) / len(values)
-    assert 0.4 < at_end < 0.75                                                  # half by design (+ chance)
-    tok = ByteTokenizer()
-    text = tok("filler words of a real document. " * 40, add_special_tokens=False)["input_ids"]
-    kinds = set()
-    for _ in range(30):
-        nd = needles_sample(tok, rng, 900, local=100, answer_only=True, text=text,
-                            kinds=data.REPEAT_KINDS, name="repeats")
-        assert nd.kind == "repeats"
-        answers = [v.rstrip(".") for v in tok.decode([i for i, t in zip(nd.ids, nd.targets) if t]).split()]
-        early = tok.decode(nd.ids[:len(nd.ids) - 100])
-        assert len(answers) == 2 and all(f" is {a}." in early for a in answers)
-        assert all(any(x == y for x, y in zip(a, a[1:])) for a in answers)
-        kinds |= {"number" if a.isdigit() else "code" for a in answers}
-    assert kinds == {"number", "code"}
-
-
 def test_facts_are_asked_as_ask_asks_them():
     """Natural facts planted beyond the local window, asked as free-form questions (answered by
     restating the fact) or as cues; the values are targets and lie only in the planted text."""

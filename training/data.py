@@ -26,7 +26,7 @@ import torch
 from memformer.loading import encode_text
 
 SOURCE_TYPES = ("stdlib", "python_docs", "text", "jsonl", "hf_disk")
-SYNTHETIC_TASKS = ("passkey", "kv", "needles", "facts", "repeats")
+SYNTHETIC_TASKS = ("passkey", "kv", "needles", "facts")
 STDLIB_EXCLUDE = ("test", "encodings", "pydoc_data", "__phello__", "site-packages", "idlelib", "turtledemo")
 
 
@@ -282,17 +282,6 @@ def _number(rng: random.Random) -> str:
     return str(rng.randint(1, 9)) + "".join(rng.choice(string.digits) for _ in range(n - 1))
 
 
-def _repeating(rng: random.Random, alphabet: str, n: int) -> str:
-    """n characters of `alphabet` (no leading zero) in which one character is doubled or tripled, at
-    the end in half of them: "4047844", "3933844", "a1ff0". A copy that matches its last character
-    against the earlier one skips the repeat ("404784." for 4047844); these teach it not to."""
-    run = rng.choice((2, 2, 3))
-    head = [rng.choice(alphabet.lstrip("0"))] + [rng.choice(alphabet) for _ in range(n - run)]   # n - run + 1
-    at = len(head) if rng.random() < 0.5 else rng.randint(1, len(head))
-    c = head[at - 1]
-    return "".join(head[:at] + [c] * (run - 1) + head[at:])
-
-
 _WORDS: dict[int, list[str]] = {}
 
 
@@ -330,24 +319,15 @@ NEEDLE_KINDS = {
 }
 
 
-# the needle kinds of the `repeats` task: the same statements, values that repeat a character
-REPEAT_KINDS = {
-    "number": (NEEDLE_KINDS["number"][0], lambda tok, rng: _repeating(rng, string.digits, rng.randint(5, 10))),
-    "code": (NEEDLE_KINDS["code"][0], lambda tok, rng: _repeating(rng, "0123456789abcdef", rng.randint(6, 12))),
-}
-
-
 def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool,
-                   text: list[int], needles: int = 4, queries: int = 2, kinds: dict = NEEDLE_KINDS,
-                   name: str = "needles") -> Sample:
+                   text: list[int], needles: int = 4, queries: int = 2) -> Sample:
     """Look-alike needles in real text: `needles` statements of one kind ("The locker combination
     of Abel is 48213.", one name each) planted at random depths of a real document's tokens `text`,
     all before the last `local` tokens; then `queries` of them asked as cues ("The locker
     combination of Abel is") whose values, copied exactly, are the targets. Only memory holds the
-    values, and the other needles are look-alikes that differ in the name alone. kinds: the value
-    kinds drawn from (`REPEAT_KINDS` for the `repeats` task); name: the sample's task name."""
-    kind = rng.choice(sorted(kinds))
-    statements, make = kinds[kind]
+    values, and the other needles are look-alikes that differ in the name alone."""
+    kind = rng.choice(sorted(NEEDLE_KINDS))
+    statements, make = NEEDLE_KINDS[kind]
     statement = rng.choice(statements)
     cue = statement[:statement.index(" {value}")]
     names = rng.sample(NAMES, needles)
@@ -355,7 +335,7 @@ def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answ
     asked = rng.sample(facts, min(queries, needles))
     tail = [(_encode(tokenizer, "\n" + cue.format(name=n)), _encode(tokenizer, f" {v}.")) for n, v in asked]
     planted = [_encode(tokenizer, " " + statement.format(name=n, value=v) + " ") for n, v in facts]
-    return _plant_and_ask(rng, text, planted, tail, seq_len, local, answer_only, name)
+    return _plant_and_ask(rng, text, planted, tail, seq_len, local, answer_only, "needles")
 
 
 def _plant_and_ask(rng: random.Random, text: list[int], planted: list[list[int]], tail: list[tuple],
@@ -498,14 +478,10 @@ class SampleStream:
 
     def _synthetic(self, rng: random.Random, n: int, buffer: list[Sample]) -> Sample:
         task = rng.choice(self.synthetic_tasks)
-        if task in ("needles", "facts", "repeats"):   # planted in the text of a document waiting in the buffer
+        if task in ("needles", "facts"):     # planted in the text of a document waiting in the buffer
             text = buffer[rng.randrange(len(buffer))].ids
-            if task == "repeats":
-                s = needles_sample(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, text,
-                                   kinds=REPEAT_KINDS, name="repeats")
-            else:
-                make = needles_sample if task == "needles" else facts_sample
-                s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, text)
+            make = needles_sample if task == "needles" else facts_sample
+            s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, text)
         else:
             make = passkey_sample if task == "passkey" else kv_sample
             s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only)
