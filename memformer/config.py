@@ -46,6 +46,9 @@ class MemoryConfig:
     overlap: tokens before each window's new tokens re-read as context (not written again).
     block_size: tokens per memory block (block b holds stream positions [b*size, (b+1)*size)).
     question_blocks: blocks a question reads (`ask`): those under the passages nearest the question.
+    sentence_ranking: rank passages by the best of their own cosine and their sentences' (the
+        sentences are embedded too; `memformer.passages`), for question reads and the RAG
+        baseline alike; False ranks by the passages' cosine alone.
     index: kNN backend over memory keys: "exact" (torch), or FAISS "faiss-flat", "faiss-ivf".
         index_params go to the backend (e.g. {"nprobe": 32}).
     capacity: max tokens of memory per sequence (None = unbounded); eviction when it is reached:
@@ -66,6 +69,7 @@ class MemoryConfig:
     overlap: int = 128
     block_size: int = 64
     question_blocks: int = 4
+    sentence_ranking: bool = False
     index: str = "exact"
     index_params: dict = field(default_factory=dict)
     capacity: Optional[int] = None
@@ -93,6 +97,7 @@ class MemoryConfig:
         for name in ("layer_blocks", "top_k", "window", "sink_tokens", "overlap", "block_size", "question_blocks"):
             whole(name)                                      # the lower bounds are checked below
         whole("capacity", 1 << 40, optional=True)
+        need(isinstance(self.sentence_ranking, bool), f"sentence_ranking must be True or False, got {self.sentence_ranking!r}")
         if self.memory_layers is not None:
             self.memory_layers = sorted({int(i) for i in self.memory_layers})
             need(len(self.memory_layers) > 0, "memory_layers is empty; use None for every layer")

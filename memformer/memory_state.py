@@ -282,7 +282,8 @@ class MemoryState:
         """Everything a saved memory holds, as CPU tensors: per layer `layers.{i}.*` (keys, values,
         positions, slots, ...), `seen` [B], `sink_ids` / `tail_ids`, the token `stream` [B, max
         seen] (right-padded), `doc_starts` [B, max docs] (-1 padded), and once embedded the
-        passages of question reads, `passage_ranges` [C, 2] and `passage_embeddings` [C, E]."""
+        passages of question reads, `passage_ranges` [C, 2] and `passage_embeddings` [C, E] (with
+        sentence ranking also `sentence_ranges` [S, 2] and `sentence_embeddings` [S, E])."""
         tensors = {f"layers.{i}.{k}": t.detach().cpu().contiguous()
                    for i, mem in self.memories.items() for k, t in mem.state_dict().items()}
         tensors["seen"] = torch.tensor(self.seen, dtype=torch.long)
@@ -299,6 +300,9 @@ class MemoryState:
         if self.passages is not None:
             tensors["passage_ranges"] = torch.tensor(self.passages.ranges, dtype=torch.long).view(-1, 2)
             tensors["passage_embeddings"] = self.passages.embeddings.contiguous()
+            if self.passages.sentence_embeddings is not None:
+                tensors["sentence_ranges"] = torch.tensor(self.passages.sentence_ranges, dtype=torch.long).view(-1, 2)
+                tensors["sentence_embeddings"] = self.passages.sentence_embeddings.contiguous()
         return tensors
 
     def load_tensors(self, tensors: dict, batch: int) -> None:
@@ -328,5 +332,8 @@ def saved_passages(tensors: dict):
     if "passage_embeddings" not in tensors:
         return None
     from memformer.passages import PassageIndex
+    sentences = None
+    if "sentence_embeddings" in tensors:
+        sentences = ([tuple(r) for r in tensors["sentence_ranges"].tolist()], tensors["sentence_embeddings"].float())
     return PassageIndex([tuple(r) for r in tensors["passage_ranges"].tolist()],
-                        tensors["passage_embeddings"].float(), None)
+                        tensors["passage_embeddings"].float(), None, sentences)

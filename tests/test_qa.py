@@ -21,7 +21,7 @@ from memformer.qa.evidence import retrieval_mass, spans_from_mass
 from memformer.qa import longdoc as qa_api
 from memformer.qa.longdoc import QA_FILE, DoesNotFit, LongDocQA, memory_key
 from memformer.qa.rag import RAGBaseline, chunk_ranges, load_embedder
-from memformer.passages import Passage, question_blocks
+from memformer.passages import Passage, PassageIndex, question_blocks
 
 DOC_A = ("The harbour town wakes early. Boats leave before dawn and come back at noon.\n"
          "Fishermen sell their catch on the quay. The market closes at two.\n") * 3
@@ -499,6 +499,71 @@ def test_passage_search_depth_returns_the_head_of_the_full_ranking(tok):
     assert index.search("name of the keeper's cat Marmalade", 3) == full[:3]
     assert index.search("cat", 10 ** 6) == index.search("cat")
     assert len(index.search("cat", 0)) == 1
+
+
+def test_sentence_ranges_end_at_sentence_ends(tok):
+    from memformer.passages import sentence_ranges
+    text = "One. Two words here! x\nThe end 3.5 is near"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = lambda rs: [text[a:b] for a, b in rs]                         # one token per character
+    assert pieces(sentence_ranges(ids, [(0, len(ids))], tok)) == ["One.", " Two words here!", "The end 3.5 is near"]
+    assert pieces(sentence_ranges(ids, [(0, 20)], tok, max_tokens=8)) == ["One.", " Two wor", "ds here!"]
+    assert pieces(sentence_ranges(ids, [(5, 9), (10, 20)], tok, min_tokens=1)) == ["Two ", "ords here!"]
+
+
+def test_sentence_ranking_finds_a_fact_its_passage_dilutes(tok):
+    """A one-sentence fact inside a long passage of other words ranks below a passage that says
+    the query's words more densely; ranked by sentences too, its passage comes first. The
+    unit returned is still the passage."""
+    filler = "Ships sail over the quiet grey harbour water at dawn. " * 3
+    fact = "The magic number for tidy violin is 42. "
+    lure = "Magic number, magic number. Ships sail at dawn. "
+    c = Corpus.from_documents([Document("a", filler + fact + filler), Document("b", lure)], tok)
+    query = "magic number for tidy violin"
+    plain = RAGBaseline(c, HashedWords(512), chunk_tokens=400, overlap=8)
+    ranked = RAGBaseline(c, HashedWords(512), chunk_tokens=400, overlap=8, sentences=True, tokenizer=tok)
+    holds = lambda rag, p: "tidy violin is 42" in rag.passage_text(p.start, p.end)
+    assert not holds(plain, plain.search(query)[0])                       # the lure wins on passage cosines
+    best = ranked.search(query)[0]
+    assert holds(ranked, best) and (best.start, best.end) == c.document_range(0)
+    sent = ranked.passages
+    assert len(sent.sentence_ranges) == sent.sentence_embeddings.shape[0] >= 7
+    assert torch.allclose(sent.scores(query)[0], torch.tensor(best.score))
+    assert sent.search(query, 1) == ranked.search(query)[:1]
+    with pytest.raises(ValueError, match="tokenizer"):
+        RAGBaseline(c, HashedWords(512), sentences=True)
+
+
+def test_sentence_ranking_reaches_question_reads_rag_and_memory_files(tmp_path):
+    with pytest.raises(ValueError, match="sentence_ranking"):
+        MemoryConfig(sentence_ranking="yes")
+    model = tiny_model(sentence_ranking=True)
+    qa = LongDocQA(model, embedder=model.questions.embedder, rag_chunk_tokens=24, rag_overlap=4)
+    qa.read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    own = model.questions.passages
+    assert own.sentence_embeddings is not None and len(own.sentence_ranges) > 2
+    assert qa.rag().passages.sentence_embeddings is not None
+    model.save_memory(tmp_path / "mem")
+    fresh = tiny_model(sentence_ranking=True)
+    fresh.load_memory(tmp_path / "mem")
+    calls = len(fresh.questions.embedder.calls)
+    loaded = fresh.questions.passages
+    assert len(fresh.questions.embedder.calls) == calls                  # loaded, not embedded again
+    assert loaded.sentence_ranges == own.sentence_ranges
+    assert torch.equal(loaded.sentence_embeddings, own.sentence_embeddings)
+    plain = tiny_model()                                                  # the setting off: passage cosines alone
+    plain.load_memory(tmp_path / "mem")
+    assert plain.questions.passages.sentence_embeddings is None
+    q = "What is the keeper's cat called?"
+    assert [p.score for p in plain.questions.passages.search(q)] == \
+        [p.score for p in PassageIndex(own.ranges, own.embeddings, own.embedder).search(q)]
+    old = tiny_model()                                                    # saved without sentences, loaded with
+    old.memorize(DOC_A, show_progress=False)
+    old.questions.passages                                                # noqa: B018 (embeds them)
+    old.save_memory(tmp_path / "old")
+    later = tiny_model(sentence_ranking=True)
+    later.load_memory(tmp_path / "old")
+    assert later.questions.passages.sentence_embeddings is not None
 
 
 def test_rag_mode_puts_retrieved_passages_in_the_prompt():

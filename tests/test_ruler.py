@@ -6,6 +6,7 @@ import re
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from memformer import MemoryConfig
 from memformer.eval import ruler
@@ -232,3 +233,15 @@ def test_copy_repeats_values_documents_and_verdicts(btok):
     assert 1400 <= len(btok(text, add_special_tokens=False)["input_ids"]) <= 1650   # re-decoding adds a few
     assert [copy_repeats.verdict(a, "9622344") for a in ("9622344.", ": 962234.", "1.", "")] == \
         ["exact", "short", "other", "other"]
+
+
+def test_passage_ranks_needle_rank():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import passage_ranks
+
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.7])
+    assert passage_ranks.needle_rank(scores, torch.tensor([False, False, True, True])) == 1
+    assert passage_ranks.needle_rank(scores, torch.tensor([False, True, False, False])) == 0
+    assert passage_ranks.needle_rank(scores, torch.zeros(4, dtype=torch.bool)) is None

@@ -30,6 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the upper two thirds of an all-layer memory)")
     p.add_argument("--question-blocks", type=int, default=None,
                    help="memory blocks a question reads (those under the passages nearest to it; default 4)")
+    p.add_argument("--sentence-ranking", action="store_true", default=None,
+                   help="rank passages by their sentences too, for question reads and RAG (MemoryConfig.sentence_ranking)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
     p.add_argument("--sink-tokens", type=int, default=None, help="attention-sink tokens kept local (default 4)")
     p.add_argument("--overlap", type=int, default=None,
@@ -61,7 +63,7 @@ def memory_config_from_args(args, base=None):
     import dataclasses
     from memformer import MemoryConfig
     given = dict(window=args.window, layer_blocks=args.layer_blocks, top_k=args.top_k, block_size=args.block_size,
-                 question_blocks=args.question_blocks, sink_tokens=args.sink_tokens, overlap=args.overlap,
+                 question_blocks=args.question_blocks, sentence_ranking=args.sentence_ranking, sink_tokens=args.sink_tokens, overlap=args.overlap,
                  memory_dtype=args.memory_dtype, index=args.index, storage_dir=args.storage_dir,
                  memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
                  knn_layers=parse_layers(args.knn_layers, "--knn-layers"))
@@ -143,7 +145,8 @@ def _fail(prog: str, msg: str) -> None:
 
 def _reads(cfg) -> str:
     return (f"question reads ({cfg.question_blocks} memory blocks x {cfg.block_size} tokens under the passages "
-            f"MiniLM finds nearest the question, laid out contiguously before it)")
+            f"MiniLM finds nearest the question{' (ranked by their sentences too)' if cfg.sentence_ranking else ''}, "
+            f"laid out contiguously before it)")
 
 
 def describe_layers(model) -> str:

@@ -266,7 +266,8 @@ class LongDocQA:
             if self.embedder is None:
                 self.embedder = self.model.questions.embedder
             self._rag = RAGBaseline(self.corpus, self.embedder, chunk_tokens=self.rag_chunk_tokens,
-                                    overlap=self.rag_overlap)
+                                    overlap=self.rag_overlap, sentences=self.model.memory_config.sentence_ranking,
+                                    tokenizer=self.model.tokenizer)
         return self._rag
 
     # ------------------------------------------------------------------ internals

@@ -9,7 +9,7 @@ document tail. Passages are put back in document order before they go into the p
 from __future__ import annotations
 
 from memformer.passages import (INSTALL_HINT, Passage, PassageIndex, chunk_ranges, default_embedder,  # noqa: F401
-                                encode_texts, load_embedder)
+                                encode_texts, load_embedder, sentence_ranges)
 
 
 def _merge(passages: list[Passage]) -> list[Passage]:
@@ -28,16 +28,23 @@ class RAGBaseline:
 
     embedder: anything with sentence-transformers' `encode(texts, convert_to_tensor=True,
     normalize_embeddings=True) -> [n, E]` (None = `default_embedder()`).
+    sentences: rank passages by their sentences too (`MemoryConfig.sentence_ranking`); needs the
+    `tokenizer` that cut the corpus.
     """
 
     def __init__(self, corpus, embedder=None, *, chunk_tokens: int = 128, overlap: int = 32,
-                 batch_size: int = 32, show_progress: bool = False):
+                 batch_size: int = 32, show_progress: bool = False, sentences: bool = False, tokenizer=None):
         self.corpus = corpus
         self.embedder = embedder if embedder is not None else default_embedder()
         self.chunks = chunk_ranges([corpus.document_range(d) for d in range(len(corpus.documents))],
                                    chunk_tokens, overlap)
         texts = [self.passage_text(a, b) for a, b in self.chunks]
         self.passages = PassageIndex.from_texts(self.chunks, texts, self.embedder, batch_size, show_progress)
+        if sentences:                            # rank by sentences too, as question reads do
+            if tokenizer is None:
+                raise ValueError("RAG with sentence ranking needs the tokenizer that cut the corpus")
+            docs = [corpus.document_range(d) for d in range(len(corpus.documents))]
+            self.passages.add_sentences(sentence_ranges(corpus.ids, docs, tokenizer), self.passage_text)
 
     def passage_text(self, start: int, end: int) -> str:
         d, c0, c1 = self.corpus.locate(start, end)
