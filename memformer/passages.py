@@ -112,6 +112,13 @@ def _token_text(tokenizer, token: int, seen: dict) -> str:
     return text
 
 
+def document_ranges(n_tokens: int, doc_starts: list[int]) -> list[tuple[int, int]]:
+    """[start, end) ranges of the non-empty documents of a stream of `n_tokens` whose documents
+    begin at `doc_starts`."""
+    bounds = list(doc_starts) + [n_tokens]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def sentence_ranges(ids: list[int], doc_ranges: list[tuple[int, int]], tokenizer,
                     max_tokens: int = SENTENCE_TOKENS, min_tokens: int = MIN_SENTENCE_TOKENS) -> list[tuple[int, int]]:
     """[start, end) stream ranges of the sentences inside each document range of the token stream
@@ -196,13 +203,17 @@ class PassageIndex:
                     sentences: bool = False) -> "PassageIndex":
         """Passages of a memorized token stream whose documents begin at `doc_starts` (and with
         `sentences`, its sentences, `sentence_ranges`)."""
-        bounds = list(doc_starts) + [len(ids)]
-        docs = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-        ranges = chunk_ranges(docs)
+        ranges = chunk_ranges(document_ranges(len(ids), doc_starts))
         index = cls.from_texts(ranges, [tokenizer.decode(ids[a:b]) for a, b in ranges], embedder)
         if sentences:
-            index.add_sentences(sentence_ranges(ids, docs, tokenizer), lambda a, b: tokenizer.decode(ids[a:b]))
+            index.add_stream_sentences(ids, doc_starts, tokenizer)
         return index
+
+    def add_stream_sentences(self, ids: list[int], doc_starts: list[int], tokenizer) -> None:
+        """Embed the sentences of the token stream these passages cut (`sentence_ranges`) and rank
+        by them too."""
+        self.add_sentences(sentence_ranges(ids, document_ranges(len(ids), doc_starts), tokenizer),
+                           lambda a, b: tokenizer.decode(ids[a:b]))
 
     def add_sentences(self, ranges: list[tuple[int, int]], text_of, batch_size: int = 64) -> None:
         """Embed the sentences `ranges` (their text `text_of(start, end)`) and rank by them too."""

@@ -29,7 +29,7 @@ import torch
 from memformer.config import MemoryConfig
 from memformer.context_cache import make_context_cache
 from memformer.memory_state import MemoryState
-from memformer.passages import SEARCH_DEPTH, PassageIndex, question_blocks, sentence_ranges, with_embedder
+from memformer.passages import SEARCH_DEPTH, PassageIndex, question_blocks, with_embedder
 
 CANDIDATES = 12         # passages a question read tries, each read alone (in one batched forward)
 CANDIDATE_TOKENS = 1024 # prompt tokens of candidate reads per batched forward (bounds the logits kept)
@@ -109,10 +109,7 @@ class QuestionReads:
             index = PassageIndex.from_stream(state.stream[0], state.doc_starts[0], self.tokenizer, self.embedder,
                                              sentences=sentences)
         elif sentences and index.sentence_embeddings is None:        # saved without sentences
-            ids, starts = state.stream[0], state.doc_starts[0]
-            bounds = list(starts) + [len(ids)]
-            index.add_sentences(sentence_ranges(ids, [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a], self.tokenizer),
-                                lambda a, b: self.tokenizer.decode(ids[a:b]))
+            index.add_stream_sentences(state.stream[0], state.doc_starts[0], self.tokenizer)
         elif not sentences and index.sentence_embeddings is not None:
             index = PassageIndex(index.ranges, index.embeddings, index.embedder)    # passage cosines alone
         state.set_passages(index)

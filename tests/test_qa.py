@@ -21,7 +21,7 @@ from memformer.qa.evidence import retrieval_mass, spans_from_mass
 from memformer.qa import longdoc as qa_api
 from memformer.qa.longdoc import QA_FILE, DoesNotFit, LongDocQA, memory_key
 from memformer.qa.rag import RAGBaseline, chunk_ranges, load_embedder
-from memformer.passages import Passage, PassageIndex, question_blocks
+from memformer.passages import Passage, PassageIndex, document_ranges, question_blocks
 
 DOC_A = ("The harbour town wakes early. Boats leave before dawn and come back at noon.\n"
          "Fishermen sell their catch on the quay. The market closes at two.\n") * 3
@@ -472,6 +472,12 @@ def test_chunk_ranges_stay_inside_documents(tok):
     for bad in [(0, 0), (8, 8), (8, -1)]:
         with pytest.raises(ValueError, match="chunk_tokens"):
             chunk_ranges(docs, *bad)
+
+
+def test_document_ranges_skip_empty_documents():
+    assert document_ranges(10, [0, 4, 4, 9]) == [(0, 4), (4, 9), (9, 10)]
+    assert document_ranges(10, [0, 10]) == [(0, 10)]                # a last document with no tokens
+    assert document_ranges(0, [0]) == []
 
 
 def test_rag_retrieves_the_passage_within_the_budget(tok):
