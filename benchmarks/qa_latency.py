@@ -8,6 +8,8 @@ case; then the same cue is answered `--repeats` times and the median time kept:
 * generate: the continuation read — all but the last window memorized, then `model.generate`
   over [last window ‖ cue], each chunk of queries reading the blocks its layer chooses (the
   default, `MemoryConfig.layer_blocks`);
+* generate, prompt tail: the same with only the prompt's last `--prompt-reads` chunks of queries
+  reading (`generate(prompt_reads=N)`; the new tokens read as before);
 * generate (kNN reads): the same with `layer_blocks=0`, each query reading its top-k keys;
 * generate, last window read once: the default read, with the last window's reads done once at
   reading time (`model.context_cache`), so an answer runs the cue and its new tokens only;
@@ -46,9 +48,10 @@ from memformer.eval.passkey import parse_length
 from memformer.memory_layer import memory_pass
 from memformer.qa import longdoc as qa
 
-CASES = ("memory", "generate", "generate-knn", "generate-off", "generate-cached", "truncate", "rag")
+CASES = ("memory", "generate", "generate-tail", "generate-knn", "generate-off", "generate-cached", "truncate", "rag")
 LABELS = {"memory": "memory (question reads, `model.ask`)",
           "generate": "generate (block reads chosen by the layers, the default)",
+          "generate-tail": "generate (block reads), only the prompt's last chunks reading (`prompt_reads`)",
           "generate-knn": "generate (kNN reads, `layer_blocks=0`)",
           "generate-off": "generate over the same prompt, memory off (no read: the floor of the rows above)",
           "generate-cached": "generate (block reads), last window read once (`context_cache`)",
@@ -81,13 +84,15 @@ class SearchClock:
 
 
 def continuation(model, text: str, cue: str, max_new_tokens: int, repeats: int, cached: bool = False,
-                 clock: SearchClock | None = None, memory_off: bool = False, knn: bool = False):
+                 clock: SearchClock | None = None, memory_off: bool = False, knn: bool = False,
+                 prompt_reads: int | None = None):
     """The continuation read: everything before the last window memorized, then generate over
     [last window ‖ cue]. cached: the last window (less the cue) is read once with the document
     (`context_cache`), so an answer runs only the cue and its new tokens; same tokens, same output.
     memory_off: the same prompt and memory with every memory layer off (`model.memory_disabled()`):
     what the answer costs without any memory read. knn: kNN reads (`layer_blocks=0`) instead of
-    the layers' block reads. Returns (read s, answer times, text, prompt
+    the layers' block reads. prompt_reads: only the prompt's last chunks read (`generate`'s
+    argument). Returns (read s, answer times, text, prompt
     tokens run, median search s per answer)."""
     ids = model.tokenizer(text + "\n\n" + cue, add_special_tokens=False)["input_ids"]
     local = model.local_window
@@ -106,7 +111,7 @@ def continuation(model, text: str, cue: str, max_new_tokens: int, repeats: int, 
             clock.take()                                          # drop what reading the document searched
         t0 = time.perf_counter()
         with off:
-            out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, **kw)
+            out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, prompt_reads=prompt_reads, **kw)
         times.append(time.perf_counter() - t0)
         searches.append(clock.take() if clock else 0.0)
         text_out = model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
@@ -123,6 +128,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated cases to run (default all: {','.join(CASES)}); RAG is the ratio's base")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-reads", type=int, default=2, help="chunks of the prompt that read, case generate-tail")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
@@ -143,7 +149,7 @@ def main() -> None:
                 read_s, times, text, prompt, search_s = continuation(
                     model, sample.text, query.cue, sample.max_new_tokens, args.repeats,
                     cached=case == "generate-cached", clock=clock, memory_off=case == "generate-off",
-                    knn=case == "generate-knn")
+                    knn=case == "generate-knn", prompt_reads=args.prompt_reads if case == "generate-tail" else None)
             else:
                 t0 = time.perf_counter()
                 ctx = qa.prepare(model, [sample.text], case, show_progress=False)
@@ -155,7 +161,8 @@ def main() -> None:
                     times.append(ans.seconds)
                     searches.append(clock.take())
                 text, prompt, search_s = ans.text, ans.prompt_tokens, statistics.median(searches)
-            rows.append(dict(tokens=sample.tokens, mode=LABELS[case], read_s=round(read_s, 2),
+            label = LABELS[case].replace("`prompt_reads`", f"`prompt_reads={args.prompt_reads}`")
+            rows.append(dict(tokens=sample.tokens, mode=label, read_s=round(read_s, 2),
                              answer_s=round(statistics.median(times), 3), times=[round(t, 3) for t in times],
                              search_s=round(search_s, 3),
                              prompt_tokens=prompt, correct=score_query(text, query) == 1.0, answer=text[:40]))

@@ -294,10 +294,13 @@ def chunk_chooser(queries: torch.Tensor, c: int, chunk: int, known: int = 0) -> 
 
 def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block_size: int, scale: float,
                            rotary_fn, row_rotation, slot_rotation, local_mask=None, mem_bias=None,
-                           with_probs: bool = False, offset: int = 0, reads: LayerReads | None = None):
+                           with_probs: bool = False, offset: int = 0, reads: LayerReads | None = None,
+                           read_from: int = 0):
     """Block reads with no question: every chunk of `block_size` positions reads the `n` blocks its
     layer's queries choose (`chunk_chooser`, `chosen_blocks`), laid out before the local window as
-    question reads lay them out, in one softmax with its local keys (`rows_attention`).
+    question reads lay them out, in one softmax with its local keys (`rows_attention`). A chunk
+    that ends at or before position `read_from` reads nothing (its output is the local attention's,
+    its rows -1): a long prompt's early chunks can skip the read.
 
     q_rot [B, Hq, T, D] (local positions), q_mem [B, Hq, T, D] (the chooser's rotation): queries
     at positions offset .. offset+T-1 (offset: tokens already in the KV cache); k_local, v_local
@@ -314,9 +317,10 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     else:
         queries, known, reads = torch.cat([qg.new_zeros(B, Hkv, offset, D), qg], dim=2), offset, None
     first, last = offset // bs, (offset + T - 1) // bs
+    start = max(first, read_from // bs)                                               # the first chunk that reads
     size = len(mem)
     kept = reads is not None and reads.rows is not None and reads.chunk == first and reads.memory_rows == size
-    todo = [c for c in range(first, last + 1) if not (kept and c == first)]
+    todo = [c for c in range(start, last + 1) if not (kept and c == first)]
     blocks = {}
     if todo:                                                                          # [B, len(todo), n]
         choosers = torch.stack([chunk_chooser(queries, c, bs, known) for c in todo], dim=2)   # [B, Hkv, C, D]
@@ -325,8 +329,14 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     out_loc, lse_loc = local_attention(q_rot, k_local, v_local, scale, local_mask)   # [B, Hq, T, D], [B, Hq, T]
     laid = reads.rows if kept else None
     outs, rows, probs = [], [], []
+    R = n * bs
     for c in range(first, last + 1):
         a, b = max(c * bs, offset) - offset, min((c + 1) * bs, offset + T) - offset
+        if c < start:                                                                 # before read_from: local only
+            rows.append(torch.full((B, 1, b - a, R), -1, dtype=torch.long, device=q_rot.device))
+            outs.append(out_loc[:, :, a:b].to(q_rot.dtype))
+            probs.append(q_rot.new_zeros(B, 1, b - a, R, dtype=torch.float32) if with_probs else None)
+            continue
         if c in blocks:
             laid = block_rows(mem, blocks[c], B, block_size=bs, rotary_fn=rotary_fn, row_rotation=row_rotation,
                               slot_rotation=slot_rotation, device=q_rot.device)    # rows [B, R], keys, values

@@ -40,6 +40,8 @@ class MemoryRuntime:
     row_rotation / slot_rotation: (cos, sin) of positions -R .. -1 (the pinned blocks' layout) and
         of 0 .. W-1 at unit scale (undoes a stored key's rotation at its window slot).
     write_slice: slice of the time axis whose keys/values are written (drops sink and context).
+    read_from: layer block reads skip the chunks that end at or before this window position
+        (`generate` sets it from `MemoryConfig.prompt_read_chunks`; 0 = every chunk reads).
     """
     enabled: bool = True
     read: bool = False
@@ -55,27 +57,28 @@ class MemoryRuntime:
     write_slice: slice = field(default_factory=lambda: slice(None))
     layer_blocks: int = 0
     layer_rotation: tuple | None = None
+    read_from: int = 0
 
 
 @contextlib.contextmanager
 def memory_pass(runtime: MemoryRuntime, layers: dict, *, read: bool | None = None, write: bool | None = None,
                 record: bool | None = None, enabled: bool | None = None, write_slice: slice | None = None,
-                layer_blocks: int | None = None):
+                layer_blocks: int | None = None, read_from: int | None = None):
     """Within this block the memory layers run one pass in the mode given (None: as it is) and
     yield `runtime`; on leaving, the mode is restored and the keys the pass kept for writing
     (`pending` of every layer in `layers`, {index: MemoryAttention}) are dropped, so whoever
     writes them does so inside the block. The model's passes (memorize, forward, generate) and
     training's (`memformer.training.crossbatch.runtime_state`) all go through it."""
     rt = runtime
-    old = (rt.read, rt.write, rt.record, rt.enabled, rt.write_slice, rt.layer_blocks)
+    old = (rt.read, rt.write, rt.record, rt.enabled, rt.write_slice, rt.layer_blocks, rt.read_from)
     for name, value in (("read", read), ("write", write), ("record", record), ("enabled", enabled),
-                        ("write_slice", write_slice), ("layer_blocks", layer_blocks)):
+                        ("write_slice", write_slice), ("layer_blocks", layer_blocks), ("read_from", read_from)):
         if value is not None:
             setattr(rt, name, value)
     try:
         yield rt
     finally:
-        rt.read, rt.write, rt.record, rt.enabled, rt.write_slice, rt.layer_blocks = old
+        rt.read, rt.write, rt.record, rt.enabled, rt.write_slice, rt.layer_blocks, rt.read_from = old
         for m in layers.values():
             m.pending = None
 
@@ -183,7 +186,7 @@ class MemoryAttention(nn.Module):
                 mem, q_rot, q_mem, k_all, v_all, n=rt.layer_blocks, block_size=rt.block_size, scale=attn.scaling,
                 rotary_fn=self.rotary_fn, row_rotation=rt.layer_rotation, slot_rotation=rt.slot_rotation,
                 local_mask=attention_mask, mem_bias=self.memory_gate, with_probs=rt.record, offset=offset,
-                reads=kept.get(self.layer_idx) if kept is not None else None)
+                reads=kept.get(self.layer_idx) if kept is not None else None, read_from=rt.read_from)
             if kept is not None:
                 kept[self.layer_idx] = after
             if rt.record:

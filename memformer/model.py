@@ -297,7 +297,7 @@ class MemformerForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask=None, *, show_progress: bool = False,
-                 record: bool = False, **generate_kwargs) -> torch.Tensor:
+                 record: bool = False, prompt_reads: int | None = None, **generate_kwargs) -> torch.Tensor:
         """Hugging Face `generate` with memory read in every memory layer.
 
         input_ids [B, T]: if T is longer than the local window, the overflow (all but the last
@@ -306,6 +306,9 @@ class MemformerForCausalLM(nn.Module):
         cache (past_key_values before transformers 5.24): a `context_cache(ctx)`; input_ids must
         then start with ctx, and only the tokens after it are run (the cache itself is left
         unchanged for the next call).
+        prompt_reads: with layer block reads, only the last `prompt_reads` chunks of `block_size`
+        positions of the prompt read memory (the new tokens always read); None: every chunk.
+        Ignored with a context cache, whose context was read when it was made.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -334,7 +337,15 @@ class MemformerForCausalLM(nn.Module):
         kw.setdefault("pad_token_id", self.pad_token_id)
         if record:  # evidence is about this generation only
             self.clear_recorded_reads()
-        with memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=record or None):
+        read_from = 0
+        if prompt_reads is not None:
+            if not isinstance(prompt_reads, int) or isinstance(prompt_reads, bool) or prompt_reads < 1:
+                raise ValueError(f"prompt_reads must be None or an integer >= 1, got {prompt_reads!r}")
+            bs = self.memory_config.block_size
+            if not any(hasattr(kw.get(name), "memformer_ids") for name in ("cache", "past_key_values")):
+                read_from = max(0, ((x.shape[1] - 1) // bs - prompt_reads + 1) * bs)   # the first chunk that reads
+        with memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=record or None,
+                         read_from=read_from):
             out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)
         seq = out if torch.is_tensor(out) else out.sequences                  # return_dict_in_generate
         full = torch.cat([input_ids, seq[:, x.shape[1]:].to(input_ids.device)], dim=1)   # [B, T + new]

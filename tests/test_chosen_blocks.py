@@ -1,5 +1,6 @@
 """Block reads with no question (memformer.blocks.chosen_blocks / chosen_block_attention): each
 chunk of queries reads the blocks its layer's own queries choose, causally, in one softmax."""
+import pytest
 import torch
 
 from conftest import tiny_backbone
@@ -109,3 +110,37 @@ def test_a_chunk_is_chosen_once_while_generating(monkeypatch):
     per_layer = len(calls) // len(model.knn_layer_ids)
     # the prefill chooses chunks 0 and 1 in one call; then chunks 2, 3 and 4 start at new tokens
     assert per_layer == 4 and sum(calls) // len(model.knn_layer_ids) == 5
+
+
+def test_prompt_reads_skip_the_early_chunks_of_a_prompt():
+    """generate(prompt_reads=2): the prompt's chunks before its last 2 read nothing (their logits
+    are memory-off logits), the last 2 and every new token read as before, and each new token gets
+    the logits a forward with the same first reading position gives it."""
+    from memformer.memory_layer import memory_pass
+    torch.manual_seed(0)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(window=64, sink_tokens=2, overlap=4,
+                                                                           top_k=4, block_size=4, layer_blocks=3))
+    model.memorize(torch.randint(3, 100, (1, 200)), show_progress=False)
+    x = torch.randint(3, 100, (1, 21))                    # 23 positions with the sink: chunks 0..5, the last partial
+    out = model.generate(x, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                         prompt_reads=2, record=True)
+    read_from = 16                                        # chunks 4 and 5 read: positions 16..22
+    prefill = model.recorded_reads()
+    for reads in prefill.values():
+        rows = reads[0][0]                                # the prompt's forward: [1, 1, 23, R]
+        assert (rows[:, :, :read_from] < 0).all() and (rows[:, :, read_from:] >= 0).any(-1).all()
+    full = model.state.with_sink(out.sequences, model.memory_config.sink_tokens)     # [1, 2 + 21 + 6]
+    with torch.no_grad():
+        with memory_pass(model.runtime, model.memory_modules, read_from=read_from):
+            tail = model(full).logits[0]
+        with model.memory_disabled():
+            off = model(full).logits[0]
+        every = model(full).logits[0]
+    torch.testing.assert_close(torch.stack([s[0] for s in out.scores]), tail[-7:-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tail[:read_from], off[:read_from], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(tail[read_from:], off[read_from:], atol=1e-3)
+    assert not torch.allclose(tail[read_from:], every[read_from:], atol=1e-5)   # earlier positions' states changed
+    assert model.runtime.read_from == 0                   # restored after the call
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="prompt_reads"):
+            model.generate(x, max_new_tokens=1, prompt_reads=bad)
