@@ -11,6 +11,10 @@ every setting. Their mean negative log-likelihood is recorded per setting:
 * N (a number): only the prompt's last N chunks of `block_size` queries read;
 * off: no memory read anywhere.
 
+With `--copy`, the window ends with a passage of the memorized part instead (from the middle of
+it): `--cue` of its tokens close the prompt and the continuation is the passage's next tokens, so
+the continuation needs memory (the text it continues is only there).
+
 For the development split (Python's documentation topics, the default `--document`) to choose N;
 report on held-out text (`--document stdlib-heldout` or a file):
 
@@ -43,13 +47,21 @@ def first_reading_position(prompt_positions: int, block_size: int, chunks: int |
 
 
 @torch.no_grad()
-def continuation_nll(model, ids: list[int], settings: list[str], continuation: int) -> dict[str, float]:
-    """Mean NLL of the last `continuation` tokens of `ids` per setting (see the module docstring)."""
+def continuation_nll(model, ids: list[int], settings: list[str], continuation: int,
+                     copy_cue: int | None = None) -> dict[str, float]:
+    """Mean NLL of the last `continuation` tokens of `ids` per setting (see the module docstring);
+    copy_cue: the window ends with `copy_cue` + `continuation` tokens from the middle of the
+    memorized part instead."""
     from memformer.memory_layer import memory_pass
     local = model.local_window
     model.reset_memory()
     model.memorize(torch.tensor([ids[:-local]]), show_progress=False)
-    x = model.state.with_sink(torch.tensor([ids[-local:]]), model.memory_config.sink_tokens)   # [1, S + local]
+    window = ids[-local:]
+    if copy_cue is not None:
+        n = copy_cue + continuation
+        a = (len(ids) - local) // 2
+        window = window[:-n] + ids[a:a + n]
+    x = model.state.with_sink(torch.tensor([window]), model.memory_config.sink_tokens)   # [1, S + local]
     P = x.shape[1] - continuation                       # prompt positions, sink included
     targets = x[0, P:]                                   # [continuation]
     out = {}
@@ -72,6 +84,8 @@ def main() -> int:
     ap.add_argument("--segments", type=int, default=4)
     ap.add_argument("--settings", default="all,8,4,2,1,off")
     ap.add_argument("--continuation", type=int, default=64)
+    ap.add_argument("--copy", action="store_true", help="continue a passage of the memorized part")
+    ap.add_argument("--cue", type=int, default=16, help="with --copy: the passage's tokens that close the prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -91,30 +105,34 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "trials.jsonl"
-    done = {(r["document"], r["tokens"], r["segment"]) for r in map(json.loads, log.read_text().splitlines())} \
-        if log.exists() else set()
+    kind = lambda r: (r["document"], r["tokens"], r.get("copy_cue"))                  # one table row group
+    done = {(*kind(r), r["segment"]) for r in map(json.loads, log.read_text().splitlines())} if log.exists() else set()
     with open(log, "a") as f:
         for seg in tqdm(range(args.segments), desc="segments", unit="segment"):
-            if (args.document, tokens, seg) in done:
+            if (args.document, tokens, args.cue if args.copy else None, seg) in done:
                 continue
             t0 = time.perf_counter()
             ids = segment_ids(model.tokenizer, args.document, tokens, seg, args.segments)
-            nll = continuation_nll(model, ids, settings, args.continuation)
+            nll = continuation_nll(model, ids, settings, args.continuation, args.cue if args.copy else None)
             rec = dict(document=args.document, tokens=tokens, segment=seg, continuation=args.continuation,
+                       copy_cue=args.cue if args.copy else None,
                        block_size=model.memory_config.block_size, nll=nll, seconds=round(time.perf_counter() - t0, 1))
             f.write(json.dumps(rec) + "\n")
             f.flush()
     records = [r for r in map(json.loads, log.read_text().splitlines())]
-    rows = ["| document | tokens | segments | setting | mean NLL | perplexity | vs all |", "|---|---:|---:|---|---:|---:|---:|"]
-    for doc, n in sorted({(r["document"], r["tokens"]) for r in records}):
-        group = [r for r in records if (r["document"], r["tokens"]) == (doc, n)]
+    rows = ["| document | tokens | continuation | segments | setting | mean NLL | perplexity | vs all |",
+            "|---|---:|---|---:|---|---:|---:|---:|"]
+    for key in sorted({kind(r) for r in records}, key=str):
+        doc, n, cue = key
+        group = [r for r in records if kind(r) == key]
+        what = "the document's own" if cue is None else f"a memorized passage after {cue} of its tokens"
         names = [s for s in group[0]["nll"]]
         for s in names:
             vals = [r["nll"][s] for r in group if s in r["nll"]]
             base = [r["nll"]["all"] for r in group if "all" in r["nll"]]
             mean = sum(vals) / len(vals)
             diff = f"{mean - sum(base) / len(base):+.4f}" if base else ""
-            rows.append(f"| {doc} | {n:,} | {len(vals)} | {s} | {mean:.4f} | {math.exp(mean):.3f} | {diff} |")
+            rows.append(f"| {doc} | {n:,} | {what} | {len(vals)} | {s} | {mean:.4f} | {math.exp(mean):.3f} | {diff} |")
     cmd = " ".join(["benchmarks/prompt_reads.py", *sys.argv[1:]])
     (out / "prompt_reads.md").write_text(
         "# Loss of a continuation when only the prompt's last chunks read memory\n\n"

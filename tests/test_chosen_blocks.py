@@ -144,3 +144,23 @@ def test_prompt_reads_skip_the_early_chunks_of_a_prompt():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="prompt_reads"):
             model.generate(x, max_new_tokens=1, prompt_reads=bad)
+
+
+def test_prompt_reads_benchmark_positions_and_losses():
+    """benchmarks/prompt_reads.py: the first reading position matches generate's, and the
+    continuation's loss is the same in every setting when the prompt has no chunk to skip."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import prompt_reads
+
+    assert [prompt_reads.first_reading_position(23, 4, k) for k in (None, 1, 2, 5, 6, 9)] == [0, 20, 16, 4, 0, 0]
+    torch.manual_seed(0)
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(window=32, sink_tokens=2, overlap=4,
+                                                                           top_k=4, block_size=4, layer_blocks=3))
+    ids = torch.randint(3, 100, (200,)).tolist()
+    nll = prompt_reads.continuation_nll(model, ids, ["all", "1", "8", "off"], continuation=8)
+    assert nll["all"] == pytest.approx(nll["8"], abs=1e-6)   # 8 chunks: the whole 32-position window
+    assert nll["1"] != pytest.approx(nll["all"], abs=1e-6) and nll["off"] != pytest.approx(nll["all"], abs=1e-6)
+    copied = prompt_reads.continuation_nll(model, ids, ["all"], continuation=8, copy_cue=4)
+    assert copied["all"] != pytest.approx(nll["all"], abs=1e-6)
