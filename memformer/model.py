@@ -3,13 +3,13 @@
     model = MemformerForCausalLM.from_pretrained()          # embedded default backbone
     model.memorize(long_text)                                # windows of W tokens -> memory
     model.ask("What is the pass key?")                       # question reads while generating
-    model.generate(ids)                                      # kNN reads (no question known)
+    model.generate(ids)                                      # layer block reads (no question known)
 
 Data flow per window (see docs/architecture.md): every layer attends causally inside the
 window [sink ‖ overlap context ‖ new tokens]; after the window, the new tokens' keys and values
 are appended to memory. Reading: a question pins the memory blocks under the passages nearest to
-it and every memory layer reads them (`ask`); without a question the kNN layers retrieve their
-top-k keys per query (`generate`, `forward`).
+it and every memory layer reads them (`ask`); without a question each chunk of queries reads the
+blocks its layer chooses (`generate`, `forward`; kNN reads of top-k keys with `layer_blocks=0`).
 
 The model is the Hugging Face-facing surface; the rest lives beside it: what is memorized in
 `model.state` (memory_state.py), question reads and prompts in `model.questions`
@@ -38,6 +38,11 @@ from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, 
 from memformer.memory_state import MemoryState, empty_layer_memory
 from memformer.question_reads import QuestionReads, read_query, verified_blocks
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
+
+# Chunks of a fresh `generate` prompt that read memory, counted from its end (None: every chunk).
+# The earlier chunks' reads cost 0.6 of generate's 0.8 s of reading over a 1,020-token prompt at
+# 16k and barely change what follows (benchmarks/results/prompt_reads_dev).
+PROMPT_READS = 2
 
 
 class MemformerForCausalLM(nn.Module):
@@ -297,7 +302,7 @@ class MemformerForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask=None, *, show_progress: bool = False,
-                 record: bool = False, prompt_reads: int | None = None, **generate_kwargs) -> torch.Tensor:
+                 record: bool = False, prompt_reads: int | None = PROMPT_READS, **generate_kwargs) -> torch.Tensor:
         """Hugging Face `generate` with memory read in every memory layer.
 
         input_ids [B, T]: if T is longer than the local window, the overflow (all but the last
@@ -307,8 +312,9 @@ class MemformerForCausalLM(nn.Module):
         then start with ctx, and only the tokens after it are run (the cache itself is left
         unchanged for the next call).
         prompt_reads: with layer block reads, only the last `prompt_reads` chunks of `block_size`
-        positions of the prompt read memory (the new tokens always read); None: every chunk.
-        Ignored with a context cache, whose context was read when it was made.
+        positions of the prompt read memory (default `PROMPT_READS` = 2; the new tokens always
+        read); None: every chunk, as `forward` reads. Ignored with a context cache, whose context
+        was read when it was made, and by question reads.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]

@@ -85,7 +85,8 @@ def test_generating_with_a_cache_reads_what_one_forward_reads():
                                                                            top_k=4, block_size=4, layer_blocks=3))
     model.memorize(torch.randint(3, 100, (1, 200)), show_progress=False)
     x = torch.randint(3, 100, (1, 9))
-    out = model.generate(x, max_new_tokens=14, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    out = model.generate(x, max_new_tokens=14, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                         prompt_reads=None)                                         # every chunk of the prompt reads
     full = model.state.with_sink(out.sequences, model.memory_config.sink_tokens)     # [1, S + 9 + 14]
     with torch.no_grad():
         logits = model(full).logits[0, -15:-1]                                         # [14, V]: the new tokens'

@@ -333,7 +333,7 @@ def test_cached_generation_equals_an_uncached_greedy_loop(model_type, reads):
     x = ids(40)
     if reads == "knn":
         reading = contextlib.nullcontext
-        out = model.generate(x, max_new_tokens=6, do_sample=False)
+        out = model.generate(x, max_new_tokens=6, do_sample=False, prompt_reads=None)   # every chunk reads, as forward
     else:
         model.memorize(x[:, :28], show_progress=False)                  # what generate(x) memorizes
         reading = lambda: model.reading_blocks([1, 3, 5])               # stream positions 4..7, 12..15, 20..23
