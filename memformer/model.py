@@ -40,8 +40,8 @@ from memformer.question_reads import QuestionReads, read_query, verified_blocks
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
 
 # Chunks of a fresh `generate` prompt that read memory, counted from its end (None: every chunk).
-# The earlier chunks' reads cost 0.6 of generate's 0.8 s of reading over a 1,020-token prompt at
-# 16k and barely change what follows (benchmarks/results/prompt_reads_dev).
+# The earlier chunks' reads took about 0.5 of the 0.84 s reading added to generate over a 1,020-token
+# prompt at 16k, and barely change what follows (benchmarks/results/prompt_reads_dev).
 PROMPT_READS = 2
 
 
