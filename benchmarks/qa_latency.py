@@ -6,10 +6,10 @@ case; then the same cue is answered `--repeats` times and the median time kept:
 * memory (question reads): `memformer qa`'s memory mode, i.e. `model.ask` — the whole document
   memorized, only the cue in the window, every memory layer reading the question's blocks;
 * generate: the continuation read — all but the last window memorized, then `model.generate`
-  over [last window ‖ cue], each chunk of queries reading the blocks its layer chooses (the
-  default, `MemoryConfig.layer_blocks`);
-* generate, prompt tail: the same with only the prompt's last `--prompt-reads` chunks of queries
-  reading (`generate(prompt_reads=N)`; the new tokens read as before);
+  over [last window ‖ cue]; the prompt's last `--prompt-reads` chunks of queries (default
+  `PROMPT_READS`) and the new tokens read the blocks their layer chooses (the default,
+  `MemoryConfig.layer_blocks`);
+* generate, every chunk: the same with every chunk of the prompt reading (`prompt_reads=None`);
 * generate (kNN reads): the same with `layer_blocks=0`, each query reading its top-k keys;
 * generate, last window read once: the default read, with the last window's reads done once at
   reading time (`model.context_cache`), so an answer runs the cue and its new tokens only;
@@ -46,12 +46,13 @@ from memformer import MemformerForCausalLM
 from memformer.eval.needle import make_sample, score_query
 from memformer.eval.passkey import parse_length
 from memformer.memory_layer import memory_pass
+from memformer.model import PROMPT_READS
 from memformer.qa import longdoc as qa
 
-CASES = ("memory", "generate", "generate-tail", "generate-knn", "generate-off", "generate-cached", "truncate", "rag")
+CASES = ("memory", "generate", "generate-every", "generate-knn", "generate-off", "generate-cached", "truncate", "rag")
 LABELS = {"memory": "memory (question reads, `model.ask`)",
-          "generate": "generate (block reads chosen by the layers, the default)",
-          "generate-tail": "generate (block reads), only the prompt's last chunks reading (`prompt_reads`)",
+          "generate": "generate (block reads chosen by the layers in the prompt's last chunks, `prompt_reads`, the default)",
+          "generate-every": "generate (block reads in every chunk of the prompt, `prompt_reads=None`)",
           "generate-knn": "generate (kNN reads, `layer_blocks=0`)",
           "generate-off": "generate over the same prompt, memory off (no read: the floor of the rows above)",
           "generate-cached": "generate (block reads), last window read once (`context_cache`)",
@@ -128,7 +129,7 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated cases to run (default all: {','.join(CASES)}); RAG is the ratio's base")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prompt-reads", type=int, default=2, help="chunks of the prompt that read, case generate-tail")
+    ap.add_argument("--prompt-reads", type=int, default=PROMPT_READS, help="chunks of the prompt that read, case generate")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
@@ -149,7 +150,7 @@ def main() -> None:
                 read_s, times, text, prompt, search_s = continuation(
                     model, sample.text, query.cue, sample.max_new_tokens, args.repeats,
                     cached=case == "generate-cached", clock=clock, memory_off=case == "generate-off",
-                    knn=case == "generate-knn", prompt_reads=args.prompt_reads if case == "generate-tail" else None)
+                    knn=case == "generate-knn", prompt_reads=None if case == "generate-every" else args.prompt_reads)
             else:
                 t0 = time.perf_counter()
                 ctx = qa.prepare(model, [sample.text], case, show_progress=False)
