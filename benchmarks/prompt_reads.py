@@ -112,7 +112,11 @@ def main() -> int:
             if (args.document, tokens, args.cue if args.copy else None, seg) in done:
                 continue
             t0 = time.perf_counter()
-            ids = segment_ids(model.tokenizer, args.document, tokens, seg, args.segments)
+            try:
+                ids = segment_ids(model.tokenizer, args.document, tokens, seg, args.segments)
+            except ValueError as e:                         # the document's end holds too few tokens
+                tqdm.write(f"skipped: {e}")
+                continue
             nll = continuation_nll(model, ids, settings, args.continuation, args.cue if args.copy else None)
             rec = dict(document=args.document, tokens=tokens, segment=seg, continuation=args.continuation,
                        copy_cue=args.cue if args.copy else None,
