@@ -259,6 +259,12 @@ def reads_on_cache(cache) -> dict | None:
     return store
 
 
+def stored_blocks(mem, block_size: int) -> int:
+    """Blocks a memory spans: the last stored position's block + 1 (how many `chosen_blocks` can
+    choose from)."""
+    return int((mem.positions // block_size).clamp(min=0).max()) + 1
+
+
 def chosen_blocks(mem, choosers, n: int, block_size: int) -> torch.Tensor:
     """The `n` memory blocks each chooser query picks: a block's score is the largest logit of the
     chooser against any of its keys, summed over kv heads (one layout per layer).
@@ -274,7 +280,7 @@ def chosen_blocks(mem, choosers, n: int, block_size: int) -> torch.Tensor:
     valid = mem.valid.to(choosers.device)                                             # [b, M]
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     block = (mem.positions.to(choosers.device) // block_size).clamp(min=0)            # [b, M]
-    nb = int(block.max()) + 1
+    nb = stored_blocks(mem, block_size)
     per_block = torch.full((B, Hkv, C, nb), float("-inf"), device=choosers.device)
     per_block = per_block.scatter_reduce(3, block[:, None, None, :].expand_as(s), s, reduce="amax")
     score = per_block.sum(1)                                                          # [B, C, nb]
@@ -329,7 +335,7 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     out_loc, lse_loc = local_attention(q_rot, k_local, v_local, scale, local_mask)   # [B, Hq, T, D], [B, Hq, T]
     laid = reads.rows if kept else None
     outs, rows, probs = [], [], []
-    R = n * bs
+    R = min(n, stored_blocks(mem, bs)) * bs                                          # rows a chunk reads
     for c in range(first, last + 1):
         a, b = max(c * bs, offset) - offset, min((c + 1) * bs, offset + T) - offset
         if c < start:                                                                 # before read_from: local only
@@ -344,6 +350,6 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
                                  with_probs=with_probs, local=(out_loc[:, :, a:b], lse_loc[:, :, a:b]))
         outs.append(o), rows.append(r), probs.append(p)
     after = LayerReads(queries, last, laid, size)
-    # every chunk reads n blocks of block_size rows (-1 where missing): the same R for all
+    # every chunk reads min(n, stored blocks) blocks of block_size rows (-1 where missing): the same R for all
     return (torch.cat(outs, dim=2), torch.cat(rows, dim=2), None if probs[0] is None else torch.cat(probs, dim=2),
             after)

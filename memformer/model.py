@@ -39,9 +39,10 @@ from memformer.memory_state import MemoryState, empty_layer_memory
 from memformer.question_reads import QuestionReads, read_query, verified_blocks
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
 
-# Chunks of a fresh `generate` prompt that read memory, counted from its end (None: every chunk).
-# The earlier chunks' reads took about 0.5 of the 0.84 s reading added to generate over a 1,020-token
-# prompt at 16k, and barely change what follows (benchmarks/results/prompt_reads_dev).
+# Chunks of a fresh `generate` prompt that read memory with trained memory layers, counted from its
+# end. The earlier chunks' reads took about 0.5 of the 0.84 s reading added to generate over a
+# 1,020-token prompt at 16k, and barely change what follows (benchmarks/results/prompt_reads_dev).
+# Training-free memory reads every chunk: its pass-key answers need the whole prompt's reads.
 PROMPT_READS = 2
 
 
@@ -81,6 +82,7 @@ class MemformerForCausalLM(nn.Module):
                                                      self.runtime, knn=i in knn)
             setattr(layers[i], attn_attr, self.memory_modules[i])
         self.adapter_config: AdapterConfig | None = None    # LoRA on the memory layers: add_lora()
+        self.memory_trained = False                         # trained memory-layer weights loaded (load_adapter)
         self._set_trainable()
         self.runtime.q_rotation = self.rotation_at(cfg.window)
         cos, sin = self.rotation_at(*range(cfg.window))                      # [1, W, D]
@@ -302,7 +304,7 @@ class MemformerForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask=None, *, show_progress: bool = False,
-                 record: bool = False, prompt_reads: int | None = PROMPT_READS, **generate_kwargs) -> torch.Tensor:
+                 record: bool = False, prompt_reads: int | str | None = "auto", **generate_kwargs) -> torch.Tensor:
         """Hugging Face `generate` with memory read in every memory layer.
 
         input_ids [B, T]: if T is longer than the local window, the overflow (all but the last
@@ -312,9 +314,10 @@ class MemformerForCausalLM(nn.Module):
         then start with ctx, and only the tokens after it are run (the cache itself is left
         unchanged for the next call).
         prompt_reads: with layer block reads, only the last `prompt_reads` chunks of `block_size`
-        positions of the prompt read memory (default `PROMPT_READS` = 2; the new tokens always
-        read); None: every chunk, as `forward` reads. Ignored with a context cache, whose context
-        was read when it was made, and by question reads.
+        positions of the prompt read memory (the new tokens always read); None: every chunk, as
+        `forward` reads; "auto": `PROMPT_READS` (2) with trained memory layers (`load_adapter`),
+        every chunk with training-free memory. Ignored with a context cache, whose context was
+        read when it was made, and by question reads.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -344,9 +347,11 @@ class MemformerForCausalLM(nn.Module):
         if record:  # evidence is about this generation only
             self.clear_recorded_reads()
         read_from = 0
+        if isinstance(prompt_reads, str) and prompt_reads == "auto":
+            prompt_reads = PROMPT_READS if self.memory_trained else None
         if prompt_reads is not None:
             if not isinstance(prompt_reads, int) or isinstance(prompt_reads, bool) or prompt_reads < 1:
-                raise ValueError(f"prompt_reads must be None or an integer >= 1, got {prompt_reads!r}")
+                raise ValueError(f"prompt_reads must be 'auto', None or an integer >= 1, got {prompt_reads!r}")
             bs = self.memory_config.block_size
             if not any(hasattr(kw.get(name), "memformer_ids") for name in ("cache", "past_key_values")):
                 read_from = max(0, ((x.shape[1] - 1) // bs - prompt_reads + 1) * bs)   # the first chunk that reads
@@ -452,6 +457,7 @@ class MemformerForCausalLM(nn.Module):
 
     def load_adapter(self, path) -> None:
         persistence.load_adapter(self, path)
+        self.memory_trained = True
 
 
 @dataclass

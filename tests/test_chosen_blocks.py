@@ -142,9 +142,22 @@ def test_prompt_reads_skip_the_early_chunks_of_a_prompt():
     assert not torch.allclose(tail[read_from:], off[read_from:], atol=1e-3)
     assert not torch.allclose(tail[read_from:], every[read_from:], atol=1e-5)   # earlier positions' states changed
     assert model.runtime.read_from == 0                   # restored after the call
-    for bad in (0, -1, 1.5, True):
+    # "auto" (the default): PROMPT_READS = 2 chunks with trained memory layers, every chunk training-free
+    for trained, skipped in ((True, True), (False, False)):
+        model.memory_trained = trained
+        model.generate(x, max_new_tokens=1, do_sample=False, record=True)
+        rows = next(iter(model.recorded_reads().values()))[0][0]                     # [1, 1, 23, R]
+        assert bool((rows[:, :, :read_from] < 0).all()) == skipped
+    for bad in (0, -1, 1.5, True, "last"):
         with pytest.raises(ValueError, match="prompt_reads"):
             model.generate(x, max_new_tokens=1, prompt_reads=bad)
+    # a budget beyond the memory's blocks: the skipped chunks' rows are as wide as the read ones
+    small = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(window=64, sink_tokens=2, overlap=4,
+                                                                           top_k=4, block_size=4, layer_blocks=80))
+    small.memorize(torch.randint(3, 100, (1, 60)), show_progress=False)        # 15 blocks stored
+    assert small.generate(x, max_new_tokens=3, do_sample=False, prompt_reads=1, record=True).shape == (1, 24)
+    for reads in small.recorded_reads().values():
+        assert reads[0][0].shape[-1] == 15 * 4
 
 
 def test_prompt_reads_benchmark_positions_and_losses():

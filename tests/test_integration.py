@@ -41,6 +41,7 @@ def test_shipped_default_is_the_trained_sparse_adapter(default_model, training_f
     from memformer.weights import DEFAULT_ADAPTER
     model = default_model
     assert model.memory_layer_ids == [17, 18, 20, 21, 22, 23] and model.adapter_config.lora_rank == 8
+    assert model.memory_trained and not training_free_model.memory_trained    # generate's prompt_reads="auto"
     assert model.memory_config.window == 1024
     shipped = load_file(str(DEFAULT_ADAPTER / "adapter.safetensors"))
     mine = model.trainable_state_dict()
