@@ -41,7 +41,7 @@ class MemoryRuntime:
         of 0 .. W-1 at unit scale (undoes a stored key's rotation at its window slot).
     write_slice: slice of the time axis whose keys/values are written (drops sink and context).
     read_from: layer block reads skip the chunks that end at or before this window position
-        (`generate` sets it from `MemoryConfig.prompt_read_chunks`; 0 = every chunk reads).
+        (`generate` sets it from its `prompt_reads`; 0 = every chunk reads).
     """
     enabled: bool = True
     read: bool = False
