@@ -7,7 +7,7 @@ fresh prompt: all but the last window memorized, then one forward over [sink ‖
 window's last `--continuation` tokens stand for what would be generated; they read memory in
 every setting. Their mean negative log-likelihood is recorded per setting:
 
-* all: every chunk of the prompt reads (the default);
+* all: every chunk of the prompt reads (as `forward` reads; `prompt_reads=None`);
 * N (a number): only the prompt's last N chunks of `block_size` queries read;
 * off: no memory read anywhere.
 
@@ -38,20 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def first_reading_position(prompt_positions: int, block_size: int, chunks: int | None) -> int:
-    """The window position from which queries read when only the last `chunks` chunks of a prompt
-    of `prompt_positions` positions (sink included) read (None: every chunk, 0)."""
-    if chunks is None:
-        return 0
-    return max(0, ((prompt_positions - 1) // block_size - chunks + 1) * block_size)
-
-
 @torch.no_grad()
 def continuation_nll(model, ids: list[int], settings: list[str], continuation: int,
                      copy_cue: int | None = None) -> dict[str, float]:
     """Mean NLL of the last `continuation` tokens of `ids` per setting (see the module docstring);
     copy_cue: the window ends with `copy_cue` + `continuation` tokens from the middle of the
     memorized part instead."""
+    from memformer.blocks import prompt_read_start
     from memformer.memory_layer import memory_pass
     local = model.local_window
     model.reset_memory()
@@ -69,7 +62,7 @@ def continuation_nll(model, ids: list[int], settings: list[str], continuation: i
         if s == "off":
             ctx = model.memory_disabled()
         else:
-            r = first_reading_position(P, model.memory_config.block_size, None if s == "all" else int(s))
+            r = prompt_read_start(P, model.memory_config.block_size, None if s == "all" else int(s))
             ctx = memory_pass(model.runtime, model.memory_modules, read_from=r)
         with ctx:
             logits = model(x).logits[0, P - 1:-1].float()                      # [continuation, V]

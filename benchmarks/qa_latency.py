@@ -7,8 +7,8 @@ case; then the same cue is answered `--repeats` times and the median time kept:
   memorized, only the cue in the window, every memory layer reading the question's blocks;
 * generate: the continuation read — all but the last window memorized, then `model.generate`
   over [last window ‖ cue]; the prompt's last `--prompt-reads` chunks of queries (default
-  `PROMPT_READS`) and the new tokens read the blocks their layer chooses (the default,
-  `MemoryConfig.layer_blocks`);
+  generate's "auto": `PROMPT_READS` with a trained adapter, every chunk training-free) and the new
+  tokens read the blocks their layer chooses (`MemoryConfig.layer_blocks`);
 * generate, every chunk: the same with every chunk of the prompt reading (`prompt_reads=None`);
 * generate (kNN reads): the same with `layer_blocks=0`, each query reading its top-k keys;
 * generate, last window read once: the default read, with the last window's reads done once at
@@ -86,14 +86,13 @@ class SearchClock:
 
 def continuation(model, text: str, cue: str, max_new_tokens: int, repeats: int, cached: bool = False,
                  clock: SearchClock | None = None, memory_off: bool = False, knn: bool = False,
-                 prompt_reads: int | None = None):
+                 prompt_reads: int | str | None = "auto"):
     """The continuation read: everything before the last window memorized, then generate over
     [last window ‖ cue]. cached: the last window (less the cue) is read once with the document
     (`context_cache`), so an answer runs only the cue and its new tokens; same tokens, same output.
     memory_off: the same prompt and memory with every memory layer off (`model.memory_disabled()`):
     what the answer costs without any memory read. knn: kNN reads (`layer_blocks=0`) instead of
-    the layers' block reads. prompt_reads: only the prompt's last chunks read (`generate`'s
-    argument). Returns (read s, answer times, text, prompt
+    the layers' block reads. prompt_reads: `generate`'s argument (the prompt's chunks that read). Returns (read s, answer times, text, prompt
     tokens run, median search s per answer)."""
     ids = model.tokenizer(text + "\n\n" + cue, add_special_tokens=False)["input_ids"]
     local = model.local_window
@@ -129,7 +128,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated cases to run (default all: {','.join(CASES)}); RAG is the ratio's base")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prompt-reads", type=int, default=PROMPT_READS, help="chunks of the prompt that read, case generate")
+    ap.add_argument("--prompt-reads", type=int, default=None,
+                    help="chunks of the prompt that read, case generate (default: generate's 'auto')")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results")
@@ -150,7 +150,8 @@ def main() -> None:
                 read_s, times, text, prompt, search_s = continuation(
                     model, sample.text, query.cue, sample.max_new_tokens, args.repeats,
                     cached=case == "generate-cached", clock=clock, memory_off=case == "generate-off",
-                    knn=case == "generate-knn", prompt_reads=None if case == "generate-every" else args.prompt_reads)
+                    knn=case == "generate-knn",
+                    prompt_reads=None if case == "generate-every" else args.prompt_reads or "auto")
             else:
                 t0 = time.perf_counter()
                 ctx = qa.prepare(model, [sample.text], case, show_progress=False)
@@ -162,7 +163,8 @@ def main() -> None:
                     times.append(ans.seconds)
                     searches.append(clock.take())
                 text, prompt, search_s = ans.text, ans.prompt_tokens, statistics.median(searches)
-            label = LABELS[case].replace("`prompt_reads`", f"`prompt_reads={args.prompt_reads}`")
+            reads = args.prompt_reads or (PROMPT_READS if model.memory_trained else "every chunk")
+            label = LABELS[case].replace("`prompt_reads`", f"`prompt_reads={reads}`")
             rows.append(dict(tokens=sample.tokens, mode=label, read_s=round(read_s, 2),
                              answer_s=round(statistics.median(times), 3), times=[round(t, 3) for t in times],
                              search_s=round(search_s, 3),

@@ -259,6 +259,15 @@ def reads_on_cache(cache) -> dict | None:
     return store
 
 
+def prompt_read_start(prompt_positions: int, block_size: int, chunks: int | None) -> int:
+    """The first window position that reads memory when only the last `chunks` chunks of a
+    prompt of `prompt_positions` positions (sink included) read: the start of its chunk
+    (`chosen_block_attention`'s read_from). None: every chunk reads (0)."""
+    if chunks is None:
+        return 0
+    return max(0, ((prompt_positions - 1) // block_size - chunks + 1) * block_size)
+
+
 def stored_blocks(mem, block_size: int) -> int:
     """Blocks a memory spans: the last stored position's block + 1 (how many `chosen_blocks` can
     choose from)."""

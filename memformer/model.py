@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from memformer import persistence
 from memformer.adapters import get_adapter
-from memformer.blocks import pinned_block_ids
+from memformer.blocks import pinned_block_ids, prompt_read_start
 from memformer.config import AdapterConfig, MemoryConfig
 from memformer.context_cache import cache_argument, make_context_cache, reuse_context
 from memformer.index import LayerMemory
@@ -352,9 +352,8 @@ class MemformerForCausalLM(nn.Module):
         if prompt_reads is not None:
             if not isinstance(prompt_reads, int) or isinstance(prompt_reads, bool) or prompt_reads < 1:
                 raise ValueError(f"prompt_reads must be 'auto', None or an integer >= 1, got {prompt_reads!r}")
-            bs = self.memory_config.block_size
             if not any(hasattr(kw.get(name), "memformer_ids") for name in ("cache", "past_key_values")):
-                read_from = max(0, ((x.shape[1] - 1) // bs - prompt_reads + 1) * bs)   # the first chunk that reads
+                read_from = prompt_read_start(x.shape[1], self.memory_config.block_size, prompt_reads)
         with memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=record or None,
                          read_from=read_from):
             out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)

@@ -161,14 +161,15 @@ def test_prompt_reads_skip_the_early_chunks_of_a_prompt():
 
 
 def test_prompt_reads_benchmark_positions_and_losses():
-    """benchmarks/prompt_reads.py: the first reading position matches generate's, and the
-    continuation's loss is the same in every setting when the prompt has no chunk to skip."""
+    """The first reading position (`prompt_read_start`, generate's and benchmarks/prompt_reads.py's),
+    and the benchmark's continuation loss: the same in every setting when no chunk is skipped."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import prompt_reads
 
-    assert [prompt_reads.first_reading_position(23, 4, k) for k in (None, 1, 2, 5, 6, 9)] == [0, 20, 16, 4, 0, 0]
+    from memformer.blocks import prompt_read_start
+    assert [prompt_read_start(23, 4, k) for k in (None, 1, 2, 5, 6, 9)] == [0, 20, 16, 4, 0, 0]
     torch.manual_seed(0)
     model = MemformerForCausalLM(tiny_backbone("llama"), None, MemoryConfig(window=32, sink_tokens=2, overlap=4,
                                                                            top_k=4, block_size=4, layer_blocks=3))
