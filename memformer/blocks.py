@@ -322,7 +322,8 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     [B, Hkv, S, D]; local_mask as HF gives it (None = causal, queries last T of S).
     reads: the `LayerReads` the calls before this one left (None at offset 0 or when unknown); a
     chunk whose rows it holds is not chosen or gathered again.
-    returns (out [B, Hq, T, D], rows [B, 1, T, R], probs [B, 1, T, R] or None, LayerReads after)."""
+    returns (out [B, Hq, T, D], rows [B, 1, T, R] and probs [B, 1, T, R] (both None unless
+    with_probs: the rows read are only kept for recordings), LayerReads after)."""
     B, Hq, T, D = q_rot.shape
     Hkv, bs = k_local.shape[1], block_size
     qg = q_mem.float().view(B, Hkv, Hq // Hkv, T, D).mean(2)                          # [B, Hkv, T, D]
@@ -348,17 +349,21 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     for c in range(first, last + 1):
         a, b = max(c * bs, offset) - offset, min((c + 1) * bs, offset + T) - offset
         if c < start:                                                                 # before read_from: local only
-            rows.append(torch.full((B, 1, b - a, R), -1, dtype=torch.long, device=q_rot.device))
             outs.append(out_loc[:, :, a:b].to(q_rot.dtype))
-            probs.append(q_rot.new_zeros(B, 1, b - a, R, dtype=torch.float32) if with_probs else None)
+            if with_probs:
+                rows.append(torch.full((B, 1, b - a, R), -1, dtype=torch.long, device=q_rot.device))
+                probs.append(q_rot.new_zeros(B, 1, b - a, R, dtype=torch.float32))
             continue
         if c in blocks:
             laid = block_rows(mem, blocks[c], B, block_size=bs, rotary_fn=rotary_fn, row_rotation=row_rotation,
                               slot_rotation=slot_rotation, device=q_rot.device)    # rows [B, R], keys, values
         o, r, p = rows_attention(q_rot[:, :, a:b], k_local, v_local, *laid, scale=scale, mem_bias=mem_bias,
                                  with_probs=with_probs, local=(out_loc[:, :, a:b], lse_loc[:, :, a:b]))
-        outs.append(o), rows.append(r), probs.append(p)
+        outs.append(o)
+        if with_probs:
+            rows.append(r), probs.append(p)
     after = LayerReads(queries, last, laid, size)
     # every chunk reads min(n, stored blocks) blocks of block_size rows (-1 where missing): the same R for all
-    return (torch.cat(outs, dim=2), torch.cat(rows, dim=2), None if probs[0] is None else torch.cat(probs, dim=2),
-            after)
+    if not with_probs:
+        return torch.cat(outs, dim=2), None, None, after
+    return torch.cat(outs, dim=2), torch.cat(rows, dim=2), torch.cat(probs, dim=2), after
