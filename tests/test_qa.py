@@ -251,6 +251,53 @@ def test_cache_reuses_memory_and_passages_and_answers_identically(tmp_path):
     assert json.loads((mem_dir / "manifest.json").read_text())["format_version"] == 2     # saved anew
 
 
+def test_cache_limit_removes_least_recently_used_memories_and_skips_one_too_large(tmp_path):
+    import os
+    from memformer.qa import memory_cache
+    model = tiny_model()
+    sets = [[Document(f"d{i}", DOC_A + f"Set {i}.\n")] for i in range(3)]
+    first = LongDocQA(model).read(sets[0], cache_dir=tmp_path, show_progress=False)
+    one = memory_cache.folder_bytes(tmp_path / memory_key(first.corpus, model))
+    assert one > 0
+    keys = [memory_key(Corpus.from_documents(d, model.tokenizer), model) for d in sets]
+    (tmp_path / "notes.txt").write_text("not a memory")          # other files are never touched
+    (tmp_path / "other").mkdir()
+    limit = int(2.5 * one)                                       # room for two memories
+    LongDocQA(model).read(sets[1], cache_dir=tmp_path, cache_limit=limit, show_progress=False)
+    os.utime(tmp_path / keys[1], (1, 1))                         # set 1 used long ago ...
+    assert LongDocQA(model).read(sets[0], cache_dir=tmp_path, cache_limit=limit, show_progress=False).from_cache
+    assert os.stat(tmp_path / keys[0]).st_mtime > 1e9            # ... set 0 just now (a cache hit)
+    LongDocQA(model).read(sets[2], cache_dir=tmp_path, cache_limit=limit, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
+        sorted([keys[0], keys[2], "notes.txt", "other"])         # the least recently used went
+    assert sum(e.nbytes for e in memory_cache.entries(tmp_path)) <= limit
+    assert not any(".trash-" in p.name for p in tmp_path.iterdir())
+    assert LongDocQA(model).read(sets[2], cache_dir=tmp_path, show_progress=False).from_cache
+    # a memory larger than the limit alone is not kept, and the others stay; the answer still works
+    with pytest.warns(UserWarning, match="more than the cache limit"):
+        big = LongDocQA(model).read([Document("big", DOC_B)], cache_dir=tmp_path, cache_limit="1KB",
+                                    show_progress=False)
+    assert big.memorized and not (tmp_path / memory_key(big.corpus, model)).exists()
+    assert {e.path.name for e in memory_cache.entries(tmp_path)} == {keys[0], keys[2]}
+    assert big.answer("What is the cat's name?", max_new_tokens=4).text is not None
+    with pytest.raises(ValueError, match="not a size"):
+        LongDocQA(model).read(sets[0], cache_dir=tmp_path, cache_limit="lots", show_progress=False)
+
+
+def test_cache_trim_deletes_what_a_killed_removal_left_and_parses_sizes(tmp_path):
+    from memformer.qa import memory_cache
+    left = tmp_path / ".abc.trash-1-2"                           # a removal killed half-way
+    (left / "x").mkdir(parents=True)
+    assert memory_cache.trim(tmp_path, 10**9) == [] and not left.exists()
+    assert memory_cache.trim(tmp_path / "missing", 0) == []
+    assert memory_cache.parse_size("20GB") == 20 * 2**30 and memory_cache.parse_size("1.5k") == 1536
+    assert memory_cache.parse_size("500 MiB") == 500 * 2**20 and memory_cache.parse_size(4096) == 4096
+    assert memory_cache.parse_size("None") is None and memory_cache.parse_size(None) is None
+    for bad in ("", "-1GB", "12 parsecs", -5):
+        with pytest.raises(ValueError):
+            memory_cache.parse_size(bad)
+
+
 def test_save_load_round_trip_keeps_stream_and_passages_and_refusals(tmp_path):
     model = tiny_model()
     qa = LongDocQA(model).read([Document("a.txt", DOC_A), Document("b.txt", DOC_B)], show_progress=False)
@@ -703,6 +750,7 @@ def test_cli_bad_input_exits_2(tmp_path, capsys, tiny_model_dir, fake_minilm):
              (["--doc", str(tmp_path / "nope.txt")], "no such file"),
              (["--memory", str(tmp_path)], "holds no QA documents"),
              (["--doc", str(doc), "--evidence", "-1"], "--evidence must be >= 0"),
+             (["--doc", str(doc), "--cache-limit", "big"], "--cache-limit: not a size"),
              (["--doc", str(doc), "--question-blocks", "0"], "question_blocks must be >= 1"),
              (["--doc", str(short), "--save-memory", str(tmp_path / "m"), "--no-cache"], "memory is empty")]
     for args, msg in cases:

@@ -105,7 +105,7 @@ def _fake_model(btok, **cfg):
 def test_runner_streams_records_and_resumes(btok, tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(model, sample, mode, cache_dir=None):          # memory answers right, rag a loop, truncate nothing
+    def fake_run(model, sample, mode, cache_dir=None, cache_limit=None):          # memory answers right, rag a loop, truncate nothing
         calls.append(mode)
         text = {"memory": " ".join(sample.expected), "rag": "1" * 20, "truncate": ""}[mode]
         score = ruler.string_match_all(text, sample.expected)
@@ -163,6 +163,7 @@ def test_cli_ruler_end_to_end(tiny_dir, tmp_path, capsys, fake_minilm):   # noqa
     (["--lengths", "16k,long"], "not a length"),
     (["--samples", "0"], "--samples must be >= 1"),
     (["--haystack", "/nonexistent/essay.txt"], "--haystack: .*no such file"),
+    (["--cache-dir", "c", "--cache-limit", "10 apples"], "--cache-limit: not a size"),
 ])
 def test_cli_ruler_rejects_bad_arguments_before_loading_a_model(argv, msg, capsys):
     assert _exit_code("eval", "ruler", *argv, "--model", "/nonexistent/model") == 2

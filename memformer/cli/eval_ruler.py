@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from memformer.cli.common import add_model_args, report_header, run_trials
+from memformer.qa.memory_cache import DEFAULT_LIMIT as DEFAULT_CACHE_LIMIT
 
 MODES = "memory,rag,truncate"
 
@@ -24,7 +25,10 @@ def register(ev) -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the finished samples in OUT/trials.jsonl and run only the missing ones")
     p.add_argument("--cache-dir", default=None,
-                   help="keep each document's memory here and reuse it (runs that differ only in read settings)")
+                   help="keep each document's memory here and reuse it (runs that differ only in read settings); "
+                        "about 9.4 KB per token with the shipped adapter, 1.2 GB per 64k document")
+    p.add_argument("--cache-limit", default=f"{DEFAULT_CACHE_LIMIT // 2**30}GB",
+                   help="size the cached memories may take (e.g. 20GB, none); the least recently used are removed")
     p.set_defaults(func=cmd_eval_ruler)
 
 
@@ -41,6 +45,12 @@ def cmd_eval_ruler(args) -> int:
     else:
         bad_len = None
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    from memformer.qa.memory_cache import parse_size
+    try:
+        parse_size(args.cache_limit)
+    except ValueError as e:
+        print(f"{prog}: --cache-limit: {e}", file=sys.stderr)
+        return 2
     if bad or not tasks or bad_len or args.samples < 1:
         msg = (f"unknown task(s) {bad or tasks}; choose from {', '.join(ruler.TASKS)} or default" if bad or not tasks
                else bad_len or f"--samples must be >= 1, got {args.samples}")
@@ -56,7 +66,7 @@ def cmd_eval_ruler(args) -> int:
     args.trials, args.needles_per_doc = args.samples, 1        # for the report header
     ran = run_trials(prog, args, lambda model, out: ruler.evaluate(
         model, tasks, lengths, args.samples, modes=modes, seed=args.seed, haystack=args.haystack, out_dir=out,
-        resume=args.resume, cache_dir=args.cache_dir))
+        resume=args.resume, cache_dir=args.cache_dir, cache_limit=args.cache_limit))
     if ran is None:
         return 2
     model, out, results, seconds = ran

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from memformer.cli.common import add_model_args, load_model as _load_model
+from memformer.qa.memory_cache import DEFAULT_LIMIT as DEFAULT_CACHE_LIMIT
 
 
 def register(sub) -> None:
@@ -25,6 +26,9 @@ def register(sub) -> None:
     src.add_argument("--demo-tokens", type=int, default=16384)
     src.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "memformer" / "memories"))
     src.add_argument("--no-cache", action="store_true")
+    src.add_argument("--cache-limit", default=f"{DEFAULT_CACHE_LIMIT // 2**30}GB",
+                     help="size the cached memories may take (e.g. 20GB, 500MB, none); the least recently "
+                          "used ones are removed past it")
     p.add_argument("--question", "-q", action="append", default=[], help="question (repeatable)")
     p.add_argument("--questions", default=None,
                    help='JSONL file, one {"question": ..., "answer": optional expected, "cue": optional} per line; '
@@ -60,6 +64,11 @@ def _check_args(args) -> str | None:
         return "give only one of --doc, --memory and --demo"
     if args.evidence < 0 or args.max_new_tokens < 1 or args.demo_tokens < 1 or args.rag_chunk_tokens < 1:
         return "--evidence must be >= 0; --max-new-tokens, --demo-tokens and --rag-chunk-tokens >= 1"
+    from memformer.qa.memory_cache import parse_size
+    try:
+        parse_size(args.cache_limit)
+    except ValueError as e:
+        return f"--cache-limit: {e}"
     return None
 
 
@@ -153,7 +162,7 @@ def cmd_qa(args) -> int:
                 docs = given
             # the demo document is rebuilt in seconds; caching its memory would only fill the disk
             cache = None if (args.no_cache or args.demo) else args.cache_dir
-            qa = qa_mod.LongDocQA(model, **opts).read(docs, cache_dir=cache)
+            qa = qa_mod.LongDocQA(model, **opts).read(docs, cache_dir=cache, cache_limit=args.cache_limit)
         if args.save_memory:
             qa.save(args.save_memory)
     except (ValueError, FileNotFoundError) as e:   # bad/missing documents, a memory of another model, ...

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from memformer.decoding import looping  # noqa: F401 (re-exported: the eval's loop check)
 from memformer.eval.plots import TrialLog, length_label, ordered_modes
 from memformer.loading import encode_text
+from memformer.qa.memory_cache import DEFAULT_LIMIT as DEFAULT_CACHE_LIMIT
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
@@ -304,10 +305,11 @@ def haystack_text(path=None) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------- running
-def run_sample(model, sample: RulerSample, mode: str, cache_dir=None) -> dict:
+def run_sample(model, sample: RulerSample, mode: str, cache_dir=None, cache_limit=DEFAULT_CACHE_LIMIT) -> dict:
     """Read the sample's document in `mode` and complete its cue: one record. cache_dir: mode
     memory reuses the memory saved there for the same document and memory-writing settings
-    (`memformer.qa.longdoc.memory_key`), so runs that differ only in how memory is read share it."""
+    (`memformer.qa.longdoc.memory_key`), so runs that differ only in how memory is read share it;
+    the folder is kept under `cache_limit` (`memformer.qa.memory_cache`)."""
     from memformer.qa import longdoc as qa
     t0 = time.perf_counter()
     rec = dict(id=record_id(sample.task, sample.length, sample.index, mode), task=sample.task,
@@ -316,7 +318,7 @@ def run_sample(model, sample: RulerSample, mode: str, cache_dir=None) -> dict:
                needle_depths=sample.needle_depths, expected=sample.expected)
     try:
         ctx = qa.prepare(model, [sample.document], mode, show_progress=False,
-                         cache_dir=cache_dir if mode == "memory" else None)
+                         cache_dir=cache_dir if mode == "memory" else None, cache_limit=cache_limit)
         # evidence=0: no retrieval recording, which only costs time here
         ans = qa.answer(model, ctx, cue=sample.cue, max_new_tokens=sample.max_new_tokens, evidence=0)
     except qa.DoesNotFit:
@@ -335,13 +337,12 @@ def record_id(task: str, length: int, index: int, mode: str) -> str:
 
 def evaluate(model, tasks=DEFAULT_TASKS, lengths=(16384,), samples: int = 10, modes=("memory", "rag", "truncate"),
              seed: int = 0, haystack=None, out_dir=None, resume: bool = False, show_progress: bool = True,
-             cache_dir=None) -> list[dict]:
+             cache_dir=None, cache_limit=DEFAULT_CACHE_LIMIT) -> list[dict]:
     """Every task x length x sample in every mode; returns the records (task, length, index
     order, modes in the order given). haystack: a file for the essay tasks (default Python's
     documentation topics). Records stream to out_dir/trials.jsonl (resumable with resume=True
     when the settings that decide the outcome are unchanged; a larger `samples` adds samples to a
-    finished run). cache_dir: memories kept there
-    (`run_sample`)."""
+    finished run). cache_dir, cache_limit: memories kept there, under that size (`run_sample`)."""
     from memformer.eval.needle import check_modes
     if model.tokenizer is None:
         raise ValueError("the RULER evaluation needs a model with a tokenizer")
@@ -375,7 +376,7 @@ def evaluate(model, tasks=DEFAULT_TASKS, lengths=(16384,), samples: int = 10, mo
                     results.append(log.get(rid))
                     continue
                 sample = sample or build(*job)
-                rec = run_sample(model, sample, mode, cache_dir)
+                rec = run_sample(model, sample, mode, cache_dir, cache_limit)
                 if log is not None:
                     log.append(rec)
                 results.append(rec)

@@ -33,6 +33,8 @@ import torch
 from memformer.fileio import WriteError, dir_lock, read_json, recover_for_reading
 from memformer.qa.documents import Corpus, Document, DocumentError, as_documents, read_document  # noqa: F401 (API)
 from memformer.qa.evidence import EvidenceSpan, answer_evidence
+from memformer.qa.memory_cache import (DEFAULT_LIMIT as DEFAULT_CACHE_LIMIT, folder_bytes, mark_used, parse_size,
+                                       remove_entry, trim)
 
 MODES = ("memory", "truncate", "rag", "full")
 QA_FILE = "qa_documents.json"            # beside a saved memory: the documents it was built from
@@ -111,10 +113,14 @@ class LongDocQA:
         self._rag = None
 
     # ------------------------------------------------------------------ reading
-    def read(self, documents, *, cache_dir=None, show_progress: bool = True) -> "LongDocQA":
+    def read(self, documents, *, cache_dir=None, cache_limit=DEFAULT_CACHE_LIMIT,
+             show_progress: bool = True) -> "LongDocQA":
         """Tokenize `documents` (texts, `Path`s or `Document`s); in mode "memory" memorize them.
         cache_dir: reuse the memory saved there under `memory_key` when it exists and fits this
-        model (else build it and save it there). Sets `from_cache`."""
+        model (else build it and save it there). Sets `from_cache`.
+        cache_limit: bytes the cache folder's memories may hold (an int, "20GB", or None for no
+        limit): after a new memory is saved the least recently used ones are removed, and one
+        larger than the limit alone is not kept (`memformer.qa.memory_cache`)."""
         model = self.model
         self.corpus, self._rag = Corpus.from_documents(documents, model.tokenizer), None
         model.reset_memory()
@@ -125,17 +131,32 @@ class LongDocQA:
             self.rag()                                      # embed the passages now, not in the first answer
         if self.mode != "memory":
             return self
+        limit = parse_size(cache_limit)                     # a bad limit fails before the work
         path = None if cache_dir is None else Path(cache_dir).expanduser() / memory_key(self.corpus, model)
         self.from_cache = path is not None and self._try_load(path)
-        if not self.from_cache:
+        if self.from_cache:
+            mark_used(path)
+        else:
             self._memorize(show_progress)
         self.memorized = True
         if path is not None and not self.from_cache and model.memory_size() > 0:
-            try:
-                self.save(path)
-            except WriteError as e:                     # a cache that cannot be written: answer anyway
-                warnings.warn(f"memory not cached: {e}", stacklevel=2)
+            self._cache(path, limit)
         return self
+
+    def _cache(self, path: Path, limit: int | None) -> None:
+        """Save the memory at `path` in its cache folder, then trim the folder to `limit` bytes;
+        a memory that cannot be written, or that alone exceeds the limit, is not kept (warning)."""
+        try:
+            self.save(path)
+            nbytes = folder_bytes(path)
+            if limit is not None and nbytes > limit:
+                remove_entry(path)
+                warnings.warn(f"memory not cached: it takes {nbytes / 2**20:.0f} MB, more than the cache "
+                              f"limit of {limit / 2**20:.0f} MB", stacklevel=3)
+                return
+            trim(path.parent, limit, keep=path)
+        except WriteError as e:                         # a cache that cannot be written: answer anyway
+            warnings.warn(f"memory not cached: {e}", stacklevel=3)
 
     def _memorize(self, show_progress: bool) -> None:
         """One `memorize` call per document (with the separator before the next one), so question
@@ -345,13 +366,14 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def prepare(model, documents, mode: str = "memory", *, cache_dir=None, show_progress: bool = True,
-            **kwargs) -> LongDocQA:
+def prepare(model, documents, mode: str = "memory", *, cache_dir=None, cache_limit=DEFAULT_CACHE_LIMIT,
+            show_progress: bool = True, **kwargs) -> LongDocQA:
     """Read `documents` (texts, `Path`s or `Document`s) for answering in `mode` (see `MODES`):
-    mode "memory" memorizes them (reusing `cache_dir` when given); "full" raises `DoesNotFit`
-    when they exceed the native context. kwargs go to `LongDocQA` (embedder, rag_chunk_tokens,
-    rag_overlap). Returns the context that `answer` takes."""
-    return LongDocQA(model, mode, **kwargs).read(documents, cache_dir=cache_dir, show_progress=show_progress)
+    mode "memory" memorizes them (reusing `cache_dir` when given, kept under `cache_limit` bytes);
+    "full" raises `DoesNotFit` when they exceed the native context. kwargs go to `LongDocQA`
+    (embedder, rag_chunk_tokens, rag_overlap). Returns the context that `answer` takes."""
+    return LongDocQA(model, mode, **kwargs).read(documents, cache_dir=cache_dir, cache_limit=cache_limit,
+                                                 show_progress=show_progress)
 
 
 def answer(model, ctx: LongDocQA, question: str | None = None, *, cue: str | None = None,
