@@ -298,6 +298,36 @@ def test_cache_trim_deletes_what_a_killed_removal_left_and_parses_sizes(tmp_path
             memory_cache.parse_size(bad)
 
 
+def test_cli_memory_cache_lists_trims_and_clears(tmp_path, capsys):
+    import os
+    from memformer.cli.main import main
+    model = tiny_model()
+    keys, tokens = [], []
+    for i in range(3):
+        qa = LongDocQA(model).read([Document(f"d{i}.txt", DOC_A + f"Set {i}.\n")], cache_dir=tmp_path,
+                                   show_progress=False)
+        keys.append(memory_key(qa.corpus, model))
+        tokens.append(len(qa.corpus))
+        os.utime(tmp_path / keys[-1], (1000 + i, 1000 + i))      # used in the order 0, 1, 2
+    (tmp_path / "notes.txt").write_text("kept")
+    assert main(["memory", "cache", "--cache-dir", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["entries"]
+    assert [r["key"] for r in listed] == keys                     # least recently used first
+    assert [r["documents"] for r in listed] == [["d0.txt"], ["d1.txt"], ["d2.txt"]]
+    assert [r["tokens"] for r in listed] == tokens and all(r["bytes"] > 0 for r in listed)
+    one = listed[0]["bytes"]
+    assert main(["memory", "cache", "--cache-dir", str(tmp_path), "--trim", str(2 * one + 10)]) == 0
+    assert "removed 1 of 3" in capsys.readouterr().out
+    assert not (tmp_path / keys[0]).exists() and (tmp_path / keys[2]).exists()
+    assert main(["memory", "cache", "--cache-dir", str(tmp_path)]) == 0
+    assert "2 cached memories" in capsys.readouterr().out
+    assert main(["memory", "cache", "--cache-dir", str(tmp_path), "--trim", "none"]) == 2
+    assert "--trim needs a size" in capsys.readouterr().err
+    assert main(["memory", "cache", "--cache-dir", str(tmp_path), "--clear"]) == 0
+    assert "removed 2 of 2" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+
+
 def test_save_load_round_trip_keeps_stream_and_passages_and_refusals(tmp_path):
     model = tiny_model()
     qa = LongDocQA(model).read([Document("a.txt", DOC_A), Document("b.txt", DOC_B)], show_progress=False)
@@ -716,8 +746,8 @@ def test_every_cli_command_refuses_abbreviated_and_unknown_flags(capsys):
     from memformer.cli.main import build_parser
     root = build_parser()
     leaves = dict(_leaf_parsers(root))
-    assert set(leaves) == {("qa",), ("memory", "build"), ("memory", "info"), ("memory", "convert"), ("train",), ("eval", "passkey"),
-                           ("eval", "needle"), ("eval", "ruler"), ("eval", "ppl")}
+    assert set(leaves) == {("qa",), ("memory", "build"), ("memory", "info"), ("memory", "convert"), ("memory", "cache"),
+                           ("train",), ("eval", "passkey"), ("eval", "needle"), ("eval", "ruler"), ("eval", "ppl")}
     checked = 0
     for path, parser in leaves.items():
         assert parser.allow_abbrev is False, path

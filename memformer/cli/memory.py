@@ -4,6 +4,7 @@
     memformer memory build --docs DIR --out MEM --format dir        # a memory directory (older readers)
     memformer memory info MEM_OR_URI
     memformer memory convert MEM URI                                # directory -> Lance store, one way
+    memformer memory cache [--trim SIZE | --clear] [--cache-dir DIR]  # the QA cache (`memformer qa`)
 """
 from __future__ import annotations
 
@@ -44,6 +45,15 @@ def register(sub) -> None:
     c.add_argument("new", help="Lance store to create: a folder or an object-storage URI")
     c.add_argument("--block-size", type=int, default=64, help="tokens per memory block of the reading model (default 64)")
     c.set_defaults(func=cmd_convert)
+    from memformer.qa.memory_cache import DEFAULT_DIR
+    k = msub.add_parser("cache", help="list the memories `memformer qa` cached, or remove them")
+    k.add_argument("--cache-dir", default=str(DEFAULT_DIR))
+    what = k.add_mutually_exclusive_group()
+    what.add_argument("--trim", default=None, metavar="SIZE",
+                      help="remove the least recently used memories until the cache holds at most SIZE (e.g. 5GB)")
+    what.add_argument("--clear", action="store_true", help="remove every cached memory")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_cache)
 
 
 def _fail(what: str, e: BaseException) -> int:
@@ -115,4 +125,34 @@ def cmd_convert(args) -> int:
         return _fail("convert", e)
     print(f"{args.new}: {manifest['documents']} documents, {manifest['tokens']} tokens, {manifest['block_rows']} "
           f"block rows ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    """List the QA cache's memories, least recently used first; or trim / clear it."""
+    from pathlib import Path
+    from memformer.qa import memory_cache as mc
+    folder = Path(args.cache_dir).expanduser()
+    if args.trim is not None or args.clear:
+        try:
+            limit = 0 if args.clear else mc.parse_size(args.trim)
+        except ValueError as e:
+            return _fail("cache", f"--trim: {e}")
+        if limit is None:
+            return _fail("cache", "--trim needs a size (e.g. 5GB)")
+        before = mc.entries(folder)
+        removed = mc.trim(folder, limit)
+        freed = sum(e.nbytes for e in before if e.path in removed)
+        print(f"removed {len(removed)} of {len(before)} cached memories ({freed / 2**20:.0f} MB) from {folder}")
+        return 0
+    rows = [mc.describe(e) for e in mc.entries(folder)]
+    if args.json:
+        print(json.dumps({"cache_dir": str(folder), "entries": rows}, indent=2))
+        return 0
+    total = sum(r["bytes"] for r in rows)
+    print(f"{folder}: {len(rows)} cached memories, {total / 2**20:.0f} MB (least recently used first)")
+    for r in rows:
+        docs = "?" if r["documents"] is None else ", ".join(r["documents"])
+        tokens = "?" if r["tokens"] is None else f"{r['tokens']:,}"
+        print(f"  {r['key']}  {r['bytes'] / 2**20:8.1f} MB  {r['last_used']}  {tokens} tokens  {docs[:80]}")
     return 0

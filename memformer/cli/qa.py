@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from memformer.cli.common import add_model_args, load_model as _load_model
-from memformer.qa.memory_cache import DEFAULT_LIMIT as DEFAULT_CACHE_LIMIT
+from memformer.qa.memory_cache import DEFAULT_DIR as DEFAULT_CACHE_DIR, DEFAULT_LIMIT as DEFAULT_CACHE_LIMIT
 
 
 def register(sub) -> None:
@@ -24,7 +24,7 @@ def register(sub) -> None:
     src.add_argument("--save-memory", default=None, help="also save the memory and its documents here")
     src.add_argument("--demo", action="store_true", help="Python's docs with planted facts")
     src.add_argument("--demo-tokens", type=int, default=16384)
-    src.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "memformer" / "memories"))
+    src.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR))
     src.add_argument("--no-cache", action="store_true")
     src.add_argument("--cache-limit", default=f"{DEFAULT_CACHE_LIMIT // 2**30}GB",
                      help="size the cached memories may take (e.g. 20GB, 500MB, none); the least recently "

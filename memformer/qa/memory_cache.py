@@ -27,6 +27,7 @@ import time
 from memformer.fileio import dir_lock
 
 DEFAULT_LIMIT = 20 * 2**30          # bytes; about 2M tokens of memory with the shipped adapter
+DEFAULT_DIR = Path.home() / ".cache" / "memformer" / "memories"     # `memformer qa`'s cache
 MANIFEST = "manifest.json"          # what marks a folder as a saved memory
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30,
           "T": 2**40, "TB": 2**40}
@@ -93,6 +94,21 @@ def mark_used(path) -> None:
         os.utime(path)
     except OSError:
         pass
+
+
+def describe(entry: CacheEntry) -> dict:
+    """What `memformer memory cache` lists for an entry: key, bytes, last use, and the documents
+    and tokens its `qa_documents.json` names (None where that file cannot be read)."""
+    from datetime import datetime, timezone
+    from memformer.qa.longdoc import _read_qa_file
+    row = {"key": entry.path.name, "bytes": entry.nbytes,
+           "last_used": datetime.fromtimestamp(entry.last_used, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "documents": None, "tokens": None}
+    try:
+        saved = _read_qa_file(entry.path)
+    except (OSError, ValueError):          # a memory saved without documents, or a corrupt file
+        return row
+    return dict(row, documents=[d["name"] for d in saved["documents"]], tokens=saved["tokens"])
 
 
 def remove_entry(path) -> None:
