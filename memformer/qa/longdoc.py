@@ -173,7 +173,7 @@ class LongDocQA:
         recover_for_reading(path)
         with dir_lock(path, shared=True):                   # the documents and the memory of one save
             try:
-                saved = _read_qa_file(path)
+                saved = read_qa_file(path)
             except (FileNotFoundError, DocumentError):
                 return False
             if [d["sha256"] for d in saved["documents"]] != [d.sha256 for d in self.corpus.documents]:
@@ -216,7 +216,7 @@ class LongDocQA:
 
     @classmethod
     def _load_locked(cls, model, path: Path, **kwargs) -> "LongDocQA":
-        saved = _read_qa_file(path)
+        saved = read_qa_file(path)
         qa = cls(model, "memory", **kwargs)
         qa.corpus = Corpus.from_documents([Document(d["name"], d["text"]) for d in saved["documents"]],
                                           model.tokenizer)
@@ -385,7 +385,9 @@ def answer(model, ctx: LongDocQA, question: str | None = None, *, cue: str | Non
     return ctx.answer(question, cue=cue, mode=mode, max_new_tokens=max_new_tokens, evidence=evidence)
 
 
-def _read_qa_file(path: Path) -> dict:
+def read_qa_file(path: Path) -> dict:
+    """The checked contents of `qa_documents.json` in the memory folder `path` (document names,
+    checksums, texts and the token count). FileNotFoundError when absent; DocumentError when corrupt."""
     f = Path(path) / QA_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path} holds no QA documents ({QA_FILE}); it was not written by LongDocQA.save")

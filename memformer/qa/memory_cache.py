@@ -100,12 +100,12 @@ def describe(entry: CacheEntry) -> dict:
     """What `memformer memory cache` lists for an entry: key, bytes, last use, and the documents
     and tokens its `qa_documents.json` names (None where that file cannot be read)."""
     from datetime import datetime, timezone
-    from memformer.qa.longdoc import _read_qa_file
+    from memformer.qa.longdoc import read_qa_file
     row = {"key": entry.path.name, "bytes": entry.nbytes,
            "last_used": datetime.fromtimestamp(entry.last_used, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "documents": None, "tokens": None}
     try:
-        saved = _read_qa_file(entry.path)
+        saved = read_qa_file(entry.path)
     except (OSError, ValueError):          # a memory saved without documents, or a corrupt file
         return row
     return dict(row, documents=[d["name"] for d in saved["documents"]], tokens=saved["tokens"])
