@@ -288,7 +288,7 @@ def test_cache_trim_deletes_what_a_killed_removal_left_and_parses_sizes(tmp_path
     from memformer.qa import memory_cache
     left = tmp_path / ".abc.trash-1-2"                           # a removal killed half-way
     (left / "x").mkdir(parents=True)
-    assert memory_cache.trim(tmp_path, 10**9) == [] and not left.exists()
+    assert memory_cache.trim(tmp_path, None) == [] and not left.exists()
     assert memory_cache.trim(tmp_path / "missing", 0) == []
     assert memory_cache.parse_size("20GB") == 20 * 2**30 and memory_cache.parse_size("1.5k") == 1536
     assert memory_cache.parse_size("500 MiB") == 500 * 2**20 and memory_cache.parse_size(4096) == 4096

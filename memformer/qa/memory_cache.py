@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
-from pathlib import Path
-
 import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from memformer.fileio import dir_lock
 
@@ -126,11 +125,12 @@ def remove_entry(path) -> None:
 def trim(cache_dir, limit: int | None, keep=None) -> list[Path]:
     """Remove the least recently used entries of `cache_dir` until its entries hold at most `limit`
     bytes, never the entry `keep` (the one just written). Returns the folders removed; None is no
-    limit. Raises nothing on an entry another process removed first."""
-    if limit is None:
-        return []
+    limit (what a killed removal left is still deleted). Raises nothing on an entry another
+    process removed first."""
     for left in Path(cache_dir).glob(".*.trash-*"):    # from a removal killed half-way
         shutil.rmtree(left, ignore_errors=True)
+    if limit is None:
+        return []
     keep = None if keep is None else Path(keep).resolve()
     found = entries(cache_dir)
     total = sum(e.nbytes for e in found)
