@@ -48,7 +48,8 @@ class MemoryConfig:
     question_blocks: blocks a question reads (`ask`): those under the passages nearest the question.
     sentence_ranking: rank passages by the best of their own cosine and their sentences' (the
         sentences are embedded too; `memformer.passages`), for question reads and the RAG
-        baseline alike; False ranks by the passages' cosine alone.
+        baseline alike, so a one-sentence fact inside dense text is not diluted by its passage;
+        False ranks by the passages' cosine alone.
     index: kNN backend over memory keys: "exact" (torch), or FAISS "faiss-flat", "faiss-ivf".
         index_params go to the backend (e.g. {"nprobe": 32}).
     capacity: max tokens of memory per sequence (None = unbounded); eviction when it is reached:
@@ -69,7 +70,7 @@ class MemoryConfig:
     overlap: int = 128
     block_size: int = 64
     question_blocks: int = 4
-    sentence_ranking: bool = False
+    sentence_ranking: bool = True
     index: str = "exact"
     index_params: dict = field(default_factory=dict)
     capacity: Optional[int] = None

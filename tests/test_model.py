@@ -519,6 +519,11 @@ def test_cli_memory_arguments_reach_the_memory_config():
     base = MemoryConfig(window=16, overlap=3, top_k=4, question_blocks=2)               # an adapter's config: flags override it
     cfg = memory_config_from_args(p.parse_args(["--top-k", "8"]), base)
     assert (cfg.window, cfg.overlap, cfg.top_k, cfg.question_blocks) == (16, 3, 8, 2)
+    assert MemoryConfig().sentence_ranking                                              # on by default
+    assert not memory_config_from_args(p.parse_args(["--no-sentence-ranking"])).sentence_ranking
+    off = MemoryConfig(sentence_ranking=False)
+    assert memory_config_from_args(p.parse_args(["--sentence-ranking"]), off).sentence_ranking
+    assert not memory_config_from_args(p.parse_args([]), off).sentence_ranking        # no flag: the base's
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

@@ -634,13 +634,13 @@ def test_sentence_ranking_reaches_question_reads_rag_and_memory_files(tmp_path):
     assert len(fresh.questions.embedder.calls) == calls                  # loaded, not embedded again
     assert loaded.sentence_ranges == own.sentence_ranges
     assert torch.equal(loaded.sentence_embeddings, own.sentence_embeddings)
-    plain = tiny_model()                                                  # the setting off: passage cosines alone
+    plain = tiny_model(sentence_ranking=False)                            # the setting off: passage cosines alone
     plain.load_memory(tmp_path / "mem")
     assert plain.questions.passages.sentence_embeddings is None
     q = "What is the keeper's cat called?"
     assert [p.score for p in plain.questions.passages.search(q)] == \
         [p.score for p in PassageIndex(own.ranges, own.embeddings, own.embedder).search(q)]
-    old = tiny_model()                                                    # saved without sentences, loaded with
+    old = tiny_model(sentence_ranking=False)                              # saved without sentences, loaded with
     old.memorize(DOC_A, show_progress=False)
     old.questions.passages                                                # noqa: B018 (embeds them)
     old.save_memory(tmp_path / "old")

@@ -30,8 +30,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the upper two thirds of an all-layer memory)")
     p.add_argument("--question-blocks", type=int, default=None,
                    help="memory blocks a question reads (those under the passages nearest to it; default 4)")
-    p.add_argument("--sentence-ranking", action="store_true", default=None,
-                   help="rank passages by their sentences too, for question reads and RAG (MemoryConfig.sentence_ranking)")
+    p.add_argument("--sentence-ranking", action=argparse.BooleanOptionalAction, default=None,
+                   help="rank passages by their sentences too, for question reads and RAG (default on; "
+                        "--no-sentence-ranking ranks by passage cosines alone; MemoryConfig.sentence_ranking)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
     p.add_argument("--sink-tokens", type=int, default=None, help="attention-sink tokens kept local (default 4)")
     p.add_argument("--overlap", type=int, default=None,
