@@ -346,6 +346,13 @@ def test_text_and_hf_disk_sources_and_bad_specs(tmp_path):
         s = SampleStream([spec], tok, seq_len=64, min_tokens=32, eval_fraction=0.5, split="eval")
         train = SampleStream([spec], tok, seq_len=64, min_tokens=32, eval_fraction=0.5, shuffle_buffer=1)
         assert {x.doc_id for x in s}.isdisjoint({next(iter(train)).doc_id})
+    # the split and the document ids do not depend on where the corpus lies
+    import shutil
+    shutil.copytree(tmp_path / "t", tmp_path / "elsewhere" / "t")
+    here, there = ({x.doc_id for x in SampleStream([{"type": "text", "paths": [str(root / "t")]}], tok, seq_len=64,
+                                                   min_tokens=32, eval_fraction=0.5, split="eval")}
+                   for root in (tmp_path, tmp_path / "elsewhere"))
+    assert here == there and 0 < len(here) < 6
     with pytest.raises(ValueError, match="type 'csv' not in"):
         SampleStream([{"type": "csv"}], tok, seq_len=64, min_tokens=32, eval_fraction=0.5)
     with pytest.raises(ValueError, match="missing"):

@@ -70,19 +70,21 @@ def python_docs_documents(rng: random.Random, parts: int = 8) -> Iterator[LazyDo
 def text_documents(rng: random.Random, paths) -> Iterator[LazyDoc]:
     """Each file a document; a folder means its *.txt / *.md / *.rst / *.py files, recursively."""
     from memformer.documents import read_document
-    files = []
+    files = []  # (name, path); the name is relative to the folder given, so the held-out split
+    # does not depend on where the corpus lies on disk
     for p in map(Path, [paths] if isinstance(paths, str) else paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".rst", ".py") and f.is_file())
+            files += [(f"{p.name}/{f.relative_to(p).as_posix()}", f) for f in sorted(p.rglob("*"))
+                      if f.suffix in (".txt", ".md", ".rst", ".py") and f.is_file()]
         elif p.is_file():
-            files.append(p)
+            files.append((p.name, p))
         else:
             raise FileNotFoundError(f"text source: {p} does not exist")
     if not files:
         raise ValueError(f"text source: no documents under {paths}")
     rng.shuffle(files)
-    for f in files:
-        yield LazyDoc(str(f), lambda f=f: read_document(f))
+    for name, f in files:
+        yield LazyDoc(name, lambda f=f: read_document(f))
 
 
 def jsonl_documents(rng: random.Random, path, text_field: str = "text", name_field: str | None = None) -> Iterator[LazyDoc]:
