@@ -68,10 +68,11 @@ def python_docs_documents(rng: random.Random, parts: int = 8) -> Iterator[LazyDo
 
 
 def text_documents(rng: random.Random, paths) -> Iterator[LazyDoc]:
-    """Each file a document; a folder means its *.txt / *.md / *.rst / *.py files, recursively."""
+    """Each file a document; a folder means its *.txt / *.md / *.rst / *.py files, recursively.
+    A document is named "<folder name>/<path inside the folder>" (a file given alone: its file
+    name), so the held-out split does not depend on where the corpus lies on disk."""
     from memformer.documents import read_document
-    files = []  # (name, path); the name is relative to the folder given, so the held-out split
-    # does not depend on where the corpus lies on disk
+    files = []  # (name, path)
     for p in map(Path, [paths] if isinstance(paths, str) else paths):
         if p.is_dir():
             files += [(f"{p.name}/{f.relative_to(p).as_posix()}", f) for f in sorted(p.rglob("*"))
