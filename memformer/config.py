@@ -198,11 +198,15 @@ class AdapterConfig:
         B starts at zero, so an untrained adapter leaves the backbone's outputs unchanged.
     gate_init: initial per-head memory logit bias (0 = memory competes with local keys in one
         plain softmax, which is what works training-free).
+    lora_layers: the memory layers that get LoRA (None = every memory layer); the others train
+        their gates only, so their projections, and everything the model computes without
+        memory there, stay the backbone's.
     """
 
     lora_rank: int = 8
     lora_alpha: float = 16.0
     gate_init: float = 0.0
+    lora_layers: Optional[list[int]] = None
 
     def __post_init__(self):
         rank = self.lora_rank
@@ -214,6 +218,13 @@ class AdapterConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or abs(v) > 1e6:
                 raise ValueError(f"AdapterConfig: {name} must be a finite number, got {v!r}")
+        if self.lora_layers is not None:
+            ok = isinstance(self.lora_layers, (list, tuple)) and len(self.lora_layers) > 0 and all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < _MAX_SIZE for i in self.lora_layers)
+            if not ok:
+                raise ValueError(f"AdapterConfig: lora_layers must be a non-empty list of layer numbers "
+                                 f"or None (every memory layer), got {self.lora_layers!r}")
+            self.lora_layers = sorted(set(self.lora_layers))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

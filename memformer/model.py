@@ -137,8 +137,13 @@ class MemformerForCausalLM(nn.Module):
         cfg = cfg or AdapterConfig()
         if self.adapter_config is not None:
             raise ValueError("this model already has LoRA adapters")
+        lora_layers = self.memory_layer_ids if cfg.lora_layers is None else cfg.lora_layers
+        stray = sorted(set(lora_layers) - set(self.memory_layer_ids))
+        if stray:
+            raise ValueError(f"AdapterConfig.lora_layers {stray} are not memory layers "
+                             f"(memory layers: {self.memory_layer_ids})")
         if cfg.lora_rank > 0:
-            inject_lora(self.backbone, self.adapter, self.memory_layer_ids, cfg)
+            inject_lora(self.backbone, self.adapter, lora_layers, cfg)
         with torch.no_grad():
             for m in self.modules():
                 if isinstance(m, MemoryAttention):
@@ -454,9 +459,13 @@ class MemformerForCausalLM(nn.Module):
         MemoryConfig."""
         return persistence.save_adapter(self, path)
 
-    def load_adapter(self, path) -> None:
-        persistence.load_adapter(self, path)
+    def load_adapter(self, path, *, partial: bool = False) -> list[str]:
+        """Load trained memory-layer weights (`save_pretrained`'s folder). partial: the folder may
+        hold a subset of this model's memory-layer weights (training continued with more layers);
+        returns the names it did not hold, which keep their values."""
+        missing = persistence.load_adapter(self, path, partial=partial)
         self.memory_trained = True
+        return missing
 
 
 @dataclass

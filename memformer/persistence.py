@@ -254,8 +254,13 @@ def read_lora_config(path) -> AdapterConfig | None:
     return _read_config(f, AdapterConfig) if f.is_file() else None
 
 
-def load_adapter(model, path) -> None:
-    """Load adapter weights (adding the LoRA layers its AdapterConfig names first)."""
+def load_adapter(model, path, *, partial: bool = False) -> list[str]:
+    """Load adapter weights (adding the LoRA layers its AdapterConfig names first).
+
+    partial: the file may hold a subset of the model's memory-layer weights (an adapter of fewer
+        layers, continued by training with more); the others keep their values. Every tensor in
+        the file must still be one of the model's, of the same shape. Returns the names of the
+        model's weights the file did not hold."""
     f = Path(path) / ADAPTER_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_FILE})")
@@ -273,7 +278,7 @@ def load_adapter(model, path) -> None:
         model.add_lora(lora)
     params = dict(model.named_parameters())
     mine = set(model.trainable_state_dict())
-    if set(state) != mine:
+    if (not set(state) <= mine) if partial else set(state) != mine:
         raise MemoryFileError(f"{f} does not match this model's memory layers "
                               f"(missing {sorted(mine - set(state))[:3]}, unexpected {sorted(set(state) - mine)[:3]})")
     for name, t in state.items():  # check everything before changing anything
@@ -282,3 +287,4 @@ def load_adapter(model, path) -> None:
     with torch.no_grad():
         for name, t in state.items():
             params[name].copy_(t)
+    return sorted(mine - set(state))

@@ -8,7 +8,9 @@ import torch
 
 from conftest import tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
+from memformer import persistence
 from memformer.config import AdapterConfig
+from memformer.persistence import MemoryFileError
 from memformer.cli.main import build_parser
 from memformer.fileio import BusyError, release_dir_lock
 from memformer.training import CrossbatchRecipe, DenseMemory, TrainConfig, negative_groups, run_episode
@@ -332,6 +334,60 @@ def test_init_adapter_starts_from_saved_weights(tmp_path):
     again.cleanup()
     with pytest.raises(ConfigError, match="model.init_adapter"):
         tiny_config(tmp_path / "c", **{"model.init_adapter": str(tmp_path / "nowhere")})
+
+
+def test_init_adapter_of_fewer_layers_starts_them_and_lora_layers_limit_lora(tmp_path):
+    """An adapter of memory layer 1 continues as a model with memory in both layers and LoRA in
+    layer 1 only: layer 1 starts from the saved weights, layer 0 has a fresh gate and no LoRA, and
+    the adapter saved after training loads back as it was trained."""
+    first = recipe_for(tiny_config(tmp_path / "a", **{"memory.memory_layers": "[1]", "train.max_steps": 2,
+                                                      "eval.at_start": False, "eval.at_end": False}))
+    first.train()
+    first.cleanup()
+    saved = tmp_path / "a" / "run" / "adapter"
+    wider = tiny_config(tmp_path / "b", **{"model.init_adapter": str(saved), "adapter.lora_layers": "[1]",
+                                           "train.max_steps": 2, "eval.at_start": False, "eval.at_end": False})
+    again = recipe_for(wider)
+    want, got = first.model.trainable_state_dict(), again.model.trainable_state_dict()
+    assert set(want) < set(got)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    fresh = sorted(set(got) - set(want))
+    assert fresh == ["backbone.model.layers.0.self_attn.memory_gate"]       # no LoRA in layer 0
+    assert float(got[fresh[0]].abs().max()) == 0.0
+    again.train()
+    trained = again.model.trainable_state_dict()
+    again.cleanup()
+    assert float(trained[fresh[0]].abs().max()) > 0.0                       # the new gate trained
+    model = MemformerForCausalLM(tiny_backbone(vocab_size=260), ByteTokenizer(),
+                                 persistence.read_adapter_config(tmp_path / "b" / "run" / "adapter"))
+    model.load_adapter(tmp_path / "b" / "run" / "adapter")
+    assert model.adapter_config.lora_layers == [1]
+    back = model.trainable_state_dict()
+    assert back.keys() == trained.keys() and all(torch.equal(back[n], trained[n]) for n in back)
+    # a strict load of the narrower adapter into the wider model is refused; a file holding a
+    # weight the model lacks is refused even when partial
+    with pytest.raises(MemoryFileError, match="does not match"):
+        persistence.load_adapter(model, saved)
+    narrow = MemformerForCausalLM(tiny_backbone(vocab_size=260), ByteTokenizer(),
+                                  MemoryConfig(window=32, top_k=8, overlap=4, sink_tokens=2, memory_layers=[1]))
+    with pytest.raises(MemoryFileError, match="does not match"):
+        persistence.load_adapter(narrow, tmp_path / "b" / "run" / "adapter", partial=True)
+
+
+@pytest.mark.parametrize("layers, message", [
+    ("[]", "lora_layers must be a non-empty list"), ("[-1]", "lora_layers must be a non-empty list"),
+    ("[true]", "lora_layers must be a non-empty list")])
+def test_bad_lora_layers_are_clear_errors(tmp_path, layers, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, **{"adapter.lora_layers": layers})
+
+
+def test_lora_layers_outside_the_memory_layers_are_refused():
+    model = MemformerForCausalLM(tiny_backbone(vocab_size=260), ByteTokenizer(),
+                                 MemoryConfig(window=32, top_k=8, overlap=4, sink_tokens=2, memory_layers=[1]))
+    with pytest.raises(ValueError, match=r"lora_layers \[0\] are not memory layers"):
+        model.add_lora(AdapterConfig(lora_rank=4, lora_layers=[0]))
+    assert model.adapter_config is None and not any(".lora_" in n for n, _ in model.named_parameters())
 
 
 def test_text_and_hf_disk_sources_and_bad_specs(tmp_path):

@@ -136,8 +136,14 @@ class CrossbatchRecipe:
         # on its device before the memory layers are built: they cache RoPE tables there
         model = MemformerForCausalLM(backbone.to(device), tok, self.cfg.memory)
         model.add_lora(self.cfg.adapter)             # LoRA + memory gates: the trainable part
-        if self.cfg.model.init_adapter:              # continue from trained weights (same layers and rank)
-            model.load_adapter(self.cfg.model.init_adapter)
+        if self.cfg.model.init_adapter:              # continue from trained weights (same rank)
+            # an adapter of fewer memory layers starts those layers; the others start fresh
+            fresh = model.load_adapter(self.cfg.model.init_adapter, partial=True)
+            if fresh:
+                import re
+                layers = sorted({int(m.group(1)) for n in fresh if (m := re.search(r"\.(\d+)\.", n))})
+                tqdm.write(f"init_adapter holds no weights for {len(fresh)} tensors (layers {layers}): "
+                           f"they start fresh")
         if tok is None:
             raise ValueError("training needs a tokenizer (pass tokenizer= with a backbone instance)")
         if self.cfg.train.gradient_checkpointing:
