@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -140,7 +141,6 @@ class CrossbatchRecipe:
             # an adapter of fewer memory layers starts those layers; the others start fresh
             fresh = model.load_adapter(self.cfg.model.init_adapter, partial=True)
             if fresh:
-                import re
                 layers = sorted({int(m.group(1)) for n in fresh if (m := re.search(r"\.(\d+)\.", n))})
                 tqdm.write(f"init_adapter holds no weights for {len(fresh)} tensors (layers {layers}): "
                            f"they start fresh")
