@@ -374,12 +374,13 @@ def test_init_adapter_of_fewer_layers_starts_them_and_lora_layers_limit_lora(tmp
         persistence.load_adapter(narrow, tmp_path / "b" / "run" / "adapter", partial=True)
 
 
-@pytest.mark.parametrize("layers, message", [
-    ("[]", "lora_layers must be a non-empty list"), ("[-1]", "lora_layers must be a non-empty list"),
-    ("[true]", "lora_layers must be a non-empty list")])
-def test_bad_lora_layers_are_clear_errors(tmp_path, layers, message):
+@pytest.mark.parametrize("layers, memory, message", [
+    ("[]", "null", "lora_layers must be a non-empty list"), ("[-1]", "null", "lora_layers must be a non-empty list"),
+    ("[true]", "null", "lora_layers must be a non-empty list"),
+    ("[0, 1]", "[1]", r"adapter.lora_layers \[0, 1\] must be memory layers")])
+def test_bad_lora_layers_are_clear_errors(tmp_path, layers, memory, message):
     with pytest.raises(ConfigError, match=message):
-        tiny_config(tmp_path, **{"adapter.lora_layers": layers})
+        tiny_config(tmp_path, **{"adapter.lora_layers": layers, "memory.memory_layers": memory})
 
 
 def test_lora_layers_outside_the_memory_layers_are_refused():

@@ -277,6 +277,9 @@ class TrainConfig:
         need(bool(d.synthetic_tasks) and set(d.synthetic_tasks) <= set(SYNTHETIC_TASKS),
              f"data.synthetic_tasks must be a non-empty subset of {SYNTHETIC_TASKS}, got {d.synthetic_tasks}")
         need(d.synthetic_loss in ("answer", "all"), "data.synthetic_loss must be 'answer' or 'all'")
+        lora = self.adapter.lora_layers
+        need(lora is None or m.memory_layers is None or set(lora) <= set(m.memory_layers),
+             f"adapter.lora_layers {lora} must be memory layers (memory.memory_layers: {m.memory_layers})")
         need(cb.batch_size >= 1, f"crossbatch.batch_size must be >= 1, got {cb.batch_size}")
         dsched = self.d_schedule()
         need(max(dsched.values()) <= cb.batch_size,
