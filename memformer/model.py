@@ -237,8 +237,8 @@ class MemformerForCausalLM(nn.Module):
         self.state.clear_recorded_reads()
 
     def memory_disabled(self):
-        """Context manager: within it the model is exactly the frozen backbone (memory neither
-        read nor written)."""
+        """Context manager: within it memory is neither read nor written, and every memory layer
+        runs the backbone's attention (a trained adapter's LoRA, where it has one, still applies)."""
         return memory_pass(self.runtime, self.memory_modules, enabled=False)
 
     # ---------------------------------------------------------------- reading into memory

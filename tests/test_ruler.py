@@ -246,3 +246,20 @@ def test_passage_ranks_needle_rank():
     assert passage_ranks.needle_rank(scores, torch.tensor([False, False, True, True])) == 1
     assert passage_ranks.needle_rank(scores, torch.tensor([False, True, False, False])) == 0
     assert passage_ranks.needle_rank(scores, torch.zeros(4, dtype=torch.bool)) is None
+
+
+def test_ruler_copy_probe_samples_and_table(btok):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ruler_copy_probe
+
+    found = list(ruler_copy_probe.doubled_samples(btok, ESSAY * 3, 1024, 5000, 3))
+    assert len(found) == 3 and [s for s, _ in found] == sorted({s for s, _ in found})
+    assert all(s > 5000 and x.task == "niah_single_2" and x.expected[0][-1] == x.expected[0][-2] for s, x in found)
+    recs = [dict(adapter="auto", lora_scale=1.0, verdict="short", p_digit=0.1, p_dot=0.9),
+            dict(adapter="auto", lora_scale=1.0, verdict="exact", p_digit=0.7, p_dot=0.3),
+            dict(adapter="auto", lora_scale=0.75, verdict="other")]
+    rows = ruler_copy_probe.table(recs).splitlines()
+    assert rows[2] == "| auto | 1 | 1 | 1 | 0 | 0.40 / 0.60 (2 answers) |"
+    assert rows[3] == "| auto | 0.75 | 0 | 0 | 1 | — |"
