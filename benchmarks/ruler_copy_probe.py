@@ -56,8 +56,7 @@ def last_digit_odds(model, sample) -> dict:
     that step)."""
     tok, value = model.tokenizer, sample.expected[0]
     x = model.questions.prompt_ids(None, cue=sample.cue)                                 # [1, T]
-    read, _ = model._question_read(read_query(None, sample.cue), x)
-    with read, torch.no_grad():
+    with model.question_read(read_query(None, sample.cue), x), torch.no_grad():
         out = model.generate(x, max_new_tokens=10, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
     new = out.sequences[0, x.shape[1]:].tolist()
@@ -73,12 +72,24 @@ def last_digit_odds(model, sample) -> dict:
 
 
 def load(adapter: str, scale: float):
-    model = MemformerForCausalLM.from_pretrained(adapter="auto" if adapter == "auto" else adapter)
+    """The model with `adapter` ("auto" or a folder), its LoRA output (the B matrices) times scale."""
+    model = MemformerForCausalLM.from_pretrained(adapter=adapter)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.mul_(scale)
     return model
+
+
+def scales(text: str) -> list[float]:
+    """`--lora-scales`: comma-separated factors >= 0 (0 = LoRA off, gates kept)."""
+    try:
+        out = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if any(not v >= 0 for v in out):
+        raise argparse.ArgumentTypeError(f"LoRA scales must be >= 0, got {text!r}")
+    return out
 
 
 def table(records: list[dict]) -> str:
@@ -97,7 +108,7 @@ def table(records: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapters", default="auto", help="comma-separated: auto (the shipped adapter) or adapter folders")
-    ap.add_argument("--lora-scales", default="1", help="comma-separated factors on each adapter's LoRA output")
+    ap.add_argument("--lora-scales", type=scales, default=[1.0], help="comma-separated factors on each adapter's LoRA output")
     ap.add_argument("--samples", type=int, default=12)
     ap.add_argument("--length", default="4k")
     ap.add_argument("--seed", type=int, default=5000)
@@ -115,7 +126,7 @@ def main(argv=None) -> None:
     essay, length = ruler.essay_words(text), parse_length(args.length)
     with path.open("a" if args.resume else "w") as f:
         for adapter in args.adapters.split(","):
-            for scale in (float(s) for s in args.lora_scales.split(",")):
+            for scale in args.lora_scales:
                 model = load(adapter, scale)
                 todo = doubled_samples(model.tokenizer, essay, length, args.seed, args.samples)
                 for s, sample in tqdm(list(todo), desc=f"{adapter} x{scale:g}"):

@@ -1,5 +1,6 @@
 """RULER evaluation: its templates and needles, haystack sizes, scoring, the looping check, the
 resumable runner and the CLI end to end on a tiny model + byte tokenizer."""
+import argparse
 import json
 import random
 import re
@@ -263,3 +264,7 @@ def test_ruler_copy_probe_samples_and_table(btok):
     rows = ruler_copy_probe.table(recs).splitlines()
     assert rows[2] == "| auto | 1 | 1 | 1 | 0 | 0.40 / 0.60 (2 answers) |"
     assert rows[3] == "| auto | 0.75 | 0 | 0 | 1 | — |"
+    assert ruler_copy_probe.scales("1,0.75,0") == [1.0, 0.75, 0.0]
+    for bad in ("1,x", "-0.5", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            ruler_copy_probe.scales(bad)
