@@ -37,8 +37,12 @@ def fingerprint_backbone(model) -> str:
 
 
 def adapter_hash(model) -> str:
-    """Short hash of the memory-layer weights (they change the keys that get stored)."""
+    """Short hash of the memory-layer weights and of the LoRA scaling (lora_alpha / rank) they are
+    applied with: both change the keys that get stored."""
     h = hashlib.sha256()
+    if model.adapter_config is not None:
+        cfg = model.adapter_config
+        h.update(json.dumps({"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}).encode())
     for name, t in sorted(model.trainable_state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())

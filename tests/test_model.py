@@ -426,6 +426,19 @@ def test_memory_fingerprint_is_stable_across_fresh_models():
     assert memory_fingerprint(a) == memory_fingerprint(b) != plain
 
 
+def test_memory_fingerprint_covers_the_lora_scaling():
+    """The same LoRA weights at another lora_alpha store other keys: a memory saved under one
+    scaling is not taken for the other's."""
+    from memformer.persistence import memory_fingerprint
+    a, _ = make()
+    b, _ = make()
+    for model, alpha in ((a, 4.0), (b, 3.0)):
+        torch.manual_seed(123)
+        model.add_lora(AdapterConfig(lora_rank=2, lora_alpha=alpha))
+    assert all(torch.equal(v, b.trainable_state_dict()[k]) for k, v in a.trainable_state_dict().items())
+    assert memory_fingerprint(a) != memory_fingerprint(b)
+
+
 def test_faiss_flat_memory_layers_match_exact():
     """The memory layers use whichever index MemoryConfig names; exact FAISS == torch exact."""
     pytest.importorskip("faiss")
