@@ -46,6 +46,10 @@ class MemoryConfig:
     overlap: tokens before each window's new tokens re-read as context (not written again).
     block_size: tokens per memory block (block b holds stream positions [b*size, (b+1)*size)).
     question_blocks: blocks a question reads (`ask`): those under the passages nearest the question.
+    answer_reads: most checked reads a question answers from (`ask`): the best, and each next
+        candidate whose check score is within `question_reads.ANSWER_MARGIN` of it, each answered
+        alone and the distinct answers joined one per line (a key with several values, several
+        keys asked at once). 1 = the best read only.
     sentence_ranking: rank passages by the best of their own cosine and their sentences' (the
         sentences are embedded too; `memformer.passages`), for question reads and the RAG
         baseline alike, so a one-sentence fact inside dense text is not diluted by its passage;
@@ -70,6 +74,7 @@ class MemoryConfig:
     overlap: int = 128
     block_size: int = 64
     question_blocks: int = 4
+    answer_reads: int = 4
     sentence_ranking: bool = True
     index: str = "exact"
     index_params: dict = field(default_factory=dict)
@@ -95,7 +100,7 @@ class MemoryConfig:
             need(v is None or (isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool)
                                                                      and 0 <= i <= _MAX_SIZE for i in v)),
                  f"{name} must be None or a list of layer indices >= 0, got {v!r}")
-        for name in ("layer_blocks", "top_k", "window", "sink_tokens", "overlap", "block_size", "question_blocks"):
+        for name in ("layer_blocks", "top_k", "window", "sink_tokens", "overlap", "block_size", "question_blocks", "answer_reads"):
             whole(name)                                      # the lower bounds are checked below
         whole("capacity", 1 << 40, optional=True)
         need(isinstance(self.sentence_ranking, bool), f"sentence_ranking must be True or False, got {self.sentence_ranking!r}")
@@ -119,6 +124,7 @@ class MemoryConfig:
              f"{self.sink_tokens} - overlap {self.overlap} < 1")
         need(int(self.block_size) >= 1, f"block_size must be >= 1, got {self.block_size}")
         need(int(self.question_blocks) >= 1, f"question_blocks must be >= 1, got {self.question_blocks}")
+        need(int(self.answer_reads) >= 1, f"answer_reads must be >= 1, got {self.answer_reads}")
         need(self.index in INDEX_KINDS,
              f"index {self.index!r} is not one of {', '.join(INDEX_KINDS)}"
              + (f" ({self.index} was removed: {_REMOVED_INDEXES[self.index]}; use faiss-ivf)"

@@ -222,11 +222,11 @@ def attach_corpus(model, path) -> list[CorpusDocument]:
 
 def corpus_mass(model) -> dict[int, float]:
     """Attention mass per corpus token position, summed over layers, heads and generated steps of
-    the last generation run with record=True."""
+    the last answer recorded (`ask(record=True)`: every read it answered from)."""
     pos_all, w_all = [], []
     for layer, records in model.recorded_reads(corpus=True).items():
-        positions = model.state.corpus_rows(layer).positions[0]                   # [M]
-        for ids, probs in records:
+        for j, (ids, probs) in enumerate(records):
+            positions = model.state.corpus_positions(layer, j)                      # [M]
             ok = ids >= 0
             pos_all.append(positions.to(ids.device)[ids.clamp(min=0)][ok].cpu())
             w_all.append(probs.float()[ok].cpu())

@@ -111,3 +111,19 @@ class LoopStop(StoppingCriteria):
         restated = [restated_at(t.lstrip(), self.cue) >= 0 for t in texts]
         return torch.tensor([looping(t) or r for t, r in zip(texts, restated)], dtype=torch.bool,
                             device=input_ids.device)
+
+
+def join_answers(texts: list[str]) -> str:
+    """Answers of one question from several reads (`ask` with `MemoryConfig.answer_reads` > 1),
+    one per line, best read first: an empty answer, or one whose letters and digits the answers
+    before it already hold ("7114983." after ": 7114983."), adds nothing and is dropped; the
+    others lose the leading ":" that continued the cue."""
+    kept, seen = [], ""
+    for text in texts:
+        body = text if not kept else text.lstrip(" \t\n:;,")
+        key = re.sub(r"[\W_]+", "", body).lower()
+        if not key or key in seen:
+            continue
+        kept.append(body)
+        seen += "\n" + key
+    return "\n".join(kept)

@@ -65,7 +65,9 @@ class MemoryState:
         self.corpus_sink_ids: torch.Tensor | None = None
         self.corpus_passages = None
         self.corpus_store = None                 # a Lance store attached (memformer.corpus_store)
-        self.corpus_last_read: dict[int, LayerMemory] = {}
+        # per layer, the stream positions of the rows each recorded store read fetched: (index of
+        # the first corpus recording taken under it, positions [M]), since the recordings were cleared
+        self.corpus_fetched: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.version = 0
 
     # ---------------------------------------------------------------- reading the state
@@ -78,11 +80,14 @@ class MemoryState:
     def corpus_attached(self) -> bool:
         return self.corpus_store is not None or any(m.corpus is not None for m in self.layers.values())
 
-    def corpus_rows(self, layer: int) -> LayerMemory | None:
-        """The corpus rows layer `layer` read last: the attached in-RAM corpus memory, or the blocks
-        the last question read fetched from an attached store (recorded row ids index them)."""
+    def corpus_positions(self, layer: int, record: int) -> torch.Tensor:
+        """Stream positions [M] that the row ids of layer `layer`'s corpus recording number
+        `record` index: the attached in-RAM corpus memory's, or those of the blocks the question
+        read under which it was taken fetched from an attached store."""
         m = self.layers[layer].corpus
-        return m if m is not None else self.corpus_last_read.get(layer)
+        if m is not None:
+            return m.positions[0]
+        return next(pos for first, pos in reversed(self.corpus_fetched.get(layer, [])) if first <= record)
 
     def size(self) -> int:
         """Tokens currently held per sequence (rows in each layer's memory)."""
@@ -196,6 +201,7 @@ class MemoryState:
         for m in self.layers.values():
             m.reads.clear()
             m.corpus_reads.clear()
+        self.corpus_fetched = {}
 
     def clear(self) -> None:
         """Forget everything memorized (all sequences); an attached corpus stays."""
@@ -227,7 +233,7 @@ class MemoryState:
         `PassageIndex` (or None: the corpus was built without passages)."""
         for i, m in self.layers.items():
             m.corpus = memories[i]
-        self.corpus_store, self.corpus_last_read = None, {}
+        self.corpus_store, self.corpus_fetched = None, {}
         self.corpus_documents, self.corpus_sink_ids, self.corpus_passages = documents, sink_ids, passages
         self.version += 1
 
@@ -237,7 +243,7 @@ class MemoryState:
         kNN reads (`generate` without a question) do not search a store."""
         for m in self.layers.values():
             m.corpus = None
-        self.corpus_store, self.corpus_last_read = store, {}
+        self.corpus_store, self.corpus_fetched = store, {}
         self.corpus_documents, self.corpus_sink_ids, self.corpus_passages = documents, sink_ids, passages
         self.version += 1
 
@@ -245,7 +251,8 @@ class MemoryState:
     def fetched_corpus_blocks(self, blocks, device):
         """Within this block each memory layer's corpus is a LayerMemory of just the rows of
         `blocks` [n] or [K, n] (block ids, -1 padding), fetched from the attached store; afterwards they stay readable
-        as `corpus_rows` (evidence of the read) and the layers hold no corpus again. Without a
+        as `corpus_positions` of the recordings taken under them (evidence of the read) and the
+        layers hold no corpus again. Without a
         store attached, nothing changes."""
         store = self.corpus_store
         if store is None:
@@ -256,14 +263,16 @@ class MemoryState:
             raise ValueError(f"reading_blocks: block ids must be in [0, {store.blocks}) (corpus of {store.blocks} "
                              f"blocks of {store.block_size}), got {ids[:1] + ids[-1:]}")
         fetched = store.fetch_blocks(ids, device)
+        first = {i: len(m.corpus_reads) for i, m in self.layers.items()}
         for i, m in self.layers.items():
             m.corpus = fetched[i]
         try:
             yield
         finally:
-            for m in self.layers.values():
+            for i, m in self.layers.items():
                 m.corpus = None
-            self.corpus_last_read = fetched
+                if len(m.corpus_reads) > first[i]:       # recorded under this read: keep what its ids index
+                    self.corpus_fetched.setdefault(i, []).append((first[i], fetched[i].positions[0]))
 
     def set_corpus_passages(self, passages) -> None:
         """The attached corpus's `PassageIndex`, now with a sentence embedder attached."""
@@ -273,7 +282,7 @@ class MemoryState:
         for m in self.layers.values():
             m.corpus = None
             m.corpus_reads.clear()
-        self.corpus_store, self.corpus_last_read = None, {}
+        self.corpus_store, self.corpus_fetched = None, {}
         self.corpus_documents, self.corpus_sink_ids, self.corpus_passages = [], None, None
         self.version += 1
 

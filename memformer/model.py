@@ -36,7 +36,7 @@ from memformer.index import LayerMemory
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
-from memformer.question_reads import QuestionReads, read_query, verified_blocks
+from memformer.question_reads import QuestionReads, answer_reads, checked_reads, read_query
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
 
 # Chunks of a fresh `generate` prompt that read memory with trained memory layers, counted from its
@@ -309,7 +309,8 @@ class MemformerForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask=None, *, show_progress: bool = False,
-                 record: bool = False, prompt_reads: int | str | None = "auto", **generate_kwargs) -> torch.Tensor:
+                 record: bool = False, prompt_reads: int | str | None = "auto", _keep_records: bool = False,
+                 **generate_kwargs) -> torch.Tensor:
         """Hugging Face `generate` with memory read in every memory layer.
 
         input_ids [B, T]: if T is longer than the local window, the overflow (all but the last
@@ -349,7 +350,7 @@ class MemformerForCausalLM(nn.Module):
             mask = torch.ones_like(x)
         kw = dict(generate_kwargs)
         kw.setdefault("pad_token_id", self.pad_token_id)
-        if record:  # evidence is about this generation only
+        if record and not _keep_records:  # evidence is about this generation only
             self.clear_recorded_reads()
         read_from = 0
         if isinstance(prompt_reads, str) and prompt_reads == "auto":
@@ -381,44 +382,59 @@ class MemformerForCausalLM(nn.Module):
 
         Question reads: the passages of the memorized text nearest to the question (or cue) pick
         `MemoryConfig.question_blocks` memory blocks, and every memory layer reads them while the
-        answer is generated (`question_read`). Generation stops at a degenerate loop, which is cut back to one
-        copy of its unit, or where the answer states its cue again (`memformer.decoding`). record: keep the attention each memory row drew
-        (`memformer.qa.evidence`). return_dict: return an `AskOutput` (text, loop_cut) instead."""
+        answer is generated (`question_read`). With the prompt known, the layers check the
+        candidate reads first (`question_reads.checked_reads`); besides the best, each read within
+        `ANSWER_MARGIN` of its score is answered from alone, `MemoryConfig.answer_reads` in all
+        (one key's several values, several keys asked at once), and the distinct answers are
+        joined one per line, best read first (`decoding.join_answers`). Generation stops at a
+        degenerate loop, which is cut back to one copy of its unit, or where the answer states
+        its cue again (`memformer.decoding`). record: keep the attention each memory row drew
+        (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
+        `AskOutput` (text, loop_cut, reads) instead."""
         from transformers import StoppingCriteriaList
-        from memformer.decoding import LoopStop, cut_loop, end_at_cue
+        from memformer.decoding import LoopStop, cut_loop, end_at_cue, join_answers
         x = self.questions.prompt_ids(question, cue=cue, system=system)              # [1, T]
         T = x.shape[1]
         prompt_len = self.state.with_sink(x, self.memory_config.sink_tokens).shape[1]   # as generate runs it
-        stops = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), LoopStop(self.tokenizer, prompt_len, cue)])
-        # the winning verified read's prompt cache: the answer does not run the prompt again
-        # (a recorded answer runs it, so that the recordings cover the prompt)
-        read, cache = self._question_read(read_query(question, cue), x)
-        if cache is not None and not record:
-            generate_kwargs[cache_argument(self.backbone)] = cache
-        with read:
-            out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
-                                stopping_criteria=stops, **generate_kwargs)
-        text, cut = cut_loop(end_at_cue(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip(), cue))
-        return AskOutput(text, cut) if return_dict else text
+        extra_stops = list(generate_kwargs.pop("stopping_criteria", []))
+        # the checked reads (best first) and the best one's prompt cache: its answer does not run
+        # the prompt again (a recorded answer runs it, so that the recordings cover the prompt)
+        reads, cache = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
+        texts, cut = [], False
+        for i, read in enumerate(reads):
+            kwargs = dict(generate_kwargs)
+            if i == 0 and cache is not None and not record:
+                kwargs[cache_argument(self.backbone)] = cache
+            stops = StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue)])
+            with read:
+                out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
+                                    stopping_criteria=stops, _keep_records=i > 0, **kwargs)
+            text, c = cut_loop(end_at_cue(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip(), cue))
+            texts.append(text)
+            cut |= c
+        text = join_answers(texts) if len(texts) > 1 else texts[0]
+        return AskOutput(text, cut, len(texts)) if return_dict else text
 
     def question_read(self, query: str, prompt_ids: torch.Tensor | None = None):
         """Context manager: every memory layer reads the blocks the passages nearest to `query`
         choose (`QuestionReads.candidates`: the own memory's or an attached corpus's). With the
         prompt ids [1, T] that will be continued, the memory layers check the candidates first
-        (`question_reads.verified_blocks`). It changes nothing (generation then uses the layers'
-        own reads) with nothing memorized, or beside a corpus memory built without passages."""
-        return self._question_read(query, prompt_ids)[0]
+        (`question_reads.checked_reads`) and the best one is read. It changes nothing (generation
+        then uses the layers' own reads) with nothing memorized, or beside a corpus memory built
+        without passages."""
+        return self._question_reads(query, prompt_ids, 1)[0][0]
 
-    def _question_read(self, query: str, prompt_ids: torch.Tensor | None):
-        """(`question_read`'s context manager, the winning verified read's prompt cache or None)."""
+    def _question_reads(self, query: str, prompt_ids: torch.Tensor | None, limit: int):
+        """([context manager of each read a question answers from, best first: up to `limit`,
+        `question_reads.answer_reads`], the best checked read's prompt cache or None)."""
         found = self.questions.candidates(query)
         if found is None:
-            return contextlib.nullcontext(), None
+            return [contextlib.nullcontext()], None
         candidates, source = found
         if prompt_ids is None or len(candidates) == 1:
-            return self.reading_blocks(candidates[0][0], source), None
-        blocks, cache = verified_blocks(self, candidates, source, prompt_ids, return_cache=True)
-        return self.reading_blocks(blocks, source), cache
+            return [self.reading_blocks(candidates[0][0], source)], None
+        scored, cache = checked_reads(self, candidates, source, prompt_ids)
+        return [self.reading_blocks(b, source) for b in answer_reads(scored, limit)], cache
 
     def block_memories(self, source: str = "own") -> dict[int, LayerMemory]:
         """The layer memories blocks are read from: the own memory or the attached corpus's."""
@@ -470,7 +486,9 @@ class MemformerForCausalLM(nn.Module):
 
 @dataclass
 class AskOutput:
-    """`ask(..., return_dict=True)`: the answer text and whether a degenerate loop was cut from it."""
+    """`ask(..., return_dict=True)`: the answer text, whether a degenerate loop was cut from it
+    (from any of its reads' answers), and how many checked reads it was answered from."""
     text: str
     loop_cut: bool
+    reads: int = 1
 

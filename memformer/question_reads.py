@@ -34,6 +34,7 @@ from memformer.passages import SEARCH_DEPTH, PassageIndex, question_blocks, with
 CANDIDATES = 12         # passages a question read tries, each read alone (in one batched forward)
 CANDIDATE_TOKENS = 1024 # prompt tokens of candidate reads per batched forward (bounds the logits kept)
 PROMPT_WEIGHT = 1.0     # weight of the prompt's mean token log-probability (<= 0) beside the cosine
+ANSWER_MARGIN = 0.5     # a read within this of the best check score is answered from too (MemoryConfig.answer_reads)
 
 
 def chat_ids(tokenizer, question: str, system: str | None = None) -> torch.Tensor:
@@ -242,28 +243,48 @@ def candidate_score(cosine: float, prompt_logp: torch.Tensor, weight: float = PR
     return cosine + weight * prompt_logp.mean().item()
 
 
-def verified_blocks(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
-                    weight: float = PROMPT_WEIGHT, return_cache: bool = False):
-    """The candidate blocks under whose read the prompt prompt_ids [1, T] is likeliest: each
-    candidate is read alone (`candidate_reads`: up to `CANDIDATE_TOKENS` prompt tokens of reads
-    per batched forward) and scored by its passage's cosine + weight * the mean log-probability
-    of the prompt's own tokens. A read that holds the question's own words (a key among
-    look-alike needles, a name) predicts them; a look-alike passage or the document's
-    instruction line does not. The first candidate wins a tie; a prompt of one token is scored
-    by cosine alone.
-    return_cache: also return the winner's prompt cache (`keep_row`; None for a one-token
-    prompt), from which `ask` generates the answer without running the prompt again."""
+def checked_reads(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
+                  weight: float = PROMPT_WEIGHT):
+    """Every candidate read alone under the prompt prompt_ids [1, T] and scored (`candidate_reads`:
+    up to `CANDIDATE_TOKENS` prompt tokens of reads per batched forward): its passage's cosine +
+    weight * the mean log-probability of the prompt's own tokens. Returns ([(blocks, score)] best
+    first, a tie keeping the embedder's order; the winner's prompt cache, `keep_row`). A prompt of
+    one token is scored by cosine alone, with no cache."""
     if prompt_ids.shape[1] < 2:
-        return (candidates[0][0], None) if return_cache else candidates[0][0]
+        return sorted(candidates, key=lambda c: -c[1]), None
     per = max(1, CANDIDATE_TOKENS // (prompt_ids.shape[1] - 1))          # reads per forward
-    best, best_score, best_cache = None, float("-inf"), None
+    scored, best_score, best_cache = [], float("-inf"), None
     for at in range(0, len(candidates), per):
         group = candidates[at:at + per]
         cache, logp = candidate_reads(model, [b for b, _ in group], source, prompt_ids)   # [k, T-1]
         scores = [candidate_score(cos, lp, weight) for (_, cos), lp in zip(group, logp)]
+        scored += [(b, s) for (b, _), s in zip(group, scores)]
         k = max(range(len(group)), key=lambda j: (scores[j], -j))
         if scores[k] > best_score:
-            best, best_score, best_cache = group[k][0], scores[k], (cache, k)
-    if not return_cache:
-        return best
-    return best, keep_row(*best_cache)
+            best_score, best_cache = scores[k], (cache, k)
+    order = sorted(range(len(scored)), key=lambda i: (-scored[i][1], i))   # stable: a tie keeps the ranking
+    return [scored[i] for i in order], keep_row(*best_cache)
+
+
+def answer_reads(scored: list[tuple[list[int], float]], limit: int, margin: float = ANSWER_MARGIN) -> list[list[int]]:
+    """The reads a question answers from, best first: the best checked read (`checked_reads`'
+    [(blocks, score)], best first) and each next one whose score is within `margin` of it, `limit`
+    in all. Several reads pass when the memory holds several passages that each predict the
+    question's words as well (one key's several values, several keys asked at once); a look-alike
+    needle or a passage that only paraphrases the question trails by more."""
+    if limit < 1:
+        raise ValueError(f"answer_reads: limit must be >= 1, got {limit}")
+    best = scored[0][1]
+    return [b for b, s in scored if s >= best - margin][:limit]
+
+
+def verified_blocks(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
+                    weight: float = PROMPT_WEIGHT, return_cache: bool = False):
+    """The candidate blocks under whose read the prompt prompt_ids [1, T] is likeliest
+    (`checked_reads`' best). A read that holds the question's own words (a key among look-alike
+    needles, a name) predicts them; a look-alike passage or the document's instruction line does
+    not. The first candidate wins a tie; a prompt of one token is scored by cosine alone.
+    return_cache: also return the winner's prompt cache (`keep_row`; None for a one-token
+    prompt), from which `ask` generates the answer without running the prompt again."""
+    scored, cache = checked_reads(model, candidates, source, prompt_ids, weight)
+    return (scored[0][0], cache) if return_cache else scored[0][0]

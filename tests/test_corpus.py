@@ -199,7 +199,7 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
     docs = _docs(tmp_path)
     (docs / "zebra.txt").write_text("The zebraquartz lives in the blue cellar. " + "lorem ipsum dolor " * 6)
     table = corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
-    reader = _model(knn_layers=[1])
+    reader = _model(knn_layers=[1], answer_reads=1)      # the best read alone, checked against the oracle
     reader.attach_corpus(tmp_path / "mem")
     cue = "The zebraquartz lives in the"
     blocks = reader.questions.blocks_for(cue, source="corpus")

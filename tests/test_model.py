@@ -254,13 +254,14 @@ REMOVED_FIELDS = ["neighbors", "read_blocks", "read_during_ingest", "position_mo
                   "index_device", "lora_rank", "lora_alpha", "gate_init"]
 
 
-def test_memory_config_has_at_most_16_fields():
+def test_memory_config_has_at_most_17_fields():
     """13 until storage_dir left index_params to become a field of its own (eviction keeps its
     place: "none" still refuses to overflow); 15 since layer_blocks gave generate and perplexity
     block reads chosen by the layers (top_k stays for kNN reads: layer_blocks=0 and corpora); 16
-    with sentence_ranking, how question reads and RAG rank passages."""
+    with sentence_ranking, how question reads and RAG rank passages; 17 with answer_reads, how
+    many checked reads a question answers from."""
     names = [f.name for f in dataclasses.fields(MemoryConfig)]
-    assert len(names) <= 16, names
+    assert len(names) <= 17, names
     assert not set(names) & set(REMOVED_FIELDS)
     cfg = MemoryConfig(window=16, overlap=3, knn_layers=[1], index_params={"nprobe": 4}, storage_dir="/tmp/rows")
     assert MemoryConfig.from_dict(json.loads(cfg.to_json())) == cfg

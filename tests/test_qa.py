@@ -478,7 +478,7 @@ def test_memory_answer_returns_valid_evidence_from_the_blocks_read():
     assert ans.mode == "memory" and 0 < ans.memory_share < 1 and ans.prompt_tokens <= 62
     assert 1 <= len(ans.evidence) <= 3
     assert [s.score for s in ans.evidence] == sorted((s.score for s in ans.evidence), reverse=True)
-    covered = {b * 8 + i for b in reads[-1] for i in range(8)}   # the read chosen
+    covered = {b * 8 + i for r in reads[-ans.reads:] for b in r for i in range(8)}   # the reads answered from
     for s in ans.evidence:
         doc = qa.corpus.documents[s.doc_index]
         assert s.document == doc.name and s.text == doc.text[s.start:s.end] and 0 < s.score <= 1
@@ -964,6 +964,80 @@ def test_verified_blocks_binds_the_prompt_to_the_read(monkeypatch):
     fake = reader({(0, 1): -9.0, (5, 6): -1.0})
     assert verified_blocks(fake, [([0, 1], 0.40), ([5, 6], 0.30)], "own", one, return_cache=True) == ([0, 1], None)
     assert fake.calls == []
+
+
+def test_checked_reads_rank_every_candidate_and_answer_reads_keep_those_near_the_best(monkeypatch):
+    """`checked_reads`: every candidate scored (cosine + PROMPT_WEIGHT * mean prompt log-probability),
+    best first, a tie in the embedder's order, with the winner's cache; `answer_reads`: the best and
+    each read within the margin of it, `limit` in all; a limit below 1 is refused."""
+    from memformer import question_reads
+    from memformer.question_reads import ANSWER_MARGIN, PROMPT_WEIGHT, answer_reads, checked_reads
+    fake = _FakeReads({(0, 1): -3.0, (5, 6): -1.0, (7,): -1.0, (9,): -1.2})
+    monkeypatch.setattr(question_reads, "candidate_reads", fake.reads)
+    monkeypatch.setattr(question_reads, "keep_row", lambda caches, k: caches[k])
+    monkeypatch.setattr(question_reads, "CANDIDATE_TOKENS", 8)          # two reads per forward (T - 1 = 4)
+    x = torch.zeros(1, 5, dtype=torch.long)
+    cands = [([0, 1], 0.9), ([5, 6], 0.5), ([7], 0.5), ([9], 0.4)]
+    scored, cache = checked_reads(fake, cands, "own", x)
+    want = [([5, 6], 0.5 - PROMPT_WEIGHT), ([7], 0.5 - PROMPT_WEIGHT), ([9], 0.4 - 1.2 * PROMPT_WEIGHT),
+            ([0, 1], 0.9 - 3.0 * PROMPT_WEIGHT)]
+    assert [b for b, _ in scored] == [b for b, _ in want] and cache == "cache of (5, 6)"
+    assert [s for _, s in scored] == pytest.approx([s for _, s in want])
+    assert fake.calls == [([(0, 1), (5, 6)], "own"), ([(7,), (9,)], "own")]
+    assert answer_reads(scored, 4) == [[5, 6], [7], [9]]                 # (0, 1) trails by 1.6
+    assert answer_reads(scored, 2) == [[5, 6], [7]] and answer_reads(scored, 1) == [[5, 6]]
+    assert answer_reads(scored, 4, margin=0.1) == [[5, 6], [7]]
+    assert answer_reads([([3], 1.0), ([4], 1.0 - ANSWER_MARGIN)], 4) == [[3], [4]]
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        answer_reads(scored, 0)
+    assert checked_reads(fake, cands, "own", torch.zeros(1, 1, dtype=torch.long)) == \
+        ([([0, 1], 0.9), ([5, 6], 0.5), ([7], 0.5), ([9], 0.4)], None)     # one token: by cosine
+
+
+def test_join_answers_keeps_distinct_answers_one_per_line():
+    from memformer.decoding import join_answers
+    assert join_answers([": 8287841.", "2437752.", ": 8287841", ""]) == ": 8287841.\n2437752."
+    assert join_answers([":\n\n* 6526869.", ":\n\n* 3880653.", "* 6526869."]) == ":\n\n* 6526869.\n* 3880653."
+    assert join_answers(["", "Marmalade."]) == "Marmalade."
+    assert join_answers(["", " "]) == ""
+
+
+def test_ask_answers_from_each_read_near_the_best(monkeypatch):
+    """MemoryConfig.answer_reads: `ask` answers from the best checked read and each next one within
+    the margin (up to the limit), each alone, and joins the distinct answers; the read trailing by
+    more is not answered from; a recorded answer keeps the recordings of every read."""
+    import memformer.model as model_module
+    from memformer.decoding import join_answers
+    model = tiny_model(answer_reads=3, block_size=8, question_blocks=1)
+    model.memorize(DOC_A + DOC_B, show_progress=False)
+    scores = {}
+
+    def fake_checked(m, candidates, source, prompt_ids, weight=1.0):
+        ranked = sorted(candidates, key=lambda c: -scores.get(tuple(c[0]), -9.0))
+        return [(b, scores.get(tuple(b), -9.0)) for b, _ in ranked], None
+    monkeypatch.setattr(model_module, "checked_reads", fake_checked)
+    cands = [b for b, _ in model.questions.candidates("Who sleeps by the lamp?")[0]]
+    assert len(cands) >= 3
+    alone = []
+    for b in cands[:2]:                                   # each read's own answer, asked alone
+        scores.clear()
+        scores[tuple(b)] = 0.0
+        model.memory_config.answer_reads = 1
+        alone.append(model.ask("Who sleeps by the lamp?", max_new_tokens=6))
+    model.memory_config.answer_reads = 3
+    scores.clear()
+    scores.update({tuple(cands[1]): 0.0, tuple(cands[0]): -0.3, tuple(cands[2]): -0.9})   # third trails by 0.9
+    reads = spy_reading_blocks(model)
+    clears = []
+    real_clear = model.clear_recorded_reads
+    monkeypatch.setattr(model, "clear_recorded_reads", lambda: (clears.append(1), real_clear())[1])
+    out = model.ask("Who sleeps by the lamp?", max_new_tokens=6, return_dict=True, record=True)
+    assert reads == [cands[1], cands[0]] and out.reads == 2
+    assert out.text == join_answers([alone[1], alone[0]])
+    assert clears == [1]                                  # one answer's recordings, over both reads
+    model.memory_config.answer_reads = 1
+    reads.clear()
+    assert model.ask("Who sleeps by the lamp?", max_new_tokens=6) == alone[1] and reads == [cands[1]]
 
 
 @pytest.mark.parametrize("memory_layers", [None, [1]])

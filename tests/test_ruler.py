@@ -88,6 +88,15 @@ def test_keys_are_rulers_adjective_noun_pairs():
     assert words == tuple(sorted(set(words)))
 
 
+def test_wrong_values_counts_values_of_the_asked_form_not_asked_for():
+    assert ruler.wrong_values("8287841.\n2437752.\n1234567 (see 1.6.5, 12345678)", ["8287841", "2437752"]) == 1
+    assert ruler.wrong_values("8287841. 8287841.", ["8287841"]) == 0
+    u = "0a1b2c3d-0000-4000-8000-00000000000a"
+    assert ruler.wrong_values(f"{u.upper()} and 11111111-2222-4333-8444-555555555555", [u]) == 1
+    assert ruler.wrong_values("VAR QREMZ = 1, VAR ABCDE, VARS", ["QREMZ", "SHYXD"]) == 1
+    assert ruler.wrong_values(None, ["1"]) == ruler.wrong_values("x", []) == ruler.wrong_values("a b", ["a-b"]) == 0
+
+
 def test_string_match_all_and_looping():
     assert ruler.string_match_all("The numbers are 123, 456.", ["123", "456", "789"]) == pytest.approx(2 / 3)
     assert ruler.string_match_all("ABCDE\x00bcdef", ["abcde", "BCDEF"]) == 1.0
@@ -120,7 +129,7 @@ def test_runner_streams_records_and_resumes(btok, tmp_path, monkeypatch):
     rs = ruler.evaluate(_fake_model(btok), **kw)
     assert len(rs) == len(calls) == 24
     table = ruler.mean_table(rs)
-    assert "| 1500 | 100.0% | 0.0% | 0.0% | 0/4 | 0/4 | 4/4 |" in table      # modes: memory, truncate, rag
+    assert "| 1500 | 100.0% | 0.0% | 0.0% | 0/4 | 0/4 | 4/4 | 0 | 0 | 0 |" in table      # modes: memory, truncate, rag
     assert "1500/0/rag" in ruler.looping_examples(rs)
     lines = (tmp_path / "trials.jsonl").read_text().splitlines()
     (tmp_path / "trials.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:15])   # cut off

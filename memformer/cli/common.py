@@ -30,6 +30,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: the upper two thirds of an all-layer memory)")
     p.add_argument("--question-blocks", type=int, default=None,
                    help="memory blocks a question reads (those under the passages nearest to it; default 4)")
+    p.add_argument("--answer-reads", type=int, default=None,
+                   help="most checked reads a question answers from, each alone, the distinct answers one per "
+                        "line (default 4; 1 = the best read only; MemoryConfig.answer_reads)")
     p.add_argument("--sentence-ranking", action=argparse.BooleanOptionalAction, default=None,
                    help="rank passages by their sentences too, for question reads and RAG (default on; "
                         "--no-sentence-ranking ranks by passage cosines alone; MemoryConfig.sentence_ranking)")
@@ -64,7 +67,7 @@ def memory_config_from_args(args, base=None):
     import dataclasses
     from memformer import MemoryConfig
     given = dict(window=args.window, layer_blocks=args.layer_blocks, top_k=args.top_k, block_size=args.block_size,
-                 question_blocks=args.question_blocks, sentence_ranking=args.sentence_ranking, sink_tokens=args.sink_tokens, overlap=args.overlap,
+                 question_blocks=args.question_blocks, answer_reads=args.answer_reads, sentence_ranking=args.sentence_ranking, sink_tokens=args.sink_tokens, overlap=args.overlap,
                  memory_dtype=args.memory_dtype, index=args.index, storage_dir=args.storage_dir,
                  memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
                  knn_layers=parse_layers(args.knn_layers, "--knn-layers"))

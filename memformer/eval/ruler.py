@@ -138,6 +138,25 @@ def string_match_all(answer: str, expected: list[str]) -> float:
     return sum(r.lower() in pred for r in expected) / len(expected)
 
 
+def wrong_values(answer: str | None, expected: list[str]) -> int:
+    """Values of the asked-for form (numbers of as many digits, uuids, vt's upper-case names of as
+    many letters) that the answer names but that are not expected: what `string_match_all`,
+    which counts recall only, does not see. 0 for an empty answer or values of another form."""
+    if not answer or not expected:
+        return 0
+    v = expected[0]
+    if v.isdigit():
+        form = rf"(?<!\d)\d{{{len(v)}}}(?!\d)"
+    elif re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", v.lower()):
+        form = r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}"
+    elif v.isalpha() and v.isupper():
+        form = rf"(?<![A-Za-z])[A-Z]{{{len(v)}}}(?![A-Za-z])"
+    else:
+        return 0
+    want = {e.lower() for e in expected}
+    return len({m.lower() for m in re.findall(form, answer)} - want)
+
+
 # ---------------------------------------------------------------------- haystacks
 def essay_words(text: str) -> list[str]:
     """RULER's essay haystack units: the text's words, whitespace collapsed."""
@@ -327,7 +346,7 @@ def run_sample(model, sample: RulerSample, mode: str, cache_dir=None, cache_limi
     score = string_match_all(text, sample.expected)
     # looping: generation ran into a loop (cut back by the library's loop stop) or still holds one
     return dict(rec, status="ok", score=score, correct=score == 1.0, answer=text,
-                looping=ans.loop_cut or looping(text),
+                looping=ans.loop_cut or looping(text), reads=ans.reads,
                 seconds=round(time.perf_counter() - t0, 2))
 
 
@@ -391,19 +410,23 @@ def evaluate(model, tasks=DEFAULT_TASKS, lengths=(16384,), samples: int = 10, mo
 # ---------------------------------------------------------------------- report
 def mean_table(records) -> str:
     """Markdown: per length, each mode's mean score over the tasks (each task weighs the same,
-    as RULER averages its tasks), and the answers that looped."""
+    as RULER averages its tasks), the answers that looped, and the values named that were not
+    asked for (`wrong_values`, summed over the answers)."""
     modes = ordered_modes(records)
-    lines = ["| length | " + " | ".join(f"{m} mean" for m in modes) + " | " + " | ".join(f"{m} looping" for m in modes) + " |",
-             "|---" * (1 + 2 * len(modes)) + "|"]
+    lines = ["| length | " + " | ".join(f"{m} mean" for m in modes) + " | " + " | ".join(f"{m} looping" for m in modes)
+             + " | " + " | ".join(f"{m} wrong values" for m in modes) + " |",
+             "|---" * (1 + 3 * len(modes)) + "|"]
     for L in sorted({r["length"] for r in records}):
-        means, loops = [], []
+        means, loops, wrong = [], [], []
         for m in modes:
             rs = [r for r in records if r["length"] == L and r["mode"] == m and r["status"] == "ok"]
             tasks = sorted({r["task"] for r in rs})
             per_task = [sum(r["score"] for r in rs if r["task"] == t) / sum(r["task"] == t for r in rs) for t in tasks]
             means.append(f"{100 * sum(per_task) / len(per_task):.1f}%" if per_task else "n/a")
             loops.append(f"{sum(bool(r['looping']) for r in rs)}/{len(rs)}")
-        lines.append(f"| {length_label(L)} | " + " | ".join(means) + " | " + " | ".join(loops) + " |")
+            wrong.append(str(sum(wrong_values(r.get("answer"), r.get("expected") or []) for r in rs)))
+        lines.append(f"| {length_label(L)} | " + " | ".join(means) + " | " + " | ".join(loops) + " | "
+                     + " | ".join(wrong) + " |")
     return "\n".join(lines)
 
 

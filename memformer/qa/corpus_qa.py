@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from memformer.qa.longdoc import Answer
 
 
 class CorpusQA:
     """Questions answered from an attached corpus memory alone (`model.attach_corpus`), no
     document of their own: the local window holds only the question, and every memory layer reads
-    the corpus blocks under the passages nearest to it (`model.question_read`; kNN reads for a
-    corpus built without passages); mode "memory" only.
+    the corpus blocks under the passages nearest to it, through `model.ask` as every question
+    read runs (kNN reads for a corpus built without passages); mode "memory" only.
     `answer` returns an `Answer` whose `corpus_evidence` names the documents drawn on."""
 
     def __init__(self, model):
@@ -31,13 +29,11 @@ class CorpusQA:
         if not (question and question.strip()) and not (cue and cue.strip()):
             raise ValueError("give a question or a cue")
         model, t0 = self.model, time.perf_counter()
-        x = (torch.tensor([model.tokenizer(cue, add_special_tokens=False)["input_ids"]]) if cue
-             else model.questions.chat_ids(question))                                  # [1, T]
-        # question reads: the corpus blocks under the passages nearest to the cue (or question)
-        with model.question_read(cue if cue else question, prompt_ids=x):
-            out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=evidence > 0)
-        ans = Answer("memory", model.tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip(),
-                     prompt_tokens=x.shape[1])
+        # `ask`: question reads of the corpus blocks under the passages nearest to the cue (or
+        # question), checked by the memory layers, with its loop stop and answer reads
+        out = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0, return_dict=True)
+        ans = Answer("memory", out.text, prompt_tokens=model.questions.prompt_ids(question, cue=cue).shape[1],
+                     loop_cut=out.loop_cut, reads=out.reads)
         if evidence > 0:
             ans.corpus_evidence = model.corpus_evidence(top=evidence)
             model.clear_recorded_reads()

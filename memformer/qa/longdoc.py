@@ -54,7 +54,9 @@ class Answer:
     memory_share (memory mode): mean fraction of attention, over layers, heads and answer
     tokens, that went to memory. corpus_evidence (memory mode with a corpus memory attached):
     the corpus documents drawn on, `memformer.corpus.corpus_evidence` dicts. loop_cut: generation
-    ran into a degenerate loop, cut back to one copy of its unit (`memformer.decoding`)."""
+    ran into a degenerate loop, cut back to one copy of its unit (`memformer.decoding`). reads
+    (memory mode): how many checked reads it was answered from (`MemoryConfig.answer_reads`); 1
+    in the other modes."""
     mode: str
     text: str
     evidence: list[EvidenceSpan] = field(default_factory=list)
@@ -63,6 +65,7 @@ class Answer:
     prompt_tokens: int = 0
     seconds: float = 0.0
     loop_cut: bool = False
+    reads: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -267,7 +270,7 @@ class LongDocQA:
         corpus = evidence > 0 and model.state.corpus_attached
         out = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0, return_dict=True)
         ans = Answer("memory", out.text, prompt_tokens=model.questions.prompt_ids(question, cue=cue).shape[1],
-                     loop_cut=out.loop_cut)
+                     loop_cut=out.loop_cut, reads=out.reads)
         if corpus:
             ans.corpus_evidence = model.corpus_evidence(top=evidence)
         if evidence > 0:          # (drops the recordings, own and corpus, once read)
