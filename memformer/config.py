@@ -47,9 +47,10 @@ class MemoryConfig:
     block_size: tokens per memory block (block b holds stream positions [b*size, (b+1)*size)).
     question_blocks: blocks a question reads (`ask`): those under the passages nearest the question.
     answer_reads: most checked reads a question answers from (`ask`): the best, and each next
-        candidate whose check score is within `question_reads.ANSWER_MARGIN` of it, each answered
-        alone and the distinct answers joined one per line (a key with several values, several
-        keys asked at once). 1 = the best read only.
+        candidate whose check score is within `question_reads.ANSWER_MARGIN` of it and
+        `ANSWER_LIFT` above the candidates' median, each answered alone and the distinct answers
+        joined one per line (a key with several values, several keys asked at once). 1 = the
+        best read only.
     sentence_ranking: rank passages by the best of their own cosine and their sentences' (the
         sentences are embedded too; `memformer.passages`), for question reads and the RAG
         baseline alike, so a one-sentence fact inside dense text is not diluted by its passage;

@@ -68,6 +68,7 @@ class MemoryState:
         # per layer, the stream positions of the rows each recorded store read fetched: (index of
         # the first corpus recording taken under it, positions [M]), since the recordings were cleared
         self.corpus_fetched: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.fetch_first: dict[int, int] | None = None   # while a store read is open (fetched_corpus_blocks)
         self.version = 0
 
     # ---------------------------------------------------------------- reading the state
@@ -202,6 +203,8 @@ class MemoryState:
             m.reads.clear()
             m.corpus_reads.clear()
         self.corpus_fetched = {}
+        if self.fetch_first is not None:                 # inside a store read: its recordings start at 0
+            self.fetch_first = dict.fromkeys(self.fetch_first, 0)
 
     def clear(self) -> None:
         """Forget everything memorized (all sequences); an attached corpus stays."""
@@ -263,7 +266,9 @@ class MemoryState:
             raise ValueError(f"reading_blocks: block ids must be in [0, {store.blocks}) (corpus of {store.blocks} "
                              f"blocks of {store.block_size}), got {ids[:1] + ids[-1:]}")
         fetched = store.fetch_blocks(ids, device)
-        first = {i: len(m.corpus_reads) for i, m in self.layers.items()}
+        # the first recording taken under this read, per layer (0 again if the recordings are
+        # cleared inside it: generate(record=True) clears them as it starts)
+        self.fetch_first = {i: len(m.corpus_reads) for i, m in self.layers.items()}
         for i, m in self.layers.items():
             m.corpus = fetched[i]
         try:
@@ -271,8 +276,10 @@ class MemoryState:
         finally:
             for i, m in self.layers.items():
                 m.corpus = None
-                if len(m.corpus_reads) > first[i]:       # recorded under this read: keep what its ids index
-                    self.corpus_fetched.setdefault(i, []).append((first[i], fetched[i].positions[0]))
+                first = self.fetch_first[i]
+                if len(m.corpus_reads) > first:          # recorded under this read: keep what its ids index
+                    self.corpus_fetched.setdefault(i, []).append((first, fetched[i].positions[0]))
+            self.fetch_first = None
 
     def set_corpus_passages(self, passages) -> None:
         """The attached corpus's `PassageIndex`, now with a sentence embedder attached."""

@@ -384,7 +384,8 @@ class MemformerForCausalLM(nn.Module):
         `MemoryConfig.question_blocks` memory blocks, and every memory layer reads them while the
         answer is generated (`question_read`). With the prompt known, the layers check the
         candidate reads first (`question_reads.checked_reads`); besides the best, each read within
-        `ANSWER_MARGIN` of its score is answered from alone, `MemoryConfig.answer_reads` in all
+        `ANSWER_MARGIN` of its score that stands out of the field (`ANSWER_LIFT` above the
+        candidates' median) is answered from alone, `MemoryConfig.answer_reads` in all
         (one key's several values, several keys asked at once), and the distinct answers are
         joined one per line, best read first (`decoding.join_answers`). Generation stops at a
         degenerate loop, which is cut back to one copy of its unit, or where the answer states

@@ -23,6 +23,7 @@ from it.
 from __future__ import annotations
 
 import contextlib
+import statistics
 
 import torch
 
@@ -34,7 +35,8 @@ from memformer.passages import SEARCH_DEPTH, PassageIndex, question_blocks, with
 CANDIDATES = 12         # passages a question read tries, each read alone (in one batched forward)
 CANDIDATE_TOKENS = 1024 # prompt tokens of candidate reads per batched forward (bounds the logits kept)
 PROMPT_WEIGHT = 1.0     # weight of the prompt's mean token log-probability (<= 0) beside the cosine
-ANSWER_MARGIN = 0.5     # a read within this of the best check score is answered from too (MemoryConfig.answer_reads)
+ANSWER_MARGIN = 0.5     # a read within this of the best check score is answered from too (MemoryConfig.answer_reads),
+ANSWER_LIFT = 0.25      # if it also beats the candidates' median score by this much (it stands out of the field)
 
 
 def chat_ids(tokenizer, question: str, system: str | None = None) -> torch.Tensor:
@@ -266,16 +268,21 @@ def checked_reads(model, candidates: list[tuple[list[int], float]], source: str,
     return [scored[i] for i in order], keep_row(*best_cache)
 
 
-def answer_reads(scored: list[tuple[list[int], float]], limit: int, margin: float = ANSWER_MARGIN) -> list[list[int]]:
+def answer_reads(scored: list[tuple[list[int], float]], limit: int, margin: float = ANSWER_MARGIN,
+                 lift: float = ANSWER_LIFT) -> list[list[int]]:
     """The reads a question answers from, best first: the best checked read (`checked_reads`'
-    [(blocks, score)], best first) and each next one whose score is within `margin` of it, `limit`
-    in all. Several reads pass when the memory holds several passages that each predict the
-    question's words as well (one key's several values, several keys asked at once); a look-alike
-    needle or a passage that only paraphrases the question trails by more."""
+    [(blocks, score)], best first) and each next one whose score is within `margin` of it and
+    at least `lift` above the median of all the candidates' scores, `limit` in all. Several reads
+    pass when the memory holds several passages that each predict the question's words as well
+    (one key's several values, several keys asked at once). A look-alike needle or a passage that
+    only paraphrases the question trails the best by more; when nothing in memory holds the
+    question's words, the candidates score alike and none stands out of the field, so the answer
+    is the best read's alone."""
     if limit < 1:
         raise ValueError(f"answer_reads: limit must be >= 1, got {limit}")
-    best = scored[0][1]
-    return [b for b, s in scored if s >= best - margin][:limit]
+    scores = [s for _, s in scored]
+    best, field = scores[0], statistics.median(scores)
+    return [scored[0][0]] + [b for b, s in scored[1:] if s >= best - margin and s - field >= lift][:limit - 1]
 
 
 def verified_blocks(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,

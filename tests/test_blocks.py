@@ -419,7 +419,7 @@ def test_ask_reads_the_blocks_under_the_passage_holding_the_answer(where):
     torch.manual_seed(0)
     bs, n_blocks = 16, 12
     cfg = MemoryConfig(window=64, sink_tokens=2, overlap=8, top_k=4, block_size=bs, question_blocks=n_blocks,
-                       knn_layers=[1])
+                       knn_layers=[1], answer_reads=1)              # the best read alone
     model = MemformerForCausalLM(tiny_backbone("llama"), char_tokenizer(), cfg, embedder=HashedWords(256))
     doc_a = _filler(80, 1) + "."
     words = _filler(140, 2).split()

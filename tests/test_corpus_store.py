@@ -64,15 +64,23 @@ def test_store_holds_the_directory_rows_and_answers_the_same(tmp_path, monkeypat
     fetched = []
     real_fetch = store.fetch_blocks
     monkeypatch.setattr(store, "fetch_blocks", lambda b, device="cpu": fetched.append(list(b)) or real_fetch(b, device))
-    assert lazy.ask(cue=CUE, max_new_tokens=4, record=True) == ram.ask(cue=CUE, max_new_tokens=4, record=True)
-    # the candidates are fetched together to be checked (`verified_blocks`, one batched read),
-    # the embedder's first among them, then the one chosen again for the answer: never the whole store
+    out = lazy.ask(cue=CUE, max_new_tokens=4, record=True, return_dict=True)
+    assert out == ram.ask(cue=CUE, max_new_tokens=4, record=True, return_dict=True)
+    # the candidates are fetched together to be checked (`checked_reads`, one batched read),
+    # the embedder's first among them, then each read answered from again: never the whole store
     candidates, _ = lazy.questions.candidates(CUE)
-    assert candidates[0][0] == blocks and len(fetched) == 2
-    assert fetched[0] == sorted(b for c, _ in candidates for b in c) and fetched[1] in [c for c, _ in candidates]
+    assert candidates[0][0] == blocks and len(fetched) == 1 + out.reads
+    assert fetched[0] == sorted(b for c, _ in candidates for b in c)
+    assert all(f in [c for c, _ in candidates] for f in fetched[1:])
     assert all(m.corpus is None for m in lazy.memory_modules.values())
-    assert lazy.corpus_evidence(top=2) == ram.corpus_evidence(top=2)
+    # the evidence covers every read (each recording mapped to the rows fetched for it)
+    assert out.reads > 1 and lazy.corpus_evidence(top=2) == ram.corpus_evidence(top=2)
+    for m in (lazy, ram):
+        m.memory_config.answer_reads = 1                  # the best read alone draws on the zebra
+    assert lazy.ask(cue=CUE, max_new_tokens=4, record=True) == ram.ask(cue=CUE, max_new_tokens=4, record=True)
+    assert lazy.corpus_evidence(top=1) == ram.corpus_evidence(top=1)
     assert lazy.corpus_evidence(top=1)[0]["doc"] == "zebra.txt"
+    ram.memory_config.answer_reads = lazy.memory_config.answer_reads = out.reads
 
     # past FAISS_MAX_PASSAGES LanceDB ranks the passages: the same best ones, the same answer
     monkeypatch.setattr(corpus_store, "FAISS_MAX_PASSAGES", 0)
@@ -189,7 +197,7 @@ def test_an_int8_store_is_read_by_any_memory_dtype_and_the_cli_builds_int8(tmp_p
     docs = _zebra_docs(tmp_path, n=2)
     corpus_build.build_store(_model(memory_dtype="int8"), docs, tmp_path / "q", show_progress=False)
     assert corpus_store.read_manifest(tmp_path / "q")["layout"]["dtype"] == "int8"
-    f32, q8 = _model(), _model(memory_dtype="int8")
+    f32, q8 = _model(answer_reads=1), _model(memory_dtype="int8", answer_reads=1)   # the best read alone
     f32.attach_corpus(tmp_path / "q")
     q8.attach_corpus(tmp_path / "q")
     fetched = f32.state.corpus_store.fetch_blocks([0])

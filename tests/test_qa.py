@@ -969,9 +969,10 @@ def test_verified_blocks_binds_the_prompt_to_the_read(monkeypatch):
 def test_checked_reads_rank_every_candidate_and_answer_reads_keep_those_near_the_best(monkeypatch):
     """`checked_reads`: every candidate scored (cosine + PROMPT_WEIGHT * mean prompt log-probability),
     best first, a tie in the embedder's order, with the winner's cache; `answer_reads`: the best and
-    each read within the margin of it, `limit` in all; a limit below 1 is refused."""
+    each read within the margin of it that stands out of the field (ANSWER_LIFT above the median
+    score), `limit` in all; a flat field gives the best alone; a limit below 1 is refused."""
     from memformer import question_reads
-    from memformer.question_reads import ANSWER_MARGIN, PROMPT_WEIGHT, answer_reads, checked_reads
+    from memformer.question_reads import ANSWER_LIFT, ANSWER_MARGIN, PROMPT_WEIGHT, answer_reads, checked_reads
     fake = _FakeReads({(0, 1): -3.0, (5, 6): -1.0, (7,): -1.0, (9,): -1.2})
     monkeypatch.setattr(question_reads, "candidate_reads", fake.reads)
     monkeypatch.setattr(question_reads, "keep_row", lambda caches, k: caches[k])
@@ -984,10 +985,17 @@ def test_checked_reads_rank_every_candidate_and_answer_reads_keep_those_near_the
     assert [b for b, _ in scored] == [b for b, _ in want] and cache == "cache of (5, 6)"
     assert [s for _, s in scored] == pytest.approx([s for _, s in want])
     assert fake.calls == [([(0, 1), (5, 6)], "own"), ([(7,), (9,)], "own")]
-    assert answer_reads(scored, 4) == [[5, 6], [7], [9]]                 # (0, 1) trails by 1.6
-    assert answer_reads(scored, 2) == [[5, 6], [7]] and answer_reads(scored, 1) == [[5, 6]]
-    assert answer_reads(scored, 4, margin=0.1) == [[5, 6], [7]]
-    assert answer_reads([([3], 1.0), ([4], 1.0 - ANSWER_MARGIN)], 4) == [[3], [4]]
+    anyway = float("-inf")                                               # no lift asked
+    assert answer_reads(scored, 4, lift=anyway) == [[5, 6], [7], [9]]    # (0, 1) trails by 1.6
+    assert answer_reads(scored, 2, lift=anyway) == [[5, 6], [7]] and answer_reads(scored, 1) == [[5, 6]]
+    assert answer_reads(scored, 4, margin=0.1, lift=anyway) == [[5, 6], [7]]
+    assert answer_reads([([3], 1.0), ([4], 1.0 - ANSWER_MARGIN), ([5], -3.0)], 4, lift=0.0) == [[3], [4]]
+    # a read must stand out of the field: (7,) is 0.15 above the median score (-0.65), not ANSWER_LIFT
+    assert ANSWER_LIFT > 0.15 and answer_reads(scored, 4) == [[5, 6]]
+    several = [([1], -1.0), ([2], -1.1), ([3], -2.5), ([4], -2.6), ([6], -2.6)]     # two passages hold the words
+    assert answer_reads(several, 4) == [[1], [2]]
+    flat = [([1], -4.19), ([2], -4.21), ([3], -4.23), ([4], -4.28), ([6], -4.29)]  # nothing holds them
+    assert answer_reads(flat, 4) == [[1]]
     with pytest.raises(ValueError, match="limit must be >= 1"):
         answer_reads(scored, 0)
     assert checked_reads(fake, cands, "own", torch.zeros(1, 1, dtype=torch.long)) == \
