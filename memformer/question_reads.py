@@ -13,12 +13,14 @@ what every memory layer then reads (`MemformerForCausalLM.reading_blocks`).
 When the prompt is known (`ask`), the memory layers check the ranking: the blocks of each of the
 `CANDIDATES` best passages are read alone under the prompt, and a candidate's score is its
 passage's cosine plus `PROMPT_WEIGHT` times the mean log-probability of the prompt's own tokens
-under that read (`verified_blocks`). The read that holds the question's words (the key of a
+under that read (`checked_reads`; `verified_blocks` gives the best). The read that holds the question's words (the key of a
 needle among look-alikes, the name asked about) predicts them; the document's instruction line
 or a passage that only paraphrases the question does not, whatever the embedder thought of it.
 All candidates are read in one forward, a batch of K rows over the one memory
 (`candidate_reads`); the winner's row of that prompt cache is kept, and the answer is generated
-from it.
+from it. Each other read within `ANSWER_MARGIN` of the best that stands out of the field
+(`ANSWER_LIFT` above the median score) is answered from too (`answer_reads`): several passages
+that each hold the question's words, one key's several values or several keys asked at once.
 """
 from __future__ import annotations
 
