@@ -324,6 +324,8 @@ class MemformerForCausalLM(nn.Module):
         `forward` reads; "auto": `PROMPT_READS` (2) with trained memory layers (`load_adapter`),
         every chunk with training-free memory. Ignored with a context cache, whose context was
         read when it was made, and by question reads.
+        record: keep the attention each memory row drew, for this generation only (`ask` keeps
+        them over all the reads it answers from: `_keep_records`).
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]

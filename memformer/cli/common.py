@@ -150,7 +150,7 @@ def _fail(prog: str, msg: str) -> None:
 def _reads(cfg) -> str:
     return (f"question reads ({cfg.question_blocks} memory blocks x {cfg.block_size} tokens under the passages "
             f"MiniLM finds nearest the question{' (ranked by their sentences too)' if cfg.sentence_ranking else ''}, "
-            f"laid out contiguously before it)")
+            f"laid out contiguously before it; up to {cfg.answer_reads} checked read(s) answer)")
 
 
 def describe_layers(model) -> str:
