@@ -483,6 +483,8 @@ def _exit_code(*argv):
     (["passkey", "--trials", "0"], "must be >= 1"),
     (["needle", "--needles-per-doc", "0"], "--needles-per-doc .* must be >= 1"),
     (["needle", "--question-blocks", "0"], "question_blocks must be >= 1"),
+    (["ruler", "--answer-reads", "0"], "answer_reads must be >= 1"),
+    (["needle", "--answer-reads", "many"], "invalid int value"),
     (["passkey", "--block-size", "0"], "block_size must be >= 1"),
     (["ppl", "--docs", "novel"], "unknown document"),
     (["ppl", "--modes", "rag"], "unknown document\\(s\\)/mode"),
