@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -393,7 +393,7 @@ class MemformerForCausalLM(nn.Module):
         degenerate loop, which is cut back to one copy of its unit, or where the answer states
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
-        `AskOutput` (text, loop_cut, reads) instead."""
+        `AskOutput` (text, loop_cut, reads and each read's answer) instead."""
         from transformers import StoppingCriteriaList
         from memformer.decoding import LoopStop, cut_loop, end_at_cue, join_answers
         x = self.questions.prompt_ids(question, cue=cue, system=system)              # [1, T]
@@ -403,7 +403,7 @@ class MemformerForCausalLM(nn.Module):
         # the checked reads (best first) and the best one's prompt cache: its answer does not run
         # the prompt again (a recorded answer runs it, so that the recordings cover the prompt)
         reads, cache = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
-        texts, cut = [], False
+        texts, cuts = [], []
         for i, read in enumerate(reads):
             kwargs = dict(generate_kwargs)
             if i == 0 and cache is not None and not record:
@@ -414,9 +414,9 @@ class MemformerForCausalLM(nn.Module):
                                     stopping_criteria=stops, _keep_records=i > 0, **kwargs)
             text, c = cut_loop(end_at_cue(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip(), cue))
             texts.append(text)
-            cut |= c
+            cuts.append(c)
         text = join_answers(texts) if len(texts) > 1 else texts[0]
-        return AskOutput(text, cut, len(texts)) if return_dict else text
+        return AskOutput(text, any(cuts), len(texts), texts, cuts) if return_dict else text
 
     def question_read(self, query: str, prompt_ids: torch.Tensor | None = None):
         """Context manager: every memory layer reads the blocks the passages nearest to `query`
@@ -490,8 +490,12 @@ class MemformerForCausalLM(nn.Module):
 @dataclass
 class AskOutput:
     """`ask(..., return_dict=True)`: the answer text, whether a degenerate loop was cut from it
-    (from any of its reads' answers), and how many checked reads it was answered from."""
+    (from any of its reads' answers), how many checked reads it was answered from, and each
+    read's own answer (best read first, before `decoding.join_answers`) with whether a loop was
+    cut from it."""
     text: str
     loop_cut: bool
     reads: int = 1
+    read_answers: list[str] = field(default_factory=list)
+    read_loops: list[bool] = field(default_factory=list)
 

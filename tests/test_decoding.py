@@ -129,6 +129,7 @@ def test_ask_and_baselines_stop_at_a_loop_and_say_so():
     out = model.ask(cue="The river is", max_new_tokens=80, return_dict=True)
     # stopped at 8 repeats, not at 80 (the candidate checks before it take 4 steps each)
     assert out.loop_cut and out.text == "1" and len(steps) < 40
+    assert out.read_answers == ["1"] and out.read_loops == [True]
     assert model.ask(cue="The river is", max_new_tokens=80) == "1"
     ctx = qa.prepare(model, [TEXT], "truncate", show_progress=False)
     ans = qa.answer(model, ctx, cue="The river is", max_new_tokens=80, evidence=0)

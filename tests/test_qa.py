@@ -1042,6 +1042,7 @@ def test_ask_answers_from_each_read_near_the_best(monkeypatch):
     out = model.ask("Who sleeps by the lamp?", max_new_tokens=6, return_dict=True, record=True)
     assert reads == [cands[1], cands[0]] and out.reads == 2
     assert out.text == join_answers([alone[1], alone[0]])
+    assert out.read_answers == [alone[1], alone[0]] and out.read_loops == [False, False]   # each read's own
     assert clears == [1]                                  # one answer's recordings, over both reads
     model.memory_config.answer_reads = 1
     reads.clear()

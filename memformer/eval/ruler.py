@@ -347,6 +347,7 @@ def run_sample(model, sample: RulerSample, mode: str, cache_dir=None, cache_limi
     # looping: generation ran into a loop (cut back by the library's loop stop) or still holds one
     return dict(rec, status="ok", score=score, correct=score == 1.0, answer=text,
                 looping=ans.loop_cut or looping(text), reads=ans.reads,
+                read_answers=ans.read_answers, read_loops=ans.read_loops,
                 seconds=round(time.perf_counter() - t0, 2))
 
 

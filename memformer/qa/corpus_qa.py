@@ -33,7 +33,8 @@ class CorpusQA:
         # question), checked by the memory layers, with its loop stop and answer reads
         out = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0, return_dict=True)
         ans = Answer("memory", out.text, prompt_tokens=model.questions.prompt_ids(question, cue=cue).shape[1],
-                     loop_cut=out.loop_cut, reads=out.reads)
+                     loop_cut=out.loop_cut, reads=out.reads, read_answers=out.read_answers,
+                     read_loops=out.read_loops)
         if evidence > 0:
             ans.corpus_evidence = model.corpus_evidence(top=evidence)
             model.clear_recorded_reads()

@@ -56,7 +56,8 @@ class Answer:
     the corpus documents drawn on, `memformer.corpus.corpus_evidence` dicts. loop_cut: generation
     ran into a degenerate loop, cut back to one copy of its unit (`memformer.decoding`). reads
     (memory mode): how many checked reads it was answered from (`MemoryConfig.answer_reads`); 1
-    in the other modes."""
+    in the other modes. read_answers, read_loops (memory mode): each read's own answer, best
+    first, and whether a loop was cut from it (`AskOutput`)."""
     mode: str
     text: str
     evidence: list[EvidenceSpan] = field(default_factory=list)
@@ -66,6 +67,8 @@ class Answer:
     seconds: float = 0.0
     loop_cut: bool = False
     reads: int = 1
+    read_answers: list[str] = field(default_factory=list)
+    read_loops: list[bool] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -270,7 +273,8 @@ class LongDocQA:
         corpus = evidence > 0 and model.state.corpus_attached
         out = model.ask(question, cue=cue, max_new_tokens=max_new_tokens, record=evidence > 0, return_dict=True)
         ans = Answer("memory", out.text, prompt_tokens=model.questions.prompt_ids(question, cue=cue).shape[1],
-                     loop_cut=out.loop_cut, reads=out.reads)
+                     loop_cut=out.loop_cut, reads=out.reads, read_answers=out.read_answers,
+                     read_loops=out.read_loops)
         if corpus:
             ans.corpus_evidence = model.corpus_evidence(top=evidence)
         if evidence > 0:          # (drops the recordings, own and corpus, once read)
