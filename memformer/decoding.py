@@ -113,6 +113,35 @@ class LoopStop(StoppingCriteria):
                             device=input_ids.device)
 
 
+# the end of the first line that holds a letter or digit (blank lines and a leading ":" before it)
+FIRST_LINE = re.compile(r"^[^\w]*?\w[^\n]*(?=\n)")
+
+
+def first_line(text: str) -> str:
+    """text up to the end of its first line that holds a letter or digit (the lines before it
+    kept: ":\n\n- 4353316." stays whole); text unchanged when that line has not ended."""
+    m = FIRST_LINE.search(text)
+    return text if m is None else text[:m.end()].rstrip()
+
+
+class LineStop(StoppingCriteria):
+    """Stops a sequence once its generated text has ended a line that holds a letter or digit:
+    one item of a list (`ask` answering from several reads, one item per read). Tokens past
+    `prompt_len` count (taken at the first call when None, as `LoopStop` does)."""
+
+    def __init__(self, tokenizer, prompt_len: int | None = None):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1] - 1
+        new = input_ids[:, self.prompt_len:][:, -TAIL_TOKENS:]                 # [B, <= TAIL_TOKENS]
+        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
+        return torch.tensor([FIRST_LINE.search(t.lstrip()) is not None for t in texts], dtype=torch.bool,
+                            device=input_ids.device)
+
+
 def join_answers(texts: list[str]) -> str:
     """Answers of one question from several reads (`ask` with `MemoryConfig.answer_reads` > 1),
     one per line, best read first: an empty answer, or one whose letters and digits the answers

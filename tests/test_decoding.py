@@ -4,7 +4,7 @@ import torch
 
 from conftest import HashedWords, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.decoding import LoopStop, cut_loop, end_at_cue, looping
+from memformer.decoding import LineStop, LoopStop, cut_loop, end_at_cue, first_line, looping
 from test_qa import char_tokenizer
 
 TEXT = " ".join(["river stone cloud maple lantern copper meadow harbor"] * 8)
@@ -58,6 +58,23 @@ def test_loop_stop_looks_at_the_generated_tokens_only():
     s2 = LoopStop(tok)
     s2.prompt_len = 2
     assert s2(both, None).tolist() == [True, False]
+
+
+def test_first_line_and_line_stop_keep_one_item():
+    """An answer from one of several reads is one line: up to the end of the first line that
+    holds a letter or digit (a leading ":" and blank lines before it kept); the stop fires once
+    such a line has ended in the generated text, not in the prompt."""
+    assert first_line(":\n\n- 4353316.\n- 155893.") == ":\n\n- 4353316."
+    assert first_line(":\n\n- 2798049.\n\nPlease provide the numbers") == ":\n\n- 2798049."
+    for whole in (": 5186161.", ":\n\n", "", "7982575. Then more text"):
+        assert first_line(whole) == whole
+    tok = char_tokenizer()
+    ids = lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]])
+    stop = LineStop(tok)
+    prompt = "Question?\nAnswer:"                                 # the prompt's own line ends count not
+    assert not stop(ids(prompt + ":"), None).item()
+    assert not stop(ids(prompt + ":\n\n- 43"), None).item()       # blank lines, then an open line
+    assert stop(ids(prompt + ":\n\n- 43.\n"), None).item()
 
 
 def test_an_answer_ends_where_it_states_its_cue_again():
@@ -136,3 +153,37 @@ def test_ask_and_baselines_stop_at_a_loop_and_say_so():
     assert ans.loop_cut and ans.text == "1"
     short = model.ask(cue="The river is", max_new_tokens=5, return_dict=True)   # 5 ones: no loop yet
     assert short.text == "11111" and not short.loop_cut
+
+
+def test_several_reads_answer_one_line_each_and_so_do_not_loop(monkeypatch):
+    """A backbone whose greedy answer lists one item on line after line ("7\n7\n7…"): from one
+    read the list loops and is cut back; when several reads answer, each stops at the end of its
+    first line, before any loop, and the distinct lines are joined."""
+    import memformer.model as model_module
+    from transformers import LogitsProcessor, LogitsProcessorList
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    seven, newline = (tok(c, add_special_tokens=False)["input_ids"][0] for c in ("7", "\n"))
+
+    class SevenPerLine(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            forced = torch.full_like(scores, -1e9)
+            forced[:, newline if input_ids[0, -1].item() == seven else seven] = 0.0
+            return forced
+
+    model = MemformerForCausalLM(tiny_backbone("llama"), tok,
+                                 MemoryConfig(window=64, sink_tokens=2, overlap=8, block_size=16, question_blocks=2,
+                                              answer_reads=2),
+                                 embedder=HashedWords(256))
+    model.backbone.generation_config.eos_token_id = tok.eos_token_id   # (LlamaConfig's default 2 is "\n" here)
+    model.memorize(TEXT, show_progress=False)
+    listing = dict(max_new_tokens=40, return_dict=True, logits_processor=LogitsProcessorList([SevenPerLine()]))
+    one = model.ask(cue="The river is", **dict(listing))
+    assert one.reads == 1 and one.loop_cut and one.text == "7"          # "7\n7\n7": a line listed three times
+
+    def two_close_reads(m, candidates, source, prompt_ids, weight=1.0):
+        return [(b, -0.1 * i) for i, (b, _) in enumerate(candidates)] + [([], -5.0)] * 10, None
+    monkeypatch.setattr(model_module, "checked_reads", two_close_reads)
+    two = model.ask(cue="The river is", **dict(listing))
+    assert two.reads == 2 and two.read_answers == ["7", "7"] and two.read_loops == [False, False]
+    assert two.text == "7" and not two.loop_cut
