@@ -113,21 +113,25 @@ class LoopStop(StoppingCriteria):
                             device=input_ids.device)
 
 
-# the end of the first line that holds a letter or digit (blank lines and a leading ":" before it)
-FIRST_LINE = re.compile(r"^[^\w]*?\w[^\n]*(?=\n)")
+# the end of the first sentence or line that holds a letter or digit (the text before it that
+# holds none, a leading ":" and blank lines, kept): ".!?" followed by a space or line break, or a
+# line break ("3.14" does not end it)
+FIRST_ITEM = re.compile(r"^\W*?\w[^\n]*?(?:[.!?](?=\s)|(?=\n))")
 
 
-def first_line(text: str) -> str:
-    """text up to the end of its first line that holds a letter or digit (the lines before it
-    kept: ":\n\n- 4353316." stays whole); text unchanged when that line has not ended."""
-    m = FIRST_LINE.search(text)
+def first_item(text: str) -> str:
+    """text up to the end of its first sentence or line that holds a letter or digit
+    (": 5419972. BACK TO BASICS …" -> ": 5419972."; ":\n\n- 4353316.\n- 155893." ->
+    ":\n\n- 4353316."); text unchanged when that item has not ended."""
+    m = FIRST_ITEM.search(text)
     return text if m is None else text[:m.end()].rstrip()
 
 
-class LineStop(StoppingCriteria):
-    """Stops a sequence once its generated text has ended a line that holds a letter or digit:
-    one item of a list (`ask` answering from several reads, one item per read). Tokens past
-    `prompt_len` count (taken at the first call when None, as `LoopStop` does)."""
+class ItemStop(StoppingCriteria):
+    """Stops a sequence once its generated text has ended a first sentence or line that holds a
+    letter or digit (`first_item`): one item of a list (`ask` answering from several reads, one
+    item per read). Tokens past `prompt_len` count (taken at the first call when None, as
+    `LoopStop` does)."""
 
     def __init__(self, tokenizer, prompt_len: int | None = None):
         self.tokenizer = tokenizer
@@ -138,7 +142,7 @@ class LineStop(StoppingCriteria):
             self.prompt_len = input_ids.shape[1] - 1
         new = input_ids[:, self.prompt_len:][:, -TAIL_TOKENS:]                 # [B, <= TAIL_TOKENS]
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
-        return torch.tensor([FIRST_LINE.search(t.lstrip()) is not None for t in texts], dtype=torch.bool,
+        return torch.tensor([FIRST_ITEM.search(t.lstrip()) is not None for t in texts], dtype=torch.bool,
                             device=input_ids.device)
 
 

@@ -388,15 +388,16 @@ class MemformerForCausalLM(nn.Module):
         candidate reads first (`question_reads.checked_reads`); besides the best, each read within
         `ANSWER_MARGIN` of its score that stands out of the field (`ANSWER_LIFT` above the
         candidates' median) is answered from alone, `MemoryConfig.answer_reads` in all
-        (one key's several values, several keys asked at once): each of them answers one line
-        (`decoding.LineStop`, `first_line`), and the distinct lines are joined, best read first
+        (one key's several values, several keys asked at once): each of them answers one item,
+        its first sentence or line (`decoding.ItemStop`, `first_item`), and the distinct items are
+        joined one per line, best read first
         (`decoding.join_answers`). Generation stops at a
         degenerate loop, which is cut back to one copy of its unit, or where the answer states
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
         `AskOutput` (text, loop_cut, reads and each read's answer) instead."""
         from transformers import StoppingCriteriaList
-        from memformer.decoding import LineStop, LoopStop, cut_loop, end_at_cue, first_line, join_answers
+        from memformer.decoding import ItemStop, LoopStop, cut_loop, end_at_cue, first_item, join_answers
         x = self.questions.prompt_ids(question, cue=cue, system=system)              # [1, T]
         T = x.shape[1]
         prompt_len = self.state.with_sink(x, self.memory_config.sink_tokens).shape[1]   # as generate runs it
@@ -410,13 +411,13 @@ class MemformerForCausalLM(nn.Module):
             if i == 0 and cache is not None and not record:
                 kwargs[cache_argument(self.backbone)] = cache
             stops = StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue)])
-            if len(reads) > 1:                 # a list: each read answers one line of it
-                stops.append(LineStop(self.tokenizer, prompt_len))
+            if len(reads) > 1:                 # a list: each read answers one item of it
+                stops.append(ItemStop(self.tokenizer, prompt_len))
             with read:
                 out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
                                     stopping_criteria=stops, _keep_records=i > 0, **kwargs)
             text, c = cut_loop(end_at_cue(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip(), cue))
-            text = first_line(text) if len(reads) > 1 else text
+            text = first_item(text) if len(reads) > 1 else text
             texts.append(text)
             cuts.append(c)
         text = join_answers(texts) if len(texts) > 1 else texts[0]

@@ -4,7 +4,7 @@ import torch
 
 from conftest import HashedWords, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.decoding import LineStop, LoopStop, cut_loop, end_at_cue, first_line, looping
+from memformer.decoding import ItemStop, LoopStop, cut_loop, end_at_cue, first_item, looping
 from test_qa import char_tokenizer
 
 TEXT = " ".join(["river stone cloud maple lantern copper meadow harbor"] * 8)
@@ -60,21 +60,26 @@ def test_loop_stop_looks_at_the_generated_tokens_only():
     assert s2(both, None).tolist() == [True, False]
 
 
-def test_first_line_and_line_stop_keep_one_item():
-    """An answer from one of several reads is one line: up to the end of the first line that
-    holds a letter or digit (a leading ":" and blank lines before it kept); the stop fires once
-    such a line has ended in the generated text, not in the prompt."""
-    assert first_line(":\n\n- 4353316.\n- 155893.") == ":\n\n- 4353316."
-    assert first_line(":\n\n- 2798049.\n\nPlease provide the numbers") == ":\n\n- 2798049."
-    for whole in (": 5186161.", ":\n\n", "", "7982575. Then more text"):
-        assert first_line(whole) == whole
+def test_first_item_and_item_stop_keep_one_item():
+    """An answer from one of several reads is one item: up to the end of its first sentence or
+    line that holds a letter or digit (a leading ":" and blank lines before it kept); the stop
+    fires once such an item has ended in the generated text, not in the prompt."""
+    assert first_item(":\n\n- 4353316.\n- 155893.") == ":\n\n- 4353316."
+    assert first_item(":\n\n- 2798049.\n\nPlease provide the numbers") == ":\n\n- 2798049."
+    assert first_item(": 5419972. BACK TO BASICS Copyleft is") == ": 5419972."
+    assert first_item("* 4264739\n* 7015582.") == "* 4264739"
+    assert first_item("3.14 is pi. More") == "3.14 is pi."                 # a point inside a number ends nothing
+    for whole in (": 5186161.", ":\n\n", "", "7982575", "3.14"):
+        assert first_item(whole) == whole
     tok = char_tokenizer()
     ids = lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]])
-    stop = LineStop(tok)
-    prompt = "Question?\nAnswer:"                                 # the prompt's own line ends count not
+    stop = ItemStop(tok)
+    prompt = "Question? Yes.\nAnswer:"                           # the prompt's own ends count not
     assert not stop(ids(prompt + ":"), None).item()
-    assert not stop(ids(prompt + ":\n\n- 43"), None).item()       # blank lines, then an open line
+    assert not stop(ids(prompt + ":\n\n- 43"), None).item()       # blank lines, then an open item
+    assert not stop(ids(prompt + ":\n\n- 4.3"), None).item()
     assert stop(ids(prompt + ":\n\n- 43.\n"), None).item()
+    assert stop(ids(prompt + ": 43. The"), None).item()
 
 
 def test_an_answer_ends_where_it_states_its_cue_again():
@@ -155,10 +160,10 @@ def test_ask_and_baselines_stop_at_a_loop_and_say_so():
     assert short.text == "11111" and not short.loop_cut
 
 
-def test_several_reads_answer_one_line_each_and_so_do_not_loop(monkeypatch):
+def test_several_reads_answer_one_item_each_and_so_do_not_loop(monkeypatch):
     """A backbone whose greedy answer lists one item on line after line ("7\n7\n7…"): from one
     read the list loops and is cut back; when several reads answer, each stops at the end of its
-    first line, before any loop, and the distinct lines are joined."""
+    first item, before any loop, and the distinct items are joined."""
     import memformer.model as model_module
     from transformers import LogitsProcessor, LogitsProcessorList
     torch.manual_seed(0)

@@ -1015,7 +1015,7 @@ def test_ask_answers_from_each_read_near_the_best(monkeypatch):
     the margin (up to the limit), each alone, and joins the distinct answers; the read trailing by
     more is not answered from; a recorded answer keeps the recordings of every read."""
     import memformer.model as model_module
-    from memformer.decoding import first_line, join_answers
+    from memformer.decoding import first_item, join_answers
     model = tiny_model(answer_reads=3, block_size=8, question_blocks=1)
     model.memorize(DOC_A + DOC_B, show_progress=False)
     scores = {}
@@ -1041,8 +1041,8 @@ def test_ask_answers_from_each_read_near_the_best(monkeypatch):
     monkeypatch.setattr(model, "clear_recorded_reads", lambda: (clears.append(1), real_clear())[1])
     out = model.ask("Who sleeps by the lamp?", max_new_tokens=6, return_dict=True, record=True)
     assert reads == [cands[1], cands[0]] and out.reads == 2
-    # each read answers one line of a list: the first line of its answer asked alone
-    assert out.read_answers == [first_line(alone[1]), first_line(alone[0])] and out.read_loops == [False, False]
+    # each read answers one item of a list: the first item of its answer asked alone
+    assert out.read_answers == [first_item(alone[1]), first_item(alone[0])] and out.read_loops == [False, False]
     assert out.text == join_answers(out.read_answers)
     assert clears == [1]                                  # one answer's recordings, over both reads
     model.memory_config.answer_reads = 1
