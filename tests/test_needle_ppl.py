@@ -438,6 +438,8 @@ def test_cli_needle_passkey_ppl_end_to_end(tiny_dir, tmp_path, capsys, monkeypat
     assert all(r["status"] == "ok" and len(r["answers"]) == len(r["expected"]) for r in mem)
     assert len(asked) == sum(len(r["answers"]) for r in mem) and all(asked)      # one ask(cue=...) per query
     assert not {"reads", "confidence", "other_answers"} & {k for r in mem for k in r}
+    assert all(len(r["answer_reads"]) == len(r["answers"]) and min(r["answer_reads"]) >= 1 for r in mem)
+    assert not any("answer_reads" in r for r in records if r["mode"] != "memory")
     assert "qa" not in json.loads((out / "run.json").read_text())
     asked.clear()
     assert _main(*argv, "--resume") == 0                            # nothing left to run

@@ -299,7 +299,8 @@ def answer_cues(model, text: str, cues: list[str], mode: str, max_new_tokens: in
 
 def memory_answers(model, text: str, cues: list[str], max_new_tokens: int, evidence: int = 3) -> list:
     """Mode memory through the library path: `model.memorize(text)`, then `model.ask(cue=...)` per
-    cue; `memformer.qa.longdoc.Answer`s, each with `evidence` spans."""
+    cue; `memformer.qa.longdoc.Answer`s, each with `evidence` spans and the number of checked
+    reads it was answered from (`reads`)."""
     from memformer.qa.documents import Corpus
     from memformer.qa.evidence import answer_evidence
     from memformer.qa.longdoc import Answer
@@ -308,7 +309,8 @@ def memory_answers(model, text: str, cues: list[str], max_new_tokens: int, evide
     corpus = Corpus.from_documents([text], model.tokenizer) if evidence else None
     out = []
     for c in cues:
-        ans = Answer("memory", model.ask(cue=c, max_new_tokens=max_new_tokens, record=evidence > 0))
+        asked = model.ask(cue=c, max_new_tokens=max_new_tokens, record=evidence > 0, return_dict=True)
+        ans = Answer("memory", asked.text, loop_cut=asked.loop_cut, reads=asked.reads)
         if evidence:
             ans.evidence, ans.memory_share = answer_evidence(model, corpus, evidence)
         out.append(ans)
@@ -344,6 +346,8 @@ def run_document(model, sample: Sample, mode: str, todo: list[int], evidence: bo
     for j, trial in zip(todo, trials):
         n = len(trial.queries)
         rec = trial_record(sample, j, mode, None if answers is None else answers[at:at + n], seconds)
+        if full is not None:         # how many checked reads each answer came from (MemoryConfig.answer_reads)
+            rec["answer_reads"] = [a.reads for a in full[at:at + n]]
         if evidence and full is not None:
             rec.update(evidence_record(trial, full[at]))
         records.append(rec)
