@@ -390,8 +390,7 @@ class MemformerForCausalLM(nn.Module):
         candidates' median) is answered from alone, `MemoryConfig.answer_reads` in all
         (one key's several values, several keys asked at once): each of them answers one item,
         its first sentence or line (`decoding.ItemStop`, `first_item`), and the distinct items are
-        joined one per line, best read first
-        (`decoding.join_answers`). Generation stops at a
+        joined one per line, best read first (`decoding.join_answers`). Generation stops at a
         degenerate loop, which is cut back to one copy of its unit, or where the answer states
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
