@@ -122,7 +122,8 @@ FIRST_ITEM = re.compile(r"^\W*?\w[^\n]*?(?:[.!?](?=\s)|(?=\n))")
 def first_item(text: str) -> str:
     """text up to the end of its first sentence or line that holds a letter or digit
     (": 5419972. BACK TO BASICS …" -> ": 5419972."; ":\n\n- 4353316.\n- 155893." ->
-    ":\n\n- 4353316."); text unchanged when that item has not ended."""
+    ":\n\n- 4353316."; an abbreviation ends it too: "Dr."); text unchanged when that item has
+    not ended."""
     m = FIRST_ITEM.search(text)
     return text if m is None else text[:m.end()].rstrip()
 
