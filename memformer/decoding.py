@@ -90,29 +90,6 @@ def cut_loop(text: str) -> tuple[str, bool]:
     return (text[:m.start()] + unit).strip(), True
 
 
-class LoopStop(StoppingCriteria):
-    """Stops a sequence once its generated text (the last `TAIL_TOKENS` tokens of it) loops, or
-    states `cue` again after some text of its own (`end_at_cue`).
-
-    The prompt's length is taken at the first call, which comes after the first new token, so a
-    prompt that itself holds a repeated unit (a Markdown rule, say) stops nothing; a generation
-    that continues tokens already generated gives it instead."""
-
-    def __init__(self, tokenizer, prompt_len: int | None = None, cue: str | None = None):
-        self.tokenizer = tokenizer
-        self.prompt_len = prompt_len                 # None: taken at the first call
-        self.cue = (cue or "").strip()
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1] - 1
-        new = input_ids[:, self.prompt_len:][:, -TAIL_TOKENS:]                 # [B, <= TAIL_TOKENS]
-        texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
-        restated = [restated_at(t.lstrip(), self.cue) >= 0 for t in texts]
-        return torch.tensor([looping(t) or r for t, r in zip(texts, restated)], dtype=torch.bool,
-                            device=input_ids.device)
-
-
 # the end of the first sentence or line that holds a letter or digit (the text before it that
 # holds none, a leading ":" and blank lines, kept): ".!?" followed by a space or line break, or a
 # line break ("3.14" does not end it)
@@ -128,23 +105,30 @@ def first_item(text: str) -> str:
     return text if m is None else text[:m.end()].rstrip()
 
 
-class ItemStop(StoppingCriteria):
-    """Stops a sequence once its generated text has ended a first sentence or line that holds a
-    letter or digit (`first_item`): one item of a list (`ask` answering from several reads, one
-    item per read). Tokens past `prompt_len` count (taken at the first call when None, as
-    `LoopStop` does)."""
+class LoopStop(StoppingCriteria):
+    """Stops a sequence once its generated text (the last `TAIL_TOKENS` tokens of it) loops, or
+    states `cue` again after some text of its own (`end_at_cue`).
 
-    def __init__(self, tokenizer, prompt_len: int | None = None):
+    The prompt's length is taken at the first call, which comes after the first new token, so a
+    prompt that itself holds a repeated unit (a Markdown rule, say) stops nothing; a generation
+    that continues tokens already generated gives it instead. one_item: also stop once the
+    generated text has ended its first sentence or line that holds a letter or digit
+    (`first_item`): one item of a list (`ask` answering from several reads, one item per read)."""
+
+    def __init__(self, tokenizer, prompt_len: int | None = None, cue: str | None = None, one_item: bool = False):
         self.tokenizer = tokenizer
-        self.prompt_len = prompt_len
+        self.prompt_len = prompt_len                 # None: taken at the first call
+        self.cue = (cue or "").strip()
+        self.one_item = one_item
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         if self.prompt_len is None:
             self.prompt_len = input_ids.shape[1] - 1
         new = input_ids[:, self.prompt_len:][:, -TAIL_TOKENS:]                 # [B, <= TAIL_TOKENS]
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
-        return torch.tensor([FIRST_ITEM.search(t.lstrip()) is not None for t in texts], dtype=torch.bool,
-                            device=input_ids.device)
+        done = [looping(t) or restated_at(t.lstrip(), self.cue) >= 0
+                or (self.one_item and FIRST_ITEM.search(t.lstrip()) is not None) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def join_answers(texts: list[str]) -> str:

@@ -389,14 +389,14 @@ class MemformerForCausalLM(nn.Module):
         `ANSWER_MARGIN` of its score that stands out of the field (`ANSWER_LIFT` above the
         candidates' median) is answered from alone, `MemoryConfig.answer_reads` in all
         (one key's several values, several keys asked at once): each of them answers one item,
-        its first sentence or line (`decoding.ItemStop`, `first_item`), and the distinct items are
+        its first sentence or line (`decoding.LoopStop(one_item=True)`, `first_item`), and the distinct items are
         joined one per line, best read first (`decoding.join_answers`). Generation stops at a
         degenerate loop, which is cut back to one copy of its unit, or where the answer states
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
         `AskOutput` (text, loop_cut, reads and each read's answer) instead."""
         from transformers import StoppingCriteriaList
-        from memformer.decoding import ItemStop, LoopStop, cut_loop, end_at_cue, first_item, join_answers
+        from memformer.decoding import LoopStop, cut_loop, end_at_cue, first_item, join_answers
         x = self.questions.prompt_ids(question, cue=cue, system=system)              # [1, T]
         T = x.shape[1]
         prompt_len = self.state.with_sink(x, self.memory_config.sink_tokens).shape[1]   # as generate runs it
@@ -409,9 +409,8 @@ class MemformerForCausalLM(nn.Module):
             kwargs = dict(generate_kwargs)
             if i == 0 and cache is not None and not record:
                 kwargs[cache_argument(self.backbone)] = cache
-            stops = StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue)])
-            if len(reads) > 1:                 # a list: each read answers one item of it
-                stops.append(ItemStop(self.tokenizer, prompt_len))
+            # several reads make a list: each answers one item of it
+            stops = StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue, one_item=len(reads) > 1)])
             with read:
                 out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
                                     stopping_criteria=stops, _keep_records=i > 0, **kwargs)

@@ -4,7 +4,7 @@ import torch
 
 from conftest import HashedWords, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
-from memformer.decoding import ItemStop, LoopStop, cut_loop, end_at_cue, first_item, looping
+from memformer.decoding import LoopStop, cut_loop, end_at_cue, first_item, looping
 from test_qa import char_tokenizer
 
 TEXT = " ".join(["river stone cloud maple lantern copper meadow harbor"] * 8)
@@ -60,7 +60,7 @@ def test_loop_stop_looks_at_the_generated_tokens_only():
     assert s2(both, None).tolist() == [True, False]
 
 
-def test_first_item_and_item_stop_keep_one_item():
+def test_first_item_and_the_one_item_stop_keep_one_item():
     """An answer from one of several reads is one item: up to the end of its first sentence or
     line that holds a letter or digit (a leading ":" and blank lines before it kept); the stop
     fires once such an item has ended in the generated text, not in the prompt."""
@@ -73,7 +73,7 @@ def test_first_item_and_item_stop_keep_one_item():
         assert first_item(whole) == whole
     tok = char_tokenizer()
     ids = lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]])
-    stop = ItemStop(tok)
+    stop = LoopStop(tok, one_item=True)
     prompt = "Question? Yes.\nAnswer:"                           # the prompt's own ends count not
     assert not stop(ids(prompt + ":"), None).item()
     assert not stop(ids(prompt + ":\n\n- 43"), None).item()       # blank lines, then an open item
