@@ -401,19 +401,20 @@ class MemformerForCausalLM(nn.Module):
         T = x.shape[1]
         prompt_len = self.state.with_sink(x, self.memory_config.sink_tokens).shape[1]   # as generate runs it
         extra_stops = list(generate_kwargs.pop("stopping_criteria", []))
-        # the checked reads (best first) and the best one's prompt cache: its answer does not run
-        # the prompt again (a recorded answer runs it, so that the recordings cover the prompt)
-        reads, cache = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
+        # the checked reads (best first), each with its prompt cache from the check: its answer
+        # does not run the prompt again (a recorded answer runs it, so that the recordings cover
+        # the prompt)
+        reads, caches = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
         texts, cuts = [], []
-        for i, read in enumerate(reads):
+        for read, cache in zip(reads, caches):
             kwargs = dict(generate_kwargs)
-            if i == 0 and cache is not None and not record:
+            if cache is not None and not record:
                 kwargs[cache_argument(self.backbone)] = cache
             # several reads make a list: each answers one item of it
             stops = StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue, one_item=len(reads) > 1)])
             with read:
                 out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
-                                    stopping_criteria=stops, _keep_records=i > 0, **kwargs)
+                                    stopping_criteria=stops, _keep_records=bool(texts), **kwargs)
             text, c = cut_loop(end_at_cue(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip(), cue))
             text = first_item(text) if len(reads) > 1 else text
             texts.append(text)
@@ -432,15 +433,18 @@ class MemformerForCausalLM(nn.Module):
 
     def _question_reads(self, query: str, prompt_ids: torch.Tensor | None, limit: int):
         """([context manager of each read a question answers from, best first: up to `limit`,
-        `question_reads.answer_reads`], the best checked read's prompt cache or None)."""
+        `question_reads.answer_reads`], [each one's prompt cache from the check, or None])."""
         found = self.questions.candidates(query)
         if found is None:
-            return [contextlib.nullcontext()], None
+            return [contextlib.nullcontext()], [None]
         candidates, source = found
         if prompt_ids is None or len(candidates) == 1:
-            return [self.reading_blocks(candidates[0][0], source)], None
-        scored, cache = checked_reads(self, candidates, source, prompt_ids)
-        return [self.reading_blocks(b, source) for b in answer_reads(scored, limit)], cache
+            return [self.reading_blocks(candidates[0][0], source)], [None]
+        scored, caches = checked_reads(self, candidates, source, prompt_ids)
+        chosen = answer_reads(scored, limit)                 # the very lists of `scored`, in its order
+        rank = {id(b): i for i, (b, _) in enumerate(scored)}
+        kept = [None if caches is None else caches[rank[id(b)]] for b in chosen]
+        return [self.reading_blocks(b, source) for b in chosen], kept
 
     def block_memories(self, source: str = "own") -> dict[int, LayerMemory]:
         """The layer memories blocks are read from: the own memory or the attached corpus's."""

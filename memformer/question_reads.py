@@ -17,14 +17,15 @@ under that read (`checked_reads`; `verified_blocks` gives the best). The read th
 needle among look-alikes, the name asked about) predicts them; the document's instruction line
 or a passage that only paraphrases the question does not, whatever the embedder thought of it.
 All candidates are read in one forward, a batch of K rows over the one memory
-(`candidate_reads`); the winner's row of that prompt cache is kept, and the answer is generated
-from it. Each other read within `ANSWER_MARGIN` of the best that stands out of the field
+(`candidate_reads`); each read answered from is generated from its own row of that prompt cache
+(`CandidateCaches`), so no answer runs its prompt again. Each other read within `ANSWER_MARGIN` of the best that stands out of the field
 (`ANSWER_LIFT` above the median score) is answered from too (`answer_reads`): several passages
 that each hold the question's words, one key's several values or several keys asked at once.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 
 import torch
@@ -232,13 +233,32 @@ def _widened_at(layer, K: int):
 
 
 def keep_row(cache, k: int):
-    """`candidate_reads`' cache cut to its row k (in place): the cache of that read alone (the
-    layers below the first memory layer hold one row already)."""
+    """A copy of `candidate_reads`' cache holding its row k only: the cache of that read alone (the
+    layers below the first memory layer hold one row already). The batched cache is left as it
+    was, so the rows of other reads can be kept from it too; tensors are not copied but cut."""
     index = torch.tensor([k])
-    for layer in cache.layers:
+    kept = copy.copy(cache)
+    kept.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in kept.layers:
         if layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[0] > 1:
-            layer.batch_select_indices(index)
-    return cache
+            layer.batch_select_indices(index)          # assigns new tensors to the copy
+    return kept
+
+
+class CandidateCaches:
+    """The prompt caches of checked reads, in `checked_reads`' order (best first): item i is the
+    cache of the i-th read alone (`keep_row` of the batched forward that scored it), cut when
+    asked for. rows: [(batched cache, row)] aligned with that order."""
+
+    def __init__(self, rows: list):
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int):
+        cache, k = self._rows[i]
+        return keep_row(cache, k)
 
 
 def candidate_score(cosine: float, prompt_logp: torch.Tensor, weight: float = PROMPT_WEIGHT) -> float:
@@ -252,22 +272,20 @@ def checked_reads(model, candidates: list[tuple[list[int], float]], source: str,
     """Every candidate read alone under the prompt prompt_ids [1, T] and scored (`candidate_reads`:
     up to `CANDIDATE_TOKENS` prompt tokens of reads per batched forward): its passage's cosine +
     weight * the mean log-probability of the prompt's own tokens. Returns ([(blocks, score)] best
-    first, a tie keeping the embedder's order; the winner's prompt cache, `keep_row`). A prompt of
-    one token is scored by cosine alone, with no cache."""
+    first, a tie keeping the embedder's order; `CandidateCaches` in the same order: each read's
+    prompt cache, from which its answer is generated without running the prompt again). A prompt
+    of one token is scored by cosine alone, with no caches (None)."""
     if prompt_ids.shape[1] < 2:
         return sorted(candidates, key=lambda c: -c[1]), None
     per = max(1, CANDIDATE_TOKENS // (prompt_ids.shape[1] - 1))          # reads per forward
-    scored, best_score, best_cache = [], float("-inf"), None
+    scored, rows = [], []
     for at in range(0, len(candidates), per):
         group = candidates[at:at + per]
         cache, logp = candidate_reads(model, [b for b, _ in group], source, prompt_ids)   # [k, T-1]
-        scores = [candidate_score(cos, lp, weight) for (_, cos), lp in zip(group, logp)]
-        scored += [(b, s) for (b, _), s in zip(group, scores)]
-        k = max(range(len(group)), key=lambda j: (scores[j], -j))
-        if scores[k] > best_score:
-            best_score, best_cache = scores[k], (cache, k)
+        scored += [(b, candidate_score(cos, lp, weight)) for (b, cos), lp in zip(group, logp)]
+        rows += [(cache, k) for k in range(len(group))]
     order = sorted(range(len(scored)), key=lambda i: (-scored[i][1], i))   # stable: a tie keeps the ranking
-    return [scored[i] for i in order], keep_row(*best_cache)
+    return [scored[i] for i in order], CandidateCaches([rows[i] for i in order])
 
 
 def answer_reads(scored: list[tuple[list[int], float]], limit: int, margin: float = ANSWER_MARGIN,
@@ -295,5 +313,5 @@ def verified_blocks(model, candidates: list[tuple[list[int], float]], source: st
     not. The first candidate wins a tie; a prompt of one token is scored by cosine alone.
     return_cache: also return the winner's prompt cache (`keep_row`; None for a one-token
     prompt), from which `ask` generates the answer without running the prompt again."""
-    scored, cache = checked_reads(model, candidates, source, prompt_ids, weight)
-    return (scored[0][0], cache) if return_cache else scored[0][0]
+    scored, caches = checked_reads(model, candidates, source, prompt_ids, weight)
+    return (scored[0][0], None if caches is None else caches[0]) if return_cache else scored[0][0]

@@ -979,10 +979,11 @@ def test_checked_reads_rank_every_candidate_and_answer_reads_keep_those_near_the
     monkeypatch.setattr(question_reads, "CANDIDATE_TOKENS", 8)          # two reads per forward (T - 1 = 4)
     x = torch.zeros(1, 5, dtype=torch.long)
     cands = [([0, 1], 0.9), ([5, 6], 0.5), ([7], 0.5), ([9], 0.4)]
-    scored, cache = checked_reads(fake, cands, "own", x)
+    scored, caches = checked_reads(fake, cands, "own", x)
     want = [([5, 6], 0.5 - PROMPT_WEIGHT), ([7], 0.5 - PROMPT_WEIGHT), ([9], 0.4 - 1.2 * PROMPT_WEIGHT),
             ([0, 1], 0.9 - 3.0 * PROMPT_WEIGHT)]
-    assert [b for b, _ in scored] == [b for b, _ in want] and cache == "cache of (5, 6)"
+    assert [b for b, _ in scored] == [b for b, _ in want]
+    assert [caches[i] for i in range(len(caches))] == [f"cache of {tuple(b)}" for b, _ in want]   # each read's own
     assert [s for _, s in scored] == pytest.approx([s for _, s in want])
     assert fake.calls == [([(0, 1), (5, 6)], "own"), ([(7,), (9,)], "own")]
     anyway = float("-inf")                                               # no lift asked
@@ -1085,6 +1086,49 @@ def test_candidate_reads_are_one_forward_and_a_kept_row_continues_it(memory_laye
     assert torch.equal(out.sequences, plain.sequences)
     for a, b in zip(out.scores, plain.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_ask_generates_each_read_from_its_own_cache_row(monkeypatch):
+    """With several reads answered from, each answer is generated from its own row of the check's
+    batched prompt cache (`CandidateCaches`), not from the prompt run again: the same tokens and
+    scores as running the prompt under that read, and the reads' scores differ (so a row taken
+    for another read would show)."""
+    import memformer.model as model_module
+    from memformer import question_reads
+    model = tiny_model(block_size=8, question_blocks=2, answer_reads=3)
+    LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
+    query = "What is the name of the keeper's cat?"
+    assert len(model.questions.candidates(query)[0]) >= 3
+    # three reads answered from, whatever their scores: the top three of the real check
+    monkeypatch.setattr(model_module, "answer_reads", lambda scored, limit: [b for b, _ in scored[:limit]])
+    real_generate = model.generate
+
+    def answers(use_caches: bool):
+        calls = []
+
+        def spy(ids, **kw):
+            calls.append("cache" in kw or "past_key_values" in kw)
+            out = real_generate(ids, output_scores=True, return_dict_in_generate=True, **kw)
+            scores.append(torch.stack(out.scores))                       # [new tokens, 1, V]
+            return out.sequences
+        scores = []
+        model.generate = spy
+        if not use_caches:
+            monkeypatch.setattr(question_reads.CandidateCaches, "__getitem__", lambda self, i: None)
+        out = model.ask(query, max_new_tokens=8, return_dict=True)
+        model.generate = real_generate
+        monkeypatch.undo()
+        monkeypatch.setattr(model_module, "answer_reads", lambda scored, limit: [b for b, _ in scored[:limit]])
+        return out, calls, scores
+
+    cached, calls, cached_scores = answers(True)
+    fresh, fresh_calls, fresh_scores = answers(False)
+    assert cached.reads == 3 and calls == [True] * 3 and fresh_calls == [False] * 3
+    assert cached.read_answers == fresh.read_answers and cached.text == fresh.text
+    for a, b in zip(cached_scores, fresh_scores):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    first = [s[0, 0] for s in fresh_scores]                              # each read's first step [V]
+    assert not torch.allclose(first[0], first[1], atol=1e-3) and not torch.allclose(first[1], first[2], atol=1e-3)
 
 
 @pytest.mark.parametrize("record", [False, True])
