@@ -1,7 +1,8 @@
 """How long one answer takes once the document is read, per read path and baseline, side by side.
 
-One needle document (`memformer.eval.needle`, single-number) of `--tokens` tokens is read once per
-case; then the same cue is answered `--repeats` times and the median time kept:
+One needle document (`memformer.eval.needle`, `--needle`: single-number by default; multivalue
+asks for one key's 4 values, which `ask` answers from several reads) of `--tokens` tokens is read
+once per case; then the same cue is answered `--repeats` times and the median time kept:
 
 * memory (question reads): `memformer qa`'s memory mode, i.e. `model.ask` — the whole document
   memorized, only the cue in the window, every memory layer reading the question's blocks;
@@ -22,6 +23,7 @@ Reading time (memorize, passage embeddings) is reported apart.
 
     .venv/bin/python benchmarks/qa_latency.py --tokens 16k,64k --repeats 3 --threads 1
     .venv/bin/python benchmarks/qa_latency.py --tokens 16k --adapter none --name qa_latency_training_free
+    .venv/bin/python benchmarks/qa_latency.py --tokens 16k,64k --cases memory,rag --needle multivalue --name qa_latency_multivalue
 
 By default the model is what `from_pretrained()` gives: the default backbone with its shipped trained
 sparse memory. `--adapter DIR` loads other trained weights with the memory config they were trained
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 
 from memformer import MemformerForCausalLM
-from memformer.eval.needle import make_sample, score_query
+from memformer.eval.needle import VARIANTS, make_sample, score_query
 from memformer.eval.passkey import parse_length
 from memformer.memory_layer import memory_pass
 from memformer.model import PROMPT_READS
@@ -128,6 +130,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES),
                     help=f"comma-separated cases to run (default all: {','.join(CASES)}); RAG is the ratio's base")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--needle", default="single-number", choices=VARIANTS,
+                    help="the needle variant asked (memformer.eval.needle); its first query is timed")
     ap.add_argument("--prompt-reads", type=int, default=None,
                     help="chunks of the prompt that read, case generate (default: generate's 'auto')")
     ap.add_argument("--threads", type=int, default=None)
@@ -142,10 +146,11 @@ def main() -> None:
     model = MemformerForCausalLM.from_pretrained(adapter=None if args.adapter == "none" else args.adapter)
     rows, lengths, clock = [], [], SearchClock()
     for length in args.tokens.split(","):
-        sample = make_sample(model.tokenizer, "single-number", parse_length(length), 0.5, random.Random(args.seed))
+        sample = make_sample(model.tokenizer, args.needle, parse_length(length), 0.5, random.Random(args.seed))
         query = sample.queries[0]
         lengths.append(sample.tokens)
         for case in cases:
+            n_reads = None
             if case.startswith("generate"):
                 read_s, times, text, prompt, search_s = continuation(
                     model, sample.text, query.cue, sample.max_new_tokens, args.repeats,
@@ -163,24 +168,26 @@ def main() -> None:
                     times.append(ans.seconds)
                     searches.append(clock.take())
                 text, prompt, search_s = ans.text, ans.prompt_tokens, statistics.median(searches)
+                n_reads = ans.reads if case == "memory" else None
             reads = args.prompt_reads or (PROMPT_READS if model.memory_trained else "every chunk")
             label = LABELS[case].replace("`prompt_reads`", f"`prompt_reads={reads}`")
             rows.append(dict(tokens=sample.tokens, mode=label, read_s=round(read_s, 2),
                              answer_s=round(statistics.median(times), 3), times=[round(t, 3) for t in times],
                              search_s=round(search_s, 3),
-                             prompt_tokens=prompt, correct=score_query(text, query) == 1.0, answer=text[:40]))
+                             prompt_tokens=prompt, reads=n_reads, score=score_query(text, query),
+                             correct=score_query(text, query) == 1.0, answer=text[:40]))
             print(rows[-1], flush=True)
             model.reset_memory()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.memory_config
-    meta = dict(tokens=lengths, repeats=args.repeats, threads=torch.get_num_threads(), adapter=args.adapter,
+    meta = dict(tokens=lengths, needle=args.needle, repeats=args.repeats, threads=torch.get_num_threads(), adapter=args.adapter,
                 memory_layers=list(model.memory_layer_ids), knn_layers=[i for i, m in model.memory_modules.items() if m.knn],
                 window=cfg.window, layer_blocks=cfg.layer_blocks, cpu=platform.processor() or platform.machine(),
                 torch=torch.__version__)
     (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     cmd = " ".join(["benchmarks/qa_latency.py", *sys.argv[1:]])
-    lines = [f"# Answer time per QA mode (single-number needle at depth 0.5)", "",
+    lines = [f"# Answer time per QA mode ({args.needle} needle at depth 0.5)", "",
              f"Command: `.venv/bin/python {cmd}`; {meta['threads']} torch thread(s), {meta['cpu']}, torch "
              f"{meta['torch']}; {'training-free all-layer memory' if args.adapter == 'none' else 'shipped trained adapter' if args.adapter == 'auto' else 'adapter ' + args.adapter} "
              f"(memory layers {_span(meta['memory_layers'])}, own reads with no question in {_span(meta['knn_layers'])}: "
@@ -189,11 +196,13 @@ def main() -> None:
              f"after the document was read once. Ratio: answer time / RAG's at the same length.", "",
              "Search: seconds of the answer spent in memory search, all layers: the index's top-k "
              "(`LayerMemory.search`, kNN reads) or the layers' block choice (`chosen_blocks`, block reads).", "",
-             "| tokens | mode | prompt tokens run | answer (s) | of which search (s) | vs RAG | read once (s) | correct |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
+             "Reads: the checked reads `ask` answered from (`MemoryConfig.answer_reads`). Score: the "
+             "needle suite's (the fraction of the values asked for that the answer gives).", "",
+             "| tokens | mode | prompt tokens run | answer (s) | of which search (s) | vs RAG | read once (s) | reads | score |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     rag = {r["tokens"]: r["answer_s"] for r in rows if r["mode"] == LABELS["rag"]}
     lines += [f"| {r['tokens']:,} | {r['mode']} | {r['prompt_tokens']} | {r['answer_s']:.2f} | {r['search_s']:.2f} | "
-              f"{r['answer_s'] / rag[r['tokens']]:.2f}x | {r['read_s']:.1f} | {'yes' if r['correct'] else 'no'} |"
+              f"{r['answer_s'] / rag[r['tokens']]:.2f}x | {r['read_s']:.1f} | {r['reads'] or '-'} | {r['score']:g} |"
               for r in rows]
     # notes written by hand below the marker survive a re-run
     md = out / f"{args.name}.md"
