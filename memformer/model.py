@@ -440,7 +440,7 @@ class MemformerForCausalLM(nn.Module):
         candidates, source = found
         if prompt_ids is None or len(candidates) == 1:
             return [self.reading_blocks(candidates[0][0], source)], [None]
-        scored, caches = checked_reads(self, candidates, source, prompt_ids)
+        scored, caches = checked_reads(self, candidates, source, prompt_ids, keep=limit)
         chosen = answer_reads(scored, limit)                 # the very lists of `scored`, in its order
         rank = {id(b): i for i, (b, _) in enumerate(scored)}
         kept = [None if caches is None else caches[rank[id(b)]] for b in chosen]

@@ -18,7 +18,7 @@ needle among look-alikes, the name asked about) predicts them; the document's in
 or a passage that only paraphrases the question does not, whatever the embedder thought of it.
 All candidates are read in one forward, a batch of K rows over the one memory
 (`candidate_reads`); each read answered from is generated from its own row of that prompt cache
-(`CandidateCaches`), so no answer runs its prompt again. Each other read within `ANSWER_MARGIN` of the best that stands out of the field
+(`keep_row`), so no answer runs its prompt again. Each other read within `ANSWER_MARGIN` of the best that stands out of the field
 (`ANSWER_LIFT` above the median score) is answered from too (`answer_reads`): several passages
 that each hold the question's words, one key's several values or several keys asked at once.
 """
@@ -245,22 +245,6 @@ def keep_row(cache, k: int):
     return kept
 
 
-class CandidateCaches:
-    """The prompt caches of checked reads, in `checked_reads`' order (best first): item i is the
-    cache of the i-th read alone (`keep_row` of the batched forward that scored it), cut when
-    asked for. rows: [(batched cache, row)] aligned with that order."""
-
-    def __init__(self, rows: list):
-        self._rows = rows
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __getitem__(self, i: int):
-        cache, k = self._rows[i]
-        return keep_row(cache, k)
-
-
 def candidate_score(cosine: float, prompt_logp: torch.Tensor, weight: float = PROMPT_WEIGHT) -> float:
     """A candidate read's score in the check: its passage's cosine + weight * the mean
     log-probability of the prompt's own tokens under the read (prompt_logp [T - 1])."""
@@ -268,24 +252,30 @@ def candidate_score(cosine: float, prompt_logp: torch.Tensor, weight: float = PR
 
 
 def checked_reads(model, candidates: list[tuple[list[int], float]], source: str, prompt_ids: torch.Tensor,
-                  weight: float = PROMPT_WEIGHT):
+                  weight: float = PROMPT_WEIGHT, keep: int = 1):
     """Every candidate read alone under the prompt prompt_ids [1, T] and scored (`candidate_reads`:
     up to `CANDIDATE_TOKENS` prompt tokens of reads per batched forward): its passage's cosine +
     weight * the mean log-probability of the prompt's own tokens. Returns ([(blocks, score)] best
-    first, a tie keeping the embedder's order; `CandidateCaches` in the same order: each read's
-    prompt cache, from which its answer is generated without running the prompt again). A prompt
+    first, a tie keeping the embedder's order; [each read's prompt cache (`keep_row`), from which
+    its answer is generated without running the prompt again] in the same order). Only the `keep`
+    best reads keep theirs (the others' entries are None), so at most `keep` rows outlive the
+    forward that made them; `answer_reads(scored, limit)` chooses among the best `limit`. A prompt
     of one token is scored by cosine alone, with no caches (None)."""
     if prompt_ids.shape[1] < 2:
         return sorted(candidates, key=lambda c: -c[1]), None
     per = max(1, CANDIDATE_TOKENS // (prompt_ids.shape[1] - 1))          # reads per forward
-    scored, rows = [], []
+    scored, caches = [], []
     for at in range(0, len(candidates), per):
         group = candidates[at:at + per]
         cache, logp = candidate_reads(model, [b for b, _ in group], source, prompt_ids)   # [k, T-1]
         scored += [(b, candidate_score(cos, lp, weight)) for (b, cos), lp in zip(group, logp)]
-        rows += [(cache, k) for k in range(len(group))]
+        caches += [(cache, k) for k in range(len(group))]
+        # cut the rows that are among the best `keep` so far; drop the rest, and with them the
+        # batched cache once no row of it is kept
+        best = set(sorted(range(len(scored)), key=lambda i: (-scored[i][1], i))[:keep])
+        caches = [(keep_row(*c) if isinstance(c, tuple) else c) if i in best else None for i, c in enumerate(caches)]
     order = sorted(range(len(scored)), key=lambda i: (-scored[i][1], i))   # stable: a tie keeps the ranking
-    return [scored[i] for i in order], CandidateCaches([rows[i] for i in order])
+    return [scored[i] for i in order], [caches[i] for i in order]
 
 
 def answer_reads(scored: list[tuple[list[int], float]], limit: int, margin: float = ANSWER_MARGIN,
@@ -297,7 +287,8 @@ def answer_reads(scored: list[tuple[list[int], float]], limit: int, margin: floa
     (one key's several values, several keys asked at once). A look-alike needle or a passage that
     only paraphrases the question trails the best by more; when nothing in memory holds the
     question's words, the candidates score alike and none stands out of the field, so the answer
-    is the best read's alone."""
+    is the best read's alone. Both tests favour a higher score, so the reads chosen are the best
+    ones, a prefix of `scored` (`checked_reads(..., keep=limit)` keeps their caches)."""
     if limit < 1:
         raise ValueError(f"answer_reads: limit must be >= 1, got {limit}")
     scores = [s for _, s in scored]

@@ -186,7 +186,7 @@ def test_several_reads_answer_one_item_each_and_so_do_not_loop(monkeypatch):
     one = model.ask(cue="The river is", **dict(listing))
     assert one.reads == 1 and one.loop_cut and one.text == "7"          # "7\n7\n7": a line listed three times
 
-    def two_close_reads(m, candidates, source, prompt_ids, weight=1.0):
+    def two_close_reads(m, candidates, source, prompt_ids, weight=1.0, keep=1):
         return [(b, -0.1 * i) for i, (b, _) in enumerate(candidates)] + [([], -5.0)] * 10, None
     monkeypatch.setattr(model_module, "checked_reads", two_close_reads)
     two = model.ask(cue="The river is", **dict(listing))

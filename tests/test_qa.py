@@ -983,9 +983,11 @@ def test_checked_reads_rank_every_candidate_and_answer_reads_keep_those_near_the
     want = [([5, 6], 0.5 - PROMPT_WEIGHT), ([7], 0.5 - PROMPT_WEIGHT), ([9], 0.4 - 1.2 * PROMPT_WEIGHT),
             ([0, 1], 0.9 - 3.0 * PROMPT_WEIGHT)]
     assert [b for b, _ in scored] == [b for b, _ in want]
-    assert [caches[i] for i in range(len(caches))] == [f"cache of {tuple(b)}" for b, _ in want]   # each read's own
+    assert caches == ["cache of (5, 6)", None, None, None]             # the best read's own cache only
     assert [s for _, s in scored] == pytest.approx([s for _, s in want])
     assert fake.calls == [([(0, 1), (5, 6)], "own"), ([(7,), (9,)], "own")]
+    _, caches = checked_reads(fake, cands, "own", x, keep=3)           # the best 3 keep theirs
+    assert caches == [f"cache of {tuple(b)}" for b, _ in want[:3]] + [None]
     anyway = float("-inf")                                               # no lift asked
     assert answer_reads(scored, 4, lift=anyway) == [[5, 6], [7], [9]]    # (0, 1) trails by 1.6
     assert answer_reads(scored, 2, lift=anyway) == [[5, 6], [7]] and answer_reads(scored, 1) == [[5, 6]]
@@ -1021,7 +1023,7 @@ def test_ask_answers_from_each_read_near_the_best(monkeypatch):
     model.memorize(DOC_A + DOC_B, show_progress=False)
     scores = {}
 
-    def fake_checked(m, candidates, source, prompt_ids, weight=1.0):
+    def fake_checked(m, candidates, source, prompt_ids, weight=1.0, keep=1):
         ranked = sorted(candidates, key=lambda c: -scores.get(tuple(c[0]), -9.0))
         return [(b, scores.get(tuple(b), -9.0)) for b, _ in ranked], None
     monkeypatch.setattr(model_module, "checked_reads", fake_checked)
@@ -1090,7 +1092,7 @@ def test_candidate_reads_are_one_forward_and_a_kept_row_continues_it(memory_laye
 
 def test_ask_generates_each_read_from_its_own_cache_row(monkeypatch):
     """With several reads answered from, each answer is generated from its own row of the check's
-    batched prompt cache (`CandidateCaches`), not from the prompt run again: the same tokens and
+    batched prompt cache (`keep_row`), not from the prompt run again: the same tokens and
     scores as running the prompt under that read, and the reads' scores differ (so a row taken
     for another read would show)."""
     import memformer.model as model_module
@@ -1114,7 +1116,7 @@ def test_ask_generates_each_read_from_its_own_cache_row(monkeypatch):
         scores = []
         model.generate = spy
         if not use_caches:
-            monkeypatch.setattr(question_reads.CandidateCaches, "__getitem__", lambda self, i: None)
+            monkeypatch.setattr(question_reads, "keep_row", lambda cache, k: None)
         out = model.ask(query, max_new_tokens=8, return_dict=True)
         model.generate = real_generate
         monkeypatch.undo()
