@@ -441,9 +441,8 @@ class MemformerForCausalLM(nn.Module):
         if prompt_ids is None or len(candidates) == 1:
             return [self.reading_blocks(candidates[0][0], source)], [None]
         scored, caches = checked_reads(self, candidates, source, prompt_ids, keep=limit)
-        chosen = answer_reads(scored, limit)                 # the very lists of `scored`, in its order
-        rank = {id(b): i for i, (b, _) in enumerate(scored)}
-        kept = [None if caches is None else caches[rank[id(b)]] for b in chosen]
+        chosen = answer_reads(scored, limit)                 # a prefix of `scored`: the best reads
+        kept = [None] * len(chosen) if caches is None else caches[:len(chosen)]
         return [self.reading_blocks(b, source) for b in chosen], kept
 
     def block_memories(self, source: str = "own") -> dict[int, LayerMemory]:
