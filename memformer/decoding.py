@@ -131,6 +131,15 @@ class LoopStop(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+def strip_padding(ids: list[int], pad_id: int | None) -> list[int]:
+    """A batch row's generated ids without the padding `generate` appends once the row has
+    stopped and others have not."""
+    end = len(ids)
+    while end and pad_id is not None and ids[end - 1] == pad_id:
+        end -= 1
+    return ids[:end]
+
+
 def join_answers(texts: list[str]) -> str:
     """Answers of one question from several reads (`ask` with `MemoryConfig.answer_reads` > 1),
     one per line, best read first: an empty answer, or one whose letters and digits the answers

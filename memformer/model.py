@@ -36,7 +36,8 @@ from memformer.index import LayerMemory
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
-from memformer.question_reads import QuestionReads, answer_reads, checked_reads, read_query
+from memformer.question_reads import (QuestionReads, answer_reads, checked_reads, padded_rows, read_query,
+                                      stack_rows)
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
 
 # Chunks of a fresh `generate` prompt that read memory with trained memory layers, counted from its
@@ -389,14 +390,15 @@ class MemformerForCausalLM(nn.Module):
         `ANSWER_MARGIN` of its score that stands out of the field (`ANSWER_LIFT` above the
         candidates' median) is answered from alone, `MemoryConfig.answer_reads` in all
         (one key's several values, several keys asked at once): each of them answers one item,
-        its first sentence or line (`decoding.LoopStop(one_item=True)`, `first_item`), and the distinct items are
+        the reads side by side as one batch of `generate` (row k reading its own blocks and
+        continuing its own row of the check's prompt cache), each item its first sentence or line (`decoding.LoopStop(one_item=True)`, `first_item`), and the distinct items are
         joined one per line, best read first (`decoding.join_answers`). Generation stops at a
         degenerate loop, which is cut back to one copy of its unit, or where the answer states
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
         `AskOutput` (text, loop_cut, reads and each read's answer) instead."""
         from transformers import StoppingCriteriaList
-        from memformer.decoding import LoopStop, cut_loop, end_at_cue, first_item, join_answers
+        from memformer.decoding import LoopStop, cut_loop, end_at_cue, first_item, join_answers, strip_padding
         x = self.questions.prompt_ids(question, cue=cue, system=system)              # [1, T]
         T = x.shape[1]
         prompt_len = self.state.with_sink(x, self.memory_config.sink_tokens).shape[1]   # as generate runs it
@@ -404,20 +406,36 @@ class MemformerForCausalLM(nn.Module):
         # the checked reads (best first), each with its prompt cache from the check: its answer
         # does not run the prompt again (a recorded answer runs it, so that the recordings cover
         # the prompt)
-        reads, caches = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
-        texts, cuts = [], []
-        for read, cache in zip(reads, caches):
+        source, chosen, caches = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
+        several = chosen is not None and len(chosen) > 1         # several reads make a list: each answers one item
+        stops = lambda: StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue, one_item=several)])
+        if several and not record:
+            # the reads answer side by side in one generate: row k reads chosen[k] of the one memory
+            # and continues its own row of the check's prompt cache
             kwargs = dict(generate_kwargs)
-            if cache is not None and not record:
-                kwargs[cache_argument(self.backbone)] = cache
-            # several reads make a list: each answers one item of it
-            stops = StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue, one_item=len(reads) > 1)])
-            with read:
-                out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
-                                    stopping_criteria=stops, _keep_records=bool(texts), **kwargs)
-            text, c = cut_loop(end_at_cue(self.tokenizer.decode(out[0, T:], skip_special_tokens=True).strip(), cue))
-            text = first_item(text) if len(reads) > 1 else text
-            texts.append(text)
+            if all(c is not None for c in caches):
+                kwargs[cache_argument(self.backbone)] = stack_rows(caches)
+            with self.reading_blocks(padded_rows(chosen), source):
+                out = self.generate(x.expand(len(chosen), -1), max_new_tokens=max_new_tokens, do_sample=False,
+                                    stopping_criteria=stops(), **kwargs)                  # [K, T + new]
+            raw = [self.tokenizer.decode(strip_padding(row[T:].tolist(), self.pad_token_id), skip_special_tokens=True)
+                   for row in out]
+        else:
+            # one read, or a recorded answer (the recordings cover each read in turn, its prompt run again)
+            reads = [contextlib.nullcontext()] if chosen is None else [self.reading_blocks(b, source) for b in chosen]
+            raw = []
+            for read, cache in zip(reads, caches):
+                kwargs = dict(generate_kwargs)
+                if cache is not None and not record:
+                    kwargs[cache_argument(self.backbone)] = cache
+                with read:
+                    out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
+                                        stopping_criteria=stops(), _keep_records=bool(raw), **kwargs)
+                raw.append(self.tokenizer.decode(out[0, T:], skip_special_tokens=True))
+        texts, cuts = [], []
+        for r in raw:
+            text, c = cut_loop(end_at_cue(r.strip(), cue))
+            texts.append(first_item(text) if several else text)
             cuts.append(c)
         text = join_answers(texts) if len(texts) > 1 else texts[0]
         return AskOutput(text, any(cuts), len(texts), texts, cuts) if return_dict else text
@@ -429,21 +447,22 @@ class MemformerForCausalLM(nn.Module):
         (`question_reads.checked_reads`) and the best one is read. It changes nothing (generation
         then uses the layers' own reads) with nothing memorized, or beside a corpus memory built
         without passages."""
-        return self._question_reads(query, prompt_ids, 1)[0][0]
+        source, chosen, _ = self._question_reads(query, prompt_ids, 1)
+        return contextlib.nullcontext() if chosen is None else self.reading_blocks(chosen[0], source)
 
     def _question_reads(self, query: str, prompt_ids: torch.Tensor | None, limit: int):
-        """([context manager of each read a question answers from, best first: up to `limit`,
-        `question_reads.answer_reads`], [each one's prompt cache from the check, or None])."""
+        """(source, [blocks of each read a question answers from, best first: up to `limit`,
+        `question_reads.answer_reads`], [each one's prompt cache from the check, or None]);
+        the reads are None when there is nothing to read them from (the layers' own reads)."""
         found = self.questions.candidates(query)
         if found is None:
-            return [contextlib.nullcontext()], [None]
+            return None, None, [None]
         candidates, source = found
         if prompt_ids is None or len(candidates) == 1:
-            return [self.reading_blocks(candidates[0][0], source)], [None]
+            return source, [candidates[0][0]], [None]
         scored, caches = checked_reads(self, candidates, source, prompt_ids, keep=limit)
         chosen = answer_reads(scored, limit)                 # a prefix of `scored`: the best reads
-        kept = [None] * len(chosen) if caches is None else caches[:len(chosen)]
-        return [self.reading_blocks(b, source) for b in chosen], kept
+        return source, chosen, [None] * len(chosen) if caches is None else caches[:len(chosen)]
 
     def block_memories(self, source: str = "own") -> dict[int, LayerMemory]:
         """The layer memories blocks are read from: the own memory or the attached corpus's."""

@@ -203,10 +203,7 @@ def candidate_reads(model, blocks: list[list[int]], source: str, prompt_ids: tor
     `keep_row` cuts it to one read for `model.generate(prompt_ids, cache=...)`;
     log-probabilities [K, T - 1] of the prompt's own tokens 1..T-1 under each read). The forward
     that scores a read also makes its cache, so the winner's answer does not run its prompt again."""
-    K, n = len(blocks), max(len(b) for b in blocks)
-    padded = torch.full((K, n), -1, dtype=torch.long)                                     # [K, n]
-    for k, b in enumerate(blocks):
-        padded[k, n - len(b):] = torch.as_tensor(b, dtype=torch.long)
+    K, padded = len(blocks), padded_rows(blocks)                                          # [K, n]
     first = model.adapter.layers(model.backbone)[min(model.memory_modules)]
     with model.reading_blocks(padded, source), _widened_at(first, K):
         cache, logits = make_context_cache(model, prompt_ids[:, :-1], return_logits=True)   # [K, T-1, V]
@@ -215,6 +212,17 @@ def candidate_reads(model, blocks: list[list[int]], source: str, prompt_ids: tor
     # log-softmax at the targets only: the whole [K, T-1, V] of it is never needed
     logp = logits.gather(2, target[..., None])[..., 0] - torch.logsumexp(logits, -1)     # [K, T-1]
     return cache, logp.cpu()
+
+
+def padded_rows(blocks: list[list[int]]) -> torch.Tensor:
+    """[K, n] block ids for `model.reading_blocks`, row k reading blocks[k]: -1 pads the shorter
+    rows on the left, which changes no row's layout (its blocks keep the positions just before
+    the window that they take when read alone)."""
+    K, n = len(blocks), max(len(b) for b in blocks)
+    padded = torch.full((K, n), -1, dtype=torch.long)                                     # [K, n]
+    for k, b in enumerate(blocks):
+        padded[k, n - len(b):] = torch.as_tensor(b, dtype=torch.long)
+    return padded
 
 
 @contextlib.contextmanager
@@ -243,6 +251,20 @@ def keep_row(cache, k: int):
         if layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[0] > 1:
             layer.batch_select_indices(index)          # assigns new tensors to the copy
     return kept
+
+
+def stack_rows(caches: list):
+    """One prompt cache of K rows from K one-row caches of the same prompt (`keep_row`'s), row k
+    being caches[k]: the K reads' answers then run as one batch of `generate`. The layers below
+    the first memory layer hold the same row in each (they read no memory) and are repeated."""
+    stacked = copy.copy(caches[0])
+    stacked.layers = [copy.copy(layer) for layer in caches[0].layers]
+    for i, layer in enumerate(stacked.layers):
+        if layer.keys is not None and layer.keys.dim() == 4:
+            layer.keys = torch.cat([c.layers[i].keys for c in caches])          # [K, kv heads, T, d]
+            layer.values = torch.cat([c.layers[i].values for c in caches])
+    stacked.memformer_ids = caches[0].memformer_ids.expand(len(caches), -1).clone()   # [K, S + T - 1]
+    return stacked
 
 
 def candidate_score(cosine: float, prompt_logp: torch.Tensor, weight: float = PROMPT_WEIGHT) -> float:

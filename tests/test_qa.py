@@ -1090,47 +1090,49 @@ def test_candidate_reads_are_one_forward_and_a_kept_row_continues_it(memory_laye
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_ask_generates_each_read_from_its_own_cache_row(monkeypatch):
-    """With several reads answered from, each answer is generated from its own row of the check's
-    batched prompt cache (`keep_row`), not from the prompt run again: the same tokens and
-    scores as running the prompt under that read, and the reads' scores differ (so a row taken
-    for another read would show)."""
+def test_ask_answers_its_reads_side_by_side_as_each_read_alone(monkeypatch):
+    """With several reads answered from, one batched `generate` answers them all: row k reads
+    its own blocks and continues its own row of the check's prompt cache (`stack_rows`). Each
+    row's item and scores are those of generating that read alone, its prompt run afresh; the
+    reads' scores differ, so a row read under another's blocks or cache would show."""
     import memformer.model as model_module
-    from memformer import question_reads
+    from memformer.decoding import LoopStop, cut_loop, first_item
+    from memformer.question_reads import checked_reads
+    from transformers import StoppingCriteriaList
     model = tiny_model(block_size=8, question_blocks=2, answer_reads=3)
     LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     query = "What is the name of the keeper's cat?"
     assert len(model.questions.candidates(query)[0]) >= 3
     # three reads answered from, whatever their scores: the top three of the real check
     monkeypatch.setattr(model_module, "answer_reads", lambda scored, limit: [b for b, _ in scored[:limit]])
-    real_generate = model.generate
+    real_generate, calls = model.generate, []
 
-    def answers(use_caches: bool):
-        calls = []
+    def spy(ids, **kw):
+        out = real_generate(ids, output_scores=True, return_dict_in_generate=True, **kw)
+        calls.append((ids.shape[0], "cache" in kw or "past_key_values" in kw, torch.stack(out.scores)))  # [new, B, V]
+        return out.sequences
+    model.generate = spy
+    out = model.ask(query, max_new_tokens=8, return_dict=True)
+    model.generate = real_generate
+    assert out.reads == 3 and len(calls) == 1 and calls[0][:2] == (3, True)
+    batched = calls[0][2]                                                      # [new, 3, V]
 
-        def spy(ids, **kw):
-            calls.append("cache" in kw or "past_key_values" in kw)
-            out = real_generate(ids, output_scores=True, return_dict_in_generate=True, **kw)
-            scores.append(torch.stack(out.scores))                       # [new tokens, 1, V]
-            return out.sequences
-        scores = []
-        model.generate = spy
-        if not use_caches:
-            monkeypatch.setattr(question_reads, "keep_row", lambda cache, k: None)
-        out = model.ask(query, max_new_tokens=8, return_dict=True)
-        model.generate = real_generate
-        monkeypatch.undo()
-        monkeypatch.setattr(model_module, "answer_reads", lambda scored, limit: [b for b, _ in scored[:limit]])
-        return out, calls, scores
-
-    cached, calls, cached_scores = answers(True)
-    fresh, fresh_calls, fresh_scores = answers(False)
-    assert cached.reads == 3 and calls == [True] * 3 and fresh_calls == [False] * 3
-    assert cached.read_answers == fresh.read_answers and cached.text == fresh.text
-    for a, b in zip(cached_scores, fresh_scores):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    first = [s[0, 0] for s in fresh_scores]                              # each read's first step [V]
-    assert not torch.allclose(first[0], first[1], atol=1e-3) and not torch.allclose(first[1], first[2], atol=1e-3)
+    x = model.questions.prompt_ids(query)
+    candidates, source = model.questions.candidates(query)
+    scored, _ = checked_reads(model, candidates, source, x)
+    alone, firsts = [], []
+    for k, (blocks, _) in enumerate(scored[:3]):
+        stops = StoppingCriteriaList([LoopStop(model.tokenizer, None, None, one_item=True)])
+        with model.reading_blocks(blocks, source):
+            g = model.generate(x, max_new_tokens=8, do_sample=False, stopping_criteria=stops,
+                               output_scores=True, return_dict_in_generate=True)
+        text, _ = cut_loop(model.tokenizer.decode(g.sequences[0, x.shape[1]:], skip_special_tokens=True).strip())
+        alone.append(first_item(text))
+        steps = torch.stack(g.scores)[:, 0]                                     # [new_k, V]
+        torch.testing.assert_close(batched[:len(steps), k], steps, atol=1e-4, rtol=1e-4)
+        firsts.append(steps[0])
+    assert out.read_answers == alone
+    assert not torch.allclose(firsts[0], firsts[1], atol=1e-3) and not torch.allclose(firsts[1], firsts[2], atol=1e-3)
 
 
 @pytest.mark.parametrize("record", [False, True])
