@@ -12,6 +12,15 @@ merged table compares one configuration; a folder that differs is refused.
         benchmarks/results/ruler_heldout_128k/seed_27182 --out benchmarks/results/ruler_heldout_lengths
 
 writes OUT/ruler_lengths.md and OUT/ruler_lengths.png.
+
+A folder given as FOLDER:MODES contributes only those modes' records (comma-separated), e.g. a
+memory-only rerun beside the RAG records of the earlier run of the same samples:
+
+    python benchmarks/ruler_lengths.py runs/memory_rerun_32k benchmarks/results/ruler_heldout_32k/seed_27182:rag \
+        --out OUT
+
+A folder that contributes no memory records may differ from the others in the settings only
+`ask` reads (`ASK_ONLY`): RAG and truncation do not use them.
 """
 from __future__ import annotations
 
@@ -24,26 +33,56 @@ from memformer.decoding import looping
 from memformer.eval import plots, ruler
 
 SHARED = ("backbone", "haystack", "seed", "memory_config")   # settings the merged runs must share
+ASK_ONLY = ("answer_reads",)      # memory_config fields that only the memory mode (`ask`) reads
 
 
-def load_runs(folders: list[Path]) -> tuple[list[dict], dict]:
-    """(records of all folders, the shared settings). Raises ValueError when a folder lacks its
-    files, when two folders differ in a SHARED setting, or when two hold the same record."""
-    records, shared, seen = [], None, {}
-    for folder in folders:
+def parse_folder(arg: str) -> tuple[Path, set[str] | None]:
+    """(folder, the modes taken from it, None for all) from FOLDER or FOLDER:MODES."""
+    folder, sep, modes = arg.rpartition(":") if ":" in arg and not Path(arg).exists() else (arg, "", "")
+    if not sep:
+        return Path(arg), None
+    taken = {m.strip() for m in modes.split(",") if m.strip()}
+    if not taken:
+        raise ValueError(f"{arg}: no mode after ':'")
+    return Path(folder), taken
+
+
+def load_runs(folders: list[Path], modes: list[set[str] | None] | None = None) -> tuple[list[dict], dict]:
+    """(records of all folders, the shared settings of the first). modes[i]: the modes taken from
+    folders[i] (None: all). Raises ValueError when a folder lacks its files, when a folder
+    differs from the first in a SHARED setting (where either takes no memory records, the
+    `ASK_ONLY` fields are not compared), or when two hold the same record."""
+    modes = modes or [None] * len(folders)
+    records, seen, first = [], {}, None
+
+    def settings_of(folder):
         run, trials = folder / "run.json", folder / "trials.jsonl"
         if not run.is_file() or not trials.is_file():
             raise ValueError(f"{folder}: expected run.json and trials.jsonl from `memformer eval ruler`")
         settings = json.loads(run.read_text())
         if settings.get("eval") != "ruler":
             raise ValueError(f"{folder}: run.json is from `eval {settings.get('eval')}`, not `eval ruler`")
-        these = {k: settings.get(k) for k in SHARED}
-        if shared is None:
-            shared = these
-        elif these != shared:
-            differ = [k for k in SHARED if these[k] != shared[k]]
-            raise ValueError(f"{folder}: differs from {folders[0]} in {', '.join(differ)}")
-        for rid, rec in plots.read_records(trials).items():
+        return {k: settings.get(k) for k in SHARED}
+
+    def without_ask_only(these):
+        cfg = these["memory_config"]
+        return {**these, "memory_config": {k: v for k, v in cfg.items() if k not in ASK_ONLY}} if isinstance(cfg, dict) else these
+
+    for folder, taken in zip(folders, modes):
+        these = settings_of(folder)
+        memory = taken is None or "memory" in taken
+        if first is None:
+            first = (folder, these, memory)
+        else:
+            mine, theirs = these, first[1]
+            if not (memory and first[2]):
+                mine, theirs = without_ask_only(mine), without_ask_only(theirs)
+            if mine != theirs:
+                differ = [k for k in SHARED if mine[k] != theirs[k]]
+                raise ValueError(f"{folder}: differs from {first[0]} in {', '.join(differ)}")
+        for rid, rec in plots.read_records(folder / "trials.jsonl").items():
+            if taken is not None and rec.get("mode") not in taken:
+                continue
             if rid in seen:
                 raise ValueError(f"{folder}: record {rid} is also in {seen[rid]}")
             seen[rid] = folder
@@ -52,7 +91,7 @@ def load_runs(folders: list[Path]) -> tuple[list[dict], dict]:
             records.append(rec)
     if not records:
         raise ValueError("no trials in the given folders")
-    return records, shared
+    return records, first[1]
 
 
 def samples_line(records) -> str:
@@ -70,11 +109,13 @@ def samples_line(records) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("folders", nargs="+", type=Path, help="`memformer eval ruler` output folders")
+    p.add_argument("folders", nargs="+", help="`memformer eval ruler` output folders, each FOLDER or "
+                   "FOLDER:MODES (only those modes' records, e.g. results/run_32k:rag)")
     p.add_argument("--out", type=Path, required=True, help="folder for ruler_lengths.md and ruler_lengths.png")
     args = p.parse_args(argv)
     try:
-        records, shared = load_runs(args.folders)
+        parsed = [parse_folder(f) for f in args.folders]
+        records, shared = load_runs([f for f, _ in parsed], [m for _, m in parsed])
     except ValueError as e:
         print(f"ruler_lengths: {e}", file=sys.stderr)
         return 2

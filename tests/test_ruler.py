@@ -180,11 +180,11 @@ def test_cli_ruler_rejects_bad_arguments_before_loading_a_model(argv, msg, capsy
     assert re.search(msg, capsys.readouterr().err)
 
 
-def _ruler_run(folder, length, seed=7, records=None):
+def _ruler_run(folder, length, seed=7, records=None, memory_config=None):
     """A run folder as `memformer eval ruler` leaves it: run.json and trials.jsonl."""
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"eval": "ruler", "backbone": "b", "haystack": "h.txt",
-                                                 "seed": seed, "memory_config": {"top_k": 32}}))
+                                                 "seed": seed, "memory_config": memory_config or {"top_k": 32}}))
     records = records if records is not None else [
         {"id": f"{t}/{length}/0/{m}", "task": t, "length": length, "index": 0, "mode": m, "status": "ok",
          "score": s, "looping": False, "answer": "x"}
@@ -224,6 +224,38 @@ def test_ruler_lengths_merges_runs_of_one_configuration(tmp_path, capsys):
         ruler_lengths.load_runs([tmp_path / "missing"])
     assert ruler_lengths.main([str(a), str(other_seed), "--out", str(tmp_path / "o2")]) == 2
     assert "differs" in capsys.readouterr().err
+
+
+def test_ruler_lengths_takes_a_folders_modes_and_lets_rag_records_differ_in_ask_settings(tmp_path, capsys):
+    """FOLDER:MODES takes only those modes' records: a memory-only rerun under another
+    `answer_reads` merges with the RAG records of the earlier run of the same samples, never with
+    its memory records."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ruler_lengths
+
+    rerun_records = [{"id": f"{t}/16384/0/memory", "task": t, "length": 16384, "index": 0, "mode": "memory",
+                      "status": "ok", "score": s, "looping": False, "answer": "x"}
+                     for t, s in [("vt", 0.0), ("niah_single_1", 1.0)]]
+    rerun = _ruler_run(tmp_path / "rerun", 16384, records=rerun_records,
+                       memory_config={"top_k": 32, "answer_reads": 4})
+    earlier = _ruler_run(tmp_path / "earlier", 16384)
+    assert ruler_lengths.parse_folder(f"{earlier}:rag") == (earlier, {"rag"})
+    assert ruler_lengths.parse_folder(str(earlier)) == (earlier, None)
+    records, _ = ruler_lengths.load_runs([rerun, earlier], [None, {"rag"}])
+    assert sorted(r["id"] for r in records) == ["niah_single_1/16384/0/memory", "niah_single_1/16384/0/rag",
+                                                "vt/16384/0/memory", "vt/16384/0/rag"]
+    # its memory records too: the same records twice, and memory read under other ask settings
+    with pytest.raises(ValueError, match="differs .* in memory_config"):
+        ruler_lengths.load_runs([rerun, earlier])
+    other = _ruler_run(tmp_path / "other", 16384, memory_config={"top_k": 8})
+    with pytest.raises(ValueError, match="differs .* in memory_config"):    # top_k is not ask-only
+        ruler_lengths.load_runs([rerun, other], [None, {"rag"}])
+    assert ruler_lengths.main([str(rerun), f"{earlier}:rag", "--out", str(tmp_path / "out")]) == 0
+    assert "| 16k | 50.0% | 60.0% |" in (tmp_path / "out" / "ruler_lengths.md").read_text()
+    assert ruler_lengths.main([str(rerun), f"{earlier}:", "--out", str(tmp_path / "o2")]) == 2
+    assert "no mode" in capsys.readouterr().err
 
 
 def test_copy_repeats_values_documents_and_verdicts(btok):
