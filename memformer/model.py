@@ -389,10 +389,11 @@ class MemformerForCausalLM(nn.Module):
         candidate reads first (`question_reads.checked_reads`); besides the best, each read within
         `ANSWER_MARGIN` of its score that stands out of the field (`ANSWER_LIFT` above the
         candidates' median) is answered from alone, `MemoryConfig.answer_reads` in all
-        (one key's several values, several keys asked at once): each of them answers one item,
-        the reads side by side as one batch of `generate` (row k reading its own blocks and
-        continuing its own row of the check's prompt cache), each item its first sentence or line (`decoding.LoopStop(one_item=True)`, `first_item`), and the distinct items are
-        joined one per line, best read first (`decoding.join_answers`). Generation stops at a
+        (one key's several values, several keys asked at once). The reads answer side by side as
+        one batch of `generate`, row k reading its own blocks and continuing its own row of the
+        check's prompt cache (`question_reads.stack_rows`); each answers one item, its first
+        sentence or line (`decoding.LoopStop(one_item=True)`, `first_item`), and the distinct
+        items are joined one per line, best read first (`decoding.join_answers`). Generation stops at a
         degenerate loop, which is cut back to one copy of its unit, or where the answer states
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an

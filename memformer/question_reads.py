@@ -18,7 +18,8 @@ needle among look-alikes, the name asked about) predicts them; the document's in
 or a passage that only paraphrases the question does not, whatever the embedder thought of it.
 All candidates are read in one forward, a batch of K rows over the one memory
 (`candidate_reads`); each read answered from is generated from its own row of that prompt cache
-(`keep_row`), so no answer runs its prompt again. Each other read within `ANSWER_MARGIN` of the best that stands out of the field
+(`keep_row`; several reads' rows stacked into one batch, `stack_rows`, answer side by side in one
+`generate`), so no answer runs its prompt again. Each other read within `ANSWER_MARGIN` of the best that stands out of the field
 (`ANSWER_LIFT` above the median score) is answered from too (`answer_reads`): several passages
 that each hold the question's words, one key's several values or several keys asked at once.
 """

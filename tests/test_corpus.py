@@ -289,6 +289,45 @@ def test_build_saves_as_the_memory_grows_by_a_quarter(tmp_path, monkeypatch):
     assert len(corpus.read_corpus_table(tmp_path / "mem")) == 40
 
 
+def test_several_corpus_reads_answer_side_by_side_as_each_read_alone(tmp_path, monkeypatch):
+    """Over an attached corpus, a question answered from several reads runs them as one batch
+    (row k reading its own corpus blocks): each row's scores are those of that read alone, and
+    the reads' scores differ, so a row reading another's blocks would show."""
+    import memformer.model as model_module
+    docs = _docs(tmp_path)
+    (docs / "zebra.txt").write_text("The zebraquartz lives in the blue cellar. " + "lorem ipsum dolor " * 6)
+    corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
+    reader = _model(knn_layers=[1], answer_reads=3)
+    reader.attach_corpus(tmp_path / "mem")
+    cue = "The zebraquartz lives in the"
+    candidates, source = reader.questions.candidates(cue)
+    assert source == "corpus" and len(candidates) >= 3
+    taken = []
+
+    def top_three(scored, limit):
+        taken[:] = [b for b, _ in scored[:3]]
+        return list(taken)
+    monkeypatch.setattr(model_module, "answer_reads", top_three)
+    real_generate, batched = reader.generate, []
+
+    def spy(ids, **kw):
+        out = real_generate(ids, output_scores=True, return_dict_in_generate=True, **kw)
+        batched.append(torch.stack(out.scores))                                # [new, B, V]
+        return out.sequences
+    reader.generate = spy
+    assert reader.ask(cue=cue, max_new_tokens=4, return_dict=True).reads == 3
+    reader.generate = real_generate
+    assert len(batched) == 1 and batched[0].shape[1] == 3
+    x = reader.questions.prompt_ids(cue=cue)
+    firsts = []
+    for k, blocks in enumerate(taken):
+        with reader.reading_blocks(blocks, "corpus"):
+            g = reader.generate(x, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        torch.testing.assert_close(batched[0][0, k], g.scores[0][0], atol=1e-4, rtol=1e-4)
+        firsts.append(g.scores[0][0])
+    assert not torch.allclose(firsts[0], firsts[1], atol=1e-4) and not torch.allclose(firsts[1], firsts[2], atol=1e-4)
+
+
 def test_corpus_question_reads_refuse_bad_input(tmp_path):
     """No corpus attached, an unknown source, or a sentence embedder of another width than the
     corpus was built with: a ValueError naming it, and nothing pinned."""
