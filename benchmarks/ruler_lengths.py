@@ -80,7 +80,11 @@ def load_runs(folders: list[Path], modes: list[set[str] | None] | None = None) -
             if mine != theirs:
                 differ = [k for k in SHARED if mine[k] != theirs[k]]
                 raise ValueError(f"{folder}: differs from {first[0]} in {', '.join(differ)}")
-        for rid, rec in plots.read_records(folder / "trials.jsonl").items():
+        found = plots.read_records(folder / "trials.jsonl")
+        if taken is not None and not any(rec.get("mode") in taken for rec in found.values()):
+            have = sorted({str(rec.get("mode")) for rec in found.values()})
+            raise ValueError(f"{folder}: no records of mode(s) {', '.join(sorted(taken))}; it holds {', '.join(have)}")
+        for rid, rec in found.items():
             if taken is not None and rec.get("mode") not in taken:
                 continue
             if rid in seen:

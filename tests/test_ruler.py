@@ -256,6 +256,8 @@ def test_ruler_lengths_takes_a_folders_modes_and_lets_rag_records_differ_in_ask_
     assert "| 16k | 50.0% | 60.0% |" in (tmp_path / "out" / "ruler_lengths.md").read_text()
     assert ruler_lengths.main([str(rerun), f"{earlier}:", "--out", str(tmp_path / "o2")]) == 2
     assert "no mode" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no records of mode.*rga; it holds memory, rag"):   # a misspelt mode
+        ruler_lengths.load_runs([rerun, earlier], [None, {"rga"}])
 
 
 def test_copy_repeats_values_documents_and_verdicts(btok):
