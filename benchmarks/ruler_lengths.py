@@ -38,9 +38,9 @@ ASK_ONLY = ("answer_reads",)      # memory_config fields that only the memory mo
 
 def parse_folder(arg: str) -> tuple[Path, set[str] | None]:
     """(folder, the modes taken from it, None for all) from FOLDER or FOLDER:MODES."""
-    folder, sep, modes = arg.rpartition(":") if ":" in arg and not Path(arg).exists() else (arg, "", "")
-    if not sep:
+    if ":" not in arg or Path(arg).exists():          # a folder whose own name holds ":" is a folder
         return Path(arg), None
+    folder, _, modes = arg.rpartition(":")
     taken = {m.strip() for m in modes.split(",") if m.strip()}
     if not taken:
         raise ValueError(f"{arg}: no mode after ':'")
@@ -53,7 +53,8 @@ def load_runs(folders: list[Path], modes: list[set[str] | None] | None = None) -
     differs from the first in a SHARED setting (where either takes no memory records, the
     `ASK_ONLY` fields are not compared), or when two hold the same record."""
     modes = modes or [None] * len(folders)
-    records, seen, first = [], {}, None
+    records, seen = [], {}
+    first = first_settings = first_memory = None
 
     def settings_of(folder):
         run, trials = folder / "run.json", folder / "trials.jsonl"
@@ -72,14 +73,14 @@ def load_runs(folders: list[Path], modes: list[set[str] | None] | None = None) -
         these = settings_of(folder)
         memory = taken is None or "memory" in taken
         if first is None:
-            first = (folder, these, memory)
+            first, first_settings, first_memory = folder, these, memory
         else:
-            mine, theirs = these, first[1]
-            if not (memory and first[2]):
+            mine, theirs = these, first_settings
+            if not (memory and first_memory):
                 mine, theirs = without_ask_only(mine), without_ask_only(theirs)
             if mine != theirs:
                 differ = [k for k in SHARED if mine[k] != theirs[k]]
-                raise ValueError(f"{folder}: differs from {first[0]} in {', '.join(differ)}")
+                raise ValueError(f"{folder}: differs from {first} in {', '.join(differ)}")
         found = plots.read_records(folder / "trials.jsonl")
         if taken is not None and not any(rec.get("mode") in taken for rec in found.values()):
             have = sorted({str(rec.get("mode")) for rec in found.values()})
@@ -95,7 +96,7 @@ def load_runs(folders: list[Path], modes: list[set[str] | None] | None = None) -
             records.append(rec)
     if not records:
         raise ValueError("no trials in the given folders")
-    return records, first[1]
+    return records, first_settings
 
 
 def samples_line(records) -> str:
