@@ -239,8 +239,32 @@ class MemformerForCausalLM(nn.Module):
 
     def memory_disabled(self):
         """Context manager: within it memory is neither read nor written, and every memory layer
-        runs the backbone's attention (a trained adapter's LoRA, where it has one, still applies)."""
+        runs the backbone's attention (a trained adapter's LoRA, where it has one, still applies;
+        `backbone_only` switches it off too)."""
         return memory_pass(self.runtime, self.memory_modules, enabled=False)
+
+    @contextlib.contextmanager
+    def backbone_only(self):
+        """Context manager: within it the model is the frozen backbone exactly, as loaded without
+        memformer: memory is neither read nor written and the adapter's LoRA is switched off. The
+        baselines (RAG, truncation, the whole document, perplexity without memory) run this way:
+        the LoRA was trained to work with memory, and what it does to the backbone's reading of
+        its own context is no part of a baseline."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        lora = [m for m in self.backbone.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+        # peft's switch also sets the adapter weights' requires_grad: put it back as it was
+        grads = {n: p.requires_grad for n, p in self.named_parameters() if is_memory_param(n)}
+        for m in lora:
+            m.enable_adapters(False)
+        try:
+            with self.memory_disabled():
+                yield
+        finally:
+            for m in lora:
+                m.enable_adapters(True)
+            for n, p in self.named_parameters():
+                if n in grads:
+                    p.requires_grad_(grads[n])
 
     # ---------------------------------------------------------------- reading into memory
     @torch.no_grad()

@@ -93,6 +93,30 @@ def test_add_lora_trains_gates_and_lora_and_leaves_outputs_unchanged():
         model.add_lora(AdapterConfig(lora_rank=4))
 
 
+def test_backbone_only_is_the_frozen_backbone_with_lora_and_memory_off():
+    """The baselines' model: inside backbone_only the logits are the untouched backbone's, though
+    LoRA is trained and memory holds rows; outside, LoRA and memory apply again and which weights
+    train is as before."""
+    model, oracle = make(memory_layers=[0, 1])
+    model.add_lora(AdapterConfig(lora_rank=4, lora_alpha=8.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.5)
+    model.memorize(ids(40), show_progress=False)
+    x = ids(10, seed=5)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        want, before = oracle(x).logits, model(x).logits
+        with model.memory_disabled():
+            lora_on = model(x).logits
+        with model.backbone_only():
+            torch.testing.assert_close(model(x).logits, want, atol=1e-5, rtol=0)
+        assert (lora_on - want).abs().max() > 1e-3          # memory_disabled keeps the LoRA
+        torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+
+
 def test_add_lora_rank_zero_sets_the_gates_only():
     model, _ = make()
     model.add_lora(AdapterConfig(lora_rank=0, gate_init=-2.0))

@@ -417,6 +417,36 @@ def test_prepare_and_answer_functions_in_every_mode():
         qa_api.answer(tiny_model(), mem, cue="x")
 
 
+def test_baselines_answer_with_the_frozen_backbone_whatever_the_lora():
+    """RAG, truncation and the whole document run the backbone as loaded (no LoRA, no memory):
+    their answers are the same with the adapter's LoRA trained or untouched, while a memory
+    answer changes with it."""
+    from memformer import AdapterConfig
+    model = tiny_model(window=160, native=2048)
+    model.add_lora(AdapterConfig(lora_rank=4, lora_alpha=8.0))
+    docs = [DOC_A, DOC_B]
+
+    def answers():
+        out = {}
+        for mode in ("truncate", "rag", "full"):
+            ctx = qa_api.prepare(model, docs, mode, show_progress=False)
+            out[mode] = qa_api.answer(model, ctx, cue="The cat is", max_new_tokens=12).text
+        ctx = qa_api.prepare(model, docs, "memory", show_progress=False)
+        with torch.no_grad(), model.memory_disabled():      # the LoRA's own effect on the same prompt
+            x = model.questions.prompt_ids(cue="The cat is")
+            out["lora"] = model(x).logits
+        return out
+
+    plain = answers()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 2.0)
+    trained = answers()
+    assert (trained.pop("lora") - plain.pop("lora")).abs().max() > 1e-2    # the LoRA does change the model
+    assert trained == plain
+
+
 def test_full_mode_refuses_documents_beyond_the_native_context():
     model = tiny_model(native=256)
     with pytest.raises(DoesNotFit, match="native context of 256"):

@@ -66,7 +66,7 @@ def run_trial(model, ids: list[int], key: int, mode: str, max_new_tokens: int = 
         out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
     elif mode == "truncate":
         x = x[:, -model.memory_config.window:]
-        with model.memory_disabled():
+        with model.backbone_only():
             out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False)
     else:
         raise ValueError(f"unknown passkey mode {mode!r}")

@@ -10,10 +10,10 @@ predicted exactly once, in its window:
              keys stored are those of a memory-reading pass), its decoder output scored by the
              LM head; the window's keys/values are appended after the forward, so no token sees
              itself or the future.
-* truncate — the same windows with memory disabled: the frozen backbone on each window alone.
+* truncate — the same windows, the frozen backbone alone (no memory, no LoRA) on each window.
 
-Both modes see identical windows, so the first window scores the same and any difference
-after it is memory's. Token NLLs are stored per trial (JSONL) and binned by position.
+Both modes see identical windows, so any difference is what memory and its adapter add to the
+backbone (with a trained adapter the first window differs too: its LoRA applies in mode memory). Token NLLs are stored per trial (JSONL) and binned by position.
 """
 from __future__ import annotations
 
@@ -90,8 +90,8 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) ->
     """NLL (nats) of tokens 1..N-1 of `ids` (index t-1 = token t) read window by window in `mode`.
 
     Each window is one `model.memorize` call (so the windows, sink and overlap are exactly the
-    model's), reading memory (`read=True`) in mode memory and with memory disabled in mode
-    truncate; its `on_window` callback hands over the window's final hidden states, which the LM
+    model's), reading memory (`read=True`) in mode memory and as the frozen backbone alone
+    (`backbone_only`: no memory, no LoRA) in mode truncate; its `on_window` callback hands over the window's final hidden states, which the LM
     head turns into the targets' log-probabilities. Leaves the model's memory empty."""
     if mode not in MODES:
         raise ValueError(f"unknown ppl mode {mode!r}; choose from {', '.join(MODES)}")
@@ -106,7 +106,7 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) ->
     nll: list[float] = []
     model.reset_memory()
     try:
-        with model.memory_disabled() if mode == "truncate" else contextlib.nullcontext():
+        with model.backbone_only() if mode == "truncate" else contextlib.nullcontext():
             for a, b in tqdm(list(zip(bounds, bounds[1:])), desc=f"ppl {mode}", unit="window",
                              disable=not show_progress):
                 seen.clear()

@@ -8,13 +8,15 @@
 The documents form one token stream (`Corpus`). Mode "memory" is the product: the documents are
 memorized (`model.memorize`, one call per document) and answers are `model.ask` — question reads,
 the same code path as the library. The baselines differ only in the document context put before
-the question; truncate and rag get the same token budget (`tail_room`):
+the question; truncate and rag get the same token budget (`tail_room`). The baselines run the
+frozen backbone exactly (`model.backbone_only()`: no memory and no LoRA), as a user without
+memformer would:
 
 * memory   — `model.ask`: the question alone in the window, every memory layer reading the memory
              blocks under the passages nearest the question;
-* truncate — the tail, memory off: the frozen backbone with the last window only;
-* rag      — the passages most similar to the question (sentence-transformers), memory off;
-* full     — the whole stream in the context, memory off (the long-context reference; only
+* truncate — the tail: the frozen backbone with the last window only;
+* rag      — the passages most similar to the question (sentence-transformers);
+* full     — the whole stream in the context (the long-context reference; only
              when it fits the backbone's native context, else `DoesNotFit`).
 
 The bundled demo document lives in `memformer.qa.demo`.
@@ -358,7 +360,7 @@ class LongDocQA:
         from transformers import StoppingCriteriaList
         from memformer.decoding import LoopStop, cut_loop, end_at_cue
         model = self.model
-        with model.memory_disabled():
+        with model.backbone_only():
             dev = model.device
             out = model.backbone.generate(input_ids=x.to(dev), attention_mask=torch.ones_like(x).to(dev),
                                           pad_token_id=model.pad_token_id, max_new_tokens=max_new_tokens,
