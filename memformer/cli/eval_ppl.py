@@ -51,7 +51,8 @@ def cmd_eval_ppl(args) -> int:
     cfg = model.memory_config
     header = (f"# Perplexity by position\n\nEach document segment ({tokens} tokens) is read in the model's ingest "
               f"windows; memory: each window reads the memory of all earlier ones, then is written; truncate: "
-              f"the same windows, the frozen backbone alone (no memory, no LoRA). Perplexity per {args.bin}-token bin of position.\n\n"
+              f"the same windows, the frozen backbone alone (no memory, no LoRA). "
+              f"Perplexity per {args.bin}-token bin of position.\n\n"
               f"backbone: {args.model or 'SmolLM2-135M-Instruct (default)'}, window {cfg.window}, "
               f"memory layers: {describe_layers(model)}, sink tokens {cfg.sink_tokens}, "
               f"overlap {cfg.overlap}; {args.segments} segment(s) per document; {time.perf_counter() - t0:.0f}s "

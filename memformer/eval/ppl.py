@@ -13,7 +13,8 @@ predicted exactly once, in its window:
 * truncate — the same windows, the frozen backbone alone (no memory, no LoRA) on each window.
 
 Both modes see identical windows, so any difference is what memory and its adapter add to the
-backbone (with a trained adapter the first window differs too: its LoRA applies in mode memory). Token NLLs are stored per trial (JSONL) and binned by position.
+backbone (with a trained adapter the first window differs too: its LoRA applies in mode
+memory). Token NLLs are stored per trial (JSONL) and binned by position.
 """
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def window_nll(model, ids: list[int], mode: str, show_progress: bool = False) ->
 
     Each window is one `model.memorize` call (so the windows, sink and overlap are exactly the
     model's), reading memory (`read=True`) in mode memory and as the frozen backbone alone
-    (`backbone_only`: no memory, no LoRA) in mode truncate; its `on_window` callback hands over the window's final hidden states, which the LM
-    head turns into the targets' log-probabilities. Leaves the model's memory empty."""
+    (`backbone_only`: no memory, no LoRA) in mode truncate; its `on_window` callback hands over
+    the window's final hidden states, which the LM head turns into the targets'
+    log-probabilities. Leaves the model's memory empty."""
     if mode not in MODES:
         raise ValueError(f"unknown ppl mode {mode!r}; choose from {', '.join(MODES)}")
     cfg = model.memory_config
