@@ -117,6 +117,79 @@ def test_backbone_only_is_the_frozen_backbone_with_lora_and_memory_off():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
 
 
+def _randomize_lora_b(model, which=(".lora_B.",), std=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if any(w in n for w in which):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("read", ["knn", "layer_blocks", "pinned"])
+def test_memory_scope_lora_leaves_the_local_attention_the_backbones(read):
+    """lora_scope "memory": q/k/v LoRA only (o_proj untouched), applied only on the memory path.
+    With memory off, or with the memory gates shut, the logits are the backbone's though the LoRA
+    is random; with the attention scope they are not. With memory read, the q LoRA moves the
+    logits (it shapes the queries against memory) and the k/v LoRA shapes what is stored."""
+    # layer blocks: every block is read, so the q LoRA moves the logits through the rows' logits,
+    # not only through which blocks the chooser picks
+    cfg = {"block_size": 4, "layer_blocks": {"knn": 0, "layer_blocks": 16, "pinned": 0}[read]}
+    outs = {}
+    for scope in ("memory", "attention"):
+        model, oracle = make(memory_layers=[0, 1], **cfg)
+        model.add_lora(AdapterConfig(lora_rank=4, lora_alpha=8.0, lora_scope=scope))
+        lora = sorted({n.split(".attn.")[1].split(".")[0] for n in model.trainable_state_dict() if ".lora_" in n})
+        assert lora == (["k_proj", "q_proj", "v_proj"] if scope == "memory" else ["k_proj", "o_proj", "q_proj", "v_proj"])
+        _randomize_lora_b(model)
+        model.memorize(ids(40), show_progress=False)
+        x = ids(10, seed=5)
+        pins = model.reading_blocks([1, 3]) if read == "pinned" else contextlib.nullcontext()
+        with torch.no_grad(), pins:
+            want, got = oracle(x).logits, model(x).logits
+            with model.memory_disabled():
+                off = model(x).logits
+            gates = [m.memory_gate for m in model.memory_modules.values()]
+            for gate in gates:
+                gate.fill_(-1e4)                                     # memory gets no attention
+            shut = model(x).logits
+            for gate in gates:
+                gate.fill_(0.0)
+            keys = model.memory_modules[0].memory.keys.clone()
+            _randomize_lora_b(model, which=("q_proj.lora_B.",), seed=1)
+            q_moved = model(x).logits
+        outs[scope] = (want, got, off, shut, q_moved, keys)
+    want, got, off, shut, q_moved, keys = outs["memory"]
+    torch.testing.assert_close(off, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shut, want, atol=1e-4, rtol=0)
+    assert (got - want).abs().max() > 1e-3                           # memory is read
+    assert (q_moved - got).abs().max() > 1e-3                        # through the LoRA'd queries
+    assert (keys - outs["attention"][5]).abs().max() < 1e-6          # the same LoRA'd keys are stored
+    a_want, _, a_off, a_shut, _, _ = outs["attention"]
+    assert (a_off - a_want).abs().max() > 1e-3 and (a_shut - a_want).abs().max() > 1e-3
+
+
+def test_memory_scope_is_saved_and_changes_the_adapter_hash(tmp_path):
+    from memformer import persistence
+    model, _ = make(memory_layers=[0, 1])
+    model.add_lora(AdapterConfig(lora_rank=4, lora_alpha=8.0, lora_scope="memory"))
+    _randomize_lora_b(model)
+    path = model.save_pretrained(tmp_path / "ad")
+    again, _ = make(memory_layers=[0, 1])
+    again.load_adapter(path)
+    assert again.adapter_config.lora_scope == "memory"
+    assert all(m.lora_memory_only for m in again.memory_modules.values())
+    x = ids(30, seed=3)
+    with torch.no_grad():
+        model.memorize(x, show_progress=False), again.memorize(x, show_progress=False)
+        torch.testing.assert_close(again(x[:, :8]).logits, model(x[:, :8]).logits, atol=1e-6, rtol=0)
+    other, _ = make(memory_layers=[0, 1])
+    other.add_lora(AdapterConfig(lora_rank=4, lora_alpha=8.0))
+    other.load_state_dict(model.state_dict(), strict=False)
+    assert persistence.adapter_hash(other) != persistence.adapter_hash(model)
+    with pytest.raises(ValueError, match="lora_scope"):
+        AdapterConfig(lora_scope="local")
+
+
 def test_add_lora_rank_zero_sets_the_gates_only():
     model, _ = make()
     model.add_lora(AdapterConfig(lora_rank=0, gate_init=-2.0))
