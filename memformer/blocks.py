@@ -34,7 +34,7 @@ from memformer.kernels.reference import can_fuse, fused_attention, local_attenti
 
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,
                     row_rotation, slot_rotation, local_mask=None, mem_bias=None, with_probs: bool = False,
-                    local=None, q_rows=None):
+                    local=None):
     """Attention over [local keys ‖ rows of the pinned memory blocks], one softmax per query.
 
     mem: LayerMemory [B or 1, Hkv, M, D] (keys, values, positions, slots, valid [B or 1, M]).
@@ -43,8 +43,6 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
         local_mask says otherwise); mem_bias [Hq]: the memory gate, added to memory logits.
     blocks [B, n]: block ids read by every query (`MemformerForCausalLM.reading_blocks`).
     local: (out [B, Hq, T, D], lse [B, Hq, T]) of the local attention when the caller has it.
-    q_rows [B, Hq, T, D]: the queries against the memory rows when they differ from q_rot (a
-        LoRA on the memory path only); None = q_rot.
     row_rotation: (cos, sin) [1, R', D] of positions -R' .. -1, R' >= n*block_size: rows are
         rotated by their slot in the contiguous layout (the last R slots when fewer rows exist)
         with `rotary_fn` (the backbone's apply_rotary_pos_emb).
@@ -58,7 +56,7 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
     rows, keys, values = block_rows(mem, blocks, B, block_size=block_size, rotary_fn=rotary_fn,
                                     row_rotation=row_rotation, slot_rotation=slot_rotation, device=q_rot.device)
     return rows_attention(q_rot, k_local, v_local, rows, keys, values, scale=scale, local_mask=local_mask,
-                          mem_bias=mem_bias, with_probs=with_probs, local=local, q_rows=q_rows)
+                          mem_bias=mem_bias, with_probs=with_probs, local=local)
 
 
 def block_rows(mem, blocks, B: int, *, block_size: int, rotary_fn, row_rotation, slot_rotation, device):
@@ -106,21 +104,21 @@ def block_rows(mem, blocks, B: int, *, block_size: int, rotary_fn, row_rotation,
 
 
 def rows_attention(q_rot, k_local, v_local, rows, keys, values, *, scale: float, local_mask=None, mem_bias=None,
-                   with_probs: bool = False, local=None, q_rows=None):
+                   with_probs: bool = False, local=None):
     """`shared_rows_attention` over laid-out rows (`block_rows`: rows [B, R], keys, values
     [B, Hkv, R, D]), returning what `block_attention` returns."""
     B, Hq, T, D = q_rot.shape
     R = rows.shape[-1]
     out, probs = shared_rows_attention(q_rot, k_local, v_local, keys, values, rows >= 0, scale=scale,
                                        local_mask=local_mask, mem_bias=mem_bias, with_probs=with_probs,
-                                       local=local, q_rows=q_rows)
+                                       local=local)
     read = rows[:, None, None, :].expand(B, 1, T, R)                                  # [B, 1, T, R]
     probs = probs.mean(dim=1, keepdim=True).detach() if with_probs else None          # [B, 1, T, R]
     return out, read, probs
 
 
 def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale: float, local_mask=None,
-                          mem_bias=None, with_probs: bool = False, local=None, q_rows=None):
+                          mem_bias=None, with_probs: bool = False, local=None):
     """One softmax of every query over [its local keys ‖ the same R memory rows] (fp32 inside).
 
     Every query of a block read reads the same rows, so the memory logits are one matmul per kv
@@ -129,17 +127,15 @@ def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale:
     q [B, Hq, T, D]; k_local, v_local [B, Hkv, S, D] (queries are the last T of S unless
     local_mask says otherwise); k_rows, v_rows [B, Hkv, R, D] already at their layout positions;
     row_ok [B, R] bool (False = no row); mem_bias [Hq] (the memory gate) or None; local: the local
-    attention's (out, lse) already computed for these queries, or None; q_rows [B, Hq, T, D]: the
-    queries against the rows when they are not q (a LoRA on the memory path only), or None.
+    attention's (out, lse) already computed for these queries, or None.
     returns (out [B, Hq, T, D] in q's dtype, probs [B, Hq, T, R] each row's share of the one
     softmax, or None unless with_probs)."""
     B, Hq, T, D = q.shape
     out_loc, lse_loc = local if local is not None else local_attention(q, k_local, v_local, scale, local_mask)  # [B, Hq, T, D], [B, Hq, T]
-    qr = q if q_rows is None else q_rows
-    if with_probs or not can_fuse(qr, k_rows, v_rows, mem_bias):
-        out_mem, lse_mem, p = _rows_softmax(qr, k_rows, v_rows, row_ok, scale, mem_bias)
+    if with_probs or not can_fuse(q, k_rows, v_rows, mem_bias):
+        out_mem, lse_mem, p = _rows_softmax(q, k_rows, v_rows, row_ok, scale, mem_bias)
     else:
-        out_mem, lse_mem = _rows_flash(qr, k_rows, v_rows, row_ok, scale, mem_bias)
+        out_mem, lse_mem = _rows_flash(q, k_rows, v_rows, row_ok, scale, mem_bias)
         p = None
     # merge the two partial softmaxes by their log-sum-exp
     lse = torch.logaddexp(lse_loc, lse_mem)                                           # [B, Hq, T]
@@ -314,7 +310,7 @@ def chunk_chooser(queries: torch.Tensor, c: int, chunk: int, known: int = 0) -> 
 def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block_size: int, scale: float,
                            rotary_fn, row_rotation, slot_rotation, local_mask=None, mem_bias=None,
                            with_probs: bool = False, offset: int = 0, reads: LayerReads | None = None,
-                           read_from: int = 0, q_rows=None):
+                           read_from: int = 0):
     """Block reads with no question: every chunk of `block_size` positions reads the `n` blocks its
     layer's queries choose (`chunk_chooser`, `chosen_blocks`), laid out before the local window as
     question reads lay them out, in one softmax with its local keys (`rows_attention`). A chunk
@@ -326,8 +322,6 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
     [B, Hkv, S, D]; local_mask as HF gives it (None = causal, queries last T of S).
     reads: the `LayerReads` the calls before this one left (None at offset 0 or when unknown); a
     chunk whose rows it holds is not chosen or gathered again.
-    q_rows [B, Hq, T, D]: the queries against the rows read when they are not q_rot (a LoRA on
-    the memory path only), or None.
     returns (out [B, Hq, T, D], rows [B, 1, T, R] and probs [B, 1, T, R] (both None unless
     with_probs: the rows read are only kept for recordings), LayerReads after)."""
     B, Hq, T, D = q_rot.shape
@@ -364,8 +358,7 @@ def chosen_block_attention(mem, q_rot, q_mem, k_local, v_local, *, n: int, block
             laid = block_rows(mem, blocks[c], B, block_size=bs, rotary_fn=rotary_fn, row_rotation=row_rotation,
                               slot_rotation=slot_rotation, device=q_rot.device)    # rows [B, R], keys, values
         o, r, p = rows_attention(q_rot[:, :, a:b], k_local, v_local, *laid, scale=scale, mem_bias=mem_bias,
-                                 with_probs=with_probs, local=(out_loc[:, :, a:b], lse_loc[:, :, a:b]),
-                                 q_rows=None if q_rows is None else q_rows[:, :, a:b])
+                                 with_probs=with_probs, local=(out_loc[:, :, a:b], lse_loc[:, :, a:b]))
         outs.append(o)
         if with_probs:
             rows.append(r), probs.append(p)

@@ -197,9 +197,6 @@ class MemoryConfig:
         return cls(**d)
 
 
-LORA_SCOPES = ("attention", "memory")
-
-
 @dataclass
 class AdapterConfig:
     """Trainable adapters of the memory layers (training only; `MemformerForCausalLM.add_lora`).
@@ -211,21 +208,14 @@ class AdapterConfig:
     lora_layers: the memory layers that get LoRA (None = every memory layer); the others train
         their gates only, so their projections, and everything the model computes without
         memory there, stay the backbone's.
-    lora_scope: where the LoRA applies. "attention": q/k/v/o of the whole layer, local attention
-        included. "memory": q/k/v, and only where memory is involved (the queries' logits against
-        memory rows, the keys and values written to memory); the local attention and o_proj stay
-        the backbone's, so a layer with memory off or empty is the backbone's layer exactly.
     """
 
     lora_rank: int = 8
     lora_alpha: float = 16.0
     gate_init: float = 0.0
     lora_layers: Optional[list[int]] = None
-    lora_scope: str = "attention"
 
     def __post_init__(self):
-        if self.lora_scope not in LORA_SCOPES:
-            raise ValueError(f"AdapterConfig: lora_scope must be one of {LORA_SCOPES}, got {self.lora_scope!r}")
         rank = self.lora_rank
         if not isinstance(rank, int) or isinstance(rank, bool) or rank > _MAX_SIZE:
             raise ValueError(f"AdapterConfig: lora_rank must be an integer <= {_MAX_SIZE}, got {rank!r}")

@@ -16,12 +16,10 @@ def is_memory_param(name: str) -> bool:
 
 def inject_lora(backbone: nn.Module, adapter: BackboneAdapter, layer_ids: list[int], cfg: AdapterConfig) -> None:
     """PEFT LoRA (rank, alpha; B = 0, so outputs do not change) on q/k/v/o of the memory layers
-    `layer_ids` (q/k/v with `lora_scope` "memory": o_proj stays the backbone's), inside their
-    MemoryAttention wrappers (`.attn`: the names saved adapters use)."""
+    `layer_ids`, inside their MemoryAttention wrappers (`.attn`: the names saved adapters use)."""
     from peft import LoraConfig, inject_adapter_in_model
-    projections = (adapter.q_proj, adapter.k_proj, adapter.v_proj)
-    projections += (adapter.o_proj,) if cfg.lora_scope == "attention" else ()
-    targets = [f"{adapter.layers_attr}.{i}.{adapter.attn_attr}.attn.{p}" for i in layer_ids for p in projections]
+    targets = [f"{adapter.layers_attr}.{i}.{adapter.attn_attr}.attn.{p}" for i in layer_ids
+               for p in (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj)]
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                       target_modules=targets, init_lora_weights=True)  # B = 0: identity at start
     # A is random (B = 0): seed it so an untrained adapter, and the fingerprint of memories
@@ -29,9 +27,3 @@ def inject_lora(backbone: nn.Module, adapter: BackboneAdapter, layer_ids: list[i
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         inject_adapter_in_model(lora, backbone)
-
-
-def base_projection(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The backbone's own projection of x: a PEFT LoRA layer without its adapter, or proj itself."""
-    base = getattr(proj, "base_layer", None)
-    return proj(x) if base is None else base(x)

@@ -18,7 +18,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from memformer.blocks import block_attention, chosen_block_attention, gather_rows, reads_on_cache
 from memformer.kernels import knn_attention
-from memformer.lora import base_projection
 
 
 @dataclass
@@ -124,7 +123,6 @@ class MemoryAttention(nn.Module):
         # local keys compete in one plain softmax (what works training-free).
         self.memory_gate = nn.Parameter(torch.full((self.num_heads,), float(gate_init)))
         self.knn = knn
-        self.lora_memory_only = False   # AdapterConfig.lora_scope "memory" (set by add_lora)
         self.memory = None
         self.corpus = None
         self.pending = None
@@ -138,18 +136,11 @@ class MemoryAttention(nn.Module):
         attn, rt = self.attn, self.runtime
         B, T, _ = hidden_states.shape
         D, Hq, Hkv = self.head_dim, self.num_heads, self.num_kv_heads
-        heads = lambda x, H: x.view(B, T, H, D).transpose(1, 2)               # [B, T, H*D] -> [B, H, T, D]
-        q = heads(attn.q_proj(hidden_states), Hq)                              # [B, Hq, T, D]
-        k = heads(attn.k_proj(hidden_states), Hkv)                             # [B, Hkv, T, D] un-rotated
-        v = heads(attn.v_proj(hidden_states), Hkv)                             # [B, Hkv, T, D]
+        q = attn.q_proj(hidden_states).view(B, T, Hq, D).transpose(1, 2)      # [B, Hq, T, D]
+        k = attn.k_proj(hidden_states).view(B, T, Hkv, D).transpose(1, 2)     # [B, Hkv, T, D] un-rotated
+        v = attn.v_proj(hidden_states).view(B, T, Hkv, D).transpose(1, 2)     # [B, Hkv, T, D]
         cos, sin = position_embeddings
-        q_rot, k_rot = self.rotary_fn(q, k, cos, sin)                          # the memory path's
-        q_loc, k_loc, v_loc = q_rot, k_rot, v                                  # the local attention's
-        if self.lora_memory_only:
-            # LoRA on the memory path only: local attention and the KV cache are the backbone's
-            q_loc, k_loc = self.rotary_fn(heads(base_projection(attn.q_proj, hidden_states), Hq),
-                                          heads(base_projection(attn.k_proj, hidden_states), Hkv), cos, sin)
-            v_loc = heads(base_projection(attn.v_proj, hidden_states), Hkv)
+        q_rot, k_rot = self.rotary_fn(q, k, cos, sin)
 
         if rt.write and rt.enabled:
             # rotated at their window position: memory keeps the order of its tokens
@@ -157,9 +148,9 @@ class MemoryAttention(nn.Module):
         offset = 0                                                             # tokens already in the KV cache
         if past_key_values is not None:
             offset = past_key_values.get_seq_length(self.layer_idx)
-            k_all, v_all = past_key_values.update(k_loc, v_loc, self.layer_idx)
+            k_all, v_all = past_key_values.update(k_rot, v, self.layer_idx)
         else:
-            k_all, v_all = k_loc, v_loc
+            k_all, v_all = k_rot, v
 
         pinned = rt.pinned_blocks is not None
         from_corpus = pinned and rt.pinned_source == "corpus"                  # question reads of a corpus
@@ -171,12 +162,12 @@ class MemoryAttention(nn.Module):
         if mem is None and corpus is None:
             # No memory to read: exactly the backbone's own attention path.
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, self.eager_fn)
-            out, _ = interface(attn, q_loc, k_all, v_all, attention_mask,
+            out, _ = interface(attn, q_rot, k_all, v_all, attention_mask,
                                dropout=0.0, scaling=attn.scaling, **kwargs)   # [B, T, Hq, D]
             return attn.o_proj(out.reshape(B, T, Hq * D)), None
 
         if pinned:                                                             # question reads
-            out, rows, probs = block_attention(mem, q_loc, k_all, v_all, rt.pinned_blocks, q_rows=q_rot,
+            out, rows, probs = block_attention(mem, q_rot, k_all, v_all, rt.pinned_blocks,
                                                block_size=rt.block_size, scale=attn.scaling,
                                                rotary_fn=self.rotary_fn, row_rotation=rt.row_rotation,
                                                slot_rotation=rt.slot_rotation, local_mask=attention_mask,
@@ -192,7 +183,7 @@ class MemoryAttention(nn.Module):
         if rt.layer_blocks and corpus is None:                                 # block reads chosen by this layer
             kept = reads_on_cache(past_key_values)                             # what earlier calls chose
             out, rows, probs, after = chosen_block_attention(
-                mem, q_loc, q_mem, k_all, v_all, q_rows=q_rot, n=rt.layer_blocks, block_size=rt.block_size, scale=attn.scaling,
+                mem, q_rot, q_mem, k_all, v_all, n=rt.layer_blocks, block_size=rt.block_size, scale=attn.scaling,
                 rotary_fn=self.rotary_fn, row_rotation=rt.layer_rotation, slot_rotation=rt.slot_rotation,
                 local_mask=attention_mask, mem_bias=self.memory_gate, with_probs=rt.record, offset=offset,
                 reads=kept.get(self.layer_idx) if kept is not None else None, read_from=rt.read_from)
@@ -211,7 +202,7 @@ class MemoryAttention(nn.Module):
         else:
             k_mem, v_mem, ids, scores, own_ids, corpus_ids = merged_retrieval(mem, corpus, queries, rt.top_k, G, T)
             k_scale = v_scale = None
-        res = knn_attention(q_loc, k_all, v_all, k_mem, v_mem, ids, q_mem=q_mem, mem_scores=scores,
+        res = knn_attention(q_rot, k_all, v_all, k_mem, v_mem, ids, q_mem=q_mem, mem_scores=scores,
                             scale=attn.scaling, local_mask=attention_mask, mem_bias=self.memory_gate,
                             k_scale=k_scale, v_scale=v_scale, return_mem_probs=rt.record)
         out = res[0]                                                           # [B, Hq, T, D]

@@ -133,9 +133,8 @@ class MemformerForCausalLM(nn.Module):
         return self
 
     def add_lora(self, cfg: AdapterConfig | None = None) -> None:
-        """Add trainable LoRA adapters (rank, alpha) to the memory layers' q/k/v/o (q/k/v on the
-        memory path only with `cfg.lora_scope` "memory") and set the memory gates to
-        `cfg.gate_init` (PEFT-style; B = 0, so the outputs do not change)."""
+        """Add trainable LoRA adapters (rank, alpha) to the memory layers' q/k/v/o and set the
+        memory gates to `cfg.gate_init` (PEFT-style; B = 0, so the outputs do not change)."""
         cfg = cfg or AdapterConfig()
         if self.adapter_config is not None:
             raise ValueError("this model already has LoRA adapters")
@@ -150,7 +149,6 @@ class MemformerForCausalLM(nn.Module):
             for m in self.modules():
                 if isinstance(m, MemoryAttention):
                     m.memory_gate.fill_(cfg.gate_init)
-                    m.lora_memory_only = cfg.lora_scope == "memory"
         self.adapter_config = cfg
         self._set_trainable()
 

@@ -37,14 +37,12 @@ def fingerprint_backbone(model) -> str:
 
 
 def adapter_hash(model) -> str:
-    """Short hash of the memory-layer weights and of the LoRA scaling (lora_alpha / rank) and
-    scope they are applied with: all change the keys that get stored."""
+    """Short hash of the memory-layer weights and of the LoRA scaling (lora_alpha / rank) they are
+    applied with: both change the keys that get stored."""
     h = hashlib.sha256()
     if model.adapter_config is not None:
         cfg = model.adapter_config
         h.update(json.dumps({"lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}).encode())
-        if cfg.lora_scope != "attention":       # (the first scope hashed as before: its memories stay valid)
-            h.update(cfg.lora_scope.encode())
     for name, t in sorted(model.trainable_state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
@@ -265,9 +263,8 @@ def load_adapter(model, path, *, partial: bool = False) -> list[str]:
 
     partial: the file may hold a subset of the model's memory-layer weights (an adapter of fewer
         layers, continued by training with more); the others keep their values. Every tensor in
-        the file must still be one of the model's, of the same shape, except the o_proj LoRA of an
-        adapter of lora_scope "attention" loaded into a model of scope "memory" (which has no LoRA
-        there): it is left out. Returns the names of the model's weights the file did not hold."""
+        the file must still be one of the model's, of the same shape. Returns the names of the
+        model's weights the file did not hold."""
     f = Path(path) / ADAPTER_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path} is not a memformer adapter (no {ADAPTER_FILE})")
@@ -283,10 +280,6 @@ def load_adapter(model, path, *, partial: bool = False) -> list[str]:
     lora = read_lora_config(path)
     if lora is not None and model.adapter_config is None:
         model.add_lora(lora)
-    mine_scope = model.adapter_config.lora_scope if model.adapter_config is not None else None
-    if partial and lora is not None and lora.lora_scope == "attention" and mine_scope == "memory":
-        o_lora = f".{model.adapter.o_proj}.lora_"                          # no LoRA on o_proj in the memory scope
-        state = {n: t for n, t in state.items() if o_lora not in n}
     params = dict(model.named_parameters())
     mine = set(model.trainable_state_dict())
     if (not set(state) <= mine) if partial else set(state) != mine:

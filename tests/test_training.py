@@ -374,26 +374,6 @@ def test_init_adapter_of_fewer_layers_starts_them_and_lora_layers_limit_lora(tmp
         persistence.load_adapter(narrow, tmp_path / "b" / "run" / "adapter", partial=True)
 
 
-def test_init_adapter_of_the_attention_scope_starts_a_memory_scope_adapter(tmp_path):
-    """An adapter trained with LoRA on the whole attention continues as a memory-scope adapter:
-    its q/k/v LoRA and gates carry over, its o_proj LoRA has no place and is left out; a strict
-    load of it is refused."""
-    first = recipe_for(tiny_config(tmp_path / "a", **{"train.max_steps": 2, "eval.at_start": False,
-                                                      "eval.at_end": False}))
-    first.train()
-    first.cleanup()
-    saved = tmp_path / "a" / "run" / "adapter"
-    again = recipe_for(tiny_config(tmp_path / "b", **{"model.init_adapter": str(saved),
-                                                      "adapter.lora_scope": "memory"}))
-    want, got = first.model.trainable_state_dict(), again.model.trainable_state_dict()
-    assert set(got) == {n for n in want if ".o_proj." not in n} and len(got) < len(want)
-    assert all(torch.equal(got[n], want[n]) for n in got)
-    assert all(m.lora_memory_only for m in again.model.memory_modules.values())
-    with pytest.raises(MemoryFileError, match="does not match"):
-        persistence.load_adapter(again.model, saved)
-    again.cleanup()
-
-
 @pytest.mark.parametrize("layers, memory, message", [
     ("[]", "null", "lora_layers must be a non-empty list"), ("[-1]", "null", "lora_layers must be a non-empty list"),
     ("[true]", "null", "lora_layers must be a non-empty list"),
