@@ -308,8 +308,9 @@ def test_number_repeats_doubles_a_digit_and_zero_keeps_the_draws():
     assert all(doubled(n) and 4 <= len(n) <= 10 and n[0] != "0" for n in every)
     assert sum(n[-1] == n[-2] for n in every) >= 10                 # the last digit too
     assert sum(map(doubled, plain)) < 0.8 * len(plain)
-    with pytest.raises(ValueError, match="number_repeats"):
-        TrainConfig.from_dict({"data": {"number_repeats": 1.5}})
+    for bad in (1.5, -0.1, "half"):
+        with pytest.raises(ValueError, match="number_repeats"):
+            TrainConfig.from_dict({"data": {"number_repeats": bad}})
 
 
 def test_facts_are_asked_as_ask_asks_them():
