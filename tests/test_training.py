@@ -297,22 +297,6 @@ def test_synthetic_answers_vary_in_form_and_length():
     assert len({len(k) for k in keys}) >= 3
 
 
-def test_number_repeats_doubles_a_digit_and_zero_keeps_the_draws():
-    from training.data import _number
-    doubled = lambda n: any(a == b for a, b in zip(n, n[1:]))
-    a, b = random.Random(3), random.Random(3)
-    plain = [_number(a) for _ in range(200)]
-    assert plain == [_number(b, 0.0) for _ in range(200)]          # 0: the draws of before
-    rng = random.Random(3)
-    every = [_number(rng, 1.0) for _ in range(200)]
-    assert all(doubled(n) and 4 <= len(n) <= 10 and n[0] != "0" for n in every)
-    assert sum(n[-1] == n[-2] for n in every) >= 10                 # the last digit too
-    assert sum(map(doubled, plain)) < 0.8 * len(plain)
-    for bad in (1.5, -0.1, "half"):
-        with pytest.raises(ValueError, match="number_repeats"):
-            TrainConfig.from_dict({"data": {"number_repeats": bad}})
-
-
 def test_facts_are_asked_as_ask_asks_them():
     """Natural facts planted beyond the local window, asked as free-form questions (answered by
     restating the fact) or as cues; the values are targets and lie only in the planted text."""

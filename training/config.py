@@ -138,7 +138,6 @@ class DataSection:
     synthetic_rate: float = 0.25        # share of samples that are synthetic retrieval tasks
     synthetic_tasks: list = field(default_factory=lambda: list(SYNTHETIC_TASKS))
     synthetic_loss: str = "answer"      # "answer": only the answer tokens are targets; "all"
-    number_repeats: float = 0.0         # share of synthetic numbers given a doubled digit (data._number)
 
 
 @dataclass
@@ -278,7 +277,6 @@ class TrainConfig:
         need(bool(d.synthetic_tasks) and set(d.synthetic_tasks) <= set(SYNTHETIC_TASKS),
              f"data.synthetic_tasks must be a non-empty subset of {SYNTHETIC_TASKS}, got {d.synthetic_tasks}")
         need(d.synthetic_loss in ("answer", "all"), "data.synthetic_loss must be 'answer' or 'all'")
-        need(0.0 <= d.number_repeats <= 1.0, f"data.number_repeats must be in [0, 1], got {d.number_repeats}")
         lora = self.adapter.lora_layers
         need(lora is None or m.memory_layers is None or set(lora) <= set(m.memory_layers),
              f"adapter.lora_layers {lora} must be memory layers (memory.memory_layers: {m.memory_layers})")

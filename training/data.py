@@ -224,12 +224,11 @@ NAMES = ("Abel", "Bianca", "Cyrus", "Dagny", "Elio", "Fenna", "Gideon", "Hester"
          "Vito", "Wren", "Yvette")
 
 
-def passkey_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool,
-                   repeats: float = 0.0) -> Sample:
+def passkey_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool) -> Sample:
     """A code in filler text (the training curriculum's own format: `KEY_HEAD`, sentences drawn from
     `KEY_FILLER`, `KEY_NEEDLE` at a random depth, `KEY_QUESTION`), followed by the code; the
     needle lies before the last `local` tokens, so only memory can supply it."""
-    key = _number(rng, repeats)
+    key = _number(rng)
     head, question = _encode(tokenizer, KEY_HEAD), _encode(tokenizer, KEY_QUESTION)
     needle, answer = _encode(tokenizer, KEY_NEEDLE.format(key=key)), _encode(tokenizer, f" {key}.")
     room = seq_len - len(head) - len(needle) - len(question) - len(answer)
@@ -251,8 +250,7 @@ def passkey_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answ
     return Sample(ids + answer, targets, -1, "passkey")
 
 
-def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool, queries: int = 3,
-              repeats: float = 0.0) -> Sample:
+def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool, queries: int = 3) -> Sample:
     """Key-value lookup: lines `key: value`, then `queries` lookups of keys written before the
     last `local` tokens; the answers (the values) are the targets."""
     head = _encode(tokenizer, "A key-value store. Each line maps a key to its value.\n")
@@ -260,7 +258,7 @@ def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_on
     ids, targets, records = list(head), [not answer_only] * len(head), []
     while True:
         key = _encode(tokenizer, "".join(rng.choice(string.ascii_lowercase) for _ in range(5)) + ":")
-        value = _encode(tokenizer, f" {_number(rng, repeats)}\n")
+        value = _encode(tokenizer, f" {_number(rng)}\n")
         # room for this line, the lookup header and the lookups this many lines allow, each as
         # long as this line (a short seq_len keeps fewer lines rather than none)
         line = len(key) + len(value) + 2
@@ -281,18 +279,10 @@ def kv_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_on
     return Sample(ids, targets, -1, "kv")
 
 
-def _number(rng: random.Random, repeats: float = 0.0) -> str:
-    """A number of 4 to 10 digits: answers of one fixed length teach the copy to stop there.
-    repeats: the share of numbers given a doubled digit (one digit set to the one before it) at
-    a random place, the last included. At a doubled digit a copy that looks back one token finds
-    two places to go on from (the next digit and the number's end), so these teach the copy to
-    look further back; with 0 the draws are those of before."""
+def _number(rng: random.Random) -> str:
+    """A number of 4 to 10 digits: answers of one fixed length teach the copy to stop there."""
     n = rng.randint(4, 10)
-    digits = [str(rng.randint(1, 9))] + [rng.choice(string.digits) for _ in range(n - 1)]
-    if repeats > 0 and rng.random() < repeats:
-        at = rng.randint(1, n - 1)
-        digits[at] = digits[at - 1]
-    return "".join(digits)
+    return str(rng.randint(1, 9)) + "".join(rng.choice(string.digits) for _ in range(n - 1))
 
 
 _WORDS: dict[int, list[str]] = {}
@@ -317,23 +307,23 @@ def _uuid(rng: random.Random) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-# kind: (statements, value maker(tokenizer, rng, repeats)); a statement's cue is its text up to " {value}",
+# kind: (statements, value maker(tokenizer, rng)); a statement's cue is its text up to " {value}",
 # so the value's tokens begin right after the cue. Several phrasings per kind, so that what is
 # learned is the copy of whatever follows the matching cue, not one sentence.
 NEEDLE_KINDS = {
     "number": (("The locker combination of {name} is {value}.", "The number assigned to {name} is {value}.",
-                "Note that the account number of {name} is {value}."), lambda tok, rng, rep: _number(rng, rep)),
+                "Note that the account number of {name} is {value}."), lambda tok, rng: _number(rng)),
     "code": (("The secret code of {name} is {value}.", "The access token of {name} is {value}."),
-             lambda tok, rng, rep: "".join(rng.choice("0123456789abcdef") for _ in range(rng.randint(6, 12)))),
+             lambda tok, rng: "".join(rng.choice("0123456789abcdef") for _ in range(rng.randint(6, 12)))),
     "uuid": (("The identifier of {name} is {value}.", "The record id of {name} is {value}."),
-             lambda tok, rng, rep: _uuid(rng)),
+             lambda tok, rng: _uuid(rng)),
     "word": (("The favourite word of {name} is {value}.", "The password chosen by {name} is {value}."),
-             lambda tok, rng, rep: _word(tok, rng)),
+             lambda tok, rng: _word(tok, rng)),
 }
 
 
 def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool,
-                   text: list[int], needles: int = 4, queries: int = 2, repeats: float = 0.0) -> Sample:
+                   text: list[int], needles: int = 4, queries: int = 2) -> Sample:
     """Look-alike needles in real text: `needles` statements of one kind ("The locker combination
     of Abel is 48213.", one name each) planted at random depths of a real document's tokens `text`,
     all before the last `local` tokens; then `queries` of them asked as cues ("The locker
@@ -344,7 +334,7 @@ def needles_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answ
     statement = rng.choice(statements)
     cue = statement[:statement.index(" {value}")]
     names = rng.sample(NAMES, needles)
-    facts = [(n, make(tokenizer, rng, repeats)) for n in names]
+    facts = [(n, make(tokenizer, rng)) for n in names]
     asked = rng.sample(facts, min(queries, needles))
     tail = [(_encode(tokenizer, "\n" + cue.format(name=n)), _encode(tokenizer, f" {v}.")) for n, v in asked]
     planted = [_encode(tokenizer, " " + statement.format(name=n, value=v) + " ") for n, v in facts]
@@ -403,7 +393,7 @@ def chat_turn(tokenizer, question: str, answer: str) -> tuple[str, str]:
 
 
 def facts_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer_only: bool,
-                 text: list[int], facts: int = 4, queries: int = 2, repeats: float = 0.0) -> Sample:
+                 text: list[int], facts: int = 4, queries: int = 2) -> Sample:
     """Natural facts in real text, asked as `model.ask` asks: `facts` statements ("The room number of
     the copper vault is 4417.") planted at random depths of a real document's tokens `text`, all
     before the last `local` tokens; then `queries` of them asked, each either as a free-form question
@@ -415,7 +405,7 @@ def facts_sample(tokenizer, rng: random.Random, seq_len: int, local: int, answer
     frame = rng.choice(FACT_FRAMES)
     planted, asks = [], []
     for attr, subject in zip(attrs, subjects):
-        value = NEEDLE_KINDS[FACT_ATTRIBUTES[attr]][1](tokenizer, rng, repeats)
+        value = NEEDLE_KINDS[FACT_ATTRIBUTES[attr]][1](tokenizer, rng)
         fields = dict(attr=attr, subject=subject, Subject=subject[:1].upper() + subject[1:], value=value)
         statement = frame[0].format(**fields)
         planted.append(_encode(tokenizer, " " + statement + " "))
@@ -443,7 +433,7 @@ class SampleStream:
     def __init__(self, sources: list[dict], tokenizer, *, seq_len: int, min_tokens: int, eval_fraction: float,
                  split: str = "train", seed: int = 0, shuffle_buffer: int = 64, synthetic_rate: float = 0.0,
                  synthetic_tasks=SYNTHETIC_TASKS, synthetic_answer_only: bool = True, local: int = 0,
-                 per_doc: int | None = None, number_repeats: float = 0.0):
+                 per_doc: int | None = None):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         for spec in sources:
@@ -453,7 +443,6 @@ class SampleStream:
         self.seed, self.shuffle_buffer, self.per_doc = seed, shuffle_buffer, per_doc
         self.synthetic_rate, self.synthetic_tasks = synthetic_rate, list(synthetic_tasks)
         self.answer_only, self.local = synthetic_answer_only, local
-        self.number_repeats = number_repeats
         self.eos = getattr(tokenizer, "eos_token_id", None)
 
     def _chunks(self, rng: random.Random) -> Iterator[Sample]:
@@ -495,11 +484,10 @@ class SampleStream:
         if task in ("needles", "facts"):     # planted in the text of a document waiting in the buffer
             text = buffer[rng.randrange(len(buffer))].ids
             make = needles_sample if task == "needles" else facts_sample
-            s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, text,
-                     repeats=self.number_repeats)
+            s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, text)
         else:
             make = passkey_sample if task == "passkey" else kv_sample
-            s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only, repeats=self.number_repeats)
+            s = make(self.tokenizer, rng, self.seq_len, self.local, self.answer_only)
         s.doc_id = -n                    # each synthetic sample its own document
         return s
 

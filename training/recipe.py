@@ -161,8 +161,7 @@ class CrossbatchRecipe:
         common = dict(seq_len=d.seq_len, min_tokens=d.min_doc_tokens, eval_fraction=d.eval_fraction, seed=cfg.seed)
         train = SampleStream(d.sources, tok, split="train", shuffle_buffer=d.shuffle_buffer,
                              synthetic_rate=d.synthetic_rate, synthetic_tasks=d.synthetic_tasks,
-                             synthetic_answer_only=d.synthetic_loss == "answer", local=m.window,
-                             number_repeats=d.number_repeats, **common)
+                             synthetic_answer_only=d.synthetic_loss == "answer", local=m.window, **common)
         pad = self.model.pad_token_id
         acc = self.accelerator
         self.batches = BatchStream(train, cfg.crossbatch.batch_size, pad, acc.process_index, acc.num_processes)
