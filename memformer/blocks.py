@@ -19,6 +19,15 @@ generating with a KV cache reads what one forward over the whole sequence reads:
 each layer's chooser queries and the current chunk's laid-out rows (`LayerReads`), and a new token
 chooses and gathers only when it starts a chunk.
 
+Copy pointer (`CopyPointer`, `MemoryConfig.copy_pointer`): while tokens are generated one at a
+time under pinned reads, each head's memory logit at row j gets + beta times the share of the
+one softmax the head gave row j - 1 at the step before. A head that copies from memory (it read
+the row of the token it just gave) is pointed at the row that follows, so a copy does not jump
+ahead where one token repeats: after the first "4" of "3544.", the rows of the second "4" and of
+the "." both follow a "4", and the pointer picks the one after the row just read. It follows
+the answer's first item only: once a generated token ends a sentence or line, it rests
+(`MemformerForCausalLM.reading_blocks`), so a copied value does not run on into the text after it.
+
 Every query of a chunk reads the same rows, so the memory logits are one matmul per kv group
 (`shared_rows_attention`), differentiable; without a gradient on the CPU they go through
 PyTorch's fused attention, which gives the log-sum-exp the merge with the local part needs.
@@ -32,9 +41,36 @@ import torch
 from memformer.kernels.reference import can_fuse, fused_attention, local_attention
 
 
+@dataclass
+class CopyPointer:
+    """The copy pointer of one memory layer over one pinned read (see the module docstring).
+
+    beta: weight of the previous step's share on the row before. share: [B, Hq, R] each head's
+    share of the one softmax (local and memory together) on each laid-out row at the last query
+    seen so far, or None before the first. A step's bias applies only to a single new query
+    (T == 1, a generated token) over the same rows as the step before."""
+    beta: float
+    share: torch.Tensor | None = None
+
+    def bias(self, B: int, Hq: int, T: int, R: int, rest: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[B, Hq, 1, R] memory-logit bias for this step, or None (no earlier step of this shape,
+        or a query block of T > 1: a prompt is read as it is). rest: [B] bool, rows that get no
+        bias this step (their last token ended a sentence or line: the item copied has ended)."""
+        if T != 1 or self.share is None or tuple(self.share.shape) != (B, Hq, R):
+            return None
+        after = torch.nn.functional.pad(self.share[..., :-1], (1, 0))                 # [B, Hq, R] row j-1's share at j
+        if rest is not None and tuple(rest.shape) == (B,):
+            after = after * (~rest.to(after.device)).view(B, 1, 1)
+        return self.beta * after[:, :, None, :]
+
+    def update(self, share_last: torch.Tensor) -> None:
+        """Keep share_last [B, Hq, R], the last query's share per row, for the next step."""
+        self.share = share_last.detach()
+
+
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,
                     row_rotation, slot_rotation, local_mask=None, mem_bias=None, with_probs: bool = False,
-                    local=None):
+                    local=None, pointer: CopyPointer | None = None, rest: torch.Tensor | None = None):
     """Attention over [local keys ‖ rows of the pinned memory blocks], one softmax per query.
 
     mem: LayerMemory [B or 1, Hkv, M, D] (keys, values, positions, slots, valid [B or 1, M]).
@@ -43,6 +79,8 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
         local_mask says otherwise); mem_bias [Hq]: the memory gate, added to memory logits.
     blocks [B, n]: block ids read by every query (`MemformerForCausalLM.reading_blocks`).
     local: (out [B, Hq, T, D], lse [B, Hq, T]) of the local attention when the caller has it.
+    pointer: the layer's `CopyPointer` for this read (biases a generated token's memory logits
+        and keeps its shares for the next), or None; rest [B] bool: rows it gives no bias now.
     row_rotation: (cos, sin) [1, R', D] of positions -R' .. -1, R' >= n*block_size: rows are
         rotated by their slot in the contiguous layout (the last R slots when fewer rows exist)
         with `rotary_fn` (the backbone's apply_rotary_pos_emb).
@@ -56,7 +94,7 @@ def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, sc
     rows, keys, values = block_rows(mem, blocks, B, block_size=block_size, rotary_fn=rotary_fn,
                                     row_rotation=row_rotation, slot_rotation=slot_rotation, device=q_rot.device)
     return rows_attention(q_rot, k_local, v_local, rows, keys, values, scale=scale, local_mask=local_mask,
-                          mem_bias=mem_bias, with_probs=with_probs, local=local)
+                          mem_bias=mem_bias, with_probs=with_probs, local=local, pointer=pointer, rest=rest)
 
 
 def block_rows(mem, blocks, B: int, *, block_size: int, rotary_fn, row_rotation, slot_rotation, device):
@@ -104,21 +142,23 @@ def block_rows(mem, blocks, B: int, *, block_size: int, rotary_fn, row_rotation,
 
 
 def rows_attention(q_rot, k_local, v_local, rows, keys, values, *, scale: float, local_mask=None, mem_bias=None,
-                   with_probs: bool = False, local=None):
+                   with_probs: bool = False, local=None, pointer: CopyPointer | None = None,
+                   rest: torch.Tensor | None = None):
     """`shared_rows_attention` over laid-out rows (`block_rows`: rows [B, R], keys, values
     [B, Hkv, R, D]), returning what `block_attention` returns."""
     B, Hq, T, D = q_rot.shape
     R = rows.shape[-1]
     out, probs = shared_rows_attention(q_rot, k_local, v_local, keys, values, rows >= 0, scale=scale,
                                        local_mask=local_mask, mem_bias=mem_bias, with_probs=with_probs,
-                                       local=local)
+                                       local=local, pointer=pointer, rest=rest)
     read = rows[:, None, None, :].expand(B, 1, T, R)                                  # [B, 1, T, R]
     probs = probs.mean(dim=1, keepdim=True).detach() if with_probs else None          # [B, 1, T, R]
     return out, read, probs
 
 
 def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale: float, local_mask=None,
-                          mem_bias=None, with_probs: bool = False, local=None):
+                          mem_bias=None, with_probs: bool = False, local=None, pointer: CopyPointer | None = None,
+                          rest: torch.Tensor | None = None):
     """One softmax of every query over [its local keys ‖ the same R memory rows] (fp32 inside).
 
     Every query of a block read reads the same rows, so the memory logits are one matmul per kv
@@ -127,13 +167,16 @@ def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale:
     q [B, Hq, T, D]; k_local, v_local [B, Hkv, S, D] (queries are the last T of S unless
     local_mask says otherwise); k_rows, v_rows [B, Hkv, R, D] already at their layout positions;
     row_ok [B, R] bool (False = no row); mem_bias [Hq] (the memory gate) or None; local: the local
-    attention's (out, lse) already computed for these queries, or None.
+    attention's (out, lse) already computed for these queries, or None; pointer: a `CopyPointer`
+    (its bias is added to a single query's memory logits; the last query's shares are kept in it);
+    rest [B] bool: rows the pointer gives no bias this step.
     returns (out [B, Hq, T, D] in q's dtype, probs [B, Hq, T, R] each row's share of the one
     softmax, or None unless with_probs)."""
     B, Hq, T, D = q.shape
     out_loc, lse_loc = local if local is not None else local_attention(q, k_local, v_local, scale, local_mask)  # [B, Hq, T, D], [B, Hq, T]
-    if with_probs or not can_fuse(q, k_rows, v_rows, mem_bias):
-        out_mem, lse_mem, p = _rows_softmax(q, k_rows, v_rows, row_ok, scale, mem_bias)
+    if pointer is not None or with_probs or not can_fuse(q, k_rows, v_rows, mem_bias):
+        extra = None if pointer is None else pointer.bias(B, Hq, T, k_rows.shape[2], rest)   # [B, Hq, 1, R] or None
+        out_mem, lse_mem, p = _rows_softmax(q, k_rows, v_rows, row_ok, scale, mem_bias, extra)
     else:
         out_mem, lse_mem = _rows_flash(q, k_rows, v_rows, row_ok, scale, mem_bias)
         p = None
@@ -142,12 +185,15 @@ def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale:
     w_loc = torch.nan_to_num(torch.exp(lse_loc - lse), nan=0.0)[..., None]
     w_mem = torch.nan_to_num(torch.exp(lse_mem - lse), nan=0.0)[..., None]
     out = torch.nan_to_num(w_loc * out_loc + w_mem * out_mem, nan=0.0).to(q.dtype)
+    if pointer is not None:
+        pointer.update((p[:, :, -1] * w_mem[:, :, -1]))                               # [B, Hq, R]
     return out, (p * w_mem if with_probs else None)
 
 
-def _rows_softmax(q, k_rows, v_rows, row_ok, scale: float, mem_bias):
+def _rows_softmax(q, k_rows, v_rows, row_ok, scale: float, mem_bias, extra=None):
     """The memory part of `shared_rows_attention` by plain matmuls (differentiable; gives the
-    probabilities): (out [B, Hq, T, D], lse [B, Hq, T], probs within memory [B, Hq, T, R])."""
+    probabilities): (out [B, Hq, T, D], lse [B, Hq, T], probs within memory [B, Hq, T, R]).
+    extra: a logit bias [B, Hq, T or 1, R] (the copy pointer's) or None."""
     B, Hq, T, D = q.shape
     Hkv, R = k_rows.shape[1], k_rows.shape[2]
     G = Hq // Hkv
@@ -155,6 +201,8 @@ def _rows_softmax(q, k_rows, v_rows, row_ok, scale: float, mem_bias):
     s = (qg @ k_rows.float().transpose(-1, -2)).view(B, Hq, T, R) * scale            # [B, Hq, T, R]
     if mem_bias is not None:
         s = s + mem_bias.float().view(1, Hq, 1, 1)
+    if extra is not None:
+        s = s + extra.to(s.device, s.dtype)
     s = s.masked_fill(~row_ok.to(s.device)[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                                  # [B, Hq, T]
     p = torch.nan_to_num(torch.exp(s - lse[..., None]), nan=0.0)                     # softmax within memory

@@ -55,6 +55,13 @@ class MemoryConfig:
         sentences are embedded too; `memformer.passages`), for question reads and the RAG
         baseline alike, so a one-sentence fact inside dense text is not diluted by its passage;
         False ranks by the passages' cosine alone.
+    copy_pointer: while an answer is generated under a question's reads (`ask`,
+        `reading_blocks`), each head's memory logit at a row gets + copy_pointer times the share
+        of attention it gave the row before at the previous token (`memformer.blocks.CopyPointer`):
+        a head copying from memory goes on at the next row instead of jumping to a later row
+        that follows the same token, as in numbers with a doubled digit ("3544" copied "354.").
+        It follows the answer's first item: after a generated token that ends a sentence or line
+        it rests. 0 turns it off; prompts, training and layer reads are unaffected.
     index: kNN backend over memory keys: "exact" (torch), or FAISS "faiss-flat", "faiss-ivf".
         index_params go to the backend (e.g. {"nprobe": 32}).
     capacity: max tokens of memory per sequence (None = unbounded); eviction when it is reached:
@@ -77,6 +84,7 @@ class MemoryConfig:
     question_blocks: int = 4
     answer_reads: int = 4
     sentence_ranking: bool = True
+    copy_pointer: float = 3.0
     index: str = "exact"
     index_params: dict = field(default_factory=dict)
     capacity: Optional[int] = None
@@ -105,6 +113,9 @@ class MemoryConfig:
             whole(name)                                      # the lower bounds are checked below
         whole("capacity", 1 << 40, optional=True)
         need(isinstance(self.sentence_ranking, bool), f"sentence_ranking must be True or False, got {self.sentence_ranking!r}")
+        need(isinstance(self.copy_pointer, (int, float)) and not isinstance(self.copy_pointer, bool)
+             and math.isfinite(self.copy_pointer) and 0 <= self.copy_pointer <= 100,
+             f"copy_pointer must be a number in [0, 100], got {self.copy_pointer!r}")
         if self.memory_layers is not None:
             self.memory_layers = sorted({int(i) for i in self.memory_layers})
             need(len(self.memory_layers) > 0, "memory_layers is empty; use None for every layer")

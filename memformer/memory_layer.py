@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from memformer.blocks import block_attention, chosen_block_attention, gather_rows, reads_on_cache
+from memformer.blocks import CopyPointer, block_attention, chosen_block_attention, gather_rows, reads_on_cache
 from memformer.kernels import knn_attention
 
 
@@ -42,6 +42,11 @@ class MemoryRuntime:
     write_slice: slice of the time axis whose keys/values are written (drops sink and context).
     read_from: layer block reads skip the chunks that end at or before this window position
         (`generate` sets it from its `prompt_reads`; 0 = every chunk reads).
+    pointers: {layer index: `CopyPointer`} of the pinned read in progress, or None (no copy
+        pointer: `MemoryConfig.copy_pointer` 0, or no pinned read); copy_pointer: its weight;
+        pointer_rest: [B] bool, rows that have generated a token ending a sentence or line since
+        the read's first forward (the pointer gives them no bias; set by
+        `MemformerForCausalLM.reading_blocks`), or None.
     """
     enabled: bool = True
     read: bool = False
@@ -58,6 +63,9 @@ class MemoryRuntime:
     layer_blocks: int = 0
     layer_rotation: tuple | None = None
     read_from: int = 0
+    pointers: dict | None = None
+    copy_pointer: float = 0.0
+    pointer_rest: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -84,18 +92,22 @@ def memory_pass(runtime: MemoryRuntime, layers: dict, *, read: bool | None = Non
 
 
 @contextlib.contextmanager
-def pinned_reads(runtime: MemoryRuntime, blocks: torch.Tensor, source: str, row_rotation: tuple):
+def pinned_reads(runtime: MemoryRuntime, blocks: torch.Tensor, source: str, row_rotation: tuple,
+                 copy_pointer: float = 0.0):
     """Within this block every memory layer reads the blocks `blocks` [B or 1, n] of its memory
     (source "own") or of the attached corpus ("corpus"), laid out at positions -R .. -1 whose
     rotation `row_rotation` (cos, sin) [1, R, D] gives (`MemformerForCausalLM.reading_blocks`;
-    training's block reads, `memformer.training.crossbatch.reading_layout`)."""
+    training's block reads, `memformer.training.crossbatch.reading_layout`). copy_pointer > 0:
+    tokens generated one at a time are pointed at the row after the one each head read at the
+    step before (`memformer.blocks.CopyPointer`); each entry starts without a step before."""
     rt = runtime
-    old = (rt.pinned_blocks, rt.pinned_source, rt.row_rotation)
+    old = (rt.pinned_blocks, rt.pinned_source, rt.row_rotation, rt.pointers, rt.copy_pointer)
     rt.pinned_blocks, rt.pinned_source, rt.row_rotation = blocks, source, row_rotation
+    rt.pointers, rt.copy_pointer = ({} if copy_pointer > 0 else None), float(copy_pointer)
     try:
         yield rt
     finally:
-        rt.pinned_blocks, rt.pinned_source, rt.row_rotation = old
+        rt.pinned_blocks, rt.pinned_source, rt.row_rotation, rt.pointers, rt.copy_pointer = old
 
 
 class MemoryAttention(nn.Module):
@@ -167,11 +179,12 @@ class MemoryAttention(nn.Module):
             return attn.o_proj(out.reshape(B, T, Hq * D)), None
 
         if pinned:                                                             # question reads
+            pointer = None if rt.pointers is None else rt.pointers.setdefault(self.layer_idx, CopyPointer(rt.copy_pointer))
             out, rows, probs = block_attention(mem, q_rot, k_all, v_all, rt.pinned_blocks,
                                                block_size=rt.block_size, scale=attn.scaling,
                                                rotary_fn=self.rotary_fn, row_rotation=rt.row_rotation,
                                                slot_rotation=rt.slot_rotation, local_mask=attention_mask,
-                                               mem_bias=self.memory_gate,
+                                               mem_bias=self.memory_gate, pointer=pointer, rest=rt.pointer_rest,
                                                with_probs=rt.record)           # [B, Hq, T, D]; [B, 1, T, R]
             if rt.record:
                 (self.corpus_reads if from_corpus else self.reads).append((rows, probs))

@@ -387,6 +387,9 @@ class MemformerForCausalLM(nn.Module):
                 raise ValueError(f"prompt_reads must be 'auto', None or an integer >= 1, got {prompt_reads!r}")
             if not any(hasattr(kw.get(name), "memformer_ids") for name in ("cache", "past_key_values")):
                 read_from = prompt_read_start(x.shape[1], self.memory_config.block_size, prompt_reads)
+        if self.runtime.pointers is not None:          # each generation's copy pointer starts afresh
+            self.runtime.pointers.clear()
+            self.runtime.pointer_rest = None
         with memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=record or None,
                          read_from=read_from):
             out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)
@@ -516,8 +519,50 @@ class MemformerForCausalLM(nn.Module):
         with fetched:
             ids = pinned_block_ids(self, blocks, source)                    # [batch or K, n]
             R = ids.shape[1] * self.memory_config.block_size
-            with pinned_reads(self.runtime, ids, source, self.rotation_at(*range(-R, 0))):   # [1, R, D]
+            beta = self.memory_config.copy_pointer
+            with pinned_reads(self.runtime, ids, source, self.rotation_at(*range(-R, 0)), beta), \
+                    self._item_ends_noted(beta > 0):                        # [1, R, D] rotation
                 yield
+
+    @contextlib.contextmanager
+    def _item_ends_noted(self, on: bool):
+        """Within this block each forward after the first (the prompt's; `generate` starts again
+        from there) notes, per row, whether its last input token, a generated one, ends a
+        sentence or line (`runtime.pointer_rest` [B], kept once set): from then on the copy
+        pointer rests, so a copied item ("4607177.") does not run on into the memory's next
+        sentence. Nothing without a tokenizer."""
+        ends = self.item_end_tokens() if on else None
+        if ends is None:
+            yield
+            return
+        rt = self.runtime
+
+        def note(module, args):
+            ids = args[0]                                                      # [B, T] input ids
+            if rt.pointer_rest is None:                                        # the prompt: no item copied yet
+                rt.pointer_rest = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+                return
+            now = ends.to(ids.device)[ids[:, -1].clamp(0, len(ends) - 1)]     # [B]
+            before = rt.pointer_rest
+            rt.pointer_rest = now | before if before is not None and before.shape == now.shape else now
+        handle = self.backbone.get_input_embeddings().register_forward_pre_hook(note)
+        try:
+            yield
+        finally:
+            handle.remove()
+            rt.pointer_rest = None
+
+    def item_end_tokens(self) -> torch.Tensor | None:
+        """[V] bool: the tokens that end a sentence or line (their text holds a newline, or ends in
+        '.', '!' or '?' before any spaces); None without a tokenizer. Built once."""
+        if self.tokenizer is None:
+            return None
+        if getattr(self, "_item_ends", None) is None:
+            V = self.backbone.get_input_embeddings().weight.shape[0]
+            decode = getattr(self.tokenizer, "batch_decode", None)
+            texts = decode([[i] for i in range(V)]) if decode else [self.tokenizer.decode([i]) for i in range(V)]
+            self._item_ends = torch.tensor(["\n" in t or t.rstrip(" ").endswith((".", "!", "?")) for t in texts])
+        return self._item_ends
 
     # ---------------------------------------------------------------- adapter weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -488,3 +488,125 @@ def test_fused_memory_part_equals_the_matmul_one(T, R, G):
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
     assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
+
+
+# ---------------------------------------------------------------- copy pointer
+def _rows_reference(q, k_loc, v_loc, k_rows, v_rows, ok, scale, bias, extra):
+    """One softmax over [causal local keys ‖ rows where ok [B, R]], memory logits + bias [Hq] +
+    extra [B, Hq, T, R]: (out [B, Hq, T, D], each row's share [B, Hq, T, R])."""
+    B, Hq, T, D = q.shape
+    G = Hq // k_loc.shape[1]
+    kl, vl = k_loc.repeat_interleave(G, 1), v_loc.repeat_interleave(G, 1)
+    km, vm = k_rows.repeat_interleave(G, 1), v_rows.repeat_interleave(G, 1)
+    S = kl.shape[2]
+    causal = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
+    s_loc = ((q @ kl.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf"))
+    s_mem = (q @ km.transpose(-1, -2)) * scale + bias.view(1, Hq, 1, 1) + extra
+    s_mem = s_mem.masked_fill(~ok[:, None, None, :], float("-inf"))
+    p = torch.softmax(torch.cat([s_loc, s_mem], -1), -1)
+    return p @ torch.cat([vl, vm], 2), p[..., S:]
+
+
+def test_copy_pointer_points_a_generated_token_at_the_row_after_the_one_read_before():
+    """CopyPointer: a prompt (T > 1) is read exactly as without it and leaves its last query's
+    shares; the next single query's memory logit at row j gets + beta * its head's share on row
+    j - 1 at that query (one softmax with the local keys), which moves attention to those rows;
+    a step of another batch or row count gets no bias."""
+    from memformer.blocks import CopyPointer, shared_rows_attention
+    g = torch.Generator().manual_seed(7)
+    B, Hkv, G, D, R, T, beta = 2, 2, 2, 8, 11, 5, 3.0
+    Hq, scale = Hkv * G, D ** -0.5
+    k_rows, v_rows = torch.randn(B, Hkv, R, D, generator=g), torch.randn(B, Hkv, R, D, generator=g)
+    ok = torch.rand(B, R, generator=g) > 0.2
+    bias = torch.randn(Hq, generator=g)
+    k_loc, v_loc = torch.randn(B, Hkv, T + 1, D, generator=g), torch.randn(B, Hkv, T + 1, D, generator=g)
+    q = torch.randn(B, Hq, T + 1, D, generator=g)
+    kw = dict(scale=scale, mem_bias=bias, with_probs=True)
+
+    pointer = CopyPointer(beta)
+    out, probs = shared_rows_attention(q[:, :, :T], k_loc[:, :, :T], v_loc[:, :, :T], k_rows, v_rows, ok,
+                                       pointer=pointer, **kw)
+    plain, plain_probs = shared_rows_attention(q[:, :, :T], k_loc[:, :, :T], v_loc[:, :, :T], k_rows, v_rows, ok, **kw)
+    torch.testing.assert_close(out, plain)                                  # the prompt is read as it is
+    torch.testing.assert_close(pointer.share, plain_probs[:, :, -1])        # [B, Hq, R] the last query's
+    before = pointer.share.clone()
+
+    step, step_probs = shared_rows_attention(q[:, :, T:], k_loc, v_loc, k_rows, v_rows, ok, pointer=pointer, **kw)
+    after = torch.zeros_like(before)
+    after[..., 1:] = before[..., :-1]                                       # row j gets row j-1's share
+    want, want_p = _rows_reference(q[:, :, T:], k_loc, v_loc, k_rows, v_rows, ok, scale, bias,
+                                   beta * after[:, :, None, :])
+    torch.testing.assert_close(step, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_probs, want_p, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pointer.share, want_p[:, :, -1], atol=1e-5, rtol=1e-5)
+    free, free_p = _rows_reference(q[:, :, T:], k_loc, v_loc, k_rows, v_rows, ok, scale, bias, torch.zeros(1))
+    assert not torch.allclose(step, free, atol=1e-3)
+    pointed = (after > 0.05)[:, :, None, :]                                 # rows after a well-read row
+    assert bool((want_p[pointed] > free_p[pointed]).all())
+
+    assert pointer.bias(B, Hq, 2, R) is None and pointer.bias(1, Hq, 1, R) is None
+    assert pointer.bias(B, Hq, 1, R + 1) is None and CopyPointer(beta).bias(B, Hq, 1, R) is None
+
+
+def test_copy_pointer_is_scoped_to_a_read_and_leaves_prompts_and_training_reads_alone():
+    """reading_blocks gives each read fresh pointers (MemoryConfig.copy_pointer > 0) and none at 0;
+    a prompt's logits are the same either way; the first generated token too, and later ones
+    differ (a random model's heads read memory); training's block reads keep no pointer."""
+    import dataclasses
+    from memformer.memory_layer import pinned_reads
+    torch.manual_seed(0)
+    cfg = MemoryConfig(window=16, sink_tokens=2, overlap=4, top_k=4, block_size=8, knn_layers=[1])
+    model = MemformerForCausalLM(tiny_backbone("llama"), None, cfg)
+    assert cfg.copy_pointer == 3.0
+    ids = torch.randint(3, 100, (1, 120))
+    model.memorize(ids[:, :100], show_progress=False)
+    prompt, outs = ids[:, 100:110], {}
+    for beta in (0.0, 3.0):
+        model.memory_config = dataclasses.replace(cfg, copy_pointer=beta)
+        with torch.no_grad(), model.reading_blocks([3, 9]):
+            assert (model.runtime.pointers is None) == (beta == 0)
+            logits = model(prompt).logits
+            if beta:
+                assert sorted(model.runtime.pointers) == sorted(model.memory_modules)
+            out = model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+        outs[beta] = (logits, out.logits)
+        assert model.runtime.pointers is None and model.runtime.copy_pointer == 0
+    torch.testing.assert_close(outs[3.0][0], outs[0.0][0])
+    torch.testing.assert_close(outs[3.0][1][0], outs[0.0][1][0])
+    assert not torch.allclose(torch.cat(outs[3.0][1][1:]), torch.cat(outs[0.0][1][1:]), atol=1e-4)
+    rt = model.runtime
+    with pinned_reads(rt, torch.tensor([[3, 9]]), "own", model.rotation_at(*range(-16, 0))):
+        assert rt.pointers is None                                           # training's reads: no pointer
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), True, "3", 101.0])
+def test_copy_pointer_setting_is_validated(bad):
+    with pytest.raises(ValueError, match="copy_pointer"):
+        MemoryConfig(copy_pointer=bad)
+
+
+def test_copy_pointer_rests_once_a_generated_token_ends_an_item():
+    """item_end_tokens marks tokens that end a sentence or line; inside reading_blocks the first
+    forward (the prompt) never rests the pointer, and once a later input token ends an item the
+    row rests for the rest of the read (its bias is zero), the other rows not."""
+    from memformer.blocks import CopyPointer
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    cfg = MemoryConfig(window=32, sink_tokens=0, overlap=0, top_k=4, block_size=8, knn_layers=[1])
+    model = MemformerForCausalLM(tiny_backbone("llama"), tok, cfg)
+    ends = model.item_end_tokens()
+    assert [bool(ends[tok.convert_tokens_to_ids(c)]) for c in ".!?\na 7,"] == [True] * 4 + [False] * 4
+    model.memorize(torch.randint(3, 100, (1, 64)), show_progress=False)
+    ids = lambda text: torch.tensor([tok(t, add_special_tokens=False)["input_ids"] for t in text])   # [B, T]
+    rt = model.runtime
+    with torch.no_grad(), model.reading_blocks([[1, 2], [0, 3]]):          # two reads of the one memory
+        model(ids(["ab.", "cd."]))                                          # a prompt ending in "." rests nothing
+        assert rt.pointer_rest.tolist() == [False, False]
+        for step, want in (([".", "x"], [True, False]), (["y", "z"], [True, False]), (["w", "\n"], [True, True])):
+            model(ids(step))
+            assert rt.pointer_rest.tolist() == want
+    assert rt.pointer_rest is None
+    p = CopyPointer(2.0, torch.rand(2, 3, 5))
+    bias = p.bias(2, 3, 1, 5, rest=torch.tensor([True, False]))
+    assert bool((bias[0] == 0).all()) and bool((bias[1] != 0).any())

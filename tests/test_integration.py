@@ -114,6 +114,34 @@ def test_an_answer_absent_from_memory_is_short_and_not_a_loop(default_model):
         model.reset_memory()
 
 
+def test_a_number_ending_in_a_doubled_digit_is_copied_whole(default_model):
+    """The shipped default copies a needle's 7-digit number that ends in a doubled digit whole;
+    without the copy pointer the same read stops one digit short ("599866." for 5998666): after
+    the first "6" the rows of the second "6" and of the "." both follow a "6", and the trained
+    layers jump to the later one."""
+    from memformer.eval import ruler
+    from memformer.qa import longdoc as qa
+    model = default_model
+    sample = ruler.make_sample(model.tokenizer, "niah_single_2", 4096, ruler.trial_rng(5001, "niah_single_2", 4096, 0),
+                               ruler.essay_words(ruler.haystack_text(None)[1]))
+    value = sample.expected[0]
+    assert value[-1] == value[-2]
+    ctx = qa.prepare(model, [sample.document], "memory", show_progress=False)
+    answers = {}
+    try:
+        for beta in (model.memory_config.copy_pointer, 0.0):
+            model.memory_config.copy_pointer, kept = beta, model.memory_config.copy_pointer
+            try:
+                answers[beta] = qa.answer(model, ctx, cue=sample.cue, max_new_tokens=12, evidence=0).text
+            finally:
+                model.memory_config.copy_pointer = kept
+    finally:
+        model.reset_memory()
+    default, off = answers.values()
+    assert default.startswith(value), answers
+    assert off.startswith(value[:-1]) and not off.startswith(value), answers
+
+
 def _cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "memformer.cli", *args], capture_output=True, text=True,
                           timeout=timeout)

@@ -278,14 +278,15 @@ REMOVED_FIELDS = ["neighbors", "read_blocks", "read_during_ingest", "position_mo
                   "index_device", "lora_rank", "lora_alpha", "gate_init"]
 
 
-def test_memory_config_has_at_most_17_fields():
+def test_memory_config_has_at_most_18_fields():
     """13 until storage_dir left index_params to become a field of its own (eviction keeps its
     place: "none" still refuses to overflow); 15 since layer_blocks gave generate and perplexity
     block reads chosen by the layers (top_k stays for kNN reads: layer_blocks=0 and corpora); 16
     with sentence_ranking, how question reads and RAG rank passages; 17 with answer_reads, how
-    many checked reads a question answers from."""
+    many checked reads a question answers from; 18 with copy_pointer, how strongly an answer's
+    copy from a read goes on at the next row."""
     names = [f.name for f in dataclasses.fields(MemoryConfig)]
-    assert len(names) <= 17, names
+    assert len(names) <= 18, names
     assert not set(names) & set(REMOVED_FIELDS)
     cfg = MemoryConfig(window=16, overlap=3, knn_layers=[1], index_params={"nprobe": 4}, storage_dir="/tmp/rows")
     assert MemoryConfig.from_dict(json.loads(cfg.to_json())) == cfg
@@ -353,8 +354,9 @@ def test_cached_generation_equals_an_uncached_greedy_loop(model_type, reads):
     """HF generate with its KV cache (the attention wrapper must take the cache under the name the
     installed transformers passes it) picks the same tokens as re-reading the whole local window
     [sink ‖ tail ‖ generated] at every step, with kNN reads (generate memorizes the overflow) and
-    with question reads of pinned blocks (`reading_blocks`)."""
-    model, _ = make(model_type, block_size=4)
+    with question reads of pinned blocks (`reading_blocks`). The copy pointer, a bias of each
+    generated token alone, is off: a whole window re-read has no step before."""
+    model, _ = make(model_type, block_size=4, copy_pointer=0.0)
     x = ids(40)
     if reads == "knn":
         reading = contextlib.nullcontext
@@ -562,6 +564,10 @@ def test_cli_memory_arguments_reach_the_memory_config():
     off = MemoryConfig(sentence_ranking=False)
     assert memory_config_from_args(p.parse_args(["--sentence-ranking"]), off).sentence_ranking
     assert not memory_config_from_args(p.parse_args([]), off).sentence_ranking        # no flag: the base's
+    assert memory_config_from_args(p.parse_args(["--copy-pointer", "0"])).copy_pointer == 0.0
+    assert memory_config_from_args(p.parse_args(["--copy-pointer", "1.5"])).copy_pointer == 1.5
+    with pytest.raises(ValueError, match="copy_pointer"):
+        memory_config_from_args(p.parse_args(["--copy-pointer", "-1"]))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

@@ -36,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sentence-ranking", action=argparse.BooleanOptionalAction, default=None,
                    help="rank passages by their sentences too, for question reads and RAG (default on; "
                         "--no-sentence-ranking ranks by passage cosines alone; MemoryConfig.sentence_ranking)")
+    p.add_argument("--copy-pointer", type=float, default=None,
+                   help="while an answer is generated, point each head at the memory row after the one it read "
+                        "at the previous token, with this weight (default 3; 0 = off; MemoryConfig.copy_pointer)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per memory block (default 64)")
     p.add_argument("--sink-tokens", type=int, default=None, help="attention-sink tokens kept local (default 4)")
     p.add_argument("--overlap", type=int, default=None,
@@ -67,7 +70,8 @@ def memory_config_from_args(args, base=None):
     import dataclasses
     from memformer import MemoryConfig
     given = dict(window=args.window, layer_blocks=args.layer_blocks, top_k=args.top_k, block_size=args.block_size,
-                 question_blocks=args.question_blocks, answer_reads=args.answer_reads, sentence_ranking=args.sentence_ranking, sink_tokens=args.sink_tokens, overlap=args.overlap,
+                 question_blocks=args.question_blocks, answer_reads=args.answer_reads, sentence_ranking=args.sentence_ranking,
+                 copy_pointer=args.copy_pointer, sink_tokens=args.sink_tokens, overlap=args.overlap,
                  memory_dtype=args.memory_dtype, index=args.index, storage_dir=args.storage_dir,
                  memory_layers=parse_layers(args.memory_layers, "--memory-layers"),
                  knn_layers=parse_layers(args.knn_layers, "--knn-layers"))
