@@ -33,7 +33,7 @@ from memformer.decoding import looping
 from memformer.eval import plots, ruler
 
 SHARED = ("backbone", "haystack", "seed", "memory_config")   # settings the merged runs must share
-ASK_ONLY = ("answer_reads",)      # memory_config fields that only the memory mode (`ask`) reads
+ASK_ONLY = ("answer_reads", "copy_pointer")   # memory_config fields that only the memory mode (`ask`) reads
 
 
 def parse_folder(arg: str) -> tuple[Path, set[str] | None]:
