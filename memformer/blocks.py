@@ -174,8 +174,10 @@ def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale:
     softmax, or None unless with_probs)."""
     B, Hq, T, D = q.shape
     out_loc, lse_loc = local if local is not None else local_attention(q, k_local, v_local, scale, local_mask)  # [B, Hq, T, D], [B, Hq, T]
-    if pointer is not None or with_probs or not can_fuse(q, k_rows, v_rows, mem_bias):
-        extra = None if pointer is None else pointer.bias(B, Hq, T, k_rows.shape[2], rest)   # [B, Hq, 1, R] or None
+    extra = None if pointer is None else pointer.bias(B, Hq, T, k_rows.shape[2], rest)   # [B, Hq, 1, R] or None
+    # a generated token under the pointer takes the matmul path (its bias, its shares); a prompt
+    # keeps the fused one and gets its last query's shares apart
+    if extra is not None or with_probs or (pointer is not None and T == 1) or not can_fuse(q, k_rows, v_rows, mem_bias):
         out_mem, lse_mem, p = _rows_softmax(q, k_rows, v_rows, row_ok, scale, mem_bias, extra)
     else:
         out_mem, lse_mem = _rows_flash(q, k_rows, v_rows, row_ok, scale, mem_bias)
@@ -186,7 +188,8 @@ def shared_rows_attention(q, k_local, v_local, k_rows, v_rows, row_ok, *, scale:
     w_mem = torch.nan_to_num(torch.exp(lse_mem - lse), nan=0.0)[..., None]
     out = torch.nan_to_num(w_loc * out_loc + w_mem * out_mem, nan=0.0).to(q.dtype)
     if pointer is not None:
-        pointer.update((p[:, :, -1] * w_mem[:, :, -1]))                               # [B, Hq, R]
+        last = p[:, :, -1] if p is not None else _rows_softmax(q[:, :, -1:], k_rows, v_rows, row_ok, scale, mem_bias)[2][:, :, 0]
+        pointer.update(last * w_mem[:, :, -1])                                        # [B, Hq, R]
     return out, (p * w_mem if with_probs else None)
 
 

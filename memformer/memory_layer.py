@@ -179,7 +179,9 @@ class MemoryAttention(nn.Module):
             return attn.o_proj(out.reshape(B, T, Hq * D)), None
 
         if pinned:                                                             # question reads
-            pointer = None if rt.pointers is None else rt.pointers.setdefault(self.layer_idx, CopyPointer(rt.copy_pointer))
+            pointer = None if rt.pointers is None else rt.pointers.get(self.layer_idx)
+            if rt.pointers is not None and pointer is None:                    # this read's copy pointer, made once
+                pointer = rt.pointers[self.layer_idx] = CopyPointer(rt.copy_pointer)
             out, rows, probs = block_attention(mem, q_rot, k_all, v_all, rt.pinned_blocks,
                                                block_size=rt.block_size, scale=attn.scaling,
                                                rotary_fn=self.rotary_fn, row_rotation=rt.row_rotation,

@@ -535,14 +535,14 @@ class MemformerForCausalLM(nn.Module):
         if ends is None:
             yield
             return
-        rt = self.runtime
+        rt, ends = self.runtime, ends.to(self.device)                         # on the device once, not per token
 
         def note(module, args):
             ids = args[0]                                                      # [B, T] input ids
             if rt.pointer_rest is None:                                        # the prompt: no item copied yet
                 rt.pointer_rest = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
                 return
-            now = ends.to(ids.device)[ids[:, -1].clamp(0, len(ends) - 1)]     # [B]
+            now = ends[ids[:, -1].clamp(0, len(ends) - 1)]                     # [B]
             before = rt.pointer_rest
             rt.pointer_rest = now | before if before is not None and before.shape == now.shape else now
         handle = self.backbone.get_input_embeddings().register_forward_pre_hook(note)
