@@ -420,7 +420,9 @@ class MemformerForCausalLM(nn.Module):
         one batch of `generate`, row k reading its own blocks and continuing its own row of the
         check's prompt cache (`question_reads.stack_rows`); each answers one item, its first
         sentence or line (`decoding.LoopStop(one_item=True)`, `first_item`), and the distinct
-        items are joined one per line, best read first (`decoding.join_answers`). Generation stops at a
+        items are joined one per line, best read first (`decoding.join_answers`). An answer to a
+        cue ends with its first item too, from one read or several: the cue opens the answer, and
+        its first sentence or line completes it. Generation stops at a
         degenerate loop, which is cut back to one copy of its unit, or where the answer states
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
@@ -436,7 +438,10 @@ class MemformerForCausalLM(nn.Module):
         # the prompt)
         source, chosen, caches = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
         several = chosen is not None and len(chosen) > 1         # several reads make a list: each answers one item
-        stops = lambda: StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue, one_item=several)])
+        # a read's answer is one item: the list is made of several reads' items, and after a cue's
+        # item one read has nothing more to give (what follows is the memorized text read on)
+        one_item = several or bool(cue and cue.strip())
+        stops = lambda: StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue, one_item=one_item)])
         if several and not record:
             # the reads answer side by side in one generate: row k reads chosen[k] of the one memory
             # and continues its own row of the check's prompt cache
@@ -463,7 +468,7 @@ class MemformerForCausalLM(nn.Module):
         texts, cuts = [], []
         for r in raw:
             text, c = cut_loop(end_at_cue(r.strip(), cue))
-            texts.append(first_item(text) if several else text)
+            texts.append(first_item(text) if one_item else text)
             cuts.append(c)
         text = join_answers(texts) if len(texts) > 1 else texts[0]
         return AskOutput(text, any(cuts), len(texts), texts, cuts) if return_dict else text

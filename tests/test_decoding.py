@@ -161,9 +161,10 @@ def test_ask_and_baselines_stop_at_a_loop_and_say_so():
 
 
 def test_several_reads_answer_one_item_each_and_so_do_not_loop(monkeypatch):
-    """A backbone whose greedy answer lists one item on line after line ("7\n7\n7…"): from one
-    read the list loops and is cut back; when several reads answer, each stops at the end of its
-    first item, before any loop, and the distinct items are joined."""
+    """A backbone whose greedy answer lists one item on line after line ("7\n7\n7…"): a question
+    answered from one read loops and is cut back; a cue's answer ends with its first item, and
+    when several reads answer, each stops at the end of its first item, before any loop, and the
+    distinct items are joined."""
     import memformer.model as model_module
     from transformers import LogitsProcessor, LogitsProcessorList
     torch.manual_seed(0)
@@ -183,8 +184,15 @@ def test_several_reads_answer_one_item_each_and_so_do_not_loop(monkeypatch):
     model.backbone.generation_config.eos_token_id = tok.eos_token_id   # (LlamaConfig's default 2 is "\n" here)
     model.memorize(TEXT, show_progress=False)
     listing = dict(max_new_tokens=40, return_dict=True, logits_processor=LogitsProcessorList([SevenPerLine()]))
-    one = model.ask(cue="The river is", **dict(listing))
+    one = model.ask("Where is the river?", **dict(listing))
     assert one.reads == 1 and one.loop_cut and one.text == "7"          # "7\n7\n7": a line listed three times
+    steps = []
+    real = model.backbone.forward
+    model.backbone.forward = lambda *a, **kw: steps.append(1) or real(*a, **kw)
+    cued = model.ask(cue="The river is", **dict(listing))
+    model.backbone.forward = real
+    assert cued.reads == 1 and cued.text == "7" and not cued.loop_cut and cued.read_loops == [False]
+    assert len(steps) <= 2 + 1                      # the check's forward, then "7" and "\n": no third line
 
     def two_close_reads(m, candidates, source, prompt_ids, weight=1.0, keep=1):
         return [(b, -0.1 * i) for i, (b, _) in enumerate(candidates)] + [([], -5.0)] * 10, None

@@ -1,0 +1,89 @@
+"""Score stored answers as if each memory answer had ended with its first item.
+
+Greedy decoding makes an answer that stops earlier a prefix of the answer that ran on, so cutting
+a stored answer where `memformer.decoding.first_item` ends it gives exactly the answer that a
+generation stopping there would have given. This rescoring tells, before any rerun, what ending
+every cue answer with its first item (the stop `ask` applies to several reads' answers) changes
+in runs already made: which answers are cut, and which scores move.
+
+    python benchmarks/first_item_rescore.py --modes memory \
+        benchmarks/results/copy_pointer/ruler_heldout_16k benchmarks/results/copy_pointer/needle_16k \
+        --out benchmarks/results/cue_first_item/rescore_memory.md
+
+Each folder holds `trials.jsonl` of `memformer eval ruler` (scored by `string_match_all`) or of
+`memformer eval needle` / `eval passkey` (scored by `needle.score_query`, one record per document
+and several queries). Records answered from several reads are skipped in the memory mode: each
+of their reads already answered one item.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from memformer.decoding import first_item
+from memformer.eval import needle, ruler
+
+
+def needle_kind(task: str) -> str:
+    """The value kind of a needle-suite task, as `needle` draws it ("single-word" -> "word"; the
+    multi-needle tasks and the pass key: number)."""
+    return task.removeprefix("single-") if task.startswith("single-") else "number"
+
+
+def answers_of(rec: dict) -> list[tuple[str, object, int]]:
+    """(answer, what scores it, reads) per answer of one record: RULER records hold one answer,
+    needle records one per query."""
+    if "answer" in rec:
+        return [(rec["answer"], lambda a, e=rec["expected"]: ruler.string_match_all(a, e), rec.get("reads") or 1)]
+    kind = needle_kind(rec["task"])
+    reads = rec.get("answer_reads") or [1] * len(rec["answers"])
+
+    def score(a, exp):
+        first = needle.candidates(kind, a)[:len(exp)]
+        return sum(v in first for v in exp) / len(exp)
+    return [(a, lambda a, e=exp: score(a, e), r) for a, exp, r in zip(rec["answers"], rec["expected"], reads)]
+
+
+def rescore(folder: Path, modes: set[str]) -> dict:
+    """Per folder: answers seen, answers cut by `first_item`, the score before and after, and the
+    answers whose score moved."""
+    out = dict(folder=str(folder), answers=0, cut=0, before=0.0, after=0.0, moved=[])
+    for line in (folder / "trials.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("mode") not in modes or rec.get("status") != "ok":
+            continue
+        for answer, score, reads in answers_of(rec):
+            cut = answer if rec["mode"] == "memory" and reads > 1 else first_item(answer)
+            s0, s1 = score(answer), score(cut)
+            out["answers"] += 1
+            out["cut"] += cut != answer
+            out["before"] += s0
+            out["after"] += s1
+            if s0 != s1:
+                out["moved"].append(dict(id=rec["id"], answer=answer[:120], cut=cut, before=s0, after=s1))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("--modes", default="memory", help="comma-separated modes to rescore")
+    ap.add_argument("--out", type=Path, required=True, help="markdown file written")
+    args = ap.parse_args(argv)
+    modes = {m.strip() for m in args.modes.split(",") if m.strip()}
+    rows = [rescore(f, modes) for f in args.folders]
+    lines = [f"# Stored answers ended at their first item (modes: {', '.join(sorted(modes))})", "",
+             "| run | answers | cut | score before | score after |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['folder']} | {r['answers']} | {r['cut']} | {r['before']:.2f} | {r['after']:.2f} |")
+    moved = [m for r in rows for m in r["moved"]]
+    lines += ["", f"Answers whose score moved: {len(moved)}", ""]
+    lines += [f"- {m['id']}: {m['answer']!r} -> {m['cut']!r} ({m['before']:g} -> {m['after']:g})" for m in moved]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
