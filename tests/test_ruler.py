@@ -311,3 +311,37 @@ def test_ruler_copy_probe_samples_and_table(btok):
     for bad in ("1,x", "-0.5", "nan"):
         with pytest.raises(argparse.ArgumentTypeError):
             ruler_copy_probe.scales(bad)
+
+
+def test_first_item_rescore_cuts_stored_answers_and_scores_them_again(tmp_path):
+    """benchmarks/first_item_rescore.py: each answer of the modes asked is cut where `first_item`
+    ends it and scored again (RULER records by string_match_all, needle records per query); a
+    memory answer from several reads is left as it is (each read already answered one item)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import first_item_rescore
+
+    rec = lambda i, mode, answer, expected, reads=1: {
+        "id": f"niah_multivalue/16384/{i}/{mode}", "task": "niah_multivalue", "mode": mode, "status": "ok",
+        "answer": answer, "expected": expected, "reads": reads}
+    ruler_run = _ruler_run(tmp_path / "r", 16384, records=[
+        rec(0, "memory", "1234567.\n\nThe special magic numbers for", ["1234567"]),      # cut, same score
+        rec(1, "memory", "1234567.\n7654321.", ["1234567", "7654321"], reads=2),        # several reads: kept
+        rec(2, "rag", ": 1234567. 7654321. 1111111.", ["1234567", "7654321"]),          # cut, loses a value
+        rec(3, "rag", "1234567", ["1234567"])])                                         # no item end: kept
+    needle_run = tmp_path / "n"
+    needle_run.mkdir()
+    (needle_run / "trials.jsonl").write_text(json.dumps({
+        "id": "single-word/16384/0/memory/0", "task": "single-word", "mode": "memory", "status": "ok",
+        "answers": ["lantern. The special magic word for", "Harbor and lantern."], "expected": [["lantern"], ["lantern"]],
+        "answer_reads": [1, 1]}) + "\n")
+    memory = first_item_rescore.rescore(ruler_run, {"memory"})
+    assert (memory["answers"], memory["cut"], memory["before"], memory["after"], memory["moved"]) == (2, 1, 2.0, 2.0, [])
+    rag = first_item_rescore.rescore(ruler_run, {"rag"})
+    assert (rag["answers"], rag["cut"], rag["before"], rag["after"]) == (2, 1, 2.0, 1.5)
+    assert [m["cut"] for m in rag["moved"]] == [": 1234567."]
+    words = first_item_rescore.rescore(needle_run, {"memory"})
+    assert (words["answers"], words["cut"], words["before"], words["after"]) == (2, 1, 1.0, 1.0)
+    first_item_rescore.main(["--modes", "rag", str(ruler_run), "--out", str(tmp_path / "o.md")])
+    assert "| 2 | 1 | 2.00 | 1.50 |" in (tmp_path / "o.md").read_text()
