@@ -3,7 +3,7 @@
 Greedy decoding makes an answer that stops earlier a prefix of the answer that ran on, so cutting
 a stored answer where `memformer.decoding.first_item` ends it gives exactly the answer that a
 generation stopping there would have given. This rescoring tells, before any rerun, what ending
-every cue answer with its first item (the stop `ask` applies to several reads' answers) changes
+every answer with its first item (the stop `ask` applies to answers to a cue and to several reads' answers) changes
 in runs already made: which answers are cut, and which scores move.
 
     python benchmarks/first_item_rescore.py --modes memory \
