@@ -38,11 +38,8 @@ def answers_of(rec: dict) -> list[tuple[str, object, int]]:
         return [(rec["answer"], lambda a, e=rec["expected"]: ruler.string_match_all(a, e), rec.get("reads") or 1)]
     kind = needle_kind(rec["task"])
     reads = rec.get("answer_reads") or [1] * len(rec["answers"])
-
-    def score(a, exp):
-        first = needle.candidates(kind, a)[:len(exp)]
-        return sum(v in first for v in exp) / len(exp)
-    return [(a, lambda a, e=exp: score(a, e), r) for a, exp, r in zip(rec["answers"], rec["expected"], reads)]
+    return [(a, lambda a, q=needle.Query("", exp, kind): needle.score_query(a, q), r)
+            for a, exp, r in zip(rec["answers"], rec["expected"], reads)]
 
 
 def rescore(folder: Path, modes: set[str]) -> dict:
@@ -72,6 +69,9 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="markdown file written")
     args = ap.parse_args(argv)
     modes = {m.strip() for m in args.modes.split(",") if m.strip()}
+    missing = [str(f) for f in args.folders if not (f / "trials.jsonl").is_file()]
+    if missing:
+        ap.error(f"no trials.jsonl in: {', '.join(missing)}")
     rows = [rescore(f, modes) for f in args.folders]
     lines = [f"# Stored answers ended at their first item (modes: {', '.join(sorted(modes))})", "",
              "| run | answers | cut | score before | score after |", "|---|---:|---:|---:|---:|"]

@@ -345,3 +345,6 @@ def test_first_item_rescore_cuts_stored_answers_and_scores_them_again(tmp_path):
     assert (words["answers"], words["cut"], words["before"], words["after"]) == (2, 1, 1.0, 1.0)
     first_item_rescore.main(["--modes", "rag", str(ruler_run), "--out", str(tmp_path / "o.md")])
     assert "| 2 | 1 | 2.00 | 1.50 |" in (tmp_path / "o.md").read_text()
+    with pytest.raises(SystemExit):                                  # a folder with no trials: a usage error
+        first_item_rescore.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x.md")])
+    assert not (tmp_path / "x.md").exists()
