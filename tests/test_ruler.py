@@ -348,3 +348,46 @@ def test_first_item_rescore_cuts_stored_answers_and_scores_them_again(tmp_path):
     with pytest.raises(SystemExit):                                  # a folder with no trials: a usage error
         first_item_rescore.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x.md")])
     assert not (tmp_path / "x.md").exists()
+
+
+def test_vt_reads_finds_each_statements_blocks_and_counts_names_per_statement_kind():
+    """benchmarks/vt_reads.py: the blocks a statement's read takes (the one holding "VAR name =",
+    one before, n in all; None when absent) and the summary of names found per statement kind."""
+    import sys
+    from argparse import Namespace
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import vt_reads
+
+    class Words:                                       # one token per word
+        vocab: list[str] = []
+
+        def encode(self, text):
+            for w in text.split():
+                if w not in self.vocab:
+                    self.vocab.append(w)
+            return [self.vocab.index(w) for w in text.split()]
+
+        def decode(self, ids):
+            return " ".join(self.vocab[i] for i in ids)
+
+    tok = Words()
+    for pad in range(8):                               # the statement at every offset within a block
+        words = "x " * pad + "noise . " * 5 + "VAR HNPJI = 27155 " + "noise . " * 5 + "VAR IQMRG = VAR HNPJI "
+        stream = tok.encode(words)
+        for name in ("HNPJI", "IQMRG"):
+            blocks = vt_reads.statement_blocks(tok, stream, name, 8, 3)
+            assert blocks == list(range(blocks[0], blocks[0] + 3))
+            assert f"VAR {name} =" in tok.decode(stream[blocks[0] * 8:(blocks[-1] + 1) * 8])   # the read holds it
+        assert vt_reads.statement_blocks(tok, stream, "ABSNT", 8, 4) is None
+    assert vt_reads.statement_blocks(tok, tok.encode("VAR A = 1 " * 3), "A", 8, 3) == [0, 1, 2]
+
+    def rec(kind, k, memory, prompt):
+        return dict(seed=1, index=0, statement=k, kind=kind, check_rank=k, candidates=5, memory="m", prompt="p",
+                    with_best="b", with_best_prompt="bp", default_answer="d", memory_score=memory,
+                    prompt_score=prompt, with_best_score=0.0, with_best_prompt_score=0.2)
+    records = [rec("value", 0, 0.0, 0.2), rec("hop", 1, 0.2, 0.0), rec("hop", 2, 0.4, 0.0)]
+    args = Namespace(seeds="1", samples=1, length="16k", threads=1, haystack=None, cache_dir=None, out="x")
+    text = vt_reads.report(records, args, 1.0)
+    assert "| value | 1 | 0 | 1 | 0 | 1 | 0 |" in text          # names found (score x 5), median rank
+    assert "| hop | 2 | 3 | 0 | 0 | 2 | 2 |" in text
