@@ -27,6 +27,11 @@ ahead where one token repeats: after the first "4" of "3544.", the rows of the s
 the "." both follow a "4", and the pointer picks the one after the row just read. It follows
 the answer's first item only: once a generated token ends a sentence or line, it rests
 (`MemformerForCausalLM.reading_blocks`), so a copied value does not run on into the text after it.
+An answer to a cue starts under the pointer: a cue is the answer's own beginning, often the
+memorized sentence up to its value ("The special magic word for wild-cabin is"), so its last
+token, the answer's first step (`ask` continues the check's prompt cache, which holds all but
+it), is pointed from the shares its heads gave at the token before (`seeded_pointers`), and the
+first answer token follows the memory's own sentence rather than another "is" or quote in the read.
 
 Every query of a chunk reads the same rows, so the memory logits are one matmul per kv group
 (`shared_rows_attention`), differentiable; without a gradient on the CPU they go through
@@ -66,6 +71,13 @@ class CopyPointer:
     def update(self, share_last: torch.Tensor) -> None:
         """Keep share_last [B, Hq, R], the last query's share per row, for the next step."""
         self.share = share_last.detach()
+
+
+def seeded_pointers(beta: float, shares: dict, R: int) -> dict:
+    """{layer: CopyPointer} that start from shares {layer: [B, Hq, R0]} kept at a prompt's last
+    token but one (a check's prompt cache, `question_reads.candidate_reads`), for reads laid out in
+    R <= R0 rows: -1 pads a row on the left, so a read's own rows are the last R columns."""
+    return {i: CopyPointer(beta, s[..., -R:]) for i, s in shares.items() if s.shape[-1] >= R}
 
 
 def block_attention(mem, q_rot, k_local, v_local, blocks, *, block_size: int, scale: float, rotary_fn,

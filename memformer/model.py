@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from memformer import persistence
 from memformer.adapters import get_adapter
-from memformer.blocks import pinned_block_ids, prompt_read_start
+from memformer.blocks import pinned_block_ids, prompt_read_start, seeded_pointers
 from memformer.config import AdapterConfig, MemoryConfig
 from memformer.context_cache import cache_argument, make_context_cache, reuse_context
 from memformer.index import LayerMemory
@@ -387,9 +387,14 @@ class MemformerForCausalLM(nn.Module):
                 raise ValueError(f"prompt_reads must be 'auto', None or an integer >= 1, got {prompt_reads!r}")
             if not any(hasattr(kw.get(name), "memformer_ids") for name in ("cache", "past_key_values")):
                 read_from = prompt_read_start(x.shape[1], self.memory_config.block_size, prompt_reads)
-        if self.runtime.pointers is not None:          # each generation's copy pointer starts afresh
-            self.runtime.pointers.clear()
+        if self.runtime.pointers is not None:          # each generation's copy pointer starts afresh,
+            self.runtime.pointers.clear()              # or from the shares a check's prompt cache kept
             self.runtime.pointer_rest = None
+            cache = next((kw[n] for n in ("cache", "past_key_values") if hasattr(kw.get(n), "memformer_ids")), None)
+            shares = getattr(cache, "memformer_pointer", None)
+            if shares and self.runtime.pinned_blocks is not None:
+                R = self.runtime.pinned_blocks.shape[-1] * self.memory_config.block_size
+                self.runtime.pointers.update(seeded_pointers(self.runtime.copy_pointer, shares, R))
         with memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=record or None,
                          read_from=read_from):
             out = self.backbone.generate(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **kw)
@@ -437,6 +442,12 @@ class MemformerForCausalLM(nn.Module):
         # does not run the prompt again (a recorded answer runs it, so that the recordings cover
         # the prompt)
         source, chosen, caches = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
+        if not (cue and cue.strip()):
+            # a question's prompt ends with the chat template, which no memorized sentence leads
+            # up to: its answer's copy pointer starts afresh (a cue's starts from the check's shares)
+            for c in caches:
+                if c is not None:
+                    c.memformer_pointer = None
         several = chosen is not None and len(chosen) > 1         # several reads make a list: each answers one item
         # a read's answer is one item: the list is made of several reads' items, and after a cue's
         # item one read has nothing more to give (what follows is the memorized text read on)

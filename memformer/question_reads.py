@@ -203,11 +203,18 @@ def candidate_reads(model, blocks: list[list[int]], source: str, prompt_ids: tor
     Returns (the prompt's KV cache but its last token, batch K from the first memory layer on:
     `keep_row` cuts it to one read for `model.generate(prompt_ids, cache=...)`;
     log-probabilities [K, T - 1] of the prompt's own tokens 1..T-1 under each read). The forward
-    that scores a read also makes its cache, so the winner's answer does not run its prompt again."""
+    that scores a read also makes its cache, so the winner's answer does not run its prompt again.
+    With the copy pointer on, the cache also keeps each memory layer's pointer shares at the
+    prompt's last token but one (`memformer_pointer`, {layer: [K, Hq, R]}), from which the answer
+    to a cue starts (`MemformerForCausalLM.generate`)."""
     K, padded = len(blocks), padded_rows(blocks)                                          # [K, n]
     first = model.adapter.layers(model.backbone)[min(model.memory_modules)]
     with model.reading_blocks(padded, source), _widened_at(first, K):
         cache, logits = make_context_cache(model, prompt_ids[:, :-1], return_logits=True)   # [K, T-1, V]
+        # each read's copy-pointer shares at the prompt's last token but one ({layer: [K, Hq, R]}):
+        # an answer to a cue starts from them (`MemformerForCausalLM.generate`)
+        pointers = model.runtime.pointers or {}
+        cache.memformer_pointer = {i: p.share for i, p in pointers.items() if p.share is not None} or None
     logits = logits.float()                                                               # [K, T-1, V]
     target = prompt_ids[:, 1:].expand(K, -1).to(logits.device)                           # [K, T-1]
     # log-softmax at the targets only: the whole [K, T-1, V] of it is never needed
@@ -251,6 +258,9 @@ def keep_row(cache, k: int):
     for layer in kept.layers:
         if layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[0] > 1:
             layer.batch_select_indices(index)          # assigns new tensors to the copy
+    shares = getattr(cache, "memformer_pointer", None)
+    if shares:
+        kept.memformer_pointer = {i: s[k:k + 1] for i, s in shares.items()}             # [1, Hq, R]
     return kept
 
 
@@ -265,6 +275,9 @@ def stack_rows(caches: list):
             layer.keys = torch.cat([c.layers[i].keys for c in caches])          # [K, kv heads, T, d]
             layer.values = torch.cat([c.layers[i].values for c in caches])
     stacked.memformer_ids = caches[0].memformer_ids.expand(len(caches), -1).clone()   # [K, S + T - 1]
+    shares = [getattr(c, "memformer_pointer", None) for c in caches]
+    stacked.memformer_pointer = ({i: torch.cat([s[i] for s in shares]) for i in shares[0]}   # [K, Hq, R]
+                                 if all(shares) else None)
     return stacked
 
 

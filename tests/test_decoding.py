@@ -1,5 +1,6 @@
 """Answers stop at a degenerate loop (memformer.decoding): the check, the cut, the stopping
 criterion, and ask / LongDocQA answers on a tiny model whose greedy output loops."""
+import pytest
 import torch
 
 from conftest import HashedWords, tiny_backbone
@@ -200,3 +201,84 @@ def test_several_reads_answer_one_item_each_and_so_do_not_loop(monkeypatch):
     two = model.ask(cue="The river is", **dict(listing))
     assert two.reads == 2 and two.read_answers == ["7", "7"] and two.read_loops == [False, False]
     assert two.text == "7" and not two.loop_cut
+
+
+def test_a_cues_answer_starts_under_the_pointer_from_the_checks_shares():
+    """The check's forward over the prompt but its last token keeps each read's copy-pointer shares
+    with its cache ({layer: [K, Hq, R]}); keep_row / stack_rows cut and stack them with the rows; a
+    read's row in the padded batch holds its shares alone read, in the last columns. `generate`
+    continuing such a cache points the prompt's last token (the answer's first step) from them, so
+    that step's logits change, and without them it is the unpointed step; `ask` keeps them for a
+    cue and drops them for a question."""
+    from memformer.blocks import seeded_pointers
+    from memformer.question_reads import candidate_reads, keep_row, stack_rows
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    cfg = MemoryConfig(window=64, sink_tokens=2, overlap=8, block_size=16, question_blocks=2, answer_reads=2)
+    model = MemformerForCausalLM(tiny_backbone("llama"), tok, cfg, embedder=HashedWords(256))
+    model.memorize(TEXT, show_progress=False)
+    prompt = model.questions.prompt_ids(None, cue="The river is")                       # [1, T]
+    Hq, bs = model.config.num_attention_heads, cfg.block_size
+    with torch.no_grad():
+        cache, _ = candidate_reads(model, [[0, 1], [2], [3, 4]], "own", prompt)
+        alone, _ = candidate_reads(model, [[2]], "own", prompt)
+    shares = cache.memformer_pointer
+    assert sorted(shares) == sorted(model.memory_modules)
+    assert all(s.shape == (3, Hq, 2 * bs) for s in shares.values())
+    for i, s in shares.items():
+        torch.testing.assert_close(s[1, :, -bs:], alone.memformer_pointer[i][0], atol=1e-5, rtol=1e-5)
+        assert float(s[1, :, :bs].abs().sum()) == 0.0                      # the padding's columns
+        torch.testing.assert_close(keep_row(cache, 2).memformer_pointer[i], s[2:3])
+        stacked = stack_rows([keep_row(cache, 2), keep_row(cache, 0)]).memformer_pointer[i]
+        torch.testing.assert_close(stacked, torch.cat([s[2:3], s[0:1]]))
+        torch.testing.assert_close(seeded_pointers(3.0, {i: s}, bs)[i].share, s[..., -bs:])
+    assert seeded_pointers(3.0, shares, 3 * bs) == {}                      # shares of fewer rows: none
+
+    def first_logits(row_cache):
+        with torch.no_grad(), model.reading_blocks([3, 4]):
+            out = model.generate(prompt, cache=row_cache, max_new_tokens=1, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+        return out.logits[0]
+    seeded, bare = keep_row(cache, 2), keep_row(cache, 2)
+    bare.memformer_pointer = None
+    with torch.no_grad(), model.reading_blocks([3, 4]):
+        fresh = model.generate(prompt, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
+                               output_logits=True).logits[0]
+    torch.testing.assert_close(first_logits(bare), fresh, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(first_logits(seeded), fresh, atol=1e-4)
+
+    seen = []
+    real = model.generate
+    model.generate = lambda *a, **kw: seen.append(getattr(kw.get("cache", kw.get("past_key_values")),
+                                                          "memformer_pointer", None)) or real(*a, **kw)
+    model.ask(cue="The river is", max_new_tokens=2)
+    model.ask("Where is the river?", max_new_tokens=2)
+    model.generate = real
+    assert seen[0] is not None and seen[-1] is None
+
+
+def test_cue_pointer_ab_reports_both_answers_and_refuses_unknown_variants(capsys):
+    """benchmarks/cue_pointer_ab.py: the table sums each side's scores per variant and counts the
+    answers that changed, listing them; an unknown variant is a usage error before any model loads."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cue_pointer_ab
+    import memformer.model as modeling
+
+    rec = lambda v, exp, off, on, a, b: dict(variant=v, length=32768, seed=1, cue="c", expected=[exp], without=off,
+                                            with_seed=on, score_without=a, score_with=b)
+    text = cue_pointer_ab.report([rec("single-word", "zebra", "ze.", "zebra.", 0.0, 1.0),
+                                  rec("single-word", "candle", "candle.", "candle.", 1.0, 1.0),
+                                  rec("multikey", "2057699", "2057699.", "2057699.", 1.0, 1.0)], "cmd", 1.0)
+    assert "| single-word | 32k | 1 | 2 | 1 | 2 | 1 |" in text and "| multikey | 32k | 1 | 1 | 1 | 1 | 0 |" in text
+    assert "| single-word | zebra | 'ze.' | 'zebra.' |" in text and "candle." not in text.split("changed:")[1]
+    with pytest.raises(SystemExit) as exit_:
+        cue_pointer_ab.main(["--variants", "single-wrod", "--out", "x"])
+    assert exit_.value.code == 2 and "single-wrod" in capsys.readouterr().err
+    shipped = modeling.seeded_pointers
+
+    class Model:                                        # ask sees no seed inside the first call only
+        def ask(self, cue, max_new_tokens):
+            return "off" if modeling.seeded_pointers(1.0, {1: torch.zeros(1, 1, 4)}, 4) == {} else "on"
+    assert cue_pointer_ab.ask_both(Model(), "c", 4) == ("off", "on") and modeling.seeded_pointers is shipped
