@@ -36,8 +36,8 @@ from memformer.index import LayerMemory
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
-from memformer.question_reads import (QuestionReads, answer_reads, checked_reads, padded_rows, read_query,
-                                      stack_rows)
+from memformer.question_reads import (QuestionReads, answer_reads, checked_reads, padded_rows, prompt_pointer_shares,
+                                      read_query, stack_rows)
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
 
 # Chunks of a fresh `generate` prompt that read memory with trained memory layers, counted from its
@@ -469,12 +469,21 @@ class MemformerForCausalLM(nn.Module):
             reads = [contextlib.nullcontext()] if chosen is None else [self.reading_blocks(b, source) for b in chosen]
             raw = []
             for read, cache in zip(reads, caches):
-                kwargs = dict(generate_kwargs)
+                kwargs, keep = dict(generate_kwargs), bool(raw)
                 if cache is not None and not record:
                     kwargs[cache_argument(self.backbone)] = cache
                 with read:
+                    if record and getattr(cache, "memformer_pointer", None) is not None:
+                        # a cue's: the prompt but its last token first, recorded, leaving the shares
+                        # the answer's first step is pointed from, as the check's cache holds them
+                        if not raw:
+                            self.clear_recorded_reads()
+                        with memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=True):
+                            again = make_context_cache(self, x[:, :-1])
+                        again.memformer_pointer = prompt_pointer_shares(self.runtime)
+                        kwargs[cache_argument(self.backbone)], keep = again, True
                     out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
-                                        stopping_criteria=stops(), _keep_records=bool(raw), **kwargs)
+                                        stopping_criteria=stops(), _keep_records=keep, **kwargs)
                 raw.append(self.tokenizer.decode(out[0, T:], skip_special_tokens=True))
         texts, cuts = [], []
         for r in raw:

@@ -213,13 +213,19 @@ def candidate_reads(model, blocks: list[list[int]], source: str, prompt_ids: tor
         cache, logits = make_context_cache(model, prompt_ids[:, :-1], return_logits=True)   # [K, T-1, V]
         # each read's copy-pointer shares at the prompt's last token but one ({layer: [K, Hq, R]}):
         # an answer to a cue starts from them (`MemformerForCausalLM.generate`)
-        pointers = model.runtime.pointers or {}
-        cache.memformer_pointer = {i: p.share for i, p in pointers.items() if p.share is not None} or None
+        cache.memformer_pointer = prompt_pointer_shares(model.runtime)
     logits = logits.float()                                                               # [K, T-1, V]
     target = prompt_ids[:, 1:].expand(K, -1).to(logits.device)                           # [K, T-1]
     # log-softmax at the targets only: the whole [K, T-1, V] of it is never needed
     logp = logits.gather(2, target[..., None])[..., 0] - torch.logsumexp(logits, -1)     # [K, T-1]
     return cache, logp.cpu()
+
+
+def prompt_pointer_shares(runtime) -> dict | None:
+    """{memory layer: [B, Hq, R]} the copy pointers' shares after a prompt's forward inside
+    `reading_blocks` (the last query's share per laid-out row), or None (no copy pointer)."""
+    pointers = runtime.pointers or {}
+    return {i: p.share for i, p in pointers.items() if p.share is not None} or None
 
 
 def padded_rows(blocks: list[list[int]]) -> torch.Tensor:

@@ -209,7 +209,8 @@ def test_a_cues_answer_starts_under_the_pointer_from_the_checks_shares():
     read's row in the padded batch holds its shares alone read, in the last columns. `generate`
     continuing such a cache points the prompt's last token (the answer's first step) from them, so
     that step's logits change, and without them it is the unpointed step; `ask` keeps them for a
-    cue and drops them for a question."""
+    cue (a recorded answer runs the prompt but its last token again, recorded, and starts from
+    the same shares) and drops them for a question."""
     from memformer.blocks import seeded_pointers
     from memformer.question_reads import candidate_reads, keep_row, stack_rows
     torch.manual_seed(0)
@@ -252,9 +253,14 @@ def test_a_cues_answer_starts_under_the_pointer_from_the_checks_shares():
     model.generate = lambda *a, **kw: seen.append(getattr(kw.get("cache", kw.get("past_key_values")),
                                                           "memformer_pointer", None)) or real(*a, **kw)
     model.ask(cue="The river is", max_new_tokens=2)
+    recorded = model.ask(cue="The river is", max_new_tokens=2, record=True)      # runs the prompt again, recorded
     model.ask("Where is the river?", max_new_tokens=2)
+    model.ask("Where is the river?", max_new_tokens=2, record=True)
     model.generate = real
-    assert seen[0] is not None and seen[-1] is None
+    assert seen[0] is not None and seen[1] is not None and seen[2] is None and seen[3] is None
+    for i in shares:
+        torch.testing.assert_close(seen[1][i], seen[0][i], atol=1e-5, rtol=1e-5)  # the check's shares, again
+    assert recorded == model.ask(cue="The river is", max_new_tokens=2) and model.recorded_reads()
 
 
 def test_cue_pointer_ab_reports_both_answers_and_refuses_unknown_variants(capsys):
