@@ -294,6 +294,7 @@ def test_several_corpus_reads_answer_side_by_side_as_each_read_alone(tmp_path, m
     (row k reading its own corpus blocks): each row's scores are those of that read alone, and
     the reads' scores differ, so a row reading another's blocks would show."""
     import memformer.model as model_module
+    from memformer.question_reads import candidate_reads
     docs = _docs(tmp_path)
     (docs / "zebra.txt").write_text("The zebraquartz lives in the blue cellar. " + "lorem ipsum dolor " * 6)
     corpus.build_corpus(_model(), docs, tmp_path / "mem", show_progress=False)
@@ -321,8 +322,11 @@ def test_several_corpus_reads_answer_side_by_side_as_each_read_alone(tmp_path, m
     x = reader.questions.prompt_ids(cue=cue)
     firsts = []
     for k, blocks in enumerate(taken):
+        # a cue's answer starts from its read's check cache (its copy-pointer shares): that read alone's
+        alone, _ = candidate_reads(reader, [blocks], "corpus", x)
         with reader.reading_blocks(blocks, "corpus"):
-            g = reader.generate(x, max_new_tokens=1, do_sample=False, output_scores=True, return_dict_in_generate=True)
+            g = reader.generate(x, cache=alone, max_new_tokens=1, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True)
         torch.testing.assert_close(batched[0][0, k], g.scores[0][0], atol=1e-4, rtol=1e-4)
         firsts.append(g.scores[0][0])
     assert not torch.allclose(firsts[0], firsts[1], atol=1e-4) and not torch.allclose(firsts[1], firsts[2], atol=1e-4)
