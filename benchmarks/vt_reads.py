@@ -134,7 +134,7 @@ def report(records: list[dict], args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="1000,2000")
     ap.add_argument("--samples", type=int, default=3, help="samples per seed")
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None, help="memorized documents kept between runs")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.samples < 1:
         ap.error("--samples must be >= 1")
     t0 = time.perf_counter()

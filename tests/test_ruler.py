@@ -391,3 +391,6 @@ def test_vt_reads_finds_each_statements_blocks_and_counts_names_per_statement_ki
     text = vt_reads.report(records, args, 1.0)
     assert "| value | 1 | 0 | 1 | 0 | 1 | 0 |" in text          # names found (score x 5), median rank
     assert "| hop | 2 | 3 | 0 | 0 | 2 | 2 |" in text
+    with pytest.raises(SystemExit) as exit_:                # a usage error before any model loads
+        vt_reads.main(["--samples", "0", "--out", "x"])
+    assert exit_.value.code == 2
