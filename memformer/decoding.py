@@ -8,10 +8,12 @@ happens with RAG and truncation, whatever the memory read. Every answer memforme
 its text holds a unit of 1-16 characters repeated 8 or more times in a row, a longer unit (a
 sentence and the cue that leads back into it: "a secret code. The secret code of the red vault is
 a secret code. …") repeated 3 or more times, one line repeated as the next 2 or more lines (a
-list that names one value again and again: "* 9021980." on every line), or a word group of 3-16
-characters said 4 or more times in a row apart by spaces ("VQQ VQQ VQQ VQQ") (`LoopStop`), and the
-loop is cut back to one copy of its unit (`cut_loop`): the user gets a short answer, and the
-caller is told that it was cut.
+list that names one value again and again: "* 9021980." on every line), a word group of 3-16
+characters said 4 or more times in a row apart by spaces ("VQQ VQQ VQQ VQQ"), or a count: 6 or
+more whole numbers in a row, each one more than the one before, apart by the same separator
+("5, 6, 7, 8, 9, 10", "1. 2. 3. 4. 5. 6.", "4231320. 4231321. 4231322. …") (`LoopStop`). The loop
+is cut back to one copy of its unit, a count to its first number (`cut_loop`): the user gets a
+short answer, and the caller is told that it was cut.
 
 A completion that states its own cue again ("1. The special magic number for tidy-violin is 1.
 The special magic number for …"), or the last sentence of a cue that asks a question first, is
@@ -37,14 +39,39 @@ LINE_LOOP = re.compile(r"^([^\n]{0,200}?\w[^\n]{0,200}?)(?:\n\1){2,}$", re.MULTI
 # "5434657. 5434657. 5434657. 5434657."): the space between copies hides them from LOOP until the
 # 8th, and no answer names one value four times running
 WORD_LOOP = re.compile(r"(?<!\S)(\w[^\n]{2,15}?)(?:[ \t]+\1(?!\S)){3,}")
+# a count: whole numbers, each one more than the one before, apart by the same 1-3 characters
+# without a letter or digit ("5, 6, 7, …", "1. 2. 3. …", "2004, 2005, …"); the unit changes at every
+# step, so no pattern above sees it, and no answer counts six numbers in a row
+COUNT_RUN = 6
+NUMBER = re.compile(r"\d+")
 TAIL_TOKENS = 160           # generated tokens decoded at each step to look for a loop (3 units of 200 characters)
+
+
+def count_at(text: str) -> re.Match | None:
+    """The first number of the first count in `text` (`COUNT_RUN`+ whole numbers in a row, each
+    one more than the one before, apart by the same 1-3 characters without a letter or digit),
+    else None."""
+    numbers = list(NUMBER.finditer(text))
+    start, run, sep = 0, 1, None
+    for i in range(1, len(numbers)):
+        a, b = numbers[i - 1], numbers[i]
+        gap = text[a.end():b.start()]
+        if int(b.group()) != int(a.group()) + 1 or not 1 <= len(gap) <= 3 or re.search(r"\w", gap):
+            start, run, sep = i, 1, None                  # b starts afresh
+        elif run > 1 and gap != sep:
+            start, run, sep = i - 1, 2, gap               # a step with another separator: a, b start afresh
+        else:
+            run, sep = run + 1, gap
+        if run >= COUNT_RUN:
+            return numbers[start]
+    return None
 
 
 def looping(text: str) -> bool:
     """True when some unit of 1-16 characters (not blank) repeats 8+ times in a row, one of
-    17-200 characters 3+ times, a line (with a letter or digit) 3+ times in a row, or a word
-    group of 3-16 characters 4+ times in a row apart by spaces."""
-    return any(p.search(text) is not None for p in (LOOP, LINE_LOOP, WORD_LOOP))
+    17-200 characters 3+ times, a line (with a letter or digit) 3+ times in a row, a word
+    group of 3-16 characters 4+ times in a row apart by spaces, or the text counts (`count_at`)."""
+    return any(p.search(text) is not None for p in (LOOP, LINE_LOOP, WORD_LOOP)) or count_at(text) is not None
 
 
 def end_at_cue(text: str, cue: str | None) -> str:
@@ -75,10 +102,12 @@ def restated_at(text: str, cue: str | None) -> int:
 
 def cut_loop(text: str) -> tuple[str, bool]:
     """(text with its first loop cut back to one copy of the unit, whether a loop was cut)."""
-    m, line, word = LOOP.search(text), LINE_LOOP.search(text), WORD_LOOP.search(text)
-    first = min((x.start() for x in (m, line, word) if x is not None), default=None)
+    m, line, word, count = LOOP.search(text), LINE_LOOP.search(text), WORD_LOOP.search(text), count_at(text)
+    first = min((x.start() for x in (m, line, word, count) if x is not None), default=None)
     if first is None:
         return text, False
+    if count is not None and count.start() == first and all(x is None or x.start() > first for x in (m, line, word)):
+        return text[:count.end()].strip(), True                       # a count: keep its first number
     if line is not None and line.start() == first:                 # a repeated line: keep one
         return text[:line.start(1) + len(line.group(1))].strip(), True
     if word is not None and word.start() == first and (m is None or m.start() > first):

@@ -38,6 +38,16 @@ def test_looping_and_cut_loop():
     for fine in ("5434657. 5434657. 5434657.", "0 0 0 0 0 0", "1.0 2.0 1.0 1.0", "VQQ VQQ VQQ VQQX",
                  "He said no, no, no, no."):
         assert not looping(fine) and cut_loop(fine) == (fine, False), fine
+    # a count: 6+ whole numbers, each one more than the one before, apart by the same separator
+    for count, cut in (("5, 6, 7, 8, 9, 10, 11, 12, 13,", "5"), ("48960, 5, 6, 7, 8, 9, 10, 11,", "48960, 5"),
+                       (": 1. 2. 3. 4. 5. 6. 7.", ": 1"), (": 4231320. 4231321. 4231322. 4231323. 4231324. 4231325.", ": 4231320"),
+                       ("1.1.1.2.2.3.4.5.6.7.8.9", "1.1.1.2.2"), ("1, 2, 3. 4. 5. 6. 7. 8.", "1, 2, 3"),
+                       ("* 3871243\n11, 12, 13, 14, 15, 16, 17", "* 3871243\n11")):
+        assert looping(count) and cut_loop(count) == (cut, True), count
+    for fine in ("1, 2, 3, 4, 5", "Python 3.8, 3.9, 3.10, 3.11, 3.12, 3.13", "1, 3, 5, 7, 9, 11, 13",
+                 "2019, 2020 and 2021, 2022, 2023, 2024", "1 a 2 b 3 c 4 d 5 e 6 f 7",
+                 "1, 2, 3, 5, 6, 7, 8", "1. 2. 3. 4. 5 6"):
+        assert not looping(fine) and cut_loop(fine) == (fine, False), fine
     for fine in ("The special magic numbers are 1234567, 2345678, 3456789 and 4567890.",
                  "The code of the red vault is 4417. The code of the blue vault is 9921.",
                  "a secret code. \nThe secret code of the red vault is " * 2):      # twice is not a loop yet
@@ -55,6 +65,8 @@ def test_loop_stop_looks_at_the_generated_tokens_only():
     assert stop(ids(prompt + "42" + "1" * 9), None).item()
     assert not stop(ids(prompt + "\n* 42.\n* 42.\n* 4"), None).item()
     assert stop(ids(prompt + "\n* 42.\n* 42.\n* 42."), None).item()      # a line listed three times
+    assert not stop(ids(prompt + "5, 6, 7, 8, 9,"), None).item()
+    assert stop(ids(prompt + "5, 6, 7, 8, 9, 10"), None).item()          # a count of six numbers
     both = torch.cat([ids("ab" + "x" * 10), ids("ab" + "xyz" * 3 + "q")])
     s2 = LoopStop(tok)
     s2.prompt_len = 2

@@ -101,7 +101,8 @@ def test_string_match_all_and_looping():
     assert ruler.string_match_all("The numbers are 123, 456.", ["123", "456", "789"]) == pytest.approx(2 / 3)
     assert ruler.string_match_all("ABCDE\x00bcdef", ["abcde", "BCDEF"]) == 1.0
     assert ruler.string_match_all("nothing", ["1"]) == 0.0
-    for loop in ("111111111111111", "**************", "the the the the the the the the the", "1, 2, 1, 2, " * 8):
+    for loop in ("111111111111111", "**************", "the the the the the the the the the", "1, 2, 1, 2, " * 8,
+                 "5, 6, 7, 8, 9, 10, 11, 12, 13,"):
         assert ruler.looping(loop), loop
     for fine in ("1234567", "1111111", "The special magic number is 7654321.", "SCBJV TOERZ MGAXP PRNMM BRHVQ",
                  "", "   " * 20):
@@ -344,10 +345,47 @@ def test_first_item_rescore_cuts_stored_answers_and_scores_them_again(tmp_path):
     words = first_item_rescore.rescore(needle_run, {"memory"})
     assert (words["answers"], words["cut"], words["before"], words["after"]) == (2, 1, 1.0, 1.0)
     first_item_rescore.main(["--modes", "rag", str(ruler_run), "--out", str(tmp_path / "o.md")])
-    assert "| 2 | 1 | 2.00 | 1.50 |" in (tmp_path / "o.md").read_text()
+    assert "| 2 | 1 | 2.00 | 1.50 | 0 | 0 |" in (tmp_path / "o.md").read_text()
     with pytest.raises(SystemExit):                                  # a folder with no trials: a usage error
         first_item_rescore.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x.md")])
     assert not (tmp_path / "x.md").exists()
+
+
+def test_first_item_rescore_cuts_stored_answers_at_loops_read_by_read(tmp_path):
+    """benchmarks/first_item_rescore.py --cut loop: a stored answer is cut where today's loop rule
+    finds a loop (a count, which older runs' stop let through), an answer of several reads read by
+    read (RULER's stored read answers; a needle answer's lines) and joined again; looping counts
+    the run's flags, the cuts and what still loops (before: the run's flags)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import first_item_rescore
+
+    rec = lambda i, mode, answer, expected, reads=1, read_answers=None, loop=False: {
+        "id": f"niah_multivalue/16384/{i}/{mode}", "task": "niah_multivalue", "mode": mode, "status": "ok",
+        "answer": answer, "expected": expected, "reads": reads, "read_answers": read_answers, "looping": loop}
+    ruler_run = _ruler_run(tmp_path / "r", 16384, records=[
+        rec(0, "memory", "5, 6, 7, 8, 9, 10, 11,", ["1234567"]),                         # a count: cut to "5"
+        rec(1, "memory", ": 1234567.\n2, 3, 4, 5, 6, 7, 8\n7654321.", ["1234567", "7654321"], reads=3,
+            read_answers=[": 1234567.", ": 2, 3, 4, 5, 6, 7, 8", "7654321."]),             # the middle read cut
+        rec(2, "memory", "1234567.", ["1234567"], loop=True),                              # flagged by its run
+        rec(3, "rag", ": 1234566, 1234567, 1234568, 1234569, 1234570, 1234571", ["1234567", "7654321"])])
+    memory = first_item_rescore.rescore(ruler_run, {"memory"}, "loop")
+    assert (memory["answers"], memory["cut"], memory["before"], memory["after"]) == (3, 2, 2.0, 2.0)
+    assert (memory["loops_before"], memory["loops_after"]) == (1, 3)       # the run flagged one
+    rag = first_item_rescore.rescore(ruler_run, {"rag"}, "loop")
+    assert (rag["cut"], rag["before"], rag["after"], rag["loops_before"], rag["loops_after"]) == (1, 0.5, 0.0, 0, 1)
+    assert [m["cut"] for m in rag["moved"]] == [": 1234566"]
+    needle_run = tmp_path / "n"
+    needle_run.mkdir()
+    (needle_run / "trials.jsonl").write_text(json.dumps({
+        "id": "multivalue/16384/0/memory/0", "task": "multivalue", "mode": "memory", "status": "ok",
+        "answers": ["4266483.\n10, 5, 11, 12, 13, 14, 15, 16\n6569215."], "expected": [["4266483", "6569215"]],
+        "answer_reads": [3]}) + "\n")
+    words = first_item_rescore.rescore(needle_run, {"memory"}, "loop")
+    assert words["cut"] == 1 and words["after"] == words["before"] > 0 and words["loops_after"] == 1
+    first_item_rescore.main(["--cut", "loop", str(ruler_run), "--out", str(tmp_path / "o.md")])
+    assert "| 3 | 2 | 2.00 | 2.00 | 1 | 3 |" in (tmp_path / "o.md").read_text()
 
 
 def test_vt_reads_finds_each_statements_blocks_and_counts_names_per_statement_kind():
