@@ -354,9 +354,12 @@ class MemformerForCausalLM(nn.Module):
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        for name in ("cache", "past_key_values"):         # the KV cache's name since / before transformers 5.24
-            if hasattr(generate_kwargs.get(name), "memformer_ids"):
-                generate_kwargs = dict(generate_kwargs, **{name: reuse_context(self, generate_kwargs[name], input_ids)})
+        # a context cache under the KV cache's name since / before transformers 5.24, else None
+        cache_name = next((n for n in ("cache", "past_key_values") if hasattr(generate_kwargs.get(n), "memformer_ids")), None)
+        cache = None
+        if cache_name is not None:
+            cache = generate_kwargs[cache_name]
+            generate_kwargs = dict(generate_kwargs, **{cache_name: reuse_context(self, cache, input_ids)})
         B, T = input_ids.shape
         local = self.local_window
         x, mask = input_ids, attention_mask
@@ -385,12 +388,11 @@ class MemformerForCausalLM(nn.Module):
         if prompt_reads is not None:
             if not isinstance(prompt_reads, int) or isinstance(prompt_reads, bool) or prompt_reads < 1:
                 raise ValueError(f"prompt_reads must be 'auto', None or an integer >= 1, got {prompt_reads!r}")
-            if not any(hasattr(kw.get(name), "memformer_ids") for name in ("cache", "past_key_values")):
+            if cache is None:
                 read_from = prompt_read_start(x.shape[1], self.memory_config.block_size, prompt_reads)
         if self.runtime.pointers is not None:          # each generation's copy pointer starts afresh,
             self.runtime.pointers.clear()              # or from the shares a check's prompt cache kept
             self.runtime.pointer_rest = None
-            cache = next((kw[n] for n in ("cache", "past_key_values") if hasattr(kw.get(n), "memformer_ids")), None)
             shares = getattr(cache, "memformer_pointer", None)
             if shares and self.runtime.pinned_blocks is not None:
                 R = self.runtime.pinned_blocks.shape[-1] * self.memory_config.block_size
