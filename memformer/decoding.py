@@ -20,13 +20,19 @@ The special magic number for …"), or the last sentence of a cue that asks a qu
 starting over, whether or not it would loop: it stops there too, and the answer ends before the
 restated cue (`end_at_cue`). That is the end of an answer,
 not a loop, so it is not reported as one.
+
+An answer to a cue that only says a phrase of the cue back ("The special magic numbers for
+boundless-strawberry, helpless-bunghole, … are" → "* boundless-strawberry", the keys listed one
+per line) names none of what was asked for (`restates_cue`); `ask` answers such a read again with
+the first token of each of the cue's words barred until the answer holds a letter or digit
+(`CueWordBar`), so its first word comes from somewhere else, the memory read.
 """
 from __future__ import annotations
 
 import re
 
 import torch
-from transformers import StoppingCriteria
+from transformers import LogitsProcessor, StoppingCriteria
 
 # a short unit repeated 8+ times, or a unit of 17-200 characters repeated 3+ times (a number may
 # legitimately hold "1111111"; no answer repeats a whole sentence three times)
@@ -117,6 +123,44 @@ def cut_loop(text: str) -> tuple[str, bool]:
         end = re.search(r"[.!?](?=\s)", unit)
         unit = unit[:end.end()] if end else unit
     return (text[:m.start()] + unit).strip(), True
+
+
+WORD = re.compile(r"[^\W_]+")                 # a word: letters and digits (hyphens, points and marks apart)
+
+
+def restates_cue(text: str, cue: str | None) -> bool:
+    """True when `text` holds words, every one of them a word of `cue`, and two or more of them
+    in a row as the cue has them: a phrase of the cue said back ("* boundless-strawberry" for a cue
+    that names boundless-strawberry among the keys it asks about; "closed." for "... open or
+    closed? It is" names one word and answers)."""
+    words = [w.lower() for w in WORD.findall(text)]
+    cue_words = [w.lower() for w in WORD.findall(cue or "")]
+    if len(words) < 2 or not set(words) <= set(cue_words):
+        return False
+    pairs = set(zip(cue_words, cue_words[1:]))
+    return any(p in pairs for p in zip(words, words[1:]))
+
+
+class CueWordBar(LogitsProcessor):
+    """Bars the first token of each word of `cue` that holds a letter (as it starts a word after a
+    space or at a line's start, as written and capitalized) while the generated text holds no letter
+    or digit yet: the answer's first word is not one of its cue's. prompt_len: the length of the
+    input ids `generate` continues (its generated tokens follow)."""
+
+    def __init__(self, tokenizer, cue: str, prompt_len: int):
+        ids = set()
+        for w in set(re.findall(r"[^\W\d_][\w'-]*", cue or "")):
+            for form in (w, " " + w, w[:1].upper() + w[1:], " " + w[:1].upper() + w[1:]):
+                ids.update(tokenizer(form, add_special_tokens=False)["input_ids"][:1])
+        self.barred = sorted(t for t in ids if re.search(r"[^\W\d_]", tokenizer.decode([t])))
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):         # [B, new]
+            if WORD.search(self.tokenizer.decode(ids, skip_special_tokens=True)) is None:
+                scores[row, self.barred] = float("-inf")
+        return scores
 
 
 # the end of the first sentence or line that holds a letter or digit (the text before it that

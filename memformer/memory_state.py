@@ -198,6 +198,18 @@ class MemoryState:
         """The `PassageIndex` of question reads over sequence 0 (or None: embed again)."""
         self.passages = passages
 
+    def recorded_marks(self) -> dict[int, tuple[int, int]]:
+        """How many reads each layer has recorded so far (own memory, corpus), for
+        `drop_recorded_since`."""
+        return {layer: (len(m.reads), len(m.corpus_reads)) for layer, m in self.layers.items()}
+
+    def drop_recorded_since(self, marks: dict[int, tuple[int, int]]) -> None:
+        """Forget the reads recorded since `recorded_marks` gave `marks` (an answer generated again)."""
+        for layer, m in self.layers.items():
+            own, corpus = marks.get(layer, (0, 0))
+            del m.reads[own:]
+            del m.corpus_reads[corpus:]
+
     def clear_recorded_reads(self) -> None:
         for m in self.layers.values():
             m.reads.clear()

@@ -434,17 +434,20 @@ class MemformerForCausalLM(nn.Module):
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
         `AskOutput` (text, loop_cut, reads and each read's answer) instead."""
-        from transformers import StoppingCriteriaList
-        from memformer.decoding import LoopStop, cut_loop, end_at_cue, first_item, join_answers, strip_padding
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+        from memformer.decoding import (CueWordBar, LoopStop, cut_loop, end_at_cue, first_item, join_answers,
+                                        restates_cue, strip_padding)
         x = self.questions.prompt_ids(question, cue=cue, system=system)              # [1, T]
         T = x.shape[1]
         prompt_len = self.state.with_sink(x, self.memory_config.sink_tokens).shape[1]   # as generate runs it
         extra_stops = list(generate_kwargs.pop("stopping_criteria", []))
+        extra_processors = list(generate_kwargs.pop("logits_processor", []))
         # the checked reads (best first), each with its prompt cache from the check: its answer
         # does not run the prompt again (a recorded answer runs it, so that the recordings cover
         # the prompt)
         source, chosen, caches = self._question_reads(read_query(question, cue), x, self.memory_config.answer_reads)
-        if not (cue and cue.strip()):
+        is_cue = bool(cue and cue.strip())
+        if not is_cue:
             # a question's prompt ends with the chat template, which no memorized sentence leads
             # up to: its answer's copy pointer starts afresh (a cue's starts from the check's shares)
             for c in caches:
@@ -453,45 +456,71 @@ class MemformerForCausalLM(nn.Module):
         several = chosen is not None and len(chosen) > 1         # several reads make a list: each answers one item
         # a read's answer is one item: the list is made of several reads' items, and after a cue's
         # item one read has nothing more to give (what follows is the memorized text read on)
-        one_item = several or bool(cue and cue.strip())
+        one_item = several or is_cue
         stops = lambda: StoppingCriteriaList([*extra_stops, LoopStop(self.tokenizer, prompt_len, cue, one_item=one_item)])
+        # a read whose answer only says a phrase of the cue back answers again, the cue's words
+        # barred from its first word (`decoding.restates_cue`)
+        barred = lambda: LogitsProcessorList([*extra_processors, CueWordBar(self.tokenizer, cue, prompt_len)])
+
+        def finish(raw: str) -> tuple[str, bool]:
+            text, cut = cut_loop(end_at_cue(raw.strip(), cue))
+            return (first_item(text) if one_item else text), cut
+
+        def again(text: str) -> bool:
+            return is_cue and chosen is not None and restates_cue(text, cue)
+
         if several and not record:
             # the reads answer side by side in one generate: row k reads chosen[k] of the one memory
             # and continues its own row of the check's prompt cache
-            kwargs = dict(generate_kwargs)
-            if all(c is not None for c in caches):
-                kwargs[cache_argument(self.backbone)] = stack_rows(caches)
-            with self.reading_blocks(padded_rows(chosen), source):
-                out = self.generate(x.expand(len(chosen), -1), max_new_tokens=max_new_tokens, do_sample=False,
-                                    stopping_criteria=stops(), **kwargs)                  # [K, T + new]
-            raw = [self.tokenizer.decode(strip_padding(row[T:].tolist(), self.pad_token_id), skip_special_tokens=True)
-                   for row in out]
+            def side_by_side(rows: list[int], processors) -> list[str]:
+                kwargs = dict(generate_kwargs)
+                if all(caches[k] is not None for k in rows):
+                    kwargs[cache_argument(self.backbone)] = stack_rows([caches[k] for k in rows])
+                with self.reading_blocks(padded_rows([chosen[k] for k in rows]), source):
+                    out = self.generate(x.expand(len(rows), -1), max_new_tokens=max_new_tokens, do_sample=False,
+                                        stopping_criteria=stops(), logits_processor=processors, **kwargs)   # [K, T + new]
+                return [self.tokenizer.decode(strip_padding(row[T:].tolist(), self.pad_token_id), skip_special_tokens=True)
+                        for row in out]
+
+            answers = [finish(r) for r in side_by_side(list(range(len(chosen))), LogitsProcessorList(extra_processors))]
+            redo = [k for k, (text, _) in enumerate(answers) if again(text)]
+            if redo:
+                for k, r in zip(redo, side_by_side(redo, barred())):
+                    answers[k] = finish(r)
         else:
             # one read, or a recorded answer (the recordings cover each read in turn, its prompt run again)
             reads = [contextlib.nullcontext()] if chosen is None else [self.reading_blocks(b, source) for b in chosen]
-            raw = []
+            answers = []
             for read, cache in zip(reads, caches):
-                kwargs, keep = dict(generate_kwargs), bool(raw)
+                kwargs, keep = dict(generate_kwargs), bool(answers)
                 if cache is not None and not record:
                     kwargs[cache_argument(self.backbone)] = cache
                 with read:
                     if record and getattr(cache, "memformer_pointer", None) is not None:
                         # a cue's: the prompt but its last token first, recorded, leaving the shares
                         # the answer's first step is pointed from, as the check's cache holds them
-                        if not raw:
+                        if not answers:
                             self.clear_recorded_reads()
                         with memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=True):
-                            again = make_context_cache(self, x[:, :-1])
-                        again.memformer_pointer = prompt_pointer_shares(self.runtime)
-                        kwargs[cache_argument(self.backbone)], keep = again, True
-                    out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
-                                        stopping_criteria=stops(), _keep_records=keep, **kwargs)
-                raw.append(self.tokenizer.decode(out[0, T:], skip_special_tokens=True))
-        texts, cuts = [], []
-        for r in raw:
-            text, c = cut_loop(end_at_cue(r.strip(), cue))
-            texts.append(first_item(text) if one_item else text)
-            cuts.append(c)
+                            again_cache = make_context_cache(self, x[:, :-1])
+                        again_cache.memformer_pointer = prompt_pointer_shares(self.runtime)
+                        kwargs[cache_argument(self.backbone)], keep = again_cache, True
+                    if record and not keep:                     # evidence is about this answer only
+                        self.clear_recorded_reads()
+                        keep = True
+                    marks = self.state.recorded_marks()
+                    answer = None
+                    for processors in (LogitsProcessorList(extra_processors), barred()):
+                        if answer is not None:
+                            self.state.drop_recorded_since(marks)       # the answer said again: its reads only
+                        out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
+                                            stopping_criteria=stops(), logits_processor=processors,
+                                            _keep_records=keep, **kwargs)
+                        answer = finish(self.tokenizer.decode(out[0, T:], skip_special_tokens=True))
+                        if not again(answer[0]):
+                            break
+                answers.append(answer)
+        texts, cuts = [t for t, _ in answers], [c for _, c in answers]
         text = join_answers(texts) if len(texts) > 1 else texts[0]
         return AskOutput(text, any(cuts), len(texts), texts, cuts) if return_dict else text
 

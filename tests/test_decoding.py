@@ -300,3 +300,85 @@ def test_cue_pointer_ab_reports_both_answers_and_refuses_unknown_variants(capsys
         def ask(self, cue, max_new_tokens):
             return "off" if modeling.seeded_pointers(1.0, {1: torch.zeros(1, 1, 4)}, 4) == {} else "on"
     assert cue_pointer_ab.ask_both(Model(), "c", 4) == ("off", "on") and modeling.seeded_pointers is shipped
+
+
+def test_restates_cue_and_the_cue_word_bar():
+    """restates_cue: words all of the cue, two of them in a row as the cue has them (a phrase said
+    back); one word, or a new word, is an answer. CueWordBar bars the first token of each cue word
+    (as written, after a space, capitalized) until the generated text holds a letter or digit."""
+    from memformer.decoding import CueWordBar, restates_cue
+    cue = "The special magic numbers for boundless-strawberry, helpless-bunghole and decisive-retreat are"
+    for said_back in (":\n\n* boundless-strawberry", "* Boundless-strawberry, helpless-bunghole", "magic numbers"):
+        assert restates_cue(said_back, cue), said_back
+    for answer in (": 7500249.", "* boundless-strawberry: 7500249", "strawberry", "", "closed.",
+                   "strawberry boundless"):
+        assert not restates_cue(answer, cue), answer
+    assert not restates_cue("river is", None)
+    tok = char_tokenizer()
+    ids = lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]])
+    bar = CueWordBar(tok, "The river is", prompt_len=ids("x:").shape[1])
+    letter = lambda c: tok(c, add_special_tokens=False)["input_ids"][0]
+    assert {letter("r"), letter("R"), letter("i"), letter("I"), letter("T")} <= set(bar.barred)
+    assert letter("7") not in bar.barred and letter(" ") not in bar.barred
+    scores = torch.zeros(2, len(tok))
+    out = bar(torch.cat([ids("x: \n"), ids("x:7 r")[:, :4]]), scores.clone())
+    assert out[0, letter("r")] == float("-inf") and out[0, letter("7")] == 0     # nothing said yet: barred
+    assert (out[1] == 0).all()                                                   # "7" said: free
+
+
+class _SaysCueBack:
+    """A logits processor that makes greedy answers say "river is." (a phrase of the cue "The river
+    is") unless its first "r" is barred, then "7."; each line ends the item. first="7": "7." at once."""
+
+    def __init__(self, tok, first: str = "r"):
+        self.tok, self.first, self.start, self.last = tok, first, None, None
+        self.id = lambda c: tok(c, add_special_tokens=False)["input_ids"][0]
+
+    def __call__(self, input_ids, scores):
+        if self.last is None or input_ids.shape[1] <= self.last:            # a new generate call
+            self.start = input_ids.shape[1]
+        self.last = input_ids.shape[1]
+        forced = torch.full_like(scores, -1e9)
+        for row, ids in enumerate(input_ids[:, self.start:].tolist()):
+            said = self.tok.decode(ids)
+            if not said:
+                forced[row, self.id("r")], forced[row, self.id("7")] = (0.0, -1.0) if self.first == "r" else (-1.0, 0.0)
+            else:
+                target = ("river is." if said.startswith("r") else "7.") + "\n"
+                forced[row, self.id(target[len(said)] if len(said) < len(target) else "\n")] = 0.0
+        return forced
+
+
+def test_ask_answers_again_a_read_that_says_its_cue_back(monkeypatch):
+    """A cue's answer that only says a phrase of the cue back ("river is.") is answered again with
+    the cue's words barred from its first word ("7."): from one read, recorded (its evidence
+    from the second answer alone), and from several reads side by side; a question's answer is
+    kept as it is."""
+    import memformer.model as model_module
+    from transformers import LogitsProcessorList
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    model = MemformerForCausalLM(tiny_backbone("llama"), tok,
+                                 MemoryConfig(window=64, sink_tokens=2, overlap=8, block_size=16, question_blocks=2,
+                                              answer_reads=2),
+                                 embedder=HashedWords(256))
+    model.backbone.generation_config.eos_token_id = tok.eos_token_id
+    model.memorize(TEXT, show_progress=False)
+    rig = lambda: dict(max_new_tokens=20, return_dict=True, logits_processor=LogitsProcessorList([_SaysCueBack(tok)]))
+    one = model.ask(cue="The river is", **rig())
+    assert one.reads == 1 and one.text == "7." and one.read_answers == ["7."]
+    recorded = model.ask(cue="The river is", record=True, **rig())
+    assert recorded.text == "7."
+    with_retry = {layer: len(r) for layer, r in model.recorded_reads().items()}
+    direct = model.ask(cue="The river is", record=True, max_new_tokens=20, return_dict=True,   # "7." at once
+                       logits_processor=LogitsProcessorList([_SaysCueBack(tok, first="7")]))
+    assert direct.text == "7."
+    assert {layer: len(r) for layer, r in model.recorded_reads().items()} == with_retry
+    question = model.ask("Where is the river?", **rig())
+    assert question.text == "river is."                            # a question has no cue to say back
+
+    def two_close_reads(m, candidates, source, prompt_ids, weight=1.0, keep=1):
+        return [(b, -0.1 * i) for i, (b, _) in enumerate(candidates)] + [([], -5.0)] * 10, None
+    monkeypatch.setattr(model_module, "checked_reads", two_close_reads)
+    two = model.ask(cue="The river is", **rig())
+    assert two.reads == 2 and two.read_answers == ["7.", "7."] and two.text == "7."
