@@ -75,7 +75,8 @@ def cmd_eval_ruler(args) -> int:
             f"answer prefix the cue every mode completes. Haystacks: noise (niah_single_1, vt) and the essay "
             f"text {hay!r} (the other needle tasks). Score: string_match_all (the fraction of the expected "
             f"strings in the answer). Looping: answers with a unit of 1-16 characters repeated 8+ times, of 17-200 "
-            f"characters 3+ times, a line 3+ times in a row, or a word group of 3-16 characters 4+ times running.")
+            f"characters 3+ times, a line 3+ times in a row, a word group of 3-16 characters 4+ times running, "
+            f"or a count (6+ whole numbers in a row, each one more than the one before).")
     header = report_header("RULER", model, args, seconds, what)
     table = evalplots.accuracy_table(results, tasks=tasks) + "\n\nMean over tasks:\n\n" + ruler.mean_table(results)
     loops = ruler.looping_examples(results)
