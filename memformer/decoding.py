@@ -155,11 +155,16 @@ class CueWordBar(LogitsProcessor):
         self.barred = sorted(t for t in ids if re.search(r"[^\W\d_]", tokenizer.decode([t])))
         self.tokenizer = tokenizer
         self.prompt_len = prompt_len
+        self.free: set[int] = set()          # rows whose answer holds a letter or digit: never barred again
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):         # [B, new]
+            if row in self.free:
+                continue
             if WORD.search(self.tokenizer.decode(ids, skip_special_tokens=True)) is None:
                 scores[row, self.barred] = float("-inf")
+            else:
+                self.free.add(row)
         return scores
 
 

@@ -386,6 +386,9 @@ def test_first_item_rescore_cuts_stored_answers_at_loops_read_by_read(tmp_path):
     assert words["cut"] == 1 and words["after"] == words["before"] > 0 and words["loops_after"] == 1
     first_item_rescore.main(["--cut", "loop", str(ruler_run), "--out", str(tmp_path / "o.md")])
     assert "| 3 | 2 | 2.00 | 2.00 | 1 | 3 |" in (tmp_path / "o.md").read_text()
+    with pytest.raises(SystemExit):                                  # an unknown cut: a usage error
+        first_item_rescore.main(["--cut", "sentence", str(ruler_run), "--out", str(tmp_path / "y.md")])
+    assert not (tmp_path / "y.md").exists()
 
 
 def test_vt_reads_finds_each_statements_blocks_and_counts_names_per_statement_kind():
