@@ -25,7 +25,9 @@ An answer to a cue that only says a phrase of the cue back ("The special magic n
 boundless-strawberry, helpless-bunghole, … are" → "* boundless-strawberry", the keys listed one
 per line) names none of what was asked for (`restates_cue`); `ask` answers such a read again with
 the first token of each of the cue's words barred until the answer holds a letter or digit
-(`CueWordBar`), so its first word comes from somewhere else, the memory read.
+(`CueWordBar`), so its first word comes from somewhere else, the memory read. One word of the
+cue ("closed." for "... open or closed? It is") or one of the alternatives an "or" in the cue
+offers ("the red door" for "... the red door or the blue door? She opened") is an answer.
 """
 from __future__ import annotations
 
@@ -131,14 +133,30 @@ WORD = re.compile(r"[^\W_]+")                 # a word: letters and digits (hyph
 def restates_cue(text: str, cue: str | None) -> bool:
     """True when `text` holds words, every one of them a word of `cue`, and two or more of them
     in a row as the cue has them: a phrase of the cue said back ("* boundless-strawberry" for a cue
-    that names boundless-strawberry among the keys it asks about; "closed." for "... open or
-    closed? It is" names one word and answers)."""
+    that names boundless-strawberry among the keys it asks about). An answer that names one
+    word ("closed." for "... open or closed? It is") or one of the choices the cue offers ("the
+    red door" for "... the red door or the blue door? She chose") answers."""
     words = [w.lower() for w in WORD.findall(text)]
     cue_words = [w.lower() for w in WORD.findall(cue or "")]
     if len(words) < 2 or not set(words) <= set(cue_words):
         return False
     pairs = set(zip(cue_words, cue_words[1:]))
-    return any(p in pairs for p in zip(words, words[1:]))
+    return any(p in pairs for p in zip(words, words[1:])) and not offered_choice(words, cue or "")
+
+
+def offered_choice(words: list[str], cue: str) -> bool:
+    """True when `words` (lowercase) are a run of the words on one side of an "or" in `cue`, up to
+    the punctuation that bounds that side: one of the alternatives the cue offers ("red door" or
+    "the blue door" in "Which door, the red door or the blue door? She opened")."""
+    n = len(words)
+    for m in re.finditer(r"\bor\b", cue, flags=re.IGNORECASE):
+        left = re.split(r"[,;:.!?\n]", cue[:m.start()])[-1]
+        right = re.split(r"[,;:.!?\n]", cue[m.end():])[0]
+        for side in (left, right):
+            side_words = [w.lower() for w in WORD.findall(side)]
+            if any(side_words[k:k + n] == words for k in range(len(side_words) - n + 1)):
+                return True
+    return False
 
 
 class CueWordBar(LogitsProcessor):

@@ -314,6 +314,11 @@ def test_restates_cue_and_the_cue_word_bar():
                    "strawberry boundless"):
         assert not restates_cue(answer, cue), answer
     assert not restates_cue("river is", None)
+    choice = "Which door did she open, the red door or the blue door? She opened"
+    for answer in ("the red door.", "The blue door", "red door", "blue door"):     # a choice offered: answers
+        assert not restates_cue(answer, choice), answer
+    for said_back in ("the red door or the blue door", "she opened", "door did she open", "blue door she"):
+        assert restates_cue(said_back, choice), said_back
     tok = char_tokenizer()
     ids = lambda s: torch.tensor([tok(s, add_special_tokens=False)["input_ids"]])
     bar = CueWordBar(tok, "The river is", prompt_len=ids("x:").shape[1])
@@ -352,8 +357,8 @@ class _SaysCueBack:
 def test_ask_answers_again_a_read_that_says_its_cue_back(monkeypatch):
     """A cue's answer that only says a phrase of the cue back ("river is.") is answered again with
     the cue's words barred from its first word ("7."): from one read, recorded (its evidence
-    from the second answer alone), and from several reads side by side; a question's answer is
-    kept as it is."""
+    from the second answer alone), and from several reads side by side; a question's answer, and
+    one that names an alternative the cue offers, are kept as they are."""
     import memformer.model as model_module
     from transformers import LogitsProcessorList
     torch.manual_seed(0)
@@ -376,6 +381,8 @@ def test_ask_answers_again_a_read_that_says_its_cue_back(monkeypatch):
     assert {layer: len(r) for layer, r in model.recorded_reads().items()} == with_retry
     question = model.ask("Where is the river?", **rig())
     assert question.text == "river is."                            # a question has no cue to say back
+    choice = model.ask(cue="Was it the lake or the river is? It was", **rig())
+    assert choice.text == "river is."                              # an alternative the cue offers: kept
 
     def two_close_reads(m, candidates, source, prompt_ids, weight=1.0, keep=1):
         return [(b, -0.1 * i) for i, (b, _) in enumerate(candidates)] + [([], -5.0)] * 10, None
