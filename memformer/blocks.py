@@ -25,8 +25,9 @@ one softmax the head gave row j - 1 at the step before. A head that copies from 
 the row of the token it just gave) is pointed at the row that follows, so a copy does not jump
 ahead where one token repeats: after the first "4" of "3544.", the rows of the second "4" and of
 the "." both follow a "4", and the pointer picks the one after the row just read. It follows
-the answer's first item only: once a generated token ends a sentence or line, it rests
-(`MemformerForCausalLM.reading_blocks`), so a copied value does not run on into the text after it.
+the answer's first item only: once the generated text ends a line, or holds ".", "!" or "?"
+followed by whitespace, it rests (`MemformerForCausalLM.reading_blocks`), so a copied value does
+not run on into the text after it; a point inside a value ("10.8.0.254") leaves it copying.
 An answer to a cue starts under the pointer: a cue is the answer's own beginning, often the
 memorized sentence up to its value ("The special magic word for wild-cabin is"), so its last
 token, the answer's first step (`ask` continues the check's prompt cache, which holds all but

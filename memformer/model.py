@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -583,24 +584,32 @@ class MemformerForCausalLM(nn.Module):
     @contextlib.contextmanager
     def _item_ends_noted(self, on: bool):
         """Within this block each forward after the first (the prompt's; `generate` starts again
-        from there) notes, per row, whether its last input token, a generated one, ends a
-        sentence or line (`runtime.pointer_rest` [B], kept once set): from then on the copy
-        pointer rests, so a copied item ("4607177.") does not run on into the memory's next
-        sentence. Nothing without a tokenizer."""
-        ends = self.item_end_tokens() if on else None
-        if ends is None:
+        from there) notes, per row, whether its generated text has ended an item as
+        `decoding.first_item` ends one: a line break, or ".", "!" or "?" followed by whitespace
+        (`runtime.pointer_rest` [B], kept once set). From then on the copy pointer rests, so a
+        copied item ("4607177.") does not run on into the memory's next sentence, while a point
+        inside a value ("172.31.48.209", "4.12.7") leaves it copying. Nothing without a tokenizer."""
+        kinds = self.item_end_tokens() if on else None
+        if kinds is None:
             yield
             return
-        rt, ends = self.runtime, ends.to(self.device)                         # on the device once, not per token
+        rt = self.runtime
+        breaks, closes, spaced = (k.to(self.device) for k in kinds)           # on the device once, not per token
+        closed: list[torch.Tensor | None] = [None]                            # [B]: the last token ended in ".!?"
 
         def note(module, args):
             ids = args[0]                                                      # [B, T] input ids
+            last = ids[:, -1].clamp(0, len(breaks) - 1)                        # [B]
             if rt.pointer_rest is None:                                        # the prompt: no item copied yet
                 rt.pointer_rest = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+                closed[0] = torch.zeros_like(rt.pointer_rest)
                 return
-            now = ends[ids[:, -1].clamp(0, len(ends) - 1)]                     # [B]
             before = rt.pointer_rest
-            rt.pointer_rest = now | before if before is not None and before.shape == now.shape else now
+            if before is None or before.shape != last.shape:
+                before = closed[0] = torch.zeros(last.shape, dtype=torch.bool, device=ids.device)
+            now = breaks[last] | (closed[0] & spaced[last])
+            closed[0] = closes[last]
+            rt.pointer_rest = now | before
         handle = self.backbone.get_input_embeddings().register_forward_pre_hook(note)
         try:
             yield
@@ -608,16 +617,19 @@ class MemformerForCausalLM(nn.Module):
             handle.remove()
             rt.pointer_rest = None
 
-    def item_end_tokens(self) -> torch.Tensor | None:
-        """[V] bool: the tokens that end a sentence or line (their text holds a newline, or ends in
-        '.', '!' or '?' before any spaces); None without a tokenizer. Built once."""
+    def item_end_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """([V] bool each) the tokens that end an item themselves (their text holds a line break,
+        or ".", "!" or "?" followed by whitespace), that end in ".", "!" or "?" (an item ends if
+        whitespace follows), and that start with whitespace; None without a tokenizer. Built once."""
         if self.tokenizer is None:
             return None
         if getattr(self, "_item_ends", None) is None:
             V = self.backbone.get_input_embeddings().weight.shape[0]
             decode = getattr(self.tokenizer, "batch_decode", None)
             texts = decode([[i] for i in range(V)]) if decode else [self.tokenizer.decode([i]) for i in range(V)]
-            self._item_ends = torch.tensor(["\n" in t or t.rstrip(" ").endswith((".", "!", "?")) for t in texts])
+            self._item_ends = (torch.tensor([bool(re.search(r"\n|[.!?]\s", t)) for t in texts]),
+                               torch.tensor([t.endswith((".", "!", "?")) for t in texts]),
+                               torch.tensor([t[:1].isspace() for t in texts]))
         return self._item_ends
 
     # ---------------------------------------------------------------- adapter weights

@@ -587,25 +587,34 @@ def test_copy_pointer_setting_is_validated(bad):
 
 
 def test_copy_pointer_rests_once_a_generated_token_ends_an_item():
-    """item_end_tokens marks tokens that end a sentence or line; inside reading_blocks the first
-    forward (the prompt) never rests the pointer, and once a later input token ends an item the
-    row rests for the rest of the read (its bias is zero), the other rows not."""
+    """item_end_tokens marks tokens that end an item themselves (a line break), that end in
+    ".!?", and that start with whitespace; inside reading_blocks the first forward (the prompt)
+    never rests the pointer, and once the generated text ends an item as first_item does (a line
+    break, or "." then whitespace) the row rests for the rest of the read (its bias is zero), the
+    other rows not; a point inside a value ("3.14") leaves it copying."""
     from memformer.blocks import CopyPointer
     torch.manual_seed(0)
     tok = char_tokenizer()
     cfg = MemoryConfig(window=32, sink_tokens=0, overlap=0, top_k=4, block_size=8, knn_layers=[1])
     model = MemformerForCausalLM(tiny_backbone("llama"), tok, cfg)
-    ends = model.item_end_tokens()
-    assert [bool(ends[tok.convert_tokens_to_ids(c)]) for c in ".!?\na 7,"] == [True] * 4 + [False] * 4
+    breaks, closes, spaced = model.item_end_tokens()
+    kind = lambda mask: [bool(mask[tok.convert_tokens_to_ids(c)]) for c in ".!?\na 7,"]
+    assert kind(breaks) == [False] * 3 + [True] + [False] * 4
+    assert kind(closes) == [True] * 3 + [False] * 5
+    assert kind(spaced) == [False] * 3 + [True, False, True, False, False]
     model.memorize(torch.randint(3, 100, (1, 64)), show_progress=False)
     ids = lambda text: torch.tensor([tok(t, add_special_tokens=False)["input_ids"] for t in text])   # [B, T]
     rt = model.runtime
     with torch.no_grad(), model.reading_blocks([[1, 2], [0, 3]]):          # two reads of the one memory
         model(ids(["ab.", "cd."]))                                          # a prompt ending in "." rests nothing
         assert rt.pointer_rest.tolist() == [False, False]
-        for step, want in (([".", "x"], [True, False]), (["y", "z"], [True, False]), (["w", "\n"], [True, True])):
+        for step, want in (([".", "."], [False, False]),                   # "3." so far: the item goes on
+                           (["1", " "], [False, True]),                    # "3.1" a value; "." then " " ends it
+                           (["4", "z"], [False, True]),
+                           (["!", "w"], [False, True]),
+                           ([" ", "\n"], [True, True])):
             model(ids(step))
-            assert rt.pointer_rest.tolist() == want
+            assert rt.pointer_rest.tolist() == want, step
     assert rt.pointer_rest is None
     p = CopyPointer(2.0, torch.rand(2, 3, 5))
     bias = p.bias(2, 3, 1, 5, rest=torch.tensor([True, False]))
