@@ -389,3 +389,32 @@ def test_ask_answers_again_a_read_that_says_its_cue_back(monkeypatch):
     monkeypatch.setattr(model_module, "checked_reads", two_close_reads)
     two = model.ask(cue="The river is", **rig())
     assert two.reads == 2 and two.read_answers == ["7.", "7."] and two.text == "7."
+
+
+def test_dotted_values_benchmark_plants_every_fact_and_reports_whole_values(tmp_path):
+    """benchmarks/dotted_values.py: each fact's cue is its sentence up to the value, the value holds
+    a point, the document plants every sentence (Python's docs or a haystack file), and the table
+    counts an answer right only when it holds the whole value."""
+    import sys
+    from argparse import Namespace
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import dotted_values
+    from memformer.qa.demo import PlantedFact
+    for name, facts in dotted_values.FACT_SETS.items():
+        for sentence, question, value, cue in facts:
+            assert sentence.startswith(cue + " " + value) and "." in value and question.endswith("?"), (name, sentence)
+        assert len({v for _, _, v, _ in facts}) == len(facts)
+    assert not {v for *_, v, _ in dotted_values.FACT_SETS["dev"]} & {v for *_, v, _ in dotted_values.FACT_SETS["heldout"]}
+    tok = char_tokenizer()
+    facts = [PlantedFact((k + 0.5) / 3, *f) for k, f in enumerate(dotted_values.FACT_SETS["heldout"][:3])]
+    hay = tmp_path / "hay.txt"
+    hay.write_text("\n\n".join(f"Paragraph {i} of the haystack." for i in range(200)))
+    for path in (None, str(hay)):
+        doc = dotted_values.haystack_document(tok, 3000, facts, path)
+        assert all(f.sentence in doc for f in facts)
+        assert ("Paragraph 3 of" in doc) == (path is not None)
+    rows = [dict(value="10.8.0.254", cue_answer="10.8.0.1.", cue_ok=False, question_answer="It is 10.8.0.254.",
+                 question_ok=True)]
+    text = dotted_values.report({"default": rows}, Namespace(facts="dev", haystack=None, tokens="16k"), 1.0)
+    assert "| default | 0/1 | 1/1 |" in text and "'10.8.0.1.'" in text
