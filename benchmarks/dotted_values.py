@@ -4,19 +4,20 @@ Each fact set plants its facts at spread depths in `--tokens` tokens of a haysta
 (the development set, `--facts dev`), or a text file (`--haystack FILE`, e.g. the held-out Debian
 handbook with `--facts heldout`, facts that no design choice looked at). The document is memorized
 once; each fact is asked as a cue (the sentence to complete) and as a free-form question. Correct =
-the answer holds the whole value ("10.8.0.254", not "10.8.0.1"). The shipped default runs beside
+the answer states the whole value (`holds_value`: "10.8.0.254.", not "10.8.0.1." or "10.8.0.254.1"). The shipped default runs beside
 the same model with the copy pointer off (`copy_pointer=0`), side by side on one memory.
 
     .venv/bin/python benchmarks/dotted_values.py --facts dev --out benchmarks/results/pointer_item_end/dev
     .venv/bin/python benchmarks/dotted_values.py --facts heldout --haystack runs/haystacks/debian-handbook.txt \
         --out benchmarks/results/pointer_item_end/heldout
 
-Results: OUT/dotted_values.md and OUT/dotted_values.json.
+Results: OUT/dotted_values.md and OUT/dotted_values.json; `--rescore` scores the stored answers again.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,12 @@ def haystack_document(tokenizer, max_tokens: int, facts: list[PlantedFact], path
         demo.python_docs_text = original
 
 
+def holds_value(answer: str, value: str) -> bool:
+    """The answer states `value` whole: not inside a longer number ("10.8.0.2541", "10.8.0.254.1",
+    "110.8.0.254" do not state 10.8.0.254; "10.8.0.254." does)."""
+    return re.search(r"(?<![\d.])" + re.escape(value) + r"(?!\.?\d)", answer) is not None
+
+
 def run(model, facts: list[PlantedFact], max_new_tokens: int) -> dict[str, list[dict]]:
     """Each fact as a cue and as a question, with the default copy pointer and with it off:
     {setting: [record per fact]}."""
@@ -94,8 +101,8 @@ def run(model, facts: list[PlantedFact], max_new_tokens: int) -> dict[str, list[
         for f in facts:
             cue = model.ask(cue=f.cue, max_new_tokens=max_new_tokens)
             question = model.ask(f.question, max_new_tokens=max_new_tokens)
-            rows.append(dict(value=f.answer, cue_answer=cue, cue_ok=f.answer in cue,
-                             question_answer=question, question_ok=f.answer in question))
+            rows.append(dict(value=f.answer, cue_answer=cue, cue_ok=holds_value(cue, f.answer),
+                             question_answer=question, question_ok=holds_value(question, f.answer)))
             print(f"  {name:11} {f.answer:14} cue {cue!r:40} question {question!r}", flush=True)
         out[name] = rows
     model.memory_config.copy_pointer = shipped
@@ -127,7 +134,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/pointer_item_end/dev")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the answers stored in OUT/dotted_values.json again (no model run)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.rescore:
+        stored = json.loads((out / "dotted_values.json").read_text())
+        for rows in stored["results"].values():
+            for r in rows:
+                r["cue_ok"], r["question_ok"] = holds_value(r["cue_answer"], r["value"]), holds_value(r["question_answer"], r["value"])
+        (out / "dotted_values.json").write_text(json.dumps(stored, indent=1))
+        text = report(stored["results"], argparse.Namespace(**stored["settings"]), stored.get("seconds", 0.0))
+        (out / "dotted_values.md").write_text(text)
+        print(text)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     model = MemformerForCausalLM.from_pretrained()
@@ -137,10 +157,10 @@ def main(argv=None) -> int:
     start = time.time()
     model.memorize(text, show_progress=True)
     results = run(model, facts, args.max_new_tokens)
-    out = Path(args.out)
+    seconds = time.time() - start
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dotted_values.json").write_text(json.dumps(dict(settings=vars(args), results=results), indent=1))
-    (out / "dotted_values.md").write_text(report(results, args, time.time() - start))
+    (out / "dotted_values.json").write_text(json.dumps(dict(settings=vars(args), seconds=seconds, results=results), indent=1))
+    (out / "dotted_values.md").write_text(report(results, args, seconds))
     print((out / "dotted_values.md").read_text())
     return 0
 

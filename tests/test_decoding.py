@@ -394,7 +394,9 @@ def test_ask_answers_again_a_read_that_says_its_cue_back(monkeypatch):
 def test_dotted_values_benchmark_plants_every_fact_and_reports_whole_values(tmp_path):
     """benchmarks/dotted_values.py: each fact's cue is its sentence up to the value, the value holds
     a point, the document plants every sentence (Python's docs or a haystack file), and the table
-    counts an answer right only when it holds the whole value."""
+    counts an answer right only when it states the whole value, not a longer number; --rescore
+    scores stored answers again."""
+    import json
     import sys
     from argparse import Namespace
     from pathlib import Path
@@ -418,3 +420,14 @@ def test_dotted_values_benchmark_plants_every_fact_and_reports_whole_values(tmp_
                  question_ok=True)]
     text = dotted_values.report({"default": rows}, Namespace(facts="dev", haystack=None, tokens="16k"), 1.0)
     assert "| default | 0/1 | 1/1 |" in text and "'10.8.0.1.'" in text
+    holds = dotted_values.holds_value
+    assert holds("It is 10.8.0.254.", "10.8.0.254") and holds("10.8.0.254 at noon", "10.8.0.254")
+    for longer in ("10.8.0.2541", "10.8.0.254.1", "110.8.0.254", "10.8.0.25"):
+        assert not holds(longer, "10.8.0.254"), longer
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "dotted_values.json").write_text(json.dumps(dict(
+        settings=dict(facts="dev", haystack=None, tokens="16k"), seconds=5.0,
+        results={"default": [dict(rows[0], cue_answer="10.8.0.254.1", cue_ok=True)]})))
+    assert dotted_values.main(["--rescore", "--out", str(out)]) == 0
+    assert "| default | 0/1 | 1/1 |" in (out / "dotted_values.md").read_text()
