@@ -61,8 +61,9 @@ class MemoryConfig:
         a head copying from memory goes on at the next row instead of jumping to a later row
         that follows the same token, as in numbers with a doubled digit ("3544" copied "354.").
         It follows the answer's first item: once the generated text ends a line, or holds ".",
-        "!" or "?" followed by whitespace, it rests (a point inside "10.8.0.254" does not end it). An answer to a cue starts under it (its first token is pointed from the cue's
-        token before the last). 0 turns it off; prompts, training and layer reads are unaffected.
+        "!" or "?" followed by whitespace, it rests (a point inside "10.8.0.254" does not end it).
+        An answer to a cue starts under it (its first token is pointed from the cue's token
+        before the last). 0 turns it off; prompts, training and layer reads are unaffected.
     index: kNN backend over memory keys: "exact" (torch), or FAISS "faiss-flat", "faiss-ivf".
         index_params go to the backend (e.g. {"nprobe": 32}).
     capacity: max tokens of memory per sequence (None = unbounded); eviction when it is reached:

@@ -595,20 +595,21 @@ class MemformerForCausalLM(nn.Module):
             return
         rt = self.runtime
         breaks, closes, spaced = (k.to(self.device) for k in kinds)           # on the device once, not per token
-        closed: list[torch.Tensor | None] = [None]                            # [B]: the last token ended in ".!?"
+        closed: list[torch.Tensor] = []                                       # [B]: the last token ended in ".!?"
 
         def note(module, args):
             ids = args[0]                                                      # [B, T] input ids
             last = ids[:, -1].clamp(0, len(breaks) - 1)                        # [B]
             if rt.pointer_rest is None:                                        # the prompt: no item copied yet
                 rt.pointer_rest = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-                closed[0] = torch.zeros_like(rt.pointer_rest)
+                closed[:] = [torch.zeros_like(rt.pointer_rest)]
                 return
             before = rt.pointer_rest
-            if before is None or before.shape != last.shape:
-                before = closed[0] = torch.zeros(last.shape, dtype=torch.bool, device=ids.device)
+            if before.shape != last.shape:                                    # another batch: start afresh
+                before = torch.zeros(last.shape, dtype=torch.bool, device=ids.device)
+                closed[:] = [before]
             now = breaks[last] | (closed[0] & spaced[last])
-            closed[0] = closes[last]
+            closed[:] = [closes[last]]
             rt.pointer_rest = now | before
         handle = self.backbone.get_input_embeddings().register_forward_pre_hook(note)
         try:
