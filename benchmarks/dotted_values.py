@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.rescore:
+        if not (out / "dotted_values.json").is_file():
+            ap.error(f"--rescore: {out / 'dotted_values.json'} does not exist (run the benchmark into --out first)")
         stored = json.loads((out / "dotted_values.json").read_text())
         for rows in stored["results"].values():
             for r in rows:

@@ -430,4 +430,7 @@ def test_dotted_values_benchmark_plants_every_fact_and_reports_whole_values(tmp_
         settings=dict(facts="dev", haystack=None, tokens="16k"), seconds=5.0,
         results={"default": [dict(rows[0], cue_answer="10.8.0.254.1", cue_ok=True)]})))
     assert dotted_values.main(["--rescore", "--out", str(out)]) == 0
+    with pytest.raises(SystemExit) as exit_:                        # nothing stored there: a usage error
+        dotted_values.main(["--rescore", "--out", str(tmp_path / "none")])
+    assert exit_.value.code == 2
     assert "| default | 0/1 | 1/1 |" in (out / "dotted_values.md").read_text()
