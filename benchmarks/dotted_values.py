@@ -72,16 +72,8 @@ FACT_SETS = {
 def haystack_document(tokenizer, max_tokens: int, facts: list[PlantedFact], path: str | None) -> str:
     """Python's docs (path None) or the first `max_tokens` tokens of the text at `path`, with
     `facts` planted between paragraphs near their depths."""
-    if path is None:
-        return demo_document(tokenizer, max_tokens, facts)
-    import memformer.qa.demo as demo
-    text = Path(path).read_text(encoding="utf-8")
-    original = demo.python_docs_text
-    demo.python_docs_text = lambda: text
-    try:
-        return demo_document(tokenizer, max_tokens, facts)
-    finally:
-        demo.python_docs_text = original
+    text = None if path is None else Path(path).read_text(encoding="utf-8")
+    return demo_document(tokenizer, max_tokens, facts, text)
 
 
 def holds_value(answer: str, value: str) -> bool:

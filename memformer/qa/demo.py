@@ -34,9 +34,10 @@ def python_docs_text() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
-def demo_document(tokenizer, max_tokens: int, facts=DEMO_FACTS) -> str:
-    """The first `max_tokens` tokens of Python's docs with `facts` planted at their depths."""
-    text = python_docs_text()
+def demo_document(tokenizer, max_tokens: int, facts=DEMO_FACTS, text: str | None = None) -> str:
+    """The first `max_tokens` tokens of `text` (default: Python's docs) with `facts` planted at
+    their depths."""
+    text = python_docs_text() if text is None else text
     ids = encode_text(tokenizer, text)["input_ids"][:max_tokens]
     # cut at token boundaries, planting each fact between paragraphs near its depth
     text = tokenizer.decode(ids)
