@@ -87,17 +87,19 @@ def run(model, facts: list[PlantedFact], max_new_tokens: int) -> dict[str, list[
     {setting: [record per fact]}."""
     shipped = model.memory_config.copy_pointer
     out = {}
-    for name, beta in (("default", shipped), ("pointer off", 0.0)):
-        model.memory_config.copy_pointer = beta          # read by each question read (`reading_blocks`)
-        rows = []
-        for f in facts:
-            cue = model.ask(cue=f.cue, max_new_tokens=max_new_tokens)
-            question = model.ask(f.question, max_new_tokens=max_new_tokens)
-            rows.append(dict(value=f.answer, cue_answer=cue, cue_ok=holds_value(cue, f.answer),
-                             question_answer=question, question_ok=holds_value(question, f.answer)))
-            print(f"  {name:11} {f.answer:14} cue {cue!r:40} question {question!r}", flush=True)
-        out[name] = rows
-    model.memory_config.copy_pointer = shipped
+    try:
+        for name, beta in (("default", shipped), ("pointer off", 0.0)):
+            model.memory_config.copy_pointer = beta          # read by each question read (`reading_blocks`)
+            rows = []
+            for f in facts:
+                cue = model.ask(cue=f.cue, max_new_tokens=max_new_tokens)
+                question = model.ask(f.question, max_new_tokens=max_new_tokens)
+                rows.append(dict(value=f.answer, cue_answer=cue, cue_ok=holds_value(cue, f.answer),
+                                 question_answer=question, question_ok=holds_value(question, f.answer)))
+                print(f"  {name:11} {f.answer:14} cue {cue!r:40} question {question!r}", flush=True)
+            out[name] = rows
+    finally:
+        model.memory_config.copy_pointer = shipped
     return out
 
 

@@ -190,6 +190,8 @@ class CueWordBar(LogitsProcessor):
 # holds none, a leading ":" and blank lines, kept): ".!?" followed by a space or line break, or a
 # line break ("3.14" does not end it)
 FIRST_ITEM = re.compile(r"^\W*?\w[^\n]*?(?:[.!?](?=\s)|(?=\n))")
+ITEM_BREAK = re.compile(r"\n|[.!?]\s")      # what ends an item once it holds a word (the copy pointer's rest)
+ITEM_MARKS = (".", "!", "?")                 # end an item when whitespace follows
 
 
 def first_item(text: str) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from memformer.adapters import get_adapter
 from memformer.blocks import pinned_block_ids, prompt_read_start, seeded_pointers
 from memformer.config import AdapterConfig, MemoryConfig
 from memformer.context_cache import cache_argument, make_context_cache, reuse_context
+from memformer.decoding import ITEM_BREAK, ITEM_MARKS
 from memformer.index import LayerMemory
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
@@ -595,22 +595,18 @@ class MemformerForCausalLM(nn.Module):
             return
         rt = self.runtime
         breaks, closes, spaced = (k.to(self.device) for k in kinds)           # on the device once, not per token
-        closed: list[torch.Tensor] = []                                       # [B]: the last token ended in ".!?"
+        closed = None                                                          # [B]: the last token ended in ".!?"
 
         def note(module, args):
-            ids = args[0]                                                      # [B, T] input ids
-            last = ids[:, -1].clamp(0, len(breaks) - 1)                        # [B]
-            if rt.pointer_rest is None:                                        # the prompt: no item copied yet
-                rt.pointer_rest = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-                closed[:] = [torch.zeros_like(rt.pointer_rest)]
+            nonlocal closed
+            last = args[0][:, -1].clamp(0, len(breaks) - 1)                   # [B] last input ids
+            fresh = rt.pointer_rest is None
+            if fresh or rt.pointer_rest.shape != last.shape:                  # the prompt, or another batch
+                rt.pointer_rest = closed = torch.zeros(last.shape, dtype=torch.bool, device=last.device)
+            if fresh:                                                          # the prompt: no item copied yet
                 return
-            before = rt.pointer_rest
-            if before.shape != last.shape:                                    # another batch: start afresh
-                before = torch.zeros(last.shape, dtype=torch.bool, device=ids.device)
-                closed[:] = [before]
-            now = breaks[last] | (closed[0] & spaced[last])
-            closed[:] = [closes[last]]
-            rt.pointer_rest = now | before
+            rt.pointer_rest = rt.pointer_rest | breaks[last] | (closed & spaced[last])
+            closed = closes[last]
         handle = self.backbone.get_input_embeddings().register_forward_pre_hook(note)
         try:
             yield
@@ -628,8 +624,8 @@ class MemformerForCausalLM(nn.Module):
             V = self.backbone.get_input_embeddings().weight.shape[0]
             decode = getattr(self.tokenizer, "batch_decode", None)
             texts = decode([[i] for i in range(V)]) if decode else [self.tokenizer.decode([i]) for i in range(V)]
-            self._item_ends = (torch.tensor([bool(re.search(r"\n|[.!?]\s", t)) for t in texts]),
-                               torch.tensor([t.endswith((".", "!", "?")) for t in texts]),
+            self._item_ends = (torch.tensor([ITEM_BREAK.search(t) is not None for t in texts]),
+                               torch.tensor([t.endswith(ITEM_MARKS) for t in texts]),
                                torch.tensor([t[:1].isspace() for t in texts]))
         return self._item_ends
 
