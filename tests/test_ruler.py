@@ -435,3 +435,39 @@ def test_vt_reads_finds_each_statements_blocks_and_counts_names_per_statement_ki
     with pytest.raises(SystemExit) as exit_:                # a usage error before any model loads
         vt_reads.main(["--samples", "0", "--out", "x"])
     assert exit_.value.code == 2
+
+
+def test_needles_beside_numbers_moves_only_the_asked_needle_next_to_a_colon_number(btok, tmp_path, capsys):
+    """benchmarks/needles_beside_numbers.py: the asked needle moves to 0-2 sentences after a
+    sentence with a colon before a number (never a distractor needle), every other needle and the
+    haystack's words stay; a haystack with no such sentence is a clear error; the report counts
+    scores per mode."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import needles_beside_numbers as nb
+
+    essay = ruler.essay_words(" ".join(f"Essay sentence {i} is plain." if i % 9 else f"Popcon V:{i}, I:{i + 1} here."
+                                       for i in range(400)))
+    s = ruler.make_sample(btok, "niah_multikey_1", 4000, ruler.trial_rng(3, "niah_multikey_1", 4000, 0), essay, 0)
+    before = s.document
+    needles = re.findall(r"One of the special magic numbers for [a-z-]+ is: \d+\.", before)
+    asked = next(n for n in needles if s.expected[0] in n)
+    at, places = nb.plant_beside_numbers(s, 3)
+    assert places > 3 and s.document[at:].startswith(asked)
+    assert sorted(re.findall(r"One of the special magic numbers for [a-z-]+ is: \d+\.", s.document)) == sorted(needles)
+    assert s.document.replace(" " + asked, "", 1).split() == before.replace(asked, "", 1).split()
+    preceding = re.split(r"(?<=[.!?])\s+", s.document[:at].strip())[-3:]       # the 3 sentences before it
+    assert any(re.search(r":\s?\d", p) and "special magic" not in p for p in preceding)
+    again = ruler.make_sample(btok, "niah_multikey_1", 4000, ruler.trial_rng(3, "niah_multikey_1", 4000, 0), essay, 0)
+    assert nb.plant_beside_numbers(again, 3) == (at, places) and again.document == s.document     # seeded
+    plain = _sample(btok, "niah_multikey_1", 4000)
+    with pytest.raises(ValueError, match="no sentence with a colon before a number"):
+        nb.plant_beside_numbers(plain, 0)
+    recs = [dict(seed=1, index=0, mode="memory", status="ok", score=1.0, looping=False, answer="123.", expected=["123"]),
+            dict(seed=1, index=0, mode="rag", status="ok", score=0.0, looping=True, answer="9|9", expected=["123"])]
+    text = nb.report(recs, argparse.Namespace(task="niah_multikey_1", length=16384, haystack="h.txt", seeds="1", samples=1))
+    assert "| memory | 1/1 | 0 |" in text and "| rag | 0/1 | 1 |" in text and "| 1/0 | 123 | ✓ '123.' | ✗ '9\\|9' |" in text
+    with pytest.raises(SystemExit):
+        nb.main(["--haystack", "h.txt"])                       # no --out and no --diagnose
+    assert "--out is required" in capsys.readouterr().err
