@@ -6,7 +6,8 @@ A development set for the first answer token: memory reads the needle's passage 
 needle's value, not a number beside it. The samples are RULER's (`memformer.eval.ruler.make_sample`,
 the seed's keys, values and distractor needles) with only the asked needle moved; memory and RAG
 answer each, with the shipped defaults. `--diagnose SEED/INDEX` prints one sample's read, its top
-first tokens and answer with the copy pointer on and off.
+first tokens and answer with the copy pointer on and off, and the answer to the needle's own
+words up to its value as the cue.
 
     .venv/bin/python benchmarks/needles_beside_numbers.py --haystack runs/haystacks/debian-reference.txt \\
         --seeds 1000,2000 --samples 8 --out benchmarks/results/needles_beside_numbers/dev_16k
@@ -95,7 +96,7 @@ def report(records: list[dict], args) -> str:
 
 def diagnose(model, sample: ruler.RulerSample, at: int) -> None:
     """Print the read a cue answers from, the top first three tokens and the answer, with the
-    copy pointer as shipped and off."""
+    copy pointer as shipped and off; then the answer to the needle's own words up to its value."""
     from memformer.loading import encode_text
     from memformer.qa import longdoc as qa
     from memformer.question_reads import read_query
@@ -130,6 +131,11 @@ def diagnose(model, sample: ruler.RulerSample, at: int) -> None:
                 print(f"  step {k + 1}: {s}")
     finally:
         model.memory_config.copy_pointer = shipped
+    # the same memory asked with the needle's own words up to its value: RULER's answer prefix puts
+    # "mentioned in the provided text" between the key and "is"
+    needle = re.search(NEEDLE.format(value=re.escape(sample.expected[0])), sample.document).group(0)
+    own = needle[:needle.index(sample.expected[0])].strip()
+    print(f"the needle's own words {own!r}: {model.ask(cue=own, max_new_tokens=sample.max_new_tokens)!r}")
 
 
 def main(argv=None) -> int:
