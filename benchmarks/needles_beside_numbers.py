@@ -34,7 +34,12 @@ from memformer.eval.passkey import parse_length
 
 NUMBER_AFTER_COLON = re.compile(r"[^.!?]*:\s?\d[^.!?]*[.!?](?=\s)")   # a sentence with ": 4" or ":4" in it
 SENTENCE_END = re.compile(r"[.!?](?=\s)")
-NEEDLE = r"One of the special magic \w+ for [\w-]+ is: {value}\."
+
+
+def needle_pattern(value: str) -> re.Pattern:
+    """RULER's needle sentence (`ruler.NEEDLE`) holding `value`, any value kind and key."""
+    return re.compile(re.escape(ruler.NEEDLE).replace(r"\{type_v\}", r"\w+").replace(r"\{key\}", r"[\w-]+")
+                      .replace(r"\{value\}", re.escape(value)))
 
 
 def plant_beside_numbers(sample: ruler.RulerSample, seed: int) -> tuple[int, int]:
@@ -42,7 +47,7 @@ def plant_beside_numbers(sample: ruler.RulerSample, seed: int) -> tuple[int, int
     sentence with a colon before a number, in the middle 90% of the document; no other needle counts
     as such a sentence. Edits `sample.document` in place; returns (character offset of the needle,
     number of places it could go). Raises ValueError when the document has no such place."""
-    found = re.search(NEEDLE.format(value=re.escape(sample.expected[0])), sample.document)
+    found = needle_pattern(sample.expected[0]).search(sample.document)
     if found is None:
         raise ValueError(f"sample {sample.task}/{sample.index}: no needle holds {sample.expected[0]!r}")
     needle = found.group(0)
@@ -133,7 +138,7 @@ def diagnose(model, sample: ruler.RulerSample, at: int) -> None:
         model.memory_config.copy_pointer = shipped
     # the same memory asked with the needle's own words up to its value: RULER's answer prefix puts
     # "mentioned in the provided text" between the key and "is"
-    needle = re.search(NEEDLE.format(value=re.escape(sample.expected[0])), sample.document).group(0)
+    needle = needle_pattern(sample.expected[0]).search(sample.document).group(0)
     own = needle[:needle.index(sample.expected[0])].strip()
     print(f"the needle's own words {own!r}: {model.ask(cue=own, max_new_tokens=sample.max_new_tokens)!r}")
 

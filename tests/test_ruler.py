@@ -471,3 +471,6 @@ def test_needles_beside_numbers_moves_only_the_asked_needle_next_to_a_colon_numb
     with pytest.raises(SystemExit):
         nb.main(["--haystack", "h.txt"])                       # no --out and no --diagnose
     assert "--out is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        nb.main(["--haystack", "h.txt", "--diagnose", "1000-6"])
+    assert "--diagnose takes SEED/INDEX" in capsys.readouterr().err
