@@ -32,8 +32,9 @@ from memformer.adapters import get_adapter
 from memformer.blocks import pinned_block_ids, prompt_read_start, seeded_pointers
 from memformer.config import AdapterConfig, MemoryConfig
 from memformer.context_cache import cache_argument, make_context_cache, reuse_context
-from memformer.decoding import ITEM_BREAK, ITEM_MARKS
+from memformer.decoding import ITEM_BREAK, ITEM_MARKS, strip_padding
 from memformer.index import LayerMemory
+from memformer.item_choice import content_step, mean_logp, runner_ups
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
@@ -473,57 +474,118 @@ class MemformerForCausalLM(nn.Module):
         if several and not record:
             # the reads answer side by side in one generate: row k reads chosen[k] of the one memory
             # and continues its own row of the check's prompt cache
-            def side_by_side(rows: list[int], processors) -> list[str]:
+            def side_by_side(rows: list[int], processors, choose: bool = False) -> list[str]:
                 kwargs = dict(generate_kwargs)
                 if all(caches[k] is not None for k in rows):
                     kwargs[cache_argument(self.backbone)] = stack_rows([caches[k] for k in rows])
                 with self.reading_blocks(padded_rows([chosen[k] for k in rows]), source):
                     out = self.generate(x.expand(len(rows), -1), max_new_tokens=max_new_tokens, do_sample=False,
-                                        stopping_criteria=stops(), logits_processor=processors, **kwargs)   # [K, T + new]
-                return [self.tokenizer.decode(strip_padding(row[T:].tolist(), self.pad_token_id), skip_special_tokens=True)
-                        for row in out]
+                                        stopping_criteria=stops(), logits_processor=processors,
+                                        return_dict_in_generate=True, output_scores=True, **kwargs)
+                texts = []
+                for r, k in enumerate(rows):
+                    ids = strip_padding(out.sequences[r, T:].tolist(), self.pad_token_id)
+                    if choose:            # the first content token, chosen by the item it begins
+                        logps = [step[r].float().log_softmax(-1) for step in out.scores]
+                        ids = self._item_choice(x, chosen[k], source, caches[k], ids, logps, max_new_tokens,
+                                                stops, processors, generate_kwargs) or ids
+                    texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+                return texts
 
-            answers = [finish(r) for r in side_by_side(list(range(len(chosen))), LogitsProcessorList(extra_processors))]
+            answers = [finish(r) for r in side_by_side(list(range(len(chosen))), LogitsProcessorList(extra_processors), True)]
             redo = [k for k, (text, _) in enumerate(answers) if again(text)]
             if redo:
                 for k, r in zip(redo, side_by_side(redo, barred())):
                     answers[k] = finish(r)
         else:
             # one read, or a recorded answer (the recordings cover each read in turn, its prompt run again)
-            reads = [contextlib.nullcontext()] if chosen is None else [self.reading_blocks(b, source) for b in chosen]
+            def read(k: int):           # entered afresh for each generation: runner-up items read apart
+                return contextlib.nullcontext() if chosen is None else self.reading_blocks(chosen[k], source)
+
+            def copied(kwargs: dict) -> dict:   # generate extends the cache it is given: give it a copy
+                kwargs, key = dict(kwargs), cache_argument(self.backbone)
+                if kwargs.get(key) is not None:
+                    kwargs[key] = stack_rows([kwargs[key]])
+                return kwargs
+
             answers = []
-            for read, cache in zip(reads, caches):
+            for k, cache in enumerate(caches):
                 kwargs, keep = dict(generate_kwargs), bool(answers)
                 if cache is not None and not record:
                     kwargs[cache_argument(self.backbone)] = cache
-                with read:
-                    if record and getattr(cache, "memformer_pointer", None) is not None:
-                        # a cue's: the prompt but its last token first, recorded, leaving the shares
-                        # the answer's first step is pointed from, as the check's cache holds them
-                        if not answers:
-                            self.clear_recorded_reads()
-                        with memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=True):
-                            again_cache = make_context_cache(self, x[:, :-1])
-                        again_cache.memformer_pointer = prompt_pointer_shares(self.runtime)
-                        kwargs[cache_argument(self.backbone)], keep = again_cache, True
-                    if record and not keep:                     # evidence is about this answer only
+                if record and getattr(cache, "memformer_pointer", None) is not None:
+                    # a cue's: the prompt but its last token first, recorded, leaving the shares
+                    # the answer's first step is pointed from, as the check's cache holds them
+                    if not answers:
                         self.clear_recorded_reads()
-                        keep = True
-                    marks = self.state.recorded_marks()
-                    answer = None
-                    for processors in (LogitsProcessorList(extra_processors), barred()):
-                        if answer is not None:
-                            self.state.drop_recorded_since(marks)       # the answer said again: its reads only
+                    with read(k), memory_pass(self.runtime, self.memory_modules, read=True, write=False, record=True):
+                        again_cache = make_context_cache(self, x[:, :-1])
+                        again_cache.memformer_pointer = prompt_pointer_shares(self.runtime)
+                    kwargs[cache_argument(self.backbone)], keep = again_cache, True
+                if record and not keep:                     # evidence is about this answer only
+                    self.clear_recorded_reads()
+                    keep = True
+                marks = self.state.recorded_marks()
+                answer = None
+                for processors in (LogitsProcessorList(extra_processors), barred()):
+                    first = answer is None
+                    if not first:
+                        self.state.drop_recorded_since(marks)       # the answer said again: its reads only
+                    with read(k):
                         out = self.generate(x, max_new_tokens=max_new_tokens, do_sample=False, record=record,
-                                            stopping_criteria=stops(), logits_processor=processors,
-                                            _keep_records=keep, **kwargs)
-                        answer = finish(self.tokenizer.decode(out[0, T:], skip_special_tokens=True))
-                        if not again(answer[0]):
-                            break
+                                            stopping_criteria=stops(), logits_processor=processors, _keep_records=keep,
+                                            return_dict_in_generate=True, output_scores=True, **copied(kwargs))
+                    ids = out.sequences[0, T:].tolist()
+                    if first and chosen is not None:       # the first content token, chosen by the item it begins
+                        logps = [step[0].float().log_softmax(-1) for step in out.scores]
+                        better = self._item_choice(x, chosen[k], source, cache, ids, logps, max_new_tokens,
+                                                   stops, processors, generate_kwargs)
+                        if better is not None:
+                            ids = better
+                            if record:                     # the reads of the answer kept, recorded instead
+                                self.state.drop_recorded_since(marks)
+                                with read(k):
+                                    self.generate(torch.cat([x, torch.tensor([ids[:-1]], dtype=x.dtype)], 1),
+                                                  max_new_tokens=1, do_sample=False, record=True,
+                                                  _keep_records=keep, **copied(kwargs))
+                    answer = finish(self.tokenizer.decode(ids, skip_special_tokens=True))
+                    if not again(answer[0]):
+                        break
                 answers.append(answer)
         texts, cuts = [t for t, _ in answers], [c for _, c in answers]
         text = join_answers(texts) if len(texts) > 1 else texts[0]
         return AskOutput(text, any(cuts), len(texts), texts, cuts) if return_dict else text
+
+    def _item_choice(self, x, blocks, source, cache, ids: list[int], logps: list[torch.Tensor], max_new_tokens: int,
+                     stops, processors, generate_kwargs) -> list[int] | None:
+        """The generated ids of a better answer than `ids` (greedy under the read `blocks`, with
+        log-probabilities logps [V] per step) from the runner-ups of its first content token
+        (`memformer.item_choice`), or None. x: the prompt [1, T]; cache: the read's prompt cache
+        from the check (not yet extended), or None."""
+        s = content_step(self.tokenizer, ids)
+        if s is None or s >= len(logps) or s + 1 >= max_new_tokens:
+            return None
+        alts = runner_ups(logps[s], ids[s], self.tokenizer)
+        if not alts:
+            return None
+        n = len(alts)
+        prefix = torch.tensor([ids[:s] + [a] for a in alts], dtype=x.dtype)                  # [n, s + 1]
+        kwargs = dict(generate_kwargs)
+        if cache is not None:
+            kwargs[cache_argument(self.backbone)] = stack_rows([cache] * n)
+        with self.reading_blocks(padded_rows([blocks] * n), source):                            # [n, blocks]
+            out = self.generate(torch.cat([x.expand(n, -1), prefix], 1), max_new_tokens=max_new_tokens - s - 1,
+                                do_sample=False, stopping_criteria=stops(), logits_processor=processors,
+                                return_dict_in_generate=True, output_scores=True, **kwargs)
+        T = x.shape[1] + s + 1
+        best, score = None, mean_logp(logps, ids)
+        for r in range(n):
+            more = strip_padding(out.sequences[r, T:].tolist(), self.pad_token_id)
+            steps = logps[:s + 1] + [step[r].float().log_softmax(-1) for step in out.scores][:len(more)]
+            alt = ids[:s] + [alts[r]] + more
+            if mean_logp(steps, alt) > score:
+                best, score = alt, mean_logp(steps, alt)
+        return best
 
     def question_read(self, query: str, prompt_ids: torch.Tensor | None = None):
         """Context manager: every memory layer reads the blocks the passages nearest to `query`
@@ -596,9 +658,14 @@ class MemformerForCausalLM(nn.Module):
         rt = self.runtime
         breaks, closes, spaced = (k.to(self.device) for k in kinds)           # on the device once, not per token
         closed = None                                                          # [B]: the last token ended in ".!?"
+        outer, rt.pointer_rest = rt.pointer_rest, None                         # a read within a read starts afresh
+        rt.item_notes += 1
+        depth = rt.item_notes
 
         def note(module, args):
             nonlocal closed
+            if rt.item_notes != depth:                                          # a read within this one notes its own
+                return
             last = args[0][:, -1].clamp(0, len(breaks) - 1)                   # [B] last input ids
             fresh = rt.pointer_rest is None
             if fresh or rt.pointer_rest.shape != last.shape:                  # the prompt, or another batch
@@ -612,7 +679,8 @@ class MemformerForCausalLM(nn.Module):
             yield
         finally:
             handle.remove()
-            rt.pointer_rest = None
+            rt.pointer_rest = outer
+            rt.item_notes -= 1
 
     def item_end_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """([V] bool each) the tokens that end an item themselves (their text holds a line break,

@@ -70,14 +70,25 @@ def assert_same_memory(a: dict, b: dict) -> None:
 
 
 def spy_reading_blocks(model) -> list:
-    """Record the blocks of every `model.reading_blocks` call (question reads) in the returned list."""
-    seen = []
-    real = model.reading_blocks
+    """Record the blocks of every `model.reading_blocks` call (question reads) in the returned list,
+    but those of an answer's runner-up items (`_item_choice`: the chosen read again) and a read
+    entered again right after itself (one answer's generations each enter it)."""
+    seen, inside = [], []
+    real, real_choice = model.reading_blocks, model._item_choice
 
     def spy(blocks, source="own"):
-        seen.append(torch.as_tensor(blocks).tolist())
+        read = torch.as_tensor(blocks).tolist()
+        if not inside and not (seen and seen[-1] == read):
+            seen.append(read)
         return real(blocks, source)
-    model.reading_blocks = spy
+
+    def choice(*args, **kwargs):
+        inside.append(1)
+        try:
+            return real_choice(*args, **kwargs)
+        finally:
+            inside.pop()
+    model.reading_blocks, model._item_choice = spy, choice
     return seen
 
 
@@ -543,7 +554,9 @@ def test_question_reads_read_the_blocks_under_the_best_passages():
     assert source == "own" and candidates[0][0] == blocks and len(candidates) > 1 and len(reads) == 2
     assert [[b for b in row if b >= 0] for row in reads[0]] == [c for c, _ in candidates]
     assert reads[1] in [c for c, _ in candidates]
-    assert pinned == [[reads[-1]]] and model.runtime.pinned_blocks is None
+    # (a near tie at the answer's first content token continues its runner-ups under the same read)
+    assert pinned[0] == [reads[-1]] and all(row == reads[-1] for p in pinned[1:] for row in p)
+    assert model.runtime.pinned_blocks is None
     model.generate = real_generate
     model.memory_config.question_blocks = 1
     one = model.questions.blocks_for(query)
@@ -1126,10 +1139,12 @@ def test_ask_answers_its_reads_side_by_side_as_each_read_alone(monkeypatch):
     its own blocks and continues its own row of the check's prompt cache (`stack_rows`). Each
     row's item and scores are those of generating that read alone, its prompt run afresh; the
     reads' scores differ, so a row read under another's blocks or cache would show."""
+    import memformer.item_choice as item_choice
     import memformer.model as model_module
     from memformer.decoding import LoopStop, cut_loop, first_item
     from memformer.question_reads import checked_reads
     from transformers import StoppingCriteriaList
+    monkeypatch.setattr(item_choice, "ITEM_ALTERNATIVES", 0)   # greedy items alone (runner-ups: tests of their own)
     model = tiny_model(block_size=8, question_blocks=2, answer_reads=3)
     LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     query = "What is the name of the keeper's cat?"
@@ -1139,9 +1154,9 @@ def test_ask_answers_its_reads_side_by_side_as_each_read_alone(monkeypatch):
     real_generate, calls = model.generate, []
 
     def spy(ids, **kw):
-        out = real_generate(ids, output_scores=True, return_dict_in_generate=True, **kw)
+        out = real_generate(ids, **{**kw, "output_scores": True, "return_dict_in_generate": True})
         calls.append((ids.shape[0], "cache" in kw or "past_key_values" in kw, torch.stack(out.scores)))  # [new, B, V]
-        return out.sequences
+        return out
     model.generate = spy
     out = model.ask(query, max_new_tokens=8, return_dict=True)
     model.generate = real_generate
@@ -1167,11 +1182,13 @@ def test_ask_answers_its_reads_side_by_side_as_each_read_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("record", [False, True])
-def test_ask_generates_from_the_verified_read(record):
+def test_ask_generates_from_the_verified_read(record, monkeypatch):
     """`ask` generates from the winning candidate's prompt cache: the answer, and with `record`
     the reads recorded (evidence; the whole prompt is run again so that they cover it), are
     those of generating the whole answer afresh reading the chosen blocks."""
+    import memformer.item_choice as item_choice
     from memformer.question_reads import verified_blocks
+    monkeypatch.setattr(item_choice, "ITEM_ALTERNATIVES", 0)   # greedy alone (runner-ups: tests of their own)
     model = tiny_model(block_size=8, question_blocks=4)
     LongDocQA(model).read([Document("a", DOC_A), Document("b", DOC_B)], show_progress=False)
     query = "What is the name of the keeper's cat?"

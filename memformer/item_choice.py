@@ -1,0 +1,61 @@
+"""An answer's first letter or digit, chosen by the whole item it begins.
+
+Greedy decoding commits to an answer's first content token on one step's logits. When a read
+holds several numbers (a section number beside the needle, a version list before it), the
+value's first digit can lose a near tie to another number's, though the memory's copy of the
+value, once begun, is near certain: "1" -0.99 against the needle's "3" -1.33, and then
+" 1.1.11." at -0.62 per token against " 3324572." at -0.23.
+
+So an answer is generated greedily, and at its first step whose token holds a letter or digit
+(`content_step`), each other token within `ITEM_MARGIN` nats of the greedy one that holds a
+letter or digit too (`runner_ups`, at most `ITEM_ALTERNATIVES`) is continued greedily, under the
+same read, to the end of its item; the answer with the highest mean log-probability per
+generated token (beam search's length-normalised score, `mean_logp`) is kept
+(`MemformerForCausalLM.ask`). An answer without a near tie at that step costs nothing more.
+"""
+from __future__ import annotations
+
+import torch
+
+ITEM_MARGIN = 1.0         # nats below the greedy token's log-probability that a runner-up may lie
+ITEM_ALTERNATIVES = 2     # runner-ups continued at most
+
+
+def has_content(text: str) -> bool:
+    """Whether a token's text holds a letter or digit."""
+    return any(c.isalnum() for c in text)
+
+
+def content_step(tokenizer, ids: list[int]) -> int | None:
+    """The index of the first generated token in `ids` whose text holds a letter or digit, or None."""
+    for j, t in enumerate(ids):
+        if has_content(tokenizer.decode([t])):
+            return j
+    return None
+
+
+def runner_ups(logp: torch.Tensor, chosen: int, tokenizer, margin: float | None = None,
+               n: int | None = None) -> list[int]:
+    """Up to n (`ITEM_ALTERNATIVES`) token ids other than `chosen`, best first, whose
+    log-probability in logp [V] lies within `margin` (`ITEM_MARGIN`) of chosen's and whose text
+    holds a letter or digit."""
+    margin = ITEM_MARGIN if margin is None else margin
+    n = ITEM_ALTERNATIVES if n is None else n
+    if n <= 0:
+        return []
+    floor = float(logp[chosen]) - margin
+    values, ids = logp.topk(min(n + 8, logp.shape[-1]))          # a few spare: some hold no letter or digit
+    out = []
+    for v, t in zip(values.tolist(), ids.tolist()):
+        if v < floor or len(out) == n:
+            break
+        if t != chosen and has_content(tokenizer.decode([t])):
+            out.append(t)
+    return out
+
+
+def mean_logp(logps: list[torch.Tensor], ids: list[int]) -> float:
+    """Mean log-probability of the generated ids under each step's log-probabilities [V]."""
+    if not ids:
+        return float("-inf")
+    return sum(float(lp[t]) for lp, t in zip(logps, ids)) / len(ids)
