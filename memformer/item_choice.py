@@ -16,6 +16,7 @@ generated token (beam search's length-normalised score, `mean_logp`) is kept
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor
 
 ITEM_MARGIN = 1.0         # nats below the greedy token's log-probability that a runner-up may lie
 ITEM_ALTERNATIVES = 2     # runner-ups continued at most
@@ -59,3 +60,24 @@ def mean_logp(logps: list[torch.Tensor], ids: list[int]) -> float:
     if not ids:
         return float("-inf")
     return sum(float(lp[t]) for lp, t in zip(logps, ids)) / len(ids)
+
+
+class ForcedPrefix(LogitsProcessor):
+    """Forces the first generated tokens of each row: prefixes [B] lists of token ids, row r's
+    step j keeping only prefixes[r][j] (its score as the other processors left it); later steps
+    are left alone. Counts the steps by its calls (one per generated token)."""
+
+    def __init__(self, prefixes: list[list[int]]):
+        self.prefixes, self.step = prefixes, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        j, self.step = self.step, self.step + 1
+        if all(j >= len(p) for p in self.prefixes):
+            return scores
+        scores = scores.clone()
+        for r, p in enumerate(self.prefixes):
+            if j < len(p):
+                keep = scores[r, p[j]].clone()
+                scores[r] = -float("inf")
+                scores[r, p[j]] = keep
+        return scores

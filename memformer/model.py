@@ -34,7 +34,7 @@ from memformer.config import AdapterConfig, MemoryConfig
 from memformer.context_cache import cache_argument, make_context_cache, reuse_context
 from memformer.decoding import ITEM_BREAK, ITEM_MARKS, strip_padding
 from memformer.index import LayerMemory
-from memformer.item_choice import content_step, mean_logp, runner_ups
+from memformer.item_choice import ForcedPrefix, content_step, mean_logp, runner_ups
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
@@ -562,6 +562,7 @@ class MemformerForCausalLM(nn.Module):
         log-probabilities logps [V] per step) from the runner-ups of its first content token
         (`memformer.item_choice`), or None. x: the prompt [1, T]; cache: the read's prompt cache
         from the check (not yet extended), or None."""
+        from transformers import LogitsProcessorList
         s = content_step(self.tokenizer, ids)
         if s is None or s >= len(logps) or s + 1 >= max_new_tokens:
             return None
@@ -569,21 +570,22 @@ class MemformerForCausalLM(nn.Module):
         if not alts:
             return None
         n = len(alts)
-        prefix = torch.tensor([ids[:s] + [a] for a in alts], dtype=x.dtype)                  # [n, s + 1]
+        # each runner-up continued as greedy decoding goes on once it has taken it: row r's first
+        # s + 1 tokens forced (the greedy ones, then alts[r]), one step at a time as the answer was
+        forced = ForcedPrefix([ids[:s] + [a] for a in alts])
         kwargs = dict(generate_kwargs)
         if cache is not None:
             kwargs[cache_argument(self.backbone)] = stack_rows([cache] * n)
         with self.reading_blocks(padded_rows([blocks] * n), source):                            # [n, blocks]
-            out = self.generate(torch.cat([x.expand(n, -1), prefix], 1), max_new_tokens=max_new_tokens - s - 1,
-                                do_sample=False, stopping_criteria=stops(), logits_processor=processors,
+            out = self.generate(x.expand(n, -1), max_new_tokens=max_new_tokens, do_sample=False,
+                                stopping_criteria=stops(), logits_processor=LogitsProcessorList([*processors, forced]),
                                 return_dict_in_generate=True, output_scores=True, **kwargs)
-        T = x.shape[1] + s + 1
+        T = x.shape[1]
         best, score = None, mean_logp(logps, ids)
         for r in range(n):
-            more = strip_padding(out.sequences[r, T:].tolist(), self.pad_token_id)
-            steps = logps[:s + 1] + [step[r].float().log_softmax(-1) for step in out.scores][:len(more)]
-            alt = ids[:s] + [alts[r]] + more
-            if mean_logp(steps, alt) > score:
+            alt = strip_padding(out.sequences[r, T:].tolist(), self.pad_token_id)
+            steps = logps[:s + 1] + [step[r].float().log_softmax(-1) for step in out.scores[s + 1:]]
+            if alt[:s + 1] == ids[:s] + [alts[r]] and mean_logp(steps, alt) > score:
                 best, score = alt, mean_logp(steps, alt)
         return best
 
