@@ -9,14 +9,17 @@ value, once begun, is near certain: "1" -0.99 against the needle's "3" -1.33, an
 So an answer is generated greedily, and at its first step whose token holds a letter or digit
 (`content_step`), each other token within `ITEM_MARGIN` nats of the greedy one that holds a
 letter or digit too (`runner_ups`, at most `ITEM_ALTERNATIVES`) is continued greedily, under the
-same read, to the end of its item; the answer with the highest mean log-probability per
-generated token (beam search's length-normalised score, `mean_logp`) is kept
-(`MemformerForCausalLM.ask`). An answer without a near tie at that step costs nothing more.
+same read, to the end of its item; the answer with the highest mean log-probability per token
+up to the end of what the user is given (beam search's length-normalised score, `item_score`)
+is kept, a looping answer never (`MemformerForCausalLM.ask`). An answer without a near tie at
+that step costs nothing more.
 """
 from __future__ import annotations
 
 import torch
 from transformers import LogitsProcessor
+
+from memformer.decoding import first_item, looping
 
 ITEM_MARGIN = 1.0         # nats below the greedy token's log-probability that a runner-up may lie
 ITEM_ALTERNATIVES = 2     # runner-ups continued at most
@@ -60,6 +63,23 @@ def mean_logp(logps: list[torch.Tensor], ids: list[int]) -> float:
     if not ids:
         return float("-inf")
     return sum(float(lp[t]) for lp, t in zip(logps, ids)) / len(ids)
+
+
+def item_score(tokenizer, logps: list[torch.Tensor], ids: list[int], one_item: bool) -> float:
+    """An answer's score for the choice: the mean log-probability of its tokens up to the end of
+    what the user is given (its first item when the answer is one item, `decoding.first_item`:
+    the token generation stopped after is not part of it), or -inf when its text loops
+    (`decoding.looping`: a count or a repeated unit is never the better answer)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if looping(text):
+        return float("-inf")
+    if one_item:
+        item = first_item(text.strip())
+        for k in range(1, len(ids) + 1):                   # the fewest tokens that hold the whole item
+            if len(tokenizer.decode(ids[:k], skip_special_tokens=True).strip()) >= len(item):
+                ids = ids[:k]
+                break
+    return mean_logp(logps, ids)
 
 
 class ForcedPrefix(LogitsProcessor):

@@ -34,7 +34,7 @@ from memformer.config import AdapterConfig, MemoryConfig
 from memformer.context_cache import cache_argument, make_context_cache, reuse_context
 from memformer.decoding import ITEM_BREAK, ITEM_MARKS, strip_padding
 from memformer.index import LayerMemory
-from memformer.item_choice import ForcedPrefix, content_step, mean_logp, runner_ups
+from memformer.item_choice import ForcedPrefix, content_step, item_score, runner_ups
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
@@ -488,7 +488,7 @@ class MemformerForCausalLM(nn.Module):
                     if choose:            # the first content token, chosen by the item it begins
                         logps = [step[r].float().log_softmax(-1) for step in out.scores]
                         ids = self._item_choice(x, chosen[k], source, caches[k], ids, logps, max_new_tokens,
-                                                stops, processors, generate_kwargs) or ids
+                                                stops, processors, generate_kwargs, one_item) or ids
                     texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
                 return texts
 
@@ -539,7 +539,7 @@ class MemformerForCausalLM(nn.Module):
                     if first and chosen is not None:       # the first content token, chosen by the item it begins
                         logps = [step[0].float().log_softmax(-1) for step in out.scores]
                         better = self._item_choice(x, chosen[k], source, cache, ids, logps, max_new_tokens,
-                                                   stops, processors, generate_kwargs)
+                                                   stops, processors, generate_kwargs, one_item)
                         if better is not None:
                             ids = better
                             if record:                     # the reads of the answer kept, recorded instead
@@ -557,11 +557,11 @@ class MemformerForCausalLM(nn.Module):
         return AskOutput(text, any(cuts), len(texts), texts, cuts) if return_dict else text
 
     def _item_choice(self, x, blocks, source, cache, ids: list[int], logps: list[torch.Tensor], max_new_tokens: int,
-                     stops, processors, generate_kwargs) -> list[int] | None:
+                     stops, processors, generate_kwargs, one_item: bool = False) -> list[int] | None:
         """The generated ids of a better answer than `ids` (greedy under the read `blocks`, with
         log-probabilities logps [V] per step) from the runner-ups of its first content token
         (`memformer.item_choice`), or None. x: the prompt [1, T]; cache: the read's prompt cache
-        from the check (not yet extended), or None."""
+        from the check (not yet extended), or None; one_item: the answer is its first item."""
         from transformers import LogitsProcessorList
         s = content_step(self.tokenizer, ids)
         if s is None or s >= len(logps) or s + 1 >= max_new_tokens:
@@ -581,12 +581,13 @@ class MemformerForCausalLM(nn.Module):
                                 stopping_criteria=stops(), logits_processor=LogitsProcessorList([*processors, forced]),
                                 return_dict_in_generate=True, output_scores=True, **kwargs)
         T = x.shape[1]
-        best, score = None, mean_logp(logps, ids)
+        best, score = None, item_score(self.tokenizer, logps, ids, one_item)
         for r in range(n):
             alt = strip_padding(out.sequences[r, T:].tolist(), self.pad_token_id)
             steps = logps[:s + 1] + [step[r].float().log_softmax(-1) for step in out.scores[s + 1:]]
-            if alt[:s + 1] == ids[:s] + [alts[r]] and mean_logp(steps, alt) > score:
-                best, score = alt, mean_logp(steps, alt)
+            alt_score = item_score(self.tokenizer, steps, alt, one_item)
+            if alt[:s + 1] == ids[:s] + [alts[r]] and alt_score > score:
+                best, score = alt, alt_score
         return best
 
     def question_read(self, query: str, prompt_ids: torch.Tensor | None = None):

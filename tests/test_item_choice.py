@@ -8,7 +8,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from conftest import HashedWords, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
 from memformer import item_choice
-from memformer.item_choice import content_step, mean_logp, runner_ups
+from memformer.item_choice import content_step, item_score, mean_logp, runner_ups
 from test_qa import char_tokenizer
 
 TEXT = " ".join(["river stone cloud maple lantern copper meadow harbor"] * 8)
@@ -35,6 +35,19 @@ def test_content_step_runner_ups_and_mean_logp():
     steps = [torch.log_softmax(torch.tensor([0.0, 1.0, 2.0]), -1)] * 2
     assert mean_logp(steps, [2, 0]) == pytest.approx(float(steps[0][2] + steps[0][0]) / 2)
     assert mean_logp([], []) == float("-inf")
+
+
+def test_item_score_counts_the_item_given_and_never_prefers_a_loop():
+    tok = char_tokenizer()
+    ids = ids_of(tok, "42. If")
+    logps = [torch.full((len(tok),), -3.0) for _ in ids]
+    for j, t in enumerate(ids[:3]):
+        logps[j][t] = -0.5                            # "42." at -0.5 a token, " If" at -3
+    assert item_score(tok, logps, ids, one_item=True) == pytest.approx(-0.5)       # the item "42." alone
+    assert item_score(tok, logps, ids, one_item=False) == pytest.approx((3 * -0.5 + 3 * -3.0) / 6)
+    count = ids_of(tok, "1, 2, 3, 4, 5, 6")
+    sure = [torch.zeros(len(tok)) for _ in count]
+    assert item_score(tok, sure, count, one_item=True) == float("-inf")
 
 
 class SureOfThree(LogitsProcessor):
