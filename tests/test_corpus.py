@@ -208,7 +208,13 @@ def test_question_reads_over_an_attached_corpus(tmp_path, monkeypatch):
     assert zebra.start // bs in blocks and blocks == sorted(blocks)
     pinned = []
     real = reader.reading_blocks
-    reader.reading_blocks = lambda b, source="own": pinned.append((torch.as_tensor(b).tolist(), source)) or real(b, source)
+
+    def spy(b, source="own"):                 # a read entered again right after itself counts once
+        read = (torch.as_tensor(b).tolist(), source)
+        if not pinned or pinned[-1] != read:
+            pinned.append(read)
+        return real(b, source)
+    reader.reading_blocks = spy
     ans = reader.ask(cue=cue, max_new_tokens=3, record=True)
     # the candidates are checked in one batch (`verified_blocks`: [K, n], -1 padding), the
     # embedder's first among them, then the answer reads the one chosen
@@ -309,12 +315,13 @@ def test_several_corpus_reads_answer_side_by_side_as_each_read_alone(tmp_path, m
         taken[:] = [b for b, _ in scored[:3]]
         return list(taken)
     monkeypatch.setattr(model_module, "answer_reads", top_three)
+    monkeypatch.setattr("memformer.item_choice.ITEM_ALTERNATIVES", 0)   # greedy items alone (runner-ups: test_item_choice)
     real_generate, batched = reader.generate, []
 
     def spy(ids, **kw):
-        out = real_generate(ids, output_scores=True, return_dict_in_generate=True, **kw)
+        out = real_generate(ids, **{**kw, "output_scores": True, "return_dict_in_generate": True})
         batched.append(torch.stack(out.scores))                                # [new, B, V]
-        return out.sequences
+        return out
     reader.generate = spy
     assert reader.ask(cue=cue, max_new_tokens=4, return_dict=True).reads == 3
     reader.generate = real_generate

@@ -73,6 +73,8 @@ def test_store_holds_the_directory_rows_and_answers_the_same(tmp_path, monkeypat
     # the candidates are fetched together to be checked (`checked_reads`, one batched read),
     # the embedder's first among them, then each read answered from again: never the whole store
     candidates, _ = lazy.questions.candidates(CUE)
+    # (a read entered again right after itself, for the next generation of its answer, fetches again)
+    fetched = [f for i, f in enumerate(fetched) if i == 0 or f != fetched[i - 1]]
     assert candidates[0][0] == blocks and len(fetched) == 1 + out.reads
     assert fetched[0] == sorted(b for c, _ in candidates for b in c)
     assert all(f in [c for c, _ in candidates] for f in fetched[1:])
