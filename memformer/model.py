@@ -431,7 +431,9 @@ class MemformerForCausalLM(nn.Module):
         sentence or line (`decoding.LoopStop(one_item=True)`, `first_item`), and the distinct
         items are joined one per line, best read first (`decoding.join_answers`). An answer to a
         cue ends with its first item too, from one read or several: the cue opens the answer, and
-        its first sentence or line completes it. Generation stops at a
+        its first sentence or line completes it. At an answer's first letter or digit, each
+        runner-up token within `item_choice.ITEM_MARGIN` is continued under the same read and the
+        answer likeliest per token is kept (`memformer.item_choice`). Generation stops at a
         degenerate loop, which is cut back to one copy of its unit, or where the answer states
         its cue again (`memformer.decoding`). record: keep the attention each memory row drew
         (`memformer.qa.evidence`; over all the reads answered from). return_dict: return an
