@@ -66,7 +66,6 @@ class MemoryRuntime:
     pointers: dict | None = None
     copy_pointer: float = 0.0
     pointer_rest: torch.Tensor | None = None
-    item_notes: int = 0          # nesting depth of `MemformerForCausalLM._item_ends_noted`: only the innermost notes
 
 
 @contextlib.contextmanager

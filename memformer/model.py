@@ -663,14 +663,9 @@ class MemformerForCausalLM(nn.Module):
         rt = self.runtime
         breaks, closes, spaced = (k.to(self.device) for k in kinds)           # on the device once, not per token
         closed = None                                                          # [B]: the last token ended in ".!?"
-        outer, rt.pointer_rest = rt.pointer_rest, None                         # a read within a read starts afresh
-        rt.item_notes += 1
-        depth = rt.item_notes
 
         def note(module, args):
             nonlocal closed
-            if rt.item_notes != depth:                                          # a read within this one notes its own
-                return
             last = args[0][:, -1].clamp(0, len(breaks) - 1)                   # [B] last input ids
             fresh = rt.pointer_rest is None
             if fresh or rt.pointer_rest.shape != last.shape:                  # the prompt, or another batch
@@ -684,8 +679,7 @@ class MemformerForCausalLM(nn.Module):
             yield
         finally:
             handle.remove()
-            rt.pointer_rest = outer
-            rt.item_notes -= 1
+            rt.pointer_rest = None
 
     def item_end_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """([V] bool each) the tokens that end an item themselves (their text holds a line break,
