@@ -11,7 +11,8 @@ So an answer is generated greedily, and at its first step whose token holds a le
 letter or digit too (`runner_ups`, at most `ITEM_ALTERNATIVES`) is continued greedily, under the
 same read, to the end of its item; the answer with the highest mean log-probability per token
 up to the end of what the user is given (beam search's length-normalised score, `item_score`)
-is kept, a looping answer never (`MemformerForCausalLM.ask`). An answer without a near tie at
+is kept; a runner-up that loops, or runs to the token limit without ending (`ended`), never
+wins (`MemformerForCausalLM.ask`). An answer without a near tie at
 that step costs nothing more.
 """
 from __future__ import annotations
@@ -56,6 +57,14 @@ def runner_ups(logp: torch.Tensor, chosen: int, tokenizer, margin: float | None 
         if t != chosen and has_content(tokenizer.decode([t])):
             out.append(t)
     return out
+
+
+def ended(ids: list[int], max_new_tokens: int, eos_ids: set[int] = frozenset()) -> bool:
+    """Whether a generated answer (its ids, padding stripped) ended before the token limit: it
+    stopped short of `max_new_tokens` (an item ended, a stop criterion, end of sequence) or its
+    last token ends the sequence. An answer cut by the limit has no score of its whole item: an
+    enumeration that never ends ("1.1, 1.2, 1.3, ...") is likelier per token than any value."""
+    return len(ids) < max_new_tokens or (bool(ids) and ids[-1] in eos_ids)
 
 
 def mean_logp(logps: list[torch.Tensor], ids: list[int]) -> float:

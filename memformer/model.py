@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +35,15 @@ from memformer.config import AdapterConfig, MemoryConfig
 from memformer.context_cache import cache_argument, make_context_cache, reuse_context
 from memformer.decoding import ITEM_BREAK, ITEM_MARKS, strip_padding
 from memformer.index import LayerMemory
-from memformer.item_choice import ForcedPrefix, content_step, item_score, runner_ups
+from memformer.item_choice import ForcedPrefix, content_step, ended, item_score, runner_ups
 from memformer.lora import inject_lora, is_memory_param
 from memformer.memory_layer import MemoryAttention, MemoryRuntime, memory_pass, pinned_reads
 from memformer.memory_state import MemoryState, empty_layer_memory
 from memformer.question_reads import (QuestionReads, answer_reads, checked_reads, padded_rows, prompt_pointer_shares,
                                       read_query, stack_rows)
 from memformer.windows import as_batch, base_decoder, decoder_span, plan_windows
+
+logger = logging.getLogger(__name__)
 
 # Chunks of a fresh `generate` prompt that read memory with trained memory layers, counted from its
 # end. The earlier chunks' reads took about 0.5 of the 0.84 s reading added to generate over a
@@ -583,13 +586,19 @@ class MemformerForCausalLM(nn.Module):
                                 stopping_criteria=stops(), logits_processor=LogitsProcessorList([*processors, forced]),
                                 return_dict_in_generate=True, output_scores=True, **kwargs)
         T = x.shape[1]
+        eos = generate_kwargs.get("eos_token_id", getattr(self.backbone.generation_config, "eos_token_id", None))
+        eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         best, score = None, item_score(self.tokenizer, logps, ids, one_item)
+        log = [f"greedy {self.tokenizer.decode(ids)!r} {score:.3f}"]
         for r in range(n):
             alt = strip_padding(out.sequences[r, T:].tolist(), self.pad_token_id)
             steps = logps[:s + 1] + [step[r].float().log_softmax(-1) for step in out.scores[s + 1:]]
             alt_score = item_score(self.tokenizer, steps, alt, one_item)
-            if alt[:s + 1] == ids[:s] + [alts[r]] and alt_score > score:
+            done = ended(alt, max_new_tokens, eos)         # an item cut by the limit has no whole score
+            log.append(f"runner-up {self.tokenizer.decode(alt)!r} {alt_score:.3f}{'' if done else ' (cut by the limit)'}")
+            if alt[:s + 1] == ids[:s] + [alts[r]] and done and alt_score > score:
                 best, score = alt, alt_score
+        logger.debug("item choice: %s -> %s", "; ".join(log), "greedy" if best is None else self.tokenizer.decode(best))
         return best
 
     def question_read(self, query: str, prompt_ids: torch.Tensor | None = None):

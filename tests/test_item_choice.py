@@ -8,7 +8,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from conftest import HashedWords, tiny_backbone
 from memformer import MemformerForCausalLM, MemoryConfig
 from memformer import item_choice
-from memformer.item_choice import content_step, item_score, mean_logp, runner_ups
+from memformer.item_choice import content_step, ended, item_score, mean_logp, runner_ups
 from test_qa import char_tokenizer
 
 TEXT = " ".join(["river stone cloud maple lantern copper meadow harbor"] * 8)
@@ -48,6 +48,11 @@ def test_item_score_counts_the_item_given_and_never_prefers_a_loop():
     count = ids_of(tok, "1, 2, 3, 4, 5, 6")
     sure = [torch.zeros(len(tok)) for _ in count]
     assert item_score(tok, sure, count, one_item=True) == float("-inf")
+
+
+def test_ended_is_short_of_the_limit_or_at_the_end_of_sequence():
+    assert ended([5, 6], 3) and not ended([5, 6, 7], 3)
+    assert ended([5, 6, 7], 3, {7}) and not ended([], 0)
 
 
 class SureOfThree(LogitsProcessor):
@@ -122,12 +127,40 @@ def test_ask_keeps_the_runner_up_whose_item_is_surer(record, monkeypatch):
     assert asked(several, "Where is the river?", record=record) == "1."
 
 
+class EndlessThree(SureOfThree):
+    """As `SureOfThree`, but after "3" the runner-up spells PI for sure, then a line break: an
+    item that ends only after len(PI) tokens."""
+    PI = "3.14159265358979323846"
+
+    def __call__(self, input_ids, scores):
+        out = super().__call__(input_ids, scores)
+        for r in range(input_ids.shape[0]):
+            text = self.tok.decode(input_ids[r, self.prompt_len:].tolist())
+            if text.startswith("3") and not text.endswith("\n"):
+                nxt = self.PI[len(text)] if len(text) < len(self.PI) and self.PI.startswith(text) else "\n"
+                out[r].fill_(-30.0)
+                out[r, self.tok(nxt, add_special_tokens=False)["input_ids"][0]] = 0.0
+        return out.log_softmax(-1)
+
+
+def test_a_runner_up_cut_by_the_token_limit_never_wins():
+    """The runner-up "3" goes on "3.14159…" for sure: likelier per token than greedy's "1.", but
+    with fewer new tokens than it needs to end, its item has no whole score and greedy stays."""
+    model = tiny_memory_model()
+    x = model.questions.prompt_ids("Where is the river?")
+    prompt_len = model.state.with_sink(x, model.memory_config.sink_tokens).shape[1]
+    procs = LogitsProcessorList([EndlessThree(model.tokenizer, prompt_len)])
+    assert model.ask("Where is the river?", max_new_tokens=12, logits_processor=procs) == "1."
+    assert model.ask("Where is the river?", max_new_tokens=40, logits_processor=procs) == EndlessThree.PI
+
+
 def test_a_runner_up_item_is_what_generating_it_alone_gives(monkeypatch):
     """The runner-up's item is continued under the same read as the greedy answer: forcing its
     first token (greedy with every other token of the first step barred) gives the same answer."""
     model = tiny_memory_model()
     monkeypatch.setattr(item_choice, "ITEM_MARGIN", 5.0)      # any first-step token of the tiny model is a runner-up
     monkeypatch.setattr(item_choice, "ITEM_ALTERNATIVES", 1)
+    monkeypatch.setattr("memformer.model.ended", lambda *a: True)   # a random model's items seldom end in 6 tokens
     seen = []
     real = model._item_choice
 
