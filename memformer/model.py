@@ -589,16 +589,18 @@ class MemformerForCausalLM(nn.Module):
         eos = generate_kwargs.get("eos_token_id", getattr(self.backbone.generation_config, "eos_token_id", None))
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         best, score = None, item_score(self.tokenizer, logps, ids, one_item)
-        log = [f"greedy {self.tokenizer.decode(ids)!r} {score:.3f}"]
+        log = [f"greedy {self.tokenizer.decode(ids)!r} {score:.3f}"] if logger.isEnabledFor(logging.DEBUG) else None
         for r in range(n):
             alt = strip_padding(out.sequences[r, T:].tolist(), self.pad_token_id)
             steps = logps[:s + 1] + [step[r].float().log_softmax(-1) for step in out.scores[s + 1:]]
             alt_score = item_score(self.tokenizer, steps, alt, one_item)
             done = ended(alt, max_new_tokens, eos)         # an item cut by the limit has no whole score
-            log.append(f"runner-up {self.tokenizer.decode(alt)!r} {alt_score:.3f}{'' if done else ' (cut by the limit)'}")
+            if log is not None:
+                log.append(f"runner-up {self.tokenizer.decode(alt)!r} {alt_score:.3f}{'' if done else ' (cut by the limit)'}")
             if alt[:s + 1] == ids[:s] + [alts[r]] and done and alt_score > score:
                 best, score = alt, alt_score
-        logger.debug("item choice: %s -> %s", "; ".join(log), "greedy" if best is None else self.tokenizer.decode(best))
+        if log is not None:
+            logger.debug("item choice: %s -> %s", "; ".join(log), "greedy" if best is None else self.tokenizer.decode(best))
         return best
 
     def question_read(self, query: str, prompt_ids: torch.Tensor | None = None):

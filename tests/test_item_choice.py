@@ -192,3 +192,16 @@ def test_a_runner_up_item_is_what_generating_it_alone_gives(monkeypatch):
         assert answer == model.tokenizer.decode(greedy, skip_special_tokens=True).strip()
     else:
         assert answer == forced
+
+
+def test_each_choice_is_logged_at_debug(caplog):
+    """With `memformer.model` at DEBUG, a choice logs its answers, the runner-up cut by the limit
+    and the winner."""
+    model = tiny_memory_model()
+    x = model.questions.prompt_ids("Where is the river?")
+    prompt_len = model.state.with_sink(x, model.memory_config.sink_tokens).shape[1]
+    procs = LogitsProcessorList([EndlessThree(model.tokenizer, prompt_len)])
+    with caplog.at_level("DEBUG", logger="memformer.model"):
+        model.ask("Where is the river?", max_new_tokens=12, logits_processor=procs)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("item choice")]
+    assert "(cut by the limit)" in line and line.endswith("-> greedy")
